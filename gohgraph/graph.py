@@ -1,0 +1,86 @@
+"""Head and expert graphs: built in one place, passed to layers as data (STYLE.md habit 3).
+
+A graph is an ``edge_index`` (``[2, E]`` long tensor, row 0 = source, row 1 = destination, PyG's
+``source_to_target`` convention) with a ``networkx.DiGraph`` view. Self-loops are never part of a
+head graph: the router adds them itself where its attention needs them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, Union
+
+import networkx as nx
+import torch
+from torch_geometric.data import Data
+
+GraphLike = Union[str, nx.Graph, torch.Tensor, Sequence[Sequence[int]]]
+
+
+def head_graph(spec: GraphLike, n_heads: int) -> torch.Tensor:
+    """Return the ``[2, E]`` edge_index of a head graph given by name, networkx graph or edges.
+
+    Names: ``complete`` (every ordered pair of distinct heads), ``ring`` (i -> i+1 and i+1 -> i),
+    ``star`` (head 0 <-> every other head), ``none`` (no edges). Edges are sorted by
+    (destination, source) so that the edge order is the same however the graph was given.
+    """
+    if isinstance(spec, str):
+        edges = _named_edges(spec, n_heads)
+    elif isinstance(spec, nx.Graph):
+        directed = spec if spec.is_directed() else spec.to_directed()
+        edges = [(int(s), int(d)) for s, d in directed.edges()]
+    elif isinstance(spec, torch.Tensor):
+        if spec.dim() != 2 or spec.shape[0] != 2:
+            raise ValueError(f"edge_index must have shape [2, E], got {list(spec.shape)}")
+        edges = [(int(s), int(d)) for s, d in spec.t().tolist()]
+    else:
+        edges = [(int(s), int(d)) for s, d in spec]
+    for src, dst in edges:
+        if not (0 <= src < n_heads and 0 <= dst < n_heads):
+            raise ValueError(f"head graph edge ({src}, {dst}) names a head outside 0..{n_heads - 1}")
+    edges = sorted({(s, d) for s, d in edges if s != d}, key=lambda e: (e[1], e[0]))
+    if not edges:
+        return torch.empty(2, 0, dtype=torch.long)
+    return torch.tensor(edges, dtype=torch.long).t().contiguous()
+
+
+def _named_edges(name: str, n: int) -> list:
+    if name == "complete":
+        return [(s, d) for d in range(n) for s in range(n) if s != d]
+    if name == "ring":
+        return [(i, (i + 1) % n) for i in range(n)] + [((i + 1) % n, i) for i in range(n)]
+    if name == "star":
+        return [(0, i) for i in range(1, n)] + [(i, 0) for i in range(1, n)]
+    if name == "none":
+        return []
+    raise ValueError(f"head_graph={name!r} is not one of ['complete', 'ring', 'star', 'none']")
+
+
+def to_networkx(edge_index: torch.Tensor, n_nodes: int, **node_attrs: Any) -> nx.DiGraph:
+    """``edge_index [2, E]`` -> ``networkx.DiGraph`` with nodes ``0..n_nodes-1``.
+
+    Each keyword is a per-node sequence stored as a node attribute of that name.
+    """
+    graph = nx.DiGraph()
+    for node in range(n_nodes):
+        graph.add_node(node, **{key: values[node] for key, values in node_attrs.items()})
+    graph.add_edges_from((int(s), int(d)) for s, d in edge_index.t().tolist())
+    return graph
+
+
+def from_networkx(graph: nx.Graph) -> torch.Tensor:
+    """``networkx`` graph with integer nodes -> ``edge_index [2, E]`` (undirected edges both ways)."""
+    return head_graph(graph, n_heads=max(graph.nodes, default=-1) + 1)
+
+
+def to_pyg(edge_index: torch.Tensor, n_nodes: int) -> Data:
+    """A PyG ``Data`` holding the graph (``num_nodes`` set explicitly: isolated heads count)."""
+    return Data(edge_index=edge_index, num_nodes=n_nodes)
+
+
+def dense_adjacency(edge_index: torch.Tensor, n_nodes: int, self_loops: bool = False) -> torch.Tensor:
+    """``[n_nodes(dst), n_nodes(src)]`` bool matrix, ``True`` where ``src -> dst`` is an edge."""
+    adjacency = torch.zeros(n_nodes, n_nodes, dtype=torch.bool)
+    adjacency[edge_index[1], edge_index[0]] = True
+    if self_loops:
+        adjacency |= torch.eye(n_nodes, dtype=torch.bool)
+    return adjacency

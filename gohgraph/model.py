@@ -1,0 +1,188 @@
+"""GoHTransformer: a decoder-only language model whose layers route heads (and experts) over graphs.
+
+Token embedding -> ``n_layers`` pre-norm blocks (GoH attention, then a dense or expert FFN) ->
+final norm -> output head tied to the embedding. The loop over blocks lives here, in the model,
+so per-token recursion (Mixture-of-Recursions) is a change to that loop, not a new model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import GoHAttention, KVCache
+from .config import GoHConfig
+from .ffn import build_feed_forward
+from .routing import LayerRouting
+
+
+@dataclass
+class GoHOutput:
+    """What :meth:`GoHTransformer.forward` returns.
+
+    ``logits [batch, seq, vocab]``; ``loss = lm_loss + aux_loss`` when labels are given;
+    ``lm_loss`` the next-token cross-entropy (nats per token); ``aux_loss`` the weighted sum of
+    every layer's routing losses (0 for dense models); ``routing`` one record per layer;
+    ``cache`` the KV cache passed in (now holding this call's positions too).
+    """
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    lm_loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+    routing: List[LayerRouting] = field(default_factory=list)
+    cache: Optional[KVCache] = None
+
+
+def build_norm(cfg: GoHConfig) -> nn.Module:
+    if cfg.norm == "rms":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class GoHBlock(nn.Module):
+    """Pre-norm block ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; ``x [batch, seq, d_model]``.
+
+    Causality is an argument of the call, not part of the block, so encoders can reuse it.
+    """
+
+    def __init__(self, cfg: GoHConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = build_norm(cfg)
+        self.attn = GoHAttention(cfg, layer_idx)
+        self.ffn_norm = build_norm(cfg)
+        self.ffn = build_feed_forward(cfg, layer_idx)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
+                causal: bool = True) -> tuple[torch.Tensor, LayerRouting]:
+        attn_out, routing = self.attn(self.attn_norm(x), cache=cache, causal=causal)
+        x = x + self.dropout(attn_out)
+        ffn_out, experts = self.ffn(self.ffn_norm(x))
+        x = x + self.dropout(ffn_out)
+        if experts is not None:
+            routing.expert_indices = experts.expert_indices
+            routing.expert_weights = experts.expert_weights
+            routing.dropped = experts.dropped
+            routing.expert_drops = experts.expert_drops
+            routing.aux_losses = {**routing.aux_losses, **experts.aux_losses}
+        return x, routing
+
+
+class GoHTransformer(nn.Module):
+    """Decoder-only LM; see :class:`~gohgraph.GoHConfig` for the variants it covers.
+
+    ``forward(input_ids [batch, seq], labels [batch, seq] | None)``: labels are the input ids
+    themselves (shifted inside, as in Hugging Face); ``-100`` marks positions to ignore.
+    """
+
+    def __init__(self, cfg: GoHConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(GoHBlock(cfg, i) for i in range(cfg.n_layers))
+        self.final_norm = build_norm(cfg)
+        self.lm_head = None
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> GoHOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
+        x = self.dropout(self.embed(input_ids))
+        routing = []
+        for block in self.blocks:
+            x, layer_routing = block(x, cache=cache, causal=True)
+            routing.append(layer_routing)
+        x = self.final_norm(x)
+        logits = F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+
+        aux_loss = self._weighted_aux_loss(routing, logits)
+        out = GoHOutput(logits=logits, aux_loss=aux_loss, routing=routing, cache=cache)
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                          labels[:, 1:].reshape(-1), ignore_index=-100)
+            out.loss = out.lm_loss + aux_loss
+        return out
+
+    def _weighted_aux_loss(self, routing: List[LayerRouting], like: torch.Tensor) -> torch.Tensor:
+        coef = {"balance": self.config.balance_loss_coef, "z": self.config.z_loss_coef}
+        total = like.new_zeros((), dtype=torch.float32)
+        for layer in routing:
+            for name, value in layer.aux_losses.items():
+                total = total + coef[name.rsplit("_", 1)[-1]] * value
+        return total
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, use_cache: bool = True,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Append ``max_new_tokens`` sampled tokens to ``input_ids [batch, seq]``.
+
+        ``temperature=0`` is greedy (argmax). With ``use_cache`` each step feeds only the newest
+        token and reads earlier keys/values from a :class:`KVCache`; without it every step
+        recomputes the whole (cropped to ``max_seq_len``) sequence.
+        """
+        if use_cache and input_ids.shape[1] + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens={max_new_tokens} "
+                             f"exceeds max_seq_len={self.config.max_seq_len}")
+        was_training = self.training
+        self.eval()
+        cache = KVCache(self.config.n_layers) if use_cache else None
+        ids = input_ids
+        logits = self(ids, cache=cache).logits[:, -1]
+        for step in range(max_new_tokens):
+            next_ids = sample_next_token(logits, temperature, top_k, generator)
+            ids = torch.cat([ids, next_ids], dim=1)
+            if step + 1 == max_new_tokens:
+                break
+            context = next_ids if use_cache else ids[:, -self.config.max_seq_len:]
+            logits = self(context, cache=cache).logits[:, -1]
+        self.train(was_training)
+        return ids
+
+    # ------------------------------------------------------------------ routing upkeep
+    def update_routing_biases(self) -> None:
+        """Apply auxiliary-loss-free bias updates in every layer; call after ``optimizer.step()``."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "update_bias"):
+                module.update_bias()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, directory: Union[str, Path]) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically)."""
+        from .checkpoint import save_model
+
+        return save_model(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, Path], map_location: str = "cpu") -> "GoHTransformer":
+        """Load a model written by :meth:`save_pretrained`; mismatches raise ``CheckpointError``."""
+        from .checkpoint import load_model
+
+        return load_model(directory, map_location=map_location)
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``logits [batch, vocab]`` -> ``[batch, 1]`` token ids (argmax when ``temperature == 0``)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        threshold = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)

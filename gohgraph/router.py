@@ -1,0 +1,221 @@
+"""Head routers: who is active per token, with what weight, and how heads talk.
+
+Three pieces, used in this order by :class:`~gohgraph.attention.GoHAttention`:
+
+* :class:`HeadRouter` (GoH) - a PyG ``MessagePassing`` network over the head graph that turns
+  per-head node features into head logits and per-edge attention (the inter-head flow weights);
+* :class:`LinearHeadRouter` (MoH) - logits from a linear map of the token, no graph;
+* :class:`HeadGate` - MoH's two-stage top-k gating of those logits, the routing losses and the
+  auxiliary-loss-free selection bias.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_geometric.nn import MessagePassing
+from torch_geometric.utils import softmax as scatter_softmax
+
+from .config import GoHConfig
+from .graph import dense_adjacency
+from .losses import load_balance_loss, router_z_loss, update_balancing_bias
+
+
+class HeadRouter(MessagePassing):
+    r"""GAT-style message passing over the heads of one layer, for every token at once.
+
+    Node features (one node per head, DESIGN.md §3):
+    :math:`z^0_i = W_z q_i + e_i`. Each of the ``R`` rounds computes
+
+    .. math::
+        h_i = W^r z_i, \quad
+        \alpha_{ji} = \mathrm{softmax}_{j \in \mathcal{N}(i) \cup \{i\}}
+            \mathrm{LeakyReLU}(a_{dst}^{r\top} h_i + a_{src}^{r\top} h_j), \quad
+        z_i \leftarrow z_i + \mathrm{GELU}\Big(\sum_j \alpha_{ji} h_j + c^r\Big)
+
+    and the head logits are :math:`s_i = u^\top z^R_i + b_i`. The last round's
+    :math:`\alpha_{ji}` on the graph's edges (self-loops excluded) are the inter-head flow weights.
+
+    The same small ``edge_index`` serves every token: the layer runs with ``node_dim=-2`` on
+    ``[tokens, heads, feat]``. ``fused=True`` (default) computes the identical result with a dense
+    ``[heads, heads]`` masked softmax and one batched matmul, which avoids PyG's gather/scatter
+    over ``tokens x edges``; ``fused=False`` runs ``propagate`` and is the reference.
+
+    Args:
+        head_dim: width of the per-head query the node features come from.
+        n_heads: number of nodes.
+        edge_index: ``[2, E]`` head graph without self-loops.
+        router_dim: node feature width ``F``.
+        rounds: ``R >= 1``.
+    Shapes:
+        input ``q``: ``[tokens, heads, head_dim]``; output logits ``[tokens, heads]`` and
+        edge weights ``[tokens, E]``.
+    """
+
+    def __init__(self, head_dim: int, n_heads: int, edge_index: torch.Tensor, router_dim: int,
+                 rounds: int, init_std: float = 0.02) -> None:
+        super().__init__(aggr="add", node_dim=-2)
+        self.n_heads, self.router_dim, self.rounds, self.init_std = n_heads, router_dim, rounds, init_std
+        self.node_in = nn.Linear(head_dim, router_dim, bias=False)
+        self.head_embedding = nn.Parameter(torch.empty(n_heads, router_dim))
+        self.round_lin = nn.ModuleList(nn.Linear(router_dim, router_dim, bias=False) for _ in range(rounds))
+        self.att_src = nn.Parameter(torch.empty(rounds, router_dim))
+        self.att_dst = nn.Parameter(torch.empty(rounds, router_dim))
+        self.round_bias = nn.Parameter(torch.empty(rounds, router_dim))
+        self.score = nn.Linear(router_dim, 1, bias=False)
+        self.head_bias = nn.Parameter(torch.empty(n_heads))
+
+        self_loops = torch.arange(n_heads).repeat(2, 1)
+        self.register_buffer("edge_index", edge_index.clone(), persistent=False)
+        self.register_buffer("edge_index_with_loops", torch.cat([edge_index, self_loops], dim=1),
+                             persistent=False)
+        self.register_buffer("adjacency_with_loops", dense_adjacency(edge_index, n_heads, self_loops=True),
+                             persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.normal_(self.node_in.weight, std=1.0 / math.sqrt(self.node_in.in_features))
+        nn.init.normal_(self.head_embedding, std=1.0)
+        for lin in self.round_lin:
+            nn.init.normal_(lin.weight, std=1.0 / math.sqrt(self.router_dim))
+        nn.init.normal_(self.att_src, std=1.0 / math.sqrt(self.router_dim))
+        nn.init.normal_(self.att_dst, std=1.0 / math.sqrt(self.router_dim))
+        nn.init.zeros_(self.round_bias)
+        # small head scores: routing starts near uniform, i.e. close to plain multi-head attention
+        nn.init.normal_(self.score.weight, std=self.init_std)
+        nn.init.zeros_(self.head_bias)
+
+    def forward(self, q: torch.Tensor, fused: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``q [tokens, heads, head_dim]`` -> (logits ``[tokens, heads]``, edge weights ``[tokens, E]``)."""
+        z = self.node_in(q) + self.head_embedding
+        edge_weights = q.new_zeros(q.shape[0], self.edge_index.shape[1])
+        for r in range(self.rounds):
+            h = self.round_lin[r](z)
+            score_src = (h * self.att_src[r]).sum(-1, keepdim=True)  # [tokens, heads, 1]
+            score_dst = (h * self.att_dst[r]).sum(-1, keepdim=True)
+            if fused:
+                aggregated, edge_weights = self._dense_round(h, score_src, score_dst)
+            else:
+                aggregated = self.propagate(self.edge_index_with_loops, x=h, score=(score_src, score_dst))
+                n_edges = self.edge_index.shape[1]
+                edge_weights = self._last_alpha[:, :n_edges, 0]  # graph edges come before the loops
+            z = z + F.gelu(aggregated + self.round_bias[r])
+        logits = self.score(z).squeeze(-1) + self.head_bias
+        return logits, edge_weights
+
+    # --------------------------------------------------------------- PyG reference path
+    def message(self, x_j: torch.Tensor, score_j: torch.Tensor, score_i: torch.Tensor,
+                index: torch.Tensor, ptr: Optional[torch.Tensor], size_i: Optional[int]) -> torch.Tensor:
+        """``x_j [tokens, E, F]``, scores ``[tokens, E, 1]``: the attention-weighted source feature."""
+        alpha = F.leaky_relu(score_i + score_j, negative_slope=0.2)
+        alpha = scatter_softmax(alpha, index, ptr, size_i, dim=-2)  # over the in-edges of each head
+        self._last_alpha = alpha
+        return alpha * x_j
+
+    # --------------------------------------------------------------- fused fast path
+    def _dense_round(self, h: torch.Tensor, score_src: torch.Tensor,
+                     score_dst: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # [tokens, dst, src]: the same masked softmax as the scatter softmax over in-edges
+        logits = F.leaky_relu(score_dst + score_src.transpose(1, 2), negative_slope=0.2)
+        logits = logits.masked_fill(~self.adjacency_with_loops, float("-inf"))
+        alpha = torch.softmax(logits, dim=-1)
+        aggregated = torch.matmul(alpha, h)
+        src, dst = self.edge_index
+        return aggregated, alpha[:, dst, src]
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(heads={self.n_heads}, edges={self.edge_index.shape[1]}, "
+                f"feat={self.router_dim}, rounds={self.rounds})")
+
+
+class LinearHeadRouter(nn.Module):
+    """MoH's router: head logits ``s = W_r x`` from the token itself; no graph, no flow.
+
+    Shapes: ``x [tokens, d_model]`` -> logits ``[tokens, heads]``.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_model, n_heads, bias=False)
+        nn.init.normal_(self.proj.weight, std=init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+@dataclass
+class HeadGating:
+    """Output of :class:`HeadGate` for ``tokens`` tokens."""
+
+    gates: torch.Tensor  # [tokens, heads], 0 for inactive heads
+    aux_losses: Dict[str, torch.Tensor]
+
+
+class HeadGate(nn.Module):
+    r"""Two-stage MoH gating with top-k routed heads and always-on shared heads.
+
+    With router logits ``s`` (``[tokens, heads]``, shared heads first):
+    routed heads keep their top-``k`` logits (selected with ``s + bias``; the bias only selects),
+    :math:`p^r = \mathrm{softmax}` over the kept logits, shared heads get
+    :math:`p^s = \mathrm{softmax}` over the shared logits, :math:`[a_s, a_r] = \mathrm{softmax}(W_a x)`,
+    and the gate is :math:`g_i = a_s p^s_i` (shared) or :math:`a_r p^r_i` (kept routed), else 0.
+    Gates are multiplied by the number of active heads, and :math:`W_a` starts at
+    :math:`a_s = H_s / (H_s + k)`: uniform logits then give gate 1 on every active head, i.e. plain
+    multi-head attention over the active heads.
+
+    Routing runs in float32 whatever the autocast dtype (bf16 ties change the selected set).
+    """
+
+    def __init__(self, cfg: GoHConfig) -> None:
+        super().__init__()
+        self.n_shared, self.n_routed, self.top_k = cfg.n_shared_heads, cfg.n_routed_heads, cfg.active_routed_heads
+        self.aux_free_bias, self.bias_update_rate = cfg.aux_free_bias, cfg.bias_update_rate
+        self.two_stage = self.n_shared > 0 and self.n_routed > 0
+        if self.two_stage:
+            self.stage_mix = nn.Linear(cfg.d_model, 2)
+            nn.init.zeros_(self.stage_mix.weight)
+            with torch.no_grad():
+                self.stage_mix.bias.copy_(torch.tensor([math.log(self.n_shared / self.top_k), 0.0]))
+        self.register_buffer("selection_bias", torch.zeros(self.n_routed))
+        self.register_buffer("load_since_update", torch.zeros(self.n_routed), persistent=False)
+
+    def forward(self, x: torch.Tensor, logits: torch.Tensor) -> HeadGating:
+        """``x [tokens, d_model]``, ``logits [tokens, heads]`` -> gates ``[tokens, heads]`` + losses."""
+        logits = logits.float()
+        shared_logits, routed_logits = logits[:, :self.n_shared], logits[:, self.n_shared:]
+        parts, aux = [], {}
+        if self.n_shared:
+            parts.append(torch.softmax(shared_logits, dim=-1))
+        if self.n_routed:
+            routed_gates, aux = self._route(routed_logits)
+            parts.append(routed_gates)
+        if self.two_stage:
+            mix = torch.softmax(self.stage_mix(x).float(), dim=-1)
+            parts = [mix[:, :1] * parts[0], mix[:, 1:] * parts[1]]
+        gates = torch.cat(parts, dim=-1) * (self.n_shared + self.top_k)
+        return HeadGating(gates=gates, aux_losses=aux)
+
+    def _route(self, routed_logits: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        selection_logits = routed_logits + self.selection_bias if self.aux_free_bias else routed_logits
+        selected = selection_logits.topk(self.top_k, dim=-1).indices  # [tokens, k]
+        kept = torch.softmax(routed_logits.gather(-1, selected), dim=-1)
+        gates = torch.zeros_like(routed_logits).scatter(-1, selected, kept)
+        if self.training and self.aux_free_bias:
+            self.load_since_update += torch.bincount(selected.reshape(-1), minlength=self.n_routed)
+        aux = {
+            "head_balance": load_balance_loss(torch.softmax(routed_logits, dim=-1), selected, self.n_routed),
+            "head_z": router_z_loss(routed_logits),
+        }
+        return gates, aux
+
+    def update_bias(self) -> None:
+        """Nudge the selection bias toward equal load; call after ``optimizer.step()``."""
+        if self.aux_free_bias:
+            update_balancing_bias(self.selection_bias, self.load_since_update, self.bias_update_rate)
+            self.load_since_update.zero_()
