@@ -84,3 +84,23 @@ def dense_adjacency(edge_index: torch.Tensor, n_nodes: int, self_loops: bool = F
     if self_loops:
         adjacency |= torch.eye(n_nodes, dtype=torch.bool)
     return adjacency
+
+
+def expert_graph(spec: Any, n_subtokens: int, n_experts: int) -> torch.Tensor:
+    """``[2, E]`` edge_index of the bipartite sub-token-slot -> routed-expert graph.
+
+    ``spec`` is ``None`` (complete: every slot may reach every expert) or ``[[slot, expert], ...]``
+    with ``expert`` a *routed* expert id ``0..n_experts-1`` (shared experts are always on). Row 0
+    holds slots, row 1 experts; edges are sorted by (expert, slot) and deduplicated.
+    """
+    if spec is None:
+        edges = [(s, e) for e in range(n_experts) for s in range(n_subtokens)]
+    else:
+        edges = [(int(s), int(e)) for s, e in spec]
+    for slot, expert in edges:
+        if not (0 <= slot < n_subtokens and 0 <= expert < n_experts):
+            raise ValueError(f"expert_graph edge {[slot, expert]} out of range: sub-token slots "
+                             f"0..{n_subtokens - 1}, routed experts 0..{n_experts - 1} "
+                             "(expert ids count routed experts only)")
+    edges = sorted(set(edges), key=lambda edge: (edge[1], edge[0]))
+    return torch.tensor(edges, dtype=torch.long).reshape(-1, 2).t().contiguous()
