@@ -87,11 +87,16 @@ class GoHAttention(nn.Module):
         self.layer_idx, self.router_kind = layer_idx, cfg.router
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.linear_bias)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.linear_bias)
         nn.init.normal_(self.qkv.weight, std=cfg.init_std)
         nn.init.normal_(self.out.weight, std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        for linear in (self.qkv, self.out):
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        # learned absolute positions (GPT-2) are added to the embedding by the model instead
+        self.rotary = (RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+                       if cfg.position_embedding == "rope" else None)
 
         self.router: Optional[nn.Module] = None
         self.flow_scale: Optional[nn.Parameter] = None
@@ -116,8 +121,10 @@ class GoHAttention(nn.Module):
         head_gates, head_mixing, routing = self._route(x, q)
 
         offset = cache.length(self.layer_idx) if cache is not None else 0
-        q = self.rotary(q.transpose(1, 2), offset)
-        k = self.rotary(k.view(batch, seq, kv_heads, head_dim).transpose(1, 2), offset)
+        q = q.transpose(1, 2)
+        k = k.view(batch, seq, kv_heads, head_dim).transpose(1, 2)
+        if self.rotary is not None:
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
         v = v.view(batch, seq, kv_heads, head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.append(self.layer_idx, k, v)
@@ -168,8 +175,9 @@ class GoHAttention(nn.Module):
 
         mixing = flow = None
         if self.flow_scale is not None:
-            active = (gates > 0).to(x.dtype)
-            flow = edge_weights * active[:, self.router.edge_index[0]]  # only active sources send
+            # only active sources send; while dense_blend anneals, unselected heads send at the blend weight
+            active = gating.active.to(x.dtype)
+            flow = edge_weights * active[:, self.router.edge_index[0]]
             dense_flow = flow.new_zeros(batch * seq, heads * heads).index_copy(1, self.flow_slots, flow)
             dense_flow = dense_flow.view(-1, heads, heads) * self.flow_scale[:, None]
             mixing = (torch.diag_embed(gates) + gates[:, :, None] * dense_flow).view(batch, seq, heads, heads)

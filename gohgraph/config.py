@@ -20,6 +20,8 @@ HEAD_GRAPH_NAMES = ("complete", "ring", "star", "none")
 FFN_KINDS = ("dense", "moe", "mh-moe", "graph-moe")
 NORMS = ("rms", "layer")
 EXPERT_ACTIVATIONS = ("swiglu", "gelu")
+POSITION_EMBEDDINGS = ("rope", "learned")
+MLP_KINDS = ("swiglu", "gelu")
 
 HeadGraphSpec = Union[str, list]  # a name, or a list of [src, dst] head pairs
 
@@ -53,6 +55,10 @@ class GoHConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # architecture switches for converted models (GPT-2 style); defaults are the LLaMA-style model
+    position_embedding: str = "rope"  # "learned": absolute position table added to the embedding
+    linear_bias: bool = False  # biases in the qkv / out / dense-FFN linears
+    mlp: str = "swiglu"  # dense FFN: "swiglu", or "gelu" (2-layer MLP, tanh GELU as GPT-2)
 
     # head routing
     router: str = "dense"
@@ -115,6 +121,8 @@ class GoHConfig:
     def hidden_dim(self) -> int:
         if self.ffn_hidden is not None:
             return self.ffn_hidden
+        if self.mlp == "gelu":
+            return 4 * self.d_model
         return 8 * math.ceil(8 * self.d_model / 3 / 8)
 
     @property
@@ -134,9 +142,13 @@ class GoHConfig:
         _choice(self, "ffn", FFN_KINDS)
         _choice(self, "norm", NORMS)
         _choice(self, "expert_activation", EXPERT_ACTIVATIONS)
+        _choice(self, "position_embedding", POSITION_EMBEDDINGS)
+        _choice(self, "mlp", MLP_KINDS)
+        if not isinstance(self.linear_bias, bool):
+            raise ValueError(f"linear_bias={self.linear_bias!r} must be True or False")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.head_dim % 2:
+        if self.position_embedding == "rope" and self.head_dim % 2:
             raise ValueError(f"head_dim=d_model/n_heads={self.head_dim} must be even for RoPE")
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             raise ValueError(

@@ -18,6 +18,7 @@ from torch import nn
 from .attention import GoHAttention, KVCache
 from .config import GoHConfig
 from .ffn import build_feed_forward
+from .router import HeadGate
 from .routing import LayerRouting
 
 
@@ -86,6 +87,10 @@ class GoHTransformer(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        self.position_embed = None  # RoPE lives in the attention; GPT-2 style models learn a table
+        if cfg.position_embedding == "learned":
+            self.position_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+            nn.init.normal_(self.position_embed.weight, std=cfg.init_std)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(GoHBlock(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = build_norm(cfg)
@@ -98,7 +103,10 @@ class GoHTransformer(nn.Module):
                 cache: Optional[KVCache] = None) -> GoHOutput:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
-        x = self.dropout(self.embed(input_ids))
+        x = self.embed(input_ids)
+        if self.position_embed is not None:
+            x = x + self.position_embed(self._positions(input_ids.shape[1], cache, input_ids.device))
+        x = self.dropout(x)
         routing = []
         for block in self.blocks:
             x, layer_routing = block(x, cache=cache, causal=True)
@@ -113,6 +121,13 @@ class GoHTransformer(nn.Module):
                                           labels[:, 1:].reshape(-1), ignore_index=-100)
             out.loss = out.lm_loss + aux_loss
         return out
+
+    def _positions(self, seq: int, cache: Optional[KVCache], device: torch.device) -> torch.Tensor:
+        """Absolute positions ``[seq]`` of this call's tokens (after any cached ones)."""
+        offset = cache.length() if cache is not None else 0
+        if offset + seq > self.config.max_seq_len:
+            raise ValueError(f"position {offset + seq} exceeds max_seq_len={self.config.max_seq_len}")
+        return torch.arange(offset, offset + seq, device=device)
 
     def _weighted_aux_loss(self, routing: List[LayerRouting], like: torch.Tensor) -> torch.Tensor:
         coef = {"balance": self.config.balance_loss_coef, "z": self.config.z_loss_coef}
@@ -157,6 +172,18 @@ class GoHTransformer(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "update_bias"):
                 module.update_bias()
+
+    def set_dense_blend(self, value: float) -> None:
+        """Blend every routed layer's head gates toward dense attention (MoH-style continue-tuning).
+
+        ``1.0``: every head on with gate 1 (a converted model computes its dense source exactly);
+        ``0.0`` (the default): the configured top-k routing. Dense-router layers have no gates.
+        """
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"dense_blend={value} must be in [0, 1]")
+        for module in self.modules():
+            if isinstance(module, HeadGate):
+                module.dense_blend.fill_(float(value))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

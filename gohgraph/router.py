@@ -155,6 +155,8 @@ class HeadGating:
 
     gates: torch.Tensor  # [tokens, heads], 0 for inactive heads
     aux_losses: Dict[str, torch.Tensor]
+    # [tokens, heads] in [0, 1]: 1 for selected heads, 0 for unselected, dense_blend in between
+    active: Optional[torch.Tensor] = None
 
 
 class HeadGate(nn.Module):
@@ -170,6 +172,12 @@ class HeadGate(nn.Module):
     multi-head attention over the active heads.
 
     Routing runs in float32 whatever the autocast dtype (bf16 ties change the selected set).
+
+    ``dense_blend`` (a buffer, default 0) anneals a converted dense model into a routed one, as
+    MoH's continue-tuning does: the output gates are ``blend * 1 + (1 - blend) * g``, so 1.0 is
+    exactly dense multi-head attention and 0.0 the gating above. Set it with
+    :meth:`~gohgraph.GoHTransformer.set_dense_blend` (schedule:
+    :func:`gohgraph.convert.dense_to_sparse_schedule`).
     """
 
     def __init__(self, cfg: GoHConfig) -> None:
@@ -184,6 +192,8 @@ class HeadGate(nn.Module):
                 self.stage_mix.bias.copy_(torch.tensor([math.log(self.n_shared / self.top_k), 0.0]))
         self.register_buffer("selection_bias", torch.zeros(self.n_routed))
         self.register_buffer("load_since_update", torch.zeros(self.n_routed), persistent=False)
+        # persistent: a converted checkpoint must reload as the dense model it was converted from
+        self.register_buffer("dense_blend", torch.zeros(()))
 
     def forward(self, x: torch.Tensor, logits: torch.Tensor) -> HeadGating:
         """``x [tokens, d_model]``, ``logits [tokens, heads]`` -> gates ``[tokens, heads]`` + losses."""
@@ -199,7 +209,12 @@ class HeadGate(nn.Module):
             mix = torch.softmax(self.stage_mix(x).float(), dim=-1)
             parts = [mix[:, :1] * parts[0], mix[:, 1:] * parts[1]]
         gates = torch.cat(parts, dim=-1) * (self.n_shared + self.top_k)
-        return HeadGating(gates=gates, aux_losses=aux)
+        active = (gates > 0).float()
+        # no branch on the blend (that would sync the device); at blend 0 this is exactly 0 + 1 * gates
+        blend = self.dense_blend.float().clamp(0.0, 1.0)
+        gates = blend + (1.0 - blend) * gates
+        active = blend + (1.0 - blend) * active
+        return HeadGating(gates=gates, aux_losses=aux, active=active)
 
     def _route(self, routed_logits: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         selection_logits = routed_logits + self.selection_bias if self.aux_free_bias else routed_logits
