@@ -1,0 +1,122 @@
+r"""Expert feed-forward layers: SMoE, fine-grained SMoE, MH-MoE and GoH-MoE as one module.
+
+DESIGN.md §4: experts are nodes of the routing graph. A token ``x [d_model]`` becomes ``m``
+sub-tokens (MH-MoE's head layer ``W_head``, then a split into ``m`` slices of width ``d/m``; for
+``ffn="moe"`` there is no head layer and ``m = 1``); a router picks ``k`` routed experts per
+sub-token; dispatch sorts the sub-tokens by expert and the experts run one grouped matmul; the
+gate-weighted outputs are added back per sub-token, shared experts (always on) are added to every
+sub-token, and the merge layer (concatenate, then ``W_merge``) returns to ``d_model``:
+
+.. math::
+    y = W_{merge}\,\big[\ \textstyle\sum_{e \in \mathrm{top}k(s)} w_{s,e}\, E_e(x_s)
+        + \sum_{e\ \mathrm{shared}} E_e(x_s)\ \big]_{s=1..m}
+
+=============  ================================  ===============  =========
+``cfg.ffn``    router                            head/merge       ``m``
+=============  ================================  ===============  =========
+``moe``        linear                            none (identity)  1
+``mh-moe``     linear                            ``W_head``/``W_merge``  ``n_subtokens``
+``graph-moe``  message passing (GoH-MoE)         ``W_head``/``W_merge``  ``n_subtokens``
+=============  ================================  ===============  =========
+
+Fine-grained SMoE is ``ffn="moe"`` with more, smaller experts (``n_experts``, ``expert_hidden``).
+Compute is honest: only the ``k`` selected experts run on a sub-token (no masking of a dense
+result); the router, sort, gather and combine are the overhead, and benchmarks/bench_moe.py times it.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from .config import GoHConfig
+from .dispatch import combine, dispatch, expert_capacity, plan_dispatch
+from .expert_router import ExpertGate, GraphExpertRouter, LinearExpertRouter, bipartite_adjacency
+from .experts import GroupedExperts, SharedExperts
+from .ffn import ExpertRouting
+from .graph import expert_graph
+
+
+class MoEFeedForward(nn.Module):
+    """Sparse expert FFN for every ``cfg.ffn`` other than ``"dense"``.
+
+    Shapes: ``x [batch, seq, d_model]`` -> ``(y [batch, seq, d_model], ExpertRouting)`` with
+    ``expert_indices`` / ``expert_weights`` ``[batch, seq, subtokens, top_k_experts]`` (routed ids
+    ``0..n_routed_experts-1``), ``dropped [batch, seq, subtokens]`` and ``expert_drops
+    [batch, seq, subtokens, top_k_experts]`` (capacity overflow, see :mod:`gohgraph.dispatch`).
+
+    Auxiliary losses (unweighted): ``expert_balance`` and ``expert_z``. Balancing state lives in
+    :attr:`gate`, whose ``update_bias()`` :meth:`GoHTransformer.update_routing_biases` calls after
+    the optimizer step.
+    """
+
+    def __init__(self, cfg: GoHConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        if cfg.ffn not in ("moe", "mh-moe", "graph-moe"):
+            raise ValueError(f"ffn={cfg.ffn!r} is not one of ['moe', 'mh-moe', 'graph-moe'] for MoEFeedForward")
+        self.layer_idx = layer_idx
+        self.n_subtokens = cfg.n_subtokens
+        self.d_sub = cfg.d_model // cfg.n_subtokens
+        self.n_routed, self.top_k = cfg.n_routed_experts, cfg.top_k_experts
+        self.capacity_factor = cfg.capacity_factor
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+
+        self.split_heads = cfg.ffn != "moe"
+        if self.split_heads:
+            # MH-MoE's head and merge layers; scale-preserving so the small expert init sets the output size
+            self.head = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+            self.merge = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+            nn.init.normal_(self.head.weight, std=cfg.d_model ** -0.5)
+            nn.init.normal_(self.merge.weight, std=cfg.d_model ** -0.5)
+
+        edge_index = expert_graph(cfg.expert_graph, self.n_subtokens, self.n_routed)
+        allowed = bipartite_adjacency(edge_index, self.n_subtokens, self.n_routed).t()  # [subtokens, E]
+        if cfg.ffn == "graph-moe":
+            self.router = GraphExpertRouter(self.d_sub, self.n_subtokens, self.n_routed, edge_index,
+                                            cfg.router_dim, cfg.router_rounds, cfg.expert_load_feature,
+                                            cfg.init_std)
+        else:
+            self.router = LinearExpertRouter(self.d_sub, self.n_routed, cfg.init_std)
+        self.gate = ExpertGate(cfg, allowed)
+        hidden = cfg.expert_hidden_dim
+        self.experts = GroupedExperts(self.n_routed, self.d_sub, hidden, cfg.expert_activation,
+                                      cfg.init_std, out_std)
+        self.shared_experts = None
+        if cfg.n_shared_experts:
+            self.shared_experts = SharedExperts(cfg.n_shared_experts, self.d_sub, hidden, cfg.expert_activation,
+                                                cfg.init_std, out_std)
+
+    def forward(self, x: torch.Tensor, fused: bool = True) -> Tuple[torch.Tensor, ExpertRouting]:
+        """``fused=False`` runs the graph router's PyG reference path (same result, slower)."""
+        batch, seq, d_model = x.shape
+        n_tokens, m, k = batch * seq, self.n_subtokens, self.top_k
+        n_sub = n_tokens * m
+        sub = self.head(x) if self.split_heads else x
+        sub = sub.reshape(n_tokens, m, self.d_sub)
+
+        choice = self.gate(self.router(sub, expert_load=self.gate.expert_load, fused=fused))
+        flat_sub = sub.reshape(n_sub, self.d_sub)
+        capacity = expert_capacity(self.capacity_factor, n_sub, k, self.n_routed)
+        plan = plan_dispatch(choice.indices.reshape(n_sub, k), self.n_routed, capacity)
+        expert_out = self.experts(dispatch(flat_sub, plan), plan.group_offsets)
+        out = combine(expert_out, plan, choice.weights.reshape(n_sub, k), n_sub)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat_sub)
+
+        y = out.reshape(batch, seq, d_model)
+        if self.split_heads:
+            y = self.merge(y)
+        routing = ExpertRouting(
+            expert_indices=choice.indices.reshape(batch, seq, m, k).detach(),
+            expert_weights=choice.weights.reshape(batch, seq, m, k).detach(),
+            dropped=plan.subtoken_dropped.reshape(batch, seq, m),
+            expert_drops=plan.assignment_dropped.reshape(batch, seq, m, k),
+            aux_losses=choice.aux_losses,
+        )
+        return y, routing
+
+    def extra_repr(self) -> str:
+        return (f"subtokens={self.n_subtokens}, d_sub={self.d_sub}, routed={self.n_routed}, "
+                f"top_k={self.top_k}, capacity_factor={self.capacity_factor}")
