@@ -1,0 +1,230 @@
+"""MoEFeedForward (SMoE, MH-MoE, GoH-MoE) against per-token references, and inside the model."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gohgraph import GoHConfig, GoHTransformer
+from gohgraph.ffn import SwiGLU
+from gohgraph.moe import MoEFeedForward
+
+VARIANTS = {
+    "moe": dict(ffn="moe", n_experts=6, n_shared_experts=1, top_k_experts=2),
+    "moe-gelu": dict(ffn="moe", n_experts=5, top_k_experts=2, expert_activation="gelu"),
+    "mh-moe": dict(ffn="mh-moe", n_experts=5, n_subtokens=4, top_k_experts=2),
+    "graph-moe": dict(ffn="graph-moe", n_experts=7, n_shared_experts=2, n_subtokens=2, top_k_experts=2,
+                      expert_graph=[[0, 0], [0, 1], [0, 2], [1, 2], [1, 3], [1, 4]]),
+}
+
+
+def tiny_config(**changes):
+    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, expert_hidden=16)
+    return GoHConfig(**{**base, **changes})
+
+
+def sharpened_layer(cfg, seed=0):
+    """A layer whose router gives clearly separated logits, so routing is not decided by rounding."""
+    torch.manual_seed(seed)
+    layer = MoEFeedForward(cfg)
+    with torch.no_grad():
+        for name, param in layer.router.named_parameters():
+            if name in ("proj.weight", "query.weight"):
+                param.mul_(100.0)
+    return layer
+
+
+# ---------------------------------------------------------------------- reference
+def reference_forward(layer, x):
+    """Token by token, sub-token by sub-token, expert by expert; capacity by walking assignments in order."""
+    cfg_m, k, n_routed = layer.n_subtokens, layer.top_k, layer.n_routed
+    batch, seq, d_model = x.shape
+    sub = x @ layer.head.weight.t() if layer.split_heads else x
+    sub = sub.reshape(batch * seq, cfg_m, layer.d_sub)
+    logits = layer.router(sub, expert_load=layer.gate.expert_load).masked_fill(~layer.gate.allowed, float("-inf"))
+    chosen = logits.argsort(dim=-1, descending=True)[..., :k]
+    weights = torch.softmax(logits.gather(-1, chosen), dim=-1)
+
+    n_sub = batch * seq * cfg_m
+    capacity = None if layer.capacity_factor is None else math.ceil(layer.capacity_factor * n_sub * k / n_routed)
+    taken, rows = [0] * n_routed, []
+    for t in range(batch * seq):
+        for s in range(cfg_m):
+            row = torch.zeros(layer.d_sub)
+            for r in range(k):
+                e = int(chosen[t, s, r])
+                if capacity is not None and taken[e] >= capacity:
+                    continue
+                taken[e] += 1
+                row = row + weights[t, s, r] * one_expert(sub[t, s], layer.experts.w_in[e], layer.experts.w_out[e],
+                                                          layer.experts.activation)
+            row = row + shared_experts_one_by_one(layer, sub[t, s])
+            rows.append(row)
+    y = torch.stack(rows).reshape(batch, seq, d_model)
+    return (y @ layer.merge.weight.t() if layer.split_heads else y), chosen
+
+
+def one_expert(v, w_in, w_out, activation):
+    hidden = v @ w_in
+    if activation == "swiglu":
+        gate, up = hidden.chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ w_out
+    return F.gelu(hidden) @ w_out
+
+
+def shared_experts_one_by_one(layer, v):
+    if layer.shared_experts is None:
+        return torch.zeros_like(v)
+    shared, h = layer.shared_experts, layer.experts.hidden
+    n = shared.w_out.weight.shape[1] // h
+    w_in, w_out = shared.w_in.weight.t(), shared.w_out.weight.t()  # [d, (2) n h], [n h, d]
+    total = torch.zeros_like(v)
+    for j in range(n):
+        cols = slice(j * h, (j + 1) * h)
+        if shared.activation == "swiglu":
+            expert_in = torch.cat([w_in[:, cols], w_in[:, n * h + j * h:n * h + (j + 1) * h]], dim=1)
+        else:
+            expert_in = w_in[:, cols]
+        total = total + one_expert(v, expert_in, w_out[cols], shared.activation)
+    return total
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_layer_matches_per_token_reference(variant, capacity_factor):
+    cfg = tiny_config(**VARIANTS[variant], capacity_factor=capacity_factor)
+    layer = sharpened_layer(cfg)
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    y, routing = layer(x)
+    y_ref, chosen = reference_forward(layer, x)
+    assert torch.equal(routing.expert_indices, chosen.reshape(routing.expert_indices.shape))
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-6)
+    if capacity_factor is not None:
+        assert routing.expert_drops.any()
+
+    probe = torch.randn(y.shape)
+    params = [x] + [p for p in layer.parameters()]
+    grads = torch.autograd.grad((y * probe).sum(), params, allow_unused=True)
+    grads_ref = torch.autograd.grad((y_ref * probe).sum(), params, allow_unused=True)
+    for got, want in zip(grads, grads_ref):
+        if want is None:
+            assert got is None or got.abs().sum() == 0
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_capacity_drops_are_counted_and_leave_only_the_residual():
+    cfg = tiny_config(ffn="moe", n_experts=4, top_k_experts=1, capacity_factor=0.5)
+    model = GoHTransformer(cfg)
+    block = model.blocks[0]
+    with torch.no_grad():
+        block.ffn.router.proj.weight.mul_(100.0)
+    x = torch.randn(3, 8, 32)
+    out, routing = block(x)
+
+    # independent count: walk the reported assignments in (position, rank) order against the capacity
+    capacity = math.ceil(0.5 * 24 * 1 / 4)
+    taken, expected = [0] * 4, torch.zeros(3, 8, 1, dtype=torch.bool)
+    for b in range(3):
+        for t in range(8):
+            e = int(routing.expert_indices[b, t, 0, 0])
+            expected[b, t, 0] = taken[e] >= capacity
+            taken[e] += not expected[b, t, 0]
+    assert torch.equal(routing.dropped, expected) and int(expected.sum()) > 0
+    assert torch.equal(routing.expert_drops[..., 0], expected)
+
+    ffn_out, _ = block.ffn(block.ffn_norm(x + block.attn(block.attn_norm(x))[0]))
+    dropped = expected[..., 0]
+    assert torch.equal(ffn_out[dropped], torch.zeros_like(ffn_out[dropped]))
+    assert (ffn_out[~dropped].abs().sum(-1) > 0).all()
+    residual = x + block.attn(block.attn_norm(x))[0]
+    assert torch.equal(out[dropped], residual[dropped])
+
+
+def test_dropless_drops_nothing():
+    layer = sharpened_layer(tiny_config(ffn="moe", n_experts=4, top_k_experts=2))
+    _, routing = layer(torch.randn(4, 8, 32))
+    assert not routing.dropped.any() and not routing.expert_drops.any()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_subtoken_gets_top_k_distinct_experts_with_unit_weight(variant):
+    cfg = tiny_config(**VARIANTS[variant])
+    layer = sharpened_layer(cfg)
+    _, routing = layer(torch.randn(2, 5, 32))
+    m, k = cfg.n_subtokens, cfg.top_k_experts
+    assert routing.expert_indices.shape == (2, 5, m, k) == routing.expert_weights.shape
+    ids = routing.expert_indices
+    assert ((ids >= 0) & (ids < cfg.n_routed_experts)).all()
+    assert all(len(set(row)) == k for row in ids.reshape(-1, k).tolist())
+    torch.testing.assert_close(routing.expert_weights.sum(-1), torch.ones(2, 5, m))
+    assert set(routing.aux_losses) == {"expert_balance", "expert_z"}
+
+
+def test_single_expert_top1_equals_dense_swiglu():
+    cfg = tiny_config(ffn="moe", n_experts=1, top_k_experts=1, expert_hidden=24)
+    layer = MoEFeedForward(cfg)
+    dense = SwiGLU(32, 24, init_std=0.02, out_std=0.02)
+    with torch.no_grad():
+        layer.experts.w_in[0].copy_(dense.gate_up.weight.t())
+        layer.experts.w_out[0].copy_(dense.down.weight.t())
+    x = torch.randn(2, 7, 32)
+    y, routing = layer(x)
+    torch.testing.assert_close(y, dense(x), rtol=1e-5, atol=1e-7)
+    assert torch.equal(routing.expert_weights, torch.ones(2, 7, 1, 1))
+
+
+def test_routing_is_identical_under_bf16_autocast():
+    layer = MoEFeedForward(tiny_config(ffn="moe", n_experts=8, top_k_experts=2))
+    x = torch.randn(2, 16, 32)
+    _, routing = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_bf16, routing_bf16 = layer(x)
+    assert torch.equal(routing.expert_indices, routing_bf16.expert_indices)
+    assert routing_bf16.expert_weights.dtype == torch.float32 and torch.isfinite(y_bf16).all()
+
+
+@pytest.mark.parametrize("variant", ["dense", "moe", "mh-moe", "graph-moe"])
+def test_model_trains_with_every_ffn(variant):
+    changes = {"dense": dict(ffn="dense")}.get(variant, VARIANTS.get(variant))
+    cfg = tiny_config(**changes, router="linear", top_k_heads=2, aux_free_bias=True)
+    torch.manual_seed(0)
+    model = GoHTransformer(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(12):
+        out = model(batch, labels=batch)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        model.update_routing_biases()
+        losses.append(out.lm_loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    if variant != "dense":
+        gate = model.blocks[0].ffn.gate
+        assert gate.load_since_update.sum() == 0  # folded in by update_routing_biases
+        assert not torch.equal(gate.expert_load, torch.ones_like(gate.expert_load))
+        assert gate.selection_bias.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_save_and_load_round_trip_keeps_experts_and_running_load(variant, tmp_path):
+    cfg = tiny_config(**VARIANTS[variant], capacity_factor=1.5)
+    model = GoHTransformer(cfg)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.ffn.gate.expert_load.uniform_(0.5, 1.5)
+            block.ffn.gate.selection_bias.uniform_(-0.1, 0.1)
+    model.eval()
+    ids = torch.randint(0, 64, (2, 10))
+    expected = model(ids)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = GoHTransformer.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.config == cfg
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    got = loaded(ids)
+    torch.testing.assert_close(got.logits, expected.logits)
+    assert torch.equal(got.routing[0].expert_indices, expected.routing[0].expert_indices)
