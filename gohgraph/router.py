@@ -24,6 +24,7 @@ from torch_geometric.utils import softmax as scatter_softmax
 from .config import GoHConfig
 from .graph import dense_adjacency
 from .losses import load_balance_loss, router_z_loss, update_balancing_bias
+from .ops import per_token_matmul
 
 
 class HeadRouter(MessagePassing):
@@ -125,7 +126,7 @@ class HeadRouter(MessagePassing):
         logits = F.leaky_relu(score_dst + score_src.transpose(1, 2), negative_slope=0.2)
         logits = logits.masked_fill(~self.adjacency_with_loops, float("-inf"))
         alpha = torch.softmax(logits, dim=-1)
-        aggregated = torch.matmul(alpha, h)
+        aggregated = per_token_matmul(alpha, h)
         src, dst = self.edge_index
         return aggregated, alpha[:, dst, src]
 

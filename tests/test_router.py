@@ -1,0 +1,187 @@
+"""Head router: PyG propagate path vs fused path vs an independent dense einsum reference;
+two-stage top-k gating; routing losses against their formulas; aux-loss-free bias."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch_geometric.nn import MessagePassing
+
+from gohgraph import GoHConfig
+from gohgraph.graph import head_graph
+from gohgraph.losses import load_balance_loss, router_z_loss
+from gohgraph.ops import per_token_matmul
+from gohgraph.router import HeadGate, HeadRouter
+
+
+def make_router(graph="complete", heads=8, rounds=2, head_dim=12, feat=16, seed=0):
+    torch.manual_seed(seed)
+    router = HeadRouter(head_dim, heads, head_graph(graph, heads), feat, rounds)
+    with torch.no_grad():  # larger scores than the near-uniform init, so paths are really tested
+        router.score.weight.normal_(std=1.0)
+        router.round_bias.normal_(std=0.5)
+    return router
+
+
+def einsum_reference(router: HeadRouter, q: torch.Tensor):
+    """The router's math written independently: dense adjacency, einsum, explicit loops-free softmax."""
+    heads = router.n_heads
+    adjacency = torch.eye(heads, dtype=torch.bool)
+    for src, dst in router.edge_index.t().tolist():
+        adjacency[dst, src] = True
+    z = torch.einsum("nhd,fd->nhf", q, router.node_in.weight) + router.head_embedding
+    for r in range(router.rounds):
+        h = torch.einsum("nhf,gf->nhg", z, router.round_lin[r].weight)
+        e = torch.einsum("nif,f->ni", h, router.att_dst[r])[:, :, None] + \
+            torch.einsum("njf,f->nj", h, router.att_src[r])[:, None, :]
+        e = F.leaky_relu(e, 0.2).masked_fill(~adjacency, float("-inf"))
+        alpha = torch.softmax(e, dim=-1)  # [tokens, dst, src]
+        z = z + F.gelu(torch.einsum("nij,njf->nif", alpha, h) + router.round_bias[r])
+    logits = torch.einsum("nhf,f->nh", z, router.score.weight[0]) + router.head_bias
+    src, dst = router.edge_index
+    return logits, alpha[:, dst, src]
+
+
+def close_in_float32(actual, expected):
+    """Equal up to float32 rounding of sums: 1e-5 relative to the tensor's own scale."""
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(scale, 1e-3))
+
+
+def test_router_is_a_pyg_message_passing_layer():
+    assert isinstance(make_router(), MessagePassing)
+
+
+@pytest.mark.parametrize("graph", ["complete", "ring", "star", "none"])
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_pyg_fused_and_einsum_paths_agree_forward(graph, rounds):
+    router = make_router(graph, rounds=rounds)
+    q = torch.randn(37, 8, 12)
+    logits_pyg, edges_pyg = router(q, fused=False)
+    logits_fused, edges_fused = router(q, fused=True)
+    logits_ref, edges_ref = einsum_reference(router, q)
+    close_in_float32(logits_fused, logits_pyg)
+    close_in_float32(edges_fused, edges_pyg)
+    close_in_float32(logits_fused, logits_ref)
+    close_in_float32(edges_fused, edges_ref)
+    # attention over in-edges: the non-self-loop weights into each head sum to at most 1
+    if edges_fused.numel():
+        into = torch.zeros(37, 8).index_add_(1, router.edge_index[1], edges_fused)
+        assert (into <= 1 + 1e-6).all() and (into > 0).any()
+
+
+@pytest.mark.parametrize("graph", ["complete", "star"])
+def test_pyg_and_fused_paths_agree_on_gradients(graph):
+    router = make_router(graph, rounds=2)
+    q = torch.randn(23, 8, 12)
+    weights = torch.randn(23, 8), torch.randn(23, router.edge_index.shape[1])
+
+    def grads(fused):
+        router.zero_grad()
+        q_in = q.clone().requires_grad_()
+        logits, edges = router(q_in, fused=fused)
+        ((logits * weights[0]).sum() + (edges * weights[1]).sum()).backward()
+        return [q_in.grad] + [p.grad.clone() for p in router.parameters()]
+
+    for fused_grad, pyg_grad in zip(grads(True), grads(False)):
+        close_in_float32(fused_grad, pyg_grad)
+
+
+def test_head_graph_is_the_same_edge_index_for_every_token():
+    router = make_router("ring")
+    q = torch.randn(5, 8, 12)
+    single = torch.stack([router(q[i:i + 1])[0][0] for i in range(5)])
+    torch.testing.assert_close(router(q)[0], single, rtol=1e-6, atol=1e-6)
+
+
+def test_per_token_matmul_equals_matmul():
+    weights, values = torch.randn(3, 50, 8, 8), torch.randn(3, 50, 8, 32)
+    torch.testing.assert_close(per_token_matmul(weights, values), torch.matmul(weights, values),
+                               rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- gating
+def gate_for(n_heads=8, shared=2, top_k=3, aux_free=False, d_model=16):
+    cfg = GoHConfig(d_model=d_model * 1, n_heads=n_heads, n_shared_heads=shared, top_k_heads=top_k,
+                    router="linear", aux_free_bias=aux_free, bias_update_rate=0.1)
+    return HeadGate(cfg)
+
+
+def test_gates_have_exactly_shared_plus_top_k_nonzero_and_shared_always_on():
+    gate = gate_for()
+    torch.manual_seed(1)
+    gating = gate(torch.randn(500, 16), torch.randn(500, 8) * 3)
+    active = gating.gates > 0
+    assert (active.sum(-1) == 5).all()
+    assert active[:, :2].all()
+    # routed heads chosen are the three largest routed logits
+    torch.manual_seed(1)
+    x, logits = torch.randn(500, 16), torch.randn(500, 8) * 3
+    expected = torch.zeros(500, 6, dtype=torch.bool).scatter(1, logits[:, 2:].topk(3).indices, True)
+    assert torch.equal(active[:, 2:], expected)
+
+
+def test_gates_follow_the_two_stage_formula():
+    gate = gate_for()
+    with torch.no_grad():
+        gate.stage_mix.weight.normal_()
+    x, logits = torch.randn(7, 16), torch.randn(7, 8)
+    gates = gate(x, logits).gates
+    mix = torch.softmax(x @ gate.stage_mix.weight.t() + gate.stage_mix.bias, dim=-1)
+    shared = mix[:, :1] * torch.softmax(logits[:, :2], -1)
+    routed_logits = logits[:, 2:]
+    kept = routed_logits.topk(3).indices
+    routed = torch.zeros(7, 6)
+    for t in range(7):
+        p = torch.softmax(routed_logits[t, kept[t]], -1)
+        routed[t, kept[t]] = mix[t, 1] * p
+    torch.testing.assert_close(gates, torch.cat([shared, routed], -1) * 5, rtol=1e-5, atol=1e-6)
+
+
+def test_uniform_logits_give_gate_one_on_every_active_head():
+    gate = gate_for(shared=2, top_k=6)
+    gates = gate(torch.randn(4, 16), torch.zeros(4, 8)).gates
+    torch.testing.assert_close(gates, torch.ones(4, 8))
+
+
+def test_load_balance_loss_matches_formula_on_hand_made_example():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]])
+    selected = torch.tensor([[0, 1], [0, 1], [2, 0], [0, 1]])
+    # by hand: counts (4, 3, 1) of 8 selections; mean probs (0.475, 0.225, 0.3)
+    expected = 3 * (4 / 8 * 0.475 + 3 / 8 * 0.225 + 1 / 8 * 0.3)
+    assert load_balance_loss(probs, selected, 3).item() == pytest.approx(expected, rel=1e-6)
+    uniform = torch.full((6, 3), 1 / 3)
+    assert load_balance_loss(uniform, torch.tensor([[0], [1], [2], [0], [1], [2]]), 3).item() == pytest.approx(1.0)
+
+
+def test_z_loss_matches_formula():
+    assert router_z_loss(torch.zeros(5, 6)).item() == pytest.approx(math.log(6) ** 2, rel=1e-6)
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 4.0]])
+    expected = (math.log(math.e + math.e ** 2 + math.e ** 3) ** 2 + math.log(1 + math.e ** -1 + math.e ** 4) ** 2) / 2
+    assert router_z_loss(logits).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_gate_reports_both_losses_for_routed_heads():
+    gate = gate_for()
+    logits = torch.randn(10, 8)
+    aux = gate(torch.randn(10, 16), logits).aux_losses
+    routed = logits[:, 2:]
+    expected_balance = load_balance_loss(torch.softmax(routed, -1), routed.topk(3).indices, 6)
+    torch.testing.assert_close(aux["head_balance"], expected_balance)
+    torch.testing.assert_close(aux["head_z"], (torch.logsumexp(routed, -1) ** 2).mean())
+
+
+def test_aux_free_bias_moves_load_toward_uniform():
+    gate = gate_for(shared=0, top_k=1, aux_free=True)
+    gate.train()
+    torch.manual_seed(0)
+    skew = torch.tensor([2.0, 1.0, 0, 0, 0, 0, 0, 0])  # head 0 wins nearly every token
+    loads = []
+    for _ in range(30):
+        logits = torch.randn(256, 8) * 0.5 + skew
+        load = (gate(torch.randn(256, 16), logits).gates > 0).float().sum(0)
+        loads.append(load.std().item() / load.mean().item())
+        gate.update_bias()
+    assert loads[-1] < 0.5 * loads[0]
+    assert gate.selection_bias[0] < 0 < gate.selection_bias[-1]
