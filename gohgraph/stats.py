@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 import torch
 
 from .config import GoHConfig
-from .graph import head_graph
+from .graph import expert_graph, head_graph
 from .routing import LayerRouting
 from .stats_drift import routing_drift
 from .stats_metrics import coefficient_of_variation, load_balance_summary, load_entropy
@@ -79,7 +79,7 @@ class RoutingStats:
             raise ValueError("RoutingStats has no routing records yet: call update() first")
         cfg = self.config
         layers = [tally.report(i, cfg, self.head_edges) for i, tally in enumerate(self.layers)]
-        return {
+        report = {
             "tokens": self.tokens,
             "batches": self.batches,
             "config": {name: getattr(cfg, name) for name in _CONFIG_FIELDS},
@@ -87,6 +87,11 @@ class RoutingStats:
             "layers": layers,
             "summary": _summary(layers),
         }
+        if any("experts" in layer for layer in layers):
+            # [sub-token slot, routed expert] pairs a sub-token may be sent along
+            report["expert_edges"] = expert_graph(cfg.expert_graph, cfg.n_subtokens,
+                                                  cfg.n_routed_experts).t().tolist()
+        return report
 
     def to_json(self, path: Union[str, Path]) -> Path:
         path = Path(path)
@@ -133,7 +138,7 @@ def collect_routing_stats(model: torch.nn.Module, batches: Iterable[torch.Tensor
 
 _CONFIG_FIELDS = ("n_layers", "n_heads", "n_shared_heads", "top_k_heads", "router", "router_rounds",
                   "head_graph", "inter_head_flow", "ffn", "n_experts", "n_shared_experts",
-                  "top_k_experts", "n_subtokens", "capacity_factor")
+                  "top_k_experts", "n_subtokens", "capacity_factor", "expert_graph")
 
 
 class _LayerTally:

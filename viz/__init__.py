@@ -1,0 +1,61 @@
+"""Pictures of routing: routing graphs, load heatmaps, token traces and training curves.
+
+Every drawing function takes a :class:`~gohgraph.stats.RoutingStats` (or its ``report()`` dict,
+e.g. read back from ``stats.json``), returns a ``matplotlib.figure.Figure`` drawn on an Agg
+canvas, and saves it when given ``path=`` (PNG, SVG or PDF by suffix).
+:func:`write_all_pictures` writes the whole set for a model at once:
+
+    stats = collect_routing_stats(model, batches)
+    viz.write_all_pictures(model, stats, "runs/x/pictures", text="def main():", metrics_csv="runs/x/metrics.csv")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Sequence, Union
+
+from .curves import read_metrics_csv, training_curves
+from .figures import as_report, has_experts, save_figure
+from .heatmap import expert_load_heatmap, head_load_heatmap
+from .routing_graph import (draw_routing_graph, draw_routing_graphs, layered_routing_graph, routing_graph,
+                            write_graphml)
+from .token_trace import byte_decode, byte_encode, token_labels, token_routing, token_trace
+
+__all__ = [
+    "as_report", "byte_decode", "byte_encode", "draw_routing_graph", "draw_routing_graphs",
+    "expert_load_heatmap", "head_load_heatmap", "layered_routing_graph", "read_metrics_csv",
+    "routing_graph", "save_figure", "token_labels", "token_routing", "token_trace", "training_curves",
+    "write_all_pictures", "write_graphml",
+]
+
+
+def write_all_pictures(model: Any, stats: Any, out_dir: Union[str, Path], text: Optional[str] = None,
+                       metrics_csv: Optional[Union[str, Path]] = None,
+                       encode: Optional[Callable[[str], Sequence[int]]] = None,
+                       decode: Optional[Callable[[Sequence[int]], str]] = None) -> List[Path]:
+    """Write every picture of ``model`` / ``stats`` into ``out_dir``; returns the written paths.
+
+    Always: ``routing_graphs.png`` (all layers), ``head_load_heatmap.png`` and
+    ``routing_graph.graphml``. With experts: ``expert_load_heatmap.png``. With ``text``:
+    ``token_trace.png`` (``encode`` / ``decode`` default to byte-level UTF-8). With an existing
+    ``metrics_csv``: ``training_curves.png``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = as_report(stats)
+    written = [
+        _saved(draw_routing_graphs(report), out_dir / "routing_graphs.png"),
+        _saved(head_load_heatmap(report), out_dir / "head_load_heatmap.png"),
+    ]
+    if has_experts(report):
+        written.append(_saved(expert_load_heatmap(report), out_dir / "expert_load_heatmap.png"))
+    if text:
+        written.append(_saved(token_trace(model, text, encode=encode, decode=decode), out_dir / "token_trace.png"))
+    if metrics_csv is not None and Path(metrics_csv).is_file():
+        written.append(_saved(training_curves(metrics_csv), out_dir / "training_curves.png"))
+    written.append(write_graphml(report, out_dir / "routing_graph.graphml"))
+    return written
+
+
+def _saved(figure, path: Path) -> Path:
+    return save_figure(figure, path)

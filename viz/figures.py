@@ -1,0 +1,57 @@
+"""What every picture shares: Agg figures, saving, the colour of each node kind, report access.
+
+Figures are built with ``matplotlib.figure.Figure`` on an Agg canvas, never through ``pyplot``:
+nothing global is touched, nothing needs a display, and a figure is freed when it is dropped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+COLOURS = {
+    "shared head": "#4C72B0",
+    "routed head": "#DD8452",
+    "expert": "#55A868",
+    "subtoken": "#8C8C8C",
+    "flow": "#4C4C4C",
+}
+SAVE_FORMATS = (".png", ".svg", ".pdf")
+DPI = 120
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure of ``width x height`` inches on its own Agg canvas."""
+    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure: Figure, path: Optional[Union[str, Path]]) -> Optional[Path]:
+    """Write ``figure`` to ``path`` (format from the suffix: PNG, SVG or PDF); ``None`` skips."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.suffix.lower() not in SAVE_FORMATS:
+        raise ValueError(f"picture path {path} must end in one of {list(SAVE_FORMATS)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=DPI)
+    return path
+
+
+def as_report(stats: Any) -> Dict[str, Any]:
+    """A :class:`~gohgraph.stats.RoutingStats`, or its ``report()`` dict (e.g. read from stats.json)."""
+    if isinstance(stats, dict):
+        if "layers" not in stats or "config" not in stats:
+            raise ValueError("stats dict must be a RoutingStats.report() (keys 'config' and 'layers')")
+        return stats
+    if hasattr(stats, "report"):
+        return stats.report()
+    raise ValueError(f"stats must be a RoutingStats or its report() dict, got {type(stats).__name__}")
+
+
+def has_experts(report: Dict[str, Any]) -> bool:
+    return any("experts" in layer for layer in report["layers"])

@@ -1,0 +1,126 @@
+"""Token traces: which heads (and experts) each token of a text used, layer by layer.
+
+One panel per layer: a ``[heads, tokens]`` grid of head gates (white = inactive head) and, for MoE
+layers, a ``[routed experts, tokens]`` grid of the expert weight each token sent (summed over its
+sub-tokens and top-k slots, divided by the number of sub-tokens so a column sums to 1). The
+token's characters label the x axis, with whitespace made visible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from .figures import new_figure, save_figure
+
+VISIBLE_WHITESPACE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
+MAX_LABEL_CHARS = 6
+
+
+def byte_encode(text: str) -> List[int]:
+    """The default tokenizer: UTF-8 bytes."""
+    return list(text.encode("utf-8"))
+
+
+def byte_decode(ids: Sequence[int]) -> str:
+    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+@torch.no_grad()
+def token_routing(model: torch.nn.Module, input_ids: torch.Tensor) -> List[Dict[str, Optional[np.ndarray]]]:
+    """Per layer ``{"head_gates": [seq, heads], "expert_weight": [seq, routed experts] | None}``.
+
+    ``input_ids``: ``[seq]`` or ``[1, seq]``. The model runs in eval mode; its mode is restored.
+    """
+    ids = input_ids.reshape(1, -1).to(next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        routing = model(ids).routing
+    finally:
+        model.train(was_training)
+    n_experts = model.config.n_routed_experts
+    layers = []
+    for record in routing:
+        expert_weight = None
+        if record.expert_indices is not None:
+            indices = record.expert_indices[0].cpu()  # [seq, m, k]
+            weights = record.expert_weights[0].float().cpu() if record.expert_weights is not None \
+                else torch.ones(indices.shape)
+            seq, m = indices.shape[:2]
+            expert_weight = torch.zeros(seq, n_experts).scatter_add_(
+                1, indices.reshape(seq, -1), weights.reshape(seq, -1)) / m
+            expert_weight = expert_weight.numpy()
+        layers.append({"head_gates": record.head_gates[0].float().cpu().numpy(), "expert_weight": expert_weight})
+    return layers
+
+
+def token_labels(ids: Sequence[int], decode: Callable[[Sequence[int]], str]) -> List[str]:
+    """One short, visible label per token, with whitespace made visible.
+
+    Labels come from decoding growing prefixes, so a character split over several byte tokens is
+    shown on its last byte (earlier bytes show ``·``) instead of as replacement characters.
+    """
+    labels, done = [], ""
+    for end in range(1, len(ids) + 1):
+        text = decode([int(i) for i in ids[:end]]).rstrip("\ufffd")
+        piece = text[len(done):] if text.startswith(done) else decode([int(ids[end - 1])])
+        done = text if text.startswith(done) else done + piece
+        piece = piece.replace("\ufffd", "") or "\u00b7"
+        piece = "".join(VISIBLE_WHITESPACE.get(char, char) for char in piece)
+        labels.append(piece if len(piece) <= MAX_LABEL_CHARS else piece[:MAX_LABEL_CHARS - 1] + "\u2026")
+    return labels
+
+
+def token_trace(model: torch.nn.Module, text: str, encode: Optional[Callable[[str], Sequence[int]]] = None,
+                decode: Optional[Callable[[Sequence[int]], str]] = None, max_tokens: int = 64,
+                path: Optional[Union[str, Path]] = None) -> Figure:
+    """Draw which heads (and experts) each token of ``text`` used in every layer.
+
+    ``encode`` / ``decode`` default to byte-level UTF-8; the text is cut to ``max_tokens`` tokens
+    (and the model's ``max_seq_len``).
+    """
+    encode, decode = encode or byte_encode, decode or byte_decode
+    ids = [int(i) for i in encode(text)][:min(max_tokens, model.config.max_seq_len)]
+    if not ids:
+        raise ValueError("text for the token trace is empty")
+    vocab = model.config.vocab_size
+    if max(ids) >= vocab or min(ids) < 0:
+        raise ValueError(f"text encodes to token ids outside the model's vocab_size={vocab}; "
+                         "pass the encode/decode of the tokenizer the model was trained with")
+    layers = token_routing(model, torch.tensor(ids))
+    labels = token_labels(ids, decode)
+
+    panels = []  # (layer, kind, values [rows, tokens])
+    for index, layer in enumerate(layers):
+        panels.append((index, "heads", layer["head_gates"].T))
+        if layer["expert_weight"] is not None:
+            panels.append((index, "experts", layer["expert_weight"].T))
+    rows = [values.shape[0] for _, _, values in panels]
+    figure = new_figure(2.2 + 0.2 * len(ids), 1.0 + 0.17 * sum(rows) + 0.3 * len(panels))
+    axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False,
+                           gridspec_kw={"height_ratios": [r + 1.5 for r in rows]})[:, 0]
+    gate_max = max(float(layer["head_gates"].max()) for layer in layers) or 1.0
+    for ax, (index, kind, values) in zip(axes, panels):
+        vmax = gate_max if kind == "heads" else 1.0
+        # zero (inactive head, expert not chosen) is masked to white, distinct from any small value
+        cmap = colormaps["viridis" if kind == "heads" else "plasma"].with_extremes(bad="white")
+        image = ax.imshow(np.ma.masked_equal(values, 0.0), cmap=cmap, vmin=0.0, vmax=vmax,
+                          aspect="auto", interpolation="nearest")
+        ax.set_ylabel(f"L{index}\n{kind}", fontsize=7, rotation=0, ha="right", va="center")
+        ax.set_yticks(range(values.shape[0]))
+        ax.tick_params(axis="y", labelsize=5)
+        figure.colorbar(image, ax=ax, pad=0.01, fraction=0.02, aspect=8).ax.tick_params(labelsize=5)
+    bottom = axes[-1]
+    bottom.set_xticks(range(len(ids)), labels=labels, fontsize=7)
+    top = axes[0].secondary_xaxis("top")
+    top.set_xticks(range(len(ids)), labels=labels, fontsize=7)
+    figure.suptitle("token trace: head gates and expert weights per token (white = inactive / not chosen)",
+                    fontsize=9)
+    save_figure(figure, path)
+    return figure
