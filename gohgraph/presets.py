@@ -1,4 +1,4 @@
-"""Named model + training presets: ``tiny``, ``small``, ``base``.
+"""Named model + training presets (``tiny``, ``small``, ``base``), and configs from files and flags.
 
 Each preset is a pair of keyword dicts, ``(GoHConfig kwargs, TrainConfig kwargs)``. The model is
 graph-routed by default (router="graph", two shared heads, top-k routed heads, inter-head flow),
@@ -13,7 +13,10 @@ so "train the default model" means training a GoH transformer, not a dense one.
 from __future__ import annotations
 
 import copy
-from typing import Dict, Tuple
+import dataclasses
+import json
+from pathlib import Path
+from typing import Dict, List, Tuple
 
 PresetPair = Tuple[Dict, Dict]
 
@@ -47,3 +50,70 @@ def get_preset(name: str) -> PresetPair:
         raise ValueError(f"preset={name!r} is not one of {sorted(PRESETS)}")
     model_kwargs, train_kwargs = PRESETS[name]
     return copy.deepcopy(model_kwargs), copy.deepcopy(train_kwargs)
+
+
+# ---------------------------------------------------------------------- configs from files and flags
+def read_config_file(path: Path) -> dict:
+    """A JSON or YAML (``.yaml``/``.yml``, needs pyyaml) mapping.
+
+    Either ``{"model": {...}, "train": {...}}`` or one flat mapping whose keys are
+    :class:`~gohgraph.GoHConfig` and :class:`~gohgraph.train.TrainConfig` field names (and
+    ``preset``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{path}: YAML configs need pyyaml (pip install gohgraph[yaml]); or use JSON") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from None
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); YAML files must end in .yaml or .yml") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of config fields, not {type(values).__name__}")
+    return values
+
+
+def split_fields(values: dict, source: str) -> Tuple[Dict, Dict]:
+    """Sort a flat or ``{"model", "train"}`` mapping into (GoHConfig kwargs, TrainConfig kwargs)."""
+    from .config import GoHConfig
+    from .train import TrainConfig
+
+    model_fields = {f.name for f in dataclasses.fields(GoHConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_kwargs, train_kwargs = dict(values.get("model", {})), dict(values.get("train", {}))
+    for key, value in values.items():
+        if key in ("model", "train", "preset"):
+            continue
+        if key in model_fields:
+            model_kwargs[key] = value
+        elif key in train_fields:
+            train_kwargs[key] = value
+        else:
+            raise ValueError(f"{source}: unknown field {key!r}; allowed: model/train sections, 'preset', "
+                             f"GoHConfig fields {sorted(model_fields)} or TrainConfig fields {sorted(train_fields)}")
+    return model_kwargs, train_kwargs
+
+
+def parse_overrides(items: List[str]) -> Dict:
+    """``["d_model=256", "router=linear"]`` -> ``{"d_model": 256, "router": "linear"}`` (JSON values,
+    else strings)."""
+    values = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r} must look like FIELD=VALUE")
+        try:
+            values[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key.strip()] = raw
+    return values

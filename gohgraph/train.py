@@ -204,7 +204,7 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "train_config.json", tc.to_json() + "\n")
-        atomic_write_text(run_dir / "config.json", model_config.to_json() + "\n")
+        atomic_write_text(run_dir / "model_config.json", model_config.to_json() + "\n")
         corpus.save_tokenizer(run_dir)
     metrics = MetricsLogger(run_dir, start_step, enabled=ctx.is_main, tensorboard=tc.tensorboard)
     autocast = _autocast(ctx.device, tc.dtype)

@@ -103,18 +103,19 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """Accept a run directory, its ``checkpoints`` folder, or a checkpoint/model directory."""
+    """A model directory from a run directory (its ``final/``, else ``checkpoints/latest``), a
+    ``checkpoints`` folder, or a checkpoint/model directory itself."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if (path / CONFIG_NAME).is_file():
         return path
+    if (path / "final" / CONFIG_NAME).is_file():
+        return path / "final"
     for run_dir in (path, path.parent):
         found = latest_checkpoint(run_dir) if (run_dir / CHECKPOINTS_DIR).is_dir() else None
         if found is not None:
             return found
-    if (path / "final" / CONFIG_NAME).is_file():
-        return path / "final"
     raise CheckpointError(f"{path} holds no checkpoint (no config.json, checkpoints/latest or final/)")
 
 
