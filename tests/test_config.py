@@ -1,0 +1,60 @@
+"""GoHConfig: every bad value is refused at construction with the field and allowed values named."""
+
+import networkx as nx
+import pytest
+import torch
+
+from gohgraph import GoHConfig
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(d_model=100, n_heads=8), r"d_model=100 must be divisible by n_heads=8"),
+    (dict(n_shared_heads=9), r"n_shared_heads=9 must be in \[0, n_heads=8\]"),
+    (dict(n_shared_heads=2, top_k_heads=7), r"top_k_heads=7 must be in \[1, n_routed_heads=6\]"),
+    (dict(n_kv_heads=3), r"n_kv_heads=3 must be a positive divisor of n_heads=8"),
+    (dict(router="gat"), r"router='gat' is not one of \['dense', 'linear', 'graph'\]"),
+    (dict(head_graph="grid"), r"head_graph='grid' is not one of \['complete', 'ring', 'star', 'none'\]"),
+    (dict(ffn="sparse"), r"ffn='sparse' is not one of \['dense', 'moe', 'mh-moe', 'graph-moe'\]"),
+    (dict(router_rounds=-1), r"router_rounds=-1 must be >= 0"),
+    (dict(router="graph", router_rounds=0), r"router_rounds must be >= 1 for router='graph'"),
+    (dict(norm="batch"), r"norm='batch' is not one of \['rms', 'layer'\]"),
+    (dict(n_layers=0), r"n_layers=0 must be a positive integer"),
+    (dict(dropout=1.5), r"dropout=1.5 must be in \[0, 1\)"),
+    (dict(head_graph=[[0, 9]]), r"head_graph edge \[0, 9\] names a head outside 0..7"),
+    (dict(head_graph=[[2, 2]]), r"self-loop"),
+    (dict(ffn="moe", n_experts=4, top_k_experts=5), r"top_k_experts=5 must be <= n_routed_experts=4"),
+    (dict(ffn="moe", n_subtokens=2), r"n_subtokens=2 must be 1 for ffn='moe'"),
+    (dict(ffn="mh-moe", n_subtokens=3), r"d_model=256 must be divisible by n_subtokens=3"),
+    (dict(ffn="moe", capacity_factor=0.0), r"capacity_factor=0.0 must be > 0 or None"),
+    (dict(balance_loss_coef=-1.0), r"balance_loss_coef=-1.0 must be >= 0"),
+])
+def test_bad_values_raise_value_error_naming_the_field(changes, message):
+    with pytest.raises(ValueError, match=message):
+        GoHConfig(**changes)
+
+
+def test_json_round_trip_keeps_every_field(tmp_path):
+    cfg = GoHConfig(router="graph", n_shared_heads=2, top_k_heads=3, n_kv_heads=4, ffn="mh-moe",
+                    n_subtokens=4, n_experts=16, capacity_factor=1.25, head_graph="ring")
+    assert GoHConfig.from_json(cfg.to_json()) == cfg
+    cfg.to_json(tmp_path / "c.json")
+    assert GoHConfig.from_json(tmp_path / "c.json") == cfg
+
+
+def test_graph_given_as_networkx_or_edge_index_is_stored_as_edge_list():
+    graph = nx.DiGraph([(0, 1), (1, 2), (2, 0)])
+    from_nx = GoHConfig(n_heads=4, d_model=32, head_graph=graph)
+    from_tensor = GoHConfig(n_heads=4, d_model=32, head_graph=torch.tensor([[0, 1, 2], [1, 2, 0]]))
+    assert from_nx.head_graph == from_tensor.head_graph == [[0, 1], [1, 2], [2, 0]]
+    assert GoHConfig.from_json(from_nx.to_json()) == from_nx
+
+
+def test_unknown_json_field_is_refused():
+    with pytest.raises(ValueError, match=r"unknown GoHConfig field\(s\) \['heads'\]"):
+        GoHConfig.from_dict({"heads": 8})
+
+
+def test_derived_sizes():
+    cfg = GoHConfig(d_model=256, n_heads=8, n_shared_heads=2, top_k_heads=3, router="graph")
+    assert (cfg.head_dim, cfg.n_routed_heads, cfg.active_heads, cfg.kv_heads) == (32, 6, 5, 8)
+    assert GoHConfig(router="dense", n_shared_heads=2, top_k_heads=3).active_heads == 8
