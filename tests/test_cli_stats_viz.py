@@ -1,0 +1,123 @@
+"""``gohgraph stats`` and ``gohgraph viz`` on a tiny checkpoint and a small text file."""
+
+import json
+import subprocess
+import sys
+
+import matplotlib.image as mpimg
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+
+from gohgraph import GoHConfig, GoHTransformer
+from gohgraph.cli import main
+from gohgraph.data import eval_batches, load_corpus
+from gohgraph.stats import collect_routing_stats
+
+CFG = GoHConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_shared_heads=1, top_k_heads=2,
+                router="graph", router_rounds=1, max_seq_len=64)
+TEXT = "".join(f"def function_{i}(x, y):\n    return x * {i} + y  # line {i}\n" for i in range(120))
+
+
+@pytest.fixture()
+def run_dir(tmp_path, monkeypatch):
+    """runs/demo with metrics.csv, a step checkpoint and a final model; data.txt beside it."""
+    monkeypatch.setenv("GOHGRAPH_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    run = tmp_path / "runs" / "demo"
+    model = GoHTransformer(CFG)
+    model.save_pretrained(run / "checkpoints" / "step_000010")
+    model.save_pretrained(run / "final")
+    (run / "metrics.csv").write_text("step,loss,lm_loss,aux_loss,val_loss,head_load_cv\n"
+                                     "0,5.6,5.5,0.02,5.6,0.4\n10,4.1,4.0,0.01,,0.3\n", encoding="utf-8")
+    (tmp_path / "data.txt").write_text(TEXT, encoding="utf-8")
+    return run
+
+
+def run_cli(*argv):
+    return main([str(arg) for arg in argv])
+
+
+def test_stats_command_matches_the_library_on_the_same_batches(run_dir, tmp_path, capsys):
+    data, out = tmp_path / "data.txt", tmp_path / "stats.json"
+    code = run_cli("stats", "--checkpoint", run_dir / "final", "--data", data, "--batches", 2,
+                   "--batch-size", 2, "--seq-len", 16, "--out", out, "--csv", tmp_path / "stats.csv",
+                   "--no-progress")
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["tokens"] == 2 * 2 * 16 and report["batches"] == 2
+
+    model = GoHTransformer.from_pretrained(run_dir / "final")
+    batches = list(eval_batches(load_corpus(str(data)).val, 2, 16, max_batches=2))
+    expected = json.loads(json.dumps(collect_routing_stats(model, batches, progress=False).report()))
+    assert report == expected
+    assert report["layers"][0]["heads"]["activation_frequency"][0] == 1.0  # the shared head
+    assert "experts" not in report["layers"][0]
+    assert (tmp_path / "stats.csv").read_text().startswith("layer,group,item,metric,value")
+    printed = capsys.readouterr().out
+    assert "layer 1:" in printed and f"wrote {out}" in printed
+
+
+def test_stats_command_reports_drift_against_another_checkpoint(run_dir, tmp_path):
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    GoHTransformer(CFG).save_pretrained(other)
+    out = tmp_path / "stats.json"
+    assert run_cli("stats", "--checkpoint", run_dir / "final", "--data", tmp_path / "data.txt", "--batches", 1,
+                   "--batch-size", 2, "--seq-len", 16, "--out", out, "--compare", other, "--no-progress") == 0
+    drift = json.loads(out.read_text())["drift"]
+    assert drift["tokens"] == 32 and 0.0 <= drift["token_drift"] <= 1.0
+    assert run_cli("stats", "--checkpoint", run_dir / "final", "--data", tmp_path / "data.txt", "--batches", 1,
+                   "--batch-size", 2, "--seq-len", 16, "--out", out, "--compare", run_dir / "final",
+                   "--no-progress") == 0
+    assert json.loads(out.read_text())["drift"]["token_drift"] == 0.0  # a checkpoint against itself
+
+
+def test_viz_command_writes_every_picture_and_finds_the_metrics(run_dir, tmp_path, capsys):
+    out = tmp_path / "pictures"
+    code = run_cli("viz", "--checkpoint", run_dir / "checkpoints" / "step_000010", "--out", out,
+                   "--data", tmp_path / "data.txt", "--batches", 1, "--batch-size", 2, "--seq-len", 16,
+                   "--text", "def f(x):", "--no-progress")
+    assert code == 0
+    names = sorted(path.name for path in out.iterdir())
+    assert names == ["head_load_heatmap.png", "routing_graph.graphml", "routing_graphs.png", "stats.json",
+                     "token_trace.png", "training_curves.png"]  # metrics.csv found two levels up
+    for name in names:
+        if name.endswith(".png"):
+            image = mpimg.imread(out / name)
+            assert image.shape[0] > 100 and image.shape[1] > 100
+            assert np.unique(image[..., :3].reshape(-1, 3), axis=0).shape[0] > 10
+    graph = nx.read_graphml(out / "routing_graph.graphml")
+    assert graph.number_of_nodes() == CFG.n_layers * CFG.n_heads
+    assert graph.number_of_edges() == CFG.n_layers * CFG.n_heads * (CFG.n_heads - 1)  # complete head graph
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["stats", "viz"])
+def test_missing_and_foreign_directories_fail_with_one_line(command, tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not a checkpoint")
+    for checkpoint in (tmp_path / "missing", foreign):
+        assert run_cli(command, "--checkpoint", checkpoint, "--out", tmp_path / "out") == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"gohgraph {command}: error:")
+        assert str(checkpoint) in err and "Traceback" not in err
+
+
+def test_bad_numbers_fail_with_the_option_name(run_dir, tmp_path, capsys):
+    assert run_cli("stats", "--checkpoint", run_dir / "final", "--out", tmp_path / "s.json",
+                   "--data", tmp_path / "data.txt", "--seq-len", 500) == 1
+    assert "--seq-len=500 must be in [1, max_seq_len=64]" in capsys.readouterr().err
+    assert run_cli("stats", "--checkpoint", run_dir / "final", "--out", tmp_path / "s.json",
+                   "--data", tmp_path / "data.txt", "--batches", 0) == 1
+    assert "--batches=0" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: ~10 s on a busy 2-core machine
+def test_console_command_prints_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "gohgraph", "stats", "--checkpoint", str(tmp_path / "nope"),
+                             "--out", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
