@@ -32,8 +32,8 @@ def variants(args) -> dict:
 
 
 def time_step(block: GoHBlock, x: torch.Tensor, fused: bool) -> float:
-    if block.attn.router is not None and hasattr(block.attn.router, "fused_default"):
-        block.attn.router.fused_default = fused
+    if block.attn.router is not None and hasattr(block.attn.router, "fused"):
+        block.attn.router.fused = fused
     start = time.perf_counter()
     y, routing = block(x)
     loss = y.float().square().mean() + sum(routing.aux_losses.values(), torch.zeros(()))

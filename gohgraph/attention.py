@@ -18,7 +18,6 @@ from torch import nn
 
 from .config import GoHConfig
 from .graph import head_graph
-from .ops import per_token_matmul
 from .router import HeadGate, HeadRouter, LinearHeadRouter
 from .routing import LayerRouting
 
@@ -133,7 +132,7 @@ class GoHAttention(nn.Module):
 
         attn = attn.transpose(1, 2)  # [batch, seq, heads, head_dim]
         if head_mixing is not None:
-            attn = per_token_matmul(head_mixing.to(attn.dtype), attn)
+            attn = torch.matmul(head_mixing.to(attn.dtype), attn)
         elif head_gates is not None:
             attn = attn * head_gates.to(attn.dtype).unsqueeze(-1)
         y = self.out(attn.reshape(batch, seq, d_model))

@@ -24,7 +24,6 @@ from torch_geometric.utils import softmax as scatter_softmax
 from .config import GoHConfig
 from .graph import dense_adjacency
 from .losses import load_balance_loss, router_z_loss, update_balancing_bias
-from .ops import per_token_matmul
 
 
 class HeadRouter(MessagePassing):
@@ -62,6 +61,7 @@ class HeadRouter(MessagePassing):
                  rounds: int, init_std: float = 0.02) -> None:
         super().__init__(aggr="add", node_dim=-2)
         self.n_heads, self.router_dim, self.rounds, self.init_std = n_heads, router_dim, rounds, init_std
+        self.fused = True  # default path; the PyG propagate path stays available as the reference
         self.node_in = nn.Linear(head_dim, router_dim, bias=False)
         self.head_embedding = nn.Parameter(torch.empty(n_heads, router_dim))
         self.round_lin = nn.ModuleList(nn.Linear(router_dim, router_dim, bias=False) for _ in range(rounds))
@@ -92,8 +92,12 @@ class HeadRouter(MessagePassing):
         nn.init.normal_(self.score.weight, std=self.init_std)
         nn.init.zeros_(self.head_bias)
 
-    def forward(self, q: torch.Tensor, fused: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``q [tokens, heads, head_dim]`` -> (logits ``[tokens, heads]``, edge weights ``[tokens, E]``)."""
+    def forward(self, q: torch.Tensor, fused: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``q [tokens, heads, head_dim]`` -> (logits ``[tokens, heads]``, edge weights ``[tokens, E]``).
+
+        ``fused=None`` uses ``self.fused``.
+        """
+        fused = self.fused if fused is None else fused
         z = self.node_in(q) + self.head_embedding
         edge_weights = q.new_zeros(q.shape[0], self.edge_index.shape[1])
         for r in range(self.rounds):
@@ -126,7 +130,7 @@ class HeadRouter(MessagePassing):
         logits = F.leaky_relu(score_dst + score_src.transpose(1, 2), negative_slope=0.2)
         logits = logits.masked_fill(~self.adjacency_with_loops, float("-inf"))
         alpha = torch.softmax(logits, dim=-1)
-        aggregated = per_token_matmul(alpha, h)
+        aggregated = torch.matmul(alpha, h)
         src, dst = self.edge_index
         return aggregated, alpha[:, dst, src]
 

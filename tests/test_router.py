@@ -11,7 +11,6 @@ from torch_geometric.nn import MessagePassing
 from gohgraph import GoHConfig
 from gohgraph.graph import head_graph
 from gohgraph.losses import load_balance_loss, router_z_loss
-from gohgraph.ops import per_token_matmul
 from gohgraph.router import HeadGate, HeadRouter
 
 
@@ -93,12 +92,6 @@ def test_head_graph_is_the_same_edge_index_for_every_token():
     q = torch.randn(5, 8, 12)
     single = torch.stack([router(q[i:i + 1])[0][0] for i in range(5)])
     torch.testing.assert_close(router(q)[0], single, rtol=1e-6, atol=1e-6)
-
-
-def test_per_token_matmul_equals_matmul():
-    weights, values = torch.randn(3, 50, 8, 8), torch.randn(3, 50, 8, 32)
-    torch.testing.assert_close(per_token_matmul(weights, values), torch.matmul(weights, values),
-                               rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- gating
