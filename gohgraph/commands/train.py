@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"steps: {result.steps}, tokens: {result.tokens_seen:,}, {result.tokens_per_s:,.0f} tokens/s")
         if result.val_history:
             print(f"validation loss: {result.final_val_loss:.4f} nats/token")
+        if result.interrupted:
+            print(f"interrupted at step {result.steps}; continue with: gohgraph train --resume --run-dir {run_dir}")
         print(f"checkpoint: {result.checkpoint_path}")
         if result.final_path is not None:
             print(f"final model: {result.final_path}")
