@@ -153,11 +153,13 @@ def barrier(ctx: DistContext) -> None:
 
 # ---------------------------------------------------------------------- checkpoint views
 def full_model_state(model: nn.Module, fsdp: bool) -> Dict[str, torch.Tensor]:
-    """The whole model's state dict on CPU (gathered from shards with FSDP; collective then)."""
+    """The whole model's state dict on CPU, on every rank (gathered from shards with FSDP: a
+    collective call then, which every rank must make)."""
     if fsdp and dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        return {name: tensor.detach().cpu() for name, tensor in state.items()}
     return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
 
 
@@ -165,8 +167,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsd
     if fsdp and dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
     return optimizer.state_dict()
 
 

@@ -284,18 +284,14 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
         bar.close()
         metrics.close()
 
+    if tc.fsdp and ctx.enabled:  # hand back an ordinary model, not one sharded over a group about to close
+        full_state = D.full_model_state(model, fsdp=True)
+        model = GoHTransformer(model_config)
+        model.load_state_dict(full_state)
+        model.to(ctx.device)
     final_path = None
     if not interrupted and ctx.is_main:
-        final_path = run_dir / "final"
-        from .checkpoint import save_model  # the final model alone, in save_pretrained format
-
-        if tc.fsdp and ctx.enabled:
-            from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_save_tensors
-
-            atomic_save_tensors(final_path / WEIGHTS_NAME, D.full_model_state(model, True))
-            atomic_write_text(final_path / CONFIG_NAME, model_config.to_json() + "\n")
-        else:
-            save_model(model, final_path)
+        final_path = model.save_pretrained(run_dir / "final")
         corpus.save_tokenizer(final_path)
     elapsed = time.perf_counter() - started
     return TrainResult(

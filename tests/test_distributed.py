@@ -1,4 +1,4 @@
-"""torchrun + DDP (gloo, CPU): two ranks stay identical and match one process on the same batch.
+"""torchrun + DDP / FSDP2 (gloo, CPU): two ranks stay identical and match one process on the same batch.
 
 This file is also the worker script: ``python -m torch.distributed.run --nproc_per_node=2
 tests/test_distributed.py OUT_DIR DATA CACHE [--fsdp]`` trains and writes each rank's result.
@@ -43,13 +43,14 @@ def test_heads_always_get_gradients_so_attention_routing_needs_no_unused_search(
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_gloo_ranks_match_one_process(tmp_path, fsdp):
     from gohgraph.data import load_corpus
 
     data = _text_file(tmp_path)
     corpus = load_corpus(str(data), cache_dir=tmp_path / "cache")  # built once, before the ranks start
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               __file__, str(tmp_path / "ddp"), str(data), str(tmp_path / "cache")]
+               __file__, str(tmp_path / "ddp"), str(data), str(tmp_path / "cache")] + (["--fsdp"] if fsdp else [])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
