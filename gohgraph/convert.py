@@ -117,7 +117,11 @@ def read_hf_config(directory: Union[str, Path]) -> dict:
 
 
 def load_hf_model(directory: Union[str, Path]) -> nn.Module:
-    """Load a local ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` checkpoint (no download, float32)."""
+    """Load a local ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` checkpoint (no download), in eval mode.
+
+    Missing tensors (e.g. a bare ``LlamaModel`` checkpoint without ``lm_head``) raise
+    :class:`ConversionError` instead of being silently initialised at random.
+    """
     model_type = read_hf_config(directory)["model_type"]
     try:
         import transformers
@@ -130,7 +134,7 @@ def load_hf_model(directory: Union[str, Path]) -> nn.Module:
     if info.get("missing_keys"):
         raise ConversionError(f"{directory}: the checkpoint lacks tensors {sorted(info['missing_keys'])[:8]} "
                               f"of {model_class.__name__}")
-    return hf_model.float().eval()
+    return hf_model.eval()
 
 
 # ---------------------------------------------------------------------- configuration

@@ -309,3 +309,14 @@ def test_converted_model_trains_with_annealed_top_k_heads():
     gates = model(batch).routing[0].head_gates
     assert torch.equal((gates == 0).sum(-1), torch.full((4, 32), 2))  # sparse: 2 of 4 heads off
     assert losses[-1] < 0.75 * losses[warmup]  # after the switch to top-k routing, training continues
+
+
+def test_checkpoint_missing_tensors_is_an_error_not_a_random_init(tmp_path):
+    transformers = _transformers()
+    base = transformers.LlamaModel(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4))
+    base.save_pretrained(tmp_path)  # a body without lm_head, relabelled as a causal LM
+    values = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**values, "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ConversionError, match=r"lacks tensors \['lm_head.weight'\]"):
+        convert_hf_model(tmp_path)
