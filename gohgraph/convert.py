@@ -55,7 +55,7 @@ def convert_hf_model(hf_model_or_dir: Union[str, Path, nn.Module], **overrides: 
         overrides: GoHConfig fields for routing and training, e.g. ``router="graph",
             n_shared_heads=2, top_k_heads=4, ffn="moe", n_experts=4, dropout=0.1``. Default
             router: ``"graph"``. Fields in :data:`SOURCE_FIELDS` come from the source and cannot
-            be overridden; ``max_seq_len`` may be lowered.
+            be overridden; ``max_seq_len`` may change (with learned positions only downward).
     Returns:
         a :class:`GoHTransformer` in train mode with ``dense_blend = 1`` in every routed layer.
     """
