@@ -1,0 +1,108 @@
+"""Speed of the sparse expert FFN (gohgraph.moe) against a dense SwiGLU with the same *active* parameters.
+
+Forward + backward of one feed-forward layer on ``[1, tokens, d_model]`` fp32 inputs, everything
+measured in this run: each expert layer is timed beside a dense SwiGLU FFN whose hidden width
+gives the same active parameters per token (routed experts a token uses + shared experts + MH-MoE
+head/merge layers; the router is overhead, not counted). Timings are interleaved round by round,
+so a neighbour's load hits every configuration alike; ratios use the best (minimum) time of each
+layer, the usual estimate of its cost on a shared machine, and the medians are printed beside them.
+
+    python benchmarks/bench_moe.py            # d_model=256, 2048 tokens, 2 threads
+    python benchmarks/bench_moe.py --quick    # a smoke run
+
+Targets (DESIGN.md §10 / issue 3): E=8 top-2 <= 1.3x dense; E=64 <= 1.2x the E=8 time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from gohgraph import GoHConfig
+from gohgraph.ffn import SwiGLU
+from gohgraph.moe import MoEFeedForward
+
+
+def moe_configs(d_model: int, expert_hidden: int):
+    """(label, config) pairs; every routed config has top-2 experts of width ``expert_hidden``."""
+    common = dict(d_model=d_model, n_heads=8, n_layers=1, top_k_experts=2, expert_hidden=expert_hidden)
+    return [
+        ("SMoE E=8 top-2", GoHConfig(ffn="moe", n_experts=8, **common)),
+        ("SMoE E=32 top-2", GoHConfig(ffn="moe", n_experts=32, **common)),
+        ("SMoE E=64 top-2 (fine-grained)", GoHConfig(ffn="moe", n_experts=64, **common)),
+        ("SMoE E=8 top-2, C=1.25", GoHConfig(ffn="moe", n_experts=8, capacity_factor=1.25, **common)),
+        ("MH-MoE m=4 E=8 top-2", GoHConfig(ffn="mh-moe", n_experts=8, n_subtokens=4, **common)),
+        ("GoH-MoE m=4 E=8 top-2", GoHConfig(ffn="graph-moe", n_experts=8, n_subtokens=4, **common)),
+    ]
+
+
+def active_parameters(cfg: GoHConfig) -> int:
+    """Expert-FFN parameters one token uses (router excluded)."""
+    d_sub = cfg.d_model // cfg.n_subtokens
+    per_expert = 3 * d_sub * cfg.expert_hidden_dim if cfg.expert_activation == "swiglu" else 2 * d_sub * cfg.expert_hidden_dim
+    experts = cfg.n_subtokens * (cfg.top_k_experts + cfg.n_shared_experts) * per_expert
+    head_merge = 2 * cfg.d_model * cfg.d_model if cfg.ffn != "moe" else 0
+    return experts + head_merge
+
+
+def fwd_bwd(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, returns_routing: bool) -> None:
+    y = layer(x)[0] if returns_routing else layer(x)
+    y.backward(grad)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--expert-hidden", type=int, default=344, help="2 x 344 = 688 = the default dense width")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.rounds = 256, 3
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    cases = []  # (label, moe layer, dense layer, active params)
+    for label, cfg in moe_configs(args.d_model, args.expert_hidden):
+        active = active_parameters(cfg)
+        dense = SwiGLU(args.d_model, round(active / (3 * args.d_model)), cfg.init_std, cfg.init_std)
+        cases.append((label, MoEFeedForward(cfg), dense, active))
+
+    x = torch.randn(1, args.tokens, args.d_model, requires_grad=True)
+    grad = torch.randn(1, args.tokens, args.d_model)
+    runs = [(case, part) for case in cases for part in ("moe", "dense")]
+    times = {(label, part): [] for (label, *_), part in runs}
+    for round_idx in range(args.rounds + 2):  # two warm-up rounds
+        for (label, moe, dense, _), part in runs:
+            layer = moe if part == "moe" else dense
+            start = time.perf_counter()
+            fwd_bwd(layer, x, grad, returns_routing=part == "moe")
+            elapsed = time.perf_counter() - start
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            if round_idx >= 2:
+                times[(label, part)].append(elapsed)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, d_model={args.d_model}, "
+          f"tokens={args.tokens}, forward+backward, best and median of {args.rounds} interleaved rounds")
+    print(f"{'layer':32s} {'active params':>13s} {'dense best/median ms':>21s} {'MoE best/median ms':>19s} "
+          f"{'MoE/dense':>9s}")
+    best = {}
+    for label, moe, dense, active in cases:
+        dense_best, moe_best = min(times[(label, "dense")]), min(times[(label, "moe")])
+        best[label] = moe_best
+        dense_med, moe_med = statistics.median(times[(label, "dense")]), statistics.median(times[(label, "moe")])
+        print(f"{label:32s} {active:13,d} {1e3 * dense_best:10.1f} /{1e3 * dense_med:8.1f} "
+              f"{1e3 * moe_best:9.1f} /{1e3 * moe_med:8.1f} {moe_best / dense_best:8.2f}x")
+    e8 = best["SMoE E=8 top-2"]
+    print(f"E=32 / E=8 time: {best['SMoE E=32 top-2'] / e8:.2f}x   "
+          f"E=64 / E=8 time: {best['SMoE E=64 top-2 (fine-grained)'] / e8:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
