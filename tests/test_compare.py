@@ -1,0 +1,132 @@
+"""The comparison suite: matched parameter counts, the table's arithmetic, and a micro end-to-end run."""
+
+import json
+import math
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from gohgraph import GoHConfig, GoHTransformer
+from gohgraph.compare import (SETTINGS, VARIANT_NAMES, Comparison, MatchedVariant, SeedRun, TrainingCost,
+                              comparison_variants, match_parameters, render_table, run_comparison)
+from gohgraph.data import load_corpus
+from gohgraph.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def quick_variants():
+    return match_parameters(comparison_variants(**SETTINGS["quick"][0]))
+
+
+def test_every_variant_is_built_and_matched_within_two_percent(quick_variants):
+    assert list(quick_variants) == list(VARIANT_NAMES)
+    target = GoHTransformer(quick_variants["dense"].config).num_parameters()
+    for name, variant in quick_variants.items():
+        counted = GoHTransformer(variant.config).num_parameters()  # counted again, independently
+        assert counted == variant.params
+        assert abs(counted / target - 1) <= 0.02, name
+        assert variant.target == target
+
+
+def test_variants_are_the_configurations_they_claim(quick_variants):
+    configs = {name: v.config for name, v in quick_variants.items()}
+    assert (configs["dense"].router, configs["dense"].ffn) == ("dense", "dense")
+    assert configs["MoH"].router == "linear" and configs["GoH"].router == "graph"
+    assert configs["GoH"].inter_head_flow and configs["GoH"].head_graph == "complete"
+    for name in ("MoH", "GoH"):  # at most 75% of the heads per token
+        assert configs[name].active_heads / configs[name].n_heads <= 0.75
+        assert quick_variants[name].heads_active == "6/8"
+    assert [configs[n].ffn for n in ("SMoE", "fine-grained SMoE", "MH-MoE", "GoH-MoE")] == \
+        ["moe", "moe", "mh-moe", "graph-moe"]
+    fine, coarse = configs["fine-grained SMoE"], configs["SMoE"]
+    assert fine.n_experts > coarse.n_experts and fine.top_k_experts == 2 * coarse.top_k_experts
+    assert fine.expert_hidden_dim < coarse.expert_hidden_dim
+    assert configs["MH-MoE"].n_subtokens == configs["GoH-MoE"].n_subtokens == 2
+
+
+def test_active_parameters_leave_out_exactly_the_unused_experts(quick_variants):
+    for name, variant in quick_variants.items():
+        cfg = variant.config
+        if cfg.ffn == "dense":
+            assert variant.active_params == variant.params
+            continue
+        per_expert = 3 * (cfg.d_model // cfg.n_subtokens) * cfg.expert_hidden_dim  # SwiGLU: gate, up, down
+        unused = cfg.n_routed_experts - min(cfg.n_routed_experts, cfg.n_subtokens * cfg.top_k_experts)
+        assert variant.active_params == variant.params - cfg.n_layers * unused * per_expert, name
+
+
+def test_match_parameters_rejects_an_impossible_tolerance():
+    variants = comparison_variants(**SETTINGS["quick"][0], names=["dense", "MoH"])
+    with pytest.raises(ValueError, match="MoH"):
+        match_parameters(variants, tolerance=1e-9)
+    with pytest.raises(ValueError, match="not among"):
+        comparison_variants(**SETTINGS["quick"][0], names=["dense", "Switch"])
+
+
+def _row(table: str, name: str) -> list:
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if cells[0] == name:
+            return cells
+    raise AssertionError(f"no row {name!r} in\n{table}")
+
+
+def test_table_computes_mean_spread_bits_per_byte_and_ratios_from_given_numbers():
+    config = GoHConfig(d_model=32, n_layers=1, n_heads=4)
+    losses = {"dense": [2.0, 2.2, 2.4], "GoH": [1.5, 1.6, 1.7], "MoH": [2.1, 2.2, 2.3]}
+    variants = {name: MatchedVariant(name, config, 1010 if name == "GoH" else 1000, 1000, 900, "3/4", "-")
+                for name in losses}
+    runs = [SeedRun(name, seed, loss, [(1, 64, loss)], 100.0, head_load_cv=0.5 if name != "dense" else None)
+            for name, values in losses.items() for seed, loss in enumerate(values)]
+    costs = {"dense": TrainingCost(1000.0, 2 ** 20, 2 ** 20), "GoH": TrainingCost(900.0, 3 * 2 ** 20, 2 ** 20),
+             "MoH": TrainingCost(1250.0, 2 ** 20, 2 ** 20)}
+    table = render_table(Comparison(variants, runs, costs, TrainConfig(max_steps=10)))
+
+    dense, goh, moh = _row(table, "dense"), _row(table, "GoH"), _row(table, "MoH")
+    # mean 2.2, sample std 0.2; bits/byte 2.2 / ln 2 = 3.1739, spread 0.2 / ln 2 = 0.2885
+    assert dense[5] == "2.200 ± 0.200" and dense[6] == "3.174 ± 0.289"
+    assert goh[5] == "1.600 ± 0.100" and goh[6] == "2.308 ± 0.144"
+    assert goh[7] == "-0.600"  # 0.6 apart > 0.2 + 0.1 of spread: a real difference
+    assert moh[7] == "+0.000 (tie)"
+    assert goh[1] == "1,010 (+1.00%)" and goh[2] == "900" and goh[3] == "3/4"
+    assert dense[8] == "1.00x" and goh[8] == "0.90x" and moh[8] == "1.25x"
+    assert dense[9] == "2.0" and goh[9] == "4.0"  # (activations + 16 B/param state) in MiB
+    assert goh[10] == "0.50 / -" and dense[10] == "- / -"
+    assert "3 seed(s) [0, 1, 2]" in table
+
+
+def test_single_seed_has_no_spread():
+    config = GoHConfig(d_model=32, n_layers=1, n_heads=4)
+    variants = {"dense": MatchedVariant("dense", config, 1000, 1000, 1000, "4/4", "-")}
+    table = render_table(Comparison(variants, [SeedRun("dense", 0, math.log(2), [], 1.0)], {},
+                                    TrainConfig(max_steps=10)))
+    assert _row(table, "dense")[5:7] == ["0.693", "1.000"]
+
+
+def test_micro_comparison_writes_table_json_and_a_non_blank_plot(tmp_path):
+    text = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(400))
+    data = tmp_path / "data.txt"
+    data.write_text(text, encoding="utf-8")
+    corpus = load_corpus(str(data), cache_dir=tmp_path / "cache")
+    shape = dict(SETTINGS["quick"][0], d_model=32, n_layers=1, n_heads=4, n_shared_heads=1, top_k_heads=2,
+                 router_dim=8, max_seq_len=64)
+    variants = match_parameters(comparison_variants(**shape, names=["dense", "GoH"]))
+    train_config = TrainConfig(batch_size=4, seq_len=32, max_steps=4, warmup_steps=1, eval_every=2,
+                               eval_batches=2, lr=3e-3)
+    out = tmp_path / "out"
+    comparison = run_comparison(variants, train_config, corpus, out, seeds=[0], final_eval_batches=2,
+                                stats_batches=1, timing_repeats=1, progress=False)
+
+    assert [run.variant for run in comparison.runs] == ["dense", "GoH"]
+    for run in comparison.runs:
+        assert 0 < run.val_loss < math.log(256) + 1
+        assert [(step, tokens) for step, tokens, _ in run.val_history] == [(2, 256), (4, 512)]
+    table = (out / "compare.md").read_text()
+    assert _row(table, "dense")[8] == "1.00x" and _row(table, "GoH")[3] == "3/4"
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["runs"][1]["val_loss"] == pytest.approx(comparison.runs[1].val_loss)
+    assert saved["costs"]["GoH"]["activation_bytes"] > saved["costs"]["dense"]["activation_bytes"] > 0
+    image = matplotlib.image.imread(out / "compare_loss.png")
+    assert image.shape[0] > 100 and image.shape[1] > 100
+    assert np.unique(image.reshape(-1, image.shape[-1]), axis=0).shape[0] > 10  # lines, text, not blank
