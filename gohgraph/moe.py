@@ -11,17 +11,18 @@ sub-token, and the merge layer (concatenate, then ``W_merge``) returns to ``d_mo
     y = W_{merge}\,\big[\ \textstyle\sum_{e \in \mathrm{top}k(s)} w_{s,e}\, E_e(x_s)
         + \sum_{e\ \mathrm{shared}} E_e(x_s)\ \big]_{s=1..m}
 
-=============  ================================  ===============  =========
-``cfg.ffn``    router                            head/merge       ``m``
-=============  ================================  ===============  =========
-``moe``        linear                            none (identity)  1
-``mh-moe``     linear                            ``W_head``/``W_merge``  ``n_subtokens``
-``graph-moe``  message passing (GoH-MoE)         ``W_head``/``W_merge``  ``n_subtokens``
-=============  ================================  ===============  =========
+* ``ffn="moe"`` (SMoE): linear router, no head/merge layer, ``m = 1``;
+* ``ffn="mh-moe"`` (MH-MoE): linear router shared by the sub-token slots, ``W_head`` / ``W_merge``,
+  ``m = n_subtokens``;
+* ``ffn="graph-moe"`` (GoH-MoE): message passing over the sub-token -> expert graph
+  (``cfg.expert_graph`` may restrict which slots reach which experts), ``W_head`` / ``W_merge``,
+  ``m = n_subtokens``.
 
 Fine-grained SMoE is ``ffn="moe"`` with more, smaller experts (``n_experts``, ``expert_hidden``).
 Compute is honest: only the ``k`` selected experts run on a sub-token (no masking of a dense
 result); the router, sort, gather and combine are the overhead, and benchmarks/bench_moe.py times it.
+Not saved: the backward writes a full ``[E, d_in, d_out]`` weight gradient (zero for experts that
+received nothing), so its memory traffic grows with ``E`` even though the FLOPs do not.
 """
 
 from __future__ import annotations
