@@ -1,0 +1,119 @@
+"""Training throughput of dense, MoH and GoH attention at the ``small`` preset, in one run.
+
+    python benchmarks/bench_train.py                 # a few minutes on 2 CPU cores
+    python benchmarks/bench_train.py --steps 10 --threads 4
+
+Times the trainer's optimizer step (forward, backward, gradient clipping, AdamW, routing-bias
+update; batches drawn exactly as :func:`gohgraph.train.train` draws them, no evaluation or
+checkpointing) for three configurations of the same model, and reports
+
+* tokens/s and the ratio to dense (measured in this run, same threads, same batches);
+* model FLOPs utilisation (MFU): ``(6 N + 12 L d T) * tokens/s`` (PaLM's count; ``N`` all
+  parameters, which with tied embeddings includes the output projection) divided by the rate of a
+  large float32 matmul measured here. Every variant computes every head (routing gates heads, it
+  does not skip them), so the model FLOPs are the dense count for all three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from gohgraph import GoHConfig, GoHTransformer
+from gohgraph.data import load_corpus, train_batch
+from gohgraph.optim import build_optimizer
+from gohgraph.presets import get_preset
+from gohgraph.train import TrainConfig, training_loss
+
+
+def variants(model_kwargs: dict) -> dict:
+    """Dense MHA, MoH (linear router) and GoH (the preset) at the same shape."""
+    dense = dict(model_kwargs, router="dense", n_shared_heads=0, top_k_heads=None)
+    moh = dict(model_kwargs, router="linear")
+    return {"dense": dense, "MoH": moh, "GoH": dict(model_kwargs)}
+
+
+def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
+    """Best-of rate of a ``[size, size] @ [size, size]`` float32 matmul."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up: thread pool and allocator
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def model_flops_per_token(cfg: GoHConfig, seq_len: int, n_params: int) -> float:
+    return 6 * n_params + 12 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def time_training(cfg: GoHConfig, tc: TrainConfig, tokens, warmup: int, steps: int) -> list:
+    """Seconds of each of ``steps`` optimizer steps after ``warmup`` untimed ones."""
+    torch.manual_seed(0)
+    model = GoHTransformer(cfg).train()
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        batch = train_batch(tokens, tc.batch_size, tc.seq_len, tc.seed, step)
+        out = model(batch, labels=batch)
+        training_loss(out, 1.0).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_routing_biases()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per variant and round")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds over the variants")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--seq-len", type=int)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model_kwargs, train_kwargs = get_preset(args.preset)
+    if args.batch_size:
+        train_kwargs["batch_size"] = args.batch_size
+    if args.seq_len:
+        train_kwargs["seq_len"] = args.seq_len
+    tc = TrainConfig(**train_kwargs)
+    corpus = load_corpus()
+    tokens_per_step = tc.batch_size * tc.seq_len
+    print(f"torch {torch.__version__}, {args.threads} threads; preset {args.preset}: batch {tc.batch_size} x "
+          f"seq {tc.seq_len} = {tokens_per_step} tokens/step; {args.steps} timed steps after {args.warmup} "
+          f"per variant, {args.repeats} interleaved rounds; fastest step and fastest matmul kept")
+
+    configs = {name: GoHConfig(**kwargs) for name, kwargs in variants(model_kwargs).items()}
+    fastest = {name: float("inf") for name in configs}
+    peak = 0.0
+    # interleaved rounds and the fastest step: on a shared machine, background load then slows
+    # every variant (and the matmul reference) alike instead of whichever ran at the wrong moment
+    for _ in range(args.repeats):
+        peak = max(peak, matmul_flops_per_s())
+        for name, cfg in configs.items():
+            fastest[name] = min(fastest[name], *time_training(cfg, tc, corpus.train, args.warmup, args.steps))
+    best = {name: tokens_per_step / seconds for name, seconds in fastest.items()}
+    print(f"measured fp32 matmul (2048^3): {peak / 1e9:.1f} GFLOP/s")
+
+    print(f"{'variant':8} {'params':>10} {'tokens/s':>10} {'vs dense':>9} {'GFLOP/s':>9} {'MFU':>7}")
+    for name, cfg in configs.items():
+        n_params = GoHTransformer(cfg).num_parameters()
+        achieved = model_flops_per_token(cfg, tc.seq_len, n_params) * best[name]
+        print(f"{name:8} {n_params:>10,} {best[name]:>10,.0f} {best[name] / best['dense']:>8.2f}x "
+              f"{achieved / 1e9:>9.1f} {achieved / peak:>6.1%}")
+
+
+if __name__ == "__main__":
+    main()
