@@ -22,6 +22,7 @@ between two checkpoints lives in :mod:`gohgraph.stats_drift`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -61,11 +62,13 @@ class RoutingStats:
         if len(routing) != self.config.n_layers:
             raise ValueError(f"routing has {len(routing)} layer records but the config has "
                              f"n_layers={self.config.n_layers}")
-        for layer_idx, (tally, record) in enumerate(zip(self.layers, routing)):
+        for layer_idx, record in enumerate(routing):
             if input_ids is not None and tuple(record.head_gates.shape[:2]) != tuple(input_ids.shape):
                 raise ValueError(f"layer {layer_idx}: head_gates {list(record.head_gates.shape)} does not "
                                  f"match input_ids {list(input_ids.shape)} [batch, seq]")
-            tally.add(record, layer_idx)
+        with _serial_on_cpu(routing[0].head_gates.device if routing else None):
+            for layer_idx, (tally, record) in enumerate(zip(self.layers, routing)):
+                tally.add(record, layer_idx)
         self.batches += 1
 
     @property
@@ -136,6 +139,25 @@ def collect_routing_stats(model: torch.nn.Module, batches: Iterable[torch.Tensor
     return stats
 
 
+@contextlib.contextmanager
+def _serial_on_cpu(device: Optional[torch.device]):
+    """Run the bookkeeping on one CPU thread, then restore the thread count.
+
+    The update is a few dozen small reductions; split over threads, each one waits for a second
+    thread to be scheduled, and on a busy machine that wait (milliseconds per op, measured) costs
+    more than the work itself. One thread does the whole update in about a millisecond per layer.
+    """
+    threads = torch.get_num_threads()
+    if device is None or device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 _CONFIG_FIELDS = ("n_layers", "n_heads", "n_shared_heads", "top_k_heads", "router", "router_rounds",
                   "head_graph", "inter_head_flow", "ffn", "n_experts", "n_shared_experts",
                   "top_k_experts", "n_subtokens", "capacity_factor", "expert_graph")
@@ -163,15 +185,16 @@ class _LayerTally:
 
     def add(self, record: LayerRouting, layer_idx: int) -> None:
         self._check_sections(record, layer_idx)
-        gates = record.head_gates.reshape(-1, record.head_gates.shape[-1]).double().cpu()
+        # reduce on the records' device; only the small per-head sums travel to the CPU
+        gates = record.head_gates.reshape(-1, record.head_gates.shape[-1]).double()
         if gates.shape[1] != self.head_active_count.numel():
             raise ValueError(f"layer {layer_idx}: head_gates has {gates.shape[1]} heads, "
                              f"config n_heads={self.head_active_count.numel()}")
         active = (gates > 0).double()
         self.tokens += gates.shape[0]
-        self.head_active_count += active.sum(0)
-        self.head_gate_mass += gates.sum(0)
-        self.head_coactivation += active.t() @ active
+        self.head_active_count += active.sum(0).cpu()
+        self.head_gate_mass += gates.sum(0).cpu()
+        self.head_coactivation += (active.t() @ active).cpu()
         if record.flow is not None:
             self._add_flow(record.flow, active, layer_idx)
         if record.expert_indices is not None:
@@ -188,20 +211,20 @@ class _LayerTally:
                              f"from earlier batches' {dict(zip(names, self._sections))}")
 
     def _add_flow(self, flow: torch.Tensor, active: torch.Tensor, layer_idx: int) -> None:
-        flow = flow.reshape(-1, flow.shape[-1]).double().cpu()
+        flow = flow.reshape(-1, flow.shape[-1]).double()
         if flow.shape[1] != self.n_head_edges:
             raise ValueError(f"layer {layer_idx}: flow has {flow.shape[1]} edges, the config's head_graph "
                              f"has {self.n_head_edges}")
         if self.flow_sum is None:
             self.flow_sum = torch.zeros(self.n_head_edges, dtype=torch.float64)
             self.effective_flow_sum = torch.zeros(self.n_head_edges, dtype=torch.float64)
-        self.flow_sum += flow.sum(0)
+        self.flow_sum += flow.sum(0).cpu()
         # flow into an inactive head is computed but multiplied by a zero gate: it has no effect
-        self.effective_flow_sum += (flow * active[:, self.head_edges[1]]).sum(0)
+        self.effective_flow_sum += (flow * active[:, self.head_edges[1].to(flow.device)]).sum(0).cpu()
 
     def _add_experts(self, record: LayerRouting, layer_idx: int) -> None:
         n_experts, m = self.n_routed_experts, self.n_subtokens
-        indices = record.expert_indices.cpu().long()  # [batch, seq, m, k]
+        indices = record.expert_indices.long()  # [batch, seq, m, k]
         if indices.dim() != 4 or indices.shape[2] != m:
             raise ValueError(f"layer {layer_idx}: expert_indices must be [batch, seq, n_subtokens={m}, k], "
                              f"got {list(indices.shape)}")
@@ -213,20 +236,20 @@ class _LayerTally:
             self.expert_gate_mass = torch.zeros(n_experts, dtype=torch.float64)
             self.subtoken_expert_count = torch.zeros(m, n_experts, dtype=torch.float64)
         flat = indices.reshape(-1)
-        self.expert_count += torch.bincount(flat, minlength=n_experts).double()
+        self.expert_count += torch.bincount(flat, minlength=n_experts).double().cpu()
         if record.expert_weights is not None:
-            weights = record.expert_weights.reshape(-1).double().cpu()
-            self.expert_gate_mass += torch.bincount(flat, weights=weights, minlength=n_experts)
-        subtoken = torch.arange(m).view(1, 1, m, 1).expand_as(indices).reshape(-1)
+            weights = record.expert_weights.reshape(-1).double()
+            self.expert_gate_mass += torch.bincount(flat, weights=weights, minlength=n_experts).cpu()
+        subtoken = torch.arange(m, device=indices.device).view(1, 1, m, 1).expand_as(indices).reshape(-1)
         self.subtoken_expert_count += torch.bincount(subtoken * n_experts + flat,
-                                                     minlength=m * n_experts).double().view(m, n_experts)
+                                                     minlength=m * n_experts).double().view(m, n_experts).cpu()
         if record.dropped is not None:
             self.dropped_subtokens = (self.dropped_subtokens or 0.0) + float(record.dropped.sum())
         if record.expert_drops is not None:
             if self.expert_drop_count is None:
                 self.expert_drop_count = torch.zeros(n_experts, dtype=torch.float64)
-            drops = record.expert_drops.cpu().reshape(-1).bool()
-            self.expert_drop_count += torch.bincount(flat[drops], minlength=n_experts).double()
+            drops = record.expert_drops.reshape(-1).bool()
+            self.expert_drop_count += torch.bincount(flat[drops], minlength=n_experts).double().cpu()
 
     # ------------------------------------------------------------------ report
     def report(self, layer_idx: int, cfg: GoHConfig, head_edges: torch.Tensor) -> Dict[str, Any]:
