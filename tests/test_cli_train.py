@@ -1,6 +1,5 @@
 """``gohgraph train / eval / generate``: configs from presets, files and flags; errors; the tiny preset."""
 
-import argparse
 import json
 import math
 
