@@ -11,19 +11,29 @@ layer, the usual estimate of its cost on a shared machine, and the medians are p
     python benchmarks/bench_moe.py --quick    # a smoke run
 
 Targets (DESIGN.md §10 / issue 3): E=8 top-2 <= 1.3x dense; E=64 <= 1.2x the E=8 time.
+
+OpenMP threads spin while they wait for each other; on a shared, oversubscribed machine a spinning
+thread burns the core its partner needs, which multiplies the cost of every parallel region
+(measured here: the dense FFN alone ran 2x slower). The script therefore defaults to
+``OMP_WAIT_POLICY=PASSIVE`` (set before torch loads; export another value to override). It applies to
+the dense baseline and the expert layers alike, and if anything favours the dense layer, which
+has fewer parallel regions.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from gohgraph import GoHConfig
-from gohgraph.ffn import SwiGLU
-from gohgraph.moe import MoEFeedForward
+import torch  # noqa: E402  (after the OpenMP setting)
+
+from gohgraph import GoHConfig  # noqa: E402
+from gohgraph.ffn import SwiGLU  # noqa: E402
+from gohgraph.moe import MoEFeedForward  # noqa: E402
 
 
 def moe_configs(d_model: int, expert_hidden: int):
@@ -67,41 +77,44 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    cases = []  # (label, moe layer, dense layer, active params)
+    cases = []  # (label, moe layer, width of the dense FFN with the same active parameters, active)
+    dense_by_width = {}
     for label, cfg in moe_configs(args.d_model, args.expert_hidden):
         active = active_parameters(cfg)
-        dense = SwiGLU(args.d_model, round(active / (3 * args.d_model)), cfg.init_std, cfg.init_std)
-        cases.append((label, MoEFeedForward(cfg), dense, active))
+        width = round(active / (3 * args.d_model))
+        dense_by_width.setdefault(width, SwiGLU(args.d_model, width, cfg.init_std, cfg.init_std))
+        cases.append((label, MoEFeedForward(cfg), width, active))
 
     x = torch.randn(1, args.tokens, args.d_model, requires_grad=True)
     grad = torch.randn(1, args.tokens, args.d_model)
-    runs = [(case, part) for case in cases for part in ("moe", "dense")]
-    times = {(label, part): [] for (label, *_), part in runs}
+    runs = [(f"dense {width}", layer, False) for width, layer in dense_by_width.items()]
+    runs += [(label, layer, True) for label, layer, _, _ in cases]
+    times = {name: [] for name, _, _ in runs}
     for round_idx in range(args.rounds + 2):  # two warm-up rounds
-        for (label, moe, dense, _), part in runs:
-            layer = moe if part == "moe" else dense
+        for name, layer, returns_routing in runs:
             start = time.perf_counter()
-            fwd_bwd(layer, x, grad, returns_routing=part == "moe")
+            fwd_bwd(layer, x, grad, returns_routing)
             elapsed = time.perf_counter() - start
             layer.zero_grad(set_to_none=True)
             x.grad = None
             if round_idx >= 2:
-                times[(label, part)].append(elapsed)
+                times[name].append(elapsed)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, d_model={args.d_model}, "
-          f"tokens={args.tokens}, forward+backward, best and median of {args.rounds} interleaved rounds")
-    print(f"{'layer':32s} {'active params':>13s} {'dense best/median ms':>21s} {'MoE best/median ms':>19s} "
-          f"{'MoE/dense':>9s}")
-    best = {}
-    for label, moe, dense, active in cases:
-        dense_best, moe_best = min(times[(label, "dense")]), min(times[(label, "moe")])
-        best[label] = moe_best
-        dense_med, moe_med = statistics.median(times[(label, "dense")]), statistics.median(times[(label, "moe")])
-        print(f"{label:32s} {active:13,d} {1e3 * dense_best:10.1f} /{1e3 * dense_med:8.1f} "
-              f"{1e3 * moe_best:9.1f} /{1e3 * moe_med:8.1f} {moe_best / dense_best:8.2f}x")
-    e8 = best["SMoE E=8 top-2"]
-    print(f"E=32 / E=8 time: {best['SMoE E=32 top-2'] / e8:.2f}x   "
-          f"E=64 / E=8 time: {best['SMoE E=64 top-2 (fine-grained)'] / e8:.2f}x")
+          f"tokens={args.tokens}, forward+backward, best and median of {args.rounds} interleaved rounds, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(f"{'layer':32s} {'active params':>13s} {'best ms':>8s} {'median ms':>9s} {'vs dense (best)':>16s}")
+    for width, layer in dense_by_width.items():
+        name = f"dense {width}"
+        print(f"{'dense SwiGLU hidden=' + str(width):32s} {3 * args.d_model * width:13,d} "
+              f"{1e3 * min(times[name]):8.1f} {1e3 * statistics.median(times[name]):9.1f}")
+    for label, _, width, active in cases:
+        best, dense_best = min(times[label]), min(times[f"dense {width}"])
+        print(f"{label:32s} {active:13,d} {1e3 * best:8.1f} {1e3 * statistics.median(times[label]):9.1f} "
+              f"{best / dense_best:8.2f}x of {width}")
+    e8 = min(times["SMoE E=8 top-2"])
+    print(f"E=32 / E=8 time: {min(times['SMoE E=32 top-2']) / e8:.2f}x   "
+          f"E=64 / E=8 time: {min(times['SMoE E=64 top-2 (fine-grained)']) / e8:.2f}x")
 
 
 if __name__ == "__main__":
