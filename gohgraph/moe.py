@@ -21,6 +21,10 @@ sub-token, and the merge layer (concatenate, then ``W_merge``) returns to ``d_mo
 Fine-grained SMoE is ``ffn="moe"`` with more, smaller experts (``n_experts``, ``expert_hidden``).
 Compute is honest: only the ``k`` selected experts run on a sub-token (no masking of a dense
 result); the router, sort, gather and combine are the overhead, and benchmarks/bench_moe.py times it.
+Capacity (``cfg.capacity_factor``) binds in training only; evaluation and generation are dropless,
+so a token's output never depends on which other tokens share its batch and KV-cached decoding
+equals recomputing the whole sequence.
+
 Not saved: the backward writes a full ``[E, d_in, d_out]`` weight gradient (zero for experts that
 received nothing), so its memory traffic grows with ``E`` even though the FLOPs do not.
 """
@@ -46,7 +50,8 @@ class MoEFeedForward(nn.Module):
     Shapes: ``x [batch, seq, d_model]`` -> ``(y [batch, seq, d_model], ExpertRouting)`` with
     ``expert_indices`` / ``expert_weights`` ``[batch, seq, subtokens, top_k_experts]`` (routed ids
     ``0..n_routed_experts-1``), ``dropped [batch, seq, subtokens]`` and ``expert_drops
-    [batch, seq, subtokens, top_k_experts]`` (capacity overflow, see :mod:`gohgraph.dispatch`).
+    [batch, seq, subtokens, top_k_experts]`` (capacity overflow in training, see
+    :mod:`gohgraph.dispatch`; all ``False`` in eval mode, which is dropless).
 
     Auxiliary losses (unweighted): ``expert_balance`` and ``expert_z``. Balancing state lives in
     :attr:`gate`, whose ``update_bias()`` :meth:`GoHTransformer.update_routing_biases` calls after
@@ -99,7 +104,7 @@ class MoEFeedForward(nn.Module):
 
         choice = self.gate(self.router(sub, expert_load=self.gate.expert_load, fused=fused))
         flat_sub = sub.reshape(n_sub, self.d_sub)
-        capacity = expert_capacity(self.capacity_factor, n_sub, k, self.n_routed)
+        capacity = expert_capacity(self.capacity_factor, n_sub, k, self.n_routed) if self.training else None
         plan = plan_dispatch(choice.indices.reshape(n_sub, k), self.n_routed, capacity)
         expert_out = self.experts(dispatch(flat_sub, plan), plan.group_offsets)
         out = combine(expert_out, plan, choice.weights.reshape(n_sub, k), n_sub)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gohgraph import GoHConfig, GoHTransformer
+from gohgraph.attention import KVCache
 from gohgraph.ffn import SwiGLU
 from gohgraph.moe import MoEFeedForward
 
@@ -140,6 +141,23 @@ def test_capacity_drops_are_counted_and_leave_only_the_residual():
     assert (ffn_out[~dropped].abs().sum(-1) > 0).all()
     residual = x + block.attn(block.attn_norm(x))[0]
     assert torch.equal(out[dropped], residual[dropped])
+
+
+def test_capacity_binds_in_training_only_so_cached_decoding_matches_recompute():
+    cfg = tiny_config(ffn="moe", n_experts=4, top_k_experts=1, capacity_factor=0.5)
+    torch.manual_seed(0)
+    model = GoHTransformer(cfg)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.ffn.router.proj.weight.mul_(100.0)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+    assert model.train()(ids).routing[0].dropped.any()
+    assert not any(layer.dropped.any() for layer in model.eval()(ids).routing)
+    recomputed = model(ids).logits
+    cache = KVCache(cfg.n_layers)
+    cached = [model(ids[:, :4], cache=cache).logits] + [model(ids[:, t:t + 1], cache=cache).logits
+                                                        for t in range(4, 12)]
+    torch.testing.assert_close(torch.cat(cached, dim=1), recomputed, rtol=1e-4, atol=1e-5)
 
 
 def test_dropless_drops_nothing():
