@@ -1,13 +1,15 @@
 """Training throughput of dense, MoH and GoH attention at the ``small`` preset, in one run.
 
     python benchmarks/bench_train.py                 # a few minutes on 2 CPU cores
-    python benchmarks/bench_train.py --steps 10 --threads 4
+    python benchmarks/bench_train.py --steps 10 --threads 4 --seq-len 128
 
 Times the trainer's optimizer step (forward, backward, gradient clipping, AdamW, routing-bias
 update; batches drawn exactly as :func:`gohgraph.train.train` draws them, no evaluation or
 checkpointing) for three configurations of the same model, and reports
 
-* tokens/s and the ratio to dense (measured in this run, same threads, same batches);
+* tokens/s and the ratio to dense (measured in this run, same threads, same batches; the three
+  variants take turns step by step and each keeps its fastest step, so background load on a shared
+  machine slows them alike);
 * model FLOPs utilisation (MFU): ``(6 N + 12 L d T) * tokens/s`` (PaLM's count; ``N`` all
   parameters, which with tied embeddings includes the output projection) divided by the rate of a
   large float32 matmul measured here. Every variant computes every head (routing gates heads, it
@@ -51,32 +53,31 @@ def model_flops_per_token(cfg: GoHConfig, seq_len: int, n_params: int) -> float:
     return 6 * n_params + 12 * cfg.n_layers * cfg.d_model * seq_len
 
 
-def time_training(cfg: GoHConfig, tc: TrainConfig, tokens, warmup: int, steps: int) -> list:
-    """Seconds of each of ``steps`` optimizer steps after ``warmup`` untimed ones."""
+def training_step(cfg: GoHConfig, tc: TrainConfig, tokens):
+    """A function ``step(i) -> seconds`` running optimizer step ``i`` of a fresh model."""
     torch.manual_seed(0)
     model = GoHTransformer(cfg).train()
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
-    times = []
-    for step in range(warmup + steps):
+
+    def step(index: int) -> float:
         start = time.perf_counter()
-        batch = train_batch(tokens, tc.batch_size, tc.seq_len, tc.seed, step)
+        batch = train_batch(tokens, tc.batch_size, tc.seq_len, tc.seed, index)
         out = model(batch, labels=batch)
         training_loss(out, 1.0).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.update_routing_biases()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+        return time.perf_counter() - start
+
+    return step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per variant and round")
+    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per variant")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2, help="rounds over the variants")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seq-len", type=int)
@@ -92,18 +93,22 @@ def main() -> None:
     corpus = load_corpus()
     tokens_per_step = tc.batch_size * tc.seq_len
     print(f"torch {torch.__version__}, {args.threads} threads; preset {args.preset}: batch {tc.batch_size} x "
-          f"seq {tc.seq_len} = {tokens_per_step} tokens/step; {args.steps} timed steps after {args.warmup} "
-          f"per variant, {args.repeats} interleaved rounds; fastest step and fastest matmul kept")
+          f"seq {tc.seq_len} = {tokens_per_step} tokens/step; {args.steps} timed steps per variant after "
+          f"{args.warmup}, variants interleaved step by step; fastest step and fastest matmul kept")
 
     configs = {name: GoHConfig(**kwargs) for name, kwargs in variants(model_kwargs).items()}
+    steps = {name: training_step(cfg, tc, corpus.train) for name, cfg in configs.items()}
     fastest = {name: float("inf") for name in configs}
     peak = 0.0
-    # interleaved rounds and the fastest step: on a shared machine, background load then slows
-    # every variant (and the matmul reference) alike instead of whichever ran at the wrong moment
-    for _ in range(args.repeats):
-        peak = max(peak, matmul_flops_per_s())
-        for name, cfg in configs.items():
-            fastest[name] = min(fastest[name], *time_training(cfg, tc, corpus.train, args.warmup, args.steps))
+    # one step of each variant in turn (rotating the order), keeping each one's fastest step: on a
+    # shared machine background load then slows every variant and the matmul reference alike
+    for index in range(args.warmup + args.steps):
+        peak = max(peak, matmul_flops_per_s(repeats=2))
+        names = list(configs)[index % len(configs):] + list(configs)[:index % len(configs)]
+        for name in names:
+            seconds = steps[name](index)
+            if index >= args.warmup:
+                fastest[name] = min(fastest[name], seconds)
     best = {name: tokens_per_step / seconds for name, seconds in fastest.items()}
     print(f"measured fp32 matmul (2048^3): {peak / 1e9:.1f} GFLOP/s")
 

@@ -112,7 +112,8 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns; ``val_history`` holds ``(step, tokens_seen, val_loss)``."""
+    """What :func:`train` returns; ``val_history`` holds ``(step, tokens_seen, val_loss)``;
+    ``tokens_per_s`` counts the optimizer steps of this call (evaluation and saving excluded)."""
 
     final_val_loss: float
     val_history: List[Tuple[int, int, float]]
@@ -225,10 +226,11 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
         return path or run_dir / "checkpoints" / f"step_{at_step:06d}"
 
     bar = _progress_bar(progress and ctx.is_main, start_step, tc.max_steps)
-    started, timed_tokens = time.perf_counter(), 0
+    train_seconds, timed_tokens = 0.0, 0  # optimizer steps only: evaluation and saving excluded
     try:
         with stop_signals() as stop:
             while step < tc.max_steps:
+                step_started = time.perf_counter()
                 lr = learning_rate(step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
                 set_learning_rate(optimizer, lr)
                 aux_scale = min(1.0, step / tc.aux_warmup_steps) if tc.aux_warmup_steps else 1.0
@@ -255,12 +257,13 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
                 optimizer.zero_grad(set_to_none=True)
                 D.sync_routing_loads(model, ctx)
                 model.update_routing_biases()
+                train_seconds += time.perf_counter() - step_started
 
                 step += 1
                 tokens_seen += tokens_per_step
                 timed_tokens += tokens_per_step
                 losses.append(float(parts[0]))
-                tokens_per_s = timed_tokens / max(1e-9, time.perf_counter() - started)
+                tokens_per_s = timed_tokens / max(1e-9, train_seconds)
                 val_loss = None
                 if step % tc.eval_every == 0 or step == tc.max_steps:
                     val_loss = evaluate(model, corpus.val, tc.batch_size, tc.seq_len, tc.eval_batches)
@@ -293,10 +296,9 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
     if not interrupted and ctx.is_main:
         final_path = model.save_pretrained(run_dir / "final")
         corpus.save_tokenizer(final_path)
-    elapsed = time.perf_counter() - started
     return TrainResult(
         final_val_loss=history[-1][2] if history else float("nan"), val_history=history,
-        tokens_per_s=timed_tokens / elapsed if elapsed > 0 else 0.0, model=model,
+        tokens_per_s=timed_tokens / train_seconds if train_seconds > 0 else 0.0, model=model,
         checkpoint_path=last_checkpoint, final_path=final_path, steps=step, tokens_seen=tokens_seen,
         interrupted=interrupted, metrics_path=run_dir / "metrics.csv", losses=losses)
 
