@@ -28,7 +28,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -305,45 +305,64 @@ def measure_training_cost(configs: Dict[str, GoHConfig], corpus: Corpus, batch_s
     models = {name: GoHTransformer(config).train() for name, config in configs.items()}
     optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in models.items()}
     batch = train_batch(corpus.train, batch_size, seq_len, seed, step=0)
-    activation = {name: _saved_activation_bytes(model, batch) for name, model in models.items()}
-    for _ in range(warmup):
-        for name in models:
-            _train_step(models[name], optimizers[name], batch)
-    seconds: Dict[str, List[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name in models:
-            seconds[name].append(_train_step(models[name], optimizers[name], batch))
-    tokens = batch_size * seq_len
-    return {name: TrainingCost(tokens / statistics.median(seconds[name]), activation[name],
+
+    def loss_of(model: GoHTransformer):
+        out = model(batch, labels=batch)
+        return out.lm_loss + out.aux_loss
+
+    activation = {name: saved_tensor_bytes(lambda m=model: loss_of(m).backward(), exclude=model.parameters())
+                  for name, model in models.items()}
+    for model in models.values():
+        model.zero_grad(set_to_none=True)
+
+    def step(name: str):
+        def run() -> None:
+            loss_of(models[name]).backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            models[name].update_routing_biases()
+        return run
+
+    seconds = interleaved_median_seconds({name: step(name) for name in models}, repeats, warmup)
+    return {name: TrainingCost(batch_size * seq_len / seconds[name], activation[name],
                                ADAMW_BYTES_PER_PARAM * models[name].num_parameters())
             for name in models}
 
 
-def _train_step(model: GoHTransformer, optimizer: torch.optim.Optimizer, batch: torch.Tensor) -> float:
-    start = time.perf_counter()
-    out = model(batch, labels=batch)
-    (out.lm_loss + out.aux_loss).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    model.update_routing_biases()
-    return time.perf_counter() - start
+def interleaved_median_seconds(runs: Dict[str, Callable[[], object]], repeats: int,
+                               warmup: int = 1) -> Dict[str, float]:
+    """Median wall-clock seconds of every callable, timed in turn (a, b, c, a, b, c, ...) so that a
+    noisy stretch of a shared machine hits all of them alike."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    samples: Dict[str, List[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def _saved_activation_bytes(model: GoHTransformer, batch: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd keeps for backward in one forward pass."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def saved_tensor_bytes(run: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``run()`` builds its graph.
+
+    The activation memory of a training step, counted rather than sampled: tensors sharing a
+    storage count once, and storages of ``exclude`` (e.g. the parameters) not at all. ``run`` may
+    call ``backward()`` itself; saved tensors are recorded when they are packed, in the forward pass.
+    """
+    excluded = {tensor.untyped_storage().data_ptr() for tensor in exclude}
     storages: Dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
+        if storage.data_ptr() not in excluded:
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = model(batch, labels=batch)
-    (out.lm_loss + out.aux_loss).backward()
-    model.zero_grad(set_to_none=True)
+        run()
     return sum(storages.values())
 
 

@@ -6,10 +6,12 @@ import math
 import matplotlib.image
 import numpy as np
 import pytest
+import torch
 
 from gohgraph import GoHConfig, GoHTransformer
 from gohgraph.compare import (SETTINGS, VARIANT_NAMES, Comparison, MatchedVariant, SeedRun, TrainingCost,
-                              comparison_variants, match_parameters, render_table, run_comparison)
+                              comparison_variants, interleaved_median_seconds, match_parameters, render_table,
+                              run_comparison, saved_tensor_bytes)
 from gohgraph.data import load_corpus
 from gohgraph.train import TrainConfig
 
@@ -130,3 +132,20 @@ def test_micro_comparison_writes_table_json_and_a_non_blank_plot(tmp_path):
     image = matplotlib.image.imread(out / "compare_loss.png")
     assert image.shape[0] > 100 and image.shape[1] > 100
     assert np.unique(image.reshape(-1, image.shape[-1]), axis=0).shape[0] > 10  # lines, text, not blank
+
+
+def test_saved_tensor_bytes_counts_each_saved_storage_once_and_skips_excluded():
+    a = torch.randn(1000, requires_grad=True)
+    b = torch.randn(1000, requires_grad=True)
+    assert saved_tensor_bytes(lambda: (a * b).sum().backward()) == 2 * 1000 * 4  # mul saves both factors
+    assert saved_tensor_bytes(lambda: (a * a).sum().backward()) == 1000 * 4  # one storage, saved twice
+    assert saved_tensor_bytes(lambda: (a * b).sum().backward(), exclude=[a]) == 1000 * 4
+    assert saved_tensor_bytes(lambda: (a + b).sum().backward()) == 0  # add saves nothing
+
+
+def test_interleaved_timing_runs_variants_in_turn():
+    calls = []
+    seconds = interleaved_median_seconds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                         repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert set(seconds) == {"a", "b"} and all(value >= 0 for value in seconds.values())
