@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gohgraph.dispatch import combine, dispatch, expert_capacity, plan_dispatch
 from gohgraph.experts import GroupedExperts, grouped_matmul
@@ -141,3 +143,21 @@ def test_grouped_matmul_matches_per_group_matmul(d_in, d_out):
     for got, want in zip(grads, grads_ref):
         torch.testing.assert_close(got, want)
     assert grads[1][1].abs().sum() == 0  # the empty group gets no gradient
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_sub=st.integers(1, 40), n_experts=st.integers(1, 7), data=st.data())
+def test_plan_matches_reference_drops_for_any_routing(n_sub, n_experts, data):
+    k = data.draw(st.integers(1, n_experts))
+    seed = data.draw(st.integers(0, 2**16))
+    capacity_factor = data.draw(st.one_of(st.none(), st.floats(0.05, 2.0)))
+    ids, _ = random_routing(n_sub, n_experts, k, torch.Generator().manual_seed(seed))
+    capacity = expert_capacity(capacity_factor, n_sub, k, n_experts)
+    plan = plan_dispatch(ids, n_experts, capacity)
+    drops = reference_drops(ids, n_experts, capacity)
+    assert torch.equal(plan.assignment_dropped, drops)
+    assert torch.equal(plan.subtoken_dropped, drops.all(dim=-1))
+    kept = ~drops.reshape(-1)
+    assert plan.token_index.numel() == int(kept.sum()) == int(plan.group_offsets[-1])
+    assert torch.equal(plan.token_index, plan.assignment_index // k)
+    assert sorted(plan.assignment_index.tolist()) == kept.nonzero().flatten().tolist()
