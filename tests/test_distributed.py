@@ -1,7 +1,7 @@
 """torchrun + DDP / FSDP2 (gloo, CPU): two ranks stay identical and match one process on the same batch.
 
 This file is also the worker script: ``python -m torch.distributed.run --nproc_per_node=2
-tests/test_distributed.py OUT_DIR DATA CACHE [--fsdp]`` trains and writes each rank's result.
+tests/test_distributed.py OUT_DIR DATA CACHE [--fsdp] [--moe]`` trains and writes each rank's result.
 """
 
 import json
@@ -42,20 +42,26 @@ def test_heads_always_get_gradients_so_attention_routing_needs_no_unused_search(
     assert may_leave_parameters_unused(GoHConfig(**{**MODEL, "ffn": "moe", "n_experts": 4, "top_k_experts": 1}))
 
 
+MOE = dict(MODEL, ffn="moe", n_experts=4, top_k_experts=1)  # experts can get no token: unused parameters
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_gloo_ranks_match_one_process(tmp_path, fsdp):
+@pytest.mark.parametrize("fsdp, experts", [(False, False), (True, False), (False, True)],
+                         ids=["ddp", "fsdp2", "ddp-moe"])
+def test_two_gloo_ranks_match_one_process(tmp_path, fsdp, experts):
     from gohgraph.data import load_corpus
 
     data = _text_file(tmp_path)
     corpus = load_corpus(str(data), cache_dir=tmp_path / "cache")  # built once, before the ranks start
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               __file__, str(tmp_path / "ddp"), str(data), str(tmp_path / "cache")] + (["--fsdp"] if fsdp else [])
+               __file__, str(tmp_path / "ddp"), str(data), str(tmp_path / "cache")]
+    command += (["--fsdp"] if fsdp else []) + (["--moe"] if experts else [])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    single = train(GoHConfig(**MODEL), TrainConfig(**TRAIN), corpus, tmp_path / "single", progress=False)
+    single = train(GoHConfig(**(MOE if experts else MODEL)), TrainConfig(**TRAIN), corpus, tmp_path / "single",
+                   progress=False)
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in range(2)]
     states = [GoHTransformer.from_pretrained(tmp_path / "ddp" / f"rank{r}").state_dict() for r in range(2)]
     for name, tensor in states[0].items():
@@ -69,12 +75,13 @@ def test_two_gloo_ranks_match_one_process(tmp_path, fsdp):
     assert (tmp_path / "ddp" / "run" / "final" / "model.safetensors").is_file()
 
 
-def _worker(out_dir: str, data: str, cache: str, fsdp: bool) -> None:
+def _worker(out_dir: str, data: str, cache: str, fsdp: bool, experts: bool) -> None:
     from gohgraph.data import load_corpus
 
     torch.set_num_threads(1)
     corpus = load_corpus(data, cache_dir=Path(cache))
-    result = train(GoHConfig(**MODEL), TrainConfig(**TRAIN, fsdp=fsdp), corpus, Path(out_dir) / "run", progress=False)
+    result = train(GoHConfig(**(MOE if experts else MODEL)), TrainConfig(**TRAIN, fsdp=fsdp), corpus,
+                   Path(out_dir) / "run", progress=False)
     rank = int(os.environ["RANK"])
     result.model.save_pretrained(Path(out_dir) / f"rank{rank}")
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(
@@ -82,4 +89,4 @@ def _worker(out_dir: str, data: str, cache: str, fsdp: bool) -> None:
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2], sys.argv[3], "--fsdp" in sys.argv[4:])
+    _worker(sys.argv[1], sys.argv[2], sys.argv[3], "--fsdp" in sys.argv[4:], "--moe" in sys.argv[4:])
