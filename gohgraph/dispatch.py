@@ -106,7 +106,8 @@ def combine(expert_out: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor,
 
     Args:
         expert_out: ``[kept, d]`` in the plan's grouped order.
-        weights: ``[subtokens, k]`` gate of every assignment (dropped ones are simply absent).
+        weights: ``[subtokens, k]`` gate of every assignment. A dropped assignment's weight is
+            lost, not handed to the sub-token's other experts (as in Switch / GShard).
     Returns:
         ``[subtokens, d]``; a sub-token whose assignments were all dropped gets exactly 0.
     """
