@@ -127,6 +127,27 @@ def test_only_the_last_checkpoints_are_kept(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000005"
 
 
+def test_sigint_finishes_the_step_then_saves_and_returns(tmp_path, monkeypatch):
+    real_loss, calls = train_module.training_loss, []
+
+    def loss_then_ctrl_c(out, aux_scale):
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C arrives in the middle of step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(out, aux_scale)
+
+    monkeypatch.setattr(train_module, "training_loss", loss_then_ctrl_c)
+    previous_handler = signal.getsignal(signal.SIGINT)
+    result = train(GoHConfig(**TINY), _config(max_steps=50, save_every=100), make_corpus(), tmp_path, progress=False)
+    assert result.interrupted and result.steps == 3 and result.final_path is None
+    assert signal.getsignal(signal.SIGINT) is previous_handler  # the trainer's handler is removed again
+    assert latest_checkpoint(tmp_path) == result.checkpoint_path == tmp_path / "checkpoints" / "step_000003"
+    _, state, _, training_state = load_checkpoint(result.checkpoint_path)
+    assert training_state["step"] == 3
+    for name, tensor in result.model.state_dict().items():  # the saved state is the state after step 3
+        assert torch.equal(state[name], tensor), name
+
+
 @pytest.mark.slow
 def test_sigint_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path):
     text = tmp_path / "text.txt"
