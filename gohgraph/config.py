@@ -194,9 +194,10 @@ class GoHConfig:
             if isinstance(self.expert_graph, str):
                 raise ValueError("expert_graph must be None or a list of [sub-token, expert] pairs")
             for sub, expert in self.expert_graph:
-                if not (0 <= sub < self.n_subtokens and 0 <= expert < self.n_experts):
+                if not (0 <= sub < self.n_subtokens and 0 <= expert < self.n_routed_experts):
                     raise ValueError(f"expert_graph edge {[sub, expert]} out of range: sub-tokens "
-                                     f"0..{self.n_subtokens - 1}, experts 0..{self.n_experts - 1}")
+                                     f"0..{self.n_subtokens - 1}, routed experts 0..{self.n_routed_experts - 1} "
+                                     "(shared experts are always on and not in the graph)")
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:

@@ -176,3 +176,8 @@ def test_bad_expert_graphs_raise_value_error():
     edges = expert_graph([[0, 0], [1, 1], [1, 2]], 2, 6)
     with pytest.raises(ValueError, match="top_k_experts=2"):
         gate_for(edges, 2, 6, top_k_experts=2)  # slot 0 reaches only one expert
+
+
+def test_config_rejects_expert_graph_naming_a_shared_expert():
+    with pytest.raises(ValueError, match="routed experts 0..5"):
+        GoHConfig(ffn="graph-moe", n_experts=8, n_shared_experts=2, n_subtokens=2, expert_graph=[[0, 6]])
