@@ -34,6 +34,7 @@ from .figures import COLOURS, as_report, has_experts, new_figure, save_figure
 
 HEAD_RADIUS = 1.0
 SUBTOKEN_X, EXPERT_X = 1.9, 3.0
+MAX_DRAWN_FLOW_EDGES = 160  # beyond this the picture is a grey disc; the GraphML keeps every edge
 
 
 def routing_graph(stats: Any, layer: int) -> nx.DiGraph:
@@ -109,7 +110,9 @@ def draw_routing_graph(stats: Any, layer: int, ax: Optional[Axes] = None,
     else:
         figure = ax.figure
     positions = _layout(graph)
-    sizes = {node: _node_size(data) for node, data in graph.nodes(data=True)}
+    n_heads = sum(1 for _, kind in graph.nodes(data="kind") if kind.endswith("head"))
+    crowding = min(1.0, 10 / n_heads)  # smaller nodes when many share the circle
+    sizes = {node: _node_size(data) * crowding for node, data in graph.nodes(data=True)}
     _draw_edges(ax, graph, positions, sizes)
     _draw_nodes(ax, graph, positions, sizes)
     ax.set_title(f"layer {layer}", fontsize=10)
@@ -182,6 +185,12 @@ def _draw_edges(ax: Axes, graph: nx.DiGraph, positions: Dict[str, tuple], sizes:
         if values[0] is None:  # no inter-head flow: draw the message-passing graph thinly
             widths, alpha = [0.5] * len(flow_edges), 0.25
         else:
+            if len(flow_edges) > MAX_DRAWN_FLOW_EDGES:  # e.g. 32 heads, complete: 992 edges
+                total = len(flow_edges)
+                kept = sorted(range(total), key=values.__getitem__)[-MAX_DRAWN_FLOW_EDGES:]
+                flow_edges, values = [flow_edges[i] for i in kept], [values[i] for i in kept]
+                ax.text(0.5, -0.02, f"{MAX_DRAWN_FLOW_EDGES} strongest of {total} edges drawn",
+                        transform=ax.transAxes, ha="center", fontsize=6)
             top = max(max(values), 1e-12)
             widths, alpha = [0.2 + 4.0 * v / top for v in values], 0.6
         nx.draw_networkx_edges(graph, positions, edgelist=flow_edges, width=widths, alpha=alpha,
