@@ -18,6 +18,7 @@ Routing-specific choices:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterator
@@ -104,9 +105,14 @@ def wrap_model(model: nn.Module, ctx: DistContext, fsdp: bool = False) -> nn.Mod
         fully_shard(model)
         return model
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    # buffers are synced once at construction, never per forward (that would overwrite the
+    # per-rank routing-load counters); newer PyTorch names this forward_sync_buffers
+    no_forward_sync = ({"forward_sync_buffers": False}
+                       if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                       else {"broadcast_buffers": False})
     return nn.parallel.DistributedDataParallel(
-        model, device_ids=device_ids, broadcast_buffers=False,
-        find_unused_parameters=may_leave_parameters_unused(model.config))
+        model, device_ids=device_ids, find_unused_parameters=may_leave_parameters_unused(model.config),
+        **no_forward_sync)
 
 
 @contextlib.contextmanager
