@@ -81,7 +81,7 @@ class RoutingStats:
         if self.tokens == 0:
             raise ValueError("RoutingStats has no routing records yet: call update() first")
         cfg = self.config
-        layers = [tally.report(i, cfg, self.head_edges) for i, tally in enumerate(self.layers)]
+        layers = [tally.report(i, cfg) for i, tally in enumerate(self.layers)]
         report = {
             "tokens": self.tokens,
             "batches": self.batches,
@@ -201,12 +201,12 @@ class _LayerTally:
             self._add_experts(record, layer_idx)
 
     def _check_sections(self, record: LayerRouting, layer_idx: int) -> None:
-        sections = (record.flow is not None, record.expert_indices is not None,
+        sections = (record.flow is not None, record.expert_indices is not None, record.expert_weights is not None,
                     record.dropped is not None, record.expert_drops is not None)
         if self._sections is None:
             self._sections = sections
         elif sections != self._sections:
-            names = ("flow", "expert_indices", "dropped", "expert_drops")
+            names = ("flow", "expert_indices", "expert_weights", "dropped", "expert_drops")
             raise ValueError(f"layer {layer_idx}: this record's fields {dict(zip(names, sections))} differ "
                              f"from earlier batches' {dict(zip(names, self._sections))}")
 
@@ -233,11 +233,12 @@ class _LayerTally:
                              f"(n_routed_experts), got {int(indices.min())}..{int(indices.max())}")
         if self.expert_count is None:
             self.expert_count = torch.zeros(n_experts, dtype=torch.float64)
-            self.expert_gate_mass = torch.zeros(n_experts, dtype=torch.float64)
             self.subtoken_expert_count = torch.zeros(m, n_experts, dtype=torch.float64)
         flat = indices.reshape(-1)
         self.expert_count += torch.bincount(flat, minlength=n_experts).double().cpu()
         if record.expert_weights is not None:
+            if self.expert_gate_mass is None:
+                self.expert_gate_mass = torch.zeros(n_experts, dtype=torch.float64)
             weights = record.expert_weights.reshape(-1).double()
             self.expert_gate_mass += torch.bincount(flat, weights=weights, minlength=n_experts).cpu()
         subtoken = torch.arange(m, device=indices.device).view(1, 1, m, 1).expand_as(indices).reshape(-1)
@@ -252,10 +253,10 @@ class _LayerTally:
             self.expert_drop_count += torch.bincount(flat[drops], minlength=n_experts).double().cpu()
 
     # ------------------------------------------------------------------ report
-    def report(self, layer_idx: int, cfg: GoHConfig, head_edges: torch.Tensor) -> Dict[str, Any]:
+    def report(self, layer_idx: int, cfg: GoHConfig) -> Dict[str, Any]:
         out: Dict[str, Any] = {"layer": layer_idx, "tokens": self.tokens, "heads": self._head_report(cfg)}
         if self.flow_sum is not None:
-            src, dst = head_edges
+            src, dst = self.head_edges
             both_active = self.head_coactivation[src, dst]
             out["flow"] = {
                 "mean_flow": _floats(self.flow_sum / self.tokens),
@@ -295,10 +296,11 @@ class _LayerTally:
             "assignment_count": _ints(self.expert_count),
             "load": _floats(load),
             "utilisation": _floats(load * n_experts),  # load over the ideal load 1/E_r
-            "gate_mass": _floats(self.expert_gate_mass),
-            "weight_share": _floats(self.expert_gate_mass / self.expert_gate_mass.sum().clamp(min=1e-300)),
             **load_balance_summary(self.expert_count),
         }
+        if self.expert_gate_mass is not None:
+            experts["gate_mass"] = _floats(self.expert_gate_mass)
+            experts["weight_share"] = _floats(self.expert_gate_mass / self.expert_gate_mass.sum().clamp(min=1e-300))
         per_subtoken = self.subtoken_expert_count.sum(1, keepdim=True).clamp(min=1)
         experts["subtoken_load"] = [_floats(row) for row in self.subtoken_expert_count / per_subtoken]
         if self.dropped_subtokens is not None:
