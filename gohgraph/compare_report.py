@@ -25,17 +25,41 @@ def bits_per_byte(loss_nats: float) -> float:
     return loss_nats / math.log(2)
 
 
+# two-sided 95% critical values of Student's t for 1..10 degrees of freedom (then ~1.96-2.2)
+T_CRITICAL_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+# the orderings the comparison is meant to test: (variant, the one it should beat)
+TARGET_PAIRS = (("MoH", "dense"), ("GoH", "MoH"), ("GoH", "dense"), ("SMoE", "dense"),
+                ("fine-grained SMoE", "SMoE"), ("MH-MoE", "SMoE"), ("GoH-MoE", "MH-MoE"))
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> Tuple[float, Optional[float]]:
+    """Mean and sample std of the per-seed differences ``a[i] - b[i]`` (same seed = same data
+    order and schedule, so pairing removes the seed-to-seed variation both share)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired seeds differ in number: {len(a)} vs {len(b)}")
+    return loss_summary([x - y for x, y in zip(a, b)])
+
+
 def is_tie(a: Sequence[float], b: Sequence[float]) -> bool:
-    """Two seed sets tie when their means differ by no more than the sum of their spreads."""
-    (mean_a, spread_a), (mean_b, spread_b) = loss_summary(a), loss_summary(b)
-    return abs(mean_a - mean_b) <= (spread_a or 0.0) + (spread_b or 0.0)
+    """A paired two-sided t-test at 95%: true unless the per-seed differences ``a - b`` are
+    significantly non-zero. One seed leaves no spread to test against, so it is always a tie."""
+    mean, spread = paired_difference(a, b)
+    if spread is None:
+        return True
+    if spread == 0:
+        return mean == 0
+    critical = T_CRITICAL_95[len(a) - 2] if len(a) - 1 <= len(T_CRITICAL_95) else 2.0
+    return abs(mean) <= critical * spread / math.sqrt(len(a))
 
 
 def render_table(comparison: Comparison, reference: str = "dense") -> str:
     """The Markdown comparison table, one row per variant, rows in the order of ``comparison.variants``.
 
-    Loss columns are means over seeds ``± sample standard deviation``; "vs dense" is the difference
-    of the means, marked "(tie)" when within the summed spreads (:func:`is_tie`).
+    Loss columns are means over seeds ``± sample standard deviation``; "vs dense" is the mean
+    per-seed difference ``± its sample std`` (:func:`paired_difference`), marked "(tie)" when a
+    paired t-test at 95% cannot tell it from 0 (:func:`is_tie`). A second table tests the orderings
+    of :data:`TARGET_PAIRS` the same way.
     """
     tc = comparison.train_config
     seeds = sorted({run.seed for run in comparison.runs})
@@ -53,11 +77,8 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
         mean, spread = loss_summary(losses)
         spread_text = f" ± {spread:.3f}" if spread is not None else ""
         bpb_spread = f" ± {bits_per_byte(spread):.3f}" if spread is not None else ""
-        if name == reference or not reference_losses:
-            versus = "-"
-        else:
-            delta = mean - loss_summary(reference_losses)[0]
-            versus = f"{delta:+.3f}" + (" (tie)" if is_tie(losses, reference_losses) else "")
+        versus = "-" if name == reference or not reference_losses else \
+            _versus(comparison, name, reference)
         cost = comparison.costs.get(name)
         speed = f"{cost.tokens_per_s / reference_cost.tokens_per_s:.2f}x" if cost and reference_cost else "-"
         memory = f"{cost.memory_mb:.1f}" if cost else "-"
@@ -66,6 +87,12 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
             f"| {variant.heads_active} | {variant.experts_active} | {mean:.3f}{spread_text} "
             f"| {bits_per_byte(mean):.3f}{bpb_spread} | {versus} | {speed} | {memory} "
             f"| {_mean_or_dash(r.head_load_cv for r in runs)} / {_mean_or_dash(r.expert_load_cv for r in runs)} |")
+    pairs = [(a, b) for a, b in TARGET_PAIRS if a in comparison.variants and b in comparison.variants]
+    if pairs:
+        lines += ["", "| ordering tested | paired difference (nats) | verdict |", "|---|---|---|"]
+        for better, worse in pairs:
+            lines.append(f"| {better} < {worse} | {_versus(comparison, better, worse)} "
+                         f"| {_verdict(comparison, better, worse)} |")
     first = next(iter(comparison.variants.values()))
     cfg = first.config
     lines += [
@@ -73,7 +100,8 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
         f"{len(seeds)} seed(s) {seeds}; d_model={cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
         f"{first.target:,} target parameters; {tc.max_steps} steps x {tc.batch_size} x {tc.seq_len} tokens "
         f"= {tc.max_steps * tc.batch_size * tc.seq_len:,} training tokens, lr {tc.lr}, warmup {tc.warmup_steps}. "
-        "Validation loss: mean over seeds ± sample std; bits/byte = loss / ln 2 (byte tokens). "
+        "Validation loss: mean over seeds ± sample std; bits/byte = loss / ln 2 (byte tokens); differences "
+        "are per-seed (paired) means ± std, a tie when a paired t-test at 95% cannot tell them from 0. "
         "Throughput: median of interleaved AdamW steps in one process. Memory: tensors saved for "
         "backward + 16 B/parameter (weights, grads, AdamW moments), counted. Load CV: coefficient of "
         "variation of routed-head / routed-expert load (gohgraph.stats), mean over layers and seeds.",
@@ -81,6 +109,27 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
     if comparison.description:
         lines.append(comparison.description)
     return "\n".join(lines)
+
+
+def _paired_losses(comparison: Comparison, a: str, b: str) -> Tuple[List[float], List[float]]:
+    losses_a = {run.seed: run.val_loss for run in comparison.runs_of(a)}
+    losses_b = {run.seed: run.val_loss for run in comparison.runs_of(b)}
+    seeds = sorted(set(losses_a) & set(losses_b))
+    return [losses_a[s] for s in seeds], [losses_b[s] for s in seeds]
+
+
+def _versus(comparison: Comparison, a: str, b: str) -> str:
+    losses_a, losses_b = _paired_losses(comparison, a, b)
+    mean, spread = paired_difference(losses_a, losses_b)
+    return f"{mean:+.3f}" + (f" ± {spread:.3f}" if spread is not None else "") + \
+        (" (tie)" if is_tie(losses_a, losses_b) else "")
+
+
+def _verdict(comparison: Comparison, better: str, worse: str) -> str:
+    losses_a, losses_b = _paired_losses(comparison, better, worse)
+    if is_tie(losses_a, losses_b):
+        return "tie (not significant)"
+    return "holds" if paired_difference(losses_a, losses_b)[0] < 0 else "reversed"
 
 
 def _mean_or_dash(values: Iterable[Optional[float]]) -> str:

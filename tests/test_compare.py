@@ -12,6 +12,7 @@ from gohgraph import GoHConfig, GoHTransformer
 from gohgraph.compare import (SETTINGS, VARIANT_NAMES, Comparison, MatchedVariant, SeedRun, TrainingCost,
                               comparison_variants, interleaved_median_seconds, match_parameters, render_table,
                               run_comparison, saved_tensor_bytes)
+from gohgraph.compare_report import is_tie, paired_difference
 from gohgraph.data import load_corpus
 from gohgraph.train import TrainConfig
 
@@ -89,13 +90,30 @@ def test_table_computes_mean_spread_bits_per_byte_and_ratios_from_given_numbers(
     # mean 2.2, sample std 0.2; bits/byte 2.2 / ln 2 = 3.1739, spread 0.2 / ln 2 = 0.2885
     assert dense[5] == "2.200 ± 0.200" and dense[6] == "3.174 ± 0.289"
     assert goh[5] == "1.600 ± 0.100" and goh[6] == "2.308 ± 0.144"
-    assert goh[7] == "-0.600"  # 0.6 apart > 0.2 + 0.1 of spread: a real difference
-    assert moh[7] == "+0.000 (tie)"
+    # paired per-seed differences: GoH - dense = [-0.5, -0.6, -0.7] -> -0.6 ± 0.1, t = 10.4 > 4.30
+    assert goh[7] == "-0.600 ± 0.100"
+    assert moh[7] == "+0.000 ± 0.100 (tie)"  # [0.1, 0.0, -0.1]
+    # GoH - MoH = [-0.6, -0.6, -0.6]: no spread, non-zero -> holds; MoH - dense ties
+    assert _row(table, "GoH < MoH")[1:] == ["-0.600 ± 0.000", "holds"]
+    assert _row(table, "MoH < dense")[2] == "tie (not significant)"
+    assert _row(table, "GoH < dense")[2] == "holds"
     assert goh[1] == "1,010 (+1.00%)" and goh[2] == "900" and goh[3] == "3/4"
     assert dense[8] == "1.00x" and goh[8] == "0.90x" and moh[8] == "1.25x"
     assert dense[9] == "2.0" and goh[9] == "4.0"  # (activations + 16 B/param state) in MiB
     assert goh[10] == "0.50 / -" and dense[10] == "- / -"
     assert "3 seed(s) [0, 1, 2]" in table
+
+
+def test_paired_t_test_at_95_percent():
+    dense = [2.0, 2.1, 2.2]
+    # differences [-0.1, -0.2, -0.3]: mean -0.2, std 0.1, t = 0.2 / (0.1 / sqrt 3) = 3.46 < 4.303 (df 2)
+    assert is_tie([1.9, 1.9, 1.9], dense)
+    # differences [-0.25, -0.3, -0.35]: t = 0.3 / (0.05 / sqrt 3) = 10.4 > 4.303
+    assert not is_tie([1.75, 1.8, 1.85], dense)
+    assert is_tie([1.0], [2.0])  # one seed cannot be told apart
+    assert paired_difference([1.0, 3.0], [0.5, 2.0]) == pytest.approx((0.75, math.sqrt(0.125)))
+    with pytest.raises(ValueError, match="differ"):
+        paired_difference([1.0], [1.0, 2.0])
 
 
 def test_single_seed_has_no_spread():
