@@ -121,3 +121,32 @@ def test_console_command_prints_no_traceback(tmp_path):
                              "--out", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+
+
+def test_viz_command_traces_the_validation_text_by_default(run_dir, tmp_path, capsys):
+    out = tmp_path / "pictures"
+    assert run_cli("viz", "--checkpoint", run_dir / "final", "--out", out, "--data", tmp_path / "data.txt",
+                   "--batches", 1, "--batch-size", 1, "--seq-len", 16, "--no-progress") == 0
+    assert (out / "token_trace.png").is_file() and (out / "training_curves.png").is_file()  # metrics one level up
+    report = json.loads((out / "stats.json").read_text())
+    assert report["tokens"] == 16
+
+
+def test_a_saved_bpe_tokenizer_encodes_the_validation_text(run_dir, tmp_path):
+    from argparse import Namespace
+
+    from gohgraph.commands.stats import validation_batches
+
+    pytest.importorskip("tokenizers")  # the optional BPE dependency
+    data = tmp_path / "data.txt"
+    bpe_corpus = load_corpus(str(data), tokenizer="bpe:300")
+    checkpoint = tmp_path / "bpe_run" / "final"
+    model = GoHTransformer(CFG.replace(vocab_size=300))
+    model.save_pretrained(checkpoint)
+    bpe_corpus.save_tokenizer(checkpoint.parent)  # the trainer saves it in the run directory
+    args = Namespace(checkpoint=str(checkpoint), data=str(data), batches=2, batch_size=2, seq_len=16)
+    batches, tokenizer = validation_batches(args, model)
+    ids = torch.cat([batch.reshape(-1) for batch in batches]).tolist()
+    assert len(ids) == 2 * 2 * 16 and max(ids) >= 256  # merged tokens, not bytes
+    byte_val_text = load_corpus(str(data)).decode(load_corpus(str(data)).val.tolist())
+    assert byte_val_text.startswith(tokenizer.decode(ids))

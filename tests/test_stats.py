@@ -177,6 +177,17 @@ def test_expert_statistics_of_hand_made_records():
     assert experts["load_entropy"] == pytest.approx(load_entropy(torch.tensor([4.0, 1, 1, 0])))
 
 
+def test_expert_gate_mass_is_absent_without_recorded_weights():
+    cfg = GoHConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, router="dense", ffn="moe",
+                    n_experts=3, top_k_experts=1)
+    record = LayerRouting(head_gates=torch.ones(1, 2, 2), expert_indices=torch.tensor([[[[0]], [[2]]]]))
+    stats = RoutingStats(cfg)
+    stats.update([record])
+    experts = stats.report()["layers"][0]["experts"]
+    assert experts["load"] == [0.5, 0.0, 0.5]
+    assert "gate_mass" not in experts and "weight_share" not in experts and "drop_rate" not in experts
+
+
 def test_dense_router_without_experts_reports_every_head_active_and_no_expert_section():
     cfg = GoHConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, router="dense")
     torch.manual_seed(0)
