@@ -52,7 +52,8 @@ def moe_configs(d_model: int, expert_hidden: int):
 def active_parameters(cfg: GoHConfig) -> int:
     """Expert-FFN parameters one token uses (router excluded)."""
     d_sub = cfg.d_model // cfg.n_subtokens
-    per_expert = 3 * d_sub * cfg.expert_hidden_dim if cfg.expert_activation == "swiglu" else 2 * d_sub * cfg.expert_hidden_dim
+    matrices = 3 if cfg.expert_activation == "swiglu" else 2
+    per_expert = matrices * d_sub * cfg.expert_hidden_dim
     experts = cfg.n_subtokens * (cfg.top_k_experts + cfg.n_shared_experts) * per_expert
     head_merge = 2 * cfg.d_model * cfg.d_model if cfg.ffn != "moe" else 0
     return experts + head_merge

@@ -115,7 +115,8 @@ def test_gate_bias_selects_but_does_not_weight():
     expected = torch.softmax(kept, 0)
     order = choice.indices.flatten().tolist()
     got = dict(zip(order, choice.weights.flatten().tolist()))
-    assert math.isclose(got[0], expected[0].item(), rel_tol=1e-6) and math.isclose(got[3], expected[1].item(), rel_tol=1e-6)
+    assert math.isclose(got[0], expected[0].item(), rel_tol=1e-6)
+    assert math.isclose(got[3], expected[1].item(), rel_tol=1e-6)
 
 
 def test_gate_losses_on_hand_made_example():
