@@ -130,7 +130,7 @@ def draw_routing_graphs(stats: Any, path: Optional[Union[str, Path]] = None, col
     columns = max(1, min(columns, n_layers))
     rows = math.ceil(n_layers / columns)
     panel_width = 4.6 if has_experts(report) else 3.2
-    figure = new_figure(panel_width * columns, 3.2 * rows + 0.6)
+    figure = new_figure(max(panel_width * columns, 6.5), 3.2 * rows + 0.8)
     axes = figure.subplots(rows, columns, squeeze=False)
     for layer, ax in enumerate(axes.flat):
         if layer < n_layers:
@@ -139,9 +139,11 @@ def draw_routing_graphs(stats: Any, path: Optional[Union[str, Path]] = None, col
             ax.axis("off")
     handles = _legend_handles(routing_graph(report, 0))
     figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
-    figure.suptitle(f"routing graphs ({report['config']['router']} router, {report['tokens']} tokens): "
-                    "node size = activation frequency / expert utilisation, edge width = mean flow",
-                    fontsize=9)
+    lines = [f"routing graphs: {report['config']['router']} router, {report['tokens']} tokens",
+             "heads: size = activation frequency, arrow width = mean flow"]
+    if has_experts(report):
+        lines.append("experts: size = utilisation, arrow width = share of the sub-token's assignments")
+    figure.suptitle("\n".join(lines), fontsize=9)
     save_figure(figure, path)
     return figure
 
