@@ -55,7 +55,8 @@ def main() -> None:
     n_batches = max(1, round(args.tokens / (args.batch_size * args.seq_len)))
     batches = [torch.randint(0, 256, (args.batch_size, args.seq_len)) for _ in range(n_batches)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{n_batches} batches x {args.batch_size} x {args.seq_len} = {n_batches * args.batch_size * args.seq_len} tokens, "
+          f"{n_batches} batches x {args.batch_size} x {args.seq_len} = "
+          f"{n_batches * args.batch_size * args.seq_len} tokens, "
           f"{args.repeats} interleaved repeats")
     for name, cfg in CONFIGS.items():
         model = GoHTransformer(cfg).eval()

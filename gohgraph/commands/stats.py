@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser, default_batches=20)
     parser.add_argument("--csv", default=None, help="also write the statistics as a long CSV table")
     parser.add_argument("--compare", default=None, metavar="CHECKPOINT",
-                        help="also report routing drift: share of tokens whose heads/experts differ from this checkpoint")
+                        help="also report routing drift: the share of tokens whose active heads/experts "
+                             "differ from this checkpoint")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, default_batches: int) -> None:
@@ -33,7 +34,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, default_batches: int) ->
                         help="text file, directory or glob (default: the Python standard library corpus)")
     parser.add_argument("--batches", type=int, default=default_batches, help="validation batches to run")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: min(256, max_seq_len))")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per sequence (default: min(256, max_seq_len))")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
