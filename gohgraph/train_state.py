@@ -129,6 +129,9 @@ def load_checkpoint(directory: Path, map_location: str = "cpu") -> Tuple[GoHConf
 
     directory = Path(directory)
     training_state = read_json(directory / STATE_NAME)
+    missing = [key for key in ("step", "tokens_seen", "val_history", "rng") if key not in training_state]
+    if missing:
+        raise CheckpointError(f"{directory / STATE_NAME} lacks {missing} (not a training checkpoint, or damaged)")
     config = read_config(directory)
     model_state = read_tensors(directory / WEIGHTS_NAME, map_location)
     optimizer_state = optimizer_state_from_flat(read_tensors(directory / "optimizer.safetensors", map_location),

@@ -113,6 +113,9 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, capsys):
     (checkpoint / "optimizer.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="optimizer.json is not valid JSON"):
         load_checkpoint(checkpoint)
+    (checkpoint / "training_state.json").write_text('{"step": 2}')
+    with pytest.raises(CheckpointError, match=r"training_state.json lacks \['tokens_seen', 'val_history', 'rng'\]"):
+        load_checkpoint(checkpoint)
     (tmp_path / "checkpoints" / "latest").write_text("../../etc\n")
     with pytest.raises(CheckpointError, match="latest is corrupt"):
         latest_checkpoint(tmp_path)
