@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from gohgraph import GoHConfig, GoHTransformer, LayerRouting
@@ -100,6 +102,26 @@ def test_streaming_statistics_equal_one_shot_statistics():
     one_shot.update(concat_records(batches))
     assert streamed.batches == 3 and one_shot.batches == 1
     assert_reports_close(streamed.report(), one_shot.report())
+
+
+@settings(max_examples=12, deadline=None)
+@given(batch_sizes=st.lists(st.integers(1, 3), min_size=1, max_size=4), seed=st.integers(0, 2**16))
+def test_any_split_into_batches_gives_the_same_report(batch_sizes, seed):
+    generator = torch.Generator().manual_seed(seed)
+    batches = [synthetic_records(MOE_CFG, batch, 3, generator) for batch in batch_sizes]
+    streamed = RoutingStats(MOE_CFG)
+    for records in reversed(batches):  # order does not matter either
+        streamed.update(records)
+    one_shot = RoutingStats(MOE_CFG)
+    one_shot.update(concat_records(batches))
+    assert_reports_close(streamed.report(), one_shot.report())
+
+
+def test_update_leaves_the_thread_count_as_it_was():
+    threads = torch.get_num_threads()
+    stats = RoutingStats(MOE_CFG)
+    stats.update(synthetic_records(MOE_CFG, 1, 2, torch.Generator().manual_seed(0)))
+    assert torch.get_num_threads() == threads
 
 
 def test_head_statistics_equal_an_independent_count():
