@@ -65,7 +65,8 @@ def main() -> int:
     stats = collect_routing_stats(result.model, batches)
     stats_dir = run_dir / "stats"
     stats_dir.mkdir(parents=True, exist_ok=True)
-    stats_json, stats_csv = stats.to_json(stats_dir / "routing_stats.json"), stats.to_csv(stats_dir / "routing_stats.csv")
+    stats_json = stats.to_json(stats_dir / "routing_stats.json")
+    stats_csv = stats.to_csv(stats_dir / "routing_stats.csv")
     sample = corpus.decode(corpus.val[:96].tolist())
     pictures = write_all_pictures(result.model, stats, run_dir / "pictures", text=sample,
                                   metrics_csv=result.metrics_path, encode=corpus.encode, decode=corpus.decode)

@@ -119,7 +119,8 @@ def resolve_checkpoint(path: Path) -> Path:
     raise CheckpointError(f"{path} holds no checkpoint (no config.json, checkpoints/latest or final/)")
 
 
-def load_checkpoint(directory: Path, map_location: str = "cpu") -> Tuple[GoHConfig, Dict[str, torch.Tensor], dict, dict]:
+def load_checkpoint(directory: Path, map_location: str = "cpu"
+                    ) -> Tuple[GoHConfig, Dict[str, torch.Tensor], dict, dict]:
     """Read one checkpoint: ``(model_config, model_state, optimizer_state, training_state)``.
 
     Every damaged or missing file raises :class:`CheckpointError` naming it. RNG states are not
@@ -156,8 +157,8 @@ def optimizer_state_to_flat(state_dict: dict) -> Tuple[Dict[str, torch.Tensor], 
                 tensors[f"state/{key}/{field_name}"] = value
             else:
                 scalars[field_name] = value
-        entries.append({"key": key, "tensor_fields": sorted(f for f, v in fields.items() if isinstance(v, torch.Tensor)),
-                        "scalars": scalars})
+        tensor_fields = sorted(f for f, v in fields.items() if isinstance(v, torch.Tensor))
+        entries.append({"key": key, "tensor_fields": tensor_fields, "scalars": scalars})
     return tensors, {"state": entries, "param_groups": state_dict["param_groups"]}
 
 

@@ -79,7 +79,8 @@ def test_user_text_file_directory_and_glob(tmp_path):
     for text in texts.values():
         assert (text + "\n").encode() in everything
     globbed = load_corpus(str(tmp_path / "docs" / "doc1*.txt"), cache_dir=cache)
-    assert len(globbed.train) + len(globbed.val) == sum(len(texts[n]) + 1 for n in ("doc1.txt", "doc10.txt", "doc11.txt"))
+    matched = ("doc1.txt", "doc10.txt", "doc11.txt")
+    assert len(globbed.train) + len(globbed.val) == sum(len(texts[n]) + 1 for n in matched)
     single = load_corpus(str(tmp_path / "docs" / "doc3.txt"), cache_dir=cache)
     joined = bytes(np.asarray(single.train, dtype=np.uint8)) + bytes(np.asarray(single.val, dtype=np.uint8))
     assert joined == (texts["doc3.txt"] + "\n").encode() and len(single.val) > 0  # one file: split by position

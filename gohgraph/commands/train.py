@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="text file, directory or glob (default: the Python standard library)")
     parser.add_argument("--tokenizer", default=None, help="byte (default), bpe or bpe:<vocab>")
     parser.add_argument("--cache-dir", type=Path, help="token cache (default $GOHGRAPH_CACHE or ~/.cache/gohgraph)")
-    parser.add_argument("--run-dir", type=Path, help="where checkpoints and metrics go (default runs/<name>, overrides --name)")
+    parser.add_argument("--run-dir", type=Path,
+                        help="where checkpoints and metrics go (default runs/<name>, overrides --name)")
     parser.add_argument("--name", help="run name: the run goes to runs/<name> (default: runs/default)")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run's checkpoints first")
