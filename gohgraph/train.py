@@ -197,6 +197,11 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
     wrapped = D.wrap_model(model, ctx, tc.fsdp)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
     if saved_optimizer is not None:
+        saved_names = saved.get("optimizer_param_names")
+        if saved_names is not None and saved_names != optimizer.param_names:
+            first = next((a, b) for a, b in zip(saved_names + [None], optimizer.param_names + [None]) if a != b)
+            raise CheckpointError(f"{checkpoint}: the optimizer state is for other parameters (first difference: "
+                                  f"checkpoint {first[0]!r} vs model {first[1]!r})")
         try:
             D.load_optimizer_state(model, optimizer, saved_optimizer, tc.fsdp)
         except (ValueError, KeyError, RuntimeError) as err:
@@ -219,7 +224,8 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
         path = None
         if ctx.is_main:
             state = {"tokens_seen": tokens_seen, "val_history": history, "data_position": at_step,
-                     "train_config": tc.to_dict(), "corpus": corpus.source}
+                     "train_config": tc.to_dict(), "corpus": corpus.source,
+                     "optimizer_param_names": optimizer.param_names}
             path = save_checkpoint(run_dir, at_step, model_config, model_state, optimizer_state,
                                    state, tc.keep_last)
         D.barrier(ctx)

@@ -1,5 +1,6 @@
 """Checkpoints that survive faults: exact resume, SIGINT, corruption, NaN, pruning."""
 
+import json
 import os
 import shutil
 import signal
@@ -178,3 +179,16 @@ def test_sigint_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path):
     assert training_state["step"] >= 3
     model = GoHTransformer.from_pretrained(checkpoint)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_resume_refuses_optimizer_state_for_other_parameters(tmp_path):
+    train(GoHConfig(**TINY), _config(max_steps=2, save_every=2), make_corpus(), tmp_path, progress=False)
+    state_file = latest_checkpoint(tmp_path) / "training_state.json"
+    state = json.loads(state_file.read_text())
+    state["optimizer_param_names"] = state["optimizer_param_names"][::-1]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="optimizer state is for other parameters"):
+        train(GoHConfig(**TINY), _config(max_steps=4), make_corpus(), tmp_path, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match=r"model config differs \(d_model: checkpoint 32 vs given 64"):
+        train(GoHConfig(**{**TINY, "d_model": 64}), _config(max_steps=4), make_corpus(), tmp_path, resume=True,
+              progress=False)
