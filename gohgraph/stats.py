@@ -35,6 +35,8 @@ from .graph import expert_graph, head_graph
 from .routing import LayerRouting
 from .stats_drift import routing_drift
 from .stats_metrics import coefficient_of_variation, load_balance_summary, load_entropy
+from .stats_report import csv_rows, summarise_layers
+from .stats_tokens import TokenProfile, profile_fits
 
 __all__ = ["RoutingStats", "collect_routing_stats", "routing_drift", "load_entropy",
            "coefficient_of_variation", "load_balance_summary"]
@@ -45,7 +47,9 @@ class RoutingStats:
 
     ``update(routing, input_ids=None)`` adds one batch: ``routing`` is ``out.routing`` (one
     :class:`LayerRouting` per layer, ``head_gates [batch, seq, heads]`` and the optional flow and
-    expert fields); ``input_ids [batch, seq]``, when given, is checked against the records' shape.
+    expert fields). With ``input_ids [batch, seq]`` (given to every update) the report also lists
+    each head's and expert's most frequent token ids (``top_tokens``, see
+    :mod:`gohgraph.stats_tokens`; skipped for vocabularies too large to tabulate).
     Updates in any order and grouping give the same report (sums are float64).
     """
 
@@ -55,6 +59,9 @@ class RoutingStats:
             else torch.empty(2, 0, dtype=torch.long)
         self.batches = 0
         self.layers = [_LayerTally(config, self.head_edges) for _ in range(config.n_layers)]
+        expert_nodes = config.n_routed_experts if config.ffn != "dense" else 0
+        self.profile_tokens = profile_fits(config.vocab_size, config.n_heads + expert_nodes, config.n_layers)
+        self._with_input_ids: Optional[bool] = None
 
     # ------------------------------------------------------------------ accumulation
     @torch.no_grad()
@@ -62,13 +69,16 @@ class RoutingStats:
         if len(routing) != self.config.n_layers:
             raise ValueError(f"routing has {len(routing)} layer records but the config has "
                              f"n_layers={self.config.n_layers}")
+        if self._with_input_ids is not None and self._with_input_ids != (input_ids is not None):
+            raise ValueError("pass input_ids to every update() or to none (token profiles would be partial)")
+        self._with_input_ids = input_ids is not None
         for layer_idx, record in enumerate(routing):
             if input_ids is not None and tuple(record.head_gates.shape[:2]) != tuple(input_ids.shape):
                 raise ValueError(f"layer {layer_idx}: head_gates {list(record.head_gates.shape)} does not "
                                  f"match input_ids {list(input_ids.shape)} [batch, seq]")
         with _serial_on_cpu(routing[0].head_gates.device if routing else None):
             for layer_idx, (tally, record) in enumerate(zip(self.layers, routing)):
-                tally.add(record, layer_idx)
+                tally.add(record, layer_idx, input_ids if self.profile_tokens else None)
         self.batches += 1
 
     @property
@@ -88,7 +98,7 @@ class RoutingStats:
             "config": {name: getattr(cfg, name) for name in _CONFIG_FIELDS},
             "head_edges": self.head_edges.t().tolist(),
             "layers": layers,
-            "summary": _summary(layers),
+            "summary": summarise_layers(layers),
         }
         if any("experts" in layer for layer in layers):
             # [sub-token slot, routed expert] pairs a sub-token may be sent along
@@ -114,7 +124,7 @@ class RoutingStats:
         with path.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(["layer", "group", "item", "metric", "value"])
-            writer.writerows(_csv_rows(self.report()))
+            writer.writerows(csv_rows(self.report()))
         return path
 
 
@@ -182,8 +192,11 @@ class _LayerTally:
         self.dropped_subtokens: Optional[float] = None
         self.expert_drop_count: Optional[torch.Tensor] = None  # [E_r]
         self._sections: Optional[tuple] = None
+        self.vocab_size = cfg.vocab_size
+        self.head_tokens: Optional[TokenProfile] = None  # [vocab, heads], with input_ids only
+        self.expert_tokens: Optional[TokenProfile] = None  # [vocab, E_r]
 
-    def add(self, record: LayerRouting, layer_idx: int) -> None:
+    def add(self, record: LayerRouting, layer_idx: int, input_ids: Optional[torch.Tensor] = None) -> None:
         self._check_sections(record, layer_idx)
         # reduce on the records' device; only the small per-head sums travel to the CPU
         gates = record.head_gates.reshape(-1, record.head_gates.shape[-1]).double()
@@ -199,6 +212,19 @@ class _LayerTally:
             self._add_flow(record.flow, active, layer_idx)
         if record.expert_indices is not None:
             self._add_experts(record, layer_idx)
+        if input_ids is not None:
+            self._add_token_profiles(record, input_ids)
+
+    def _add_token_profiles(self, record: LayerRouting, input_ids: torch.Tensor) -> None:
+        heads = record.head_gates.shape[-1]
+        if self.head_tokens is None:
+            self.head_tokens = TokenProfile(self.vocab_size, heads)
+        head_ids = torch.arange(heads, device=record.head_gates.device).expand_as(record.head_gates)
+        self.head_tokens.add(input_ids, head_ids, mask=record.head_gates > 0)
+        if record.expert_indices is not None:
+            if self.expert_tokens is None:
+                self.expert_tokens = TokenProfile(self.vocab_size, self.n_routed_experts)
+            self.expert_tokens.add(input_ids, record.expert_indices)
 
     def _check_sections(self, record: LayerRouting, layer_idx: int) -> None:
         sections = (record.flow is not None, record.expert_indices is not None, record.expert_weights is not None,
@@ -278,6 +304,8 @@ class _LayerTally:
             "active_per_token": float(self.head_active_count.sum() / tokens),
             "dead": [int(i) for i in torch.nonzero(self.head_active_count == 0).flatten().tolist()],
         }
+        if self.head_tokens is not None:
+            heads["top_tokens"] = self.head_tokens.top_tokens()
         routed_count = self.head_active_count[cfg.n_shared_heads:]
         if routed_count.numel() and routed_count.sum() > 0:
             heads["routed_load"] = _floats(routed_count / routed_count.sum())
@@ -303,6 +331,8 @@ class _LayerTally:
             experts["weight_share"] = _floats(self.expert_gate_mass / self.expert_gate_mass.sum().clamp(min=1e-300))
         per_subtoken = self.subtoken_expert_count.sum(1, keepdim=True).clamp(min=1)
         experts["subtoken_load"] = [_floats(row) for row in self.subtoken_expert_count / per_subtoken]
+        if self.expert_tokens is not None:
+            experts["top_tokens"] = self.expert_tokens.top_tokens()
         if self.dropped_subtokens is not None:
             experts["drop_rate"] = self.dropped_subtokens / (self.tokens * self.n_subtokens)
         if self.expert_drop_count is not None:
@@ -311,75 +341,9 @@ class _LayerTally:
         return experts
 
 
-def _summary(layers: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Cross-layer view: mean balance metrics and the spread of expert utilisation over all layers."""
-    summary: Dict[str, Any] = {
-        "dead_heads": sum(len(layer["heads"]["dead"]) for layer in layers),
-        "active_heads_per_token": _mean(layer["heads"]["active_per_token"] for layer in layers),
-    }
-    if all("load_cv" in layer["heads"] for layer in layers):
-        summary["head_load_cv"] = _mean(layer["heads"]["load_cv"] for layer in layers)
-        summary["head_load_entropy"] = _mean(layer["heads"]["load_entropy"] for layer in layers)
-    expert_layers = [layer["experts"] for layer in layers if "experts" in layer]
-    if expert_layers:
-        utilisation = torch.tensor([u for experts in expert_layers for u in experts["utilisation"]],
-                                   dtype=torch.float64)
-        quantiles = torch.quantile(utilisation, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
-        summary.update({
-            "dead_experts": sum(len(experts["dead"]) for experts in expert_layers),
-            "expert_load_cv": _mean(experts["load_cv"] for experts in expert_layers),
-            "expert_load_entropy": _mean(experts["load_entropy"] for experts in expert_layers),
-            "expert_utilisation": {"min": float(utilisation.min()), "p10": float(quantiles[0]),
-                                   "p50": float(quantiles[1]), "p90": float(quantiles[2]),
-                                   "max": float(utilisation.max()),
-                                   "std": float(utilisation.std(unbiased=False))},
-        })
-        if all("drop_rate" in experts for experts in expert_layers):
-            summary["drop_rate"] = _mean(experts["drop_rate"] for experts in expert_layers)
-    return summary
-
-
-def _csv_rows(report: Dict[str, Any]):
-    edges = report["head_edges"]
-    for layer in report["layers"]:
-        i, heads = layer["layer"], layer["heads"]
-        yield i, "layer", "", "tokens", layer["tokens"]
-        for name, value in heads.items():
-            if isinstance(value, (int, float)):
-                yield i, "layer", "", f"head_{name}", value
-        for name in ("activation_count", "activation_frequency", "gate_mass", "mean_gate"):
-            for head, value in enumerate(heads[name]):
-                yield i, "head", head, name, value
-        for offset, value in enumerate(heads.get("routed_load", [])):
-            yield i, "head", offset + report["config"]["n_shared_heads"], "routed_load", value
-        for a, row in enumerate(heads["coactivation"]):
-            for b, value in enumerate(row):
-                yield i, "head_pair", f"{a}&{b}", "coactivation", value
-        for name, values in layer.get("flow", {}).items():
-            for (src, dst), value in zip(edges, values):
-                yield i, "edge", f"{src}->{dst}", name, value
-        experts = layer.get("experts")
-        if experts is None:
-            continue
-        for name, value in experts.items():
-            if isinstance(value, (int, float)):
-                yield i, "layer", "", f"expert_{name}", value
-            elif name not in ("dead", "subtoken_load"):
-                for expert, item in enumerate(value):
-                    yield i, "expert", expert, name, item
-        for sub, row in enumerate(experts["subtoken_load"]):
-            for expert, value in enumerate(row):
-                yield i, "subtoken_expert", f"{sub}->{expert}", "load", value
-
-
 def _floats(values: torch.Tensor) -> List[float]:
     return [float(v) for v in values.tolist()]
 
 
 def _ints(values: torch.Tensor) -> List[int]:
     return [int(round(v)) for v in values.tolist()]
-
-
-def _mean(values: Iterable[float]) -> float:
-    values = list(values)
-    return float(sum(values) / len(values))

@@ -95,13 +95,16 @@ def test_load_metrics_of_a_hand_made_skewed_load():
 def test_streaming_statistics_equal_one_shot_statistics():
     generator = torch.Generator().manual_seed(0)
     batches = [synthetic_records(MOE_CFG, batch, 5, generator) for batch in (2, 3, 1)]
+    ids = [torch.randint(0, MOE_CFG.vocab_size, (batch, 5), generator=generator) for batch in (2, 3, 1)]
     streamed = RoutingStats(MOE_CFG)
-    for records in batches:
-        streamed.update(records)
+    for records, batch_ids in zip(batches, ids):
+        streamed.update(records, batch_ids)
     one_shot = RoutingStats(MOE_CFG)
-    one_shot.update(concat_records(batches))
+    one_shot.update(concat_records(batches), torch.cat(ids))
     assert streamed.batches == 3 and one_shot.batches == 1
-    assert_reports_close(streamed.report(), one_shot.report())
+    report = streamed.report()
+    assert "top_tokens" in report["layers"][0]["heads"] and "top_tokens" in report["layers"][0]["experts"]
+    assert_reports_close(report, one_shot.report())
 
 
 @settings(max_examples=12, deadline=None)
@@ -199,6 +202,31 @@ def test_expert_statistics_of_hand_made_records():
     assert experts["load_entropy"] == pytest.approx(load_entropy(torch.tensor([4.0, 1, 1, 0])))
 
 
+def test_top_tokens_per_head_and_expert_equal_a_hand_count():
+    cfg = GoHConfig(vocab_size=8, d_model=32, n_layers=1, n_heads=2, n_shared_heads=1, router="linear",
+                    ffn="moe", n_experts=2, top_k_experts=1)
+    gates = torch.tensor([[[1.0, 0.5], [1.0, 0.7], [1.0, 0.2], [1.0, 0.0]]])  # head 1 off at token 3
+    record = LayerRouting(head_gates=gates, expert_indices=torch.tensor([[[[0]], [[0]], [[1]], [[0]]]]))
+    ids = torch.tensor([[3, 3, 5, 1]])
+    stats = RoutingStats(cfg)
+    stats.update([record], ids)
+    layer = stats.report()["layers"][0]
+    assert layer["heads"]["top_tokens"][1] == [[3, pytest.approx(2 / 3)], [5, pytest.approx(1 / 3)]]
+    assert layer["heads"]["top_tokens"][0][0] == [3, 0.5]  # then 5 and 1 tie at 0.25
+    assert layer["experts"]["top_tokens"] == [[[3, pytest.approx(2 / 3)], [1, pytest.approx(1 / 3)]], [[5, 1.0]]]
+    with pytest.raises(ValueError, match="every update"):
+        stats.update([record])
+    with pytest.raises(ValueError, match="vocab_size"):
+        RoutingStats(cfg).update([record], ids + 5)
+
+
+def test_token_profiles_are_skipped_for_huge_vocabularies():
+    cfg = GoHConfig(vocab_size=1 << 21, d_model=32, n_layers=2, n_heads=4, router="dense")
+    stats = RoutingStats(cfg)
+    stats.update([LayerRouting(head_gates=torch.ones(1, 2, 4))] * 2, torch.tensor([[7, 1 << 20]]))
+    assert "top_tokens" not in stats.report()["layers"][0]["heads"]
+
+
 def test_expert_gate_mass_is_absent_without_recorded_weights():
     cfg = GoHConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, router="dense", ffn="moe",
                     n_experts=3, top_k_experts=1)
@@ -225,7 +253,8 @@ def test_dense_router_without_experts_reports_every_head_active_and_no_expert_se
 
 def test_json_and_csv_exports_hold_the_report(tmp_path):
     stats = RoutingStats(MOE_CFG)
-    stats.update(synthetic_records(MOE_CFG, 2, 4, torch.Generator().manual_seed(3)))
+    generator = torch.Generator().manual_seed(3)
+    stats.update(synthetic_records(MOE_CFG, 2, 4, generator), torch.randint(0, 64, (2, 4), generator=generator))
     report = stats.report()
     assert json.loads(stats.to_json(tmp_path / "s.json").read_text()) == report
     with stats.to_csv(tmp_path / "s.csv").open() as handle:
@@ -236,6 +265,9 @@ def test_json_and_csv_exports_hold_the_report(tmp_path):
     freq = [float(r["value"]) for r in rows
             if r["layer"] == "0" and r["group"] == "head" and r["metric"] == "activation_frequency"]
     assert freq == report["layers"][0]["heads"]["activation_frequency"]
+    top = {(r["item"], r["metric"]): float(r["value"]) for r in rows if r["layer"] == "0" and r["group"] == "expert_token"}
+    first_token, first_share = report["layers"][0]["experts"]["top_tokens"][2][0]
+    assert top[("2#0", "token_id")] == first_token and top[("2#0", "share")] == first_share
     drop = [float(r["value"]) for r in rows if r["metric"] == "expert_drop_rate" and r["group"] == "layer"]
     assert drop == [layer["experts"]["drop_rate"] for layer in report["layers"]]
 

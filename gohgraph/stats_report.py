@@ -1,0 +1,87 @@
+"""Turning routing statistics into reports: the cross-layer summary and the long CSV rows.
+
+Both read the per-layer report dicts :class:`~gohgraph.stats.RoutingStats` builds and return
+plain Python values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Iterator, List
+
+import torch
+
+
+def summarise_layers(layers: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Cross-layer view: mean balance metrics and the spread of expert utilisation over all layers."""
+    summary: Dict[str, Any] = {
+        "dead_heads": sum(len(layer["heads"]["dead"]) for layer in layers),
+        "active_heads_per_token": _mean(layer["heads"]["active_per_token"] for layer in layers),
+    }
+    if all("load_cv" in layer["heads"] for layer in layers):
+        summary["head_load_cv"] = _mean(layer["heads"]["load_cv"] for layer in layers)
+        summary["head_load_entropy"] = _mean(layer["heads"]["load_entropy"] for layer in layers)
+    expert_layers = [layer["experts"] for layer in layers if "experts" in layer]
+    if expert_layers:
+        utilisation = torch.tensor([u for experts in expert_layers for u in experts["utilisation"]],
+                                   dtype=torch.float64)
+        quantiles = torch.quantile(utilisation, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+        summary.update({
+            "dead_experts": sum(len(experts["dead"]) for experts in expert_layers),
+            "expert_load_cv": _mean(experts["load_cv"] for experts in expert_layers),
+            "expert_load_entropy": _mean(experts["load_entropy"] for experts in expert_layers),
+            "expert_utilisation": {"min": float(utilisation.min()), "p10": float(quantiles[0]),
+                                   "p50": float(quantiles[1]), "p90": float(quantiles[2]),
+                                   "max": float(utilisation.max()),
+                                   "std": float(utilisation.std(unbiased=False))},
+        })
+        if all("drop_rate" in experts for experts in expert_layers):
+            summary["drop_rate"] = _mean(experts["drop_rate"] for experts in expert_layers)
+    return summary
+
+
+def csv_rows(report: Dict[str, Any]) -> Iterator[tuple]:
+    edges = report["head_edges"]
+    for layer in report["layers"]:
+        i, heads = layer["layer"], layer["heads"]
+        yield i, "layer", "", "tokens", layer["tokens"]
+        for name, value in heads.items():
+            if isinstance(value, (int, float)):
+                yield i, "layer", "", f"head_{name}", value
+        for name in ("activation_count", "activation_frequency", "gate_mass", "mean_gate"):
+            for head, value in enumerate(heads[name]):
+                yield i, "head", head, name, value
+        for offset, value in enumerate(heads.get("routed_load", [])):
+            yield i, "head", offset + report["config"]["n_shared_heads"], "routed_load", value
+        for a, row in enumerate(heads["coactivation"]):
+            for b, value in enumerate(row):
+                yield i, "head_pair", f"{a}&{b}", "coactivation", value
+        for name, values in layer.get("flow", {}).items():
+            for (src, dst), value in zip(edges, values):
+                yield i, "edge", f"{src}->{dst}", name, value
+        yield from _top_token_rows(i, "head_token", heads.get("top_tokens", []))
+        experts = layer.get("experts")
+        if experts is None:
+            continue
+        for name, value in experts.items():
+            if isinstance(value, (int, float)):
+                yield i, "layer", "", f"expert_{name}", value
+            elif name not in ("dead", "subtoken_load", "top_tokens"):
+                for expert, item in enumerate(value):
+                    yield i, "expert", expert, name, item
+        for sub, row in enumerate(experts["subtoken_load"]):
+            for expert, value in enumerate(row):
+                yield i, "subtoken_expert", f"{sub}->{expert}", "load", value
+        yield from _top_token_rows(i, "expert_token", experts.get("top_tokens", []))
+
+
+def _top_token_rows(layer: int, group: str, top_tokens: List[list]) -> Iterator[tuple]:
+    """``item`` is ``"node#rank"``; one row for the token id, one for its share of the node."""
+    for node, tokens in enumerate(top_tokens):
+        for rank, (token_id, share) in enumerate(tokens):
+            yield layer, group, f"{node}#{rank}", "token_id", token_id
+            yield layer, group, f"{node}#{rank}", "share", share
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return float(sum(values) / len(values))
