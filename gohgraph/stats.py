@@ -71,14 +71,19 @@ class RoutingStats:
                              f"n_layers={self.config.n_layers}")
         if self._with_input_ids is not None and self._with_input_ids != (input_ids is not None):
             raise ValueError("pass input_ids to every update() or to none (token profiles would be partial)")
-        self._with_input_ids = input_ids is not None
-        for layer_idx, record in enumerate(routing):
+        if input_ids is not None and input_ids.numel() and self.profile_tokens and \
+                (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            raise ValueError(f"input_ids must lie in 0..{self.config.vocab_size - 1} (vocab_size)")
+        # every record is checked before any is counted: a rejected batch leaves the sums untouched
+        for layer_idx, (tally, record) in enumerate(zip(self.layers, routing)):
             if input_ids is not None and tuple(record.head_gates.shape[:2]) != tuple(input_ids.shape):
                 raise ValueError(f"layer {layer_idx}: head_gates {list(record.head_gates.shape)} does not "
                                  f"match input_ids {list(input_ids.shape)} [batch, seq]")
+            tally.check(record, layer_idx)
+        self._with_input_ids = input_ids is not None
         with _serial_on_cpu(routing[0].head_gates.device if routing else None):
             for layer_idx, (tally, record) in enumerate(zip(self.layers, routing)):
-                tally.add(record, layer_idx, input_ids if self.profile_tokens else None)
+                tally.add(record, input_ids if self.profile_tokens else None)
         self.batches += 1
 
     @property
@@ -196,22 +201,46 @@ class _LayerTally:
         self.head_tokens: Optional[TokenProfile] = None  # [vocab, heads], with input_ids only
         self.expert_tokens: Optional[TokenProfile] = None  # [vocab, E_r]
 
-    def add(self, record: LayerRouting, layer_idx: int, input_ids: Optional[torch.Tensor] = None) -> None:
-        self._check_sections(record, layer_idx)
+    def check(self, record: LayerRouting, layer_idx: int) -> None:
+        """Raise ``ValueError`` if ``record`` does not fit this layer or differs from earlier batches."""
+        sections = (record.flow is not None, record.expert_indices is not None, record.expert_weights is not None,
+                    record.dropped is not None, record.expert_drops is not None)
+        if self._sections is not None and sections != self._sections:
+            names = ("flow", "expert_indices", "expert_weights", "dropped", "expert_drops")
+            raise ValueError(f"layer {layer_idx}: this record's fields {dict(zip(names, sections))} differ "
+                             f"from earlier batches' {dict(zip(names, self._sections))}")
+        heads = record.head_gates.shape[-1]
+        if heads != self.head_active_count.numel():
+            raise ValueError(f"layer {layer_idx}: head_gates has {heads} heads, "
+                             f"config n_heads={self.head_active_count.numel()}")
+        if record.flow is not None and record.flow.shape[-1] != self.n_head_edges:
+            raise ValueError(f"layer {layer_idx}: flow has {record.flow.shape[-1]} edges, the config's "
+                             f"head_graph has {self.n_head_edges}")
+        if record.expert_indices is not None:
+            indices, n_experts, m = record.expert_indices, self.n_routed_experts, self.n_subtokens
+            if indices.dim() != 4 or indices.shape[2] != m:
+                raise ValueError(f"layer {layer_idx}: expert_indices must be [batch, seq, n_subtokens={m}, k], "
+                                 f"got {list(indices.shape)}")
+            if indices.numel() and (indices.min() < 0 or indices.max() >= n_experts):
+                raise ValueError(f"layer {layer_idx}: expert_indices must lie in 0..{n_experts - 1} "
+                                 f"(n_routed_experts), got {int(indices.min())}..{int(indices.max())}")
+
+    def add(self, record: LayerRouting, input_ids: Optional[torch.Tensor] = None) -> None:
+        """Add a record that passed :meth:`check`."""
+        self._sections = (record.flow is not None, record.expert_indices is not None,
+                          record.expert_weights is not None, record.dropped is not None,
+                          record.expert_drops is not None)
         # reduce on the records' device; only the small per-head sums travel to the CPU
         gates = record.head_gates.reshape(-1, record.head_gates.shape[-1]).double()
-        if gates.shape[1] != self.head_active_count.numel():
-            raise ValueError(f"layer {layer_idx}: head_gates has {gates.shape[1]} heads, "
-                             f"config n_heads={self.head_active_count.numel()}")
         active = (gates > 0).double()
         self.tokens += gates.shape[0]
         self.head_active_count += active.sum(0).cpu()
         self.head_gate_mass += gates.sum(0).cpu()
         self.head_coactivation += (active.t() @ active).cpu()
         if record.flow is not None:
-            self._add_flow(record.flow, active, layer_idx)
+            self._add_flow(record.flow, active)
         if record.expert_indices is not None:
-            self._add_experts(record, layer_idx)
+            self._add_experts(record)
         if input_ids is not None:
             self._add_token_profiles(record, input_ids)
 
@@ -226,21 +255,8 @@ class _LayerTally:
                 self.expert_tokens = TokenProfile(self.vocab_size, self.n_routed_experts)
             self.expert_tokens.add(input_ids, record.expert_indices)
 
-    def _check_sections(self, record: LayerRouting, layer_idx: int) -> None:
-        sections = (record.flow is not None, record.expert_indices is not None, record.expert_weights is not None,
-                    record.dropped is not None, record.expert_drops is not None)
-        if self._sections is None:
-            self._sections = sections
-        elif sections != self._sections:
-            names = ("flow", "expert_indices", "expert_weights", "dropped", "expert_drops")
-            raise ValueError(f"layer {layer_idx}: this record's fields {dict(zip(names, sections))} differ "
-                             f"from earlier batches' {dict(zip(names, self._sections))}")
-
-    def _add_flow(self, flow: torch.Tensor, active: torch.Tensor, layer_idx: int) -> None:
+    def _add_flow(self, flow: torch.Tensor, active: torch.Tensor) -> None:
         flow = flow.reshape(-1, flow.shape[-1]).double()
-        if flow.shape[1] != self.n_head_edges:
-            raise ValueError(f"layer {layer_idx}: flow has {flow.shape[1]} edges, the config's head_graph "
-                             f"has {self.n_head_edges}")
         if self.flow_sum is None:
             self.flow_sum = torch.zeros(self.n_head_edges, dtype=torch.float64)
             self.effective_flow_sum = torch.zeros(self.n_head_edges, dtype=torch.float64)
@@ -248,15 +264,9 @@ class _LayerTally:
         # flow into an inactive head is computed but multiplied by a zero gate: it has no effect
         self.effective_flow_sum += (flow * active[:, self.head_edges[1].to(flow.device)]).sum(0).cpu()
 
-    def _add_experts(self, record: LayerRouting, layer_idx: int) -> None:
+    def _add_experts(self, record: LayerRouting) -> None:
         n_experts, m = self.n_routed_experts, self.n_subtokens
         indices = record.expert_indices.long()  # [batch, seq, m, k]
-        if indices.dim() != 4 or indices.shape[2] != m:
-            raise ValueError(f"layer {layer_idx}: expert_indices must be [batch, seq, n_subtokens={m}, k], "
-                             f"got {list(indices.shape)}")
-        if indices.numel() and (indices.min() < 0 or indices.max() >= n_experts):
-            raise ValueError(f"layer {layer_idx}: expert_indices must lie in 0..{n_experts - 1} "
-                             f"(n_routed_experts), got {int(indices.min())}..{int(indices.max())}")
         if self.expert_count is None:
             self.expert_count = torch.zeros(n_experts, dtype=torch.float64)
             self.subtoken_expert_count = torch.zeros(m, n_experts, dtype=torch.float64)

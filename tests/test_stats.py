@@ -272,14 +272,21 @@ def test_json_and_csv_exports_hold_the_report(tmp_path):
     assert drop == [layer["experts"]["drop_rate"] for layer in report["layers"]]
 
 
-def test_bad_records_raise_clear_errors():
+def test_bad_records_raise_clear_errors_and_change_nothing():
     stats = RoutingStats(MOE_CFG)
-    records = synthetic_records(MOE_CFG, 1, 3, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    stats.update(synthetic_records(MOE_CFG, 1, 3, generator))
+    before = stats.report()
+    records = synthetic_records(MOE_CFG, 1, 3, generator)
     with pytest.raises(ValueError, match="n_layers=2"):
         stats.update(records[:1])
-    records[0].expert_indices = records[0].expert_indices + MOE_CFG.n_routed_experts
-    with pytest.raises(ValueError, match="n_routed_experts"):
+    records[1].expert_indices = records[1].expert_indices + MOE_CFG.n_routed_experts  # the last layer is bad
+    with pytest.raises(ValueError, match="layer 1: expert_indices must lie in 0..4"):
         stats.update(records)
+    records[1].expert_indices = None
+    with pytest.raises(ValueError, match="differ from earlier batches"):
+        stats.update(records)
+    assert stats.report() == before  # layer 0 of the rejected batches was not counted
     with pytest.raises(ValueError, match="no routing records"):
         RoutingStats(MOE_CFG).report()
 
