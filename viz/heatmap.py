@@ -2,7 +2,7 @@
 
 Expert utilisation is load over the ideal load ``1 / n_routed_experts``, drawn on a diverging
 scale centred on 1 so over- and under-used experts stand out in the same picture; dead experts
-(never chosen) are marked with a cross.
+(never chosen) are labelled "dead".
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def head_load_heatmap(stats: Any, path: Optional[Union[str, Path]] = None,
     report = as_report(stats)
     values = np.array([layer["heads"][metric] for layer in report["layers"]], dtype=float)
     n_shared = report["config"]["n_shared_heads"]
-    figure = new_figure(1.6 + 0.5 * values.shape[1], 1.2 + 0.4 * values.shape[0])
+    figure = new_figure(max(5.0, 1.6 + 0.5 * values.shape[1]), 1.2 + 0.4 * values.shape[0])
     ax = figure.add_subplot()
     vmax = 1.0 if metric == "activation_frequency" else max(float(values.max()), 1e-12)
     image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
@@ -53,28 +53,28 @@ def expert_load_heatmap(stats: Any, path: Optional[Union[str, Path]] = None) -> 
     if not expert_layers:
         raise ValueError("these statistics have no experts (ffn='dense'): no expert load to draw")
     values = np.array([layer["experts"]["utilisation"] for layer in expert_layers], dtype=float)
-    figure = new_figure(1.8 + 0.45 * values.shape[1], 1.2 + 0.4 * values.shape[0])
+    figure = new_figure(max(5.0, 1.8 + 0.45 * values.shape[1]), 1.4 + 0.4 * values.shape[0])
     ax = figure.add_subplot()
     vmax = max(2.0, float(values.max()))
     image = ax.imshow(values, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=vmax), aspect="auto")
-    _annotate(ax, image, values, "{:.2f}")
-    dead_rows, dead_cols = np.nonzero(values == 0)
-    ax.scatter(dead_cols, dead_rows, marker="x", color="black", s=40, label="dead (never chosen)")
+    _annotate(ax, image, values, "{:.2f}", zero_label="dead")
     _axes_labels(ax, values.shape, "expert", [layer["layer"] for layer in expert_layers])
-    figure.colorbar(image, ax=ax, label="utilisation (load / ideal load)")
+    figure.colorbar(image, ax=ax, label="load / ideal load")
     entropies = ", ".join(f"{layer['experts']['load_entropy']:.2f}" for layer in expert_layers)
-    ax.set_title(f"routed-expert utilisation; load entropy per layer: {entropies}", fontsize=9)
+    ax.set_title("routed-expert utilisation (1 = equal share; dead = never chosen)\n"
+                 f"load entropy per layer: {entropies}", fontsize=9)
     save_figure(figure, path)
     return figure
 
 
-def _annotate(ax: Axes, image: AxesImage, values: np.ndarray, fmt: str) -> None:
+def _annotate(ax: Axes, image: AxesImage, values: np.ndarray, fmt: str, zero_label: Optional[str] = None) -> None:
     if values.size > ANNOTATE_MAX_CELLS:
         return
     for (row, col), value in np.ndenumerate(values):
         red, green, blue, _ = image.cmap(image.norm(value))
         light_cell = 0.299 * red + 0.587 * green + 0.114 * blue > 0.5
-        ax.text(col, row, fmt.format(value), ha="center", va="center", fontsize=7,
+        text = zero_label if zero_label is not None and value == 0 else fmt.format(value)
+        ax.text(col, row, text, ha="center", va="center", fontsize=7,
                 color="black" if light_cell else "white")
 
 
