@@ -27,8 +27,9 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import distributed as D
-from .checkpoint import CheckpointError, atomic_write_text, load_state_strict
+from .checkpoint import WEIGHTS_NAME, CheckpointError, atomic_write_text, load_state_strict, read_config, read_tensors
 from .config import GoHConfig
+from .convert import dense_to_sparse_schedule
 from .data import Corpus, eval_batches, train_batch
 from .model import GoHOutput, GoHTransformer
 from .optim import build_optimizer, learning_rate, set_learning_rate
@@ -70,6 +71,10 @@ class TrainConfig:
     dtype: str = "auto"  # auto = bf16 autocast on CUDA, float32 on CPU
     fsdp: bool = False
     tensorboard: bool = True
+    # continue-training: start from a save_pretrained directory's weights (e.g. a converted dense
+    # model) and anneal its heads from dense to top-k over dense_anneal_steps (MoH's continue-tuning)
+    init_from: Optional[str] = None
+    dense_anneal_steps: int = 0  # 0 = leave GoHTransformer's dense_blend as it is
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "grad_accum_steps", "max_steps", "eval_every",
@@ -77,7 +82,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TrainConfig.{name}={value!r} must be a positive integer")
-        for name in ("warmup_steps", "aux_warmup_steps", "seed"):
+        for name in ("warmup_steps", "aux_warmup_steps", "seed", "dense_anneal_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be an integer >= 0")
         if not self.lr > 0:
@@ -192,6 +197,8 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
         else:
             torch.manual_seed(tc.seed + 1_000_003 * ctx.rank + start_step)
     else:
+        if tc.init_from is not None:
+            _initialise_from(model, Path(tc.init_from))
         torch.manual_seed(tc.seed + 1_000_003 * ctx.rank)  # dropout differs per rank
     model.to(ctx.device).train()
     wrapped = D.wrap_model(model, ctx, tc.fsdp)
@@ -240,6 +247,8 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
                 lr = learning_rate(step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
                 set_learning_rate(optimizer, lr)
                 aux_scale = min(1.0, step / tc.aux_warmup_steps) if tc.aux_warmup_steps else 1.0
+                if tc.dense_anneal_steps:
+                    model.set_dense_blend(dense_to_sparse_schedule(step, tc.dense_anneal_steps))
                 parts = torch.zeros(3, device=ctx.device)  # loss, lm_loss, aux_loss
                 for micro in range(tc.grad_accum_steps):
                     batch = train_batch(corpus.train, tc.batch_size, tc.seq_len, tc.seed, step, micro,
@@ -310,6 +319,13 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
 
 
 # ---------------------------------------------------------------------- helpers
+def _initialise_from(model: GoHTransformer, directory: Path) -> None:
+    """Load a ``save_pretrained`` directory's weights into ``model``; routing settings such as
+    ``top_k_heads`` may differ from the saved config, tensor names and shapes may not."""
+    read_config(directory)  # a clear error for a missing or foreign directory
+    load_state_strict(model, read_tensors(directory / WEIGHTS_NAME), directory / WEIGHTS_NAME)
+
+
 def _check_same_config(saved: GoHConfig, given: GoHConfig, checkpoint: Path) -> None:
     differing = {k: (v, getattr(given, k)) for k, v in saved.to_dict().items() if getattr(given, k) != v}
     if differing:

@@ -24,7 +24,8 @@ from ..train_state import CHECKPOINTS_DIR, latest_checkpoint
 # flag name -> TrainConfig field (None = not given, keep the base value)
 TRAIN_FLAGS = {"max_steps": "max_steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr",
                "grad_accum": "grad_accum_steps", "warmup_steps": "warmup_steps", "eval_every": "eval_every",
-               "save_every": "save_every", "seed": "seed", "device": "device", "dtype": "dtype"}
+               "save_every": "save_every", "seed": "seed", "device": "device", "dtype": "dtype",
+               "dense_anneal_steps": "dense_anneal_steps"}
 DATA_FILE = "data.json"
 
 
@@ -46,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun instead of DDP")
+    parser.add_argument("--init-from", type=Path,
+                        help="start from this save_pretrained directory's model (e.g. from gohgraph convert)")
+    parser.add_argument("--dense-anneal-steps", type=int,
+                        help="anneal heads from dense (all on) to top-k over this many steps")
     parser.add_argument("--data", help="text file, directory or glob (default: the Python standard library)")
     parser.add_argument("--tokenizer", default=None, help="byte (default), bpe or bpe:<vocab>")
     parser.add_argument("--cache-dir", type=Path, help="token cache (default $GOHGRAPH_CACHE or ~/.cache/gohgraph)")
@@ -104,6 +109,9 @@ def build_configs(args: argparse.Namespace, run_dir: Path):
     else:
         file_values = read_config_file(args.config) if args.config else {}
         model_kwargs, train_kwargs = get_preset(args.preset or file_values.get("preset", "tiny"))
+        if args.init_from is not None:  # the model is the one being continued, not the preset's
+            model_kwargs = read_config(args.init_from).to_dict()
+            train_kwargs["init_from"] = str(args.init_from)
         file_model, file_train = split_fields(file_values, str(args.config))
         model_kwargs.update(file_model)
         train_kwargs.update(file_train)
