@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -211,11 +211,7 @@ class GoHConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "GoHConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown GoHConfig field(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values)
 
     @classmethod
     def from_json(cls, text_or_path: Union[str, Path]) -> "GoHConfig":
@@ -229,6 +225,15 @@ class GoHConfig:
 
 
 # ---------------------------------------------------------------------- helpers
+def dataclass_from_dict(cls, values: dict):
+    """``cls(**values)`` for a config dataclass, refusing unknown keys by name (JSON typos)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; allowed: {sorted(known)}")
+    return cls(**values)
+
+
 def _positive(cfg: GoHConfig, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)

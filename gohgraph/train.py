@@ -28,7 +28,7 @@ import torch
 
 from . import distributed as D
 from .checkpoint import WEIGHTS_NAME, CheckpointError, atomic_write_text, load_state_strict, read_config, read_tensors
-from .config import GoHConfig
+from .config import GoHConfig, dataclass_from_dict
 from .convert import dense_to_sparse_schedule
 from .data import Corpus, eval_batches, train_batch
 from .model import GoHOutput, GoHTransformer
@@ -104,11 +104,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values)
 
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
