@@ -70,7 +70,7 @@ def main() -> None:
     print(f"one block fwd+bwd, d_model={args.d_model}, heads={args.heads}, seq={args.seq}, "
           f"batch={args.batch}, float32, {args.threads} threads, torch {torch.__version__}, "
           f"router path: {'PyG propagate' if args.no_fused else 'fused'}")
-    print(f"| variant | median ms | ratio to dense |\n|---|---|---|")
+    print("| variant | median ms | ratio to dense |\n|---|---|---|")
     for name, samples in times.items():
         median = statistics.median(samples)
         print(f"| {name} | {1000 * median:.1f} | {median / dense:.3f}x |")
