@@ -5,8 +5,11 @@ Greedy decoding (temperature 0) from the same prompt, so cached and recomputed g
 produce the same tokens; the script checks it and prints tokens/s and the speed-up of the cache.
 Runs are interleaved (cache, recompute, next variant, ...) and the median of ``--repeats`` is kept.
 
-    python benchmarks/bench_inference.py                  # d_model=128, 4 layers, 8 heads, batch 1
-    python benchmarks/bench_inference.py --repeats 1      # quicker
+    python benchmarks/bench_inference.py                  # d_model=128, 4 layers, 8 heads, batch 1 and 8
+    python benchmarks/bench_inference.py --batch 1 --repeats 1      # quicker
+
+At batch 1 a cached step is one token per layer, so it is bound by the number of small ops per
+layer (the graph router has many) rather than by arithmetic; larger batches amortise that.
 """
 
 from __future__ import annotations
@@ -35,20 +38,20 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     models = {name: GoHTransformer(cfg).eval() for name, cfg in variants(args).items()}
-    prompt = torch.randint(0, 256, (args.batch, args.prompt))
-    print(f"generate, greedy, batch {args.batch}, prompt {args.prompt} tokens, d_model={args.d_model}, "
+    print(f"generate, greedy, prompt {args.prompt} tokens, d_model={args.d_model}, "
           f"{args.layers} layers, 8 heads (MoH/GoH: 2 shared + top-4), float32, {args.threads} threads, "
           f"torch {torch.__version__}; median of {args.repeats}")
-    print("| variant | new tokens | KV cache tok/s | recompute tok/s | cache speed-up | same tokens |")
-    print("|---|---|---|---|---|---|")
-    for new in args.new:
+    print("| variant | batch | new tokens | KV cache tok/s | recompute tok/s | cache speed-up | same tokens |")
+    print("|---|---|---|---|---|---|---|")
+    for batch, new in [(batch, new) for batch in args.batch for new in args.new]:
+        prompt = torch.randint(0, 256, (batch, args.prompt))
         runs, outputs = {}, {}
         for name, model in models.items():
             for cache in (True, False):
@@ -59,7 +62,7 @@ def main() -> None:
         for name in models:
             cached, recomputed = seconds[(name, True)], seconds[(name, False)]
             same = torch.equal(outputs[(name, True)], outputs[(name, False)])
-            print(f"| {name} | {new} | {args.batch * new / cached:.0f} | {args.batch * new / recomputed:.0f} "
+            print(f"| {name} | {batch} | {new} | {batch * new / cached:.0f} | {batch * new / recomputed:.0f} "
                   f"| {recomputed / cached:.1f}x | {'yes' if same else 'NO'} |")
 
 
