@@ -146,25 +146,28 @@ class GoHTransformer(nn.Module):
 
         ``temperature=0`` is greedy (argmax). With ``use_cache`` each step feeds only the newest
         token and reads earlier keys/values from a :class:`KVCache`; without it every step
-        recomputes the whole (cropped to ``max_seq_len``) sequence.
+        recomputes the whole (cropped to ``max_seq_len``) sequence. Decoding runs under
+        ``torch.inference_mode()``, where routed layers skip their training losses (a fifth of a
+        cached GoH step); the returned ids are an ordinary tensor.
         """
         if use_cache and input_ids.shape[1] + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens={max_new_tokens} "
                              f"exceeds max_seq_len={self.config.max_seq_len}")
         was_training = self.training
         self.eval()
-        cache = KVCache(self.config.n_layers) if use_cache else None
-        ids = input_ids
-        logits = self(ids, cache=cache).logits[:, -1]
-        for step in range(max_new_tokens):
-            next_ids = sample_next_token(logits, temperature, top_k, generator)
-            ids = torch.cat([ids, next_ids], dim=1)
-            if step + 1 == max_new_tokens:
-                break
-            context = next_ids if use_cache else ids[:, -self.config.max_seq_len:]
-            logits = self(context, cache=cache).logits[:, -1]
+        with torch.inference_mode():
+            cache = KVCache(self.config.n_layers) if use_cache else None
+            ids = input_ids
+            logits = self(ids, cache=cache).logits[:, -1]
+            for step in range(max_new_tokens):
+                next_ids = sample_next_token(logits, temperature, top_k, generator)
+                ids = torch.cat([ids, next_ids], dim=1)
+                if step + 1 == max_new_tokens:
+                    break
+                context = next_ids if use_cache else ids[:, -self.config.max_seq_len:]
+                logits = self(context, cache=cache).logits[:, -1]
         self.train(was_training)
-        return ids
+        return ids.clone()  # outside inference mode: a normal tensor, usable with autograd later
 
     # ------------------------------------------------------------------ routing upkeep
     def update_routing_biases(self) -> None:

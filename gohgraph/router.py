@@ -257,6 +257,8 @@ class HeadGate(nn.Module):
         gates = torch.zeros_like(routed_logits).scatter(-1, selected, kept)
         if self.training and self.aux_free_bias:
             self.load_since_update += torch.bincount(selected.reshape(-1), minlength=self.n_routed)
+        if torch.is_inference_mode_enabled():  # generation: no training signal needed, a fifth of a decode step
+            return gates, {}
         aux = {
             "head_balance": load_balance_loss(small_softmax(routed_logits, dim=-1), selected, self.n_routed),
             "head_z": router_z_loss(routed_logits),

@@ -68,3 +68,34 @@ def test_small_softmax_matches_torch_softmax_with_masks_and_gradients():
     torch.testing.assert_close(ours[1], reference[1])
     assert (ours[0][:, mask] == 0).all()
     torch.testing.assert_close(small_softmax(x.detach(), dim=1), torch.softmax(x.detach(), dim=1))
+
+
+def test_inference_mode_skips_routing_losses_but_not_routing():
+    from gohgraph import GoHConfig
+    from gohgraph.router import HeadGate
+
+    torch.manual_seed(0)
+    gate = HeadGate(GoHConfig(d_model=16, n_heads=8, router="graph", n_shared_heads=2, top_k_heads=3))
+    x, logits = torch.randn(11, 16), torch.randn(11, 8)
+    with torch.no_grad():
+        trained = gate(x, logits)
+    with torch.inference_mode():
+        decoding = gate(x, logits)
+    assert set(trained.aux_losses) == {"head_balance", "head_z"} and decoding.aux_losses == {}
+    torch.testing.assert_close(decoding.gates, trained.gates, rtol=0, atol=0)
+
+
+def test_generate_returns_an_ordinary_tensor_that_autograd_accepts():
+    from gohgraph import GoHConfig, GoHTransformer
+
+    torch.manual_seed(0)
+    model = GoHTransformer(GoHConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=32,
+                                     router="graph", n_shared_heads=1, top_k_heads=2)).train()
+    prompt = torch.randint(0, 64, (2, 5))
+    cached = model.generate(prompt, max_new_tokens=7, temperature=0)
+    recomputed = model.generate(prompt, max_new_tokens=7, temperature=0, use_cache=False)
+    assert torch.equal(cached, recomputed) and torch.equal(cached[:, :5], prompt)
+    assert not cached.is_inference() and model.training
+    out = model(cached, labels=cached)  # the generated ids can be trained on
+    out.loss.backward()
+    assert out.aux_loss > 0 and model.embed.weight.grad is not None
