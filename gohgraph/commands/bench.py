@@ -4,6 +4,7 @@ GoH-MoE at matched total parameters (:mod:`gohgraph.compare`).
     gohgraph bench --quick                      # tiny models, 3 seeds, < 10 minutes on 2 CPU cores
     gohgraph bench --seeds 3 --out runs/bench   # the full setting
     gohgraph bench --quick --variants dense GoH --steps 50 --seeds 1
+    gohgraph bench --quick --variants MoH GoH --first-seed 3     # three more seeds (3, 4, 5)
 
 Writes ``OUT/compare.md`` (the table), ``OUT/compare.json`` (every number) and
 ``OUT/compare_loss.png`` (validation loss against training tokens).
@@ -21,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from gohgraph.compare import VARIANT_NAMES
 
     parser.add_argument("--quick", action="store_true", help="the quick setting (tiny models, short runs)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (0..N-1)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per variant")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST..FIRST+N-1")
     parser.add_argument("--out", default="runs/bench", help="directory for compare.md/.json/_loss.png")
     parser.add_argument("--data", default=None,
                         help="text file, directory or glob (default: the Python standard library corpus)")
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     machine = (f"Setting `{setting}`; torch {torch.__version__}, {torch.get_num_threads()} threads, "
                f"{platform.processor() or platform.machine()}, Python {platform.python_version()}.")
     comparison = run_comparison(variants, train_config, load_corpus(args.data), out,
-                                seeds=range(args.seeds), final_eval_batches=args.eval_batches,
+                                seeds=range(args.first_seed, args.first_seed + args.seeds), final_eval_batches=args.eval_batches,
                                 run_dir=out / "runs" if args.keep_runs else None,
                                 progress=not args.no_progress, description=machine)
     print((out / "compare.md").read_text(encoding="utf-8"))
