@@ -167,3 +167,21 @@ def test_interleaved_timing_runs_variants_in_turn():
                                          repeats=3, warmup=1)
     assert calls == ["a", "b"] * 4
     assert set(seconds) == {"a", "b"} and all(value >= 0 for value in seconds.values())
+
+
+def test_bench_command_writes_the_table_for_the_chosen_variants(tmp_path, capsys, monkeypatch):
+    from gohgraph.cli import main
+
+    monkeypatch.setenv("GOHGRAPH_CACHE", str(tmp_path / "cache"))
+
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"print({i} * {i % 13})\n" for i in range(2000)), encoding="utf-8")
+    out = tmp_path / "bench"
+    code = main(["bench", "--quick", "--variants", "GoH", "--steps", "2", "--seeds", "1", "--first-seed", "4",
+                 "--data", str(data), "--eval-batches", "1", "--out", str(out), "--no-progress"])
+    assert code == 0
+    saved = json.loads((out / "compare.json").read_text())
+    assert list(saved["variants"]) == ["dense", "GoH"]  # dense joins as the reference
+    assert [(run["variant"], run["seed"]) for run in saved["runs"]] == [("dense", 4), ("GoH", 4)]
+    assert saved["train_config"]["max_steps"] == 2
+    assert "| GoH |" in capsys.readouterr().out and (out / "compare_loss.png").stat().st_size > 0
