@@ -46,7 +46,7 @@ ADAMW_BYTES_PER_PARAM = 16  # float32 weight, gradient and AdamW's two moments
 
 # Model shape and schedule of the two settings; ``gohgraph bench --quick`` runs the first.
 # The graph routers use one round of 8-wide node features: over 6 seeds of the quick setting this
-# beat MoH by 0.072 ± 0.058 nats (paired), while 2 rounds of 16 gave -0.034 ± 0.055 (BENCHMARKS.md).
+# beat MoH by 0.072 ± 0.058 nats (paired), while 2 rounds of 16 gave 0.033 ± 0.055 (BENCHMARKS.md).
 SETTINGS: Dict[str, Tuple[dict, dict]] = {
     "quick": (
         dict(d_model=64, n_layers=2, n_heads=8, n_shared_heads=2, top_k_heads=4, router_dim=8,
