@@ -100,7 +100,8 @@ def comparison_variants(d_model: int, n_layers: int, n_heads: int, n_shared_head
 # ---------------------------------------------------------------------- 2. parameter matching
 @dataclass
 class MatchedVariant:
-    """A variant resized to ``target`` total parameters; ``mismatch = params / target - 1``."""
+    """A variant resized to ``target`` parameters, counted as ``matched_on`` says (``"total"`` or
+    ``"active"`` per token); ``mismatch`` is that count over the target, minus 1."""
 
     name: str
     config: GoHConfig
@@ -109,29 +110,36 @@ class MatchedVariant:
     active_params: int
     heads_active: str  # "6/8"
     experts_active: str  # "2/8", "2x2/8" (sub-tokens x top-k of routed experts), "-" without experts
+    matched_on: str = "total"
 
     @property
     def mismatch(self) -> float:
-        return self.params / self.target - 1.0
+        matched = self.params if self.matched_on == "total" else self.active_params
+        return matched / self.target - 1.0
 
 
 def match_parameters(variants: Dict[str, GoHConfig], reference: str = "dense",
-                     tolerance: float = MATCH_TOLERANCE) -> Dict[str, MatchedVariant]:
-    """Resize every variant to the total parameter count of ``variants[reference]``.
+                     tolerance: float = MATCH_TOLERANCE, on: str = "total") -> Dict[str, MatchedVariant]:
+    """Resize every variant to the parameter count of ``variants[reference]``: its ``"total"``
+    count (the default), or its ``"active"`` count per token (expert models then grow in total size,
+    the compute-matched setting of the MH-MoE paper).
 
     Raises ``ValueError`` if a variant cannot be brought within ``tolerance`` (relative).
     """
     if reference not in variants:
         raise ValueError(f"reference={reference!r} is not among the variants {list(variants)}")
-    target = count_parameters(variants[reference])
+    if on not in MATCH_ON:
+        raise ValueError(f"on={on!r} is not one of {list(MATCH_ON)}")
+    count = MATCH_ON[on]
+    target = count(variants[reference])
     matched = {}
     for name, config in variants.items():
-        fitted = config if name == reference else _fit_to_target(config, target, tolerance / 2)
+        fitted = config if name == reference else _fit_to_target(config, target, tolerance / 2, count)
         model = GoHTransformer(fitted)
         variant = MatchedVariant(name, fitted, model.num_parameters(), target, active_parameters(model),
-                                 f"{fitted.active_heads}/{fitted.n_heads}", _experts_active(fitted))
+                                 f"{fitted.active_heads}/{fitted.n_heads}", _experts_active(fitted), on)
         if abs(variant.mismatch) > tolerance:
-            raise ValueError(f"variant {name!r} has {variant.params} parameters, {variant.mismatch:+.1%} "
+            raise ValueError(f"variant {name!r} has {variant.mismatch:+.1%} {on} parameters "
                              f"from the target {target}; allowed: within {tolerance:.0%}")
         matched[name] = variant
     return matched
@@ -139,6 +147,10 @@ def match_parameters(variants: Dict[str, GoHConfig], reference: str = "dense",
 
 def count_parameters(config: GoHConfig) -> int:
     return GoHTransformer(config).num_parameters()
+
+
+def count_active_parameters(config: GoHConfig) -> int:
+    return active_parameters(GoHTransformer(config))
 
 
 def active_parameters(model: GoHTransformer) -> int:
@@ -159,6 +171,9 @@ def active_parameters(model: GoHTransformer) -> int:
     return total
 
 
+MATCH_ON: Dict[str, Callable[[GoHConfig], int]] = {"total": count_parameters, "active": count_active_parameters}
+
+
 def _experts_active(config: GoHConfig) -> str:
     if config.ffn == "dense":
         return "-"
@@ -166,7 +181,8 @@ def _experts_active(config: GoHConfig) -> str:
     return f"{per_token}/{config.n_routed_experts}"
 
 
-def _fit_to_target(config: GoHConfig, target: int, good_enough: float) -> GoHConfig:
+def _fit_to_target(config: GoHConfig, target: int, good_enough: float,
+                   count: Callable[[GoHConfig], int] = count_parameters) -> GoHConfig:
     """The size knob (``ffn_hidden`` or ``expert_hidden``, then ``n_experts``) closest to ``target``.
 
     Parameters are affine in each knob, so two counts give the slope; the neighbours of the
@@ -174,7 +190,7 @@ def _fit_to_target(config: GoHConfig, target: int, good_enough: float) -> GoHCon
     one, and the first within ``good_enough`` wins (so the configured count is kept when it fits).
     """
     if config.ffn == "dense":
-        return _fit_knob(config, "ffn_hidden", target)[0]
+        return _fit_knob(config, "ffn_hidden", target, count)[0]
     best, best_error = config, math.inf
     base = config.n_experts
     spread = max(2, base // 4)
@@ -182,7 +198,7 @@ def _fit_to_target(config: GoHConfig, target: int, good_enough: float) -> GoHCon
         n_experts = base + offset
         if n_experts - config.n_shared_experts < config.top_k_experts:
             continue
-        fitted, error = _fit_knob(config.replace(n_experts=n_experts), "expert_hidden", target)
+        fitted, error = _fit_knob(config.replace(n_experts=n_experts), "expert_hidden", target, count)
         if error <= good_enough:
             return fitted
         if error < best_error:
@@ -190,13 +206,14 @@ def _fit_to_target(config: GoHConfig, target: int, good_enough: float) -> GoHCon
     return best
 
 
-def _fit_knob(config: GoHConfig, knob: str, target: int) -> Tuple[GoHConfig, float]:
+def _fit_knob(config: GoHConfig, knob: str, target: int,
+              count: Callable[[GoHConfig], int]) -> Tuple[GoHConfig, float]:
     low, high = 8, 16
-    count_low = count_parameters(config.replace(**{knob: low}))
-    slope = (count_parameters(config.replace(**{knob: high})) - count_low) / (high - low)
+    count_low = count(config.replace(**{knob: low}))
+    slope = (count(config.replace(**{knob: high})) - count_low) / (high - low)
     guess = max(1, round(low + (target - count_low) / slope))
     candidates = [config.replace(**{knob: value}) for value in (guess - 1, guess, guess + 1) if value >= 1]
-    errors = [abs(count_parameters(c) / target - 1.0) for c in candidates]
+    errors = [abs(count(c) / target - 1.0) for c in candidates]
     best = min(range(len(candidates)), key=errors.__getitem__)
     return candidates[best], errors[best]
 

@@ -82,8 +82,13 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
         cost = comparison.costs.get(name)
         speed = f"{cost.tokens_per_s / reference_cost.tokens_per_s:.2f}x" if cost and reference_cost else "-"
         memory = f"{cost.memory_mb:.1f}" if cost else "-"
+        total, active = f"{variant.params:,}", f"{variant.active_params:,}"
+        if variant.matched_on == "total":  # the match is shown next to the count that was matched
+            total += f" ({variant.mismatch:+.2%})"
+        else:
+            active += f" ({variant.mismatch:+.2%})"
         lines.append(
-            f"| {name} | {variant.params:,} ({variant.mismatch:+.2%}) | {variant.active_params:,} "
+            f"| {name} | {total} | {active} "
             f"| {variant.heads_active} | {variant.experts_active} | {mean:.3f}{spread_text} "
             f"| {bits_per_byte(mean):.3f}{bpb_spread} | {versus} | {speed} | {memory} "
             f"| {_mean_or_dash(r.head_load_cv for r in runs)} / {_mean_or_dash(r.expert_load_cv for r in runs)} |")
@@ -98,7 +103,7 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
     lines += [
         "",
         f"{len(seeds)} seed(s) {seeds}; d_model={cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
-        f"{first.target:,} target parameters; {tc.max_steps} steps x {tc.batch_size} x {tc.seq_len} tokens "
+        f"{first.target:,} target {first.matched_on} parameters (± % in the matched column); {tc.max_steps} steps x {tc.batch_size} x {tc.seq_len} tokens "
         f"= {tc.max_steps * tc.batch_size * tc.seq_len:,} training tokens, lr {tc.lr}, warmup {tc.warmup_steps}. "
         "Validation loss: mean over seeds ± sample std; bits/byte = loss / ln 2 (byte tokens); differences "
         "are per-seed (paired) means ± std, a tie when a paired t-test at 95% cannot tell them from 0. "

@@ -10,6 +10,7 @@ import torch
 
 from gohgraph import GoHConfig, GoHTransformer
 from gohgraph.compare import (SETTINGS, VARIANT_NAMES, Comparison, MatchedVariant, SeedRun, TrainingCost,
+                              active_parameters,
                               comparison_variants, interleaved_median_seconds, match_parameters, render_table,
                               run_comparison, saved_tensor_bytes)
 from gohgraph.compare_report import is_tie, paired_difference
@@ -185,3 +186,16 @@ def test_bench_command_writes_the_table_for_the_chosen_variants(tmp_path, capsys
     assert [(run["variant"], run["seed"]) for run in saved["runs"]] == [("dense", 4), ("GoH", 4)]
     assert saved["train_config"]["max_steps"] == 2
     assert "| GoH |" in capsys.readouterr().out and (out / "compare_loss.png").stat().st_size > 0
+
+
+def test_matching_on_active_parameters_grows_the_expert_models():
+    variants = match_parameters(comparison_variants(**SETTINGS["quick"][0], names=["dense", "SMoE", "MH-MoE"]),
+                                on="active")
+    dense = variants["dense"]
+    for name in ("SMoE", "MH-MoE"):
+        model = GoHTransformer(variants[name].config)
+        assert abs(active_parameters(model) / dense.active_params - 1) <= 0.02
+        assert model.num_parameters() > 1.3 * dense.params  # more experts than one token uses
+        assert variants[name].matched_on == "active"
+    with pytest.raises(ValueError, match="on='flops'"):
+        match_parameters(comparison_variants(**SETTINGS["quick"][0], names=["dense"]), on="flops")

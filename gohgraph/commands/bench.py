@@ -5,6 +5,7 @@ GoH-MoE at matched total parameters (:mod:`gohgraph.compare`).
     gohgraph bench --seeds 3 --out runs/bench   # the full setting
     gohgraph bench --quick --variants dense GoH --steps 50 --seeds 1
     gohgraph bench --quick --variants MoH GoH --first-seed 3     # three more seeds (3, 4, 5)
+    gohgraph bench --quick --match active                        # compute-matched: experts grow in total size
 
 Writes ``OUT/compare.md`` (the table), ``OUT/compare.json`` (every number) and
 ``OUT/compare_loss.png`` (validation loss against training tokens).
@@ -29,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text file, directory or glob (default: the Python standard library corpus)")
     parser.add_argument("--variants", nargs="+", default=None, choices=VARIANT_NAMES, metavar="NAME",
                         help=f"subset of {list(VARIANT_NAMES)} (default: all; 'dense' is always the reference)")
+    parser.add_argument("--match", choices=["total", "active"], default="total",
+                        help="match every variant to dense's total parameters (default) or its active parameters per token")
     parser.add_argument("--steps", type=int, default=None, help="override the setting's training steps")
     parser.add_argument("--eval-batches", type=int, default=None,
                         help="validation batches for the final loss (default: the whole validation split)")
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     names = args.variants
     if names is not None and "dense" not in names:
         names = ["dense", *names]
-    variants = match_parameters(comparison_variants(**model_shape, names=names))
+    variants = match_parameters(comparison_variants(**model_shape, names=names), on=args.match)
     schedule = dict(schedule, **({"max_steps": args.steps} if args.steps else {}))
     if args.steps:
         schedule["eval_every"] = max(1, min(schedule["eval_every"], args.steps))
