@@ -66,7 +66,7 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
     reference_losses = [run.val_loss for run in comparison.runs_of(reference)]
     reference_cost = comparison.costs.get(reference)
     lines = [
-        f"| variant | params (vs {reference}) | active params / token | heads active | experts active "
+        f"| variant | params | active params / token | heads active | experts active "
         f"| val loss (nats) | bits / byte | vs {reference} | train tok/s vs {reference} | train step memory (MB) "
         "| load CV heads / experts |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -103,7 +103,7 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
     lines += [
         "",
         f"{len(seeds)} seed(s) {seeds}; d_model={cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
-        f"{first.target:,} target {first.matched_on} parameters (± % in the matched column); {tc.max_steps} steps x {tc.batch_size} x {tc.seq_len} tokens "
+        f"{first.target:,} target {first.matched_on} parameters (the % is the match to {reference}); {tc.max_steps} steps x {tc.batch_size} x {tc.seq_len} tokens "
         f"= {tc.max_steps * tc.batch_size * tc.seq_len:,} training tokens, lr {tc.lr}, warmup {tc.warmup_steps}. "
         "Validation loss: mean over seeds ± sample std; bits/byte = loss / ln 2 (byte tokens); differences "
         "are per-seed (paired) means ± std, a tie when a paired t-test at 95% cannot tell them from 0. "
