@@ -106,8 +106,6 @@ class GoHAttention(nn.Module):
                                      cfg.router_rounds, cfg.init_std)
             if cfg.inter_head_flow and edge_index.shape[1] > 0:
                 self.flow_scale = nn.Parameter(torch.zeros(cfg.n_heads))
-                src, dst = edge_index
-                self.register_buffer("flow_slots", dst * cfg.n_heads + src, persistent=False)
         elif cfg.router == "linear":
             self.router = LinearHeadRouter(cfg.d_model, cfg.n_heads, cfg.init_std)
         self.gate = HeadGate(cfg) if self.router is not None else None
@@ -167,7 +165,8 @@ class GoHAttention(nn.Module):
         tokens_x = x.reshape(batch * seq, -1)
         edge_weights = None
         if self.router_kind == "graph":
-            logits, edge_weights = self.router(q.reshape(batch * seq, heads, -1))
+            logits, edge_weights = self.router(q.reshape(batch * seq, heads, -1),
+                                               dense_weights=self.flow_scale is not None)
         else:
             logits = self.router(tokens_x)
         gating = self.gate(tokens_x, logits)
@@ -175,12 +174,13 @@ class GoHAttention(nn.Module):
 
         mixing = flow = None
         if self.flow_scale is not None:
-            # only active sources send; while dense_blend anneals, unselected heads send at the blend weight
-            active = gating.active.to(x.dtype)
-            flow = edge_weights * active[:, self.router.edge_index[0]]
-            dense_flow = flow.new_zeros(batch * seq, heads * heads).index_copy(1, self.flow_slots, flow)
-            dense_flow = dense_flow.view(-1, heads, heads) * self.flow_scale[:, None]
-            mixing = (torch.diag_embed(gates) + gates[:, :, None] * dense_flow).view(batch, seq, heads, heads)
+            # [tokens, dst, src]: only active sources send; while dense_blend anneals, unselected
+            # heads send at the blend weight
+            flow_matrix = edge_weights * gating.active.to(x.dtype)[:, None, :]
+            mixing = torch.diag_embed(gates) + (gates * self.flow_scale)[:, :, None] * flow_matrix
+            mixing = mixing.view(batch, seq, heads, heads)
+            with torch.no_grad():
+                flow = flow_matrix.flatten(1)[:, self.router.edge_slots]
         routing = LayerRouting(
             head_gates=gates.detach().view(batch, seq, heads),
             head_logits=logits.detach().view(batch, seq, heads),

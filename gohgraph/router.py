@@ -105,6 +105,9 @@ class HeadRouter(MessagePassing):
         self.register_buffer("adjacency_with_loops", dense_adjacency(edge_index, n_heads, self_loops=True),
                              persistent=False)
         self.adjacency_is_full = bool(self.adjacency_with_loops.all())  # complete graph: nothing to mask
+        # position of each edge in a flattened [dst, src] matrix, and the graph without self-loops
+        self.register_buffer("edge_slots", edge_index[1] * n_heads + edge_index[0], persistent=False)
+        self.register_buffer("graph_mask", dense_adjacency(edge_index, n_heads).float(), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -120,26 +123,34 @@ class HeadRouter(MessagePassing):
         nn.init.normal_(self.score.weight, std=self.init_std)
         nn.init.zeros_(self.head_bias)
 
-    def forward(self, q: torch.Tensor, fused: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``q [tokens, heads, head_dim]`` -> (logits ``[tokens, heads]``, edge weights ``[tokens, E]``).
+    def forward(self, q: torch.Tensor, fused: Optional[bool] = None,
+                dense_weights: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``q [tokens, heads, head_dim]`` -> (logits ``[tokens, heads]``, edge weights).
 
+        Edge weights are the last round's attention on the graph's edges: ``[tokens, E]`` in
+        ``edge_index`` order, or with ``dense_weights`` a ``[tokens, heads(dst), heads(src)]`` matrix
+        that is zero off the graph and on the diagonal (what inter-head flow multiplies by; the
+        fused path has it already, so it skips a gather and its scatter-backward).
         ``fused=None`` uses ``self.fused``.
         """
         fused = self.fused if fused is None else fused
         z = self.node_in(q) + self.head_embedding
-        edge_weights = q.new_zeros(q.shape[0], self.edge_index.shape[1])
         for r in range(self.rounds):
             h = self.round_lin[r](z)
             score_src = (h * self.att_src[r]).sum(-1, keepdim=True)  # [tokens, heads, 1]
             score_dst = (h * self.att_dst[r]).sum(-1, keepdim=True)
             if fused:
-                aggregated, edge_weights = self._dense_round(h, score_src, score_dst)
+                aggregated, alpha = self._dense_round(h, score_src, score_dst)
             else:
                 aggregated = self.propagate(self.edge_index_with_loops, x=h, score=(score_src, score_dst))
-                n_edges = self.edge_index.shape[1]
-                edge_weights = self._last_alpha[:, :n_edges, 0]  # graph edges come before the loops
+                alpha = self._last_alpha[:, :self.edge_index.shape[1], 0]  # graph edges come before the loops
             z = z + F.gelu(aggregated + self.round_bias[r])
         logits = self.score(z).squeeze(-1) + self.head_bias
+        if fused:
+            edge_weights = alpha * self.graph_mask if dense_weights else alpha.flatten(1)[:, self.edge_slots]
+        else:
+            edge_weights = (alpha.new_zeros(alpha.shape[0], self.n_heads ** 2).index_copy(1, self.edge_slots, alpha)
+                            .view(-1, self.n_heads, self.n_heads)) if dense_weights else alpha
         return logits, edge_weights
 
     # --------------------------------------------------------------- PyG reference path
@@ -159,9 +170,7 @@ class HeadRouter(MessagePassing):
         if not self.adjacency_is_full:
             logits = logits.masked_fill(~self.adjacency_with_loops, float("-inf"))
         alpha = small_softmax(logits, dim=-1)
-        aggregated = torch.matmul(alpha, h)
-        src, dst = self.edge_index
-        return aggregated, alpha[:, dst, src]
+        return torch.matmul(alpha, h), alpha
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(heads={self.n_heads}, edges={self.edge_index.shape[1]}, "

@@ -176,3 +176,15 @@ def test_aux_free_bias_moves_load_toward_uniform():
         gate.update_bias()
     assert loads[-1] < 0.5 * loads[0]
     assert gate.selection_bias[0] < 0 < gate.selection_bias[-1]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_dense_edge_weights_hold_the_per_edge_weights_and_nothing_else(fused):
+    router = make_router("star")
+    q = torch.randn(11, 8, 12)
+    _, per_edge = router(q, fused=fused)
+    _, dense = router(q, fused=fused, dense_weights=True)
+    expected = torch.zeros(11, 8, 8)
+    src, dst = router.edge_index
+    expected[:, dst, src] = per_edge
+    torch.testing.assert_close(dense, expected)
