@@ -14,7 +14,6 @@ Writes ``OUT/compare.md`` (the table), ``OUT/compare.json`` (every number) and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import platform
 from pathlib import Path
 
