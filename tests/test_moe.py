@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from gohgraph import GoHConfig, GoHTransformer
 from gohgraph.attention import KVCache
 from gohgraph.ffn import SwiGLU
 from gohgraph.moe import MoEFeedForward
+
+from test_dispatch import reference_expert
 
 VARIANTS = {
     "moe": dict(ffn="moe", n_experts=6, n_shared_experts=1, top_k_experts=2),
@@ -58,20 +59,12 @@ def reference_forward(layer, x):
                 if capacity is not None and taken[e] >= capacity:
                     continue
                 taken[e] += 1
-                row = row + weights[t, s, r] * one_expert(sub[t, s], layer.experts.w_in[e], layer.experts.w_out[e],
-                                                          layer.experts.activation)
+                row = row + weights[t, s, r] * reference_expert(
+                    sub[t, s], layer.experts.w_in[e], layer.experts.w_out[e], layer.experts.activation)
             row = row + shared_experts_one_by_one(layer, sub[t, s])
             rows.append(row)
     y = torch.stack(rows).reshape(batch, seq, d_model)
     return (y @ layer.merge.weight.t() if layer.split_heads else y), chosen
-
-
-def one_expert(v, w_in, w_out, activation):
-    hidden = v @ w_in
-    if activation == "swiglu":
-        gate, up = hidden.chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ w_out
-    return F.gelu(hidden) @ w_out
 
 
 def shared_experts_one_by_one(layer, v):
@@ -87,7 +80,7 @@ def shared_experts_one_by_one(layer, v):
             expert_in = torch.cat([w_in[:, cols], w_in[:, n * h + j * h:n * h + (j + 1) * h]], dim=1)
         else:
             expert_in = w_in[:, cols]
-        total = total + one_expert(v, expert_in, w_out[cols], shared.activation)
+        total = total + reference_expert(v, expert_in, w_out[cols], shared.activation)
     return total
 
 
