@@ -11,12 +11,12 @@ context only: on a shared machine they are noise, the ratios are the result.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 
 import torch
 
-from gohgraph import GoHConfig
+from gohgraph import GoHConfig, HeadRouter
+from gohgraph.compare import interleaved_median_seconds
 from gohgraph.model import GoHBlock
 
 
@@ -31,14 +31,10 @@ def variants(args) -> dict:
     }
 
 
-def time_step(block: GoHBlock, x: torch.Tensor, fused: bool) -> float:
-    if block.attn.router is not None and hasattr(block.attn.router, "fused"):
-        block.attn.router.fused = fused
-    start = time.perf_counter()
+def forward_backward(block: GoHBlock, x: torch.Tensor) -> None:
     y, routing = block(x)
     loss = y.float().square().mean() + sum(routing.aux_losses.values(), torch.zeros(()))
     loss.backward()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -57,22 +53,20 @@ def main() -> None:
     torch.manual_seed(0)
 
     blocks = {name: GoHBlock(cfg, 0) for name, cfg in variants(args).items()}
+    for block in blocks.values():
+        if isinstance(block.attn.router, HeadRouter):
+            block.attn.router.fused = not args.no_fused
     x = torch.randn(args.batch, args.seq, args.d_model, requires_grad=True)
-    for block in blocks.values():  # warm-up
-        for _ in range(3):
-            time_step(block, x, not args.no_fused)
-    times = {name: [] for name in blocks}
-    for _ in range(args.repeats):
-        for name, block in blocks.items():
-            times[name].append(time_step(block, x, not args.no_fused))
+    medians = interleaved_median_seconds(
+        {name: functools.partial(forward_backward, block, x) for name, block in blocks.items()},
+        repeats=args.repeats, warmup=3)
 
-    dense = statistics.median(times["dense MHA"])
+    dense = medians["dense MHA"]
     print(f"one block fwd+bwd, d_model={args.d_model}, heads={args.heads}, seq={args.seq}, "
           f"batch={args.batch}, float32, {args.threads} threads, torch {torch.__version__}, "
           f"router path: {'PyG propagate' if args.no_fused else 'fused'}")
     print("| variant | median ms | ratio to dense |\n|---|---|---|")
-    for name, samples in times.items():
-        median = statistics.median(samples)
+    for name, median in medians.items():
         print(f"| {name} | {1000 * median:.1f} | {median / dense:.3f}x |")
 
 

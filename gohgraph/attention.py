@@ -184,11 +184,7 @@ class GoHAttention(nn.Module):
         routing = LayerRouting(
             head_gates=gates.detach().view(batch, seq, heads),
             head_logits=logits.detach().view(batch, seq, heads),
-            flow=None if flow is None else flow.detach().view(batch, seq, -1),
+            flow=None if flow is None else flow.view(batch, seq, -1),  # computed under no_grad
             aux_losses=gating.aux_losses,
         )
         return gates.view(batch, seq, heads), mixing, routing
-
-    def update_routing_bias(self) -> None:
-        if self.gate is not None:
-            self.gate.update_bias()
