@@ -12,12 +12,16 @@ layer, the usual estimate of its cost on a shared machine, and the medians are p
 
 Targets (DESIGN.md §10 / issue 3): E=8 top-2 <= 1.3x dense; E=64 <= 1.2x the E=8 time.
 
-OpenMP threads spin while they wait for each other; on a shared, oversubscribed machine a spinning
-thread burns the core its partner needs, which multiplies the cost of every parallel region
-(measured here: the dense FFN alone ran 2x slower). The script therefore defaults to
-``OMP_WAIT_POLICY=PASSIVE`` (set before torch loads; export another value to override). It applies to
-the dense baseline and the expert layers alike, and if anything favours the dense layer, which
-has fewer parallel regions.
+Two environment settings decide the E-dependence on a CPU, and the script prints both:
+
+* OpenMP's wait policy. E=64 runs ~390 small matmuls per step against ~50 for E=8, each its own
+  parallel region. With ``OMP_WAIT_POLICY=PASSIVE`` every region pays a thread wake-up, which
+  took E=64/E=8 from 1.33x to 2.0x on a quiet machine. The script keeps OpenMP's default
+  (spin, then sleep); on an oversubscribed machine, where spinning threads steal their partner's
+  core, export ``OMP_WAIT_POLICY=PASSIVE`` and say so beside the numbers.
+* ``THP_MEM_ALLOC_ENABLE=1`` (set by ``import gohgraph`` unless exported otherwise): E=64's
+  45 MB expert weight gradient is a fresh mapping every backward, and huge pages make it ~5x
+  cheaper to fault in.
 """
 
 from __future__ import annotations
@@ -27,13 +31,11 @@ import os
 import statistics
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from gohgraph import GoHConfig  # first: it sets THP_MEM_ALLOC_ENABLE before torch loads
+from gohgraph.ffn import SwiGLU
+from gohgraph.moe import MoEFeedForward
 
-import torch  # noqa: E402  (after the OpenMP setting)
-
-from gohgraph import GoHConfig  # noqa: E402
-from gohgraph.ffn import SwiGLU  # noqa: E402
-from gohgraph.moe import MoEFeedForward  # noqa: E402
+import torch  # noqa: E402
 
 
 def moe_configs(d_model: int, expert_hidden: int):
@@ -103,7 +105,8 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, d_model={args.d_model}, "
           f"tokens={args.tokens}, forward+backward, best and median of {args.rounds} interleaved rounds, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
     print(f"{'layer':32s} {'active params':>13s} {'best ms':>8s} {'median ms':>9s} {'vs dense (best)':>16s}")
     for width, layer in dense_by_width.items():
         name = f"dense {width}"

@@ -1,5 +1,18 @@
 """gohgraph: Graph-of-Heads transformers with message-passing routers over heads and experts."""
 
+import os as _os
+import sys as _sys
+
+# Expert weight gradients are [E, d_in, d_out] tensors of tens of MB, allocated afresh every
+# backward. Above glibc's 32 MB mmap ceiling each one is a new mapping whose 4 KB pages the kernel
+# faults in and zeroes one by one: 12 ms per 45 MB gradient on a 2-core machine, more than the
+# matmul that fills it (BENCHMARKS.md, MoE layer). PyTorch's own switch THP_MEM_ALLOC_ENABLE backs
+# large CPU tensors with transparent huge pages, cutting that to ~1.5 ms. PyTorch reads it once, at
+# its first allocation, so it can only be set here when torch is not imported yet; an explicit
+# value in the environment always wins.
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 from .attention import GoHAttention, KVCache
 from .checkpoint import CheckpointError
 from .config import GoHConfig
