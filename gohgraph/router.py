@@ -40,14 +40,32 @@ def prefers_fused_path(n_edges: int, n_heads: int) -> bool:
 
 
 def small_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """``torch.softmax`` spelled out (max-shifted ``exp`` over its sum), for the short dims routing has.
+    """``torch.softmax`` for the short dims routing has (2-8 entries), with a hand-written backward.
 
-    PyTorch's CPU softmax kernel is slow for a dim of 2-8: forward+backward of ``[1024, 8, 8]``
-    took 1.25 ms against 0.44 ms for this (1 thread, torch 2.13). Same values, same gradients.
+    PyTorch's CPU softmax kernel is slow for such dims, and the same math spelled out in autograd
+    ops records five nodes. Forward+backward of ``[1024, 8, 8]`` on 2 threads: torch.softmax 0.62 ms,
+    the spelled-out version 0.27 ms, this 0.16 ms. Same values, same gradients (masked ``-inf``
+    entries get probability and gradient 0).
     """
-    shifted = x - x.detach().amax(dim=dim, keepdim=True)  # the shift cancels, so no gradient through it
-    exp = shifted.exp()
-    return exp / exp.sum(dim=dim, keepdim=True)
+    return _SmallSoftmax.apply(x, dim)
+
+
+class _SmallSoftmax(torch.autograd.Function):
+    """``y = exp(x - max) / sum``; backward ``dx = y * (dy - sum(dy * y))``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
+        probs = (x - x.amax(dim=dim, keepdim=True)).exp_()
+        probs = probs.div_(probs.sum(dim=dim, keepdim=True))
+        ctx.save_for_backward(probs)
+        ctx.dim = dim
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        (probs,) = ctx.saved_tensors
+        weighted = grad * probs
+        return weighted.sub_(probs * weighted.sum(dim=ctx.dim, keepdim=True)), None
 
 
 class HeadRouter(MessagePassing):

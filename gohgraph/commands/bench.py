@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--match", choices=["total", "active"], default="total",
                         help="match every variant to dense's total parameters (default) or its active parameters per token")
     parser.add_argument("--steps", type=int, default=None, help="override the setting's training steps")
+    parser.add_argument("--dense-anneal-steps", type=int, default=None,
+                        help="routed-head variants start with every head on and anneal to top-k over this many "
+                             "steps (TrainConfig.dense_anneal_steps; default: the setting's)")
     parser.add_argument("--eval-batches", type=int, default=None,
                         help="validation batches for the final loss (default: the whole validation split)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -59,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps:
         schedule["eval_every"] = max(1, min(schedule["eval_every"], args.steps))
         schedule["warmup_steps"] = min(schedule["warmup_steps"], args.steps)
+    if args.dense_anneal_steps is not None:
+        schedule["dense_anneal_steps"] = args.dense_anneal_steps
     train_config = TrainConfig(**schedule)
     out = Path(args.out)
     machine = (f"Setting `{setting}`; torch {torch.__version__}, {torch.get_num_threads()} threads, "
