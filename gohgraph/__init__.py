@@ -7,7 +7,7 @@ import sys as _sys
 # backward. Above glibc's 32 MB mmap ceiling each one is a new mapping whose 4 KB pages the kernel
 # faults in and zeroes one by one: 12 ms per 45 MB gradient on a 2-core machine, more than the
 # matmul that fills it (BENCHMARKS.md, MoE layer). PyTorch's own switch THP_MEM_ALLOC_ENABLE backs
-# large CPU tensors with transparent huge pages, cutting that to ~1.5 ms. PyTorch reads it once, at
+# large CPU tensors with transparent huge pages, cutting that to ~2 ms. PyTorch reads it once, at
 # its first allocation, so it can only be set here when torch is not imported yet; an explicit
 # value in the environment always wins.
 if "torch" not in _sys.modules:

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override the setting's training steps")
     parser.add_argument("--dense-anneal-steps", type=int, default=None,
                         help="routed-head variants start with every head on and anneal to top-k over this many "
-                             "steps (TrainConfig.dense_anneal_steps; default: the setting's)")
+                             "steps (TrainConfig.dense_anneal_steps; default 0: routed from the first step)")
     parser.add_argument("--eval-batches", type=int, default=None,
                         help="validation batches for the final loss (default: the whole validation split)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
