@@ -2,7 +2,7 @@
 GoH-MoE at matched total parameters, same tokens, seeds and schedule (logic: gohgraph/compare.py).
 
     python benchmarks/compare.py --quick --out benchmarks/results     # < 10 min on 2 CPU cores
-    python benchmarks/compare.py --out runs/bench-full                # the full setting
+    python benchmarks/compare.py --out benchmarks/results/full        # the full setting: 43 min on 2 CPU cores
 
 Same arguments as ``gohgraph bench``.
 """

@@ -2,7 +2,7 @@
 GoH-MoE at matched total parameters (:mod:`gohgraph.compare`).
 
     gohgraph bench --quick                      # tiny models, 3 seeds, < 10 minutes on 2 CPU cores
-    gohgraph bench --seeds 3 --out runs/bench   # the full setting
+    gohgraph bench --seeds 3 --out runs/bench   # the full setting (43 min on 2 CPU cores)
     gohgraph bench --quick --variants dense GoH --steps 50 --seeds 1
     gohgraph bench --quick --variants MoH GoH --first-seed 3     # three more seeds (3, 4, 5)
     gohgraph bench --quick --match active                        # compute-matched: experts grow in total size
