@@ -35,7 +35,7 @@ from gohgraph import GoHConfig  # first: it sets THP_MEM_ALLOC_ENABLE before tor
 from gohgraph.ffn import SwiGLU
 from gohgraph.moe import MoEFeedForward
 
-import torch  # noqa: E402
+import torch
 
 
 def moe_configs(d_model: int, expert_hidden: int):
