@@ -104,7 +104,9 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
         "",
         f"{len(seeds)} seed(s) {seeds}; d_model={cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
         f"{first.target:,} target {first.matched_on} parameters (the % is the match to {reference}); {tc.max_steps} steps x {tc.batch_size} x {tc.seq_len} tokens "
-        f"= {tc.max_steps * tc.batch_size * tc.seq_len:,} training tokens, lr {tc.lr}, warmup {tc.warmup_steps}. "
+        f"= {tc.max_steps * tc.batch_size * tc.seq_len:,} training tokens, lr {tc.lr}, warmup {tc.warmup_steps}"
+        + (f", routed heads annealed from dense over the first {tc.dense_anneal_steps} steps"
+           if tc.dense_anneal_steps else "") + ". "
         "Validation loss: mean over seeds ± sample std; bits/byte = loss / ln 2 (byte tokens); differences "
         "are per-seed (paired) means ± std, a tie when a paired t-test at 95% cannot tell them from 0. "
         "Throughput: median of interleaved AdamW steps in one process. Memory: tensors saved for "

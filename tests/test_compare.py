@@ -179,13 +179,17 @@ def test_bench_command_writes_the_table_for_the_chosen_variants(tmp_path, capsys
     data.write_text("".join(f"print({i} * {i % 13})\n" for i in range(2000)), encoding="utf-8")
     out = tmp_path / "bench"
     code = main(["bench", "--quick", "--variants", "GoH", "--steps", "2", "--seeds", "1", "--first-seed", "4",
-                 "--data", str(data), "--eval-batches", "1", "--out", str(out), "--no-progress"])
+                 "--data", str(data), "--eval-batches", "1", "--out", str(out), "--no-progress",
+                 "--dense-anneal-steps", "1"])
     assert code == 0
     saved = json.loads((out / "compare.json").read_text())
     assert list(saved["variants"]) == ["dense", "GoH"]  # dense joins as the reference
     assert [(run["variant"], run["seed"]) for run in saved["runs"]] == [("dense", 4), ("GoH", 4)]
     assert saved["train_config"]["max_steps"] == 2
-    assert "| GoH |" in capsys.readouterr().out and (out / "compare_loss.png").stat().st_size > 0
+    assert saved["train_config"]["dense_anneal_steps"] == 1
+    printed = capsys.readouterr().out
+    assert "| GoH |" in printed and (out / "compare_loss.png").stat().st_size > 0
+    assert "annealed from dense over the first 1 steps" in printed  # the table says how it was trained
 
 
 def test_matching_on_active_parameters_grows_the_expert_models():
