@@ -148,18 +148,12 @@ def plot(heads_rows, rounds_rows, expert_rows, seq_rows, path: Path) -> None:
                  label=f"{graph}: propagate (edges)")
     a.set(title="head router alone, fwd+bwd", xlabel="heads", ylabel="µs per token")
     for graph in ("complete", "ring"):
-        rows = [r for r in heads_rows if r["graph"] == graph]
-        b.loglog([r["heads"] for r in rows], [r["time_ratio"] for r in rows], marker="o", label=f"GoH {graph}: time")
-        b.loglog([r["heads"] for r in rows], [r["memory_ratio"] for r in rows], marker="x", linestyle=":",
-                 label=f"GoH {graph}: memory")
+        _plot_time_and_memory(b, [r for r in heads_rows if r["graph"] == graph], "heads", f"GoH {graph}")
     b.loglog([r["seq"] for r in seq_rows], [r["time_ratio"] for r in seq_rows], marker="^",
              label="GoH 8 heads vs seq len: time (x = seq)")
     b.set(title="GoH block / dense block (per token)", xlabel="heads  (or sequence length, ^)", ylabel="ratio")
     for ffn in ("SMoE", "GoH-MoE"):
-        rows = [r for r in expert_rows if r["ffn"] == ffn]
-        c.loglog([r["experts"] for r in rows], [r["time_ratio"] for r in rows], marker="o", label=f"{ffn}: time")
-        c.loglog([r["experts"] for r in rows], [r["memory_ratio"] for r in rows], marker="x", linestyle=":",
-                 label=f"{ffn}: memory")
+        _plot_time_and_memory(c, [r for r in expert_rows if r["ffn"] == ffn], "experts", ffn)
     c.set(title="expert block / dense block (top-2, equal active FFN)", xlabel="experts", ylabel="ratio")
     labels = [r["rounds"] for r in rounds_rows]
     d.bar(range(len(labels)), [r["time_ratio"] for r in rounds_rows], color="tab:blue", alpha=0.8)
@@ -175,6 +169,13 @@ def plot(heads_rows, rounds_rows, expert_rows, seq_rows, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
     plt.close(figure)
+
+
+def _plot_time_and_memory(axes, rows: List[dict], x_key: str, label: str) -> None:
+    """Time ratio (solid) and memory ratio (dotted) of ``rows`` against ``row[x_key]``, log-log."""
+    x = [r[x_key] for r in rows]
+    axes.loglog(x, [r["time_ratio"] for r in rows], marker="o", label=f"{label}: time")
+    axes.loglog(x, [r["memory_ratio"] for r in rows], marker="x", linestyle=":", label=f"{label}: memory")
 
 
 def main() -> None:
