@@ -180,16 +180,19 @@ def test_bench_command_writes_the_table_for_the_chosen_variants(tmp_path, capsys
     out = tmp_path / "bench"
     code = main(["bench", "--quick", "--variants", "GoH", "--steps", "2", "--seeds", "1", "--first-seed", "4",
                  "--data", str(data), "--eval-batches", "1", "--out", str(out), "--no-progress",
-                 "--dense-anneal-steps", "1"])
+                 "--dense-anneal-steps", "1", "--router-rounds", "2", "--router-dim", "12"])
     assert code == 0
     saved = json.loads((out / "compare.json").read_text())
     assert list(saved["variants"]) == ["dense", "GoH"]  # dense joins as the reference
     assert [(run["variant"], run["seed"]) for run in saved["runs"]] == [("dense", 4), ("GoH", 4)]
     assert saved["train_config"]["max_steps"] == 2
     assert saved["train_config"]["dense_anneal_steps"] == 1
+    goh = saved["variants"]["GoH"]["config"]
+    assert (goh["router_rounds"], goh["router_dim"]) == (2, 12)
     printed = capsys.readouterr().out
     assert "| GoH |" in printed and (out / "compare_loss.png").stat().st_size > 0
     assert "annealed from dense over the first 1 steps" in printed  # the table says how it was trained
+    assert "Graph routers: 2 round(s) of 12-wide node features (overridden)" in printed
 
 
 def test_matching_on_active_parameters_grows_the_expert_models():

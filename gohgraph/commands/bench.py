@@ -6,6 +6,7 @@ GoH-MoE at matched total parameters (:mod:`gohgraph.compare`).
     gohgraph bench --quick --variants dense GoH --steps 50 --seeds 1
     gohgraph bench --quick --variants MoH GoH --first-seed 3     # three more seeds (3, 4, 5)
     gohgraph bench --quick --match active                        # compute-matched: experts grow in total size
+    gohgraph bench --variants GoH --router-rounds 2 --router-dim 16  # another graph router, same seeds
 
 Writes ``OUT/compare.md`` (the table), ``OUT/compare.json`` (every number) and
 ``OUT/compare_loss.png`` (validation loss against training tokens).
@@ -35,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-anneal-steps", type=int, default=None,
                         help="routed-head variants start with every head on and anneal to top-k over this many "
                              "steps (TrainConfig.dense_anneal_steps; default 0: routed from the first step)")
+    parser.add_argument("--router-rounds", type=int, default=None,
+                        help="message-passing rounds of the graph routers (GoH, GoH-MoE; default: the setting's 1)")
+    parser.add_argument("--router-dim", type=int, default=None,
+                        help="node feature width of the graph routers (default: the setting's 8)")
     parser.add_argument("--eval-batches", type=int, default=None,
                         help="validation batches for the final loss (default: the whole validation split)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -54,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     setting = "quick" if args.quick else "full"
     model_shape, schedule = SETTINGS[setting]
+    router = {key: value for key, value in (("router_rounds", args.router_rounds), ("router_dim", args.router_dim))
+              if value is not None}
+    model_shape = dict(model_shape, **router)
     names = args.variants
     if names is not None and "dense" not in names:
         names = ["dense", *names]
@@ -68,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     machine = (f"Setting `{setting}`; torch {torch.__version__}, {torch.get_num_threads()} threads, "
                f"{platform.processor() or platform.machine()}, Python {platform.python_version()}.")
+    if router:
+        machine += (f" Graph routers: {model_shape['router_rounds']} round(s) of {model_shape['router_dim']}-wide "
+                    "node features (overridden).")
     comparison = run_comparison(variants, train_config, load_corpus(args.data), out,
                                 seeds=range(args.first_seed, args.first_seed + args.seeds), final_eval_batches=args.eval_batches,
                                 run_dir=out / "runs" if args.keep_runs else None,
