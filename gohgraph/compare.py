@@ -73,12 +73,18 @@ def comparison_variants(d_model: int, n_layers: int, n_heads: int, n_shared_head
     MoH and GoH activate ``n_shared_heads + top_k_heads`` of ``n_heads`` heads per token; GoH routes
     with ``router_rounds`` of message passing over the complete head graph, inter-head flow on.
     Fine-grained SMoE splits every expert into ``fine_grained`` smaller ones and activates that many
-    times more (DeepSeekMoE's granularity). MH-MoE and GoH-MoE split tokens into ``n_subtokens``.
+    times more (DeepSeekMoE's granularity). MH-MoE and GoH-MoE split tokens into ``n_subtokens`` and
+    have that many times more experts (the MH-MoE paper's parity with SMoE in total and active
+    parameters).
     """
     base = GoHConfig(d_model=d_model, n_layers=n_layers, n_heads=n_heads, router_dim=router_dim,
                      router_rounds=router_rounds, max_seq_len=max_seq_len)
     routed_heads = dict(n_shared_heads=n_shared_heads, top_k_heads=top_k_heads)
     experts = dict(n_experts=n_experts, top_k_experts=top_k_experts)
+    # MH-MoE's parity (Huang et al. 2024): m sub-tokens of width d/m go to m times as many experts of
+    # input width d/m, same top-k and hidden width, so total and active expert parameters both equal
+    # SMoE's; the head and merge layers are what the matching then takes out of the expert width.
+    sub_token_experts = dict(n_subtokens=n_subtokens, n_experts=n_experts * n_subtokens, top_k_experts=top_k_experts)
     variants = {
         "dense": base,
         "MoH": base.replace(router="linear", **routed_heads),
@@ -86,8 +92,8 @@ def comparison_variants(d_model: int, n_layers: int, n_heads: int, n_shared_head
         "SMoE": base.replace(ffn="moe", **experts),
         "fine-grained SMoE": base.replace(ffn="moe", n_experts=n_experts * fine_grained,
                                           top_k_experts=top_k_experts * fine_grained),
-        "MH-MoE": base.replace(ffn="mh-moe", n_subtokens=n_subtokens, **experts),
-        "GoH-MoE": base.replace(ffn="graph-moe", n_subtokens=n_subtokens, **experts),
+        "MH-MoE": base.replace(ffn="mh-moe", **sub_token_experts),
+        "GoH-MoE": base.replace(ffn="graph-moe", **sub_token_experts),
     }
     if names is None:
         return variants

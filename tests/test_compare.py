@@ -47,6 +47,9 @@ def test_variants_are_the_configurations_they_claim(quick_variants):
     assert fine.n_experts > coarse.n_experts and fine.top_k_experts == 2 * coarse.top_k_experts
     assert fine.expert_hidden_dim < coarse.expert_hidden_dim
     assert configs["MH-MoE"].n_subtokens == configs["GoH-MoE"].n_subtokens == 2
+    for name in ("MH-MoE", "GoH-MoE"):  # MH-MoE's parity: m sub-tokens reach m times as many experts
+        assert configs[name].n_experts == 2 * configs["SMoE"].n_experts, name
+        assert configs[name].top_k_experts == configs["SMoE"].top_k_experts, name
 
 
 def test_active_parameters_leave_out_exactly_the_unused_experts(quick_variants):
