@@ -172,11 +172,13 @@ class GraphExpertRouter(nn.Module):
     def forward(self, sub: torch.Tensor, expert_load: Optional[torch.Tensor] = None,
                 fused: bool = True) -> torch.Tensor:
         with torch.autocast(device_type=sub.device.type, enabled=False):
+            # the router's own dtype: float32 under autocast, bf16 in a model cast to bf16
+            dtype = self.node_in.weight.dtype
             n_tokens = sub.shape[0]
-            z_sub = self.node_in(sub.float()) + self.slot_embedding
+            z_sub = self.node_in(sub.to(dtype)) + self.slot_embedding
             z_exp = self.expert_embedding
             if self.load_weight is not None and expert_load is not None:
-                z_exp = z_exp + (expert_load.float() - 1.0).unsqueeze(-1) * self.load_weight
+                z_exp = z_exp + (expert_load.to(dtype) - 1.0).unsqueeze(-1) * self.load_weight
             z_exp = z_exp.expand(n_tokens, -1, -1)
             for to_experts, to_subtokens in zip(self.to_experts, self.to_subtokens):
                 z_exp = to_experts(z_sub, z_exp, fused=fused)

@@ -123,6 +123,24 @@ def test_graph_router_with_every_head_active_and_uniform_logits_is_standard_atte
     torch.testing.assert_close(attn(x)[0], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("router, ffn", [("linear", "dense"), ("graph", "dense"), ("dense", "moe"),
+                                         ("dense", "mh-moe"), ("graph", "graph-moe")])
+def test_model_cast_to_bf16_trains_and_generates(router, ffn):
+    """``model.to(torch.bfloat16)`` (bf16 weights, no autocast) runs every router and FFN."""
+    experts = dict(n_experts=4, top_k_experts=2, n_subtokens=1 if ffn == "moe" else 2) if ffn != "dense" else {}
+    model = tiny_model(router, ffn=ffn, **experts).train()
+    ids = torch.randint(0, 64, (2, 24))
+    loss_fp32 = model(ids, labels=ids).loss.item()
+    model.to(torch.bfloat16)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+    assert abs(loss.item() - loss_fp32) < 0.05 * loss_fp32  # the same model, rounded to bf16
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad)
+    generated = model.eval().generate(ids[:, :5], max_new_tokens=4)
+    assert generated.shape == (2, 9) and torch.equal(generated[:, :5], ids[:, :5])
+
+
 @pytest.mark.parametrize("router", ROUTERS)
 def test_gradients_reach_every_learnable_parameter(router):
     model = tiny_model(router)
