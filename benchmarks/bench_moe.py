@@ -9,6 +9,7 @@ layer, the usual estimate of its cost on a shared machine, and the medians are p
 
     python benchmarks/bench_moe.py            # d_model=256, 2048 tokens, 2 threads
     python benchmarks/bench_moe.py --quick    # a smoke run
+    python benchmarks/bench_moe.py --dtype bfloat16   # bf16 weights and inputs (no autocast)
 
 Targets (DESIGN.md §10 / issue 3): E=8 top-2 <= 1.3x dense; E=64 <= 1.2x the E=8 time.
 
@@ -73,6 +74,8 @@ def main() -> None:
     parser.add_argument("--expert-hidden", type=int, default=344, help="2 x 344 = 688 = the default dense width")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights and inputs of every layer, dense and expert alike")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
@@ -88,8 +91,11 @@ def main() -> None:
         dense_by_width.setdefault(width, SwiGLU(args.d_model, width, cfg.init_std, cfg.init_std))
         cases.append((label, MoEFeedForward(cfg), width, active))
 
-    x = torch.randn(1, args.tokens, args.d_model, requires_grad=True)
-    grad = torch.randn(1, args.tokens, args.d_model)
+    dtype = getattr(torch, args.dtype)
+    for layer in [*dense_by_width.values(), *(moe for _, moe, _, _ in cases)]:
+        layer.to(dtype)
+    x = torch.randn(1, args.tokens, args.d_model, dtype=dtype, requires_grad=True)
+    grad = torch.randn(1, args.tokens, args.d_model, dtype=dtype)
     runs = [(f"dense {width}", layer, False) for width, layer in dense_by_width.items()]
     runs += [(label, layer, True) for label, layer, _, _ in cases]
     times = {name: [] for name, _, _ in runs}
@@ -103,7 +109,7 @@ def main() -> None:
             if round_idx >= 2:
                 times[name].append(elapsed)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, d_model={args.d_model}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, d_model={args.d_model}, "
           f"tokens={args.tokens}, forward+backward, best and median of {args.rounds} interleaved rounds, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
