@@ -24,12 +24,12 @@ per expert grow; the script runs two token counts to show it.
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Callable, Dict, List
 
 import gohgraph  # noqa: F401  (sets THP_MEM_ALLOC_ENABLE before torch allocates, as in bench_moe)
 
 import torch
-import time
 
 
 def best_ms(fn: Callable[[], None], rounds: int) -> float:
