@@ -47,9 +47,13 @@ def test_variants_are_the_configurations_they_claim(quick_variants):
     assert fine.n_experts > coarse.n_experts and fine.top_k_experts == 2 * coarse.top_k_experts
     assert fine.expert_hidden_dim < coarse.expert_hidden_dim
     assert configs["MH-MoE"].n_subtokens == configs["GoH-MoE"].n_subtokens == 2
+    unmatched = comparison_variants(**SETTINGS["quick"][0])
     for name in ("MH-MoE", "GoH-MoE"):  # MH-MoE's parity: m sub-tokens reach m times as many experts
-        assert configs[name].n_experts == 2 * configs["SMoE"].n_experts, name
+        assert unmatched[name].n_experts == 2 * unmatched["SMoE"].n_experts, name
         assert configs[name].top_k_experts == configs["SMoE"].top_k_experts, name
+    assert configs["MH-MoE"].n_experts == 2 * configs["SMoE"].n_experts  # matching kept the count
+    # GoH-MoE's expert scores are a bilinear form in router_dim: it must cover every expert
+    assert configs["GoH-MoE"].router_dim >= configs["GoH-MoE"].n_experts
 
 
 def test_active_parameters_leave_out_exactly_the_unused_experts(quick_variants):
