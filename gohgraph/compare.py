@@ -95,7 +95,7 @@ def comparison_variants(d_model: int, n_layers: int, n_heads: int, n_shared_head
         "MH-MoE": base.replace(ffn="mh-moe", **sub_token_experts),
         # node features at least as wide as the experts they score: with 8-wide features for 16
         # experts the bilinear expert scores are rank-deficient, and the full setting lost 0.05 nats
-        "GoH-MoE": base.replace(ffn="graph-moe", router_dim=max(router_dim, n_experts * n_subtokens),
+        "GoH-MoE": base.replace(ffn="graph-moe", router_dim=max(router_dim, sub_token_experts["n_experts"]),
                                 **sub_token_experts),
     }
     if names is None:

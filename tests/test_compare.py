@@ -199,7 +199,8 @@ def test_bench_command_writes_the_table_for_the_chosen_variants(tmp_path, capsys
     printed = capsys.readouterr().out
     assert "| GoH |" in printed and (out / "compare_loss.png").stat().st_size > 0
     assert "annealed from dense over the first 1 steps" in printed  # the table says how it was trained
-    assert "Graph routers: 2 round(s) of 12-wide node features (overridden)" in printed
+    assert ("Graph routers: 2 round(s) of 12-wide node features (overridden; GoH-MoE's at least as wide "
+            "as its expert count)") in printed
 
 
 def test_matching_on_active_parameters_grows_the_expert_models():

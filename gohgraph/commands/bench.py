@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                f"{platform.processor() or platform.machine()}, Python {platform.python_version()}.")
     if router:
         machine += (f" Graph routers: {model_shape['router_rounds']} round(s) of {model_shape['router_dim']}-wide "
-                    "node features (overridden).")
+                    "node features (overridden; GoH-MoE's at least as wide as its expert count).")
     comparison = run_comparison(variants, train_config, load_corpus(args.data), out,
                                 seeds=range(args.first_seed, args.first_seed + args.seeds), final_eval_batches=args.eval_batches,
                                 run_dir=out / "runs" if args.keep_runs else None,
