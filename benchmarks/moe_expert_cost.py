@@ -1,10 +1,10 @@
 """Where the sparse expert FFN's dependence on the number of experts E comes from, on a CPU.
 
 bench_moe.py shows E=64 top-2 costing more than E=8 top-2 at the same active parameters. This
-script splits that extra cost into its two per-expert parts by timing the expert GEMMs of one
-projection (``w_in``: ``[rows, 256] @ [256, 688]`` per expert, the layer's largest) three ways,
-each as forward, input gradient and weight gradient, with the same per-expert loop of ``torch.mm``
-into preallocated outputs (so allocation and page faults are out of the picture):
+script splits that extra cost into its two per-expert parts by timing the expert GEMMs of both
+projections (``w_in``: ``[rows, 256] @ [256, 688]`` per expert; ``w_out``: ``[rows, 344] @ [344, 256]``)
+three ways, each as forward, input gradient and weight gradient, with the same per-expert loop of
+``torch.mm`` into preallocated outputs (so allocation and page faults are out of the picture):
 
 * ``E=8``: 8 experts, ``rows / 8`` rows each;
 * ``E=64 cached``: 64 experts whose weights are views of only 8 distinct matrices (8 rotating
@@ -12,10 +12,11 @@ into preallocated outputs (so allocation and page faults are out of the picture)
   weights stay in the last-level cache. Its extra time over ``E=8`` is the cost of running
   8x more, 8x smaller GEMMs (packing each expert's weight, per-call overhead, thread split);
 * ``E=64``: 64 distinct experts, what the layer does. Its extra time over ``E=64 cached`` is the
-  cost of streaming 8x more weight bytes through memory (45 MB of ``w_in`` alone at E=64).
+  cost of streaming 8x more weight bytes through memory (64 MB of expert weights at E=64).
 
 Both parts are a fixed cost per expert and step, so they shrink relative to the work as the rows
-per expert grow; the script runs two token counts to show it.
+per expert grow; the script runs two token counts to show it. The last line of each token count
+sums both projections: the expert GEMMs' share of the E=64 layer's extra time in bench_moe.py.
 
     python benchmarks/moe_expert_cost.py               # 2048 and 8192 tokens, 2 threads
     python benchmarks/moe_expert_cost.py --threads 1
@@ -71,14 +72,37 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--width", type=int, default=688, help="w_in's output width (2 x expert_hidden 344)")
+    parser.add_argument("--hidden", type=int, default=344, help="expert hidden width (w_in is 2x as wide: SwiGLU)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    d_in, d_out = args.d_model, args.width
+    projections = {"w_in": (args.d_model, 2 * args.hidden), "w_out": (args.hidden, args.d_model)}
+    weight_mb = {n: 3 * args.d_model * args.hidden * n * 4 / 2**20 for n in (8, 64)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, top-{args.top_k}, best of "
+          f"{args.rounds}; SwiGLU experts {args.d_model} -> {args.hidden} -> {args.d_model}: "
+          f"weights {weight_mb[64]:.0f} MB at E=64, {weight_mb[8]:.1f} MB at E=8")
+    print(f"{'tokens':>6s} {'rows/expert':>11s} {'projection':16s} {'pass':12s} {'E=8 ms':>7s} {'E=64 cached':>11s} "
+          f"{'E=64 ms':>8s} {'E=64/E=8':>8s}  of the extra: GEMM count / weight bytes")
+    for tokens in args.tokens:
+        rows = tokens * args.top_k
+        totals = {case: 0.0 for case in CASES}
+        for projection, (d_in, d_out) in projections.items():
+            timed = time_projection(rows, d_in, d_out, args.rounds)
+            for pass_name in ("forward", "input grad", "weight grad", "total"):
+                times = [sum(timed[c].values()) if pass_name == "total" else timed[c][pass_name] for c in CASES]
+                print_row(tokens, rows, f"{projection} [{d_in}x{d_out}]", pass_name, times)
+            for case in CASES:
+                totals[case] += sum(timed[case].values())
+        print_row(tokens, rows, "both", "total", [totals[c] for c in CASES])
 
+
+CASES = ("E=8", "E=64 cached", "E=64")
+
+
+def time_projection(rows: int, d_in: int, d_out: int, rounds: int) -> Dict[str, Dict[str, float]]:
+    """Best ms of each pass (forward, input grad, weight grad) for each of :data:`CASES`."""
     distinct8 = list(torch.randn(8, d_in, d_out).unbind(0))
     distinct64 = list(torch.randn(64, d_in, d_out).unbind(0))
     grads8 = list(torch.empty(8, d_in, d_out).unbind(0))
@@ -88,23 +112,17 @@ def main() -> None:
         "E=64 cached": (64, [distinct8[e % 8] for e in range(64)], [grads8[e % 8] for e in range(64)]),
         "E=64": (64, distinct64, grads64),
     }
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, one projection "
-          f"[rows, {d_in}] @ [{d_in}, {d_out}] per expert, top-{args.top_k}, best of {args.rounds}; "
-          f"weights {64 * d_in * d_out * 4 / 2**20:.0f} MB at E=64, {8 * d_in * d_out * 4 / 2**20:.1f} MB at E=8")
-    print(f"{'tokens':>6s} {'rows/expert at E=64':>19s} {'pass':12s} {'E=8 ms':>7s} {'E=64 cached':>11s} "
-          f"{'E=64 ms':>8s} {'E=64/E=8':>8s}  {'of the extra: GEMM count / weight bytes':s}")
-    for tokens in args.tokens:
-        rows = tokens * args.top_k
-        timed = {name: {pass_name: best_ms(fn, args.rounds)
-                        for pass_name, fn in expert_gemms(rows, n, w, g, d_in, d_out).items()}
-                 for name, (n, w, g) in cases.items()}
-        for pass_name in ("forward", "input grad", "weight grad", "total"):
-            e8, cached, e64 = (sum(timed[c].values()) if pass_name == "total" else timed[c][pass_name]
-                               for c in cases)
-            extra = max(e64 - e8, 1e-9)
-            print(f"{tokens:6d} {rows // 64:19d} {pass_name:12s} {e8:7.2f} {cached:11.2f} {e64:8.2f} "
-                  f"{e64 / e8:7.2f}x  {100 * (cached - e8) / extra:5.0f}% / {100 * (e64 - cached) / extra:4.0f}%")
+    return {name: {pass_name: best_ms(fn, rounds) for pass_name, fn in expert_gemms(rows, n, w, g, d_in, d_out).items()}
+            for name, (n, w, g) in cases.items()}
 
+
+def print_row(tokens: int, rows: int, projection: str, pass_name: str, times: List[float]) -> None:
+    e8, cached, e64 = times
+    extra = e64 - e8
+    # the split means nothing when E=64 is not slower (a noisy round)
+    split = (f"{100 * (cached - e8) / extra:5.0f}% / {100 * (e64 - cached) / extra:4.0f}%" if extra > 0 else "-")
+    print(f"{tokens:6d} {rows // 64:11d} {projection:16s} {pass_name:12s} {e8:7.2f} {cached:11.2f} {e64:8.2f} "
+          f"{e64 / e8:7.2f}x  {split}")
 
 if __name__ == "__main__":
     main()
