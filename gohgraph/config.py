@@ -89,6 +89,9 @@ class GoHConfig:
     expert_activation: str = "swiglu"
     expert_graph: Any = None  # None = every sub-token may reach every expert; else [[head, expert], ...]
     expert_load_feature: bool = True
+    # MH-MoE's head and merge layers (d_model x d_model each) around the sub-token split; False splits
+    # the token as it is and concatenates the results (the MH-MoE paper's ablation)
+    subtoken_projections: bool = True
 
     def __post_init__(self) -> None:
         self.head_graph = _normalise_graph_spec(self.head_graph, "head_graph")

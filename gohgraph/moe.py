@@ -18,6 +18,9 @@ sub-token, and the merge layer (concatenate, then ``W_merge``) returns to ``d_mo
   (``cfg.expert_graph`` may restrict which slots reach which experts), ``W_head`` / ``W_merge``,
   ``m = n_subtokens``.
 
+``cfg.subtoken_projections=False`` drops ``W_head`` / ``W_merge`` from both (the MH-MoE paper's
+ablation): the token is split and the sub-token outputs concatenated as they are.
+
 Fine-grained SMoE is ``ffn="moe"`` with more, smaller experts (``n_experts``, ``expert_hidden``).
 Compute is honest: only the ``k`` selected experts run on a sub-token (no masking of a dense
 result); the router, sort, gather and combine are the overhead, and benchmarks/bench_moe.py times it.
@@ -69,7 +72,7 @@ class MoEFeedForward(nn.Module):
         self.capacity_factor = cfg.capacity_factor
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
 
-        self.split_heads = cfg.ffn != "moe"
+        self.split_heads = cfg.ffn != "moe" and cfg.subtoken_projections
         if self.split_heads:
             # MH-MoE's head and merge layers; scale-preserving so the small expert init sets the output size
             self.head = nn.Linear(cfg.d_model, cfg.d_model, bias=False)

@@ -16,6 +16,7 @@ VARIANTS = {
     "moe": dict(ffn="moe", n_experts=6, n_shared_experts=1, top_k_experts=2),
     "moe-gelu": dict(ffn="moe", n_experts=5, top_k_experts=2, expert_activation="gelu"),
     "mh-moe": dict(ffn="mh-moe", n_experts=5, n_subtokens=4, top_k_experts=2),
+    "mh-moe-unprojected": dict(ffn="mh-moe", n_experts=6, n_subtokens=2, top_k_experts=2, subtoken_projections=False),
     "graph-moe": dict(ffn="graph-moe", n_experts=7, n_shared_experts=2, n_subtokens=2, top_k_experts=2,
                       expert_graph=[[0, 0], [0, 1], [0, 2], [1, 2], [1, 3], [1, 4]]),
 }
@@ -184,6 +185,25 @@ def test_single_expert_top1_equals_dense_swiglu():
     y, routing = layer(x)
     torch.testing.assert_close(y, dense(x), rtol=1e-5, atol=1e-7)
     assert torch.equal(routing.expert_weights, torch.ones(2, 7, 1, 1))
+
+
+def test_mh_moe_without_projections_on_one_subtoken_is_smoe():
+    """No head/merge layers and one sub-token leave exactly SMoE: same parameters, same output."""
+    smoe = MoEFeedForward(tiny_config(ffn="moe", n_experts=6, n_shared_experts=1, top_k_experts=2))
+    bare = MoEFeedForward(tiny_config(ffn="mh-moe", n_experts=6, n_shared_experts=1, top_k_experts=2,
+                                      n_subtokens=1, subtoken_projections=False))
+    assert not hasattr(bare, "head") and not hasattr(bare, "merge")
+    bare.load_state_dict(smoe.state_dict())  # strict: the same parameter names and shapes
+    x = torch.randn(2, 9, 32)
+    (y_smoe, r_smoe), (y_bare, r_bare) = smoe(x), bare(x)
+    torch.testing.assert_close(y_bare, y_smoe, rtol=0, atol=0)
+    assert torch.equal(r_bare.expert_indices, r_smoe.expert_indices)
+
+
+def test_subtoken_projections_cost_two_d_squared_per_layer():
+    with_projections = GoHTransformer(tiny_config(**VARIANTS["mh-moe"]))
+    without = GoHTransformer(tiny_config(**VARIANTS["mh-moe"], subtoken_projections=False))
+    assert with_projections.num_parameters() - without.num_parameters() == 2 * 2 * 32 * 32  # 2 layers
 
 
 def test_routing_is_identical_under_bf16_autocast():

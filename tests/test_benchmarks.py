@@ -1,0 +1,69 @@
+"""Every benchmark script runs end to end on tiny sizes and prints what its docstring promises.
+
+Timings are never checked here (they are noise on a shared machine); these tests keep the scripts
+from rotting as the library changes, and check the facts a benchmark prints that are not timings
+(cached generation equals recomputation, every comparison row present).
+bench_scaling.py is left out: its sweep is fixed and takes minutes.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_benchmark(script: str, *args: str) -> str:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_bench_moe_prints_every_layer_and_both_e_ratios():
+    out = run_benchmark("bench_moe.py", "--quick")
+    for label in ("dense SwiGLU", "SMoE E=8 top-2", "SMoE E=64 top-2 (fine-grained)", "MH-MoE m=4", "GoH-MoE m=4"):
+        assert label in out
+    assert "E=32 / E=8 time:" in out and "E=64 / E=8 time:" in out
+
+
+def test_moe_expert_cost_splits_both_projections():
+    out = run_benchmark("moe_expert_cost.py", "--tokens", "256", "--rounds", "1", "--d-model", "32", "--hidden", "16")
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("256")]
+    assert {row[2] for row in rows} == {"w_in", "w_out", "both"}
+    assert len(rows) == 9  # 4 passes (3 + total) for each projection, then their sum
+
+
+def test_bench_layer_times_dense_moh_and_goh():
+    out = run_benchmark("bench_layer.py", "--d-model", "32", "--heads", "8", "--seq", "16", "--batch", "1",
+                        "--repeats", "1")
+    assert "| dense MHA |" in out and "| MoH (linear router) |" in out and "| GoH (graph" in out
+
+
+def test_bench_inference_cached_generation_equals_recompute():
+    out = run_benchmark("bench_inference.py", "--d-model", "32", "--layers", "1", "--prompt", "8", "--new", "8",
+                        "--batch", "1", "--repeats", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| dense") or line.startswith("| MoH")
+            or line.startswith("| GoH")]
+    assert len(rows) == 3
+    assert all(row.rstrip(" |").endswith("yes") for row in rows)
+
+
+def test_bench_train_reports_every_attention_variant():
+    out = run_benchmark("bench_train.py", "--preset", "tiny", "--steps", "2", "--warmup", "1", "--batch-size", "2",
+                        "--seq-len", "32")
+    assert [line.split()[0] for line in out.splitlines() if line.split()[:1] in (["dense"], ["MoH"], ["GoH"])] \
+        == ["dense", "MoH", "GoH"]
+
+
+def test_bench_stats_reports_the_stats_overhead():
+    out = run_benchmark("bench_stats.py", "--tokens", "256", "--batch-size", "2", "--seq-len", "32", "--repeats", "1")
+    assert out.count("RoutingStats.update alone") == 2
+
+
+def test_initial_routing_counts_both_routers():
+    out = run_benchmark("initial_routing.py", "--seeds", "0", "--tokens", "64")
+    assert "MoH  seed 0: layer 0" in out and "GoH  seed 0: layer 0" in out
