@@ -203,6 +203,24 @@ def test_bench_command_writes_the_table_for_the_chosen_variants(tmp_path, capsys
             "as its expert count)") in printed
 
 
+def test_bench_command_can_drop_the_subtoken_projections(tmp_path, capsys, monkeypatch):
+    from gohgraph.cli import main
+
+    monkeypatch.setenv("GOHGRAPH_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"print({i} * {i % 13})\n" for i in range(2000)), encoding="utf-8")
+    out = tmp_path / "bench"
+    code = main(["bench", "--quick", "--variants", "SMoE", "MH-MoE", "--steps", "1", "--seeds", "1",
+                 "--data", str(data), "--eval-batches", "1", "--out", str(out), "--no-progress",
+                 "--no-subtoken-projections"])
+    assert code == 0
+    saved = json.loads((out / "compare.json").read_text())["variants"]
+    assert saved["MH-MoE"]["config"]["subtoken_projections"] is False
+    assert saved["SMoE"]["config"]["subtoken_projections"] is True  # one sub-token: nothing to drop
+    assert abs(saved["MH-MoE"]["mismatch"]) <= 0.02  # matched again without the 2 d^2 per layer
+    assert "without head and merge layers" in capsys.readouterr().out
+
+
 def test_matching_on_active_parameters_grows_the_expert_models():
     variants = match_parameters(comparison_variants(**SETTINGS["quick"][0], names=["dense", "SMoE", "MH-MoE"]),
                                 on="active")

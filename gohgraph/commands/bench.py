@@ -7,6 +7,7 @@ GoH-MoE at matched total parameters (:mod:`gohgraph.compare`).
     gohgraph bench --quick --variants MoH GoH --first-seed 3     # three more seeds (3, 4, 5)
     gohgraph bench --quick --match active                        # compute-matched: experts grow in total size
     gohgraph bench --variants GoH --router-rounds 2 --router-dim 16  # another graph router, same seeds
+    gohgraph bench --variants MH-MoE --no-subtoken-projections       # MH-MoE without head/merge layers
 
 Writes ``OUT/compare.md`` (the table), ``OUT/compare.json`` (every number) and
 ``OUT/compare_loss.png`` (validation loss against training tokens).
@@ -40,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="message-passing rounds of the graph routers (GoH, GoH-MoE; default: the setting's 1)")
     parser.add_argument("--router-dim", type=int, default=None,
                         help="node feature width of the graph routers (default: the setting's 8)")
+    parser.add_argument("--no-subtoken-projections", action="store_true",
+                        help="MH-MoE and GoH-MoE without their head and merge layers (the MH-MoE paper's "
+                             "ablation; GoHConfig.subtoken_projections=False), matched again")
     parser.add_argument("--eval-batches", type=int, default=None,
                         help="validation batches for the final loss (default: the whole validation split)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -65,7 +69,11 @@ def run(args: argparse.Namespace) -> int:
     names = args.variants
     if names is not None and "dense" not in names:
         names = ["dense", *names]
-    variants = match_parameters(comparison_variants(**model_shape, names=names), on=args.match)
+    variants = comparison_variants(**model_shape, names=names)
+    if args.no_subtoken_projections:
+        variants = {name: config.replace(subtoken_projections=False) if config.n_subtokens > 1 else config
+                    for name, config in variants.items()}
+    variants = match_parameters(variants, on=args.match)
     schedule = dict(schedule, **({"max_steps": args.steps} if args.steps else {}))
     if args.steps:
         schedule["eval_every"] = max(1, min(schedule["eval_every"], args.steps))
@@ -79,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     if router:
         machine += (f" Graph routers: {model_shape['router_rounds']} round(s) of {model_shape['router_dim']}-wide "
                     "node features (overridden; GoH-MoE's at least as wide as its expert count).")
+    if args.no_subtoken_projections:
+        machine += " MH-MoE and GoH-MoE without head and merge layers (subtoken_projections=False)."
     comparison = run_comparison(variants, train_config, load_corpus(args.data), out,
                                 seeds=range(args.first_seed, args.first_seed + args.seeds), final_eval_batches=args.eval_batches,
                                 run_dir=out / "runs" if args.keep_runs else None,
