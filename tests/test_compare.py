@@ -177,16 +177,21 @@ def test_interleaved_timing_runs_variants_in_turn():
     assert set(seconds) == {"a", "b"} and all(value >= 0 for value in seconds.values())
 
 
-def test_bench_command_writes_the_table_for_the_chosen_variants(tmp_path, capsys, monkeypatch):
-    from gohgraph.cli import main
-
+@pytest.fixture
+def bench_data(tmp_path, monkeypatch):
+    """A small text file for ``gohgraph bench --data``, with the corpus cache kept in ``tmp_path``."""
     monkeypatch.setenv("GOHGRAPH_CACHE", str(tmp_path / "cache"))
-
     data = tmp_path / "data.txt"
     data.write_text("".join(f"print({i} * {i % 13})\n" for i in range(2000)), encoding="utf-8")
+    return data
+
+
+def test_bench_command_writes_the_table_for_the_chosen_variants(tmp_path, capsys, bench_data):
+    from gohgraph.cli import main
+
     out = tmp_path / "bench"
     code = main(["bench", "--quick", "--variants", "GoH", "--steps", "2", "--seeds", "1", "--first-seed", "4",
-                 "--data", str(data), "--eval-batches", "1", "--out", str(out), "--no-progress",
+                 "--data", str(bench_data), "--eval-batches", "1", "--out", str(out), "--no-progress",
                  "--dense-anneal-steps", "1", "--router-rounds", "2", "--router-dim", "12"])
     assert code == 0
     saved = json.loads((out / "compare.json").read_text())
@@ -203,15 +208,12 @@ def test_bench_command_writes_the_table_for_the_chosen_variants(tmp_path, capsys
             "as its expert count)") in printed
 
 
-def test_bench_command_can_drop_the_subtoken_projections(tmp_path, capsys, monkeypatch):
+def test_bench_command_can_drop_the_subtoken_projections(tmp_path, capsys, bench_data):
     from gohgraph.cli import main
 
-    monkeypatch.setenv("GOHGRAPH_CACHE", str(tmp_path / "cache"))
-    data = tmp_path / "data.txt"
-    data.write_text("".join(f"print({i} * {i % 13})\n" for i in range(2000)), encoding="utf-8")
     out = tmp_path / "bench"
     code = main(["bench", "--quick", "--variants", "SMoE", "MH-MoE", "--steps", "1", "--seeds", "1",
-                 "--data", str(data), "--eval-batches", "1", "--out", str(out), "--no-progress",
+                 "--data", str(bench_data), "--eval-batches", "1", "--out", str(out), "--no-progress",
                  "--no-subtoken-projections"])
     assert code == 0
     saved = json.loads((out / "compare.json").read_text())["variants"]
