@@ -72,8 +72,8 @@ class MoEFeedForward(nn.Module):
         self.capacity_factor = cfg.capacity_factor
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
 
-        self.split_heads = cfg.ffn != "moe" and cfg.subtoken_projections
-        if self.split_heads:
+        self.has_head_and_merge = cfg.ffn != "moe" and cfg.subtoken_projections
+        if self.has_head_and_merge:
             # MH-MoE's head and merge layers; scale-preserving so the small expert init sets the output size
             self.head = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
             self.merge = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
@@ -102,7 +102,7 @@ class MoEFeedForward(nn.Module):
         batch, seq, d_model = x.shape
         n_tokens, m, k = batch * seq, self.n_subtokens, self.top_k
         n_sub = n_tokens * m
-        sub = self.head(x) if self.split_heads else x
+        sub = self.head(x) if self.has_head_and_merge else x
         sub = sub.reshape(n_tokens, m, self.d_sub)
 
         choice = self.gate(self.router(sub, expert_load=self.gate.expert_load, fused=fused))
@@ -115,7 +115,7 @@ class MoEFeedForward(nn.Module):
             out = out + self.shared_experts(flat_sub)
 
         y = out.reshape(batch, seq, d_model)
-        if self.split_heads:
+        if self.has_head_and_merge:
             y = self.merge(y)
         routing = ExpertRouting(
             expert_indices=choice.indices.reshape(batch, seq, m, k).detach(),

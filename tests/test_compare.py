@@ -218,7 +218,7 @@ def test_bench_command_can_drop_the_subtoken_projections(tmp_path, capsys, bench
     assert code == 0
     saved = json.loads((out / "compare.json").read_text())["variants"]
     assert saved["MH-MoE"]["config"]["subtoken_projections"] is False
-    assert saved["SMoE"]["config"]["subtoken_projections"] is True  # one sub-token: nothing to drop
+    assert saved["SMoE"]["config"]["subtoken_projections"] is True  # no head and merge layers to drop
     assert abs(saved["MH-MoE"]["mismatch"]) <= 0.02  # matched again without the 2 d^2 per layer
     assert "without head and merge layers" in capsys.readouterr().out
 

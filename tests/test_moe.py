@@ -43,7 +43,7 @@ def reference_forward(layer, x):
     """Token by token, sub-token by sub-token, expert by expert; capacity by walking assignments in order."""
     cfg_m, k, n_routed = layer.n_subtokens, layer.top_k, layer.n_routed
     batch, seq, d_model = x.shape
-    sub = x @ layer.head.weight.t() if layer.split_heads else x
+    sub = x @ layer.head.weight.t() if layer.has_head_and_merge else x
     sub = sub.reshape(batch * seq, cfg_m, layer.d_sub)
     logits = layer.router(sub, expert_load=layer.gate.expert_load).masked_fill(~layer.gate.allowed, float("-inf"))
     chosen = logits.argsort(dim=-1, descending=True)[..., :k]
@@ -65,7 +65,7 @@ def reference_forward(layer, x):
             row = row + shared_experts_one_by_one(layer, sub[t, s])
             rows.append(row)
     y = torch.stack(rows).reshape(batch, seq, d_model)
-    return (y @ layer.merge.weight.t() if layer.split_heads else y), chosen
+    return (y @ layer.merge.weight.t() if layer.has_head_and_merge else y), chosen
 
 
 def shared_experts_one_by_one(layer, v):

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         names = ["dense", *names]
     variants = comparison_variants(**model_shape, names=names)
     if args.no_subtoken_projections:
-        variants = {name: config.replace(subtoken_projections=False) if config.n_subtokens > 1 else config
+        variants = {name: config.replace(subtoken_projections=False) if config.ffn in ("mh-moe", "graph-moe") else config
                     for name, config in variants.items()}
     variants = match_parameters(variants, on=args.match)
     schedule = dict(schedule, **({"max_steps": args.steps} if args.steps else {}))
