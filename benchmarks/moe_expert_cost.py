@@ -17,6 +17,9 @@ three ways, each as forward, input gradient and weight gradient, with the same p
 Both parts are a fixed cost per expert and step, so they shrink relative to the work as the rows
 per expert grow; the script runs two token counts to show it. The last line of each token count
 sums both projections: the expert GEMMs' share of the E=64 layer's extra time in bench_moe.py.
+It ends with the floor of the weight-bytes part: what a step's three plain memory passes over the
+expert weights (read for the forward, read for the input gradient, write the weight gradient) cost
+without any math.
 
     python benchmarks/moe_expert_cost.py               # 2048 and 8192 tokens, 2 threads
     python benchmarks/moe_expert_cost.py --threads 1
@@ -96,6 +99,12 @@ def main() -> None:
             for case in CASES:
                 totals[case] += sum(timed[case].values())
         print_row(tokens, rows, "both", "total", [totals[c] for c in CASES])
+    for n_experts in (8, 64):
+        weights = torch.randn(n_experts, 3 * args.d_model * args.hidden)
+        grad = torch.empty_like(weights)
+        read, write = best_ms(weights.sum, args.rounds), best_ms(lambda: grad.fill_(1.0), args.rounds)
+        print(f"memory passes, E={n_experts} ({weights.numel() * 4 / 2**20:.1f} MB): read {read:.2f} ms "
+              f"({weights.numel() * 4 / read / 1e6:.0f} GB/s), write {write:.2f} ms; 2 reads + 1 write {2 * read + write:.2f} ms")
 
 
 CASES = ("E=8", "E=64 cached", "E=64")

@@ -35,6 +35,8 @@ def test_moe_expert_cost_splits_both_projections():
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("256")]
     assert {row[2] for row in rows} == {"w_in", "w_out", "both"}
     assert len(rows) == 9  # 4 passes (3 + total) for each projection, then their sum
+    floors = [line for line in out.splitlines() if line.startswith("memory passes")]
+    assert [line.split()[2] for line in floors] == ["E=8", "E=64"]
 
 
 def test_bench_layer_times_dense_moh_and_goh():
