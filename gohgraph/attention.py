@@ -100,12 +100,15 @@ class GoHAttention(nn.Module):
 
         self.router: Optional[nn.Module] = None
         self.flow_scale: Optional[nn.Parameter] = None
+        self.token_router: Optional[nn.Module] = None
         if cfg.router == "graph":
             edge_index = head_graph(cfg.head_graph, cfg.n_heads)
             self.router = HeadRouter(cfg.head_dim, cfg.n_heads, edge_index, cfg.router_dim,
                                      cfg.router_rounds, cfg.init_std)
             if cfg.inter_head_flow and edge_index.shape[1] > 0:
                 self.flow_scale = nn.Parameter(torch.zeros(cfg.n_heads))
+            if cfg.router_token_logits:
+                self.token_router = LinearHeadRouter(cfg.d_model, cfg.n_heads, cfg.init_std)
         elif cfg.router == "linear":
             self.router = LinearHeadRouter(cfg.d_model, cfg.n_heads, cfg.init_std)
         self.gate = HeadGate(cfg) if self.router is not None else None
@@ -167,6 +170,8 @@ class GoHAttention(nn.Module):
         if self.router_kind == "graph":
             logits, edge_weights = self.router(q.reshape(batch * seq, heads, -1),
                                                dense_weights=self.flow_scale is not None)
+            if self.token_router is not None:
+                logits = logits + self.token_router(tokens_x)
         else:
             logits = self.router(tokens_x)
         gating = self.gate(tokens_x, logits)

@@ -71,6 +71,9 @@ class GoHConfig:
     router_dim: int = 16
     head_graph: Any = "complete"
     inter_head_flow: bool = True
+    # graph router: add MoH's linear logits of the whole token to the message-passing logits, so
+    # GoH's head choice can do everything MoH's can and the graph refines it
+    router_token_logits: bool = False
 
     # routing losses and balancing
     balance_loss_coef: float = 0.01

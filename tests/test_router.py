@@ -188,3 +188,26 @@ def test_dense_edge_weights_hold_the_per_edge_weights_and_nothing_else(fused):
     src, dst = router.edge_index
     expected[:, dst, src] = per_edge
     torch.testing.assert_close(dense, expected)
+
+
+def test_graph_router_with_token_logits_contains_moh():
+    """``router_token_logits`` adds MoH's linear logits to GoH's: with the graph's scores zeroed and
+    no flow, a GoH layer is exactly a MoH layer with the same weights."""
+    from gohgraph.attention import GoHAttention
+
+    shape = dict(d_model=32, n_heads=4, n_shared_heads=1, top_k_heads=2, router_dim=8, router_rounds=1,
+                 max_seq_len=16, n_layers=1)
+    moh = GoHAttention(GoHConfig(router="linear", **shape), 0)
+    goh = GoHAttention(GoHConfig(router="graph", inter_head_flow=False, router_token_logits=True, **shape), 0)
+    with torch.no_grad():
+        goh.router.score.weight.zero_()
+        goh.router.head_bias.zero_()
+        moh.router.proj.weight.normal_(std=1.0)  # clearly separated logits: the top-k is not a coin toss
+    goh.token_router.load_state_dict(moh.router.state_dict())
+    for name in ("qkv", "out", "gate"):
+        getattr(goh, name).load_state_dict(getattr(moh, name).state_dict())
+    x = torch.randn(2, 9, 32)
+    (y_goh, r_goh), (y_moh, r_moh) = goh(x), moh(x)
+    torch.testing.assert_close(r_goh.head_gates, r_moh.head_gates)
+    torch.testing.assert_close(y_goh, y_moh)
+    assert (r_goh.head_gates > 0).sum(-1).eq(3).all()  # 1 shared + top-2 routed
