@@ -208,19 +208,31 @@ def test_bench_command_writes_the_table_for_the_chosen_variants(tmp_path, capsys
             "as its expert count)") in printed
 
 
-def test_bench_command_can_drop_the_subtoken_projections(tmp_path, capsys, bench_data):
+def test_bench_command_changes_config_fields_of_the_routed_variants(tmp_path, capsys, bench_data):
     from gohgraph.cli import main
 
     out = tmp_path / "bench"
     code = main(["bench", "--quick", "--variants", "SMoE", "MH-MoE", "--steps", "1", "--seeds", "1",
                  "--data", str(bench_data), "--eval-batches", "1", "--out", str(out), "--no-progress",
-                 "--no-subtoken-projections"])
+                 "--set", "subtoken_projections=false", "capacity_factor=1.5"])
     assert code == 0
     saved = json.loads((out / "compare.json").read_text())["variants"]
     assert saved["MH-MoE"]["config"]["subtoken_projections"] is False
-    assert saved["SMoE"]["config"]["subtoken_projections"] is True  # no head and merge layers to drop
+    assert saved["SMoE"]["config"]["capacity_factor"] == 1.5 == saved["MH-MoE"]["config"]["capacity_factor"]
+    assert saved["dense"]["config"]["subtoken_projections"] is True  # the reference stays as it is
     assert abs(saved["MH-MoE"]["mismatch"]) <= 0.02  # matched again without the 2 d^2 per layer
-    assert "without head and merge layers" in capsys.readouterr().out
+    assert "Changed in every variant but dense: subtoken_projections=False, capacity_factor=1.5." in capsys.readouterr().out
+
+
+def test_bench_set_refuses_unknown_fields():
+    from gohgraph.commands.bench import parse_overrides
+
+    assert parse_overrides(["inter_head_flow=false", "router_dim=16", "head_graph=ring"]) == \
+        {"inter_head_flow": False, "router_dim": 16, "head_graph": "ring"}
+    with pytest.raises(ValueError, match="interhead_flow"):
+        parse_overrides(["interhead_flow=false"])
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        parse_overrides(["inter_head_flow"])
 
 
 def test_matching_on_active_parameters_grows_the_expert_models():

@@ -7,7 +7,8 @@ GoH-MoE at matched total parameters (:mod:`gohgraph.compare`).
     gohgraph bench --quick --variants MoH GoH --first-seed 3     # three more seeds (3, 4, 5)
     gohgraph bench --quick --match active                        # compute-matched: experts grow in total size
     gohgraph bench --variants GoH --router-rounds 2 --router-dim 16  # another graph router, same seeds
-    gohgraph bench --variants MH-MoE --no-subtoken-projections       # MH-MoE without head/merge layers
+    gohgraph bench --variants MH-MoE --set subtoken_projections=false  # MH-MoE without head/merge layers
+    gohgraph bench --variants GoH --set inter_head_flow=false          # GoH without inter-head flow
 
 Writes ``OUT/compare.md`` (the table), ``OUT/compare.json`` (every number) and
 ``OUT/compare_loss.png`` (validation loss against training tokens).
@@ -16,8 +17,11 @@ Writes ``OUT/compare.md`` (the table), ``OUT/compare.json`` (every number) and
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import platform
 from pathlib import Path
+from typing import Any, Dict, List
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,9 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="message-passing rounds of the graph routers (GoH, GoH-MoE; default: the setting's 1)")
     parser.add_argument("--router-dim", type=int, default=None,
                         help="node feature width of the graph routers (default: the setting's 8)")
-    parser.add_argument("--no-subtoken-projections", action="store_true",
-                        help="MH-MoE and GoH-MoE without their head and merge layers (the MH-MoE paper's "
-                             "ablation; GoHConfig.subtoken_projections=False), matched again")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="overrides",
+                        help="GoHConfig fields changed in every variant but dense before matching, e.g. "
+                             "inter_head_flow=false (VALUE is read as JSON, else as a string); fields a "
+                             "variant does not use change nothing in it")
     parser.add_argument("--eval-batches", type=int, default=None,
                         help="validation batches for the final loss (default: the whole validation split)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -69,10 +74,9 @@ def run(args: argparse.Namespace) -> int:
     names = args.variants
     if names is not None and "dense" not in names:
         names = ["dense", *names]
-    variants = comparison_variants(**model_shape, names=names)
-    if args.no_subtoken_projections:
-        variants = {name: config.replace(subtoken_projections=False) if config.ffn in ("mh-moe", "graph-moe") else config
-                    for name, config in variants.items()}
+    overrides = parse_overrides(args.overrides)
+    variants = {name: config if name == "dense" else config.replace(**overrides)
+                for name, config in comparison_variants(**model_shape, names=names).items()}
     variants = match_parameters(variants, on=args.match)
     schedule = dict(schedule, **({"max_steps": args.steps} if args.steps else {}))
     if args.steps:
@@ -87,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if router:
         machine += (f" Graph routers: {model_shape['router_rounds']} round(s) of {model_shape['router_dim']}-wide "
                     "node features (overridden; GoH-MoE's at least as wide as its expert count).")
-    if args.no_subtoken_projections:
-        machine += " MH-MoE and GoH-MoE without head and merge layers (subtoken_projections=False)."
+    if overrides:
+        machine += " Changed in every variant but dense: " + ", ".join(f"{k}={v!r}" for k, v in overrides.items()) + "."
     comparison = run_comparison(variants, train_config, load_corpus(args.data), out,
                                 seeds=range(args.first_seed, args.first_seed + args.seeds), final_eval_batches=args.eval_batches,
                                 run_dir=out / "runs" if args.keep_runs else None,
@@ -97,3 +101,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'compare_loss.png'} "
           f"in {comparison.elapsed_s:.0f} s")
     return 0
+
+
+def parse_overrides(pairs: List[str]) -> Dict[str, Any]:
+    """``["inter_head_flow=false", "router_dim=16"]`` -> ``{"inter_head_flow": False, "router_dim": 16}``."""
+    from gohgraph.config import GoHConfig
+
+    fields = {field.name for field in dataclasses.fields(GoHConfig)}
+    overrides: Dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of GoHConfig's fields {sorted(fields)}")
+        try:
+            overrides[name] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[name] = text
+    return overrides
