@@ -72,7 +72,8 @@ class GoHAttention(nn.Module):
     """Causal (or bidirectional) self-attention with routed heads and inter-head flow.
 
     Steps (DESIGN.md §3): q/k/v projections (GQA when ``n_kv_heads < n_heads``); the router reads
-    the pre-RoPE per-head queries (GoH) or the token (MoH) and gives head logits; :class:`HeadGate`
+    the pre-RoPE per-head queries (GoH; with ``router_token_logits`` plus MoH's linear logits of the
+    token) or the token (MoH) and gives head logits; :class:`HeadGate`
     turns them into gates ``g [batch, seq, heads]``; RoPE and SDPA per head; inter-head flow
     ``o'_i = o_i + γ_i Σ_{j→i, j active} β_ji o_j`` with ``β`` the router's last-round edge
     attention and ``γ`` a learned per-head scale initialised to 0 (so a fresh GoH layer starts as

@@ -72,7 +72,8 @@ class GoHConfig:
     head_graph: Any = "complete"
     inter_head_flow: bool = True
     # graph router: add MoH's linear logits of the whole token to the message-passing logits, so
-    # GoH's head choice can do everything MoH's can and the graph refines it
+    # GoH's head choice can do everything MoH's can and the graph refines it (off: it tied both GoH
+    # and MoH in BENCHMARKS.md's full setting)
     router_token_logits: bool = False
 
     # routing losses and balancing

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch_geometric.nn import MessagePassing
 
 from gohgraph import GoHConfig
+from gohgraph.attention import GoHAttention
 from gohgraph.graph import head_graph
 from gohgraph.losses import load_balance_loss, router_z_loss
 from gohgraph.router import HeadGate, HeadRouter
@@ -193,8 +194,6 @@ def test_dense_edge_weights_hold_the_per_edge_weights_and_nothing_else(fused):
 def test_graph_router_with_token_logits_contains_moh():
     """``router_token_logits`` adds MoH's linear logits to GoH's: with the graph's scores zeroed and
     no flow, a GoH layer is exactly a MoH layer with the same weights."""
-    from gohgraph.attention import GoHAttention
-
     shape = dict(d_model=32, n_heads=4, n_shared_heads=1, top_k_heads=2, router_dim=8, router_rounds=1,
                  max_seq_len=16, n_layers=1)
     moh = GoHAttention(GoHConfig(router="linear", **shape), 0)
