@@ -11,6 +11,7 @@ edges. Writes ``benchmarks/results/scaling.png`` (log-log).
 
     python benchmarks/bench_scaling.py              # ~5 minutes on 2 CPU cores
     python benchmarks/bench_scaling.py --repeats 3  # faster, noisier
+    python benchmarks/bench_scaling.py --quick --out /tmp/scaling.png  # smoke run of every path
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from gohgraph.router import HeadRouter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOH = dict(router="graph", router_rounds=2, inter_head_flow=True)
+# the sizes each sweep visits; --quick is a smoke run of every code path, not a measurement
+SWEEPS = {"heads": (8, 16, 32, 64), "experts": (8, 16, 32, 64), "seq": (128, 256, 512, 1024, 2048)}
+QUICK_SWEEPS = {"heads": (8, 16), "experts": (8, 16), "seq": (32, 64)}
 
 
 def block_step(block: GoHBlock, x: torch.Tensor):
@@ -58,7 +62,7 @@ def compare_blocks(configs: Dict[str, GoHConfig], batch: int, seq: int, repeats:
 
 def sweep_heads(args) -> List[dict]:
     rows = []
-    for heads in (8, 16, 32, 64):
+    for heads in args.sweeps["heads"]:
         base = dict(d_model=args.d_model, n_heads=heads, n_layers=1, max_seq_len=args.seq,
                     n_shared_heads=heads // 4, top_k_heads=heads // 2)
         for graph in ("complete", "ring"):
@@ -104,7 +108,7 @@ def sweep_rounds(args) -> List[dict]:
 def sweep_experts(args) -> List[dict]:
     rows = []
     base = GoHConfig(d_model=args.d_model, n_heads=8, n_layers=1, max_seq_len=args.seq)
-    for experts in (8, 16, 32, 64):
+    for experts in args.sweeps["experts"]:
         # top-2 experts of half the dense FFN width: the same active FFN size as the dense layer
         moe = dict(n_experts=experts, top_k_experts=2, expert_hidden=base.hidden_dim // 2)
         configs = {"dense": base, "SMoE": base.replace(ffn="moe", **moe),
@@ -117,7 +121,7 @@ def sweep_experts(args) -> List[dict]:
 def sweep_seq(args) -> List[dict]:
     rows = []
     base = dict(d_model=args.d_model, n_heads=8, n_layers=1, max_seq_len=2048)
-    for seq in (128, 256, 512, 1024, 2048):
+    for seq in args.sweeps["seq"]:
         configs = {"dense": GoHConfig(**base),
                    "GoH": GoHConfig(**base, **GOH, n_shared_heads=2, top_k_heads=4)}
         batch = max(1, args.batch * args.seq // seq)
@@ -186,7 +190,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "scaling.png")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run in seconds: d_model 64, 2 sizes per sweep, 1 repeat (not a measurement)")
     args = parser.parse_args()
+    args.sweeps = QUICK_SWEEPS if args.quick else SWEEPS
+    if args.quick:
+        args.d_model, args.seq, args.batch, args.repeats = 64, 16, 1, 1
     torch.set_num_threads(args.threads)
     print(f"one GoHBlock fwd+bwd, d_model={args.d_model}, {args.batch * args.seq} tokens per call, float32, "
           f"{args.threads} threads, torch {torch.__version__}; ratios to the dense block of the same size")

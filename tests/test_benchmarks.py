@@ -3,7 +3,6 @@
 Timings are never checked here (they are noise on a shared machine); these tests keep the scripts
 from rotting as the library changes, and check the facts a benchmark prints that are not timings
 (cached generation equals recomputation, every comparison row present).
-bench_scaling.py is left out: its sweep is fixed and takes minutes.
 """
 
 import os
@@ -69,3 +68,16 @@ def test_bench_stats_reports_the_stats_overhead():
 def test_initial_routing_counts_both_routers():
     out = run_benchmark("initial_routing.py", "--seeds", "0", "--tokens", "64")
     assert "MoH  seed 0: layer 0" in out and "GoH  seed 0: layer 0" in out
+
+
+def test_bench_scaling_quick_prints_every_sweep_and_draws_the_plot(tmp_path):
+    import matplotlib.image
+    import numpy as np
+
+    png = tmp_path / "scaling.png"
+    out = run_benchmark("bench_scaling.py", "--quick", "--out", str(png))
+    for title in ("heads (GoH", "router rounds", "experts (top-2", "sequence length"):
+        assert f"\n{title}" in out
+    assert "| 16 | ring |" in out  # the sparse head graph at the larger head count
+    image = matplotlib.image.imread(png)
+    assert np.asarray(image).std() > 0.01  # not blank
