@@ -224,15 +224,21 @@ def test_bench_command_changes_config_fields_of_the_routed_variants(tmp_path, ca
     assert "Changed in every variant but dense: subtoken_projections=False, capacity_factor=1.5." in capsys.readouterr().out
 
 
-def test_bench_set_refuses_unknown_fields():
-    from gohgraph.commands.bench import parse_overrides
+def test_bench_set_refuses_unknown_and_protocol_fields():
+    from gohgraph.commands.bench import PROTOCOL_FIELDS, parse_overrides
 
-    assert parse_overrides(["inter_head_flow=false", "router_dim=16", "head_graph=ring"]) == \
-        {"inter_head_flow": False, "router_dim": 16, "head_graph": "ring"}
+    assert parse_overrides(["inter_head_flow=false", "capacity_factor=1.5", "head_graph=ring"]) == \
+        {"inter_head_flow": False, "capacity_factor": 1.5, "head_graph": "ring"}
     with pytest.raises(ValueError, match="interhead_flow"):
         parse_overrides(["interhead_flow=false"])
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         parse_overrides(["inter_head_flow"])
+    with pytest.raises(ValueError, match="--router-dim"):  # would bypass GoH-MoE's width rule
+        parse_overrides(["router_dim=16"], protected=set(SETTINGS["full"][0]))
+    with pytest.raises(ValueError, match="sets d_model itself"):  # dense keeps its shape: no longer like for like
+        parse_overrides(["d_model=256"], protected=set(SETTINGS["full"][0]))
+    with pytest.raises(ValueError, match="sets expert_hidden itself"):  # the matching would overwrite it
+        parse_overrides(["expert_hidden=16"], protected=PROTOCOL_FIELDS)
 
 
 def test_matching_on_active_parameters_grows_the_expert_models():

@@ -21,7 +21,11 @@ import dataclasses
 import json
 import platform
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterable, List
+
+
+# what the comparison itself decides per variant: its kind, and the width the matching fits
+PROTOCOL_FIELDS = {"ffn", "router", "vocab_size", "ffn_hidden", "expert_hidden"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     names = args.variants
     if names is not None and "dense" not in names:
         names = ["dense", *names]
-    overrides = parse_overrides(args.overrides)
+    overrides = parse_overrides(args.overrides, protected=set(model_shape) | PROTOCOL_FIELDS)
     variants = {name: config if name == "dense" else config.replace(**overrides)
                 for name, config in comparison_variants(**model_shape, names=names).items()}
     variants = match_parameters(variants, on=args.match)
@@ -103,8 +107,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_overrides(pairs: List[str]) -> Dict[str, Any]:
-    """``["inter_head_flow=false", "router_dim=16"]`` -> ``{"inter_head_flow": False, "router_dim": 16}``."""
+def parse_overrides(pairs: List[str], protected: Iterable[str] = ()) -> Dict[str, Any]:
+    """``["inter_head_flow=false", "head_graph=ring"]`` -> ``{"inter_head_flow": False, "head_graph": "ring"}``.
+
+    ``protected`` fields are refused: the comparison sets them itself (each variant's kind, the width
+    the matching fits, and the setting's shape, which every variant shares with dense).
+    """
     from gohgraph.config import GoHConfig
 
     fields = {field.name for field in dataclasses.fields(GoHConfig)}
@@ -113,6 +121,10 @@ def parse_overrides(pairs: List[str]) -> Dict[str, Any]:
         name, sep, text = pair.partition("=")
         if not sep or name not in fields:
             raise ValueError(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of GoHConfig's fields {sorted(fields)}")
+        if name in protected:
+            raise ValueError(f"--set {pair!r}: the comparison sets {name} itself (a variant's kind, the width "
+                             "the matching fits, or the setting's shape, shared with dense); the graph routers' "
+                             "rounds and width have --router-rounds and --router-dim")
         try:
             overrides[name] = json.loads(text)
         except json.JSONDecodeError:
