@@ -19,7 +19,7 @@ import argparse
 import torch
 
 from gohgraph import GoHConfig, GoHTransformer
-from gohgraph.compare import interleaved_median_seconds
+from gohgraph.analysis.timing import interleaved_median_seconds
 
 
 def variants(args) -> dict:

@@ -16,8 +16,8 @@ import functools
 import torch
 
 from gohgraph import GoHConfig, HeadRouter
-from gohgraph.compare import interleaved_median_seconds
-from gohgraph.model import GoHBlock
+from gohgraph.analysis.timing import interleaved_median_seconds
+from gohgraph.models.block import GoHBlock
 
 
 def variants(args) -> dict:
@@ -54,8 +54,8 @@ def main() -> None:
 
     blocks = {name: GoHBlock(cfg, 0) for name, cfg in variants(args).items()}
     for block in blocks.values():
-        if isinstance(block.attn.router, HeadRouter):
-            block.attn.router.fused = not args.no_fused
+        if block.attn.head_routing is not None and isinstance(block.attn.head_routing.router, HeadRouter):
+            block.attn.head_routing.router.fused = not args.no_fused
     x = torch.randn(args.batch, args.seq, args.d_model, requires_grad=True)
     medians = interleaved_median_seconds(
         {name: functools.partial(forward_backward, block, x) for name, block in blocks.items()},

@@ -33,8 +33,8 @@ import statistics
 import time
 
 from gohgraph import GoHConfig  # first: it sets THP_MEM_ALLOC_ENABLE before torch loads
-from gohgraph.ffn import SwiGLU
-from gohgraph.moe import MoEFeedForward
+from gohgraph.layers.mlp import SwiGLU
+from gohgraph.moe.layer import MoEFeedForward
 
 import torch
 
@@ -88,7 +88,7 @@ def main() -> None:
     for label, cfg in moe_configs(args.d_model, args.expert_hidden):
         active = active_parameters(cfg)
         width = round(active / (3 * args.d_model))
-        dense_by_width.setdefault(width, SwiGLU(args.d_model, width, cfg.init_std, cfg.init_std))
+        dense_by_width.setdefault(width, SwiGLU(cfg, width))
         cases.append((label, MoEFeedForward(cfg), width, active))
 
     dtype = getattr(torch, args.dtype)

@@ -23,10 +23,10 @@ from typing import Dict, List
 import torch
 
 from gohgraph import GoHConfig
-from gohgraph.compare import interleaved_median_seconds, saved_tensor_bytes
+from gohgraph.analysis.timing import interleaved_median_seconds, saved_tensor_bytes
 from gohgraph.graph import head_graph
-from gohgraph.model import GoHBlock
-from gohgraph.router import HeadRouter
+from gohgraph.models.block import GoHBlock
+from gohgraph.routers.heads import HeadRouter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOH = dict(router="graph", router_rounds=2, inter_head_flow=True)

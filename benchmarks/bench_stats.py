@@ -19,7 +19,7 @@ import time
 import torch
 
 from gohgraph import GoHConfig, GoHTransformer
-from gohgraph.stats import RoutingStats, collect_routing_stats
+from gohgraph.analysis.stats.collect import RoutingStats, collect_routing_stats
 
 CONFIGS = {
     "GoH attention, dense FFN": GoHConfig(vocab_size=256, d_model=256, n_layers=4, n_heads=8, n_shared_heads=2,

@@ -24,10 +24,12 @@ import time
 import torch
 
 from gohgraph import GoHConfig, GoHTransformer
-from gohgraph.data import load_corpus, train_batch
-from gohgraph.optim import build_optimizer
-from gohgraph.presets import get_preset
-from gohgraph.train import TrainConfig, training_loss
+from gohgraph.data.corpus import load_corpus
+from gohgraph.data.batches import train_batch
+from gohgraph.training.optim import build_optimizer
+from gohgraph.training.presets import get_preset
+from gohgraph.training.config import TrainConfig
+from gohgraph.training.trainer import training_loss
 
 
 def variants(model_kwargs: dict) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gohgraph.commands import bench
+from gohgraph.cli import bench
 
 
 def main() -> int:

@@ -18,8 +18,9 @@ from typing import List
 import torch
 
 from gohgraph import GoHTransformer
-from gohgraph.compare import SETTINGS, comparison_variants, match_parameters
-from gohgraph.data import eval_batches, load_corpus
+from gohgraph.analysis.compare.variants import SETTINGS, comparison_variants, match_parameters
+from gohgraph.data.batches import eval_batches
+from gohgraph.data.corpus import load_corpus
 
 
 def most_common_set_share(head_gates: torch.Tensor) -> float:

@@ -19,10 +19,12 @@ import sys
 from pathlib import Path
 
 from gohgraph import GoHConfig
-from gohgraph.data import eval_batches, load_corpus
-from gohgraph.presets import PRESETS, get_preset
-from gohgraph.train import TrainConfig, train
-from gohgraph.train_state import latest_checkpoint
+from gohgraph.data.batches import eval_batches
+from gohgraph.data.corpus import load_corpus
+from gohgraph.training.presets import PRESETS, get_preset
+from gohgraph.training.config import TrainConfig
+from gohgraph.training.trainer import train
+from gohgraph.training.checkpoint import latest_checkpoint
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,8 +60,8 @@ def main() -> int:
     result = train(model_config, train_config, corpus, run_dir, resume=resume)
 
     # routing statistics and pictures over held-out text
-    from gohgraph.stats import collect_routing_stats
-    from viz import write_all_pictures
+    from gohgraph.analysis.stats.collect import collect_routing_stats
+    from gohgraph.viz import write_all_pictures
 
     batches = eval_batches(corpus.val, train_config.batch_size, train_config.seq_len, args.stats_batches)
     stats = collect_routing_stats(result.model, batches)

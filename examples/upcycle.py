@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 
-from gohgraph.convert import convert_hf_model, dense_to_sparse_schedule
-from gohgraph.data import eval_batches, load_corpus, train_batch
+from gohgraph.interop.convert import convert_hf_model
+from gohgraph.training.schedules import dense_to_sparse_schedule
+from gohgraph.data.batches import eval_batches, train_batch
+from gohgraph.data.corpus import load_corpus
 
 
 def main() -> None:

@@ -13,16 +13,19 @@ import sys as _sys
 if "torch" not in _sys.modules:
     _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from .attention import GoHAttention, KVCache
-from .checkpoint import CheckpointError
 from .config import GoHConfig
-from .model import GoHOutput, GoHTransformer
-from .router import HeadGate, HeadRouter, LinearHeadRouter
-from .routing import LayerRouting
+from .layers.attention import GoHAttention
+from .layers.kv_cache import DynamicKVCache, KVCache
+from .models.decoder import GoHOutput, GoHTransformer
+from .models.pretrained import from_pretrained
+from .routers.heads import HeadGate, HeadRouter, LinearHeadRouter
+from .routing import ExpertRouting, LayerRouting
+from .storage import CheckpointError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "GoHAttention", "GoHConfig", "GoHOutput", "GoHTransformer", "HeadGate",
-    "HeadRouter", "KVCache", "LayerRouting", "LinearHeadRouter", "__version__",
+    "CheckpointError", "DynamicKVCache", "ExpertRouting", "GoHAttention", "GoHConfig", "GoHOutput",
+    "GoHTransformer", "HeadGate", "HeadRouter", "KVCache", "LayerRouting", "LinearHeadRouter",
+    "__version__", "from_pretrained",
 ]

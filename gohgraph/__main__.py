@@ -1,5 +1,5 @@
-import sys
+"""``python -m gohgraph``: the command line (also what ``torchrun -m gohgraph`` runs)."""
 
-from .cli import main
+from .cli.main import main
 
-sys.exit(main())
+raise SystemExit(main())

@@ -11,12 +11,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+import re
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
+
+from .graph import normalise_graph_spec
+
+MIN_EXPERT_HIDDEN = 8  # the default expert width never drops below this
 
 ROUTERS = ("dense", "linear", "graph")
-HEAD_GRAPH_NAMES = ("complete", "ring", "star", "none")
 FFN_KINDS = ("dense", "moe", "mh-moe", "graph-moe")
 NORMS = ("rms", "layer")
 EXPERT_ACTIVATIONS = ("swiglu", "gelu")
@@ -25,83 +30,108 @@ MLP_KINDS = ("swiglu", "gelu")
 
 HeadGraphSpec = Union[str, list]  # a name, or a list of [src, dst] head pairs
 
+SECTIONS = ("shape", "attention", "head routing", "routing losses", "experts")
+
+
+def _in(section: str, default: Any) -> Any:
+    """A dataclass field of ``section`` (one of :data:`SECTIONS`) with its default."""
+    return field(default=default, metadata={"section": section})
+
 
 @dataclass
 class GoHConfig:
-    """Hyper-parameters of a :class:`~gohgraph.GoHTransformer`.
+    """Hyper-parameters of a :class:`~gohgraph.GoHTransformer`, in five sections.
 
-    Attention routing: ``router`` is ``"dense"`` (plain MHA, every head on with gate 1),
-    ``"linear"`` (MoH: a linear router over the token) or ``"graph"`` (GoH: ``router_rounds`` of
-    message passing over ``head_graph``). ``head_graph`` accepts a name, a ``networkx.DiGraph`` or a
-    ``[2, E]`` ``edge_index`` tensor; it is stored as a name or a list of ``[src, dst]`` pairs so the
-    config survives a JSON round-trip.
+    * **shape**: vocabulary, widths, depth, norms, dense FFN, initialisation.
+    * **attention**: key/value heads (GQA/MQA), positions, projection biases.
+    * **head routing**: ``router`` is ``"dense"`` (plain MHA, every head on with gate 1),
+      ``"linear"`` (MoH: a linear router over the token) or ``"graph"`` (GoH: ``router_rounds`` of
+      message passing over ``head_graph``). ``head_graph`` accepts a name, a ``networkx.DiGraph``
+      or a ``[2, E]`` ``edge_index`` tensor; it is stored as a name or a list of ``[src, dst]``
+      pairs so the config survives a JSON round-trip.
+    * **routing losses**: coefficients of the balance and z losses and the auxiliary-loss-free bias.
+    * **experts**: ``ffn`` is ``"dense"`` (SwiGLU), ``"moe"`` (SMoE; fine-grained with more, smaller
+      experts), ``"mh-moe"`` (tokens split into ``n_subtokens`` sub-tokens) or ``"graph-moe"``
+      (sub-tokens routed by message passing over the sub-token -> expert graph). ``router_dim`` is
+      the node feature width of both graph routers; for ``"graph-moe"`` keep it at least the number
+      of routed experts, since expert scores are a bilinear form in those features (8-wide features
+      for 16 experts cost 0.05 nats in BENCHMARKS.md's full setting).
 
-    Feed-forward: ``ffn`` is ``"dense"`` (SwiGLU), ``"moe"`` (SMoE; fine-grained with more, smaller
-    experts), ``"mh-moe"`` (tokens split into ``n_subtokens`` sub-tokens) or ``"graph-moe"``
-    (sub-tokens routed by message passing over the sub-token -> expert graph). ``router_dim`` is
-    the node feature width of both graph routers; for ``"graph-moe"`` keep it at least the number
-    of routed experts, since expert scores are a bilinear form in those features (8-wide features
-    for 16 experts cost 0.05 nats in BENCHMARKS.md's full setting).
+    It stays one flat object: the field names and the JSON are those of every saved config.json.
+    Every value is parsed by :func:`parse_typed` from its annotation, whatever path it came by
+    (Python argument, ``--set``, JSON), and checked at construction; a bad value raises
+    ``ValueError`` naming the field, the value and what is allowed.
     """
 
-    # model shape
-    vocab_size: int = 256
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: Optional[int] = None  # None = n_heads (MHA); 1 = MQA; otherwise GQA
-    max_seq_len: int = 1024
-    rope_theta: float = 10000.0
-    norm: str = "rms"
-    norm_eps: float = 1e-5
-    ffn_hidden: Optional[int] = None  # None = SwiGLU's 8/3 * d_model rounded up to a multiple of 8
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-    # architecture switches for converted models (GPT-2 style); defaults are the LLaMA-style model
-    position_embedding: str = "rope"  # "learned": absolute position table added to the embedding
-    linear_bias: bool = False  # biases in the qkv / out / dense-FFN linears
-    mlp: str = "swiglu"  # dense FFN: "swiglu", or "gelu" (2-layer MLP, tanh GELU as GPT-2)
+    # ---- shape
+    vocab_size: int = _in("shape", 256)
+    d_model: int = _in("shape", 256)
+    n_layers: int = _in("shape", 4)
+    n_heads: int = _in("shape", 8)
+    max_seq_len: int = _in("shape", 1024)
+    norm: str = _in("shape", "rms")
+    norm_eps: float = _in("shape", 1e-5)
+    ffn_hidden: Optional[int] = _in("shape", None)  # None = SwiGLU's 8/3 * d_model rounded up to a multiple of 8
+    mlp: str = _in("shape", "swiglu")  # dense FFN: "swiglu", or "gelu" (2-layer MLP, tanh GELU as GPT-2)
+    dropout: float = _in("shape", 0.0)
+    tie_embeddings: bool = _in("shape", True)
+    init_std: float = _in("shape", 0.02)
 
-    # head routing
-    router: str = "dense"
-    n_shared_heads: int = 0
-    top_k_heads: Optional[int] = None  # None = every routed head
-    router_rounds: int = 2
-    router_dim: int = 16
-    head_graph: Any = "complete"
-    inter_head_flow: bool = True
+    # ---- attention (the defaults are the LLaMA-style model; converted GPT-2 models switch them)
+    n_kv_heads: Optional[int] = _in("attention", None)  # None = n_heads (MHA); 1 = MQA; otherwise GQA
+    position_embedding: str = _in("attention", "rope")  # "learned": absolute position table added to the embedding
+    rope_theta: float = _in("attention", 10000.0)
+    linear_bias: bool = _in("attention", False)  # biases in the qkv / out / dense-FFN linears
+
+    # ---- head routing
+    router: str = _in("head routing", "dense")
+    n_shared_heads: int = _in("head routing", 0)
+    top_k_heads: Optional[int] = _in("head routing", None)  # None = every routed head
+    router_rounds: int = _in("head routing", 2)
+    router_dim: int = _in("head routing", 16)
+    head_graph: Any = _in("head routing", "complete")
+    inter_head_flow: bool = _in("head routing", True)
     # graph router: add MoH's linear logits of the whole token to the message-passing logits, so
     # GoH's head choice can do everything MoH's can and the graph refines it (off: it tied both GoH
     # and MoH in BENCHMARKS.md's full setting)
-    router_token_logits: bool = False
+    router_token_logits: bool = _in("head routing", False)
 
-    # routing losses and balancing
-    balance_loss_coef: float = 0.01
-    z_loss_coef: float = 1e-3
-    aux_free_bias: bool = False
-    bias_update_rate: float = 1e-3
+    # ---- routing losses and balancing (heads and experts)
+    balance_loss_coef: float = _in("routing losses", 0.01)
+    z_loss_coef: float = _in("routing losses", 1e-3)
+    aux_free_bias: bool = _in("routing losses", False)
+    bias_update_rate: float = _in("routing losses", 1e-3)
 
-    # feed-forward experts
-    ffn: str = "dense"
-    n_experts: int = 8
-    n_shared_experts: int = 0
-    top_k_experts: int = 2
-    n_subtokens: int = 1
-    expert_hidden: Optional[int] = None  # None = ffn_hidden // top_k_experts (matched active size)
-    capacity_factor: Optional[float] = None  # None = dropless
-    expert_activation: str = "swiglu"
-    expert_graph: Any = None  # None = every sub-token may reach every expert; else [[head, expert], ...]
-    expert_load_feature: bool = True
+    # ---- feed-forward experts
+    ffn: str = _in("experts", "dense")
+    n_experts: int = _in("experts", 8)
+    n_shared_experts: int = _in("experts", 0)
+    top_k_experts: int = _in("experts", 2)
+    n_subtokens: int = _in("experts", 1)
+    # None = ffn_hidden // top_k_experts: the k experts a (sub-)token reaches then hold as many
+    # parameters as the dense FFN, however many sub-tokens it is split into
+    expert_hidden: Optional[int] = _in("experts", None)
+    capacity_factor: Optional[float] = _in("experts", None)  # None = dropless
+    expert_activation: str = _in("experts", "swiglu")
+    expert_graph: Optional[Any] = _in("experts", None)  # None = every sub-token may reach every expert; else [[slot, expert], ...]
+    expert_load_feature: bool = _in("experts", True)
     # MH-MoE's head and merge layers (d_model x d_model each) around the sub-token split; False splits
     # the token as it is and concatenates the results (the MH-MoE paper's ablation)
-    subtoken_projections: bool = True
+    subtoken_projections: bool = _in("experts", True)
 
     def __post_init__(self) -> None:
-        self.head_graph = _normalise_graph_spec(self.head_graph, "head_graph")
+        parse_fields(self)
+        self.head_graph = normalise_graph_spec(self.head_graph, "head_graph")
         if self.expert_graph is not None:
-            self.expert_graph = _normalise_graph_spec(self.expert_graph, "expert_graph")
+            self.expert_graph = normalise_graph_spec(self.expert_graph, "expert_graph")
         self._validate()
+
+    @classmethod
+    def section_fields(cls, section: str) -> Tuple[str, ...]:
+        """The field names of one of :data:`SECTIONS`, in declaration order."""
+        if section not in SECTIONS:
+            raise ValueError(f"section={section!r} is not one of {list(SECTIONS)}")
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("section") == section)
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -141,9 +171,19 @@ class GoHConfig:
 
     @property
     def expert_hidden_dim(self) -> int:
+        """Expert width; by default the ``top_k_experts`` experts a sub-token reaches hold, over
+        all ``n_subtokens`` sub-tokens of input width ``d_model / n_subtokens``, as many weights as
+        the dense FFN (``k * 3 * d/m * h * m = 3 * d * hidden``): matched active parameters."""
         if self.expert_hidden is not None:
             return self.expert_hidden
-        return max(8, self.hidden_dim // max(1, self.top_k_experts * self.n_subtokens))
+        return max(MIN_EXPERT_HIDDEN, self.hidden_dim // self.top_k_experts)
+
+    @property
+    def output_init_std(self) -> float:
+        """Init std of every projection that writes into the residual stream (attention output,
+        FFN and expert down-projections): GPT-2's ``init_std / sqrt(2 * n_layers)``, so the
+        residual's variance does not grow with depth."""
+        return self.init_std / math.sqrt(2 * self.n_layers)
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
@@ -154,8 +194,6 @@ class GoHConfig:
         _choice(self, "expert_activation", EXPERT_ACTIVATIONS)
         _choice(self, "position_embedding", POSITION_EMBEDDINGS)
         _choice(self, "mlp", MLP_KINDS)
-        if not isinstance(self.linear_bias, bool):
-            raise ValueError(f"linear_bias={self.linear_bias!r} must be True or False")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.position_embedding == "rope" and self.head_dim % 2:
@@ -246,47 +284,13 @@ def dataclass_from_dict(cls, values: dict):
 
 def _positive(cfg: GoHConfig, *names: str) -> None:
     for name in names:
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive integer")
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)!r} must be a positive integer")
 
 
 def _choice(cfg: GoHConfig, name: str, allowed: tuple) -> None:
     if getattr(cfg, name) not in allowed:
         raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {list(allowed)}")
-
-
-def _normalise_graph_spec(spec: Any, name: str) -> HeadGraphSpec:
-    """A graph name stays a name; a networkx graph or edge_index becomes a list of [src, dst]."""
-    if isinstance(spec, str):
-        if name == "head_graph" and spec not in HEAD_GRAPH_NAMES:
-            raise ValueError(f"{name}={spec!r} is not one of {list(HEAD_GRAPH_NAMES)}, "
-                             "a networkx.DiGraph or an edge_index tensor")
-        return spec
-    try:
-        import networkx as nx
-        if isinstance(spec, nx.Graph):
-            directed = spec if spec.is_directed() else spec.to_directed()
-            return sorted([int(s), int(d)] for s, d in directed.edges())
-    except ImportError:  # pragma: no cover - networkx is a hard dependency
-        pass
-    try:
-        import torch
-        if isinstance(spec, torch.Tensor):
-            if spec.dim() != 2 or spec.shape[0] != 2:
-                raise ValueError(f"{name} edge_index must have shape [2, E], got {list(spec.shape)}")
-            return [[int(s), int(d)] for s, d in spec.t().tolist()]
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(spec, (list, tuple)):
-        edges = []
-        for edge in spec:
-            if len(edge) != 2:
-                raise ValueError(f"{name} edges must be [src, dst] pairs, got {edge!r}")
-            edges.append([int(edge[0]), int(edge[1])])
-        return edges
-    raise ValueError(f"{name}={spec!r} must be one of {list(HEAD_GRAPH_NAMES)}, "
-                     "a networkx.DiGraph, an edge_index tensor or a list of [src, dst] pairs")
 
 
 def _check_graph_nodes(spec: HeadGraphSpec, name: str, n_nodes: int) -> None:
@@ -297,3 +301,85 @@ def _check_graph_nodes(spec: HeadGraphSpec, name: str, n_nodes: int) -> None:
             raise ValueError(f"{name} edge {[src, dst]} names a head outside 0..{n_nodes - 1}")
         if src == dst:
             raise ValueError(f"{name} edge {[src, dst]} is a self-loop; self-loops are implicit")
+
+
+# ---------------------------------------------------------------------- the one typed parser
+_TRUE, _FALSE = ("true", "1"), ("false", "0")
+_NONE = ("none", "null")
+_INT_TEXT = re.compile(r"^[+-]?\d+$")
+
+
+def parse_fields(config: Any, owner: str = "") -> None:
+    """Parse every field of the dataclass ``config`` in place with :func:`parse_typed`.
+
+    ``owner`` prefixes the field in error messages (``"TrainConfig."``).
+    """
+    hints = typing.get_type_hints(type(config))
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        setattr(config, item.name, parse_typed(f"{owner}{item.name}", value, hints[item.name]))
+
+
+def parse_typed(name: str, value: Any, annotation: Any) -> Any:
+    """``value`` as the type ``annotation`` names, or a ``ValueError`` naming field, value and type.
+
+    The same rules whatever the value came from (Python argument, CLI flag, ``--set``, YAML/JSON,
+    a saved config.json), so the three paths agree:
+
+    * ``bool``: ``True``/``False``, or ``"true"``/``"false"``/``"1"``/``"0"``/``1``/``0``
+      (case-insensitive); never a truthy string such as ``"False"`` taken as true;
+    * ``int``: an int or a string of digits (never a bool, a float or ``"2.5"``);
+    * ``float``: a finite float, an int, or a string of one;
+    * ``str``: a string;
+    * ``Optional[...]``: ``None`` or ``"none"``/``"null"``, else the inner type;
+    * ``Any``: unchanged (the field's own validation checks it).
+    """
+    if typing.get_origin(annotation) is Union:
+        inner = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
+            return None
+        annotation = inner[0] if len(inner) == 1 else Any
+    if annotation is bool:
+        return _parse_bool(name, value)
+    if annotation is int:
+        return _parse_int(name, value)
+    if annotation is float:
+        return _parse_float(name, value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name}={value!r} must be a string")
+        return value
+    return value
+
+
+def _parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else value if type(value) is int else None
+    if text in _TRUE or text == 1:
+        return True
+    if text in _FALSE or text == 0:
+        return False
+    raise ValueError(f"{name}={value!r} must be True or False (or one of true/false/1/0)")
+
+
+def _parse_int(name: str, value: Any) -> int:
+    if type(value) is int:
+        return value
+    if isinstance(value, str) and _INT_TEXT.match(value.strip()):
+        return int(value.strip())
+    raise ValueError(f"{name}={value!r} must be an integer")
+
+
+def _parse_float(name: str, value: Any) -> float:
+    number = None
+    if type(value) in (int, float):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            pass
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"{name}={value!r} must be a finite number")
+    return number

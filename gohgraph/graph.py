@@ -7,13 +7,55 @@ head graph: the router adds them itself where its attention needs them.
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+import json
+import numbers
+from typing import Any, List, Sequence, Union
 
 import networkx as nx
 import torch
 from torch_geometric.data import Data
 
 GraphLike = Union[str, nx.Graph, torch.Tensor, Sequence[Sequence[int]]]
+
+
+HEAD_GRAPH_NAMES = ("complete", "ring", "star", "none")
+
+
+def normalise_graph_spec(spec: Any, name: str) -> Union[str, List[List[int]]]:
+    """The JSON form of a graph a config stores: a name stays a name; a networkx graph, an
+    ``edge_index [2, E]`` tensor or a sequence of pairs becomes a list of ``[src, dst]`` pairs.
+
+    A string holding a JSON list (``"[[0, 1], [1, 0]]"``, as ``--set head_graph=...`` gives it) is
+    read as that list. ``name`` is the config field, for the error message.
+    """
+    if isinstance(spec, str) and spec.lstrip().startswith("["):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{name}={spec!r} is not a valid JSON list of [src, dst] pairs: {err}") from None
+    if isinstance(spec, str):
+        if name == "head_graph" and spec not in HEAD_GRAPH_NAMES:
+            raise ValueError(f"{name}={spec!r} is not one of {list(HEAD_GRAPH_NAMES)}, "
+                             "a networkx.DiGraph or an edge_index tensor")
+        return spec
+    if isinstance(spec, nx.Graph):
+        directed = spec if spec.is_directed() else spec.to_directed()
+        return sorted([int(s), int(d)] for s, d in directed.edges())
+    if isinstance(spec, torch.Tensor):
+        if spec.dim() != 2 or spec.shape[0] != 2:
+            raise ValueError(f"{name} edge_index must have shape [2, E], got {list(spec.shape)}")
+        return [[int(s), int(d)] for s, d in spec.t().tolist()]
+    if isinstance(spec, (list, tuple)):
+        edges = []
+        for edge in spec:
+            if not isinstance(edge, (list, tuple)) or len(edge) != 2:
+                raise ValueError(f"{name} edges must be [src, dst] pairs, got {edge!r}")
+            if not all(isinstance(node, numbers.Integral) and not isinstance(node, bool) for node in edge):
+                raise ValueError(f"{name} edge {list(edge)!r} must name nodes by integer ids")
+            edges.append([int(edge[0]), int(edge[1])])
+        return edges
+    raise ValueError(f"{name}={spec!r} must be one of {list(HEAD_GRAPH_NAMES)}, "
+                     "a networkx.DiGraph, an edge_index tensor or a list of [src, dst] pairs")
 
 
 def head_graph(spec: GraphLike, n_heads: int) -> torch.Tensor:
@@ -23,17 +65,8 @@ def head_graph(spec: GraphLike, n_heads: int) -> torch.Tensor:
     ``star`` (head 0 <-> every other head), ``none`` (no edges). Edges are sorted by
     (destination, source) so that the edge order is the same however the graph was given.
     """
-    if isinstance(spec, str):
-        edges = _named_edges(spec, n_heads)
-    elif isinstance(spec, nx.Graph):
-        directed = spec if spec.is_directed() else spec.to_directed()
-        edges = [(int(s), int(d)) for s, d in directed.edges()]
-    elif isinstance(spec, torch.Tensor):
-        if spec.dim() != 2 or spec.shape[0] != 2:
-            raise ValueError(f"edge_index must have shape [2, E], got {list(spec.shape)}")
-        edges = [(int(s), int(d)) for s, d in spec.t().tolist()]
-    else:
-        edges = [(int(s), int(d)) for s, d in spec]
+    spec = normalise_graph_spec(spec, "head_graph")
+    edges = _named_edges(spec, n_heads) if isinstance(spec, str) else [(s, d) for s, d in spec]
     for src, dst in edges:
         if not (0 <= src < n_heads and 0 <= dst < n_heads):
             raise ValueError(f"head graph edge ({src}, {dst}) names a head outside 0..{n_heads - 1}")
@@ -50,9 +83,7 @@ def _named_edges(name: str, n: int) -> list:
         return [(i, (i + 1) % n) for i in range(n)] + [((i + 1) % n, i) for i in range(n)]
     if name == "star":
         return [(0, i) for i in range(1, n)] + [(i, 0) for i in range(1, n)]
-    if name == "none":
-        return []
-    raise ValueError(f"head_graph={name!r} is not one of ['complete', 'ring', 'star', 'none']")
+    return []  # "none"; normalise_graph_spec refused every other name
 
 
 def to_networkx(edge_index: torch.Tensor, n_nodes: int, **node_attrs: Any) -> nx.DiGraph:
@@ -77,13 +108,24 @@ def to_pyg(edge_index: torch.Tensor, n_nodes: int) -> Data:
     return Data(edge_index=edge_index, num_nodes=n_nodes)
 
 
+def bipartite_adjacency(edge_index: torch.Tensor, n_src: int, n_dst: int) -> torch.Tensor:
+    """``[n_dst, n_src]`` bool matrix, ``True`` where ``src -> dst`` is an edge of ``edge_index [2, E]``."""
+    adjacency = torch.zeros(n_dst, n_src, dtype=torch.bool)
+    adjacency[edge_index[1], edge_index[0]] = True
+    return adjacency
+
+
 def dense_adjacency(edge_index: torch.Tensor, n_nodes: int, self_loops: bool = False) -> torch.Tensor:
     """``[n_nodes(dst), n_nodes(src)]`` bool matrix, ``True`` where ``src -> dst`` is an edge."""
-    adjacency = torch.zeros(n_nodes, n_nodes, dtype=torch.bool)
-    adjacency[edge_index[1], edge_index[0]] = True
+    adjacency = bipartite_adjacency(edge_index, n_nodes, n_nodes)
     if self_loops:
         adjacency |= torch.eye(n_nodes, dtype=torch.bool)
     return adjacency
+
+
+def with_self_loops(edge_index: torch.Tensor, n_nodes: int) -> torch.Tensor:
+    """``edge_index [2, E]`` followed by the ``n_nodes`` self-loops: ``[2, E + n_nodes]``."""
+    return torch.cat([edge_index, torch.arange(n_nodes).repeat(2, 1)], dim=1)
 
 
 def expert_graph(spec: Any, n_subtokens: int, n_experts: int) -> torch.Tensor:

@@ -1,7 +1,9 @@
-"""What a layer reports about its routing (DESIGN.md §5).
+"""What a layer reports about its routing (DESIGN.md §5): one record, with an experts part.
 
-The model returns data, never prints or plots: statistics (``gohgraph.stats``) and pictures
-(``viz``) consume these records.
+The model returns data, never prints or plots: statistics (:mod:`gohgraph.analysis.stats`) and
+pictures (:mod:`gohgraph.viz`) consume these records. The attention fills the head fields; an
+expert feed-forward layer returns an :class:`ExpertRouting`, which the block attaches as
+``record.experts`` (no field is copied, so a new expert field is a change to one class).
 """
 
 from __future__ import annotations
@@ -13,6 +15,27 @@ import torch
 
 
 @dataclass
+class ExpertRouting:
+    """Expert decisions of one layer.
+
+    Attributes:
+        expert_indices: ``[batch, seq, subtokens, top_k_experts]`` routed expert ids.
+        expert_weights: ``[batch, seq, subtokens, top_k_experts]`` their weights (sum to 1), or ``None``.
+        dropped: ``[batch, seq, subtokens]`` bool, sub-tokens that overflowed every chosen expert's
+            capacity, or ``None``.
+        expert_drops: ``[batch, seq, subtokens, top_k_experts]`` bool, which (sub-token, expert)
+            assignments overflowed capacity, or ``None``.
+        aux_losses: ``expert_balance`` and ``expert_z``, unweighted scalars with gradients.
+    """
+
+    expert_indices: torch.Tensor
+    expert_weights: Optional[torch.Tensor] = None
+    dropped: Optional[torch.Tensor] = None
+    expert_drops: Optional[torch.Tensor] = None
+    aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class LayerRouting:
     """Routing decisions of one transformer layer for one batch.
 
@@ -21,23 +44,39 @@ class LayerRouting:
         head_logits: ``[batch, seq, heads]`` router logits, or ``None`` for the dense router.
         flow: ``[batch, seq, n_head_edges]`` inter-head flow weight on each head-graph edge
             (edge order of the layer's ``edge_index``), or ``None`` without flow.
-        expert_indices: ``[batch, seq, subtokens, top_k_experts]`` routed expert ids, or ``None``.
-        expert_weights: ``[batch, seq, subtokens, top_k_experts]`` their weights (sum to 1).
-        dropped: ``[batch, seq, subtokens]`` bool, sub-tokens that overflowed every chosen expert's
-            capacity, or ``None``.
-        expert_drops: ``[batch, seq, subtokens, top_k_experts]`` bool, which (sub-token, expert)
-            assignments overflowed capacity, or ``None``.
-        aux_losses: scalar losses of this layer by name (``head_balance``, ``head_z``,
-            ``expert_balance``, ``expert_z``), unweighted; they carry gradients.
+        head_losses: ``head_balance`` and ``head_z`` of the head router, unweighted.
+        experts: the expert feed-forward layer's :class:`ExpertRouting`, or ``None`` (dense FFN).
 
-    Every tensor except ``aux_losses`` is detached: records are for inspection.
+    The expert fields read through: ``record.expert_indices`` is ``record.experts.expert_indices``
+    (``None`` without experts), and :attr:`aux_losses` holds the head and the expert losses.
+    Every tensor except the losses is detached: records are for inspection.
     """
 
     head_gates: torch.Tensor
     head_logits: Optional[torch.Tensor] = None
     flow: Optional[torch.Tensor] = None
-    expert_indices: Optional[torch.Tensor] = None
-    expert_weights: Optional[torch.Tensor] = None
-    dropped: Optional[torch.Tensor] = None
-    expert_drops: Optional[torch.Tensor] = None
-    aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    head_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    experts: Optional[ExpertRouting] = None
+
+    @property
+    def aux_losses(self) -> Dict[str, torch.Tensor]:
+        """Every routing loss of the layer by name (head and expert), unweighted."""
+        if self.experts is None:
+            return self.head_losses
+        return {**self.head_losses, **self.experts.aux_losses}
+
+    @property
+    def expert_indices(self) -> Optional[torch.Tensor]:
+        return None if self.experts is None else self.experts.expert_indices
+
+    @property
+    def expert_weights(self) -> Optional[torch.Tensor]:
+        return None if self.experts is None else self.experts.expert_weights
+
+    @property
+    def dropped(self) -> Optional[torch.Tensor]:
+        return None if self.experts is None else self.experts.dropped
+
+    @property
+    def expert_drops(self) -> Optional[torch.Tensor]:
+        return None if self.experts is None else self.experts.expert_drops

@@ -11,14 +11,14 @@ import time
 import pytest
 import torch
 
-import gohgraph.train as train_module
+from gohgraph.training import trainer as train_module
 from gohgraph import CheckpointError, GoHConfig, GoHTransformer
-from gohgraph.cli import main as cli_main
-from gohgraph.optim import build_optimizer
-from gohgraph.train import TrainConfig, TrainingDivergedError, train
-from gohgraph.train_metrics import read_metrics
-from gohgraph.train_state import (latest_checkpoint, load_checkpoint, optimizer_state_from_flat,
-                                  optimizer_state_to_flat)
+from gohgraph.cli.main import main as cli_main
+from gohgraph.training.optim import build_optimizer
+from gohgraph.training.config import TrainConfig
+from gohgraph.training.trainer import TrainingDivergedError, train
+from gohgraph.training.metrics import read_metrics
+from gohgraph.training.checkpoint import latest_checkpoint, load_checkpoint, optimizer_state_from_flat, optimizer_state_to_flat
 
 from test_train import TINY, make_corpus
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from gohgraph import GoHConfig, GoHTransformer
-from gohgraph.cli import main
-from gohgraph.data import eval_batches, load_corpus
-from gohgraph.stats import collect_routing_stats
+from gohgraph.cli.main import main
+from gohgraph.data.batches import eval_batches
+from gohgraph.data.corpus import load_corpus
+from gohgraph.analysis.stats.collect import collect_routing_stats
 
 CFG = GoHConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_shared_heads=1, top_k_heads=2,
                 router="graph", router_rounds=1, max_seq_len=64)
@@ -135,7 +136,7 @@ def test_viz_command_traces_the_validation_text_by_default(run_dir, tmp_path, ca
 def test_a_saved_bpe_tokenizer_encodes_the_validation_text(run_dir, tmp_path):
     from argparse import Namespace
 
-    from gohgraph.commands.stats import validation_batches
+    from gohgraph.cli.common import validation_batches
 
     pytest.importorskip("tokenizers")  # the optional BPE dependency
     data = tmp_path / "data.txt"

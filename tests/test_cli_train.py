@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from gohgraph import GoHTransformer
-from gohgraph.cli import build_parser, main
-from gohgraph.commands.train import build_configs
-from gohgraph.data import load_corpus
-from gohgraph.presets import PRESETS, get_preset
-from gohgraph.train import evaluate
-from gohgraph.train_metrics import read_metrics
+from gohgraph.cli.main import build_parser, main
+from gohgraph.cli.train import build_configs
+from gohgraph.data.corpus import load_corpus
+from gohgraph.training.presets import PRESETS, get_preset
+from gohgraph.training.trainer import evaluate
+from gohgraph.training.metrics import read_metrics
 
 SMALL_RUN = ["--batch-size", "2", "--seq-len", "16", "--no-progress", "--device", "cpu",
              "--set", "d_model=32", "--set", "n_layers=1", "--set", "eval_batches=2"]
@@ -31,7 +31,7 @@ def text_file(tmp_path):
 
 def test_presets_are_graph_routed_and_valid():
     from gohgraph import GoHConfig
-    from gohgraph.train import TrainConfig
+    from gohgraph.training.config import TrainConfig
 
     for name in PRESETS:
         model_kwargs, train_kwargs = get_preset(name)

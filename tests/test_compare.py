@@ -1,5 +1,6 @@
 """The comparison suite: matched parameter counts, the table's arithmetic, and a micro end-to-end run."""
 
+import dataclasses
 import json
 import math
 
@@ -9,13 +10,14 @@ import pytest
 import torch
 
 from gohgraph import GoHConfig, GoHTransformer
-from gohgraph.compare import (SETTINGS, VARIANT_NAMES, Comparison, MatchedVariant, SeedRun, TrainingCost,
-                              active_parameters,
-                              comparison_variants, interleaved_median_seconds, match_parameters, render_table,
-                              run_comparison, saved_tensor_bytes)
-from gohgraph.compare_report import is_tie, paired_difference
-from gohgraph.data import load_corpus
-from gohgraph.train import TrainConfig
+from gohgraph.analysis.compare.variants import SETTINGS, VARIANT_NAMES, MatchedVariant, active_parameters, comparison_variants, match_parameters
+from gohgraph.analysis.compare.records import Comparison, SeedRun, TrainingCost
+from gohgraph.analysis.timing import interleaved_median_seconds, saved_tensor_bytes
+from gohgraph.analysis.compare.report import render_table
+from gohgraph.analysis.compare.run import run_comparison
+from gohgraph.analysis.compare.report import is_tie, paired_difference
+from gohgraph.data.corpus import load_corpus
+from gohgraph.training.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +189,7 @@ def bench_data(tmp_path, monkeypatch):
 
 
 def test_bench_command_writes_the_table_for_the_chosen_variants(tmp_path, capsys, bench_data):
-    from gohgraph.cli import main
+    from gohgraph.cli.main import main
 
     out = tmp_path / "bench"
     code = main(["bench", "--quick", "--variants", "GoH", "--steps", "2", "--seeds", "1", "--first-seed", "4",
@@ -209,7 +211,7 @@ def test_bench_command_writes_the_table_for_the_chosen_variants(tmp_path, capsys
 
 
 def test_bench_command_changes_config_fields_of_the_routed_variants(tmp_path, capsys, bench_data):
-    from gohgraph.cli import main
+    from gohgraph.cli.main import main
 
     out = tmp_path / "bench"
     code = main(["bench", "--quick", "--variants", "SMoE", "MH-MoE", "--steps", "1", "--seeds", "1",
@@ -225,20 +227,23 @@ def test_bench_command_changes_config_fields_of_the_routed_variants(tmp_path, ca
 
 
 def test_bench_set_refuses_unknown_and_protocol_fields():
-    from gohgraph.commands.bench import PROTOCOL_FIELDS, parse_overrides
+    from gohgraph.cli.bench import PROTOCOL_FIELDS, WHY_PROTECTED
+    from gohgraph.cli.common import parse_overrides
 
-    assert parse_overrides(["inter_head_flow=false", "capacity_factor=1.5", "head_graph=ring"]) == \
-        {"inter_head_flow": False, "capacity_factor": 1.5, "head_graph": "ring"}
+    fields = [f.name for f in dataclasses.fields(GoHConfig)]
+    overrides = parse_overrides(["inter_head_flow=false", "capacity_factor=1.5", "head_graph=ring"], fields)
+    changed = GoHConfig(ffn="moe", **overrides)  # the config's typed parser reads the text
+    assert (changed.inter_head_flow, changed.capacity_factor, changed.head_graph) == (False, 1.5, "ring")
     with pytest.raises(ValueError, match="interhead_flow"):
-        parse_overrides(["interhead_flow=false"])
+        parse_overrides(["interhead_flow=false"], fields)
     with pytest.raises(ValueError, match="FIELD=VALUE"):
-        parse_overrides(["inter_head_flow"])
+        parse_overrides(["inter_head_flow"], fields)
     with pytest.raises(ValueError, match="--router-dim"):  # would bypass GoH-MoE's width rule
-        parse_overrides(["router_dim=16"], protected=set(SETTINGS["full"][0]))
+        parse_overrides(["router_dim=16"], fields, protected=set(SETTINGS["full"][0]), why_protected=WHY_PROTECTED)
     with pytest.raises(ValueError, match="sets d_model itself"):  # dense keeps its shape: no longer like for like
-        parse_overrides(["d_model=256"], protected=set(SETTINGS["full"][0]))
+        parse_overrides(["d_model=256"], fields, protected=set(SETTINGS["full"][0]), why_protected=WHY_PROTECTED)
     with pytest.raises(ValueError, match="sets expert_hidden itself"):  # the matching would overwrite it
-        parse_overrides(["expert_hidden=16"], protected=PROTOCOL_FIELDS)
+        parse_overrides(["expert_hidden=16"], fields, protected=PROTOCOL_FIELDS, why_protected=WHY_PROTECTED)
 
 
 def test_matching_on_active_parameters_grows_the_expert_models():

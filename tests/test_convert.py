@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from gohgraph import GoHConfig, GoHTransformer
-from gohgraph.cli import main as cli_main
-from gohgraph.convert import (ConversionError, SOURCE_FIELDS, convert_hf_model, dense_to_sparse_schedule,
-                              load_hf_model, read_hf_config)
+from gohgraph.cli.main import main as cli_main
+from gohgraph.interop.source import ConversionError
+from gohgraph.interop.convert import SOURCE_FIELDS, convert_hf_model, load_hf_model, read_hf_config
+from gohgraph.training.schedules import dense_to_sparse_schedule
 
 TINY = dict(vocab_size=256, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
 
@@ -37,7 +38,7 @@ def test_dense_blend_one_equals_dense_router_with_the_same_weights():
     torch.manual_seed(0)
     routed = GoHTransformer(GoHConfig(**TINY, router="graph", n_shared_heads=1, top_k_heads=1))
     # a fresh layer's inter-head flow contributes nothing (flow_scale 0), so blend 1 is dense attention
-    assert all(torch.equal(block.attn.flow_scale, torch.zeros(4)) for block in routed.blocks)
+    assert all(torch.equal(block.attn.head_routing.flow_scale, torch.zeros(4)) for block in routed.blocks)
     dense = GoHTransformer(GoHConfig(**TINY, router="dense"))
     dense.load_state_dict(routed.state_dict(), strict=False)
     ids = torch.randint(0, 256, (2, 12))
@@ -52,7 +53,7 @@ def test_dense_blend_mixes_gates_and_flow_sources_linearly():
     model = GoHTransformer(GoHConfig(**TINY, router="graph", n_shared_heads=1, top_k_heads=1)).eval()
     with torch.no_grad():
         for block in model.blocks:
-            block.attn.flow_scale.fill_(0.5)
+            block.attn.head_routing.flow_scale.fill_(0.5)
     ids = torch.randint(0, 256, (1, 10))
     records = {}
     for blend in (0.0, 0.3, 1.0):
@@ -150,9 +151,9 @@ def test_core_imports_and_missing_transformers_gives_install_hint(tmp_path):
     llama = _write_config(tmp_path / "llama", {"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
     script = (  # a fresh interpreter in which `import transformers` fails, as without the hf extra
         "import sys; sys.modules['transformers'] = None\n"
-        "import gohgraph, gohgraph.convert, gohgraph.cli\n"
-        "assert 'convert' in gohgraph.cli.build_parser().format_help()\n"
-        f"try:\n    gohgraph.convert.load_hf_model({str(llama)!r})\n"
+        "import gohgraph, gohgraph.interop.convert, gohgraph.cli.main\n"
+        "assert 'convert' in gohgraph.cli.main.build_parser().format_help()\n"
+        f"try:\n    gohgraph.interop.convert.load_hf_model({str(llama)!r})\n"
         "except ImportError as err:\n    print(err)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from gohgraph.data import (DataError, eval_batches, load_corpus, load_tokenizer, train_batch)
+from gohgraph.data.errors import DataError
+from gohgraph.data.batches import eval_batches, train_batch
+from gohgraph.data.corpus import load_corpus
+from gohgraph.data.tokenizers import load_tokenizer
 
 SMALL_STDLIB = 250_000  # bytes of the default corpus used here (the real default is 4 MB)
 

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gohgraph.dispatch import combine, dispatch, expert_capacity, plan_dispatch
-from gohgraph.experts import GroupedExperts, grouped_matmul
+from gohgraph.moe.dispatch import combine, dispatch, expert_capacity, plan_dispatch
+from gohgraph.moe.experts import GroupedExperts
+from gohgraph.ops.grouped_matmul import grouped_matmul
 
 
 def random_routing(n_sub, n_experts, k, generator):

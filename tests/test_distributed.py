@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from gohgraph import GoHConfig, GoHTransformer
-from gohgraph.distributed import may_leave_parameters_unused
-from gohgraph.train import TrainConfig, train, training_loss
+from gohgraph.parallel.data_parallel import may_leave_parameters_unused
+from gohgraph.training.config import TrainConfig
+from gohgraph.training.trainer import train, training_loss
 
 # graph router, shared + top-k heads, flow and aux-loss-free bias; the balance loss is off because
 # it is a product of batch statistics, so a per-rank loss would differ from the global one
@@ -49,7 +50,7 @@ MOE = dict(MODEL, ffn="moe", n_experts=4, top_k_experts=1)  # experts can get no
 @pytest.mark.parametrize("fsdp, experts", [(False, False), (True, False), (False, True)],
                          ids=["ddp", "fsdp2", "ddp-moe"])
 def test_two_gloo_ranks_match_one_process(tmp_path, fsdp, experts):
-    from gohgraph.data import load_corpus
+    from gohgraph.data.corpus import load_corpus
 
     data = _text_file(tmp_path)
     corpus = load_corpus(str(data), cache_dir=tmp_path / "cache")  # built once, before the ranks start
@@ -76,7 +77,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path, fsdp, experts):
 
 
 def _worker(out_dir: str, data: str, cache: str, fsdp: bool, experts: bool) -> None:
-    from gohgraph.data import load_corpus
+    from gohgraph.data.corpus import load_corpus
 
     torch.set_num_threads(1)
     corpus = load_corpus(data, cache_dir=Path(cache))

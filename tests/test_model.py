@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gohgraph import CheckpointError, GoHConfig, GoHTransformer
-from gohgraph.attention import GoHAttention
+from gohgraph.models.block import build_attention
 
 ROUTERS = ["dense", "linear", "graph"]
 
@@ -26,7 +26,7 @@ def tiny_model(router="graph", seed=0, **overrides):
     if router == "graph":  # give flow a non-zero weight so the test exercises it
         for block in model.blocks:
             with torch.no_grad():
-                block.attn.flow_scale.normal_()
+                block.attn.head_routing.flow_scale.normal_()
     return model
 
 
@@ -55,10 +55,10 @@ def test_kv_cache_generation_equals_full_recompute(router, kv_heads):
 
 
 def test_cached_prefill_in_chunks_matches_one_pass():
-    from gohgraph.attention import KVCache
+    from gohgraph.layers.kv_cache import DynamicKVCache
     model = tiny_model("graph", n_kv_heads=4)
     ids = torch.randint(0, 64, (2, 16))
-    cache = KVCache(model.config.n_layers)
+    cache = DynamicKVCache(model.config.n_layers)
     chunks = [model(ids[:, :7], cache=cache).logits, model(ids[:, 7:11], cache=cache).logits,
               model(ids[:, 11:], cache=cache).logits]
     torch.testing.assert_close(torch.cat(chunks, 1), model(ids).logits, rtol=1e-5, atol=1e-5)
@@ -72,7 +72,7 @@ def test_graph_router_gates_exactly_shared_plus_top_k_heads():
         assert (active.sum(-1) == 5).all()
         assert active[..., :2].all()
         assert layer.flow.shape == (4, 30, 56)
-        inactive_sources = ~active[..., model.blocks[0].attn.router.edge_index[0]]
+        inactive_sources = ~active[..., model.blocks[0].attn.head_routing.router.edge_index[0]]
         assert (layer.flow[inactive_sources] == 0).all()
 
 
@@ -104,7 +104,7 @@ def reference_mha(x, qkv_weight, out_weight, heads, kv_heads, theta=10000.0):
 def test_dense_router_is_exactly_standard_attention(kv_heads):
     torch.manual_seed(0)
     cfg = tiny_config("dense", n_kv_heads=kv_heads, d_model=64)
-    attn = GoHAttention(cfg, 0)
+    attn = build_attention(cfg, 0)
     x = torch.randn(2, 17, 64)
     y, routing = attn(x)
     expected = reference_mha(x, attn.qkv.weight, attn.out.weight, cfg.n_heads, cfg.kv_heads)
@@ -115,9 +115,9 @@ def test_dense_router_is_exactly_standard_attention(kv_heads):
 def test_graph_router_with_every_head_active_and_uniform_logits_is_standard_attention():
     torch.manual_seed(0)
     cfg = tiny_config("graph", n_shared_heads=2, top_k_heads=6, d_model=64)
-    attn = GoHAttention(cfg, 0)
+    attn = build_attention(cfg, 0)
     with torch.no_grad():
-        attn.router.score.weight.zero_()  # uniform logits; flow_scale starts at 0
+        attn.head_routing.router.score.weight.zero_()  # uniform logits; flow_scale starts at 0
     x = torch.randn(2, 9, 64)
     expected = reference_mha(x, attn.qkv.weight, attn.out.weight, 8, 8)
     torch.testing.assert_close(attn(x)[0], expected, rtol=1e-5, atol=1e-5)
@@ -215,7 +215,7 @@ def test_failed_save_leaves_existing_checkpoint_intact(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
-    import gohgraph.checkpoint as checkpoint
+    from gohgraph import storage as checkpoint
 
     def exploding_save(tensors, path, metadata=None):
         Path(path).write_bytes(b"partial")

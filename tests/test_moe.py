@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from gohgraph import GoHConfig, GoHTransformer
-from gohgraph.attention import KVCache
-from gohgraph.ffn import SwiGLU
-from gohgraph.moe import MoEFeedForward
+from gohgraph.layers.kv_cache import DynamicKVCache
+from gohgraph.layers.mlp import SwiGLU
+from gohgraph.moe.layer import MoEFeedForward
 
 from test_dispatch import reference_expert
 
@@ -148,7 +148,7 @@ def test_capacity_binds_in_training_only_so_cached_decoding_matches_recompute():
     assert model.train()(ids).routing[0].dropped.any()
     assert not any(layer.dropped.any() for layer in model.eval()(ids).routing)
     recomputed = model(ids).logits
-    cache = KVCache(cfg.n_layers)
+    cache = DynamicKVCache(cfg.n_layers)
     cached = [model(ids[:, :4], cache=cache).logits] + [model(ids[:, t:t + 1], cache=cache).logits
                                                         for t in range(4, 12)]
     torch.testing.assert_close(torch.cat(cached, dim=1), recomputed, rtol=1e-4, atol=1e-5)
@@ -177,7 +177,7 @@ def test_every_subtoken_gets_top_k_distinct_experts_with_unit_weight(variant):
 def test_single_expert_top1_equals_dense_swiglu():
     cfg = tiny_config(ffn="moe", n_experts=1, top_k_experts=1, expert_hidden=24)
     layer = MoEFeedForward(cfg)
-    dense = SwiGLU(32, 24, init_std=0.02, out_std=0.02)
+    dense = SwiGLU(cfg, 24)
     with torch.no_grad():
         layer.experts.w_in[0].copy_(dense.gate_up.weight.t())
         layer.experts.w_out[0].copy_(dense.down.weight.t())

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch_geometric.nn import MessagePassing
 
 from gohgraph import GoHConfig
-from gohgraph.attention import GoHAttention
+from gohgraph.models.block import build_attention
 from gohgraph.graph import head_graph
-from gohgraph.losses import load_balance_loss, router_z_loss
-from gohgraph.router import HeadGate, HeadRouter
+from gohgraph.routers.losses import load_balance_loss, router_z_loss
+from gohgraph.routers.heads import HeadGate, HeadRouter
 
 
 def make_router(graph="complete", heads=8, rounds=2, head_dim=12, feat=16, seed=0):
@@ -196,15 +196,16 @@ def test_graph_router_with_token_logits_contains_moh():
     no flow, a GoH layer is exactly a MoH layer with the same weights."""
     shape = dict(d_model=32, n_heads=4, n_shared_heads=1, top_k_heads=2, router_dim=8, router_rounds=1,
                  max_seq_len=16, n_layers=1)
-    moh = GoHAttention(GoHConfig(router="linear", **shape), 0)
-    goh = GoHAttention(GoHConfig(router="graph", inter_head_flow=False, router_token_logits=True, **shape), 0)
+    moh = build_attention(GoHConfig(router="linear", **shape), 0)
+    goh = build_attention(GoHConfig(router="graph", inter_head_flow=False, router_token_logits=True, **shape), 0)
     with torch.no_grad():
-        goh.router.score.weight.zero_()
-        goh.router.head_bias.zero_()
-        moh.router.proj.weight.normal_(std=1.0)  # clearly separated logits: the top-k is not a coin toss
-    goh.token_router.load_state_dict(moh.router.state_dict())
-    for name in ("qkv", "out", "gate"):
+        goh.head_routing.router.score.weight.zero_()
+        goh.head_routing.router.head_bias.zero_()
+        moh.head_routing.router.proj.weight.normal_(std=1.0)  # clearly separated logits: the top-k is not a coin toss
+    goh.head_routing.token_router.load_state_dict(moh.head_routing.router.state_dict())
+    for name in ("qkv", "out"):
         getattr(goh, name).load_state_dict(getattr(moh, name).state_dict())
+    goh.head_routing.gate.load_state_dict(moh.head_routing.gate.state_dict())
     x = torch.randn(2, 9, 32)
     (y_goh, r_goh), (y_moh, r_moh) = goh(x), moh(x)
     torch.testing.assert_close(r_goh.head_gates, r_moh.head_gates)

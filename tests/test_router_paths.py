@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from gohgraph.graph import head_graph
-from gohgraph.router import HeadRouter, prefers_fused_path, small_softmax
+from gohgraph.routers.heads import HeadRouter, prefers_fused_path
+from gohgraph.ops.small_softmax import small_softmax
 
 
 def make_router(graph: str, heads: int, seed: int = 0) -> HeadRouter:
@@ -72,7 +73,7 @@ def test_small_softmax_matches_torch_softmax_with_masks_and_gradients():
 
 def test_inference_mode_skips_routing_losses_but_not_routing():
     from gohgraph import GoHConfig
-    from gohgraph.router import HeadGate
+    from gohgraph.routers.heads import HeadGate
 
     torch.manual_seed(0)
     gate = HeadGate(GoHConfig(d_model=16, n_heads=8, router="graph", n_shared_heads=2, top_k_heads=3))

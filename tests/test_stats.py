@@ -11,16 +11,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from gohgraph import GoHConfig, GoHTransformer, LayerRouting
+from gohgraph import ExpertRouting, GoHConfig, GoHTransformer, LayerRouting
 from gohgraph.graph import head_graph
-from gohgraph.stats import (RoutingStats, coefficient_of_variation, collect_routing_stats,
-                            load_balance_summary, load_entropy, routing_drift)
+from gohgraph.analysis.stats.collect import RoutingStats, collect_routing_stats
+from gohgraph.analysis.stats.metrics import coefficient_of_variation, load_balance_summary, load_entropy
+from gohgraph.analysis.stats.drift import routing_drift
 
 MOE_CFG = GoHConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_shared_heads=1, top_k_heads=2,
                     router="linear", ffn="mh-moe", n_experts=6, n_shared_experts=1, n_subtokens=2,
                     top_k_experts=2, capacity_factor=1.0)
 GRAPH_CFG = GoHConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_shared_heads=1, top_k_heads=2,
                       router="graph", router_rounds=1, head_graph="ring")
+
+
+def layer_record(head_gates, **expert_fields):
+    """A LayerRouting whose expert fields, if any, form its experts part."""
+    experts = ExpertRouting(**expert_fields) if expert_fields else None
+    return LayerRouting(head_gates=head_gates, experts=experts)
 
 
 def synthetic_records(cfg, batch, seq, generator):
@@ -33,7 +40,7 @@ def synthetic_records(cfg, batch, seq, generator):
         scores[..., -1] = -1.0  # the last routed expert is never chosen: a dead expert
         weights, indices = scores.topk(cfg.top_k_experts, dim=-1)
         drops = torch.rand(indices.shape, generator=generator) < 0.2
-        records.append(LayerRouting(
+        records.append(layer_record(
             head_gates=gates.float(),
             expert_indices=indices,
             expert_weights=weights / weights.sum(-1, keepdim=True),
@@ -49,7 +56,7 @@ def concat_records(batches):
         fields = {}
         for name in ("head_gates", "expert_indices", "expert_weights", "dropped", "expert_drops"):
             fields[name] = torch.cat([getattr(record, name) for record in per_layer], dim=0)
-        layers.append(LayerRouting(**fields))
+        layers.append(layer_record(**fields))
     return layers
 
 
@@ -183,7 +190,7 @@ def test_expert_statistics_of_hand_made_records():
     # 3 tokens x 2 sub-tokens, top-1: expert ids (0, 0), (0, 1), (2, 0); expert 3 never chosen
     indices = torch.tensor([[[[0], [0]], [[0], [1]], [[2], [0]]]])
     drops = torch.tensor([[[[False], [True]], [[False], [False]], [[True], [False]]]])
-    record = LayerRouting(head_gates=torch.ones(1, 3, 2), expert_indices=indices,
+    record = layer_record(head_gates=torch.ones(1, 3, 2), expert_indices=indices,
                           expert_weights=torch.ones(1, 3, 2, 1), dropped=drops[..., 0], expert_drops=drops)
     stats = RoutingStats(cfg)
     stats.update([record], torch.zeros(1, 3, dtype=torch.long))
@@ -206,7 +213,7 @@ def test_top_tokens_per_head_and_expert_equal_a_hand_count():
     cfg = GoHConfig(vocab_size=8, d_model=32, n_layers=1, n_heads=2, n_shared_heads=1, router="linear",
                     ffn="moe", n_experts=2, top_k_experts=1)
     gates = torch.tensor([[[1.0, 0.5], [1.0, 0.7], [1.0, 0.2], [1.0, 0.0]]])  # head 1 off at token 3
-    record = LayerRouting(head_gates=gates, expert_indices=torch.tensor([[[[0]], [[0]], [[1]], [[0]]]]))
+    record = layer_record(head_gates=gates, expert_indices=torch.tensor([[[[0]], [[0]], [[1]], [[0]]]]))
     ids = torch.tensor([[3, 3, 5, 1]])
     stats = RoutingStats(cfg)
     stats.update([record], ids)
@@ -223,14 +230,14 @@ def test_top_tokens_per_head_and_expert_equal_a_hand_count():
 def test_token_profiles_are_skipped_for_huge_vocabularies():
     cfg = GoHConfig(vocab_size=1 << 21, d_model=32, n_layers=2, n_heads=4, router="dense")
     stats = RoutingStats(cfg)
-    stats.update([LayerRouting(head_gates=torch.ones(1, 2, 4))] * 2, torch.tensor([[7, 1 << 20]]))
+    stats.update([layer_record(head_gates=torch.ones(1, 2, 4))] * 2, torch.tensor([[7, 1 << 20]]))
     assert "top_tokens" not in stats.report()["layers"][0]["heads"]
 
 
 def test_expert_gate_mass_is_absent_without_recorded_weights():
     cfg = GoHConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, router="dense", ffn="moe",
                     n_experts=3, top_k_experts=1)
-    record = LayerRouting(head_gates=torch.ones(1, 2, 2), expert_indices=torch.tensor([[[[0]], [[2]]]]))
+    record = layer_record(head_gates=torch.ones(1, 2, 2), expert_indices=torch.tensor([[[[0]], [[2]]]]))
     stats = RoutingStats(cfg)
     stats.update([record])
     experts = stats.report()["layers"][0]["experts"]
@@ -280,10 +287,10 @@ def test_bad_records_raise_clear_errors_and_change_nothing():
     records = synthetic_records(MOE_CFG, 1, 3, generator)
     with pytest.raises(ValueError, match="n_layers=2"):
         stats.update(records[:1])
-    records[1].expert_indices = records[1].expert_indices + MOE_CFG.n_routed_experts  # the last layer is bad
+    records[1].experts.expert_indices = records[1].expert_indices + MOE_CFG.n_routed_experts  # the last layer is bad
     with pytest.raises(ValueError, match="layer 1: expert_indices must lie in 0..4"):
         stats.update(records)
-    records[1].expert_indices = None
+    records[1].experts = None
     with pytest.raises(ValueError, match="differ from earlier batches"):
         stats.update(records)
     assert stats.report() == before  # layer 0 of the rejected batches was not counted
@@ -307,7 +314,7 @@ class RecordedRouter(nn.Module):
         self.head_sets, self.expert_sets = head_sets, expert_sets  # per layer: id -> gates / experts
 
     def forward(self, input_ids):
-        routing = [LayerRouting(head_gates=heads[input_ids], expert_indices=experts[input_ids])
+        routing = [layer_record(head_gates=heads[input_ids], expert_indices=experts[input_ids])
                    for heads, experts in zip(self.head_sets, self.expert_sets)]
         return type("Out", (), {"routing": routing})()
 

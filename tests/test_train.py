@@ -9,10 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from gohgraph import GoHConfig, GoHTransformer
-from gohgraph.data import Corpus, ByteTokenizer, eval_batches
-from gohgraph.optim import build_optimizer, learning_rate, parameter_groups
-from gohgraph.train import TrainConfig, evaluate, train
-from gohgraph.train_metrics import COLUMNS
+from gohgraph.data.corpus import Corpus
+from gohgraph.data.tokenizers import ByteTokenizer
+from gohgraph.data.batches import eval_batches
+from gohgraph.training.optim import build_optimizer, parameter_groups
+from gohgraph.training.schedules import learning_rate
+from gohgraph.training.config import TrainConfig
+from gohgraph.training.trainer import evaluate, train
+from gohgraph.training.metrics import COLUMNS
 
 TINY = dict(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_shared_heads=1, top_k_heads=2,
             router="graph", router_rounds=1, router_dim=8, max_seq_len=33, aux_free_bias=True,
@@ -62,9 +66,9 @@ def test_weight_decay_skips_norms_biases_embeddings_and_router_vectors():
     assert names_decay | names_rest == all_names and not names_decay & names_rest
     assert "embed.weight" in names_rest
     assert "blocks.0.attn_norm.weight" in names_rest
-    assert "blocks.0.attn.router.head_bias" in names_rest
-    assert "blocks.0.attn.router.head_embedding" in names_rest
-    assert "blocks.0.attn.gate.stage_mix.bias" in names_rest
+    assert "blocks.0.attn.head_routing.router.head_bias" in names_rest
+    assert "blocks.0.attn.head_routing.router.head_embedding" in names_rest
+    assert "blocks.0.attn.head_routing.gate.stage_mix.bias" in names_rest
     assert "blocks.0.attn.qkv.weight" in names_decay
     assert "blocks.1.ffn.mlp.down.weight" in names_decay
     assert all(model.get_parameter(n).dim() >= 2 for n in names_decay)
@@ -119,7 +123,7 @@ def test_short_run_learns_and_writes_metrics(tmp_path):
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     """grad_accum_steps=2 of 4 sequences == the same 8 sequences in one batch (linear losses)."""
-    from gohgraph.data import train_batch
+    from gohgraph.data.batches import train_batch
 
     cfg = GoHConfig(**{**TINY, "router": "dense", "n_shared_heads": 0, "top_k_heads": None})
     corpus = make_corpus()

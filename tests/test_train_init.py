@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from gohgraph import CheckpointError, GoHConfig, GoHTransformer
-from gohgraph.cli import main as cli_main
-from gohgraph.data import train_batch
-from gohgraph.train import TrainConfig, train
+from gohgraph.cli.main import main as cli_main
+from gohgraph.data.batches import train_batch
+from gohgraph.training.config import TrainConfig
+from gohgraph.training.trainer import train
 
 from test_train import TINY, make_corpus
 
@@ -44,7 +45,7 @@ def test_init_from_starts_at_the_saved_weights_and_anneals_to_top_k(tmp_path):
     routing = result.model.eval()(batch).routing
     for layer in routing:
         assert ((layer.head_gates > 0).sum(-1) == 1 + 2).all()
-    assert float(result.model.blocks[0].attn.gate.dense_blend) == 0.0
+    assert float(result.model.blocks[0].attn.head_routing.gate.dense_blend) == 0.0
 
 
 def test_anneal_resumes_exactly(tmp_path):
@@ -81,4 +82,4 @@ def test_cli_init_from_takes_the_saved_model_config(tmp_path, capsys):
     assert code == 0
     final = GoHTransformer.from_pretrained(tmp_path / "run" / "final")
     assert final.config.d_model == MODEL["d_model"] and final.config.router == "graph"
-    assert float(final.blocks[0].attn.gate.dense_blend) == 0.0
+    assert float(final.blocks[0].attn.head_routing.gate.dense_blend) == 0.0

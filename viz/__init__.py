@@ -1,6 +1,6 @@
 """Pictures of routing: routing graphs, load heatmaps, token traces and training curves.
 
-Every drawing function takes a :class:`~gohgraph.stats.RoutingStats` (or its ``report()`` dict,
+Every drawing function takes a :class:`~gohgraph.analysis.stats.collect.RoutingStats` (or its ``report()`` dict,
 e.g. read back from ``stats.json``), returns a ``matplotlib.figure.Figure`` drawn on an Agg
 canvas, and saves it when given ``path=`` (PNG, SVG or PDF by suffix).
 :func:`write_all_pictures` writes the whole set for a model at once:

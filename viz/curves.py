@@ -8,13 +8,13 @@ empty cell or an unknown extra column is fine, and each present numeric column i
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 from matplotlib.figure import Figure
 
+from ..training.metrics import read_metrics_columns as read_metrics_csv
 from .figures import new_figure, save_figure
 
 X_COLUMNS = ("step", "iter", "iteration", "tokens")
@@ -26,22 +26,6 @@ PANELS: List[Tuple[str, Callable[[str], bool]]] = [
     ("learning rate", lambda name: name in ("lr", "learning_rate")),
 ]
 MAX_PANELS = 9
-
-
-def read_metrics_csv(path: Union[str, Path]) -> Dict[str, List[float]]:
-    """Columns of a metrics CSV as float lists (``nan`` for empty or non-numeric cells)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"metrics CSV {path} does not exist")
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames:
-            raise ValueError(f"metrics CSV {path} has no header row")
-        columns: Dict[str, List[float]] = {name: [] for name in reader.fieldnames if name}
-        for row in reader:
-            for name in columns:
-                columns[name].append(_number(row.get(name)))
-    return columns
 
 
 def training_curves(metrics_csv: Union[str, Path], path: Optional[Union[str, Path]] = None) -> Figure:
@@ -90,13 +74,6 @@ def _group(curves: List[str]) -> List[Tuple[str, List[str]]]:
             placed.update(names)
     panels.extend((name, [name]) for name in curves if name not in placed)
     return panels
-
-
-def _number(cell: Optional[str]) -> float:
-    try:
-        return float(cell) if cell not in (None, "") else math.nan
-    except ValueError:
-        return math.nan
 
 
 def _has_values(values: List[float]) -> bool:

@@ -43,7 +43,7 @@ def save_figure(figure: Figure, path: Optional[Union[str, Path]]) -> Optional[Pa
 
 
 def as_report(stats: Any) -> Dict[str, Any]:
-    """A :class:`~gohgraph.stats.RoutingStats`, or its ``report()`` dict (e.g. read from stats.json)."""
+    """A :class:`~gohgraph.analysis.stats.collect.RoutingStats`, or its ``report()`` dict (e.g. read from stats.json)."""
     if isinstance(stats, dict):
         if "layers" not in stats or "config" not in stats:
             raise ValueError("stats dict must be a RoutingStats.report() (keys 'config' and 'layers')")

@@ -16,19 +16,11 @@ import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from ..data.tokenizers import byte_decode, byte_encode
 from .figures import new_figure, save_figure
 
 VISIBLE_WHITESPACE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
 MAX_LABEL_CHARS = 6
-
-
-def byte_encode(text: str) -> List[int]:
-    """The default tokenizer: UTF-8 bytes."""
-    return list(text.encode("utf-8"))
-
-
-def byte_decode(ids: Sequence[int]) -> str:
-    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
 @torch.no_grad()

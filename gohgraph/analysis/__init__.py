@@ -1,0 +1,1 @@
+"""Analysis of trained models: routing statistics, the fair comparison of variants, timing."""

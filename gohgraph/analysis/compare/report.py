@@ -1,0 +1,180 @@
+"""The comparison table and plot from a :class:`~gohgraph.analysis.compare.records.Comparison`: Markdown
+(:func:`render_table`) and matplotlib (:func:`plot_loss_curves`); the arithmetic of the table
+(:func:`loss_summary`, :func:`bits_per_byte`, :func:`is_tie`) lives here so tests can check it alone.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from ..student_t import student_t_quantile
+from .records import Comparison
+
+SIGNIFICANCE_LEVEL = 0.05  # two-sided
+
+
+def loss_summary(losses: Sequence[float]) -> Tuple[float, Optional[float]]:
+    """(mean, spread) of per-seed losses; the spread is the sample standard deviation (None for one seed)."""
+    values = [float(v) for v in losses]
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def bits_per_byte(loss_nats: float) -> float:
+    """Bits per byte of a byte-level model: cross-entropy in nats per byte / ln 2."""
+    return loss_nats / math.log(2)
+
+
+# the orderings the comparison is meant to test: (variant, the one it should beat)
+TARGET_PAIRS = (("MoH", "dense"), ("GoH", "MoH"), ("GoH", "dense"), ("SMoE", "dense"),
+                ("fine-grained SMoE", "SMoE"), ("MH-MoE", "SMoE"), ("GoH-MoE", "MH-MoE"))
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> Tuple[float, Optional[float]]:
+    """Mean and sample std of the per-seed differences ``a[i] - b[i]`` (same seed = same data
+    order and schedule, so pairing removes the seed-to-seed variation both share)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired seeds differ in number: {len(a)} vs {len(b)}")
+    return loss_summary([x - y for x, y in zip(a, b)])
+
+
+def is_tie(a: Sequence[float], b: Sequence[float]) -> bool:
+    """A paired two-sided t-test at 95%: true unless the per-seed differences ``a - b`` are
+    significantly non-zero. One seed leaves no spread to test against, so it is always a tie."""
+    mean, spread = paired_difference(a, b)
+    if spread is None:
+        return True
+    if spread == 0:
+        return mean == 0
+    critical = student_t_quantile(1.0 - SIGNIFICANCE_LEVEL / 2, dof=len(a) - 1)
+    return abs(mean) <= critical * spread / math.sqrt(len(a))
+
+
+def render_table(comparison: Comparison, reference: str = "dense") -> str:
+    """The Markdown comparison table, one row per variant, rows in the order of ``comparison.variants``.
+
+    Loss columns are means over seeds ``± sample standard deviation``; "vs dense" is the mean
+    per-seed difference ``± its sample std`` (:func:`paired_difference`), marked "(tie)" when a
+    paired t-test at 95% cannot tell it from 0 (:func:`is_tie`). A second table tests the orderings
+    of :data:`TARGET_PAIRS` the same way.
+    """
+    tc = comparison.train_config
+    seeds = sorted({run.seed for run in comparison.runs})
+    reference_losses = [run.val_loss for run in comparison.runs_of(reference)]
+    reference_cost = comparison.costs.get(reference)
+    lines = [
+        f"| variant | params | active params / token | heads active | experts active "
+        f"| val loss (nats) | bits / byte | vs {reference} | train tok/s vs {reference} | train step memory (MB) "
+        "| load CV heads / experts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, variant in comparison.variants.items():
+        runs = comparison.runs_of(name)
+        losses = [run.val_loss for run in runs]
+        mean, spread = loss_summary(losses)
+        spread_text = f" ± {spread:.3f}" if spread is not None else ""
+        bpb_spread = f" ± {bits_per_byte(spread):.3f}" if spread is not None else ""
+        versus = "-" if name == reference or not reference_losses else \
+            _versus(comparison, name, reference)
+        cost = comparison.costs.get(name)
+        speed = f"{cost.tokens_per_s / reference_cost.tokens_per_s:.2f}x" if cost and reference_cost else "-"
+        memory = f"{cost.memory_mb:.1f}" if cost else "-"
+        total, active = f"{variant.params:,}", f"{variant.active_params:,}"
+        if variant.matched_on == "total":  # the match is shown next to the count that was matched
+            total += f" ({variant.mismatch:+.2%})"
+        else:
+            active += f" ({variant.mismatch:+.2%})"
+        lines.append(
+            f"| {name} | {total} | {active} "
+            f"| {variant.heads_active} | {variant.experts_active} | {mean:.3f}{spread_text} "
+            f"| {bits_per_byte(mean):.3f}{bpb_spread} | {versus} | {speed} | {memory} "
+            f"| {_mean_or_dash(r.head_load_cv for r in runs)} / {_mean_or_dash(r.expert_load_cv for r in runs)} |")
+    pairs = [(a, b) for a, b in TARGET_PAIRS if a in comparison.variants and b in comparison.variants]
+    if pairs:
+        lines += ["", "| ordering tested | paired difference (nats) | verdict |", "|---|---|---|"]
+        for better, worse in pairs:
+            lines.append(f"| {better} < {worse} | {_versus(comparison, better, worse)} "
+                         f"| {_verdict(comparison, better, worse)} |")
+    first = next(iter(comparison.variants.values()))
+    cfg = first.config
+    lines += [
+        "",
+        f"{len(seeds)} seed(s) {seeds}; d_model={cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
+        f"{first.target:,} target {first.matched_on} parameters (the % is the match to {reference}); {tc.max_steps} steps x {tc.batch_size} x {tc.seq_len} tokens "
+        f"= {tc.max_steps * tc.batch_size * tc.seq_len:,} training tokens, lr {tc.lr}, warmup {tc.warmup_steps}"
+        + (f", routed heads annealed from dense over the first {tc.dense_anneal_steps} steps"
+           if tc.dense_anneal_steps else "") + ". "
+        "Validation loss: mean over seeds ± sample std; bits/byte = loss / ln 2 (byte tokens); differences "
+        "are per-seed (paired) means ± std, a tie when a paired t-test at 95% cannot tell them from 0. "
+        "Throughput: median of interleaved AdamW steps in one process. Memory: tensors saved for "
+        "backward + 16 B/parameter (weights, grads, AdamW moments), counted. Load CV: coefficient of "
+        "variation of routed-head / routed-expert load (gohgraph.stats), mean over layers and seeds.",
+    ]
+    if comparison.description:
+        lines.append(comparison.description)
+    return "\n".join(lines)
+
+
+def _paired_losses(comparison: Comparison, a: str, b: str) -> Tuple[List[float], List[float]]:
+    losses_a = {run.seed: run.val_loss for run in comparison.runs_of(a)}
+    losses_b = {run.seed: run.val_loss for run in comparison.runs_of(b)}
+    seeds = sorted(set(losses_a) & set(losses_b))
+    return [losses_a[s] for s in seeds], [losses_b[s] for s in seeds]
+
+
+def _versus(comparison: Comparison, a: str, b: str) -> str:
+    losses_a, losses_b = _paired_losses(comparison, a, b)
+    mean, spread = paired_difference(losses_a, losses_b)
+    return f"{mean:+.3f}" + (f" ± {spread:.3f}" if spread is not None else "") + \
+        (" (tie)" if is_tie(losses_a, losses_b) else "")
+
+
+def _verdict(comparison: Comparison, better: str, worse: str) -> str:
+    losses_a, losses_b = _paired_losses(comparison, better, worse)
+    if is_tie(losses_a, losses_b):
+        return "tie (not significant)"
+    return "holds" if paired_difference(losses_a, losses_b)[0] < 0 else "reversed"
+
+
+def _mean_or_dash(values: Iterable[Optional[float]]) -> str:
+    present = [v for v in values if v is not None]
+    return f"{statistics.fmean(present):.2f}" if present else "-"
+
+
+def plot_loss_curves(histories: Dict[str, List[List[Tuple[int, int, float]]]], path: Path) -> Path:
+    """Validation loss against training tokens, one line per variant (mean over seeds, min-max band).
+
+    ``histories[name]`` holds one ``[(step, tokens_seen, val_loss), ...]`` list per seed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name, seeds in histories.items():
+        seeds = [s for s in seeds if s]
+        if not seeds:
+            continue
+        length = min(len(s) for s in seeds)
+        tokens = [seeds[0][i][1] for i in range(length)]
+        per_point = [[s[i][2] for s in seeds] for i in range(length)]
+        means = [statistics.fmean(values) for values in per_point]
+        line, = axes.plot(tokens, means, marker="o", markersize=3, label=name)
+        if len(seeds) > 1:
+            axes.fill_between(tokens, [min(v) for v in per_point], [max(v) for v in per_point],
+                              color=line.get_color(), alpha=0.15)
+    axes.set_xlabel("training tokens")
+    axes.set_ylabel("validation loss (nats / byte)")
+    axes.set_title("matched-parameter comparison (mean over seeds, band = min-max)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+

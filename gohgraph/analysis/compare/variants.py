@@ -1,0 +1,202 @@
+"""The rows of the comparison: seven configurations of one model shape, resized to one parameter count.
+
+1. :func:`comparison_variants` - dense MHA, MoH, GoH, SMoE, fine-grained SMoE, MH-MoE and GoH-MoE;
+   attention variants keep the dense FFN, expert variants keep dense attention, so each row changes
+   one thing.
+2. :func:`match_parameters` - every variant is resized to the dense model's total (or active)
+   parameter count (``ffn_hidden`` for dense FFNs; ``expert_hidden`` and, where its step is too
+   coarse, ``n_experts`` for expert FFNs) and the relative mismatch is recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+from ...config import GoHConfig
+from ...models.decoder import GoHTransformer
+from ...moe.layer import MoEFeedForward
+
+VARIANT_NAMES = ("dense", "MoH", "GoH", "SMoE", "fine-grained SMoE", "MH-MoE", "GoH-MoE")
+MATCH_TOLERANCE = 0.02
+
+# Model shape and schedule of the two settings; ``gohgraph bench --quick`` runs the first.
+# The graph routers use one round of 8-wide node features: over 6 seeds of the quick setting this
+# beat MoH by 0.072 ± 0.058 nats (paired), while 2 rounds of 16 gave 0.033 ± 0.055 (BENCHMARKS.md).
+SETTINGS: Dict[str, Tuple[dict, dict]] = {
+    "quick": (
+        dict(d_model=64, n_layers=2, n_heads=8, n_shared_heads=2, top_k_heads=4, router_dim=8,
+             router_rounds=1, n_experts=8, top_k_experts=2, n_subtokens=2, fine_grained=2, max_seq_len=128),
+        dict(batch_size=16, seq_len=64, max_steps=150, lr=3e-3, warmup_steps=15, aux_warmup_steps=15,
+             eval_every=25, eval_batches=4),
+    ),
+    "full": (
+        dict(d_model=128, n_layers=4, n_heads=8, n_shared_heads=2, top_k_heads=4, router_dim=8,
+             router_rounds=1, n_experts=8, top_k_experts=2, n_subtokens=2, fine_grained=2, max_seq_len=256),
+        dict(batch_size=16, seq_len=128, max_steps=1000, lr=2e-3, warmup_steps=50, aux_warmup_steps=50,
+             eval_every=100, eval_batches=8),
+    ),
+}
+
+
+# ---------------------------------------------------------------------- 1. variants
+def comparison_variants(d_model: int, n_layers: int, n_heads: int, n_shared_heads: int, top_k_heads: int,
+                        router_dim: int, router_rounds: int, n_experts: int, top_k_experts: int,
+                        n_subtokens: int, fine_grained: int, max_seq_len: int,
+                        names: Optional[Sequence[str]] = None) -> Dict[str, GoHConfig]:
+    """The unmatched configurations by name (see :data:`VARIANT_NAMES`).
+
+    MoH and GoH activate ``n_shared_heads + top_k_heads`` of ``n_heads`` heads per token; GoH routes
+    with ``router_rounds`` of message passing over the complete head graph, inter-head flow on.
+    Fine-grained SMoE splits every expert into ``fine_grained`` smaller ones and activates that many
+    times more (DeepSeekMoE's granularity). MH-MoE and GoH-MoE split tokens into ``n_subtokens`` and
+    have that many times more experts (the MH-MoE paper's parity with SMoE in total and active
+    parameters).
+    """
+    base = GoHConfig(d_model=d_model, n_layers=n_layers, n_heads=n_heads, router_dim=router_dim,
+                     router_rounds=router_rounds, max_seq_len=max_seq_len)
+    routed_heads = dict(n_shared_heads=n_shared_heads, top_k_heads=top_k_heads)
+    experts = dict(n_experts=n_experts, top_k_experts=top_k_experts)
+    # MH-MoE's parity (Huang et al. 2024): m sub-tokens of width d/m go to m times as many experts of
+    # input width d/m, same top-k and hidden width, so total and active expert parameters both equal
+    # SMoE's; the head and merge layers are what the matching then takes out of the expert width.
+    sub_token_experts = dict(n_subtokens=n_subtokens, n_experts=n_experts * n_subtokens, top_k_experts=top_k_experts)
+    variants = {
+        "dense": base,
+        "MoH": base.replace(router="linear", **routed_heads),
+        "GoH": base.replace(router="graph", head_graph="complete", inter_head_flow=True, **routed_heads),
+        "SMoE": base.replace(ffn="moe", **experts),
+        "fine-grained SMoE": base.replace(ffn="moe", n_experts=n_experts * fine_grained,
+                                          top_k_experts=top_k_experts * fine_grained),
+        "MH-MoE": base.replace(ffn="mh-moe", **sub_token_experts),
+        # node features at least as wide as the experts they score: with 8-wide features for 16
+        # experts the bilinear expert scores are rank-deficient, and the full setting lost 0.05 nats
+        "GoH-MoE": base.replace(ffn="graph-moe", router_dim=max(router_dim, sub_token_experts["n_experts"]),
+                                **sub_token_experts),
+    }
+    if names is None:
+        return variants
+    unknown = [name for name in names if name not in variants]
+    if unknown:
+        raise ValueError(f"variants {unknown} are not among {list(VARIANT_NAMES)}")
+    return {name: variants[name] for name in names}
+
+
+# ---------------------------------------------------------------------- 2. parameter matching
+@dataclass
+class MatchedVariant:
+    """A variant resized to ``target`` parameters, counted as ``matched_on`` says (``"total"`` or
+    ``"active"`` per token); ``mismatch`` is that count over the target, minus 1."""
+
+    name: str
+    config: GoHConfig
+    params: int
+    target: int
+    active_params: int
+    heads_active: str  # "6/8"
+    experts_active: str  # "2/8", "2x2/8" (sub-tokens x top-k of routed experts), "-" without experts
+    matched_on: str = "total"
+
+    @property
+    def mismatch(self) -> float:
+        matched = self.params if self.matched_on == "total" else self.active_params
+        return matched / self.target - 1.0
+
+
+def match_parameters(variants: Dict[str, GoHConfig], reference: str = "dense",
+                     tolerance: float = MATCH_TOLERANCE, on: str = "total") -> Dict[str, MatchedVariant]:
+    """Resize every variant to the parameter count of ``variants[reference]``: its ``"total"``
+    count (the default), or its ``"active"`` count per token (expert models then grow in total size,
+    the compute-matched setting of the MH-MoE paper).
+
+    Raises ``ValueError`` if a variant cannot be brought within ``tolerance`` (relative).
+    """
+    if reference not in variants:
+        raise ValueError(f"reference={reference!r} is not among the variants {list(variants)}")
+    if on not in MATCH_ON:
+        raise ValueError(f"on={on!r} is not one of {list(MATCH_ON)}")
+    count = MATCH_ON[on]
+    target = count(variants[reference])
+    matched = {}
+    for name, config in variants.items():
+        fitted = config if name == reference else _fit_to_target(config, target, tolerance / 2, count)
+        model = GoHTransformer(fitted)
+        variant = MatchedVariant(name, fitted, model.num_parameters(), target, active_parameters(model),
+                                 f"{fitted.active_heads}/{fitted.n_heads}", _experts_active(fitted), on)
+        if abs(variant.mismatch) > tolerance:
+            raise ValueError(f"variant {name!r} has {variant.mismatch:+.1%} {on} parameters "
+                             f"from the target {target}; allowed: within {tolerance:.0%}")
+        matched[name] = variant
+    return matched
+
+
+def count_parameters(config: GoHConfig) -> int:
+    return GoHTransformer(config).num_parameters()
+
+
+def count_active_parameters(config: GoHConfig) -> int:
+    return active_parameters(GoHTransformer(config))
+
+
+def active_parameters(model: GoHTransformer) -> int:
+    """Parameters one token's computation uses: everything except the routed experts it skips.
+
+    Every attention head counts as active: this implementation computes every head and zeroes the
+    unselected ones (DESIGN.md §10, compute honesty). A token with ``m`` sub-tokens and top-``k``
+    routing uses at most ``m * k`` routed experts.
+    """
+    total = model.num_parameters()
+    for module in model.modules():
+        if isinstance(module, MoEFeedForward):
+            per_expert = sum(p.numel() for p in module.experts.parameters()) // module.n_routed
+            used = min(module.n_routed, module.n_subtokens * module.top_k)
+            total -= (module.n_routed - used) * per_expert
+    return total
+
+
+MATCH_ON: Dict[str, Callable[[GoHConfig], int]] = {"total": count_parameters, "active": count_active_parameters}
+
+
+def _experts_active(config: GoHConfig) -> str:
+    if config.ffn == "dense":
+        return "-"
+    per_token = f"{config.top_k_experts}" if config.n_subtokens == 1 else f"{config.n_subtokens}x{config.top_k_experts}"
+    return f"{per_token}/{config.n_routed_experts}"
+
+
+def _fit_to_target(config: GoHConfig, target: int, good_enough: float,
+                   count: Callable[[GoHConfig], int] = count_parameters) -> GoHConfig:
+    """The size knob (``ffn_hidden`` or ``expert_hidden``, then ``n_experts``) closest to ``target``.
+
+    Parameters are affine in each knob, so two counts give the slope; the neighbours of the
+    solution are then counted exactly. Expert counts are tried nearest-first from the configured
+    one, and the first within ``good_enough`` wins (so the configured count is kept when it fits).
+    """
+    if config.ffn == "dense":
+        return _fit_knob(config, "ffn_hidden", target, count)[0]
+    best, best_error = config, math.inf
+    base = config.n_experts
+    spread = max(2, base // 4)
+    for offset in sorted(range(-spread, spread + 1), key=lambda o: (abs(o), o)):
+        n_experts = base + offset
+        if n_experts - config.n_shared_experts < config.top_k_experts:
+            continue
+        fitted, error = _fit_knob(config.replace(n_experts=n_experts), "expert_hidden", target, count)
+        if error <= good_enough:
+            return fitted
+        if error < best_error:
+            best, best_error = fitted, error
+    return best
+
+
+def _fit_knob(config: GoHConfig, knob: str, target: int,
+              count: Callable[[GoHConfig], int]) -> Tuple[GoHConfig, float]:
+    low, high = 8, 16
+    count_low = count(config.replace(**{knob: low}))
+    slope = (count(config.replace(**{knob: high})) - count_low) / (high - low)
+    guess = max(1, round(low + (target - count_low) / slope))
+    candidates = [config.replace(**{knob: value}) for value in (guess - 1, guess, guess + 1) if value >= 1]
+    errors = [abs(count(c) / target - 1.0) for c in candidates]
+    best = min(range(len(candidates)), key=errors.__getitem__)
+    return candidates[best], errors[best]

@@ -1,0 +1,1 @@
+"""Routing statistics: head and expert load, co-activation, flow, balance, drops, drift, tokens."""

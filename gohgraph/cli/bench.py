@@ -1,0 +1,116 @@
+"""``gohgraph bench``: the comparison table of dense, MoH, GoH, SMoE, fine-grained SMoE, MH-MoE and
+GoH-MoE at matched total parameters (:mod:`gohgraph.analysis.compare`).
+
+    gohgraph bench --quick                      # tiny models, 3 seeds, < 10 minutes on 2 CPU cores
+    gohgraph bench --seeds 3 --out runs/bench   # the full setting (43 min on 2 CPU cores)
+    gohgraph bench --quick --variants dense GoH --steps 50 --seeds 1
+    gohgraph bench --quick --variants MoH GoH --first-seed 3     # three more seeds (3, 4, 5)
+    gohgraph bench --quick --match active                        # compute-matched: experts grow in total size
+    gohgraph bench --variants GoH --router-rounds 2 --router-dim 16  # another graph router, same seeds
+    gohgraph bench --variants MH-MoE --set subtoken_projections=false  # MH-MoE without head/merge layers
+    gohgraph bench --variants GoH --set inter_head_flow=false          # GoH without inter-head flow
+
+Writes ``OUT/compare.md`` (the table), ``OUT/compare.json`` (every number) and
+``OUT/compare_loss.png`` (validation loss against training tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+from pathlib import Path
+
+from .common import parse_overrides
+
+# what the comparison itself decides per variant: its kind, and the width the matching fits
+PROTOCOL_FIELDS = {"ffn", "router", "vocab_size", "ffn_hidden", "expert_hidden"}
+WHY_PROTECTED = ("the comparison sets {name} itself (a variant's kind, the width the matching fits, or the "
+                 "setting's shape, shared with dense); the graph routers' rounds and width have "
+                 "--router-rounds and --router-dim")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..analysis.compare.variants import VARIANT_NAMES
+
+    parser.add_argument("--quick", action="store_true", help="the quick setting (tiny models, short runs)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per variant")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST..FIRST+N-1")
+    parser.add_argument("--out", default="runs/bench", help="directory for compare.md/.json/_loss.png")
+    parser.add_argument("--data", default=None,
+                        help="text file, directory or glob (default: the Python standard library corpus)")
+    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANT_NAMES, metavar="NAME",
+                        help=f"subset of {list(VARIANT_NAMES)} (default: all; 'dense' is always the reference)")
+    parser.add_argument("--match", choices=["total", "active"], default="total",
+                        help="match every variant to dense's total parameters (default) or its active parameters per token")
+    parser.add_argument("--steps", type=int, default=None, help="override the setting's training steps")
+    parser.add_argument("--dense-anneal-steps", type=int, default=None,
+                        help="routed-head variants start with every head on and anneal to top-k over this many "
+                             "steps (TrainConfig.dense_anneal_steps; default 0: routed from the first step)")
+    parser.add_argument("--router-rounds", type=int, default=None,
+                        help="message-passing rounds of the graph routers (GoH, GoH-MoE; default: the setting's 1)")
+    parser.add_argument("--router-dim", type=int, default=None,
+                        help="node feature width of the graph routers (default: the setting's 8)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="overrides",
+                        help="GoHConfig fields changed in every variant but dense before matching, e.g. "
+                             "inter_head_flow=false (VALUE is read as JSON, else as a string); fields a "
+                             "variant does not use change nothing in it")
+    parser.add_argument("--eval-batches", type=int, default=None,
+                        help="validation batches for the final loss (default: the whole validation split)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--keep-runs", action="store_true", help="keep checkpoints and metrics under OUT/runs")
+    parser.add_argument("--no-progress", action="store_true", help="print nothing per run")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..analysis.compare.run import run_comparison
+    from ..analysis.compare.variants import SETTINGS, comparison_variants, match_parameters
+    from ..config import GoHConfig
+    from ..data.corpus import load_corpus
+    from ..training.config import TrainConfig
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds={args.seeds} must be >= 1")
+    torch.set_num_threads(args.threads)
+    setting = "quick" if args.quick else "full"
+    model_shape, schedule = SETTINGS[setting]
+    router = {key: value for key, value in (("router_rounds", args.router_rounds), ("router_dim", args.router_dim))
+              if value is not None}
+    model_shape = dict(model_shape, **router)
+    names = args.variants
+    if names is not None and "dense" not in names:
+        names = ["dense", *names]
+    overrides = parse_overrides(args.overrides, [f.name for f in dataclasses.fields(GoHConfig)],
+                                protected=set(model_shape) | PROTOCOL_FIELDS, why_protected=WHY_PROTECTED)
+    variants = {name: config if name == "dense" else config.replace(**overrides)
+                for name, config in comparison_variants(**model_shape, names=names).items()}
+    variants = match_parameters(variants, on=args.match)
+    schedule = dict(schedule, **({"max_steps": args.steps} if args.steps else {}))
+    if args.steps:
+        schedule["eval_every"] = max(1, min(schedule["eval_every"], args.steps))
+        schedule["warmup_steps"] = min(schedule["warmup_steps"], args.steps)
+    if args.dense_anneal_steps is not None:
+        schedule["dense_anneal_steps"] = args.dense_anneal_steps
+    train_config = TrainConfig(**schedule)
+    out = Path(args.out)
+    machine = (f"Setting `{setting}`; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+               f"{platform.processor() or platform.machine()}, Python {platform.python_version()}.")
+    if router:
+        machine += (f" Graph routers: {model_shape['router_rounds']} round(s) of {model_shape['router_dim']}-wide "
+                    "node features (overridden; GoH-MoE's at least as wide as its expert count).")
+    changed = next((v.config for name, v in variants.items() if name != "dense"), None)
+    if overrides and changed is not None:
+        machine += " Changed in every variant but dense: " + ", ".join(
+            f"{k}={getattr(changed, k)!r}" for k in overrides) + "."
+    comparison = run_comparison(variants, train_config, load_corpus(args.data), out,
+                                seeds=range(args.first_seed, args.first_seed + args.seeds), final_eval_batches=args.eval_batches,
+                                run_dir=out / "runs" if args.keep_runs else None,
+                                progress=not args.no_progress, description=machine)
+    print((out / "compare.md").read_text(encoding="utf-8"))
+    print(f"wrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'compare_loss.png'} "
+          f"in {comparison.elapsed_s:.0f} s")
+    return 0
+
+

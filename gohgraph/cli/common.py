@@ -1,0 +1,93 @@
+"""What several commands share: reading run directories, validation batches, ``--set`` overrides."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from ..data.batches import eval_batches
+from ..data.corpus import load_corpus
+from ..data.tokenizers import load_tokenizer
+
+SEARCH_LEVELS = 2  # runs/<name>/checkpoints/step_N -> runs/<name>
+
+
+def parse_overrides(pairs: List[str], fields: Iterable[str], protected: Iterable[str] = (),
+                    why_protected: str = "this command sets {name} itself") -> Dict[str, str]:
+    """``["inter_head_flow=false", "head_graph=ring"]`` -> ``{"inter_head_flow": "false", "head_graph": "ring"}``.
+
+    Values stay text: the config's typed parser (:func:`gohgraph.config.parse_typed`) reads them,
+    exactly as it reads a Python argument or a JSON value, so ``--set`` means what the constructor
+    means. ``fields`` are the names allowed; ``protected`` ones are refused with ``why_protected``
+    (formatted with the field's ``name``).
+    """
+    allowed, protected = set(fields), set(protected)
+    overrides: Dict[str, str] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"--set {pair!r} must look like FIELD=VALUE")
+        if name not in allowed:
+            raise ValueError(f"--set {pair!r}: {name!r} is not a field; allowed: {sorted(allowed)}")
+        if name in protected:
+            raise ValueError(f"--set {pair!r}: " + why_protected.format(name=name))
+        overrides[name] = text.strip()
+    return overrides
+
+
+def run_dir_of(directory: Path) -> Optional[Path]:
+    """The run directory a checkpoint lives in (``run/final`` or ``run/checkpoints/step_N``), if any."""
+    for candidate in (directory, directory.parent, directory.parent.parent):
+        if (candidate / "train_config.json").is_file():
+            return candidate
+    return None
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, default_batches: int) -> None:
+    parser.add_argument("--data", default=None,
+                        help="text file, directory or glob (default: the Python standard library corpus)")
+    parser.add_argument("--batches", type=int, default=default_batches, help="validation batches to run")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per sequence (default: min(256, max_seq_len))")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def validation_batches(args: argparse.Namespace, model) -> Tuple[List[torch.Tensor], object]:
+    """``--batches`` batches ``[batch, seq]`` of validation tokens and the model's tokenizer.
+
+    Text comes from ``--data`` (default corpus otherwise). If the run saved a ``tokenizer.json``
+    (BPE), the validation text is re-encoded with it so ids match the model's vocabulary.
+    """
+    cfg = model.config
+    for name in ("batches", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    seq_len = args.seq_len if args.seq_len is not None else min(256, cfg.max_seq_len)
+    if not 1 <= seq_len <= cfg.max_seq_len:
+        raise ValueError(f"--seq-len={seq_len} must be in [1, max_seq_len={cfg.max_seq_len}]")
+    corpus = load_corpus(args.data)
+    tokenizer_dir = find_run_file(args.checkpoint, "tokenizer.json")
+    tokenizer = load_tokenizer(tokenizer_dir.parent) if tokenizer_dir else corpus.tokenizer
+    tokens = corpus.val
+    if tokenizer_dir is not None:
+        needed = args.batches * args.batch_size * seq_len
+        text = corpus.decode(corpus.val[:8 * needed].tolist())  # BPE tokens span several bytes
+        tokens = torch.tensor(tokenizer.encode(text), dtype=torch.long).numpy()
+    if len(tokens) and int(tokens.max()) >= cfg.vocab_size:
+        raise ValueError(f"the data's token ids reach {int(tokens.max())} but the checkpoint's vocab_size="
+                         f"{cfg.vocab_size}; use the tokenizer the model was trained with")
+    return list(eval_batches(tokens, args.batch_size, seq_len, max_batches=args.batches)), tokenizer
+
+
+def find_run_file(checkpoint: str, name: str) -> Optional[Path]:
+    """``name`` in the checkpoint directory or up to two parents (``runs/<run>/checkpoints/step_N``)."""
+    directory = Path(checkpoint).resolve()
+    for candidate in [directory, *directory.parents][:SEARCH_LEVELS + 1]:
+        if (candidate / name).is_file():
+            return candidate / name
+    return None

@@ -1,0 +1,55 @@
+"""``gohgraph convert``: a local Hugging Face Llama / GPT-2 checkpoint -> a graph-routed GoH checkpoint.
+
+Thin: parses arguments, calls :func:`gohgraph.convert.convert_hf_model`, saves the result. The
+saved model has ``dense_blend = 1`` (it computes the source exactly); continued training anneals
+it to the configured top-k routing with :func:`gohgraph.convert.dense_to_sparse_schedule`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..config import ROUTERS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="source", required=True, metavar="DIR",
+                        help="local Hugging Face checkpoint directory (LlamaForCausalLM or GPT2LMHeadModel)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where to write the GoH checkpoint")
+    parser.add_argument("--router", default="graph", choices=ROUTERS, help="head router (default: graph)")
+    parser.add_argument("--n-shared-heads", type=int, default=0, metavar="N", help="always-on heads per layer")
+    parser.add_argument("--top-k-heads", type=int, default=None, metavar="K",
+                        help="routed heads active per token (default: every routed head)")
+    parser.add_argument("--router-rounds", type=int, default=None, metavar="R",
+                        help="message-passing rounds of the graph router")
+    parser.add_argument("--ffn", default="dense", choices=("dense", "moe"),
+                        help="keep the dense MLP, or upcycle it into n-experts copies (default: dense)")
+    parser.add_argument("--n-experts", type=int, default=None, metavar="N", help="experts per layer for --ffn moe")
+    parser.add_argument("--top-k-experts", type=int, default=None, metavar="K",
+                        help="experts per token for --ffn moe")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..interop.convert import convert_hf_model
+
+    if Path(args.out).resolve() == Path(args.source).resolve():
+        raise ValueError(f"--out {args.out} is the source directory; choose another so the source is kept")
+    overrides = {"router": args.router, "n_shared_heads": args.n_shared_heads, "top_k_heads": args.top_k_heads,
+                 "ffn": args.ffn}
+    optional = {"router_rounds": args.router_rounds, "n_experts": args.n_experts,
+                "top_k_experts": args.top_k_experts}
+    overrides.update({name: value for name, value in optional.items() if value is not None})
+    try:
+        model = convert_hf_model(args.source, **overrides)
+    except ImportError as err:  # the optional hf extra is missing: one line, as for user errors
+        print(f"gohgraph convert: error: {err}", file=sys.stderr)
+        return 1
+    model.save_pretrained(args.out)
+    cfg = model.config
+    print(f"converted {args.source} -> {args.out}: {cfg.n_layers} layers, {cfg.n_heads} heads "
+          f"({cfg.kv_heads} kv), router={cfg.router}, active heads {cfg.active_heads}/{cfg.n_heads}, "
+          f"ffn={cfg.ffn}, {model.num_parameters():,} parameters; dense_blend=1.0 "
+          "(anneal with gohgraph.convert.dense_to_sparse_schedule while training)")
+    return 0

@@ -1,0 +1,60 @@
+"""``gohgraph eval``: mean next-token loss of a checkpoint on validation (or training) data.
+
+Defaults come from the run the checkpoint belongs to (its data, tokenizer and ``seq_len``), so
+``gohgraph eval --checkpoint runs/tiny`` evaluates on the data it was trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from ..data.corpus import load_corpus
+from ..models.decoder import GoHTransformer
+from ..training.checkpoint import resolve_checkpoint
+from ..training.trainer import evaluate
+from .common import run_dir_of
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="run directory, checkpoint directory or save_pretrained directory")
+    parser.add_argument("--data", help="text file, directory or glob (default: the run's data)")
+    parser.add_argument("--tokenizer", help="byte, bpe or bpe:<vocab> (default: the run's)")
+    parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("--split", choices=["val", "train"], default="val")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, help="default: the run's seq_len, else min(256, max_seq_len)")
+    parser.add_argument("--max-batches", type=int, default=50)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    directory = resolve_checkpoint(args.checkpoint)
+    model = GoHTransformer.from_pretrained(directory, map_location=args.device)
+    run_dir = run_dir_of(directory)
+    data_settings = _read_json(run_dir / "data.json") if run_dir else {}
+    train_settings = _read_json(run_dir / "train_config.json") if run_dir else {}
+    corpus = load_corpus(args.data if args.data is not None else data_settings.get("data"), args.cache_dir,
+                         args.tokenizer or data_settings.get("tokenizer", "byte"))
+    if corpus.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the data's tokenizer has {corpus.vocab_size} tokens; the model only "
+                         f"{model.config.vocab_size} (pass the tokenizer the model was trained with)")
+    seq_len = args.seq_len or train_settings.get("seq_len") or min(256, model.config.max_seq_len)
+    loss = evaluate(model, corpus.val if args.split == "val" else corpus.train, args.batch_size, seq_len,
+                    args.max_batches)
+    result = {"checkpoint": str(directory), "split": args.split, "loss": loss, "perplexity": math.exp(loss),
+              "bits_per_token": loss / math.log(2), "seq_len": seq_len, "data": corpus.source}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{directory}: {args.split} loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f}, "
+              f"{loss / math.log(2):.3f} bits/token ({corpus.source})")
+    return 0
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -1,0 +1,72 @@
+"""``gohgraph stats``: routing statistics of a checkpoint over validation data.
+
+    gohgraph stats --checkpoint runs/x/final --out stats.json [--data PATH] [--batches 20]
+                   [--batch-size 8] [--seq-len 256] [--csv stats.csv] [--compare runs/y/final]
+
+Writes the :meth:`~gohgraph.analysis.stats.collect.RoutingStats.report` as JSON (plus routing drift against
+``--compare``), optionally the long CSV, and prints one summary line per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Iterator
+
+from .common import add_data_arguments, validation_batches
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="directory written by save_pretrained / training")
+    parser.add_argument("--out", required=True, help="where to write the statistics JSON")
+    add_data_arguments(parser, default_batches=20)
+    parser.add_argument("--csv", default=None, help="also write the statistics as a long CSV table")
+    parser.add_argument("--compare", default=None, metavar="CHECKPOINT",
+                        help="also report routing drift: the share of tokens whose active heads/experts "
+                             "differ from this checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..analysis.stats.collect import collect_routing_stats
+    from ..analysis.stats.drift import routing_drift
+    from ..models.decoder import GoHTransformer
+
+    model = GoHTransformer.from_pretrained(args.checkpoint)
+    batches, _ = validation_batches(args, model)
+    stats = collect_routing_stats(model, batches, progress=not args.no_progress)
+    report = stats.report()
+    if args.compare:
+        other = GoHTransformer.from_pretrained(args.compare)
+        report["drift"] = {"against": str(args.compare), **routing_drift(model, other, batches)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.csv:
+        stats.to_csv(args.csv)
+    for line in summary_lines(report):
+        print(line)
+    print(f"wrote {out}" + (f" and {args.csv}" if args.csv else ""))
+    return 0
+
+
+def summary_lines(report: dict) -> Iterator[str]:
+    """One human-readable line per layer, then the drift if measured."""
+    yield f"routing statistics over {report['tokens']} tokens ({report['batches']} batches)"
+    for layer in report["layers"]:
+        heads = layer["heads"]
+        line = f"layer {layer['layer']}: {heads['active_per_token']:.2f} active heads/token"
+        if "load_cv" in heads:
+            line += f", head load CV {heads['load_cv']:.3f} entropy {heads['load_entropy']:.3f}"
+        line += f", dead heads {heads['dead']}"
+        experts = layer.get("experts")
+        if experts is not None:
+            line += (f" | experts: load CV {experts['load_cv']:.3f} entropy {experts['load_entropy']:.3f} "
+                     f"max/mean {experts['max_over_mean_load']:.2f} dead {experts['dead']}")
+            if "drop_rate" in experts:
+                line += f" drop rate {experts['drop_rate']:.3%}"
+        yield line
+    drift = report.get("drift")
+    if drift is not None:
+        yield (f"routing drift vs {drift['against']}: {drift['token_drift']:.1%} of tokens change route "
+               f"(head drift per layer {[round(layer['head_drift'], 3) for layer in drift['layers']]})")

@@ -1,0 +1,53 @@
+"""``gohgraph viz``: every routing picture of a checkpoint.
+
+    gohgraph viz --checkpoint runs/x/final --out pictures/ [--text "def f(x):"] [--data PATH]
+                 [--batches 10] [--batch-size 8] [--seq-len 256] [--metrics runs/x/metrics.csv]
+
+Runs the model over validation data for the statistics, then writes the routing graphs, load
+heatmaps, a token trace (of ``--text``, or the start of the validation text), the training curves
+when a ``metrics.csv`` is found (in the checkpoint directory or up to two parents), the GraphML
+routing graph and the statistics JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_data_arguments, find_run_file, validation_batches
+
+DEFAULT_TRACE_TOKENS = 48
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="directory written by save_pretrained / training")
+    parser.add_argument("--out", required=True, help="directory for the pictures")
+    parser.add_argument("--text", default=None, help="text whose per-token routing to draw "
+                                                      "(default: the start of the validation text)")
+    parser.add_argument("--metrics", default=None,
+                        help="metrics CSV for the training curves (default: metrics.csv near the checkpoint)")
+    add_data_arguments(parser, default_batches=10)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import viz
+    from ..analysis.stats.collect import collect_routing_stats
+    from ..models.decoder import GoHTransformer
+
+    model = GoHTransformer.from_pretrained(args.checkpoint)
+    metrics = Path(args.metrics) if args.metrics else find_run_file(args.checkpoint, "metrics.csv")
+    if metrics is not None and not metrics.is_file():
+        raise FileNotFoundError(f"--metrics {metrics} does not exist")
+    batches, tokenizer = validation_batches(args, model)
+    stats = collect_routing_stats(model, batches, progress=not args.no_progress)
+    text = args.text
+    if text is None:
+        text = tokenizer.decode(batches[0][0, :DEFAULT_TRACE_TOKENS].tolist())
+    written = viz.write_all_pictures(model, stats, args.out, text=text, metrics_csv=metrics,
+                                     encode=tokenizer.encode, decode=tokenizer.decode)
+    written.append(stats.to_json(Path(args.out) / "stats.json"))
+    for path in written:
+        print(f"wrote {path}")
+    if metrics is None:
+        print("no metrics.csv found near the checkpoint: training curves skipped")
+    return 0

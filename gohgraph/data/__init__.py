@@ -1,0 +1,1 @@
+"""Data that needs no download: tokenizers, the default corpus and user text, batches."""

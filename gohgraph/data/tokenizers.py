@@ -1,0 +1,98 @@
+"""Tokenizers: UTF-8 bytes (the default, nothing to train) and an optional byte-level BPE.
+
+Both have ``encode(text) -> ids``, ``decode(ids) -> text``, ``vocab_size`` and ``to_json()``
+(``None`` for bytes); a run saves a BPE's ``tokenizer.json`` beside its checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary 256, nothing to train or save."""
+
+    name, vocab_size = "byte", 256
+
+    def encode(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def to_json(self) -> Optional[str]:
+        return None
+
+
+class BPETokenizer:
+    """A Hugging Face ``tokenizers`` byte-level BPE (optional dependency)."""
+
+    name = "bpe"
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts: Sequence[str], vocab_size: int) -> "BPETokenizer":
+        tokenizers = _import_tokenizers()
+        tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+        tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = tokenizers.decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(
+            vocab_size=vocab_size, show_progress=False,
+            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+        tokenizer.train_from_iterator(texts, trainer=trainer)
+        return cls(tokenizer)
+
+    @classmethod
+    def from_json(cls, text: str) -> "BPETokenizer":
+        return cls(_import_tokenizers().Tokenizer.from_str(text))
+
+    def encode(self, text: str) -> List[int]:
+        return self._tokenizer.encode(text).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode([int(i) for i in ids])
+
+    def to_json(self) -> Optional[str]:
+        return self._tokenizer.to_str()
+
+
+def _import_tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise ValueError("tokenizer='bpe' needs the Hugging Face 'tokenizers' package "
+                         "(pip install tokenizers); or use tokenizer='byte'") from None
+    return tokenizers
+
+
+def load_tokenizer(directory: Path):
+    """The tokenizer saved with a run or checkpoint (``tokenizer.json``), else bytes."""
+    path = Path(directory) / TOKENIZER_FILE
+    return BPETokenizer.from_json(path.read_text(encoding="utf-8")) if path.is_file() else ByteTokenizer()
+
+
+def parse_tokenizer(spec: str) -> Tuple[str, int]:
+    if spec == "byte":
+        return "byte", 256
+    if spec == "bpe" or spec.startswith("bpe:"):
+        size = spec.partition(":")[2] or "4096"
+        if not size.isdigit() or not 256 < int(size) <= 1 << 20:
+            raise ValueError(f"tokenizer={spec!r}: the BPE vocabulary must be an integer in (256, 2^20]")
+        return "bpe", int(size)
+    raise ValueError(f"tokenizer={spec!r} is not one of 'byte', 'bpe', 'bpe:<vocab size>'")
+
+
+def byte_encode(text: str) -> List[int]:
+    """UTF-8 bytes of ``text`` as token ids (the default tokenizer's ``encode``)."""
+    return ByteTokenizer().encode(text)
+
+
+def byte_decode(ids: Sequence[int]) -> str:
+    """Token ids as UTF-8 bytes, undecodable bytes replaced (the default tokenizer's ``decode``)."""
+    return ByteTokenizer().decode(ids)

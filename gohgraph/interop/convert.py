@@ -1,0 +1,206 @@
+"""Upcycle a pretrained dense Hugging Face LM (Llama, GPT-2) into a graph-routed GoHTransformer.
+
+MoH (Jin et al. 2024) continue-tuned a dense LLaMA3-8B into a mixture-of-heads model. This module
+does the same with graph routing, in two steps:
+
+1. :func:`convert_hf_model` copies every pretrained tensor into a :class:`GoHTransformer` whose
+   heads are the dense model's heads (q/k/v/o per head, GQA and RoPE theta kept), whose FFN is the
+   dense MLP (or ``n_experts`` copies of it for ``ffn="moe"``: sparse upcycling), and whose routers
+   are fresh. It returns the model with ``dense_blend = 1``: every head on with gate 1 and the
+   inter-head flow scaled by 0, so at step 0 it computes exactly the dense model.
+2. Continued training anneals ``dense_blend`` from 1 to 0 with
+   :func:`gohgraph.training.schedules.dense_to_sparse_schedule`
+   (``model.set_dense_blend(dense_to_sparse_schedule(step, warmup_steps))`` before each step), so
+   the model moves gradually from dense attention to the configured top-k routing.
+
+Weights are copied into a float32 model whatever the checkpoint's dtype (continued training wants
+float32 master weights; cast afterwards for inference). Only local directories are read:
+``from_pretrained(directory, local_files_only=True)``; nothing is downloaded. ``transformers`` is
+the optional ``hf`` extra (``pip install 'gohgraph[hf]'``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import torch
+from torch import nn
+
+from ..config import GoHConfig
+from ..models.decoder import GoHTransformer
+from .gpt2 import GPT2
+from .llama import LLAMA
+from .source import ConversionError, SourceFamily
+
+# model_type in config.json -> the family whose weights we know how to map
+SOURCE_FAMILIES: Dict[str, SourceFamily] = {"llama": LLAMA, "gpt2": GPT2}
+# model_type -> the Hugging Face class
+SUPPORTED_ARCHITECTURES = {model_type: family.hf_class for model_type, family in SOURCE_FAMILIES.items()}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+# GoHConfig fields the pretrained weights fix; everything else (routing, experts, dropout) may be overridden
+SOURCE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "rope_theta", "norm",
+                 "norm_eps", "ffn_hidden", "tie_embeddings", "position_embedding", "linear_bias", "mlp")
+UPCYCLE_FFNS = ("dense", "moe")
+# tensors of the converted model that do not come from the source: routers, gates, flow scales
+ROUTING_TENSOR_MARKERS = (".router.", ".gate.", ".flow_scale")
+
+
+# ---------------------------------------------------------------------- public entry points
+def convert_hf_model(hf_model_or_dir: Union[str, Path, nn.Module], **overrides: Any) -> GoHTransformer:
+    """Build a GoH model computing exactly the dense ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` given.
+
+    Args:
+        hf_model_or_dir: a loaded Hugging Face model, or a local checkpoint directory.
+        overrides: GoHConfig fields for routing and training, e.g. ``router="graph",
+            n_shared_heads=2, top_k_heads=4, ffn="moe", n_experts=4, dropout=0.1``. Default
+            router: ``"graph"``. Fields in :data:`SOURCE_FIELDS` come from the source and cannot
+            be overridden; ``max_seq_len`` may change (with learned positions only downward).
+    Returns:
+        a :class:`GoHTransformer` in train mode with ``dense_blend = 1`` in every routed layer.
+    """
+    hf_model = load_hf_model(hf_model_or_dir) if isinstance(hf_model_or_dir, (str, Path)) else hf_model_or_dir
+    model_type = _check_model_class(hf_model)
+    family = SOURCE_FAMILIES[model_type]
+    cfg = _target_config(family.source_config(hf_model.config), overrides)
+    state = family.weights(hf_model, cfg)
+    if cfg.ffn == "moe":
+        state = _upcycle_experts(state, cfg)
+    model = GoHTransformer(cfg)
+    _load_converted_state(model, state)
+    model.set_dense_blend(1.0)
+    return model
+
+
+def read_hf_config(directory: Union[str, Path]) -> dict:
+    """The ``config.json`` of a supported local checkpoint, after checking the directory holds weights.
+
+    Raises :class:`ConversionError` naming the directory, the file, or the architecture found.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConversionError(f"Hugging Face checkpoint directory {directory} does not exist")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{directory} has no config.json (found: {_listing(directory)}); "
+                              "expected a Hugging Face checkpoint saved with save_pretrained()")
+    try:
+        values = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConversionError(f"{config_path} is not valid JSON: {err}") from None
+    model_type = values.get("model_type")
+    architectures = values.get("architectures") or []
+    supported_classes = set(SUPPORTED_ARCHITECTURES.values())
+    if model_type not in SUPPORTED_ARCHITECTURES or any(a not in supported_classes for a in architectures):
+        raise ConversionError(
+            f"{config_path}: model_type={model_type!r}, architectures={architectures} is not supported; "
+            f"supported: {_supported_text()}")
+    if not any((directory / name).is_file() for name in WEIGHT_FILES):
+        raise ConversionError(f"{directory} has no weights: expected one of {list(WEIGHT_FILES)}, "
+                              f"found {_listing(directory)}")
+    return values
+
+
+def load_hf_model(directory: Union[str, Path]) -> nn.Module:
+    """Load a local ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` checkpoint (no download), in eval mode.
+
+    Missing tensors (e.g. a bare ``LlamaModel`` checkpoint without ``lm_head``) raise
+    :class:`ConversionError` instead of being silently initialised at random.
+    """
+    model_type = read_hf_config(directory)["model_type"]
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("converting Hugging Face checkpoints needs transformers: "
+                          "pip install 'gohgraph[hf]'") from None
+    model_class = getattr(transformers, SUPPORTED_ARCHITECTURES[model_type])
+    hf_model, info = model_class.from_pretrained(str(directory), local_files_only=True,
+                                                 output_loading_info=True)
+    if info.get("missing_keys"):
+        raise ConversionError(f"{directory}: the checkpoint lacks tensors {sorted(info['missing_keys'])[:8]} "
+                              f"of {model_class.__name__}")
+    return hf_model.eval()
+
+
+# ---------------------------------------------------------------------- configuration
+def _check_model_class(hf_model: nn.Module) -> str:
+    found = type(hf_model).__name__
+    model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
+    if SUPPORTED_ARCHITECTURES.get(model_type) != found:
+        raise ConversionError(f"cannot convert {found} (model_type={model_type!r}); supported: {_supported_text()}")
+    return model_type
+
+
+def _target_config(source: Dict[str, Any], overrides: Dict[str, Any]) -> GoHConfig:
+    fixed = sorted(set(overrides) & set(SOURCE_FIELDS))
+    if fixed:
+        raise ConversionError(f"cannot override {fixed}: they come from the source model "
+                              f"(fixed fields: {list(SOURCE_FIELDS)})")
+    if overrides.get("ffn", "dense") not in UPCYCLE_FFNS:
+        raise ConversionError(f"ffn={overrides['ffn']!r} cannot be upcycled from a dense MLP; "
+                              f"supported: {list(UPCYCLE_FFNS)}")
+    max_seq_len = overrides.get("max_seq_len", source["max_seq_len"])
+    if source["position_embedding"] == "learned" and max_seq_len > source["max_seq_len"]:
+        raise ConversionError(f"max_seq_len={max_seq_len} exceeds the source's {source['max_seq_len']} "
+                              "learned positions")
+    values = {"router": "graph", "ffn": "dense", **source, **overrides}
+    if values["ffn"] == "moe":  # every expert is a full copy of the dense MLP (sparse upcycling)
+        if source["mlp"] != "swiglu" or source["linear_bias"]:
+            raise ConversionError("ffn='moe' upcycles a bias-free SwiGLU MLP (Llama); this source has "
+                                  f"mlp={source['mlp']!r}, linear_bias={source['linear_bias']}, which the "
+                                  "bias-free experts of gohgraph.moe cannot reproduce; use ffn='dense'")
+        values.update(expert_hidden=source["ffn_hidden"], expert_activation="swiglu")
+    return GoHConfig.from_dict(values)
+
+
+# ---------------------------------------------------------------------- weights
+def _upcycle_experts(state: Dict[str, torch.Tensor], cfg: GoHConfig) -> Dict[str, torch.Tensor]:
+    """Replace each dense SwiGLU MLP by ``n_experts`` copies of it (sparse upcycling, Komatsuzaki et al.).
+
+    The routed experts' weights are renormalised to sum to 1 per token, so routed copies alone
+    compute the dense MLP; shared experts (always on, weight 1) would add more copies, so every
+    copy's output projection is divided by ``n_shared_experts + 1`` to keep the sum exact.
+    Layout (:class:`gohgraph.moe.experts.GroupedExperts`): ``w_in [E, d_model, 2 * hidden]`` (gate
+    columns, then up) and ``w_out [E, hidden, d_model]``.
+    """
+    state = dict(state)
+    copies = cfg.n_shared_experts + 1
+    for i in range(cfg.n_layers):
+        prefix = f"blocks.{i}.ffn."
+        gate_up = state.pop(prefix + "mlp.gate_up.weight")  # [2 * hidden, d_model]
+        down = state.pop(prefix + "mlp.down.weight") / copies  # [d_model, hidden]
+        state[prefix + "experts.w_in"] = gate_up.t().expand(cfg.n_routed_experts, -1, -1)
+        state[prefix + "experts.w_out"] = down.t().expand(cfg.n_routed_experts, -1, -1)
+        if cfg.n_shared_experts:
+            # the shared experts run as one MLP whose hidden layer concatenates theirs: [gates | ups]
+            gate, up = gate_up.chunk(2, dim=0)
+            shared = cfg.n_shared_experts
+            state[prefix + "shared_experts.w_in.weight"] = torch.cat([gate] * shared + [up] * shared)
+            state[prefix + "shared_experts.w_out.weight"] = torch.cat([down] * shared, dim=1)
+    return state
+
+
+def _load_converted_state(model: GoHTransformer, state: Dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into ``model``; every model tensor but the fresh routing ones must be covered."""
+    expected = model.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    uncovered = sorted(name for name in set(expected) - set(state)
+                       if not any(marker in name for marker in ROUTING_TENSOR_MARKERS))
+    mis_shaped = [f"{name}: source {list(state[name].shape)} vs model {list(expected[name].shape)}"
+                  for name in sorted(set(state) & set(expected)) if state[name].shape != expected[name].shape]
+    if unexpected or uncovered or mis_shaped:
+        raise ConversionError(f"converted weights do not fit the GoH model: unexpected {unexpected[:8]}, "
+                              f"not converted {uncovered[:8]}, shape mismatches {mis_shaped[:8]}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            expected[name].copy_(tensor.detach())
+
+
+def _supported_text() -> str:
+    return ", ".join(f"{model_type} ({cls})" for model_type, cls in SUPPORTED_ARCHITECTURES.items())
+
+
+def _listing(directory: Path) -> list:
+    return sorted(path.name for path in directory.iterdir())[:20]

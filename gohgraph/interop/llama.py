@@ -1,0 +1,59 @@
+"""Hugging Face ``LlamaForCausalLM`` -> GoHTransformer: RoPE, RMSNorm, SwiGLU, GQA."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+from ..config import GoHConfig
+from .source import ConversionError, SourceFamily, put_linear
+
+
+def source_config(hf_config: Any) -> Dict[str, Any]:
+    d_model, n_heads = hf_config.hidden_size, hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or d_model // n_heads
+    if head_dim * n_heads != d_model:
+        raise ConversionError(f"Llama head_dim={head_dim} x num_attention_heads={n_heads} != hidden_size="
+                              f"{d_model}; GoH needs head_dim = hidden_size / num_attention_heads")
+    if hf_config.hidden_act != "silu":
+        raise ConversionError(f"Llama hidden_act={hf_config.hidden_act!r} is not supported; supported: 'silu'")
+    # transformers >= 5 keeps theta and scaling in rope_parameters; 4.x in rope_theta / rope_scaling
+    rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type") or (getattr(hf_config, "rope_scaling", None) or {}).get("rope_type", "default")
+    if rope_type != "default":
+        raise ConversionError(f"Llama rope_type={rope_type!r} (RoPE scaling) is not supported; supported: 'default'")
+    n_kv_heads = getattr(hf_config, "num_key_value_heads", None) or n_heads
+    return dict(
+        vocab_size=hf_config.vocab_size, d_model=d_model, n_layers=hf_config.num_hidden_layers,
+        n_heads=n_heads, n_kv_heads=None if n_kv_heads == n_heads else n_kv_heads,
+        max_seq_len=hf_config.max_position_embeddings,
+        rope_theta=float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
+        norm="rms", norm_eps=hf_config.rms_norm_eps, ffn_hidden=hf_config.intermediate_size,
+        tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        position_embedding="rope", mlp="swiglu",
+        linear_bias=bool(getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False)),
+        init_std=hf_config.initializer_range,
+    )
+
+
+def weights(hf_model: nn.Module, cfg: GoHConfig) -> Dict[str, torch.Tensor]:
+    """GoH state-dict entries (dense FFN) from a ``LlamaForCausalLM``: q/k/v stacked into ``qkv``."""
+    decoder = hf_model.model
+    state = {"embed.weight": decoder.embed_tokens.weight, "final_norm.weight": decoder.norm.weight}
+    for i, layer in enumerate(decoder.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        prefix = f"blocks.{i}."
+        state[prefix + "attn_norm.weight"] = layer.input_layernorm.weight
+        state[prefix + "ffn_norm.weight"] = layer.post_attention_layernorm.weight
+        put_linear(state, prefix + "attn.qkv", cfg, attn.q_proj, attn.k_proj, attn.v_proj)
+        put_linear(state, prefix + "attn.out", cfg, attn.o_proj)
+        put_linear(state, prefix + "ffn.mlp.gate_up", cfg, mlp.gate_proj, mlp.up_proj)
+        put_linear(state, prefix + "ffn.mlp.down", cfg, mlp.down_proj)
+    if not cfg.tie_embeddings:
+        state["lm_head.weight"] = hf_model.lm_head.weight
+    return state
+
+
+LLAMA = SourceFamily(hf_class="LlamaForCausalLM", source_config=source_config, weights=weights)

@@ -1,0 +1,38 @@
+"""What every Hugging Face source family provides, and the error all conversions raise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict
+
+import torch
+from torch import nn
+
+from ..config import GoHConfig
+
+
+class ConversionError(ValueError):
+    """A source checkpoint is missing, unsupported, or cannot be mapped onto a GoH model."""
+
+
+@dataclass(frozen=True)
+class SourceFamily:
+    """One convertible Hugging Face family (one module of :mod:`gohgraph.interop` each).
+
+    ``hf_class``: the ``transformers`` class whose weights are mapped; ``source_config(hf_config)``:
+    the GoHConfig fields the pretrained weights fix; ``weights(hf_model, cfg)``: GoH state-dict
+    entries (dense FFN) holding every pretrained tensor.
+    """
+
+    hf_class: str
+    source_config: Callable[[Any], Dict[str, Any]]
+    weights: Callable[[nn.Module, GoHConfig], Dict[str, torch.Tensor]]
+
+
+def put_linear(state: Dict[str, torch.Tensor], name: str, cfg: GoHConfig, *linears: nn.Linear) -> None:
+    """Stack the rows of ``linears`` into one GoH linear; a source without bias gets a zero bias."""
+    state[name + ".weight"] = torch.cat([linear.weight for linear in linears], dim=0)
+    if cfg.linear_bias:
+        state[name + ".bias"] = torch.cat([
+            linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+            for linear in linears])

@@ -1,0 +1,1 @@
+"""Transformer layers that know nothing of routing: projections, norms, MLPs, positions, KV caches, attention."""

@@ -1,0 +1,132 @@
+"""GoH attention: multi-head attention whose heads are routed per token over a head graph.
+
+``router="dense"`` is exactly standard MHA/GQA/MQA, ``router="linear"`` is MoH and
+``router="graph"`` is GoH (DESIGN.md §3): one class, three configurations. The attention does
+not know how heads are routed: it receives a builder of the head-routing module
+(:class:`gohgraph.routers.heads.HeadRouting`, chosen by the block), builds it after its own
+projections (so parameters are initialised in the order of every earlier checkpoint) and calls it
+with the token and its per-head queries; what comes back (gates, a head-mixing matrix, a routing
+record) is data the attention applies.
+
+Compute honesty: every head's attention is computed and inactive heads are multiplied by a zero
+gate. Head sparsity saves no FLOPs in this implementation; what it changes is the function the
+layer computes (and what a kernel that skips heads could save later, DESIGN.md §16).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import GoHConfig
+from ..routing import LayerRouting
+from .kv_cache import KVCache
+from .linear import make_linear
+from .positions import build_query_key_positions
+
+
+class GoHAttention(nn.Module):
+    """Self- or cross-attention with routed heads and inter-head flow.
+
+    Steps (DESIGN.md §3): q/k/v projections (GQA when ``n_kv_heads < n_heads``); ``head_routing``
+    (built by ``build_head_routing(cfg)``; none for dense attention) reads the token and the pre-RoPE per-head queries and returns gates ``g [batch, seq, heads]``
+    and, with inter-head flow, a head-mixing matrix ``M [batch, seq, heads, heads]``; positions
+    (RoPE) and SDPA per head; output ``y = W_O (M o)`` (or ``W_O (g ⊙ o)`` without flow).
+
+    Arguments of a call, so one class serves decoders, encoders and encoder–decoder models:
+
+    * ``causal``: queries see only keys at or before their position (bottom-right aligned after
+      a cache, so new queries sit at the end of the cached sequence);
+    * ``mask``: bool, broadcastable to ``[batch, heads, q_len, k_len]``, ``True`` where a query
+      may attend (e.g. ``padding[:, None, None, :]``); combined with ``causal``;
+    * ``memory``: ``[batch, mem_len, d_model]``: keys and values come from it instead of ``x``
+      (cross-attention; no rotary positions, since queries and memory have separate positions);
+    * ``cache``: a :class:`~gohgraph.layers.kv_cache.KVCache` that receives this call's keys
+      and values and returns every cached one.
+
+    Shapes: ``x [batch, seq, d_model]`` -> ``y [batch, seq, d_model]`` and a :class:`LayerRouting`
+    with the attention fields filled.
+    """
+
+    def __init__(self, cfg: GoHConfig, layer_idx: int,
+                 build_head_routing: Optional[Callable[[GoHConfig], nn.Module]] = None) -> None:
+        super().__init__()
+        if (build_head_routing is None) != (cfg.router == "dense"):
+            raise ValueError(f"router={cfg.router!r} needs a head-routing builder exactly when it routes heads; "
+                             "build the attention with gohgraph.models.block.build_attention(cfg, layer_idx)")
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.dropout = cfg.dropout
+        self.q_width = cfg.n_heads * cfg.head_dim
+        self.qkv = make_linear(cfg, cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.linear_bias)
+        self.out = make_linear(cfg, cfg.d_model, cfg.d_model, bias=cfg.linear_bias)
+        nn.init.normal_(self.qkv.weight, std=cfg.init_std)
+        nn.init.normal_(self.out.weight, std=cfg.output_init_std)
+        for linear in (self.qkv, self.out):
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        # RoPE rotates q and k here; absolute positions (GPT-2) are added to the embedding by the model
+        self.rotary = build_query_key_positions(cfg)
+        self.head_routing = build_head_routing(cfg) if build_head_routing is not None else None
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, causal: bool = True,
+                mask: Optional[torch.Tensor] = None,
+                memory: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
+        batch, seq, d_model = x.shape
+        heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self._project(x, memory)
+        q = q.view(batch, seq, heads, head_dim)
+        if self.head_routing is not None:
+            head_gates, head_mixing, routing = self.head_routing(x, q)
+        else:
+            head_gates = head_mixing = None
+            routing = LayerRouting(head_gates=x.new_ones(batch, seq, heads))
+
+        offset = cache.length(self.layer_idx) if cache is not None else 0
+        q = q.transpose(1, 2)
+        k = k.view(batch, k.shape[1], kv_heads, head_dim).transpose(1, 2)
+        if self.rotary is not None and memory is None:
+            q, k = self.rotary(q, k, offset)
+        v = v.view(batch, v.shape[1], kv_heads, head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.append(self.layer_idx, k, v)
+        attn = self._attend(q, k, v, offset, causal, mask)  # [batch, heads, seq, head_dim]
+
+        attn = attn.transpose(1, 2)  # [batch, seq, heads, head_dim]
+        if head_mixing is not None:
+            attn = torch.matmul(head_mixing.to(attn.dtype), attn)
+        elif head_gates is not None:
+            attn = attn * head_gates.to(attn.dtype).unsqueeze(-1)
+        y = self.out(attn.reshape(batch, seq, d_model))
+        return y, routing
+
+    def _project(self, x: torch.Tensor, memory: Optional[torch.Tensor]
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q [batch, seq, H*d_h]`` from ``x``; ``k, v [batch, len, H_kv*d_h]`` from ``memory`` or ``x``."""
+        kv_width = self.n_kv_heads * self.head_dim
+        if memory is None:
+            return self.qkv(x).split([self.q_width, kv_width, kv_width], dim=-1)
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q = F.linear(x, weight[:self.q_width], None if bias is None else bias[:self.q_width])
+        kv = F.linear(memory, weight[self.q_width:], None if bias is None else bias[self.q_width:])
+        k, v = kv.split([kv_width, kv_width], dim=-1)
+        return q, k, v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, causal: bool,
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
+        seq, total = q.shape[2], k.shape[2]
+        is_causal = False
+        if causal and seq > 1:
+            if offset == 0 and mask is None and seq == total:
+                is_causal = True  # SDPA's own causal kernel
+            else:  # new queries sit at the end of the cached sequence: bottom-right causal mask
+                query_pos = torch.arange(total - seq, total, device=q.device)[:, None]
+                causal_mask = torch.arange(total, device=q.device)[None, :] <= query_pos
+                mask = causal_mask if mask is None else mask & causal_mask
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads)

@@ -1,0 +1,94 @@
+"""Position encodings, chosen by ``cfg.position_embedding`` from :data:`POSITION_SCHEMES`.
+
+A scheme says where it acts: ``"queries_keys"`` schemes (RoPE) are applied by every attention
+layer to its queries and keys; ``"embedding"`` schemes (GPT-2's learned table) are added once to
+the token embeddings by the model. Adding a scheme (sinusoidal, ALiBi, RoPE scaling) is an entry
+here, not a change to the attention or the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from ..config import GoHConfig
+
+ON_QUERIES_KEYS, ON_EMBEDDING = "queries_keys", "embedding"
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE in the rotate-half convention (LLaMA / Hugging Face).
+
+    ``rotate(x [batch, heads, seq, head_dim], offset)`` rotates position ``offset + t`` of ``x`` by
+    the angles ``(offset + t) * theta^(-2i/head_dim)``.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # [max_seq_len, head_dim]
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def rotate(self, x: torch.Tensor, offset: int) -> torch.Tensor:
+        seq = x.shape[-2]
+        if offset + seq > self.cos.shape[0]:
+            raise ValueError(f"position {offset + seq} exceeds max_seq_len={self.cos.shape[0]}")
+        cos = self.cos[offset:offset + seq].to(x.dtype)
+        sin = self.sin[offset:offset + seq].to(x.dtype)
+        first, second = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int):
+        """Rotate queries and keys ``[batch, heads, seq, head_dim]`` at positions from ``offset``."""
+        return self.rotate(q, offset), self.rotate(k, offset)
+
+
+class LearnedPositionEmbedding(nn.Module):
+    """GPT-2's absolute position table ``weight [max_seq_len, d_model]``.
+
+    ``forward(x [batch, seq, d_model], offset)`` returns ``x`` plus the rows of positions
+    ``offset .. offset + seq - 1``.
+    """
+
+    def __init__(self, cfg: GoHConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.max_seq_len, cfg.d_model))
+        nn.init.normal_(self.weight, std=cfg.init_std)
+
+    def forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
+        seq = x.shape[1]
+        if offset + seq > self.weight.shape[0]:
+            raise ValueError(f"position {offset + seq} exceeds max_seq_len={self.weight.shape[0]}")
+        return x + self.weight[offset:offset + seq]
+
+
+@dataclass(frozen=True)
+class PositionScheme:
+    """How to build a position module from the config, and where it acts (``ON_*``)."""
+
+    build: Callable[[GoHConfig], nn.Module]
+    acts_on: str
+
+
+POSITION_SCHEMES: Dict[str, PositionScheme] = {
+    "rope": PositionScheme(lambda cfg: RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta),
+                           ON_QUERIES_KEYS),
+    "learned": PositionScheme(LearnedPositionEmbedding, ON_EMBEDDING),
+}
+
+
+def build_query_key_positions(cfg: GoHConfig) -> Optional[nn.Module]:
+    """The module an attention layer applies to ``(q, k, offset)``, or ``None`` for this scheme."""
+    scheme = POSITION_SCHEMES[cfg.position_embedding]
+    return scheme.build(cfg) if scheme.acts_on == ON_QUERIES_KEYS else None
+
+
+def build_embedding_positions(cfg: GoHConfig) -> Optional[nn.Module]:
+    """The module the model applies to ``(embeddings, offset)``, or ``None`` for this scheme."""
+    scheme = POSITION_SCHEMES[cfg.position_embedding]
+    return scheme.build(cfg) if scheme.acts_on == ON_EMBEDDING else None

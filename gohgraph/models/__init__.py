@@ -1,0 +1,1 @@
+"""Models built from the blocks: the decoder-only GoHTransformer, generation, loading any saved family."""

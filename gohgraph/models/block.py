@@ -1,0 +1,47 @@
+"""One transformer block: routed attention, then a dense or expert feed-forward layer."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..config import GoHConfig
+from ..layers.attention import GoHAttention
+from ..layers.kv_cache import KVCache
+from ..layers.norm import build_norm
+from ..moe.layer import build_feed_forward
+from ..routers.heads import HeadRouting
+from ..routing import LayerRouting
+
+
+def build_attention(cfg: GoHConfig, layer_idx: int) -> GoHAttention:
+    """Attention with the head routing ``cfg.router`` names (none for ``"dense"``)."""
+    return GoHAttention(cfg, layer_idx, HeadRouting if cfg.router != "dense" else None)
+
+
+class GoHBlock(nn.Module):
+    """Pre-norm block ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; ``x [batch, seq, d_model]``.
+
+    :func:`build_attention` builds the head routing (none for ``router="dense"``) and hands it to
+    the attention; an expert FFN's :class:`~gohgraph.routing.ExpertRouting` is attached to the
+    attention's record as ``record.experts``. Causality and masks are arguments of the call, not
+    part of the block, so encoders reuse it.
+    """
+
+    def __init__(self, cfg: GoHConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = build_norm(cfg)
+        self.attn = build_attention(cfg, layer_idx)
+        self.ffn_norm = build_norm(cfg)
+        self.ffn = build_feed_forward(cfg, layer_idx)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, causal: bool = True,
+                mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
+        attn_out, routing = self.attn(self.attn_norm(x), cache=cache, causal=causal, mask=mask)
+        x = x + self.dropout(attn_out)
+        ffn_out, routing.experts = self.ffn(self.ffn_norm(x))
+        x = x + self.dropout(ffn_out)
+        return x, routing

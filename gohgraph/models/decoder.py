@@ -1,0 +1,163 @@
+"""GoHTransformer: a decoder-only language model whose layers route heads (and experts) over graphs.
+
+Token embedding -> ``n_layers`` pre-norm blocks (GoH attention, then a dense or expert FFN) ->
+final norm -> output head tied to the embedding. The loop over blocks lives here, in the model,
+so per-token recursion (Mixture-of-Recursions) is a change to that loop, not a new model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import GoHConfig
+from ..layers.kv_cache import DynamicKVCache, KVCache
+from ..layers.norm import build_norm
+from ..layers.positions import build_embedding_positions
+from ..routers.heads import HeadGate
+from ..routers.losses import BalancedRouting, loss_coefficients
+from ..routing import LayerRouting
+from ..storage import load_model, save_model
+from .block import GoHBlock
+from .generation import sample_next_token
+
+
+@dataclass
+class GoHOutput:
+    """What :meth:`GoHTransformer.forward` returns.
+
+    ``logits [batch, seq, vocab]``; ``loss = lm_loss + aux_loss`` when labels are given;
+    ``lm_loss`` the next-token cross-entropy (nats per token); ``aux_loss`` the weighted sum of
+    every layer's routing losses (0 for dense models); ``routing`` one record per layer;
+    ``cache`` the KV cache passed in (now holding this call's positions too).
+    """
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    lm_loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+    routing: List[LayerRouting] = field(default_factory=list)
+    cache: Optional[KVCache] = None
+
+
+class GoHTransformer(nn.Module):
+    """Decoder-only LM; see :class:`~gohgraph.GoHConfig` for the variants it covers.
+
+    ``forward(input_ids [batch, seq], labels [batch, seq] | None)``: labels are the input ids
+    themselves (shifted inside, as in Hugging Face); ``-100`` marks positions to ignore.
+    """
+
+    def __init__(self, cfg: GoHConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        # RoPE lives in the attention; GPT-2 style models add a learned table here
+        self.position_embed = build_embedding_positions(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(GoHBlock(cfg, i) for i in range(cfg.n_layers))
+        self.final_norm = build_norm(cfg)
+        self.lm_head = None
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> GoHOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
+        x = self.embed(input_ids)
+        if self.position_embed is not None:
+            x = self.position_embed(x, cache.length() if cache is not None else 0)
+        x = self.dropout(x)
+        routing = []
+        for block in self.blocks:
+            x, layer_routing = block(x, cache=cache, causal=True)
+            routing.append(layer_routing)
+        x = self.final_norm(x)
+        logits = F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+
+        aux_loss = self._weighted_aux_loss(routing, logits)
+        out = GoHOutput(logits=logits, aux_loss=aux_loss, routing=routing, cache=cache)
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                          labels[:, 1:].reshape(-1), ignore_index=-100)
+            out.loss = out.lm_loss + aux_loss
+        return out
+
+    def _weighted_aux_loss(self, routing: List[LayerRouting], like: torch.Tensor) -> torch.Tensor:
+        coefficients = loss_coefficients(self.config)
+        total = like.new_zeros((), dtype=torch.float32)
+        for layer in routing:
+            for name, value in layer.aux_losses.items():
+                total = total + coefficients[name] * value
+        return total
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, use_cache: bool = True,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Append ``max_new_tokens`` sampled tokens to ``input_ids [batch, seq]``.
+
+        ``temperature=0`` is greedy (argmax). With ``use_cache`` each step feeds only the newest
+        token and reads earlier keys/values from a :class:`KVCache`; without it every step
+        recomputes the whole (cropped to ``max_seq_len``) sequence. Decoding runs under
+        ``torch.inference_mode()``, where routed layers skip their training losses (a fifth of a
+        cached GoH step); the returned ids are an ordinary tensor.
+        """
+        if use_cache and input_ids.shape[1] + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens={max_new_tokens} "
+                             f"exceeds max_seq_len={self.config.max_seq_len}")
+        was_training = self.training
+        self.eval()
+        with torch.inference_mode():
+            cache = DynamicKVCache(self.config.n_layers) if use_cache else None
+            ids = input_ids
+            logits = self(ids, cache=cache).logits[:, -1]
+            for step in range(max_new_tokens):
+                next_ids = sample_next_token(logits, temperature, top_k, generator)
+                ids = torch.cat([ids, next_ids], dim=1)
+                if step + 1 == max_new_tokens:
+                    break
+                context = next_ids if use_cache else ids[:, -self.config.max_seq_len:]
+                logits = self(context, cache=cache).logits[:, -1]
+        self.train(was_training)
+        return ids.clone()  # outside inference mode: a normal tensor, usable with autograd later
+
+    # ------------------------------------------------------------------ routing upkeep
+    def update_routing_biases(self) -> None:
+        """Apply auxiliary-loss-free bias updates in every layer; call after ``optimizer.step()``."""
+        for module in self.modules():
+            if isinstance(module, BalancedRouting):
+                module.update_bias()
+
+    def set_dense_blend(self, value: float) -> None:
+        """Blend every routed layer's head gates toward dense attention (MoH-style continue-tuning).
+
+        ``1.0``: every head on with gate 1 (a converted model computes its dense source exactly);
+        ``0.0`` (the default): the configured top-k routing. Dense-router layers have no gates.
+        """
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"dense_blend={value} must be in [0, 1]")
+        for module in self.modules():
+            if isinstance(module, HeadGate):
+                module.dense_blend.fill_(float(value))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, directory: Union[str, Path]) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically)."""
+        return save_model(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, Path], map_location: str = "cpu") -> "GoHTransformer":
+        """Load a model written by :meth:`save_pretrained`; mismatches raise ``CheckpointError``."""
+        return load_model(directory, cls, map_location=map_location)

@@ -1,0 +1,1 @@
+"""Small tensor ops with a slow reference each: a softmax for short routing dims, the grouped matmul of experts."""

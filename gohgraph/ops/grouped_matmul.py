@@ -1,0 +1,55 @@
+"""Grouped matmul over expert-contiguous rows: ``rows [R, d_in]`` x ``weights [E, d_in, d_out]``.
+
+``torch.nn.functional.grouped_mm`` runs it as one kernel (forward and backward, CPU float32 and CUDA
+bf16 in torch 2.13). Where it cannot run (float64, widths whose rows are not 16-byte aligned) a loop
+over per-expert views (``split`` + ``unbind``: no full-size gradient per expert, DESIGN.md §10)
+computes the same thing; :func:`looped_matmul` is also the reference the tests compare with.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, group_offsets: torch.Tensor) -> torch.Tensor:
+    """``rows [R, d_in]`` (expert-contiguous), ``weights [E, d_in, d_out]`` -> ``[R, d_out]``.
+
+    ``group_offsets[-1]`` must equal ``R``: ``grouped_mm`` leaves rows past the last offset
+    undefined, so dispatch never hands it any.
+    """
+    weights = weights.to(rows.dtype)  # under autocast the rows may already be bf16
+    if _grouped_mm_supported(rows, weights):
+        out = F.grouped_mm(rows.contiguous(), weights, offs=group_offsets)
+        # grouped_mm's backward rejects non-contiguous incoming gradients (DESIGN.md §10)
+        return _ContiguousGrad.apply(out)
+    return looped_matmul(rows, weights, group_offsets)
+
+
+def _grouped_mm_supported(rows: torch.Tensor, weights: torch.Tensor) -> bool:
+    if not hasattr(F, "grouped_mm") or rows.dtype not in GROUPED_MM_DTYPES:
+        return False
+    # every row stride must be a multiple of 16 bytes
+    return all((width * rows.element_size()) % 16 == 0 for width in (rows.shape[-1], weights.shape[-1]))
+
+
+def looped_matmul(rows: torch.Tensor, weights: torch.Tensor, group_offsets: torch.Tensor) -> torch.Tensor:
+    sizes = torch.diff(group_offsets.long(), prepend=group_offsets.new_zeros(1).long()).tolist()
+    pieces: List[torch.Tensor] = [chunk @ w for chunk, w in zip(rows.split(sizes), weights.unbind(0))]
+    return torch.cat(pieces, dim=0)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()

@@ -1,0 +1,1 @@
+"""Parallelism applied to a built model from outside (torchtitan style): data parallel (DDP / FSDP2)."""

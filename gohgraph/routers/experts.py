@@ -1,0 +1,260 @@
+"""Expert routers: which routed experts each sub-token goes to, and with what weight.
+
+Two logit producers and one gate, used in this order by :class:`~gohgraph.moe.MoEFeedForward`:
+
+* :class:`LinearExpertRouter` (SMoE, MH-MoE) - logits from a linear map of the sub-token;
+* :class:`GraphExpertRouter` (GoH-MoE) - message passing over the bipartite sub-token -> expert
+  graph, whose expert nodes carry learned embeddings and, optionally, their running load;
+* :class:`ExpertGate` - masks experts the graph forbids, picks the top-``k`` per sub-token,
+  renormalises their weights, computes the routing losses and holds the auxiliary-loss-free bias.
+
+Everything here runs in float32, whatever the autocast dtype: bf16 ties change the selected set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import GoHConfig
+from ..graph import bipartite_adjacency
+from .gat import GraphAttention
+from .losses import EXPERT_BALANCE, EXPERT_Z, BalancedRouting, load_balance_loss, router_z_loss, update_balancing_bias
+
+
+class LinearExpertRouter(nn.Module):
+    """Switch / MH-MoE router ``s = W_r x``, shared by every sub-token slot.
+
+    Shapes: ``sub [tokens, subtokens, d_sub]`` -> logits ``[tokens, subtokens, experts]`` (float32).
+    """
+
+    def __init__(self, d_sub: int, n_experts: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_sub, n_experts, bias=False)
+        nn.init.normal_(self.proj.weight, std=init_std)
+
+    def forward(self, sub: torch.Tensor, expert_load: Optional[torch.Tensor] = None,
+                fused: bool = True) -> torch.Tensor:
+        with torch.autocast(device_type=sub.device.type, enabled=False):
+            return F.linear(sub.float(), self.proj.weight.float())
+
+
+class BipartiteAttention(GraphAttention):
+    r"""One direction of GAT-style message passing on a bipartite graph, for every token at once.
+
+    Destination node :math:`i` gathers from its source neighbours :math:`j`:
+
+    .. math::
+        h_j = W x^{src}_j, \quad
+        \alpha_{ji} = \mathrm{softmax}_{j \in \mathcal{N}(i)}
+            \mathrm{LeakyReLU}(a_{src}^\top h_j + a_{dst}^\top x^{dst}_i), \quad
+        x^{dst}_i \leftarrow x^{dst}_i + \mathrm{GELU}\Big(\sum_j \alpha_{ji} h_j + c\Big)
+
+    The aggregation is :class:`~gohgraph.routers.gat.GraphAttention`'s: a destination without
+    in-edges receives no message (its sum is 0); ``fused=True`` is the dense masked softmax and one
+    batched matmul, ``fused=False`` PyG's ``propagate`` (the reference).
+
+    Shapes: ``x_src [tokens, n_src, F]``, ``x_dst [tokens, n_dst, F]`` -> ``[tokens, n_dst, F]``;
+    ``edge_index [2, E]`` with row 0 in ``0..n_src-1`` and row 1 in ``0..n_dst-1``.
+    """
+
+    def __init__(self, dim: int, edge_index: torch.Tensor, n_src: int, n_dst: int) -> None:
+        super().__init__(edge_index, n_src, n_dst)
+        self.dim = dim
+        self.lin = nn.Linear(dim, dim, bias=False)
+        self.att_src = nn.Parameter(torch.empty(dim))
+        self.att_dst = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.lin.weight, std=1.0 / math.sqrt(self.dim))
+        nn.init.normal_(self.att_src, std=1.0 / math.sqrt(self.dim))
+        nn.init.normal_(self.att_dst, std=1.0 / math.sqrt(self.dim))
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x_src: torch.Tensor, x_dst: torch.Tensor, fused: bool = True) -> torch.Tensor:
+        h = self.lin(x_src)
+        score_src = h @ self.att_src.unsqueeze(-1)  # [tokens, n_src, 1]
+        score_dst = x_dst @ self.att_dst.unsqueeze(-1)  # [tokens, n_dst, 1]
+        aggregated, _ = self.attend(h, score_src, score_dst, fused=fused)
+        return x_dst + F.gelu(aggregated + self.bias)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(src={self.n_src}, dst={self.n_dst}, "
+                f"edges={self.attention_edge_index.shape[1]}, feat={self.dim})")
+
+
+class GraphExpertRouter(nn.Module):
+    r"""GoH-MoE router: message passing over the bipartite sub-token -> expert graph, per token.
+
+    Nodes of token ``t``: its ``m`` sub-tokens :math:`z_s = W_{in} x_s + p_s` (``p_s`` a learned
+    slot embedding) and the ``E`` routed experts :math:`u_e = q_e + (\ell_e - 1)\, w_\ell`, with
+    ``q_e`` a learned expert embedding and :math:`\ell_e` the expert's running load relative to
+    the ideal (1 = uniform; the term is dropped when ``load_feature=False``), so the router can
+    learn load-aware routing. Each of the ``R`` rounds lets the experts gather from the sub-tokens
+    that reach them, then the sub-tokens gather from those experts (:class:`BipartiteAttention`
+    both ways over ``edge_index`` and its reverse). The logit of sub-token ``s`` for expert ``e``
+    is :math:`(W_q z_s)^\top u_e / \sqrt{F} + b_e` on graph edges and :math:`-\infty` elsewhere.
+
+    ``fused=True`` uses the dense paths (einsum logits, masked softmax); ``fused=False`` runs
+    ``propagate`` and scores only the graph's edges: it is the reference the tests compare with.
+
+    Shapes: ``sub [tokens, subtokens, d_sub]``, ``expert_load [experts]`` ->
+    logits ``[tokens, subtokens, experts]`` (float32).
+    """
+
+    def __init__(self, d_sub: int, n_subtokens: int, n_experts: int, edge_index: torch.Tensor,
+                 router_dim: int, rounds: int, load_feature: bool, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.n_subtokens, self.n_experts, self.router_dim = n_subtokens, n_experts, router_dim
+        self.load_feature, self.init_std = load_feature, init_std
+        self.node_in = nn.Linear(d_sub, router_dim, bias=False)
+        self.slot_embedding = nn.Parameter(torch.empty(n_subtokens, router_dim))
+        self.expert_embedding = nn.Parameter(torch.empty(n_experts, router_dim))
+        self.load_weight = nn.Parameter(torch.empty(router_dim)) if load_feature else None
+        reverse = edge_index.flip(0)
+        self.to_experts = nn.ModuleList(
+            BipartiteAttention(router_dim, edge_index, n_subtokens, n_experts) for _ in range(rounds))
+        self.to_subtokens = nn.ModuleList(
+            BipartiteAttention(router_dim, reverse, n_experts, n_subtokens) for _ in range(rounds))
+        self.query = nn.Linear(router_dim, router_dim, bias=False)
+        self.expert_bias = nn.Parameter(torch.empty(n_experts))
+        self.register_buffer("edge_index", edge_index.clone(), persistent=False)
+        self.register_buffer("allowed", bipartite_adjacency(edge_index, n_subtokens, n_experts).t().contiguous(),
+                             persistent=False)  # [subtokens, experts]
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.node_in.weight, std=1.0 / math.sqrt(self.node_in.in_features))
+        nn.init.normal_(self.slot_embedding, std=1.0)
+        nn.init.normal_(self.expert_embedding, std=1.0)
+        if self.load_weight is not None:
+            nn.init.normal_(self.load_weight, std=1.0)
+        # a small query: routing starts near uniform, as the linear router does
+        nn.init.normal_(self.query.weight, std=self.init_std)
+        nn.init.zeros_(self.expert_bias)
+        for layer in [*self.to_experts, *self.to_subtokens]:
+            layer.reset_parameters()
+
+    def forward(self, sub: torch.Tensor, expert_load: Optional[torch.Tensor] = None,
+                fused: bool = True) -> torch.Tensor:
+        with torch.autocast(device_type=sub.device.type, enabled=False):
+            # the router's own dtype: float32 under autocast, bf16 in a model cast to bf16
+            dtype = self.node_in.weight.dtype
+            n_tokens = sub.shape[0]
+            z_sub = self.node_in(sub.to(dtype)) + self.slot_embedding
+            z_exp = self.expert_embedding
+            if self.load_weight is not None and expert_load is not None:
+                z_exp = z_exp + (expert_load.to(dtype) - 1.0).unsqueeze(-1) * self.load_weight
+            z_exp = z_exp.expand(n_tokens, -1, -1)
+            for to_experts, to_subtokens in zip(self.to_experts, self.to_subtokens):
+                z_exp = to_experts(z_sub, z_exp, fused=fused)
+                z_sub = to_subtokens(z_exp, z_sub, fused=fused)
+            query = self.query(z_sub) / math.sqrt(self.router_dim)
+            if fused:
+                logits = torch.matmul(query, z_exp.transpose(1, 2)) + self.expert_bias
+                return logits.masked_fill(~self.allowed, float("-inf"))
+            return self._edge_logits(query, z_exp)
+
+    def _edge_logits(self, query: torch.Tensor, z_exp: torch.Tensor) -> torch.Tensor:
+        # reference: score each graph edge on its own and leave every non-edge at -inf
+        slot, expert = self.edge_index
+        edge_logits = (query[:, slot] * z_exp[:, expert]).sum(-1) + self.expert_bias[expert]
+        logits = query.new_full((query.shape[0], self.n_subtokens * self.n_experts), float("-inf"))
+        logits = logits.index_copy(1, slot * self.n_experts + expert, edge_logits)
+        return logits.view(-1, self.n_subtokens, self.n_experts)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(subtokens={self.n_subtokens}, experts={self.n_experts}, "
+                f"edges={self.edge_index.shape[1]}, feat={self.router_dim}, rounds={len(self.to_experts)}, "
+                f"load_feature={self.load_feature})")
+
+
+@dataclass
+class ExpertChoice:
+    """Output of :class:`ExpertGate` for ``tokens`` tokens of ``subtokens`` sub-tokens each.
+
+    ``indices [tokens, subtokens, k]`` routed expert ids (best first); ``weights`` the same shape,
+    float32, summing to 1 per sub-token; ``aux_losses`` ``expert_balance`` and ``expert_z``.
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+    aux_losses: Dict[str, torch.Tensor]
+
+
+class ExpertGate(BalancedRouting):
+    r"""Top-``k`` selection, weight renormalisation, routing losses and balancing state.
+
+    With logits ``s [tokens, subtokens, E]``: experts the graph forbids are set to
+    :math:`-\infty`; the top-``k`` of ``s + bias`` are selected (the auxiliary-loss-free bias only
+    selects, DeepSeek-V3); their weights are :math:`\mathrm{softmax}` over the kept logits, i.e.
+    the full softmax renormalised over the selection (with ``k = 1`` the weight is exactly 1 and
+    the router learns from the auxiliary losses only, as in Mixtral-style renormalised routing).
+
+    Losses over the ``tokens * subtokens`` rows: ``expert_balance`` =
+    :func:`~gohgraph.losses.load_balance_loss` (1 at uniform load) and ``expert_z`` =
+    :func:`~gohgraph.losses.router_z_loss`.
+
+    Buffers: ``selection_bias [E]`` (persistent), ``expert_load [E]`` (persistent; running load
+    relative to the ideal, 1 = uniform, an exponential moving average with momentum
+    ``LOAD_MOMENTUM``) and ``load_since_update [E]`` (selections counted in training forwards).
+    :meth:`update_bias` folds the counts into both after the optimizer step, never inside
+    ``forward``, so a recomputed forward routes exactly as the original one.
+    """
+
+    LOAD_MOMENTUM = 0.9
+
+    def __init__(self, cfg: GoHConfig, allowed: torch.Tensor) -> None:
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.top_k_experts
+        self.aux_free_bias, self.bias_update_rate = cfg.aux_free_bias, cfg.bias_update_rate
+        reachable = allowed.sum(dim=-1)
+        for slot, count in enumerate(reachable.tolist()):
+            if count < self.top_k:
+                raise ValueError(f"expert_graph lets sub-token slot {slot} reach {count} routed expert(s), "
+                                 f"fewer than top_k_experts={self.top_k}")
+        self.register_buffer("allowed", allowed.clone(), persistent=False)  # [subtokens, E]
+        self.restricted = not bool(allowed.all())
+        self.register_buffer("selection_bias", torch.zeros(self.n_experts))
+        self.register_buffer("expert_load", torch.ones(self.n_experts))
+        self.register_buffer("load_since_update", torch.zeros(self.n_experts), persistent=False)
+
+    def forward(self, logits: torch.Tensor) -> ExpertChoice:
+        """``logits [tokens, subtokens, E]`` -> :class:`ExpertChoice`."""
+        logits = logits.float()
+        if self.restricted:
+            logits = logits.masked_fill(~self.allowed, float("-inf"))
+        selection_logits = logits + self.selection_bias if self.aux_free_bias else logits
+        selected = selection_logits.topk(self.top_k, dim=-1).indices
+        weights = torch.softmax(logits.gather(-1, selected), dim=-1)
+        flat_selected = selected.reshape(-1, self.top_k)
+        if self.training:
+            self.load_since_update += torch.bincount(flat_selected.reshape(-1), minlength=self.n_experts)
+        flat_logits = logits.reshape(-1, self.n_experts)
+        aux = {
+            EXPERT_BALANCE: load_balance_loss(torch.softmax(flat_logits, dim=-1), flat_selected, self.n_experts),
+            EXPERT_Z: router_z_loss(flat_logits),
+        }
+        return ExpertChoice(indices=selected, weights=weights, aux_losses=aux)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Fold the load counted since the last call into the running load and the selection bias.
+
+        Call after ``optimizer.step()`` (:meth:`GoHTransformer.update_routing_biases` does).
+        """
+        total = self.load_since_update.sum()
+        if total == 0:
+            return
+        relative_load = self.load_since_update * (self.n_experts / total)
+        self.expert_load.mul_(self.LOAD_MOMENTUM).add_(relative_load, alpha=1.0 - self.LOAD_MOMENTUM)
+        if self.aux_free_bias:
+            update_balancing_bias(self.selection_bias, self.load_since_update, self.bias_update_rate)
+        self.load_since_update.zero_()

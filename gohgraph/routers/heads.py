@@ -1,0 +1,314 @@
+"""Head routers: who is active per token, with what weight, and how heads talk.
+
+Four pieces; :class:`HeadRouting` assembles the other three for one attention layer
+(:class:`~gohgraph.layers.attention.GoHAttention` receives it and calls it with the queries):
+
+* :class:`HeadRouter` (GoH) - a PyG ``MessagePassing`` network over the head graph that turns
+  per-head node features into head logits and per-edge attention (the inter-head flow weights);
+* :class:`LinearHeadRouter` (MoH) - logits from a linear map of the token, no graph;
+* :class:`HeadGate` - MoH's two-stage top-k gating of those logits, the routing losses and the
+  auxiliary-loss-free selection bias;
+* :class:`HeadRouting` - router + gate + inter-head flow: ``(x, q) -> (gates, head mixing, record)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import GoHConfig
+from ..graph import dense_adjacency, head_graph, with_self_loops
+from ..ops.small_softmax import small_softmax
+from ..routing import LayerRouting
+from .gat import GraphAttention
+from .losses import HEAD_BALANCE, HEAD_Z, BalancedRouting, load_balance_loss, router_z_loss, update_balancing_bias
+
+# A head graph whose edges (self-loops included) fill at most this share of the heads x heads matrix
+# runs the PyG propagate path by default: its cost grows with the edges, the fused path's with
+# heads^2. Measured on 2 CPU cores (benchmarks/bench_scaling.py): ring graphs of 64 heads (4.7%)
+# are faster on propagate, of 32 heads (9.4%) still faster fused.
+SPARSE_GRAPH_FRACTION = 1 / 16
+
+
+def prefers_fused_path(n_edges: int, n_heads: int) -> bool:
+    """Whether the dense ``[heads, heads]`` fused path is the faster one for a head graph with
+    ``n_edges`` edges (self-loops excluded): true unless the graph is sparse (see
+    :data:`SPARSE_GRAPH_FRACTION`)."""
+    return n_edges + n_heads > SPARSE_GRAPH_FRACTION * n_heads * n_heads
+
+
+class HeadRouter(GraphAttention):
+    r"""GAT-style message passing over the heads of one layer, for every token at once.
+
+    Node features (one node per head, DESIGN.md §3):
+    :math:`z^0_i = W_z q_i + e_i`. Each of the ``R`` rounds computes
+
+    .. math::
+        h_i = W^r z_i, \quad
+        \alpha_{ji} = \mathrm{softmax}_{j \in \mathcal{N}(i) \cup \{i\}}
+            \mathrm{LeakyReLU}(a_{dst}^{r\top} h_i + a_{src}^{r\top} h_j), \quad
+        z_i \leftarrow z_i + \mathrm{GELU}\Big(\sum_j \alpha_{ji} h_j + c^r\Big)
+
+    and the head logits are :math:`s_i = u^\top z^R_i + b_i`. The last round's
+    :math:`\alpha_{ji}` on the graph's edges (self-loops excluded) are the inter-head flow weights.
+
+    Each round's aggregation is :class:`~gohgraph.routers.gat.GraphAttention` over the graph plus
+    self-loops, for every token at once. ``fused=True`` computes it with a dense ``[heads, heads]``
+    masked softmax and one batched matmul, which avoids PyG's gather/scatter over
+    ``tokens x edges``; ``fused=False`` runs ``propagate`` and is the reference. The default
+    (``self.fused``) is chosen from the graph: fused unless it is sparse (:func:`prefers_fused_path`),
+    since the fused path costs ``heads^2`` per token and ``propagate`` costs ``edges``.
+
+    Args:
+        head_dim: width of the per-head query the node features come from.
+        n_heads: number of nodes.
+        edge_index: ``[2, E]`` head graph without self-loops.
+        router_dim: node feature width ``F``.
+        rounds: ``R >= 1``.
+    Shapes:
+        input ``q``: ``[tokens, heads, head_dim]``; output logits ``[tokens, heads]`` and
+        edge weights ``[tokens, E]``.
+    """
+
+    def __init__(self, head_dim: int, n_heads: int, edge_index: torch.Tensor, router_dim: int,
+                 rounds: int, init_std: float = 0.02) -> None:
+        super().__init__(with_self_loops(edge_index, n_heads), n_heads, n_heads)
+        self.n_heads, self.router_dim, self.rounds, self.init_std = n_heads, router_dim, rounds, init_std
+        # fused for dense graphs, PyG propagate (cost ~ edges, and the reference) for sparse ones
+        self.fused = prefers_fused_path(edge_index.shape[1], n_heads)
+        self.node_in = nn.Linear(head_dim, router_dim, bias=False)
+        self.head_embedding = nn.Parameter(torch.empty(n_heads, router_dim))
+        self.round_lin = nn.ModuleList(nn.Linear(router_dim, router_dim, bias=False) for _ in range(rounds))
+        self.att_src = nn.Parameter(torch.empty(rounds, router_dim))
+        self.att_dst = nn.Parameter(torch.empty(rounds, router_dim))
+        self.round_bias = nn.Parameter(torch.empty(rounds, router_dim))
+        self.score = nn.Linear(router_dim, 1, bias=False)
+        self.head_bias = nn.Parameter(torch.empty(n_heads))
+
+        self.register_buffer("edge_index", edge_index.clone(), persistent=False)
+        # position of each edge in a flattened [dst, src] matrix, and the graph without self-loops
+        self.register_buffer("edge_slots", edge_index[1] * n_heads + edge_index[0], persistent=False)
+        self.register_buffer("graph_mask", dense_adjacency(edge_index, n_heads).float(), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.node_in.weight, std=1.0 / math.sqrt(self.node_in.in_features))
+        nn.init.normal_(self.head_embedding, std=1.0)
+        for lin in self.round_lin:
+            nn.init.normal_(lin.weight, std=1.0 / math.sqrt(self.router_dim))
+        nn.init.normal_(self.att_src, std=1.0 / math.sqrt(self.router_dim))
+        nn.init.normal_(self.att_dst, std=1.0 / math.sqrt(self.router_dim))
+        nn.init.zeros_(self.round_bias)
+        # small head scores: routing starts near uniform, i.e. close to plain multi-head attention
+        nn.init.normal_(self.score.weight, std=self.init_std)
+        nn.init.zeros_(self.head_bias)
+
+    def forward(self, q: torch.Tensor, fused: Optional[bool] = None,
+                dense_weights: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``q [tokens, heads, head_dim]`` -> (logits ``[tokens, heads]``, edge weights).
+
+        Edge weights are the last round's attention on the graph's edges: ``[tokens, E]`` in
+        ``edge_index`` order, or with ``dense_weights`` a ``[tokens, heads(dst), heads(src)]`` matrix
+        that is zero off the graph and on the diagonal (what inter-head flow multiplies by; the
+        fused path has it already, so it skips a gather and its scatter-backward).
+        ``fused=None`` uses ``self.fused``.
+        """
+        fused = self.fused if fused is None else fused
+        z = self.node_in(q) + self.head_embedding
+        for r in range(self.rounds):
+            h = self.round_lin[r](z)
+            score_src = (h * self.att_src[r]).sum(-1, keepdim=True)  # [tokens, heads, 1]
+            score_dst = (h * self.att_dst[r]).sum(-1, keepdim=True)
+            aggregated, alpha = self.attend(h, score_src, score_dst, fused=fused)
+            z = z + F.gelu(aggregated + self.round_bias[r])
+        logits = self.score(z).squeeze(-1) + self.head_bias
+        if fused:
+            edge_weights = alpha * self.graph_mask if dense_weights else alpha.flatten(1)[:, self.edge_slots]
+        else:
+            alpha = alpha[:, :self.edge_index.shape[1]]  # the graph's edges come before the self-loops
+            edge_weights = (alpha.new_zeros(alpha.shape[0], self.n_heads ** 2).index_copy(1, self.edge_slots, alpha)
+                            .view(-1, self.n_heads, self.n_heads)) if dense_weights else alpha
+        return logits, edge_weights
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(heads={self.n_heads}, edges={self.edge_index.shape[1]}, "
+                f"feat={self.router_dim}, rounds={self.rounds})")
+
+
+class LinearHeadRouter(nn.Module):
+    """MoH's router: head logits ``s = W_r x`` from the token itself; no graph, no flow.
+
+    Shapes: ``x [tokens, d_model]`` -> logits ``[tokens, heads]``.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_model, n_heads, bias=False)
+        nn.init.normal_(self.proj.weight, std=init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+@dataclass
+class HeadGating:
+    """Output of :class:`HeadGate` for ``tokens`` tokens."""
+
+    gates: torch.Tensor  # [tokens, heads], 0 for inactive heads
+    aux_losses: Dict[str, torch.Tensor]
+    # [tokens, heads] in [0, 1]: 1 for selected heads, 0 for unselected, dense_blend in between
+    active: Optional[torch.Tensor] = None
+
+
+class HeadGate(BalancedRouting):
+    r"""Two-stage MoH gating with top-k routed heads and always-on shared heads.
+
+    With router logits ``s`` (``[tokens, heads]``, shared heads first):
+    routed heads keep their top-``k`` logits (selected with ``s + bias``; the bias only selects),
+    :math:`p^r = \mathrm{softmax}` over the kept logits, shared heads get
+    :math:`p^s = \mathrm{softmax}` over the shared logits, :math:`[a_s, a_r] = \mathrm{softmax}(W_a x)`,
+    and the gate is :math:`g_i = a_s p^s_i` (shared) or :math:`a_r p^r_i` (kept routed), else 0.
+    Gates are multiplied by the number of active heads, and :math:`W_a` starts at
+    :math:`a_s = H_s / (H_s + k)`: uniform logits then give gate 1 on every active head, i.e. plain
+    multi-head attention over the active heads.
+
+    Routing runs in float32 whatever the autocast dtype (bf16 ties change the selected set).
+
+    ``dense_blend`` (a buffer, default 0) anneals a converted dense model into a routed one, as
+    MoH's continue-tuning does: the output gates are ``blend * 1 + (1 - blend) * g``, so 1.0 is
+    exactly dense multi-head attention and 0.0 the gating above. Set it with
+    :meth:`~gohgraph.GoHTransformer.set_dense_blend` (schedule:
+    :func:`gohgraph.training.schedules.dense_to_sparse_schedule`).
+    """
+
+    def __init__(self, cfg: GoHConfig) -> None:
+        super().__init__()
+        self.n_shared, self.n_routed, self.top_k = cfg.n_shared_heads, cfg.n_routed_heads, cfg.active_routed_heads
+        self.aux_free_bias, self.bias_update_rate = cfg.aux_free_bias, cfg.bias_update_rate
+        self.two_stage = self.n_shared > 0 and self.n_routed > 0
+        if self.two_stage:
+            self.stage_mix = nn.Linear(cfg.d_model, 2)
+            nn.init.zeros_(self.stage_mix.weight)
+            with torch.no_grad():
+                self.stage_mix.bias.copy_(torch.tensor([math.log(self.n_shared / self.top_k), 0.0]))
+        self.register_buffer("selection_bias", torch.zeros(self.n_routed))
+        self.register_buffer("load_since_update", torch.zeros(self.n_routed), persistent=False)
+        # persistent: a converted checkpoint must reload as the dense model it was converted from
+        self.register_buffer("dense_blend", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, logits: torch.Tensor) -> HeadGating:
+        """``x [tokens, d_model]``, ``logits [tokens, heads]`` -> gates ``[tokens, heads]`` + losses."""
+        logits = logits.float()
+        shared_logits, routed_logits = logits[:, :self.n_shared], logits[:, self.n_shared:]
+        parts, aux = [], {}
+        if self.n_shared:
+            parts.append(small_softmax(shared_logits, dim=-1))
+        if self.n_routed:
+            routed_gates, aux = self._route(routed_logits)
+            parts.append(routed_gates)
+        if self.two_stage:
+            mix = small_softmax(self.stage_mix(x).float(), dim=-1)
+            parts = [mix[:, :1] * parts[0], mix[:, 1:] * parts[1]]
+        gates = torch.cat(parts, dim=-1) * (self.n_shared + self.top_k)
+        active = (gates > 0).float()
+        # no branch on the blend (that would sync the device); at blend 0 this is exactly 0 + 1 * gates
+        blend = self.dense_blend.float().clamp(0.0, 1.0)
+        gates = blend + (1.0 - blend) * gates
+        active = blend + (1.0 - blend) * active
+        return HeadGating(gates=gates, aux_losses=aux, active=active)
+
+    def _route(self, routed_logits: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        selection_logits = routed_logits + self.selection_bias if self.aux_free_bias else routed_logits
+        selected = selection_logits.topk(self.top_k, dim=-1).indices  # [tokens, k]
+        kept = small_softmax(routed_logits.gather(-1, selected), dim=-1)
+        gates = torch.zeros_like(routed_logits).scatter(-1, selected, kept)
+        if self.training and self.aux_free_bias:
+            self.load_since_update += torch.bincount(selected.reshape(-1), minlength=self.n_routed)
+        if torch.is_inference_mode_enabled():  # generation: no training signal needed, a fifth of a decode step
+            return gates, {}
+        aux = {
+            HEAD_BALANCE: load_balance_loss(small_softmax(routed_logits, dim=-1), selected, self.n_routed),
+            HEAD_Z: router_z_loss(routed_logits),
+        }
+        return gates, aux
+
+    def update_bias(self) -> None:
+        """Nudge the selection bias toward equal load; call after ``optimizer.step()``."""
+        if self.aux_free_bias:
+            update_balancing_bias(self.selection_bias, self.load_since_update, self.bias_update_rate)
+            self.load_since_update.zero_()
+
+
+class HeadRouting(nn.Module):
+    """Everything that routes the heads of one attention layer: router, gate and inter-head flow.
+
+    ``router="graph"``: :class:`HeadRouter` over ``cfg.head_graph`` (plus MoH's token logits with
+    ``router_token_logits``), and with ``inter_head_flow`` a learned per-head flow scale ``γ``
+    initialised to 0, so a fresh GoH layer starts as MoH; ``router="linear"``:
+    :class:`LinearHeadRouter`. Then :class:`HeadGate`.
+
+    With flow, ``y_i = g_i o_i + g_i γ_i Σ_{j→i, j active} β_ji o_j = (M o)_i`` with
+    ``M = diag(g) + diag(g γ) B``: one small batched matmul by ``M [batch, seq, heads, heads]``
+    applies gates and flow together. Without flow the gates are a plain multiply.
+
+    Shapes: ``x [batch, seq, d_model]`` (what the linear routers and the stage mix read),
+    ``q [batch, seq, heads, head_dim]`` (pre-RoPE queries, what the graph router reads) ->
+    ``(gates [batch, seq, heads], mixing [batch, seq, heads, heads] or None, LayerRouting)``.
+    """
+
+    def __init__(self, cfg: GoHConfig) -> None:
+        super().__init__()
+        if cfg.router == "dense":
+            raise ValueError("router='dense' routes nothing: build no HeadRouting for it")
+        self.router_kind = cfg.router
+        self.flow_scale: Optional[nn.Parameter] = None
+        self.token_router: Optional[nn.Module] = None
+        if cfg.router == "graph":
+            edge_index = head_graph(cfg.head_graph, cfg.n_heads)
+            self.router = HeadRouter(cfg.head_dim, cfg.n_heads, edge_index, cfg.router_dim,
+                                     cfg.router_rounds, cfg.init_std)
+            if cfg.inter_head_flow and edge_index.shape[1] > 0:
+                self.flow_scale = nn.Parameter(torch.zeros(cfg.n_heads))
+            if cfg.router_token_logits:
+                self.token_router = LinearHeadRouter(cfg.d_model, cfg.n_heads, cfg.init_std)
+        else:
+            self.router = LinearHeadRouter(cfg.d_model, cfg.n_heads, cfg.init_std)
+        self.gate = HeadGate(cfg)
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], LayerRouting]:
+        batch, seq, heads, _ = q.shape
+        tokens_x = x.reshape(batch * seq, -1)
+        edge_weights = None
+        if self.router_kind == "graph":
+            logits, edge_weights = self.router(q.reshape(batch * seq, heads, -1),
+                                               dense_weights=self.flow_scale is not None)
+            if self.token_router is not None:
+                logits = logits + self.token_router(tokens_x)
+        else:
+            logits = self.router(tokens_x)
+        gating = self.gate(tokens_x, logits)
+        gates = gating.gates.to(x.dtype)  # [tokens, heads]
+
+        mixing = flow = None
+        if self.flow_scale is not None:
+            # [tokens, dst, src]: only active sources send; while dense_blend anneals, unselected
+            # heads send at the blend weight
+            flow_matrix = edge_weights * gating.active.to(x.dtype)[:, None, :]
+            mixing = torch.diag_embed(gates) + (gates * self.flow_scale)[:, :, None] * flow_matrix
+            mixing = mixing.view(batch, seq, heads, heads)
+            with torch.no_grad():
+                flow = flow_matrix.flatten(1)[:, self.router.edge_slots]
+        routing = LayerRouting(
+            head_gates=gates.detach().view(batch, seq, heads),
+            head_logits=logits.detach().view(batch, seq, heads),
+            flow=None if flow is None else flow.view(batch, seq, -1),  # computed under no_grad
+            head_losses=gating.aux_losses,
+        )
+        return gates.view(batch, seq, heads), mixing, routing
+

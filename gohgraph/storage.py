@@ -1,0 +1,166 @@
+"""Files on disk: atomic writes, safetensors and JSON reads, and the model checkpoint format.
+
+A model checkpoint is ``config.json`` + ``model.safetensors``, written atomically and loaded
+strictly. Nothing here unpickles: tensors come from safetensors and everything else from JSON, so
+loading a checkpoint cannot run code. Every failure to load is a :class:`CheckpointError` naming
+the file and what is wrong with it. This module sits below the models: :func:`load_model`
+receives the class to build instead of importing it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import GoHConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not match the model it is loaded into."""
+
+
+# ---------------------------------------------------------------------- atomic writes
+def atomic_write(path: Union[str, Path], write) -> Path:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, then rename over ``path``.
+
+    A crash at any point leaves either the old file or the new one, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_save_tensors(path: Union[str, Path], tensors: Dict[str, torch.Tensor],
+                        metadata: Optional[Dict[str, str]] = None) -> Path:
+    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+# ---------------------------------------------------------------------- reading
+def read_json(path: Union[str, Path]) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing file {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON (corrupt or truncated): {err}") from None
+
+
+def read_tensors(path: Union[str, Path], map_location: str = "cpu") -> Dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing file {path}")
+    try:
+        return load_file(str(path), device=map_location)
+    except Exception as err:  # safetensors raises its own error types for every kind of damage
+        raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated): {err}") from None
+
+
+def read_config(directory: Union[str, Path]) -> GoHConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    values = read_json(path)
+    try:
+        return GoHConfig.from_dict(values)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path} does not hold a valid GoHConfig: {err}") from None
+
+
+# ---------------------------------------------------------------------- model
+def save_model(model: torch.nn.Module, directory: Union[str, Path]) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory``; returns the directory."""
+    directory = Path(directory)
+    atomic_save_tensors(directory / WEIGHTS_NAME, model.state_dict(), metadata={"format": "pt"})
+    atomic_write_text(directory / CONFIG_NAME, model.config.to_json() + "\n")
+    return directory
+
+
+def load_model(directory: Union[str, Path], model_class: type, map_location: str = "cpu"):
+    """Build ``model_class(config)`` from ``config.json`` and load ``model.safetensors`` into it, strictly."""
+    cfg = read_config(directory)
+    state = read_tensors(Path(directory) / WEIGHTS_NAME, map_location)
+    cfg = pin_legacy_expert_width(cfg, state)
+    model = model_class(cfg)
+    load_state_strict(model, state, Path(directory) / WEIGHTS_NAME)
+    return model.to(map_location)
+
+
+# ---------------------------------------------------------------------- checkpoints from before 2026-12
+# The layout move (2026-12) nested each attention's routing modules under ``head_routing``.
+LEGACY_KEY_RENAMES: List[Tuple[re.Pattern, str]] = [
+    (re.compile(r"^(.*\.attn\.)(router|token_router|gate)\."), r"\1head_routing.\2."),
+    (re.compile(r"^(.*\.attn\.)flow_scale$"), r"\1head_routing.flow_scale"),
+]
+# Before it, a default expert width (expert_hidden=None) was also divided by n_subtokens.
+LEGACY_EXPERT_WEIGHT = re.compile(r"^blocks\.\d+\.ffn\.experts\.w_out$")
+
+
+def upgrade_legacy_names(names: List[str]) -> List[str]:
+    """Tensor (or parameter) names of a pre-2026-12 checkpoint, renamed to today's modules."""
+    upgraded = []
+    for name in names:
+        for pattern, replacement in LEGACY_KEY_RENAMES:
+            name = pattern.sub(replacement, name)
+        upgraded.append(name)
+    return upgraded
+
+
+def pin_legacy_expert_width(cfg: GoHConfig, state: Dict[str, torch.Tensor]) -> GoHConfig:
+    """``cfg`` with ``expert_hidden`` set to the width the weights have, for a checkpoint written
+    before the default width stopped dividing by ``n_subtokens`` (only that case is changed)."""
+    if cfg.expert_hidden is not None or cfg.ffn in ("dense", "moe"):
+        return cfg
+    widths = {tensor.shape[1] for name, tensor in state.items() if LEGACY_EXPERT_WEIGHT.match(name)}
+    legacy = max(8, cfg.hidden_dim // (cfg.top_k_experts * cfg.n_subtokens))
+    if widths == {legacy} and legacy != cfg.expert_hidden_dim:
+        return cfg.replace(expert_hidden=legacy)
+    return cfg
+
+
+def load_state_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: Path) -> None:
+    """``load_state_dict`` with every missing, unexpected or mis-shaped tensor listed by name.
+
+    Names of checkpoints written before the 2026-12 layout move are upgraded first.
+    """
+    state = dict(zip(upgrade_legacy_names(list(state)), state.values()))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mis_shaped = [f"{name}: checkpoint {list(state[name].shape)} vs model {list(expected[name].shape)}"
+                  for name in sorted(set(state) & set(expected)) if state[name].shape != expected[name].shape]
+    if missing or unexpected or mis_shaped:
+        problems = []
+        if missing:
+            problems.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            problems.append(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        if mis_shaped:
+            problems.append("shape mismatches " + "; ".join(mis_shaped[:8]))
+        raise CheckpointError(f"{source} does not match the model: " + ", ".join(problems))
+    model.load_state_dict(state, strict=True)

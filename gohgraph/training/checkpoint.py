@@ -1,0 +1,199 @@
+"""Training checkpoints that survive faults: model, optimizer, step, data position and RNG.
+
+Layout of one checkpoint, ``run_dir/checkpoints/step_000100/``::
+
+    config.json, model.safetensors      the save_pretrained format (loadable by from_pretrained)
+    optimizer.safetensors               every optimizer state tensor, flattened by name
+    optimizer.json                      param-group hyper-parameters and non-tensor state
+    rng.safetensors                     torch CPU (and CUDA) generator states (uint8 tensors)
+    training_state.json                 step, tokens seen, validation history, numpy/python RNG,
+                                        the TrainConfig; written last, so it marks completeness
+
+Nothing is pickled: tensors go to safetensors and everything else to JSON. A checkpoint is built
+in a temporary directory and renamed into place, then ``checkpoints/latest`` (a one-line text
+file naming it) is replaced atomically, then old checkpoints beyond the last ``keep_last`` are
+removed. A crash at any point leaves ``latest`` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..config import GoHConfig
+from ..storage import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_save_tensors, atomic_write_text,
+                       read_config, read_json, read_tensors)
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_POINTER = "latest"
+STATE_NAME = "training_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+# ---------------------------------------------------------------------- save
+def save_checkpoint(run_dir: Path, step: int, model_config: GoHConfig, model_state: Dict[str, torch.Tensor],
+                    optimizer_state: dict, training_state: dict, keep_last: int = 3) -> Path:
+    """Write ``run_dir/checkpoints/step_{step:06d}/`` atomically, point ``latest`` at it, prune.
+
+    ``training_state`` is any JSON-serialisable dict (step, tokens, config, history); the RNG
+    states of this process are added to it here.
+    """
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        atomic_save_tensors(staging / WEIGHTS_NAME, model_state, metadata={"format": "pt"})
+        atomic_write_text(staging / CONFIG_NAME, model_config.to_json() + "\n")
+        tensors, meta = optimizer_state_to_flat(optimizer_state)
+        atomic_save_tensors(staging / "optimizer.safetensors", tensors)
+        atomic_write_text(staging / "optimizer.json", json.dumps(meta, indent=1) + "\n")
+        rng_tensors, rng_json = capture_rng_state()
+        atomic_save_tensors(staging / "rng.safetensors", rng_tensors)
+        state = {**training_state, "step": step, "rng": rng_json}
+        atomic_write_text(staging / STATE_NAME, json.dumps(state, indent=1) + "\n")
+        if final.exists():  # the same step saved twice (e.g. interrupted right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    atomic_write_text(root / LATEST_POINTER, final.name + "\n")
+    _prune(root, keep_last, keep=final)
+    return final
+
+
+def _prune(root: Path, keep_last: int, keep: Path) -> None:
+    steps = sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+    for old in steps[:max(0, len(steps) - keep_last)]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- find and load
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The checkpoint ``run_dir/checkpoints/latest`` names; ``None`` if the run has none yet.
+
+    Without a pointer (a crash between the rename and the pointer write of the very first
+    checkpoint) the highest complete ``step_*`` directory is used.
+    """
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    pointer = root / LATEST_POINTER
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        if not _STEP_DIR.match(name):
+            raise CheckpointError(f"{pointer} is corrupt: {name[:40]!r} is not a step_NNNNNN directory name")
+        target = root / name
+        if not target.is_dir():
+            raise CheckpointError(f"{pointer} names {name}, which does not exist")
+        return target
+    if not root.is_dir():
+        return None
+    complete = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE_NAME).is_file())
+    return complete[-1] if complete else None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A model directory from a run directory (its ``final/``, else ``checkpoints/latest``), a
+    ``checkpoints`` folder, or a checkpoint/model directory itself."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if (path / CONFIG_NAME).is_file():
+        return path
+    if (path / "final" / CONFIG_NAME).is_file():
+        return path / "final"
+    for run_dir in (path, path.parent):
+        found = latest_checkpoint(run_dir) if (run_dir / CHECKPOINTS_DIR).is_dir() else None
+        if found is not None:
+            return found
+    raise CheckpointError(f"{path} holds no checkpoint (no config.json, checkpoints/latest or final/)")
+
+
+def load_checkpoint(directory: Path, map_location: str = "cpu"
+                    ) -> Tuple[GoHConfig, Dict[str, torch.Tensor], dict, dict]:
+    """Read one checkpoint: ``(model_config, model_state, optimizer_state, training_state)``.
+
+    Every damaged or missing file raises :class:`CheckpointError` naming it. RNG states are not
+    restored here (see :func:`restore_rng_state`), so a caller can read a checkpoint to inspect it.
+    """
+    directory = Path(directory)
+    training_state = read_json(directory / STATE_NAME)
+    missing = [key for key in ("step", "tokens_seen", "val_history", "rng") if key not in training_state]
+    if missing:
+        raise CheckpointError(f"{directory / STATE_NAME} lacks {missing} (not a training checkpoint, or damaged)")
+    config = read_config(directory)
+    model_state = read_tensors(directory / WEIGHTS_NAME, map_location)
+    optimizer_state = optimizer_state_from_flat(read_tensors(directory / "optimizer.safetensors", map_location),
+                                                read_json(directory / "optimizer.json"),
+                                                directory / "optimizer.json")
+    training_state["rng_tensors"] = read_tensors(directory / "rng.safetensors")
+    return config, model_state, optimizer_state, training_state
+
+
+# ---------------------------------------------------------------------- optimizer state
+def optimizer_state_to_flat(state_dict: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """``optimizer.state_dict()`` -> (tensors named ``state/<key>/<field>``, JSON for the rest).
+
+    Keys may be parameter indices (plain optimizers) or parameter names (FSDP full state dicts);
+    the JSON records which, so the round-trip gives back the same dict.
+    """
+    tensors, entries = {}, []
+    for key, fields in state_dict["state"].items():
+        scalars = {}
+        for field_name, value in fields.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state/{key}/{field_name}"] = value
+            else:
+                scalars[field_name] = value
+        tensor_fields = sorted(f for f, v in fields.items() if isinstance(v, torch.Tensor))
+        entries.append({"key": key, "tensor_fields": tensor_fields, "scalars": scalars})
+    return tensors, {"state": entries, "param_groups": state_dict["param_groups"]}
+
+
+def optimizer_state_from_flat(tensors: Dict[str, torch.Tensor], meta: dict, source: Path) -> dict:
+    state = {}
+    try:
+        for entry in meta["state"]:
+            key = entry["key"]
+            fields = dict(entry["scalars"])
+            for field_name in entry["tensor_fields"]:
+                fields[field_name] = tensors[f"state/{key}/{field_name}"]
+            state[key] = fields
+        groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else dict(g) for g in meta["param_groups"]]
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{source} does not match its optimizer.safetensors (missing {err})") from None
+    return {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------------- RNG
+def capture_rng_state() -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Torch generator states as uint8 tensors; numpy's and Python's as JSON."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{index}"] = cuda_state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return tensors, {"numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+                     "python": [version, list(internal), gauss]}
+
+
+def restore_rng_state(tensors: Dict[str, torch.Tensor], rng_json: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"].to(torch.uint8).cpu())
+    cuda_states: List[torch.Tensor] = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+    kind, keys, pos, has_gauss, cached = rng_json["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = rng_json["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -1,0 +1,123 @@
+"""What the trainer records and how it is told to stop.
+
+* :class:`MetricsLogger`: one row per logged step in ``run_dir/metrics.csv`` (and TensorBoard
+  scalars when ``tensorboard`` is installed). On resume, rows past the resumed step (written by
+  the crashed run after its last checkpoint) are dropped so the file matches the restored state.
+* :func:`routing_summary`: cheap per-step routing numbers from the layers' routing records.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from ..analysis.stats.metrics import coefficient_of_variation
+from ..config import GoHConfig
+
+COLUMNS = ["step", "tokens", "lr", "loss", "lm_loss", "aux_loss", "aux_scale", "grad_norm", "val_loss",
+           "tokens_per_s", "head_load_cv", "expert_load_cv", "active_heads"]
+
+
+class MetricsLogger:
+    """Append metric rows to ``metrics.csv`` (only where ``enabled``, i.e. on rank 0)."""
+
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled, self.path, self._file, self._tb = enabled, Path(run_dir) / "metrics.csv", None, None
+        if not enabled:
+            return
+        kept = self._rows_up_to(start_step) if start_step > 0 else []
+        self._file = open(self.path, "w", newline="", encoding="utf-8")
+        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS, extrasaction="ignore")
+        self._writer.writeheader()
+        self._writer.writerows(kept)
+        self._file.flush()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            except ImportError:  # optional extra: pip install gohgraph[tensorboard]
+                self._tb = None
+
+    def _rows_up_to(self, step: int) -> List[Dict[str, str]]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="", encoding="utf-8") as handle:
+            return [row for row in csv.DictReader(handle) if row.get("step", "").isdigit() and int(row["step"]) <= step]
+
+    def log(self, **values: Optional[float]) -> None:
+        if not self.enabled:
+            return
+        self._writer.writerow({k: ("" if v is None else _format(v)) for k, v in values.items()})
+        self._file.flush()
+        if self._tb is not None:
+            for name, value in values.items():
+                if name != "step" and value is not None:
+                    self._tb.add_scalar(name, value, values["step"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _format(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.6g}"
+
+
+def read_metrics(path: Path) -> List[Dict[str, float]]:
+    """Rows of a ``metrics.csv`` as floats (empty and non-numeric cells left out)."""
+    columns = read_metrics_columns(path)
+    n_rows = max((len(values) for values in columns.values()), default=0)
+    return [{name: values[i] for name, values in columns.items() if not math.isnan(values[i])}
+            for i in range(n_rows)]
+
+
+def read_metrics_columns(path: Path) -> Dict[str, List[float]]:
+    """Columns of a metrics CSV (any, not only the trainer's) as float lists, ``nan`` for empty or
+    non-numeric cells; ``FileNotFoundError`` / ``ValueError`` naming the file when it is unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics CSV {path} does not exist")
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames:
+            raise ValueError(f"metrics CSV {path} has no header row")
+        columns: Dict[str, List[float]] = {name: [] for name in reader.fieldnames if name}
+        for row in reader:
+            for name in columns:
+                columns[name].append(_number(row.get(name)))
+    return columns
+
+
+def _number(cell: Optional[str]) -> float:
+    try:
+        return float(cell) if cell not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+@torch.no_grad()
+def routing_summary(routing: list, cfg: GoHConfig) -> Dict[str, Optional[float]]:
+    """Mean over layers of the head-load and expert-load coefficient of variation (std / mean of
+    how many tokens chose each *routed* node; 0 = perfectly even; shared heads and experts are
+    always on and not counted) and the mean active heads per token."""
+    head_cvs, expert_cvs, active = [], [], []
+    for layer in routing:
+        active_heads = layer.head_gates > 0  # [batch, seq, heads]
+        active.append(float(active_heads.sum(-1).float().mean()))
+        if cfg.router != "dense" and cfg.n_routed_heads > 1:
+            head_load = active_heads[..., cfg.n_shared_heads:].reshape(-1, cfg.n_routed_heads).sum(0)
+            if head_load.sum() > 0:
+                head_cvs.append(coefficient_of_variation(head_load))
+        if layer.expert_indices is not None:
+            # expert ids count routed experts only: n_routed_experts bins, never the shared ones
+            expert_cvs.append(coefficient_of_variation(
+                torch.bincount(layer.expert_indices.reshape(-1), minlength=cfg.n_routed_experts)))
+    mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
+    return {"head_load_cv": mean(head_cvs), "expert_load_cv": mean(expert_cvs), "active_heads": mean(active)}

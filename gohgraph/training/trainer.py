@@ -1,0 +1,291 @@
+"""Train a GoH language model: one flat loop, callable from Python, the CLI and torchrun.
+
+Per optimizer step: learning rate from the step (warmup + cosine), ``grad_accum_steps``
+micro-batches of random windows (seeded by the step, sharded by rank), loss
+``lm_loss + aux_scale * aux_loss`` with ``aux_scale`` warming up from 0, a finite-loss check,
+gradient clipping, AdamW, then the auxiliary-loss-free bias update (after the step, never inside
+``forward``; DESIGN.md §10). Periodic validation, metrics to ``metrics.csv`` (and TensorBoard if
+installed), checkpoints every ``save_every`` steps (see :mod:`gohgraph.training.checkpoint`).
+
+Faults: SIGINT/SIGTERM finish the current step, save a checkpoint and return
+(``TrainResult.interrupted``); a non-finite loss or gradient raises :class:`TrainingDivergedError`
+before anything is saved, so the last good checkpoint stays the latest. ``resume=True`` continues
+from ``run_dir/checkpoints/latest`` and, on CPU, reproduces the uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..config import GoHConfig
+from ..data.batches import eval_batches, train_batch
+from ..data.corpus import Corpus
+from ..models.decoder import GoHOutput, GoHTransformer
+from ..parallel import data_parallel as D
+from ..storage import (WEIGHTS_NAME, CheckpointError, atomic_write_text, load_state_strict, read_config, read_tensors,
+                       upgrade_legacy_names)
+from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
+from .config import TrainConfig
+from .interrupts import stop_signals
+from .metrics import MetricsLogger, routing_summary
+from .optim import build_optimizer
+from .schedules import dense_to_sparse_schedule, learning_rate, set_learning_rate
+
+
+class TrainingDivergedError(ValueError):
+    """The loss or gradient became NaN/inf; the run stopped without saving the bad state."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns; ``val_history`` holds ``(step, tokens_seen, val_loss)``;
+    ``tokens_per_s`` counts the optimizer steps of this call (evaluation and saving excluded)."""
+
+    final_val_loss: float
+    val_history: List[Tuple[int, int, float]]
+    tokens_per_s: float
+    model: GoHTransformer
+    checkpoint_path: Optional[Path]
+    final_path: Optional[Path]
+    steps: int
+    tokens_seen: int
+    interrupted: bool = False
+    metrics_path: Optional[Path] = None
+    losses: List[float] = field(default_factory=list)  # training loss of every step run here
+
+
+def training_loss(out: GoHOutput, aux_scale: float) -> torch.Tensor:
+    """The optimised objective: next-token loss plus the (warming-up) routing losses."""
+    return out.lm_loss + aux_scale * out.aux_loss
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, tokens, batch_size: int, seq_len: int,
+             max_batches: Optional[int] = None) -> float:
+    """Mean next-token cross-entropy (nats) over :func:`~gohgraph.data.batches.eval_batches` windows,
+    weighted by the number of predicted tokens."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for batch in eval_batches(tokens, batch_size, seq_len, max_batches):
+            batch = batch.to(device)
+            out = model(batch, labels=batch)
+            predicted = batch.shape[0] * (batch.shape[1] - 1)
+            total += float(out.lm_loss) * predicted
+            count += predicted
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+def train(model_config: GoHConfig, train_config: TrainConfig, corpus: Corpus, run_dir: Path,
+          resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train ``GoHTransformer(model_config)`` on ``corpus``; everything is written under ``run_dir``."""
+    tc, run_dir = train_config, Path(run_dir)
+    if tc.seq_len + 1 > model_config.max_seq_len:
+        raise ValueError(f"TrainConfig.seq_len={tc.seq_len} + 1 exceeds the model's max_seq_len="
+                         f"{model_config.max_seq_len} (training windows hold seq_len + 1 tokens)")
+    if corpus.vocab_size > model_config.vocab_size:
+        raise ValueError(f"the corpus tokenizer has {corpus.vocab_size} tokens but the model's "
+                         f"vocab_size={model_config.vocab_size}")
+    ctx = D.init_distributed(tc.device)
+    if tc.batch_size % ctx.world_size:
+        raise ValueError(f"TrainConfig.batch_size={tc.batch_size} must be divisible by the "
+                         f"number of processes ({ctx.world_size})")
+    try:
+        return _train(model_config, tc, corpus, run_dir, resume, progress, ctx)
+    finally:
+        D.shutdown(ctx)
+
+
+def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Path, resume: bool,
+           progress: bool, ctx: D.DistContext) -> TrainResult:
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank
+    model = GoHTransformer(model_config)
+    start_step, tokens_seen, history = 0, 0, []
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    saved_optimizer = None
+    if checkpoint is not None:
+        saved_config, model_state, saved_optimizer, saved = load_checkpoint(checkpoint)
+        _check_same_config(saved_config, model_config, checkpoint)
+        load_state_strict(model, model_state, checkpoint)
+        start_step, tokens_seen = saved["step"], saved["tokens_seen"]
+        history = [tuple(entry) for entry in saved["val_history"]]
+        if ctx.is_main:
+            restore_rng_state(saved["rng_tensors"], saved["rng"])
+        else:
+            torch.manual_seed(tc.seed + 1_000_003 * ctx.rank + start_step)
+    else:
+        if tc.init_from is not None:
+            _initialise_from(model, Path(tc.init_from))
+        torch.manual_seed(tc.seed + 1_000_003 * ctx.rank)  # dropout differs per rank
+    model.to(ctx.device).train()
+    wrapped = D.wrap_model(model, ctx, tc.fsdp)
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
+    if saved_optimizer is not None:
+        saved_names = saved.get("optimizer_param_names")
+        if saved_names is not None:
+            saved_names = upgrade_legacy_names(saved_names)
+        if saved_names is not None and saved_names != optimizer.param_names:
+            first = next((a, b) for a, b in zip(saved_names + [None], optimizer.param_names + [None]) if a != b)
+            raise CheckpointError(f"{checkpoint}: the optimizer state is for other parameters (first difference: "
+                                  f"checkpoint {first[0]!r} vs model {first[1]!r})")
+        try:
+            D.load_optimizer_state(model, optimizer, saved_optimizer, tc.fsdp)
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"{checkpoint}/optimizer.json does not fit this model's optimizer: {err}") from None
+
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "train_config.json", tc.to_json() + "\n")
+        atomic_write_text(run_dir / "model_config.json", model_config.to_json() + "\n")
+        corpus.save_tokenizer(run_dir)
+    metrics = MetricsLogger(run_dir, start_step, enabled=ctx.is_main, tensorboard=tc.tensorboard)
+    autocast = _autocast(ctx.device, tc.dtype)
+    tokens_per_step = tc.batch_size * tc.grad_accum_steps * tc.seq_len
+    last_checkpoint, interrupted, losses = checkpoint, False, []
+    step = start_step
+
+    def save(at_step: int) -> Path:
+        model_state = D.full_model_state(model, tc.fsdp)
+        optimizer_state = D.full_optimizer_state(model, optimizer, tc.fsdp)
+        path = None
+        if ctx.is_main:
+            state = {"tokens_seen": tokens_seen, "val_history": history, "data_position": at_step,
+                     "train_config": tc.to_dict(), "corpus": corpus.source,
+                     "optimizer_param_names": optimizer.param_names}
+            path = save_checkpoint(run_dir, at_step, model_config, model_state, optimizer_state,
+                                   state, tc.keep_last)
+        D.barrier(ctx)
+        return path or run_dir / "checkpoints" / f"step_{at_step:06d}"
+
+    bar = _progress_bar(progress and ctx.is_main, start_step, tc.max_steps)
+    train_seconds, timed_tokens = 0.0, 0  # optimizer steps only: evaluation and saving excluded
+    try:
+        with stop_signals() as stop:
+            while step < tc.max_steps:
+                step_started = time.perf_counter()
+                lr = learning_rate(step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+                set_learning_rate(optimizer, lr)
+                aux_scale = min(1.0, step / tc.aux_warmup_steps) if tc.aux_warmup_steps else 1.0
+                if tc.dense_anneal_steps:
+                    model.set_dense_blend(dense_to_sparse_schedule(step, tc.dense_anneal_steps))
+                parts = torch.zeros(3, device=ctx.device)  # loss, lm_loss, aux_loss
+                for micro in range(tc.grad_accum_steps):
+                    batch = train_batch(corpus.train, tc.batch_size, tc.seq_len, tc.seed, step, micro,
+                                        ctx.rank, ctx.world_size).to(ctx.device)
+                    last_micro = micro == tc.grad_accum_steps - 1
+                    with D.gradient_sync(wrapped, last_micro):
+                        with autocast:
+                            out = wrapped(batch, labels=batch)
+                            loss = training_loss(out, aux_scale)
+                        (loss / tc.grad_accum_steps).backward()
+                    parts += torch.stack([loss.detach(), out.lm_loss.detach(), out.aux_loss.detach()]).float()
+                parts = D.all_reduce_mean(parts / tc.grad_accum_steps, ctx)
+                grad_norm = _clip_gradients(model, tc.grad_clip)
+                if not (math.isfinite(float(parts[0])) and math.isfinite(grad_norm)):
+                    raise TrainingDivergedError(
+                        f"non-finite {'loss' if not math.isfinite(float(parts[0])) else 'gradient norm'} "
+                        f"at step {step + 1} (loss={float(parts[0])}, grad_norm={grad_norm}); stopped without "
+                        f"saving. Last good checkpoint: {last_checkpoint or 'none yet'}. Lower the learning "
+                        "rate or raise warmup_steps, then resume.")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                D.sync_routing_loads(model, ctx)
+                model.update_routing_biases()
+                train_seconds += time.perf_counter() - step_started
+
+                step += 1
+                tokens_seen += tokens_per_step
+                timed_tokens += tokens_per_step
+                losses.append(float(parts[0]))
+                tokens_per_s = timed_tokens / max(1e-9, train_seconds)
+                val_loss = None
+                if step % tc.eval_every == 0 or step == tc.max_steps:
+                    val_loss = evaluate(model, corpus.val, tc.batch_size, tc.seq_len, tc.eval_batches)
+                    history.append((step, tokens_seen, val_loss))
+                if ctx.is_main and (step % tc.log_every == 0 or val_loss is not None or step == start_step + 1):
+                    metrics.log(step=step, tokens=tokens_seen, lr=lr, loss=float(parts[0]),
+                                lm_loss=float(parts[1]), aux_loss=float(parts[2]), aux_scale=aux_scale,
+                                grad_norm=grad_norm, val_loss=val_loss, tokens_per_s=tokens_per_s,
+                                **routing_summary(out.routing, model_config))
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(parts[0]):.3f}", tok_s=f"{tokens_per_s:.0f}", lr=f"{lr:.2e}",
+                                **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
+                interrupted = D.any_rank(stop.requested, ctx)
+                if interrupted or step % tc.save_every == 0 or step == tc.max_steps:
+                    last_checkpoint = save(step)
+                if interrupted:
+                    _log(progress and ctx.is_main, f"interrupted: checkpoint saved at step {step} to "
+                         f"{last_checkpoint}; continue with resume=True (--resume)")
+                    break
+    finally:
+        bar.close()
+        metrics.close()
+
+    if tc.fsdp and ctx.enabled:  # hand back an ordinary model, not one sharded over a group about to close
+        full_state = D.full_model_state(model, fsdp=True)
+        model = GoHTransformer(model_config)
+        model.load_state_dict(full_state)
+        model.to(ctx.device)
+    final_path = None
+    if not interrupted and ctx.is_main:
+        final_path = model.save_pretrained(run_dir / "final")
+        corpus.save_tokenizer(final_path)
+    return TrainResult(
+        final_val_loss=history[-1][2] if history else float("nan"), val_history=history,
+        tokens_per_s=timed_tokens / train_seconds if train_seconds > 0 else 0.0, model=model,
+        checkpoint_path=last_checkpoint, final_path=final_path, steps=step, tokens_seen=tokens_seen,
+        interrupted=interrupted, metrics_path=run_dir / "metrics.csv", losses=losses)
+
+
+# ---------------------------------------------------------------------- helpers
+def _initialise_from(model: GoHTransformer, directory: Path) -> None:
+    """Load a ``save_pretrained`` directory's weights into ``model``; routing settings such as
+    ``top_k_heads`` may differ from the saved config, tensor names and shapes may not."""
+    read_config(directory)  # a clear error for a missing or foreign directory
+    load_state_strict(model, read_tensors(directory / WEIGHTS_NAME), directory / WEIGHTS_NAME)
+
+
+def _check_same_config(saved: GoHConfig, given: GoHConfig, checkpoint: Path) -> None:
+    differing = {k: (v, getattr(given, k)) for k, v in saved.to_dict().items() if getattr(given, k) != v}
+    if differing:
+        listed = ", ".join(f"{k}: checkpoint {a!r} vs given {b!r}" for k, (a, b) in sorted(differing.items()))
+        raise CheckpointError(f"cannot resume from {checkpoint}: the model config differs ({listed})")
+
+
+def _clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip to ``max_norm`` (0 = measure only) and return the total gradient norm."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the shards
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _progress_bar(enabled: bool, start: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="train", dynamic_ncols=True)
+
+
+def _log(enabled: bool, message: str) -> None:
+    if enabled:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message)
