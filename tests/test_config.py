@@ -58,3 +58,69 @@ def test_derived_sizes():
     cfg = GoHConfig(d_model=256, n_heads=8, n_shared_heads=2, top_k_heads=3, router="graph")
     assert (cfg.head_dim, cfg.n_routed_heads, cfg.active_heads, cfg.kv_heads) == (32, 6, 5, 8)
     assert GoHConfig(router="dense", n_shared_heads=2, top_k_heads=3).active_heads == 8
+
+
+def test_sections_hold_every_field_once():
+    from gohgraph.config import SECTIONS
+
+    names = [name for section in SECTIONS for name in GoHConfig.section_fields(section)]
+    assert sorted(names) == sorted(GoHConfig().to_dict()) and len(names) == len(set(names))
+    assert "n_kv_heads" in GoHConfig.section_fields("attention")
+    assert "top_k_experts" in GoHConfig.section_fields("experts")
+    with pytest.raises(ValueError, match="section='heads' is not one of"):
+        GoHConfig.section_fields("heads")
+
+
+@pytest.mark.parametrize("ffn,n_subtokens", [("moe", 1), ("mh-moe", 2), ("graph-moe", 4)])
+def test_default_expert_width_matches_the_dense_ffn_in_active_parameters(ffn, n_subtokens):
+    """expert_hidden=None: the k experts each of the m sub-tokens (width d/m) reaches hold exactly the
+    dense SwiGLU's 3 * d * hidden weights, whatever m is."""
+    cfg = GoHConfig(d_model=96, n_heads=4, ffn=ffn, n_subtokens=n_subtokens, n_experts=8, top_k_experts=2,
+                    ffn_hidden=128)
+    per_expert = 3 * (cfg.d_model // n_subtokens) * cfg.expert_hidden_dim
+    active_expert_weights = n_subtokens * cfg.top_k_experts * per_expert
+    assert cfg.expert_hidden_dim == 64
+    assert active_expert_weights == 3 * cfg.d_model * cfg.hidden_dim
+
+
+def test_output_init_std_is_the_one_formula():
+    cfg = GoHConfig(n_layers=8, init_std=0.04)
+    assert cfg.output_init_std == pytest.approx(0.04 / 4)
+    from gohgraph import GoHTransformer
+
+    torch.manual_seed(0)
+    model = GoHTransformer(GoHConfig(d_model=64, n_heads=4, n_layers=8, init_std=0.04, ffn_hidden=512))
+    stds = [block.attn.out.weight.std().item() for block in model.blocks]
+    assert sum(stds) / len(stds) == pytest.approx(0.01, rel=0.1)
+
+
+@pytest.mark.parametrize("value,expected", [("False", False), ("false", False), ("0", False), (0, False),
+                                            ("TRUE", True), ("1", True), (True, True), (1, True)])
+def test_booleans_are_parsed_strictly(value, expected):
+    assert GoHConfig(inter_head_flow=value).inter_head_flow is expected
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(inter_head_flow="maybe"), r"inter_head_flow='maybe' must be True or False"),
+    (dict(inter_head_flow="no"), r"inter_head_flow='no' must be True or False"),
+    (dict(inter_head_flow=2), r"inter_head_flow=2 must be True or False"),
+    (dict(top_k_heads=2.5, n_shared_heads=1), r"top_k_heads=2.5 must be an integer"),
+    (dict(top_k_heads="2.5"), r"top_k_heads='2.5' must be an integer"),
+    (dict(d_model=True), r"d_model=True must be an integer"),
+    (dict(dropout="a lot"), r"dropout='a lot' must be a finite number"),
+    (dict(rope_theta=float("nan")), r"rope_theta=nan must be a finite number"),
+    (dict(router=3), r"router=3 must be a string"),
+])
+def test_wrongly_typed_values_name_the_field_value_and_type(changes, message):
+    with pytest.raises(ValueError, match=message):
+        GoHConfig(**changes)
+
+
+def test_text_values_mean_what_typed_ones_mean():
+    from_text = GoHConfig(d_model="64", n_heads="4", dropout="0.1", top_k_heads="null", n_kv_heads="none",
+                          head_graph="[[0, 1], [1, 0]]")
+    assert (from_text.d_model, from_text.dropout, from_text.top_k_heads, from_text.n_kv_heads) == (64, 0.1, None, None)
+    assert from_text.head_graph == [[0, 1], [1, 0]]
+    assert GoHConfig.from_dict({"dropout": "0.1", "inter_head_flow": "false"}).inter_head_flow is False
+    with pytest.raises(ValueError, match="inter_head_flow='no'"):  # a saved config.json saying "no"
+        GoHConfig.from_dict({"inter_head_flow": "no"})

@@ -9,8 +9,8 @@ from gohgraph import GoHConfig, GoHTransformer
 from gohgraph.layers.kv_cache import DynamicKVCache
 from gohgraph.layers.mlp import SwiGLU
 from gohgraph.moe.layer import MoEFeedForward
+from tests.references import reference_moe_layer
 
-from test_dispatch import reference_expert
 
 VARIANTS = {
     "moe": dict(ffn="moe", n_experts=6, n_shared_experts=1, top_k_experts=2),
@@ -39,50 +39,6 @@ def sharpened_layer(cfg, seed=0):
 
 
 # ---------------------------------------------------------------------- reference
-def reference_forward(layer, x):
-    """Token by token, sub-token by sub-token, expert by expert; capacity by walking assignments in order."""
-    cfg_m, k, n_routed = layer.n_subtokens, layer.top_k, layer.n_routed
-    batch, seq, d_model = x.shape
-    sub = x @ layer.head.weight.t() if layer.has_head_and_merge else x
-    sub = sub.reshape(batch * seq, cfg_m, layer.d_sub)
-    logits = layer.router(sub, expert_load=layer.gate.expert_load).masked_fill(~layer.gate.allowed, float("-inf"))
-    chosen = logits.argsort(dim=-1, descending=True)[..., :k]
-    weights = torch.softmax(logits.gather(-1, chosen), dim=-1)
-
-    n_sub = batch * seq * cfg_m
-    capacity = None if layer.capacity_factor is None else math.ceil(layer.capacity_factor * n_sub * k / n_routed)
-    taken, rows = [0] * n_routed, []
-    for t in range(batch * seq):
-        for s in range(cfg_m):
-            row = torch.zeros(layer.d_sub)
-            for r in range(k):
-                e = int(chosen[t, s, r])
-                if capacity is not None and taken[e] >= capacity:
-                    continue
-                taken[e] += 1
-                row = row + weights[t, s, r] * reference_expert(
-                    sub[t, s], layer.experts.w_in[e], layer.experts.w_out[e], layer.experts.activation)
-            row = row + shared_experts_one_by_one(layer, sub[t, s])
-            rows.append(row)
-    y = torch.stack(rows).reshape(batch, seq, d_model)
-    return (y @ layer.merge.weight.t() if layer.has_head_and_merge else y), chosen
-
-
-def shared_experts_one_by_one(layer, v):
-    if layer.shared_experts is None:
-        return torch.zeros_like(v)
-    shared, h = layer.shared_experts, layer.experts.hidden
-    n = shared.w_out.weight.shape[1] // h
-    w_in, w_out = shared.w_in.weight.t(), shared.w_out.weight.t()  # [d, (2) n h], [n h, d]
-    total = torch.zeros_like(v)
-    for j in range(n):
-        cols = slice(j * h, (j + 1) * h)
-        if shared.activation == "swiglu":
-            expert_in = torch.cat([w_in[:, cols], w_in[:, n * h + j * h:n * h + (j + 1) * h]], dim=1)
-        else:
-            expert_in = w_in[:, cols]
-        total = total + reference_expert(v, expert_in, w_out[cols], shared.activation)
-    return total
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.6])
@@ -92,7 +48,7 @@ def test_layer_matches_per_token_reference(variant, capacity_factor):
     layer = sharpened_layer(cfg)
     x = torch.randn(2, 6, 32, requires_grad=True)
     y, routing = layer(x)
-    y_ref, chosen = reference_forward(layer, x)
+    y_ref, chosen = reference_moe_layer(layer, x)
     assert torch.equal(routing.expert_indices, chosen.reshape(routing.expert_indices.shape))
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-6)
     if capacity_factor is not None:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from gohgraph import CheckpointError, GoHConfig, GoHTransformer
 from gohgraph.models.block import build_attention
+from tests.references import reference_mha
 
 ROUTERS = ["dense", "linear", "graph"]
 
@@ -74,30 +75,6 @@ def test_graph_router_gates_exactly_shared_plus_top_k_heads():
         assert layer.flow.shape == (4, 30, 56)
         inactive_sources = ~active[..., model.blocks[0].attn.head_routing.router.edge_index[0]]
         assert (layer.flow[inactive_sources] == 0).all()
-
-
-def reference_mha(x, qkv_weight, out_weight, heads, kv_heads, theta=10000.0):
-    """Plain causal multi-head attention with RoPE, written from scratch for the test."""
-    batch, seq, d = x.shape
-    hd = d // heads
-    q, k, v = (x @ qkv_weight.t()).split([heads * hd, kv_heads * hd, kv_heads * hd], -1)
-    q = q.view(batch, seq, heads, hd).transpose(1, 2)
-    k = k.view(batch, seq, kv_heads, hd).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
-    v = v.view(batch, seq, kv_heads, hd).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
-    pos = torch.arange(seq, dtype=torch.float32)
-    freq = theta ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
-    angle = torch.outer(pos, freq)
-    cos, sin = angle.cos(), angle.sin()
-
-    def rope(t):
-        a, b = t[..., :hd // 2], t[..., hd // 2:]
-        return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
-
-    q, k = rope(q), rope(k)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
-    scores = scores.masked_fill(torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1), float("-inf"))
-    out = torch.softmax(scores, -1) @ v
-    return out.transpose(1, 2).reshape(batch, seq, d) @ out_weight.t()
 
 
 @pytest.mark.parametrize("kv_heads", [None, 2, 1])

@@ -9,7 +9,7 @@ from gohgraph.data.batches import train_batch
 from gohgraph.training.config import TrainConfig
 from gohgraph.training.trainer import train
 
-from test_train import TINY, make_corpus
+from tests.helpers import TINY, make_corpus
 
 MODEL = dict(TINY, aux_free_bias=False)
 

@@ -20,7 +20,7 @@ from gohgraph.training.trainer import TrainingDivergedError, train
 from gohgraph.training.metrics import read_metrics
 from gohgraph.training.checkpoint import latest_checkpoint, load_checkpoint, optimizer_state_from_flat, optimizer_state_to_flat
 
-from test_train import TINY, make_corpus
+from tests.helpers import TINY, make_corpus
 
 MODELS = {
     "graph_aux_free": TINY,  # graph router, shared + top-k heads, flow, aux-loss-free bias

@@ -1,8 +1,5 @@
 """Corpus loading, the token cache, user data errors, tokenizers and batches."""
 
-import hashlib
-import sysconfig
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,39 +9,14 @@ from gohgraph.data.errors import DataError
 from gohgraph.data.batches import eval_batches, train_batch
 from gohgraph.data.corpus import load_corpus
 from gohgraph.data.tokenizers import load_tokenizer
+from tests.references import stdlib_split_reference
 
 SMALL_STDLIB = 250_000  # bytes of the default corpus used here (the real default is 4 MB)
 
 
-def _stdlib_split_reference(max_bytes):
-    """Independent re-reading of the documented rule: stdlib .py files ordered by sha1 of the
-    relative path, capped, UTF-8 only, 5% of paths (by hash) go to validation."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py")
-             if not {"site-packages", "dist-packages", "__pycache__"} & set(p.relative_to(root).parts)
-             and not any(part.startswith(".") for part in p.relative_to(root).parts[:-1])]
-    key = lambda p: int.from_bytes(hashlib.sha1(p.relative_to(root).as_posix().encode()).digest()[:8], "big")
-    files.sort(key=key)
-    train, val, total = b"", b"", 0
-    for path in files:
-        if total >= max_bytes:
-            break
-        total += path.stat().st_size
-        raw = path.read_bytes()
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        if key(path) % 100 < 5:
-            val += raw + b"\n"
-        else:
-            train += raw + b"\n"
-    return train, val
-
-
 def test_default_corpus_is_the_stdlib_split_by_file(tmp_path):
     corpus = load_corpus(cache_dir=tmp_path, max_bytes=SMALL_STDLIB)
-    train_ref, val_ref = _stdlib_split_reference(SMALL_STDLIB)
+    train_ref, val_ref = stdlib_split_reference(SMALL_STDLIB)
     assert train_ref and val_ref  # this cap puts files on both sides (else the split is by position)
     assert corpus.vocab_size == 256 and "standard library" in corpus.source
     assert bytes(np.asarray(corpus.train, dtype=np.uint8)) == train_ref

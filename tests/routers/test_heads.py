@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch_geometric.nn import MessagePassing
 
 from gohgraph import GoHConfig
@@ -13,6 +12,7 @@ from gohgraph.models.block import build_attention
 from gohgraph.graph import head_graph
 from gohgraph.routers.losses import load_balance_loss, router_z_loss
 from gohgraph.routers.heads import HeadGate, HeadRouter
+from tests.references import einsum_head_router
 
 
 def make_router(graph="complete", heads=8, rounds=2, head_dim=12, feat=16, seed=0):
@@ -22,25 +22,6 @@ def make_router(graph="complete", heads=8, rounds=2, head_dim=12, feat=16, seed=
         router.score.weight.normal_(std=1.0)
         router.round_bias.normal_(std=0.5)
     return router
-
-
-def einsum_reference(router: HeadRouter, q: torch.Tensor):
-    """The router's math written independently: dense adjacency, einsum, explicit loops-free softmax."""
-    heads = router.n_heads
-    adjacency = torch.eye(heads, dtype=torch.bool)
-    for src, dst in router.edge_index.t().tolist():
-        adjacency[dst, src] = True
-    z = torch.einsum("nhd,fd->nhf", q, router.node_in.weight) + router.head_embedding
-    for r in range(router.rounds):
-        h = torch.einsum("nhf,gf->nhg", z, router.round_lin[r].weight)
-        e = torch.einsum("nif,f->ni", h, router.att_dst[r])[:, :, None] + \
-            torch.einsum("njf,f->nj", h, router.att_src[r])[:, None, :]
-        e = F.leaky_relu(e, 0.2).masked_fill(~adjacency, float("-inf"))
-        alpha = torch.softmax(e, dim=-1)  # [tokens, dst, src]
-        z = z + F.gelu(torch.einsum("nij,njf->nif", alpha, h) + router.round_bias[r])
-    logits = torch.einsum("nhf,f->nh", z, router.score.weight[0]) + router.head_bias
-    src, dst = router.edge_index
-    return logits, alpha[:, dst, src]
 
 
 def close_in_float32(actual, expected):
@@ -60,7 +41,7 @@ def test_pyg_fused_and_einsum_paths_agree_forward(graph, rounds):
     q = torch.randn(37, 8, 12)
     logits_pyg, edges_pyg = router(q, fused=False)
     logits_fused, edges_fused = router(q, fused=True)
-    logits_ref, edges_ref = einsum_reference(router, q)
+    logits_ref, edges_ref = einsum_head_router(router, q)
     close_in_float32(logits_fused, logits_pyg)
     close_in_float32(edges_fused, edges_pyg)
     close_in_float32(logits_fused, logits_ref)

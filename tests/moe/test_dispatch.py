@@ -4,13 +4,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gohgraph.moe.dispatch import combine, dispatch, expert_capacity, plan_dispatch
 from gohgraph.moe.experts import GroupedExperts
 from gohgraph.ops.grouped_matmul import grouped_matmul
+from tests.references import reference_drops, reference_moe
 
 
 def random_routing(n_sub, n_experts, k, generator):
@@ -18,44 +18,6 @@ def random_routing(n_sub, n_experts, k, generator):
     ids = torch.stack([torch.randperm(n_experts, generator=generator)[:k] for _ in range(n_sub)])
     weights = torch.softmax(torch.randn(n_sub, k, generator=generator), dim=-1)
     return ids, weights
-
-
-def reference_drops(ids, n_experts, capacity):
-    """Walk the assignments in flat order (position, then rank); each expert keeps its first ``capacity``."""
-    drops = torch.zeros(ids.shape, dtype=torch.bool)
-    if capacity is None:
-        return drops
-    taken = [0] * n_experts
-    for s in range(ids.shape[0]):
-        for r in range(ids.shape[1]):
-            e = int(ids[s, r])
-            if taken[e] >= capacity:
-                drops[s, r] = True
-            else:
-                taken[e] += 1
-    return drops
-
-
-def reference_expert(x, w_in, w_out, activation):
-    hidden = x @ w_in
-    if activation == "swiglu":
-        gate, up = hidden.chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ w_out
-    return F.gelu(hidden) @ w_out
-
-
-def reference_moe(x, ids, weights, experts, drops):
-    """Loop over every (sub-token, rank): the slow, obviously-correct sparse FFN."""
-    rows = []
-    for s in range(x.shape[0]):
-        row = torch.zeros_like(x[s])
-        for r in range(ids.shape[1]):
-            if not drops[s, r]:
-                e = int(ids[s, r])
-                row = row + weights[s, r] * reference_expert(x[s], experts.w_in[e], experts.w_out[e],
-                                                             experts.activation)
-        rows.append(row)
-    return torch.stack(rows)
 
 
 def sparse_moe(x, ids, weights, experts, capacity):
@@ -162,3 +124,48 @@ def test_plan_matches_reference_drops_for_any_routing(n_sub, n_experts, data):
     assert plan.token_index.numel() == int(kept.sum()) == int(plan.group_offsets[-1])
     assert torch.equal(plan.token_index, plan.assignment_index // k)
     assert sorted(plan.assignment_index.tolist()) == kept.nonzero().flatten().tolist()
+
+
+class LoopDispatcher:
+    """A second Dispatcher: no sort at all, one row per (sub-token, rank) in flat order, grouped by a
+    stable per-expert scan; the layer must not care which one it is given."""
+
+    def __init__(self, n_experts):
+        self.n_experts = n_experts
+
+    def dispatch(self, tokens, expert_ids, capacity):
+        plan = plan_dispatch(expert_ids, self.n_experts, capacity)  # drops and counts: the documented rule
+        rows, order = [], []
+        for expert in range(self.n_experts):
+            for flat in range(expert_ids.numel()):
+                sub, rank = divmod(flat, expert_ids.shape[1])
+                if int(expert_ids[sub, rank]) == expert and not plan.assignment_dropped[sub, rank]:
+                    rows.append(tokens[sub])
+                    order.append(flat)
+        self.order = order
+        grouped = torch.stack(rows) if rows else tokens.new_zeros(0, tokens.shape[1])
+        return grouped, plan.group_offsets, plan
+
+    def combine(self, expert_out, plan, weights):
+        out = [torch.zeros_like(expert_out[0]) for _ in range(weights.shape[0])]
+        for row, flat in zip(expert_out, self.order):
+            sub, rank = divmod(flat, weights.shape[1])
+            out[sub] = out[sub] + weights[sub, rank] * row
+        return torch.stack(out)
+
+
+@pytest.mark.parametrize("ffn", ["moe", "graph-moe"])
+def test_moe_layer_computes_the_same_with_another_dispatcher(ffn):
+    from gohgraph import GoHConfig
+    from gohgraph.moe.layer import MoEFeedForward
+
+    cfg = GoHConfig(d_model=32, n_heads=4, n_layers=1, ffn=ffn, n_experts=5, n_shared_experts=1, top_k_experts=2,
+                    n_subtokens=2 if ffn == "graph-moe" else 1, capacity_factor=0.75)
+    torch.manual_seed(0)
+    layer = MoEFeedForward(cfg).train()
+    x = torch.randn(2, 6, 32)
+    y_local, routing_local = layer(x)
+    layer.dispatcher = LoopDispatcher(layer.n_routed)
+    y_loop, routing_loop = layer(x)
+    torch.testing.assert_close(y_loop, y_local, rtol=1e-5, atol=1e-6)
+    assert torch.equal(routing_loop.expert_drops, routing_local.expert_drops) and routing_local.expert_drops.any()

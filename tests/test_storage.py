@@ -1,0 +1,60 @@
+"""Checkpoints on disk: files written by main before the 2026-12 layout move load with the same logits."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gohgraph import GoHConfig, GoHTransformer, from_pretrained
+from gohgraph.storage import CheckpointError, pin_legacy_expert_width, read_tensors, upgrade_legacy_names
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+PRE_LAYOUT = ["pre_layout_tiny_graph", "pre_layout_graph_moe"]
+
+
+@pytest.mark.parametrize("name", PRE_LAYOUT)
+@pytest.mark.parametrize("loader", [GoHTransformer.from_pretrained, from_pretrained], ids=["class", "any-family"])
+def test_checkpoint_from_before_the_move_gives_identical_logits(name, loader):
+    expected = load_file(str(FIXTURES / name / "expected_logits.safetensors"))
+    model = loader(FIXTURES / name).eval()
+    assert isinstance(model, GoHTransformer)
+    with torch.no_grad():
+        logits = model(expected["input_ids"]).logits
+    if name == "pre_layout_tiny_graph":
+        assert torch.equal(logits, expected["logits"])
+    else:  # the expert router now runs the head router's softmax (one GAT round): float32 rounding only
+        torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-6)
+
+
+def test_pre_move_names_are_upgraded_and_nothing_else_is():
+    names = ["blocks.0.attn.router.node_in.weight", "blocks.1.attn.flow_scale", "blocks.0.attn.gate.stage_mix.bias",
+             "blocks.0.attn.token_router.proj.weight", "blocks.0.ffn.router.query.weight", "blocks.0.ffn.gate.expert_load",
+             "blocks.0.attn.qkv.weight"]
+    assert upgrade_legacy_names(names) == [
+        "blocks.0.attn.head_routing.router.node_in.weight", "blocks.1.attn.head_routing.flow_scale",
+        "blocks.0.attn.head_routing.gate.stage_mix.bias", "blocks.0.attn.head_routing.token_router.proj.weight",
+        "blocks.0.ffn.router.query.weight", "blocks.0.ffn.gate.expert_load", "blocks.0.attn.qkv.weight"]
+    assert upgrade_legacy_names(upgrade_legacy_names(names)) == upgrade_legacy_names(names)
+
+
+def test_old_default_expert_width_is_pinned_from_the_weights():
+    """Before the move, expert_hidden=None also divided by n_subtokens; such a checkpoint keeps its width."""
+    config = GoHConfig.from_json(FIXTURES / "pre_layout_graph_moe" / "config.json")
+    assert config.expert_hidden is None and config.n_subtokens == 2
+    state = read_tensors(FIXTURES / "pre_layout_graph_moe" / "model.safetensors")
+    pinned = pin_legacy_expert_width(config, state)
+    legacy_width = config.hidden_dim // (config.top_k_experts * config.n_subtokens)
+    assert pinned.expert_hidden == legacy_width == state["blocks.0.ffn.experts.w_out"].shape[1]
+    assert config.expert_hidden_dim == config.hidden_dim // config.top_k_experts  # today's default
+    # a checkpoint of today's default is left alone
+    fresh = GoHTransformer(config)
+    assert pin_legacy_expert_width(config, fresh.state_dict()) is config
+
+
+def test_a_checkpoint_that_matches_neither_width_is_refused(tmp_path):
+    config = GoHConfig(d_model=32, n_heads=4, n_layers=1, ffn="mh-moe", n_subtokens=2, n_experts=4, expert_hidden=12)
+    GoHTransformer(config).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(config.replace(expert_hidden=None).to_json(), encoding="utf-8")
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        GoHTransformer.from_pretrained(tmp_path)
