@@ -1,12 +1,12 @@
 """How the cost of one GoH layer grows: heads (complete and ring head graphs), router rounds,
 experts and sequence length, as ratios to the dense layer of the same size, in one run.
 
-Every point times forward+backward of one :class:`gohgraph.model.GoHBlock` (loss: mean square of
+Every point times forward+backward of one :class:`gohgraph.models.block.GoHBlock` (loss: mean square of
 the output + routing losses) interleaved with its dense twin (same d_model, heads, seq) and takes
 the median; memory per token counts the tensors saved for backward
-(:func:`gohgraph.compare.saved_tensor_bytes`). The heads sweep also times the head router alone on
+(:func:`gohgraph.analysis.timing.saved_tensor_bytes`). The heads sweep also times the head router alone on
 both of its paths (fused dense ``[heads, heads]`` softmax; PyG ``propagate`` over the edges) and
-the path :class:`~gohgraph.router.HeadRouter` picks by itself, to show which one grows with the
+the path :class:`~gohgraph.routers.heads.HeadRouter` picks by itself, to show which one grows with the
 edges. Writes ``benchmarks/results/scaling.png`` (log-log).
 
     python benchmarks/bench_scaling.py              # ~5 minutes on 2 CPU cores

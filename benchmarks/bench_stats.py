@@ -1,7 +1,7 @@
 """Cost of routing statistics: collect_routing_stats vs the plain forward passes it wraps.
 
 Runs a model over ~10k tokens both ways - bare ``model(ids)`` calls (eval, no_grad: the baseline)
-and :func:`gohgraph.stats.collect_routing_stats` (the same forward passes plus every statistic) -
+and :func:`gohgraph.analysis.stats.collect.collect_routing_stats` (the same forward passes plus every statistic) -
 batch by batch, interleaved and alternating which goes first, so both see the same machine load.
 The ratio sums, over batches, the fastest of the repeats of each (on a shared machine noise only
 ever adds time, so the minimum is the steadiest estimate); the medians and the time of

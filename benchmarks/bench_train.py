@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py --steps 10 --threads 4 --seq-len 128
 
 Times the trainer's optimizer step (forward, backward, gradient clipping, AdamW, routing-bias
-update; batches drawn exactly as :func:`gohgraph.train.train` draws them, no evaluation or
+update; batches drawn exactly as :func:`gohgraph.training.trainer.train` draws them, no evaluation or
 checkpointing) for three configurations of the same model, and reports
 
 * tokens/s and the ratio to dense (measured in this run, same threads, same batches; the three

@@ -45,7 +45,7 @@ def main() -> None:
           f"active-head set is the layer's most common set")
     for name in ("MoH", "GoH"):
         for seed in args.seeds:
-            torch.manual_seed(seed)  # as gohgraph.train does before building the model: the table's init
+            torch.manual_seed(seed)  # as gohgraph.training.trainer.train does before building the model: the table's init
             model = GoHTransformer(variants[name].config).eval()
             with torch.no_grad():
                 routing = model(ids).routing

@@ -23,7 +23,7 @@ from gohgraph.data.batches import eval_batches
 from gohgraph.data.corpus import load_corpus
 from gohgraph.training.presets import PRESETS, get_preset
 from gohgraph.training.config import TrainConfig
-from gohgraph.training.trainer import train
+from gohgraph.training.trainer import evaluate, train
 from gohgraph.training.checkpoint import latest_checkpoint
 
 
@@ -78,9 +78,11 @@ def main() -> int:
           f"{model_config.n_shared_heads} shared + top-{model_config.top_k_heads} of "
           f"{model_config.n_routed_heads} routed heads per layer")
     if result.val_history:
-        step, tokens, val_loss = result.val_history[-1]
-        print(f"validation loss after {step} steps ({tokens:,} tokens): {val_loss:.3f} nats/token "
-              f"(ln 256 = 5.545 for a uniform byte model)")
+        step, tokens, _ = result.val_history[-1]
+        full = evaluate(result.model, corpus.val, train_config.batch_size, train_config.seq_len)
+        covered = len(corpus.val) // train_config.seq_len * train_config.seq_len
+        print(f"validation loss after {step} steps ({tokens:,} training tokens): {full:.3f} nats/token over the "
+              f"whole validation split ({covered:,} tokens; ln 256 = 5.545 for a uniform byte model)")
     print(f"checkpoint:  {result.checkpoint_path}")
     print(f"final model: {result.final_path}")
     print(f"metrics:     {result.metrics_path}")
@@ -89,5 +91,17 @@ def main() -> int:
     return 0
 
 
+def run_main() -> int:
+    """``main()`` with the command line's contract: a user error is one line, Ctrl-C exits 130."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("train_lm: interrupted; run it again to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:
+        print(f"train_lm: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main())

@@ -5,10 +5,10 @@ MoH's recipe (continue-tuning a dense LLaMA into mixture-of-heads) with a graph 
 1. build a tiny random ``LlamaForCausalLM`` (GQA) and ``GPT2LMHeadModel`` with ``transformers``
    (offline, from configs; ``vocab_size=256`` so byte tokens work), pretrain each briefly as a
    dense model (a stand-in for a real checkpoint) and save it to a temp dir;
-2. convert each directory with :func:`gohgraph.convert.convert_hf_model` and check that the
+2. convert each directory with :func:`gohgraph.interop.convert.convert_hf_model` and check that the
    converted model's logits equal the source's (``dense_blend = 1``: every head on);
 3. continue-train on the default corpus (the standard library's source, byte tokens) while
-   :func:`~gohgraph.convert.dense_to_sparse_schedule` anneals from dense to top-k heads, and print
+   :func:`~gohgraph.training.schedules.dense_to_sparse_schedule` anneals from dense to top-k heads, and print
    the validation loss before and after.
 
 Nothing is downloaded; for a real checkpoint use ``gohgraph convert --from DIR --out DIR`` and

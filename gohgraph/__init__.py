@@ -21,8 +21,8 @@ from .models.pretrained import from_pretrained
 from .routers.heads import HeadGate, HeadRouter, LinearHeadRouter
 from .routing import ExpertRouting, LayerRouting
 from .storage import CheckpointError
+from .version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "DynamicKVCache", "ExpertRouting", "GoHAttention", "GoHConfig", "GoHOutput",

@@ -239,8 +239,6 @@ class GoHConfig:
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0 or None (dropless)")
         if self.expert_graph is not None:
-            if isinstance(self.expert_graph, str):
-                raise ValueError("expert_graph must be None or a list of [sub-token, expert] pairs")
             for sub, expert in self.expert_graph:
                 if not (0 <= sub < self.n_subtokens and 0 <= expert < self.n_routed_experts):
                     raise ValueError(f"expert_graph edge {[sub, expert]} out of range: sub-tokens "

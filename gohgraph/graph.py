@@ -16,6 +16,9 @@ import torch
 from torch_geometric.data import Data
 
 GraphLike = Union[str, nx.Graph, torch.Tensor, Sequence[Sequence[int]]]
+# graphs are built on the CPU, whatever default device is active (a model built on "meta" to count
+# its parameters still needs its graph's structure); modules move them with .to() like any buffer
+GRAPH_DEVICE = "cpu"
 
 
 HEAD_GRAPH_NAMES = ("complete", "ring", "star", "none")
@@ -34,7 +37,9 @@ def normalise_graph_spec(spec: Any, name: str) -> Union[str, List[List[int]]]:
         except json.JSONDecodeError as err:
             raise ValueError(f"{name}={spec!r} is not a valid JSON list of [src, dst] pairs: {err}") from None
     if isinstance(spec, str):
-        if name == "head_graph" and spec not in HEAD_GRAPH_NAMES:
+        if name != "head_graph":  # expert graphs have no names
+            raise ValueError(f"{name}={spec!r} must be None or a list of [sub-token, expert] pairs")
+        if spec not in HEAD_GRAPH_NAMES:
             raise ValueError(f"{name}={spec!r} is not one of {list(HEAD_GRAPH_NAMES)}, "
                              "a networkx.DiGraph or an edge_index tensor")
         return spec
@@ -72,8 +77,8 @@ def head_graph(spec: GraphLike, n_heads: int) -> torch.Tensor:
             raise ValueError(f"head graph edge ({src}, {dst}) names a head outside 0..{n_heads - 1}")
     edges = sorted({(s, d) for s, d in edges if s != d}, key=lambda e: (e[1], e[0]))
     if not edges:
-        return torch.empty(2, 0, dtype=torch.long)
-    return torch.tensor(edges, dtype=torch.long).t().contiguous()
+        return torch.empty(2, 0, dtype=torch.long, device=GRAPH_DEVICE)
+    return torch.tensor(edges, dtype=torch.long, device=GRAPH_DEVICE).t().contiguous()
 
 
 def _named_edges(name: str, n: int) -> list:
@@ -110,7 +115,7 @@ def to_pyg(edge_index: torch.Tensor, n_nodes: int) -> Data:
 
 def bipartite_adjacency(edge_index: torch.Tensor, n_src: int, n_dst: int) -> torch.Tensor:
     """``[n_dst, n_src]`` bool matrix, ``True`` where ``src -> dst`` is an edge of ``edge_index [2, E]``."""
-    adjacency = torch.zeros(n_dst, n_src, dtype=torch.bool)
+    adjacency = torch.zeros(n_dst, n_src, dtype=torch.bool, device=GRAPH_DEVICE)
     adjacency[edge_index[1], edge_index[0]] = True
     return adjacency
 
@@ -119,13 +124,13 @@ def dense_adjacency(edge_index: torch.Tensor, n_nodes: int, self_loops: bool = F
     """``[n_nodes(dst), n_nodes(src)]`` bool matrix, ``True`` where ``src -> dst`` is an edge."""
     adjacency = bipartite_adjacency(edge_index, n_nodes, n_nodes)
     if self_loops:
-        adjacency |= torch.eye(n_nodes, dtype=torch.bool)
+        adjacency |= torch.eye(n_nodes, dtype=torch.bool, device=GRAPH_DEVICE)
     return adjacency
 
 
 def with_self_loops(edge_index: torch.Tensor, n_nodes: int) -> torch.Tensor:
     """``edge_index [2, E]`` followed by the ``n_nodes`` self-loops: ``[2, E + n_nodes]``."""
-    return torch.cat([edge_index, torch.arange(n_nodes).repeat(2, 1)], dim=1)
+    return torch.cat([edge_index, torch.arange(n_nodes, device=GRAPH_DEVICE).repeat(2, 1)], dim=1)
 
 
 def expert_graph(spec: Any, n_subtokens: int, n_experts: int) -> torch.Tensor:
@@ -145,4 +150,4 @@ def expert_graph(spec: Any, n_subtokens: int, n_experts: int) -> torch.Tensor:
                              f"0..{n_subtokens - 1}, routed experts 0..{n_experts - 1} "
                              "(expert ids count routed experts only)")
     edges = sorted(set(edges), key=lambda edge: (edge[1], edge[0]))
-    return torch.tensor(edges, dtype=torch.long).reshape(-1, 2).t().contiguous()
+    return torch.tensor(edges, dtype=torch.long, device=GRAPH_DEVICE).reshape(-1, 2).t().contiguous()

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import GoHConfig
+from .config import MIN_EXPERT_HIDDEN, GoHConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -137,7 +137,7 @@ def pin_legacy_expert_width(cfg: GoHConfig, state: Dict[str, torch.Tensor]) -> G
     if cfg.expert_hidden is not None or cfg.ffn in ("dense", "moe"):
         return cfg
     widths = {tensor.shape[1] for name, tensor in state.items() if LEGACY_EXPERT_WEIGHT.match(name)}
-    legacy = max(8, cfg.hidden_dim // (cfg.top_k_experts * cfg.n_subtokens))
+    legacy = max(MIN_EXPERT_HIDDEN, cfg.hidden_dim // (cfg.top_k_experts * cfg.n_subtokens))
     if widths == {legacy} and legacy != cfg.expert_hidden_dim:
         return cfg.replace(expert_hidden=legacy)
     return cfg

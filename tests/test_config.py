@@ -1,5 +1,9 @@
 """GoHConfig: every bad value is refused at construction with the field and allowed values named."""
 
+import dataclasses
+import json
+import math
+
 import networkx as nx
 import pytest
 import torch
@@ -124,3 +128,53 @@ def test_text_values_mean_what_typed_ones_mean():
     assert GoHConfig.from_dict({"dropout": "0.1", "inter_head_flow": "false"}).inter_head_flow is False
     with pytest.raises(ValueError, match="inter_head_flow='no'"):  # a saved config.json saying "no"
         GoHConfig.from_dict({"inter_head_flow": "no"})
+
+
+# ---------------------------------------------------------------------- three paths, one parser
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FIELDS = [f.name for f in dataclasses.fields(GoHConfig)]
+SPECIAL_TEXT = ["true", "False", "0", "1", "maybe", "no", "none", "null", "2", "2.5", "-1", "1e-3", "nan", "inf",
+                "ring", "complete", "moe", "graph", "linear", "rms", "gelu", "[[0, 1], [1, 0]]", "[[0, 9]]", ""]
+
+
+def _outcome(build):
+    try:
+        return "value", build().to_dict()
+    except ValueError as err:
+        return "error", str(err)
+
+
+def _via_set(name, text):
+    from gohgraph.cli.common import parse_overrides
+    from gohgraph.training.presets import split_fields
+
+    model_kwargs, _ = split_fields(parse_overrides([f"{name}={text}"], FIELDS), "--set")
+    return GoHConfig.from_dict(model_kwargs)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(FIELDS), text=st.one_of(st.sampled_from(SPECIAL_TEXT), st.text(max_size=6)))
+def test_text_means_the_same_through_set_json_and_the_constructor(name, text):
+    direct = _outcome(lambda: GoHConfig(**{name: text}))
+    from_json = _outcome(lambda: GoHConfig.from_dict(json.loads(json.dumps({name: text}))))
+    assert from_json == direct
+    if text == text.strip() and "=" not in text:  # --set strips around the value, like a shell user expects
+        assert _outcome(lambda: _via_set(name, text)) == direct
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.sampled_from(FIELDS),
+       value=st.one_of(st.booleans(), st.integers(-3, 300), st.floats(allow_nan=True, allow_infinity=True)))
+def test_numbers_mean_the_same_through_set_json_and_the_constructor(name, value):
+    direct = _outcome(lambda: GoHConfig(**{name: value}))
+    if isinstance(value, float) and not math.isfinite(value):
+        assert direct[0] == "error" or name in ("head_graph", "expert_graph")
+    else:
+        assert _outcome(lambda: GoHConfig.from_dict(json.loads(json.dumps({name: value})))) == direct
+    via_set = _outcome(lambda: _via_set(name, json.dumps(value) if not isinstance(value, bool) else str(value)))
+    if direct[0] == "value":
+        assert via_set == direct  # the text of an accepted number means that number
+    else:
+        assert via_set[0] == "error"

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # bottom first: a module may import from its own layer group and the ones below it, never above.
 # Folders on one level (interop and parallel) are separate concerns and may not import each other.
 LAYERS = [
-    ("gohgraph.config", "gohgraph.graph", "gohgraph.routing", "gohgraph.storage"),
+    ("gohgraph.config", "gohgraph.graph", "gohgraph.routing", "gohgraph.storage", "gohgraph.version"),
     ("gohgraph.ops",),
     ("gohgraph.layers",),
     ("gohgraph.routers",),

@@ -58,3 +58,20 @@ def test_a_checkpoint_that_matches_neither_width_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(config.replace(expert_hidden=None).to_json(), encoding="utf-8")
     with pytest.raises(CheckpointError, match="shape mismatches"):
         GoHTransformer.from_pretrained(tmp_path)
+
+
+def test_nothing_loads_pickles():
+    """Checkpoints are safetensors + JSON; no code path may unpickle (which runs code from a file)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    offending = []
+    for folder in ("gohgraph", "viz", "examples", "benchmarks"):
+        for path in (root / folder).rglob("*.py"):
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                code = line.split("#", 1)[0]
+                if re.search(r"\btorch\.load\(", code) and "weights_only=True" not in code:
+                    offending.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
+                if re.search(r"\b(import pickle|from pickle|cPickle|dill|allow_pickle\s*=\s*True)\b", code):
+                    offending.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
+    assert not offending, "\n".join(offending)

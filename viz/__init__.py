@@ -21,6 +21,11 @@ from .routing_graph import (draw_routing_graph, draw_routing_graphs, layered_rou
                             write_graphml)
 from .token_trace import byte_decode, byte_encode, token_labels, token_routing, token_trace
 
+# file names write_all_pictures uses in its output directory
+ROUTING_GRAPHS, HEAD_HEATMAP, EXPERT_HEATMAP = "routing_graphs.png", "head_load_heatmap.png", "expert_load_heatmap.png"
+TOKEN_TRACE, TRAINING_CURVES, GRAPHML = "token_trace.png", "training_curves.png", "routing_graph.graphml"
+PICTURE_FILES = (ROUTING_GRAPHS, HEAD_HEATMAP, EXPERT_HEATMAP, TOKEN_TRACE, TRAINING_CURVES, GRAPHML)
+
 __all__ = [
     "as_report", "byte_decode", "byte_encode", "draw_routing_graph", "draw_routing_graphs",
     "expert_load_heatmap", "head_load_heatmap", "layered_routing_graph", "read_metrics_csv",
@@ -44,16 +49,16 @@ def write_all_pictures(model: Any, stats: Any, out_dir: Union[str, Path], text: 
     out_dir.mkdir(parents=True, exist_ok=True)
     report = as_report(stats)
     written = [
-        _saved(draw_routing_graphs(report), out_dir / "routing_graphs.png"),
-        _saved(head_load_heatmap(report), out_dir / "head_load_heatmap.png"),
+        _saved(draw_routing_graphs(report), out_dir / ROUTING_GRAPHS),
+        _saved(head_load_heatmap(report), out_dir / HEAD_HEATMAP),
     ]
     if has_experts(report):
-        written.append(_saved(expert_load_heatmap(report), out_dir / "expert_load_heatmap.png"))
+        written.append(_saved(expert_load_heatmap(report), out_dir / EXPERT_HEATMAP))
     if text:
-        written.append(_saved(token_trace(model, text, encode=encode, decode=decode), out_dir / "token_trace.png"))
+        written.append(_saved(token_trace(model, text, encode=encode, decode=decode), out_dir / TOKEN_TRACE))
     if metrics_csv is not None and Path(metrics_csv).is_file():
-        written.append(_saved(training_curves(metrics_csv), out_dir / "training_curves.png"))
-    written.append(write_graphml(report, out_dir / "routing_graph.graphml"))
+        written.append(_saved(training_curves(metrics_csv), out_dir / TRAINING_CURVES))
+    written.append(write_graphml(report, out_dir / GRAPHML))
     return written
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .common import parse_overrides
 
+OUTPUT_FILES = ("compare.md", "compare.json", "compare_loss.png")
 # what the comparison itself decides per variant: its kind, and the width the matching fits
 PROTOCOL_FIELDS = {"ffn", "router", "vocab_size", "ffn_hidden", "expert_hidden"}
 WHY_PROTECTED = ("the comparison sets {name} itself (a variant's kind, the width the matching fits, or the "
@@ -37,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST..FIRST+N-1")
     parser.add_argument("--out", default="runs/bench", help="directory for compare.md/.json/_loss.png")
+    parser.add_argument("--overwrite", action="store_true", help="replace compare.md/.json/_loss.png if present")
     parser.add_argument("--data", default=None,
                         help="text file, directory or glob (default: the Python standard library corpus)")
     parser.add_argument("--variants", nargs="+", default=None, choices=VARIANT_NAMES, metavar="NAME",
@@ -95,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
         schedule["dense_anneal_steps"] = args.dense_anneal_steps
     train_config = TrainConfig(**schedule)
     out = Path(args.out)
+    existing = [out / name for name in OUTPUT_FILES if (out / name).exists()]
+    if existing and not args.overwrite:  # checked before the (long) comparison runs
+        raise ValueError(f"{existing[0]} already exists; pass --overwrite to replace the comparison in {out}, "
+                         "or choose another --out")
     machine = (f"Setting `{setting}`; torch {torch.__version__}, {torch.get_num_threads()} threads, "
                f"{platform.processor() or platform.machine()}, Python {platform.python_version()}.")
     if router:

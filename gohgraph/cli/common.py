@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -11,6 +12,8 @@ import torch
 from ..data.batches import eval_batches
 from ..data.corpus import load_corpus
 from ..data.tokenizers import load_tokenizer
+from ..models.pretrained import from_pretrained
+from ..training.checkpoint import resolve_checkpoint
 
 SEARCH_LEVELS = 2  # runs/<name>/checkpoints/step_N -> runs/<name>
 
@@ -39,6 +42,66 @@ def parse_overrides(pairs: List[str], fields: Iterable[str], protected: Iterable
     return overrides
 
 
+def load_model(checkpoint: Path, device: str = "cpu") -> Tuple[torch.nn.Module, Path]:
+    """The model a run directory or checkpoint holds, on ``device``, and the checkpoint used.
+
+    Says on stderr which checkpoint it used (stdout stays the command's output): in a run
+    directory the newest complete one, ``final/`` or ``checkpoints/latest``.
+    """
+    torch_device = check_device(device)
+    directory = resolve_checkpoint(Path(checkpoint))
+    print(f"checkpoint: {directory}", file=sys.stderr)
+    return from_pretrained(directory, map_location=str(torch_device)), directory
+
+
+def check_device(device: str) -> torch.device:
+    """``--device`` as a ``torch.device``, or a one-line error when this machine cannot run on it."""
+    try:
+        torch_device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if torch_device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"--device {device}: {build} (torch {torch.__version__}); use --device cpu")
+        if torch_device.index is not None and torch_device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif torch_device.type != "cpu":
+        raise ValueError(f"--device {device!r}: only cpu and cuda are supported")
+    return torch_device
+
+
+def prepare_output(path: Path, overwrite: bool, is_directory: bool, replaces: Iterable[str] = ()) -> Path:
+    """Check that ``path`` may be written and create its folder.
+
+    An existing file, or a directory that is not empty, is written into only with ``overwrite``;
+    then the files named in ``replaces`` (what the command writes there) are deleted first, so no
+    stale one survives, and nothing else in the directory is touched. Errors name the path and say
+    how to proceed.
+    """
+    path = Path(path)
+    if path.exists():
+        if is_directory and not path.is_dir():
+            raise ValueError(f"{path} is a file; the output must be a directory")
+        if not is_directory and path.is_dir():
+            raise ValueError(f"{path} is a directory; the output must be a file")
+        occupied = any(path.iterdir()) if is_directory else True
+        if occupied and not overwrite:
+            raise ValueError(f"{path} already exists; pass --overwrite to replace it, or choose another path")
+        for name in replaces if is_directory else ():
+            if (path / name).is_file():
+                (path / name).unlink()
+    for parent in [path.parent, *path.parent.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{parent} is a file, so {path} cannot be created below it")
+    (path if is_directory else path.parent).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace the output if it already exists")
+
+
 def run_dir_of(directory: Path) -> Optional[Path]:
     """The run directory a checkpoint lives in (``run/final`` or ``run/checkpoints/step_N``), if any."""
     for candidate in (directory, directory.parent, directory.parent.parent):
@@ -57,7 +120,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, default_batches: int) ->
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def validation_batches(args: argparse.Namespace, model) -> Tuple[List[torch.Tensor], object]:
+def validation_batches(args: argparse.Namespace, model, checkpoint: Path) -> Tuple[List[torch.Tensor], object]:
     """``--batches`` batches ``[batch, seq]`` of validation tokens and the model's tokenizer.
 
     Text comes from ``--data`` (default corpus otherwise). If the run saved a ``tokenizer.json``
@@ -71,7 +134,7 @@ def validation_batches(args: argparse.Namespace, model) -> Tuple[List[torch.Tens
     if not 1 <= seq_len <= cfg.max_seq_len:
         raise ValueError(f"--seq-len={seq_len} must be in [1, max_seq_len={cfg.max_seq_len}]")
     corpus = load_corpus(args.data)
-    tokenizer_dir = find_run_file(args.checkpoint, "tokenizer.json")
+    tokenizer_dir = find_run_file(checkpoint, "tokenizer.json")
     tokenizer = load_tokenizer(tokenizer_dir.parent) if tokenizer_dir else corpus.tokenizer
     tokens = corpus.val
     if tokenizer_dir is not None:

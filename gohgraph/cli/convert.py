@@ -1,17 +1,21 @@
 """``gohgraph convert``: a local Hugging Face Llama / GPT-2 checkpoint -> a graph-routed GoH checkpoint.
 
-Thin: parses arguments, calls :func:`gohgraph.convert.convert_hf_model`, saves the result. The
+Thin: parses arguments, calls :func:`gohgraph.interop.convert.convert_hf_model`, saves the result. The
 saved model has ``dense_blend = 1`` (it computes the source exactly); continued training anneals
-it to the configured top-k routing with :func:`gohgraph.convert.dense_to_sparse_schedule`.
+it to the configured top-k routing with :func:`gohgraph.training.schedules.dense_to_sparse_schedule`.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
 from ..config import ROUTERS
+from ..data.tokenizers import TOKENIZER_FILE
+from ..storage import CONFIG_NAME, WEIGHTS_NAME
+from .common import add_overwrite_argument, prepare_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-experts", type=int, default=None, metavar="N", help="experts per layer for --ffn moe")
     parser.add_argument("--top-k-experts", type=int, default=None, metavar="K",
                         help="experts per token for --ffn moe")
+    add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     if Path(args.out).resolve() == Path(args.source).resolve():
         raise ValueError(f"--out {args.out} is the source directory; choose another so the source is kept")
+    if Path(args.out).exists() and not args.overwrite:  # checked before the (slow) conversion
+        prepare_output(Path(args.out), overwrite=False, is_directory=True)
     overrides = {"router": args.router, "n_shared_heads": args.n_shared_heads, "top_k_heads": args.top_k_heads,
                  "ffn": args.ffn}
     optional = {"router_rounds": args.router_rounds, "n_experts": args.n_experts,
@@ -46,10 +53,19 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as err:  # the optional hf extra is missing: one line, as for user errors
         print(f"gohgraph convert: error: {err}", file=sys.stderr)
         return 1
-    model.save_pretrained(args.out)
+    out = prepare_output(Path(args.out), args.overwrite, is_directory=True,
+                         replaces=(CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_FILE))
+    model.save_pretrained(out)
+    tokenizer = Path(args.source) / TOKENIZER_FILE
+    if tokenizer.is_file():  # the tokenizer travels with the model: train/eval/generate read it from here
+        shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
     cfg = model.config
-    print(f"converted {args.source} -> {args.out}: {cfg.n_layers} layers, {cfg.n_heads} heads "
+    print(f"converted {args.source} -> {out}: {cfg.n_layers} layers, {cfg.n_heads} heads "
           f"({cfg.kv_heads} kv), router={cfg.router}, active heads {cfg.active_heads}/{cfg.n_heads}, "
           f"ffn={cfg.ffn}, {model.num_parameters():,} parameters; dense_blend=1.0 "
-          "(anneal with gohgraph.convert.dense_to_sparse_schedule while training)")
+          "(anneal with gohgraph.training.schedules.dense_to_sparse_schedule while training)")
+    print(f"tokenizer: {out / TOKENIZER_FILE if tokenizer.is_file() else f'none in {args.source}: train with the tokenizer the source model used'}")
+    if cfg.router != "dense" and cfg.active_heads == cfg.n_heads:
+        print("note: every head stays active (no --top-k-heads): continued training with --dense-anneal-steps "
+              "has nothing to anneal to; convert with e.g. --top-k-heads 4 to route heads", file=sys.stderr)
     return 0

@@ -12,10 +12,8 @@ import math
 from pathlib import Path
 
 from ..data.corpus import load_corpus
-from ..models.decoder import GoHTransformer
-from ..training.checkpoint import resolve_checkpoint
 from ..training.trainer import evaluate
-from .common import run_dir_of
+from .common import load_model, run_dir_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    directory = resolve_checkpoint(args.checkpoint)
-    model = GoHTransformer.from_pretrained(directory, map_location=args.device)
+    model, directory = load_model(args.checkpoint, args.device)
     run_dir = run_dir_of(directory)
     data_settings = _read_json(run_dir / "data.json") if run_dir else {}
     train_settings = _read_json(run_dir / "train_config.json") if run_dir else {}

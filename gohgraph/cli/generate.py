@@ -8,25 +8,28 @@ from pathlib import Path
 import torch
 
 from ..data.tokenizers import TOKENIZER_FILE, load_tokenizer
-from ..models.decoder import GoHTransformer
-from ..training.checkpoint import resolve_checkpoint
-from .common import run_dir_of
+from .common import load_model, run_dir_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="run directory, checkpoint directory or save_pretrained directory")
-    parser.add_argument("--prompt", default="def ", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+                        help="run directory (its newest checkpoint is used), checkpoint or save_pretrained directory")
+    parser.add_argument("--prompt", default="def ", help="text to continue (default: %(default)r)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add, >= 1 (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="sampling temperature, >= 0; 0 = greedy (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=50,
+                        help="sample among the k most likely tokens, >= 1 (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="nucleus sampling: the smallest set of tokens holding this probability, in (0, 1]")
+    parser.add_argument("--stop", default=None, metavar="TEXT",
+                        help="stop after this text (one token of the model's tokenizer, e.g. a newline)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
 
 
 def run(args: argparse.Namespace) -> int:
-    directory = resolve_checkpoint(args.checkpoint)
-    model = GoHTransformer.from_pretrained(directory, map_location=args.device)
+    model, directory = load_model(args.checkpoint, args.device)
     tokenizer_home = directory if (directory / TOKENIZER_FILE).is_file() else (run_dir_of(directory) or directory)
     tokenizer = load_tokenizer(tokenizer_home)
     prompt_ids = tokenizer.encode(args.prompt)
@@ -37,10 +40,16 @@ def run(args: argparse.Namespace) -> int:
     room = model.config.max_seq_len - len(prompt_ids)
     if room < 1:
         raise ValueError(f"--prompt is {len(prompt_ids)} tokens; the model's max_seq_len is {model.config.max_seq_len}")
+    eos = None
+    if args.stop is not None:
+        stop_ids = tokenizer.encode(args.stop)
+        if len(stop_ids) != 1:
+            raise ValueError(f"--stop {args.stop!r} is {len(stop_ids)} tokens of this model's tokenizer; give one token")
+        eos = stop_ids[0]
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     ids = torch.tensor([prompt_ids], device=args.device)
     out = model.generate(ids, max_new_tokens=min(args.max_new_tokens, room), temperature=args.temperature,
-                         top_k=args.top_k, generator=generator)
+                         top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, generator=generator)
     print(tokenizer.decode(out[0].tolist()))
     return 0
 

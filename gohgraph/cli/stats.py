@@ -14,33 +14,35 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from .common import add_data_arguments, validation_batches
+from .common import add_data_arguments, add_overwrite_argument, load_model, prepare_output, validation_batches
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="directory written by save_pretrained / training")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory (its newest checkpoint is used) or checkpoint directory")
     parser.add_argument("--out", required=True, help="where to write the statistics JSON")
     add_data_arguments(parser, default_batches=20)
     parser.add_argument("--csv", default=None, help="also write the statistics as a long CSV table")
     parser.add_argument("--compare", default=None, metavar="CHECKPOINT",
                         help="also report routing drift: the share of tokens whose active heads/experts "
                              "differ from this checkpoint")
+    add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..analysis.stats.collect import collect_routing_stats
     from ..analysis.stats.drift import routing_drift
-    from ..models.decoder import GoHTransformer
 
-    model = GoHTransformer.from_pretrained(args.checkpoint)
-    batches, _ = validation_batches(args, model)
+    out = prepare_output(Path(args.out), args.overwrite, is_directory=False)
+    if args.csv:
+        prepare_output(Path(args.csv), args.overwrite, is_directory=False)
+    model, checkpoint = load_model(args.checkpoint)
+    batches, _ = validation_batches(args, model, checkpoint)
     stats = collect_routing_stats(model, batches, progress=not args.no_progress)
     report = stats.report()
     if args.compare:
-        other = GoHTransformer.from_pretrained(args.compare)
+        other, _ = load_model(args.compare)
         report["drift"] = {"against": str(args.compare), **routing_drift(model, other, batches)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.csv:
         stats.to_csv(args.csv)

@@ -13,16 +13,18 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from ..config import GoHConfig
 from ..data.corpus import load_corpus
+from ..data.tokenizers import TOKENIZER_FILE
 from ..storage import atomic_write_text, read_config
 from ..training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
 from ..training.config import TrainConfig
 from ..training.presets import PRESETS, get_preset, read_config_file, split_fields
-from ..training.trainer import train
-from .common import parse_overrides
+from ..training.trainer import evaluate, train
+from .common import check_device, parse_overrides
 
 # flag name -> TrainConfig field (None = not given, keep the base value)
 TRAIN_FLAGS = {"max_steps": "max_steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr",
@@ -36,19 +38,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named model + training preset (default tiny)")
     parser.add_argument("--config", type=Path, help="JSON or YAML file of GoHConfig/TrainConfig fields")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override any GoHConfig or TrainConfig field (repeatable)")
+                        help="override any GoHConfig or TrainConfig field (repeatable); values are parsed "
+                             "by the field's type: booleans true/false/1/0, integers, numbers, null")
     parser.add_argument("--router", choices=["dense", "linear", "graph"], help="head router (GoHConfig.router)")
-    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--max-steps", type=int, help="optimizer steps to train for (in total, when resuming)")
     parser.add_argument("--batch-size", type=int, help="sequences per micro-step over all processes")
-    parser.add_argument("--seq-len", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--grad-accum", type=int)
-    parser.add_argument("--warmup-steps", type=int)
-    parser.add_argument("--eval-every", type=int)
-    parser.add_argument("--save-every", type=int)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seq-len", type=int, help="tokens per training window")
+    parser.add_argument("--lr", type=float, help="peak learning rate (warmup, then cosine decay)")
+    parser.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step")
+    parser.add_argument("--warmup-steps", type=int, help="linear learning-rate warmup steps")
+    parser.add_argument("--eval-every", type=int, help="steps between validation runs")
+    parser.add_argument("--save-every", type=int, help="steps between checkpoints")
+    parser.add_argument("--seed", type=int, help="seed of the weights and of the batches")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
+                        help="auto (default): bf16 autocast on CUDA, float32 on CPU")
+    parser.add_argument("--force", action="store_true",
+                        help="start even when the memory estimate of a step exceeds the available memory")
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun instead of DDP")
     parser.add_argument("--init-from", type=Path,
                         help="start from this save_pretrained directory's model (e.g. from gohgraph convert)")
@@ -67,7 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs") / (args.name or "default")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run dir {run_dir} is a file; choose another --run-dir or --name")
+    if args.resume and latest_checkpoint(run_dir) is None:  # before anything of the run is rewritten
+        raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint; drop --resume to start a new run")
     model_config, train_config, data_settings = build_configs(args, run_dir)
+    check_device(train_config.device) if train_config.device != "auto" else None
     rank = int(os.environ.get("RANK", "0"))
     has_checkpoint = (run_dir / CHECKPOINTS_DIR).is_dir() and any((run_dir / CHECKPOINTS_DIR).iterdir())
     if has_checkpoint and not args.resume:
@@ -77,20 +88,26 @@ def run(args: argparse.Namespace) -> int:
         if rank == 0:
             shutil.rmtree(run_dir / CHECKPOINTS_DIR)
     corpus = load_corpus(data_settings["data"], args.cache_dir, data_settings["tokenizer"])
-    if model_config.vocab_size < corpus.vocab_size:
-        model_config = model_config.replace(vocab_size=corpus.vocab_size)
+    model_config = fit_vocabulary(model_config, corpus.vocab_size, explicit_model_fields(args),
+                                  train_config.init_from)
+    _note_dense_anneal(model_config, train_config)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / DATA_FILE, json.dumps(data_settings, indent=2) + "\n")
     result = train(model_config, train_config, corpus, run_dir, resume=args.resume,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, check_memory=not args.force)
     if rank == 0:
         params = result.model.num_parameters()
         print(f"data: {corpus.source} ({len(corpus.train):,} train / {len(corpus.val):,} val tokens)")
         print(f"model: {params:,} parameters, router={model_config.router}, ffn={model_config.ffn}")
         print(f"steps: {result.steps}, tokens: {result.tokens_seen:,}, {result.tokens_per_s:,.0f} tokens/s")
         if result.val_history:
-            print(f"validation loss: {result.final_val_loss:.4f} nats/token")
+            print(f"validation loss: {result.final_val_loss:.4f} nats/token over the first "
+                  f"{result.val_tokens:,} validation tokens (eval_batches={train_config.eval_batches})")
+        if not result.interrupted:
+            full = evaluate(result.model, corpus.val, train_config.batch_size, train_config.seq_len)
+            windows = len(corpus.val) // train_config.seq_len * train_config.seq_len
+            print(f"validation loss: {full:.4f} nats/token over the whole validation split ({windows:,} tokens)")
         if result.interrupted:
             print(f"interrupted at step {result.steps}; continue with: gohgraph train --resume --run-dir {run_dir}")
         print(f"checkpoint: {result.checkpoint_path}")
@@ -134,8 +151,60 @@ def build_configs(args: argparse.Namespace, run_dir: Path):
         data_settings["data"] = args.data
     if args.tokenizer is not None:
         data_settings["tokenizer"] = args.tokenizer
+    if args.init_from is not None and args.tokenizer is None and (args.init_from / TOKENIZER_FILE).is_file():
+        data_settings["tokenizer"] = f"file:{args.init_from / TOKENIZER_FILE}"  # the model's own tokenizer
     train_config = TrainConfig.from_dict(train_kwargs)
-    model_kwargs.setdefault("max_seq_len", train_config.seq_len + 1)
-    if model_kwargs["max_seq_len"] < train_config.seq_len + 1:
-        model_kwargs["max_seq_len"] = train_config.seq_len + 1  # windows hold seq_len + 1 tokens
+    model_kwargs["max_seq_len"] = fit_max_seq_len(GoHConfig.from_dict(model_kwargs), train_config.seq_len,
+                                                  explicit="max_seq_len" in explicit_model_fields(args),
+                                                  init_from=args.init_from)
     return GoHConfig.from_dict(model_kwargs), train_config, data_settings
+
+
+def explicit_model_fields(args: argparse.Namespace) -> set:
+    """GoHConfig fields the user set by name (``--set``, ``--config``), which are never silently changed."""
+    names = {pair.partition("=")[0].strip() for pair in args.set}
+    if args.config is not None:
+        names |= set(split_fields(read_config_file(args.config), str(args.config))[0])
+    return names
+
+
+def fit_max_seq_len(cfg: GoHConfig, seq_len: int, explicit: bool, init_from) -> int:
+    """``max_seq_len`` large enough for training windows of ``seq_len + 1`` tokens.
+
+    A preset's value grows to fit (positions are cheap; the memory check guards the step itself);
+    a value the user set, or a learned position table the model was trained with, is never
+    changed: too small is an error naming both numbers.
+    """
+    needed = seq_len + 1  # windows hold seq_len + 1 tokens: the inputs and the shifted labels
+    if cfg.max_seq_len >= needed:
+        return cfg.max_seq_len
+    if explicit:
+        raise ValueError(f"seq_len={seq_len} needs max_seq_len >= {needed}, but max_seq_len={cfg.max_seq_len} "
+                         "was set; raise it or lower seq_len")
+    if init_from is not None and cfg.position_embedding == "learned":
+        raise ValueError(f"seq_len={seq_len} needs {needed} positions, but the model at {init_from} has a learned "
+                         f"position table of {cfg.max_seq_len}; use seq_len <= {cfg.max_seq_len - 1}")
+    return needed
+
+
+def fit_vocabulary(cfg: GoHConfig, data_vocab: int, explicit: set, init_from) -> GoHConfig:
+    """The model's ``vocab_size`` against the data tokenizer's: a preset's grows to fit; a value
+    set by the user, or a pretrained model's, must match (a smaller one cannot embed the data, and a
+    pretrained embedding read through another tokenizer would give its rows other meanings)."""
+    if init_from is not None and data_vocab != cfg.vocab_size:
+        raise ValueError(f"the model at {init_from} has vocab_size={cfg.vocab_size} but the data's tokenizer "
+                         f"has {data_vocab} tokens; train with the model's tokenizer (--tokenizer "
+                         f"file:PATH/{TOKENIZER_FILE}, which convert saves beside the model)")
+    if data_vocab <= cfg.vocab_size:
+        return cfg
+    if "vocab_size" in explicit:
+        raise ValueError(f"vocab_size={cfg.vocab_size} is smaller than the data's tokenizer ({data_vocab} "
+                         f"tokens); set vocab_size >= {data_vocab} or leave it out")
+    return cfg.replace(vocab_size=data_vocab)
+
+
+def _note_dense_anneal(cfg: GoHConfig, train_config: TrainConfig) -> None:
+    if train_config.dense_anneal_steps and cfg.router != "dense" and cfg.active_heads == cfg.n_heads:
+        print(f"note: --dense-anneal-steps {train_config.dense_anneal_steps} has nothing to anneal to: every "
+              f"head stays active (n_shared_heads={cfg.n_shared_heads}, top_k_heads={cfg.top_k_heads}); "
+              "set top_k_heads below the routed heads, e.g. --set top_k_heads=2", file=sys.stderr)

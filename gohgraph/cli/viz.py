@@ -14,38 +14,43 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_data_arguments, find_run_file, validation_batches
+from .common import (add_data_arguments, add_overwrite_argument, find_run_file, load_model, prepare_output,
+                     validation_batches)
 
 DEFAULT_TRACE_TOKENS = 48
+STATS_FILE = "stats.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="directory written by save_pretrained / training")
-    parser.add_argument("--out", required=True, help="directory for the pictures")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory (its newest checkpoint is used) or checkpoint directory")
+    parser.add_argument("--out", required=True, help="directory for the pictures (new, or --overwrite)")
     parser.add_argument("--text", default=None, help="text whose per-token routing to draw "
                                                       "(default: the start of the validation text)")
     parser.add_argument("--metrics", default=None,
                         help="metrics CSV for the training curves (default: metrics.csv near the checkpoint)")
     add_data_arguments(parser, default_batches=10)
+    add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import viz
     from ..analysis.stats.collect import collect_routing_stats
-    from ..models.decoder import GoHTransformer
 
-    model = GoHTransformer.from_pretrained(args.checkpoint)
-    metrics = Path(args.metrics) if args.metrics else find_run_file(args.checkpoint, "metrics.csv")
+    out = prepare_output(Path(args.out), args.overwrite, is_directory=True,
+                         replaces=(*viz.PICTURE_FILES, STATS_FILE))
+    model, checkpoint = load_model(args.checkpoint)
+    metrics = Path(args.metrics) if args.metrics else find_run_file(checkpoint, "metrics.csv")
     if metrics is not None and not metrics.is_file():
         raise FileNotFoundError(f"--metrics {metrics} does not exist")
-    batches, tokenizer = validation_batches(args, model)
+    batches, tokenizer = validation_batches(args, model, checkpoint)
     stats = collect_routing_stats(model, batches, progress=not args.no_progress)
     text = args.text
     if text is None:
         text = tokenizer.decode(batches[0][0, :DEFAULT_TRACE_TOKENS].tolist())
-    written = viz.write_all_pictures(model, stats, args.out, text=text, metrics_csv=metrics,
+    written = viz.write_all_pictures(model, stats, out, text=text, metrics_csv=metrics,
                                      encode=tokenizer.encode, decode=tokenizer.decode)
-    written.append(stats.to_json(Path(args.out) / "stats.json"))
+    written.append(stats.to_json(out / STATS_FILE))
     for path in written:
         print(f"wrote {path}")
     if metrics is None:

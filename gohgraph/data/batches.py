@@ -16,15 +16,19 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
 
     Deterministic; the last partial batch is kept (smaller ``batch``), a partial window dropped.
     """
-    n_windows = len(tokens) // seq_len
+    n_windows = eval_windows(len(tokens), batch_size, seq_len, max_batches)
     if n_windows == 0:
         raise DataError(f"validation data has {len(tokens)} tokens, fewer than seq_len={seq_len}")
-    if max_batches is not None:
-        n_windows = min(n_windows, max_batches * batch_size)
     for start in range(0, n_windows, batch_size):
         count = min(batch_size, n_windows - start)
         block = np.asarray(tokens[start * seq_len:(start + count) * seq_len], dtype=np.int64)
         yield torch.from_numpy(block.reshape(count, seq_len))
+
+
+def eval_windows(n_tokens: int, batch_size: int, seq_len: int, max_batches: Optional[int] = None) -> int:
+    """How many ``seq_len`` windows :func:`eval_batches` yields from ``n_tokens`` tokens."""
+    n_windows = n_tokens // seq_len
+    return n_windows if max_batches is None else min(n_windows, max_batches * batch_size)
 
 
 def train_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int,

@@ -28,13 +28,16 @@ import numpy as np
 
 from ..storage import atomic_write, atomic_write_text
 from .errors import DataError
-from .tokenizers import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, parse_tokenizer
+from .tokenizers import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, parse_tokenizer, read_tokenizer_file
+
+TRAINED_OR_GIVEN = ("bpe", "file")  # tokenizers kept as tokenizer.json in the cache
 
 CACHE_ENV = "GOHGRAPH_CACHE"
 CACHE_FORMAT = 1
 DEFAULT_CORPUS_BYTES = 4_000_000  # enough for small models, a second to tokenize
 VAL_PERCENT = 5
 MIN_CORPUS_BYTES = 256
+MAX_LISTED_PROBLEMS = 10  # bad files named in one error message
 
 
 # ---------------------------------------------------------------------- corpus
@@ -83,13 +86,16 @@ def load_corpus(data: Optional[str] = None, cache_dir: Optional[Path] = None,
         if max_bytes is not None:
             files = _cap(files, max_bytes)
     cache_dir = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gohgraph")
-    key = _cache_key(root, files, tokenizer)
+    # a given tokenizer file is keyed by its content, so editing it rebuilds the cache
+    key = _cache_key(root, files, tokenizer if kind != "file" else
+                     "file:" + hashlib.sha256(Path(tokenizer[len("file:"):]).read_bytes()).hexdigest())
     cache = cache_dir / f"corpus-{key}"
     manifest = _read_valid_manifest(cache)
     if manifest is None:
-        manifest = _build_cache(cache, root, files, kind, vocab_size, strict, source)
+        given = read_tokenizer_file(Path(tokenizer[len("file:"):])) if kind == "file" else None
+        manifest = _build_cache(cache, root, files, kind, vocab_size, strict, source, given)
     tok = BPETokenizer.from_json((cache / TOKENIZER_FILE).read_text(encoding="utf-8")) \
-        if kind == "bpe" else ByteTokenizer()
+        if kind in TRAINED_OR_GIVEN else ByteTokenizer()
     dtype = np.dtype(manifest["dtype"])
     return Corpus(train=_memmap(cache / "train.bin", dtype, manifest["train_tokens"]),
                   val=_memmap(cache / "val.bin", dtype, manifest["val_tokens"]),
@@ -159,7 +165,7 @@ def _read_valid_manifest(cache: Path) -> Optional[dict]:
             expected = manifest[f"{split}_tokens"] * np.dtype(manifest["dtype"]).itemsize
             if len(blob) != expected or hashlib.sha256(blob).hexdigest() != manifest[f"{split}_sha256"]:
                 return None
-        if manifest["tokenizer"] == "bpe" and not (cache / TOKENIZER_FILE).is_file():
+        if manifest["tokenizer"] in TRAINED_OR_GIVEN and not (cache / TOKENIZER_FILE).is_file():
             return None
         return manifest
     except (OSError, ValueError, KeyError, TypeError):
@@ -167,10 +173,10 @@ def _read_valid_manifest(cache: Path) -> Optional[dict]:
 
 
 def _build_cache(cache: Path, root: Path, files: List[Path], kind: str, vocab_size: int,
-                 strict: bool, source: str) -> dict:
+                 strict: bool, source: str, given: Optional[BPETokenizer] = None) -> dict:
     train_texts, val_texts = _read_split(root, files, strict)
-    if kind == "bpe":
-        tok = BPETokenizer.train(train_texts, vocab_size)
+    if kind in TRAINED_OR_GIVEN:
+        tok = given if kind == "file" else BPETokenizer.train(train_texts, vocab_size)
         atomic_write_text(cache / TOKENIZER_FILE, tok.to_json())
     else:
         tok = ByteTokenizer()
@@ -179,7 +185,7 @@ def _build_cache(cache: Path, root: Path, files: List[Path], kind: str, vocab_si
                 "vocab_size": tok.vocab_size, "dtype": dtype.name,
                 "train_files": len(train_texts), "val_files": len(val_texts)}
     for split, texts in (("train", train_texts), ("val", val_texts)):
-        ids = np.asarray([i for text in texts for i in tok.encode(text)], dtype=dtype) if kind == "bpe" \
+        ids = np.asarray([i for text in texts for i in tok.encode(text)], dtype=dtype) if kind in TRAINED_OR_GIVEN \
             else np.frombuffer("".join(texts).encode("utf-8"), dtype=np.uint8).astype(dtype)
         blob = ids.tobytes()
         atomic_write(cache / f"{split}.bin", lambda tmp, blob=blob: Path(tmp).write_bytes(blob))
@@ -191,21 +197,26 @@ def _build_cache(cache: Path, root: Path, files: List[Path], kind: str, vocab_si
 
 def _read_split(root: Path, files: List[Path], strict: bool) -> Tuple[List[str], List[str]]:
     """Texts of the train and validation files; one file, or an empty side, splits 90/10 by position."""
-    train, val, total = [], [], 0
+    train, val, total, problems = [], [], 0, []
     for path in files:
         raw = path.read_bytes()
         if strict and not raw.strip():
-            raise DataError(f"{path} is empty")
+            problems.append(f"{path} is empty")
+            continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            if strict:
-                raise DataError(f"{path} is not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 1]!r}); "
-                                "convert it or leave it out") from None
+            if strict:  # every bad file is listed at once, not one per run
+                problems.append(f"{path} is not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 1]!r})")
             continue  # the standard library holds a few deliberately mis-encoded test files
         total += len(raw)
         relative = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
         (val if _path_hash(relative) % 100 < VAL_PERCENT else train).append(text + "\n")
+    if problems:
+        shown = "; ".join(problems[:MAX_LISTED_PROBLEMS])
+        more = f"; and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
+        raise DataError(f"{len(problems)} of {len(files)} data files cannot be used: {shown}{more}; "
+                        "convert them or leave them out")
     if total < MIN_CORPUS_BYTES:
         names = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
         raise DataError(f"{names}: only {total} bytes of text; need at least {MIN_CORPUS_BYTES}")

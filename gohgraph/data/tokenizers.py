@@ -78,6 +78,9 @@ def load_tokenizer(directory: Path):
 
 
 def parse_tokenizer(spec: str) -> Tuple[str, int]:
+    """``(kind, vocab size)`` of a tokenizer spec: ``byte``; ``bpe`` / ``bpe:<vocab>`` (trained on the
+    training files); ``file:<path to tokenizer.json>`` (a given Hugging Face ``tokenizers`` file,
+    e.g. the one a converted model brought along)."""
     if spec == "byte":
         return "byte", 256
     if spec == "bpe" or spec.startswith("bpe:"):
@@ -85,7 +88,21 @@ def parse_tokenizer(spec: str) -> Tuple[str, int]:
         if not size.isdigit() or not 256 < int(size) <= 1 << 20:
             raise ValueError(f"tokenizer={spec!r}: the BPE vocabulary must be an integer in (256, 2^20]")
         return "bpe", int(size)
-    raise ValueError(f"tokenizer={spec!r} is not one of 'byte', 'bpe', 'bpe:<vocab size>'")
+    if spec.startswith("file:"):
+        return "file", read_tokenizer_file(Path(spec.partition(":")[2])).vocab_size
+    raise ValueError(f"tokenizer={spec!r} is not one of 'byte', 'bpe', 'bpe:<vocab size>', 'file:<tokenizer.json>'")
+
+
+def read_tokenizer_file(path: Path) -> "BPETokenizer":
+    """A ``tokenizer.json`` (Hugging Face ``tokenizers`` format), with one-line errors naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} does not exist")
+    try:
+        return BPETokenizer.from_json(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, Exception) as err:  # tokenizers raises its own exception type
+        if isinstance(err, ValueError) and "needs the Hugging Face" in str(err):
+            raise
+        raise ValueError(f"{path} is not a readable tokenizer.json: {err}") from None
 
 
 def byte_encode(text: str) -> List[int]:

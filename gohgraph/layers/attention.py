@@ -44,6 +44,8 @@ class GoHAttention(nn.Module):
       may attend (e.g. ``padding[:, None, None, :]``); combined with ``causal``;
     * ``memory``: ``[batch, mem_len, d_model]``: keys and values come from it instead of ``x``
       (cross-attention; no rotary positions, since queries and memory have separate positions);
+    * ``positions``: ``[batch, seq]`` positions of this call's tokens (left-padded batches count
+      from each row's first real token); by default ``cache length + t``;
     * ``cache``: a :class:`~gohgraph.layers.kv_cache.KVCache` that receives this call's keys
       and values and returns every cached one.
 
@@ -73,8 +75,8 @@ class GoHAttention(nn.Module):
         self.head_routing = build_head_routing(cfg) if build_head_routing is not None else None
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, causal: bool = True,
-                mask: Optional[torch.Tensor] = None,
-                memory: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
+                mask: Optional[torch.Tensor] = None, memory: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
         batch, seq, d_model = x.shape
         heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self._project(x, memory)
@@ -89,11 +91,11 @@ class GoHAttention(nn.Module):
         q = q.transpose(1, 2)
         k = k.view(batch, k.shape[1], kv_heads, head_dim).transpose(1, 2)
         if self.rotary is not None and memory is None:
-            q, k = self.rotary(q, k, offset)
+            q, k = self.rotary(q, k, offset if positions is None else positions)
         v = v.view(batch, v.shape[1], kv_heads, head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.append(self.layer_idx, k, v)
-        attn = self._attend(q, k, v, offset, causal, mask)  # [batch, heads, seq, head_dim]
+        attn = self._attend(q, k, v, causal, mask, self_attention=memory is None)  # [batch, heads, seq, head_dim]
 
         attn = attn.transpose(1, 2)  # [batch, seq, heads, head_dim]
         if head_mixing is not None:
@@ -115,17 +117,22 @@ class GoHAttention(nn.Module):
         k, v = kv.split([kv_width, kv_width], dim=-1)
         return q, k, v
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, causal: bool,
-                mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                mask: Optional[torch.Tensor], self_attention: bool) -> torch.Tensor:
         seq, total = q.shape[2], k.shape[2]
         is_causal = False
-        if causal and seq > 1:
-            if offset == 0 and mask is None and seq == total:
-                is_causal = True  # SDPA's own causal kernel
-            else:  # new queries sit at the end of the cached sequence: bottom-right causal mask
-                query_pos = torch.arange(total - seq, total, device=q.device)[:, None]
-                causal_mask = torch.arange(total, device=q.device)[None, :] <= query_pos
-                mask = causal_mask if mask is None else mask & causal_mask
+        if mask is None and causal and seq > 1 and seq == total:
+            is_causal = True  # SDPA's own causal kernel
+        elif mask is not None or (causal and seq > 1):
+            # new queries sit at the end of the cached sequence: positions are bottom-right aligned
+            query_pos = torch.arange(total - seq, total, device=q.device)[:, None]
+            key_pos = torch.arange(total, device=q.device)[None, :]
+            allowed = key_pos <= query_pos if causal else None
+            if mask is not None:
+                allowed = mask if allowed is None else mask & allowed
+                if self_attention:  # a padding query sees itself: no row is all -inf (NaN in SDPA)
+                    allowed = allowed | (key_pos == query_pos)
+            mask = allowed
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,

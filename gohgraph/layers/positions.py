@@ -9,7 +9,7 @@ here, not a change to the attention or the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -19,11 +19,16 @@ from ..config import GoHConfig
 ON_QUERIES_KEYS, ON_EMBEDDING = "queries_keys", "embedding"
 
 
+Positions = Union[int, torch.Tensor]
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE in the rotate-half convention (LLaMA / Hugging Face).
 
-    ``rotate(x [batch, heads, seq, head_dim], offset)`` rotates position ``offset + t`` of ``x`` by
-    the angles ``(offset + t) * theta^(-2i/head_dim)``.
+    ``rotate(x [batch, heads, seq, head_dim], positions)`` rotates the token at position ``p`` by
+    the angles ``p * theta^(-2i/head_dim)``. ``positions`` is an ``int`` offset (token ``t`` sits at
+    ``offset + t``) or a ``[batch, seq]`` tensor (left-padded batches, where each row counts its own
+    positions from its first real token).
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
@@ -34,25 +39,23 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def rotate(self, x: torch.Tensor, offset: int) -> torch.Tensor:
-        seq = x.shape[-2]
-        if offset + seq > self.cos.shape[0]:
-            raise ValueError(f"position {offset + seq} exceeds max_seq_len={self.cos.shape[0]}")
-        cos = self.cos[offset:offset + seq].to(x.dtype)
-        sin = self.sin[offset:offset + seq].to(x.dtype)
+    def rotate(self, x: torch.Tensor, positions: Positions) -> torch.Tensor:
+        cos, sin = _rows(self.cos, positions, x.shape[-2]), _rows(self.sin, positions, x.shape[-2])
+        if cos.dim() == 3:  # [batch, seq, head_dim]: one angle per row, shared by the heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         first, second = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-second, first], dim=-1) * sin
+        return x * cos.to(x.dtype) + torch.cat([-second, first], dim=-1) * sin.to(x.dtype)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int):
-        """Rotate queries and keys ``[batch, heads, seq, head_dim]`` at positions from ``offset``."""
-        return self.rotate(q, offset), self.rotate(k, offset)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: Positions):
+        """Rotate queries and keys ``[batch, heads, seq, head_dim]`` at ``positions``."""
+        return self.rotate(q, positions), self.rotate(k, positions)
 
 
 class LearnedPositionEmbedding(nn.Module):
     """GPT-2's absolute position table ``weight [max_seq_len, d_model]``.
 
-    ``forward(x [batch, seq, d_model], offset)`` returns ``x`` plus the rows of positions
-    ``offset .. offset + seq - 1``.
+    ``forward(x [batch, seq, d_model], positions)`` returns ``x`` plus the table's rows at
+    ``positions`` (an ``int`` offset or a ``[batch, seq]`` tensor, as for :class:`RotaryEmbedding`).
     """
 
     def __init__(self, cfg: GoHConfig) -> None:
@@ -60,11 +63,17 @@ class LearnedPositionEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.max_seq_len, cfg.d_model))
         nn.init.normal_(self.weight, std=cfg.init_std)
 
-    def forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
-        seq = x.shape[1]
-        if offset + seq > self.weight.shape[0]:
-            raise ValueError(f"position {offset + seq} exceeds max_seq_len={self.weight.shape[0]}")
-        return x + self.weight[offset:offset + seq]
+    def forward(self, x: torch.Tensor, positions: Positions) -> torch.Tensor:
+        return x + _rows(self.weight, positions, x.shape[1])
+
+
+def _rows(table: torch.Tensor, positions: Positions, seq: int) -> torch.Tensor:
+    """``table[offset:offset + seq]`` (``[seq, ...]``) or ``table[positions]`` (``[batch, seq, ...]``)."""
+    if isinstance(positions, int):
+        if positions + seq > table.shape[0]:
+            raise ValueError(f"position {positions + seq} exceeds max_seq_len={table.shape[0]}")
+        return table[positions:positions + seq]
+    return table[positions]
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,10 @@ class GoHBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, causal: bool = True,
-                mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
-        attn_out, routing = self.attn(self.attn_norm(x), cache=cache, causal=causal, mask=mask)
+                mask: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
+        attn_out, routing = self.attn(self.attn_norm(x), cache=cache, causal=causal, mask=mask,
+                                      positions=positions)
         x = x + self.dropout(attn_out)
         ffn_out, routing.experts = self.ffn(self.ffn_norm(x))
         x = x + self.dropout(ffn_out)

@@ -24,7 +24,7 @@ from ..routers.losses import BalancedRouting, loss_coefficients
 from ..routing import LayerRouting
 from ..storage import load_model, save_model
 from .block import GoHBlock
-from .generation import sample_next_token
+from .generation import check_generation_arguments, positions_from_mask, sample_next_token
 
 
 @dataclass
@@ -68,16 +68,28 @@ class GoHTransformer(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> GoHOutput:
+                cache: Optional[KVCache] = None, attention_mask: Optional[torch.Tensor] = None) -> GoHOutput:
+        """``input_ids [batch, seq]``; ``attention_mask [batch, cached + seq]`` (1 = token, 0 =
+        left padding) covers the cached positions too, so a padded batch decodes step by step.
+        Padding is invisible to every real token: it is masked out of attention, and positions
+        count from each row's first real token."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
+        offset = cache.length() if cache is not None else 0
+        positions = mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (input_ids.shape[0], offset + input_ids.shape[1]):
+                raise ValueError(f"attention_mask has shape {list(attention_mask.shape)}; expected "
+                                 f"[batch, cached + seq] = {[input_ids.shape[0], offset + input_ids.shape[1]]}")
+            positions = positions_from_mask(attention_mask)[:, offset:]
+            mask = attention_mask.bool()[:, None, None, :]  # [batch, 1, 1, keys]
         x = self.embed(input_ids)
         if self.position_embed is not None:
-            x = self.position_embed(x, cache.length() if cache is not None else 0)
+            x = self.position_embed(x, offset if positions is None else positions)
         x = self.dropout(x)
         routing = []
         for block in self.blocks:
-            x, layer_routing = block(x, cache=cache, causal=True)
+            x, layer_routing = block(x, cache=cache, causal=True, mask=mask, positions=positions)
             routing.append(layer_routing)
         x = self.final_norm(x)
         logits = F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
@@ -102,31 +114,50 @@ class GoHTransformer(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, use_cache: bool = True,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Append ``max_new_tokens`` sampled tokens to ``input_ids [batch, seq]``.
+                 generator: Optional[torch.Generator] = None, attention_mask: Optional[torch.Tensor] = None,
+                 top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
+                 pad_token_id: Optional[int] = None) -> torch.Tensor:
+        """Append up to ``max_new_tokens`` sampled tokens to ``input_ids [batch, seq]``.
 
-        ``temperature=0`` is greedy (argmax). With ``use_cache`` each step feeds only the newest
-        token and reads earlier keys/values from a :class:`KVCache`; without it every step
-        recomputes the whole (cropped to ``max_seq_len``) sequence. Decoding runs under
-        ``torch.inference_mode()``, where routed layers skip their training losses (a fifth of a
-        cached GoH step); the returned ids are an ordinary tensor.
+        ``temperature=0`` is greedy (argmax); ``top_k`` / ``top_p`` cut the distribution first
+        (:func:`~gohgraph.models.generation.sample_next_token`). Prompts of different lengths go
+        in one batch left-padded, with ``attention_mask [batch, seq]`` (0 = padding): each row then
+        generates exactly what it generates alone. A row that produced ``eos_token_id`` is done:
+        its later positions hold ``pad_token_id`` (default: the eos id), and generation stops when
+        every row is done. With ``use_cache`` each step feeds only the newest token and reads
+        earlier keys/values from a :class:`KVCache`; without it every step recomputes the whole
+        (cropped to ``max_seq_len``) sequence. Decoding runs under ``torch.inference_mode()``,
+        where routed layers skip their training losses; the returned ids are an ordinary tensor.
         """
+        check_generation_arguments(input_ids, attention_mask, self.config.vocab_size, max_new_tokens,
+                                   temperature, top_k, top_p, eos_token_id)
         if use_cache and input_ids.shape[1] + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens={max_new_tokens} "
                              f"exceeds max_seq_len={self.config.max_seq_len}")
+        pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
         was_training = self.training
         self.eval()
         with torch.inference_mode():
             cache = DynamicKVCache(self.config.n_layers) if use_cache else None
-            ids = input_ids
-            logits = self(ids, cache=cache).logits[:, -1]
+            ids, mask = input_ids, attention_mask
+            done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+            logits = self(ids, cache=cache, attention_mask=mask).logits[:, -1]
             for step in range(max_new_tokens):
-                next_ids = sample_next_token(logits, temperature, top_k, generator)
+                next_ids = sample_next_token(logits, temperature, top_k, generator, top_p)
+                if eos_token_id is not None:
+                    next_ids = next_ids.masked_fill(done[:, None], pad_token_id)
+                    done |= next_ids[:, 0] == eos_token_id
                 ids = torch.cat([ids, next_ids], dim=1)
-                if step + 1 == max_new_tokens:
+                if mask is not None:
+                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                if step + 1 == max_new_tokens or bool(done.all()):
                     break
-                context = next_ids if use_cache else ids[:, -self.config.max_seq_len:]
-                logits = self(context, cache=cache).logits[:, -1]
+                if use_cache:
+                    logits = self(next_ids, cache=cache, attention_mask=mask).logits[:, -1]
+                else:
+                    window = slice(-self.config.max_seq_len, None)
+                    logits = self(ids[:, window], attention_mask=None if mask is None else mask[:, window]
+                                  ).logits[:, -1]
         self.train(was_training)
         return ids.clone()  # outside inference mode: a normal tensor, usable with autograd later
 

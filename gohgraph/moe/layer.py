@@ -79,7 +79,7 @@ class MoEFeedForward(nn.Module):
     ``expert_indices`` / ``expert_weights`` ``[batch, seq, subtokens, top_k_experts]`` (routed ids
     ``0..n_routed_experts-1``), ``dropped [batch, seq, subtokens]`` and ``expert_drops
     [batch, seq, subtokens, top_k_experts]`` (capacity overflow in training, see
-    :mod:`gohgraph.dispatch`; all ``False`` in eval mode, which is dropless).
+    :mod:`gohgraph.moe.dispatch`; all ``False`` in eval mode, which is dropless).
 
     Auxiliary losses (unweighted): ``expert_balance`` and ``expert_z``. Balancing state lives in
     :attr:`gate`, whose ``update_bias()`` :meth:`GoHTransformer.update_routing_biases` calls after

@@ -1,6 +1,6 @@
 """Expert routers: which routed experts each sub-token goes to, and with what weight.
 
-Two logit producers and one gate, used in this order by :class:`~gohgraph.moe.MoEFeedForward`:
+Two logit producers and one gate, used in this order by :class:`~gohgraph.moe.layer.MoEFeedForward`:
 
 * :class:`LinearExpertRouter` (SMoE, MH-MoE) - logits from a linear map of the sub-token;
 * :class:`GraphExpertRouter` (GoH-MoE) - message passing over the bipartite sub-token -> expert
@@ -199,8 +199,8 @@ class ExpertGate(BalancedRouting):
     the router learns from the auxiliary losses only, as in Mixtral-style renormalised routing).
 
     Losses over the ``tokens * subtokens`` rows: ``expert_balance`` =
-    :func:`~gohgraph.losses.load_balance_loss` (1 at uniform load) and ``expert_z`` =
-    :func:`~gohgraph.losses.router_z_loss`.
+    :func:`~gohgraph.routers.losses.load_balance_loss` (1 at uniform load) and ``expert_z`` =
+    :func:`~gohgraph.routers.losses.router_z_loss`.
 
     Buffers: ``selection_bias [E]`` (persistent), ``expert_load [E]`` (persistent; running load
     relative to the ideal, 1 = uniform, an exponential moving average with momentum

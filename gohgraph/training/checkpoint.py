@@ -34,9 +34,12 @@ from ..storage import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_save_t
                        read_config, read_json, read_tensors)
 
 CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "final"
 LATEST_POINTER = "latest"
 STATE_NAME = "training_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_STAGING_DIR = re.compile(r"^\.step_\d+\..+")  # save_checkpoint's tempfile.mkdtemp prefix
+_STAGING_FILE = re.compile(r"^\..+\.tmp$")  # storage.atomic_write's temp files
 
 
 # ---------------------------------------------------------------------- save
@@ -79,6 +82,31 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_stale_staging(run_dir: Path) -> List[Path]:
+    """Delete what saves killed mid-write (SIGKILL, power loss) left in ``run_dir``: staging folders
+    of checkpoints and temp files of atomic writes. Returns what was removed.
+
+    Only called when a run starts, by its one writing process, so nothing removed is in use.
+    """
+    run_dir = Path(run_dir)
+    removed = []
+    root = run_dir / CHECKPOINTS_DIR
+    folders = [run_dir, root, run_dir / FINAL_DIR]
+    if root.is_dir():
+        folders += [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+        for staging in root.iterdir():
+            if staging.is_dir() and _STAGING_DIR.match(staging.name):
+                shutil.rmtree(staging, ignore_errors=True)
+                removed.append(staging)
+    for folder in folders:
+        if folder.is_dir():
+            for leftover in folder.iterdir():
+                if leftover.is_file() and _STAGING_FILE.match(leftover.name):
+                    leftover.unlink(missing_ok=True)
+                    removed.append(leftover)
+    return removed
+
+
 # ---------------------------------------------------------------------- find and load
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     """The checkpoint ``run_dir/checkpoints/latest`` names; ``None`` if the run has none yet.
@@ -103,20 +131,33 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A model directory from a run directory (its ``final/``, else ``checkpoints/latest``), a
-    ``checkpoints`` folder, or a checkpoint/model directory itself."""
+    """A model directory from a run directory, a ``checkpoints`` folder, or a checkpoint/model
+    directory itself.
+
+    In a run directory the newest complete model wins: ``final/`` (written when a run finishes) or
+    ``checkpoints/latest`` (written every ``save_every`` steps and on interrupt), whichever was
+    completed last; so a resumed run that was interrupted is read at its latest step, not at the
+    older ``final/`` of the run it continued.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {path} is a file; expected a run or checkpoint directory")
     if (path / CONFIG_NAME).is_file():
         return path
-    if (path / "final" / CONFIG_NAME).is_file():
-        return path / "final"
+    candidates = []
+    if (path / FINAL_DIR / CONFIG_NAME).is_file():
+        candidates.append((path / FINAL_DIR / CONFIG_NAME, path / FINAL_DIR))
     for run_dir in (path, path.parent):
         found = latest_checkpoint(run_dir) if (run_dir / CHECKPOINTS_DIR).is_dir() else None
         if found is not None:
-            return found
-    raise CheckpointError(f"{path} holds no checkpoint (no config.json, checkpoints/latest or final/)")
+            candidates.append((found / STATE_NAME, found))
+            break
+    if not candidates:
+        raise CheckpointError(f"{path} holds no checkpoint (no config.json, checkpoints/latest or final/)")
+    # each model's completion marker is the file written last, so its time is when it was complete
+    return max(candidates, key=lambda marker_and_dir: marker_and_dir[0].stat().st_mtime_ns)[1]
 
 
 def load_checkpoint(directory: Path, map_location: str = "cpu"

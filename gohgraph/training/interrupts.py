@@ -1,5 +1,11 @@
-"""How a training run is told to stop: SIGINT/SIGTERM request a clean stop (finish the step,
-save, return); a second SIGINT interrupts at once."""
+"""How a training run is told to stop, and why a save is never cut short.
+
+While :func:`stop_signals` is active, SIGINT and SIGTERM request a clean stop: the trainer finishes
+the step, saves a checkpoint and returns. A second Ctrl-C means "do not wait": it interrupts at
+once, except while a checkpoint is being written (:meth:`StopRequest.saving`), where it is
+deferred until the save is complete, so no Ctrl-C, however often pressed, leaves a half-written
+checkpoint or loses the steps since the previous one.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,32 @@ from typing import Iterator
 
 
 class StopRequest:
-    requested: bool = False
+    """``requested``: a stop was asked for; ``deferred``: a second Ctrl-C arrived during a save."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.deferred = False
+        self._saving = 0
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Hold a second Ctrl-C until the block (a checkpoint write) has finished."""
+        self._saving += 1
+        try:
+            yield
+        finally:
+            self._saving -= 1
+        if self.deferred and not self._saving:
+            self.deferred = False
+            raise KeyboardInterrupt  # the save is complete: now honour the impatient Ctrl-C
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            if self._saving:
+                self.deferred = True
+                return
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
+        self.requested = True
 
 
 @contextlib.contextmanager
@@ -24,13 +55,7 @@ def stop_signals() -> Iterator[StopRequest]:
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-
-    def request_stop(signum, frame):
-        if stop.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
-        stop.requested = True
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, stop._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:

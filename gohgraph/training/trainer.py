@@ -25,15 +25,17 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..config import GoHConfig
-from ..data.batches import eval_batches, train_batch
+from ..data.batches import eval_batches, eval_windows, train_batch
 from ..data.corpus import Corpus
 from ..models.decoder import GoHOutput, GoHTransformer
 from ..parallel import data_parallel as D
 from ..storage import (WEIGHTS_NAME, CheckpointError, atomic_write_text, load_state_strict, read_config, read_tensors,
                        upgrade_legacy_names)
-from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
+from .checkpoint import (FINAL_DIR, latest_checkpoint, load_checkpoint, remove_stale_staging, restore_rng_state,
+                         save_checkpoint)
 from .config import TrainConfig
 from .interrupts import stop_signals
+from .memory import available_memory, check_step_fits, estimate_step_memory
 from .metrics import MetricsLogger, routing_summary
 from .optim import build_optimizer
 from .schedules import dense_to_sparse_schedule, learning_rate, set_learning_rate
@@ -58,6 +60,7 @@ class TrainResult:
     tokens_seen: int
     interrupted: bool = False
     metrics_path: Optional[Path] = None
+    val_tokens: int = 0  # tokens the periodic validation covers: the first eval_batches windows
     losses: List[float] = field(default_factory=list)  # training loss of every step run here
 
 
@@ -88,9 +91,17 @@ def evaluate(model: torch.nn.Module, tokens, batch_size: int, seq_len: int,
 
 
 def train(model_config: GoHConfig, train_config: TrainConfig, corpus: Corpus, run_dir: Path,
-          resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train ``GoHTransformer(model_config)`` on ``corpus``; everything is written under ``run_dir``."""
+          resume: bool = False, progress: bool = True, check_memory: bool = True) -> TrainResult:
+    """Train ``GoHTransformer(model_config)`` on ``corpus``; everything is written under ``run_dir``.
+
+    ``resume`` continues ``run_dir``'s latest checkpoint (an error when it has none: starting
+    afresh would overwrite the run's saved configs). ``check_memory`` refuses, before anything is
+    allocated, a step that cannot fit in this machine's memory (:mod:`gohgraph.training.memory`).
+    """
     tc, run_dir = train_config, Path(run_dir)
+    if resume and latest_checkpoint(run_dir) is None:
+        raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint; start a new run without "
+                         "--resume (resume=False)")
     if tc.seq_len + 1 > model_config.max_seq_len:
         raise ValueError(f"TrainConfig.seq_len={tc.seq_len} + 1 exceeds the model's max_seq_len="
                          f"{model_config.max_seq_len} (training windows hold seq_len + 1 tokens)")
@@ -101,14 +112,18 @@ def train(model_config: GoHConfig, train_config: TrainConfig, corpus: Corpus, ru
     if tc.batch_size % ctx.world_size:
         raise ValueError(f"TrainConfig.batch_size={tc.batch_size} must be divisible by the "
                          f"number of processes ({ctx.world_size})")
+    if check_memory:
+        memory = estimate_step_memory(model_config, tc, GoHTransformer, ctx.world_size)
+        check_step_fits(memory, available_memory(ctx.device), tc, model_config)
     try:
-        return _train(model_config, tc, corpus, run_dir, resume, progress, ctx)
+        with contextlib.ExitStack() as exits:
+            return _train(model_config, tc, corpus, run_dir, resume, progress, ctx, exits)
     finally:
         D.shutdown(ctx)
 
 
 def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Path, resume: bool,
-           progress: bool, ctx: D.DistContext) -> TrainResult:
+           progress: bool, ctx: D.DistContext, exits: contextlib.ExitStack) -> TrainResult:
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     model = GoHTransformer(model_config)
     start_step, tokens_seen, history = 0, 0, []
@@ -146,6 +161,8 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in remove_stale_staging(run_dir):
+            _log(progress, f"removed {leftover}, left by a save that was killed before it completed")
         atomic_write_text(run_dir / "train_config.json", tc.to_json() + "\n")
         atomic_write_text(run_dir / "model_config.json", model_config.to_json() + "\n")
         corpus.save_tokenizer(run_dir)
@@ -155,7 +172,13 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
     last_checkpoint, interrupted, losses = checkpoint, False, []
     step = start_step
 
+    stop = exits.enter_context(stop_signals())  # until the final model is written too
+
     def save(at_step: int) -> Path:
+        with stop.saving():
+            return _save(at_step)
+
+    def _save(at_step: int) -> Path:
         model_state = D.full_model_state(model, tc.fsdp)
         optimizer_state = D.full_optimizer_state(model, optimizer, tc.fsdp)
         path = None
@@ -171,63 +194,62 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
     bar = _progress_bar(progress and ctx.is_main, start_step, tc.max_steps)
     train_seconds, timed_tokens = 0.0, 0  # optimizer steps only: evaluation and saving excluded
     try:
-        with stop_signals() as stop:
-            while step < tc.max_steps:
-                step_started = time.perf_counter()
-                lr = learning_rate(step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
-                set_learning_rate(optimizer, lr)
-                aux_scale = min(1.0, step / tc.aux_warmup_steps) if tc.aux_warmup_steps else 1.0
-                if tc.dense_anneal_steps:
-                    model.set_dense_blend(dense_to_sparse_schedule(step, tc.dense_anneal_steps))
-                parts = torch.zeros(3, device=ctx.device)  # loss, lm_loss, aux_loss
-                for micro in range(tc.grad_accum_steps):
-                    batch = train_batch(corpus.train, tc.batch_size, tc.seq_len, tc.seed, step, micro,
-                                        ctx.rank, ctx.world_size).to(ctx.device)
-                    last_micro = micro == tc.grad_accum_steps - 1
-                    with D.gradient_sync(wrapped, last_micro):
-                        with autocast:
-                            out = wrapped(batch, labels=batch)
-                            loss = training_loss(out, aux_scale)
-                        (loss / tc.grad_accum_steps).backward()
-                    parts += torch.stack([loss.detach(), out.lm_loss.detach(), out.aux_loss.detach()]).float()
-                parts = D.all_reduce_mean(parts / tc.grad_accum_steps, ctx)
-                grad_norm = _clip_gradients(model, tc.grad_clip)
-                if not (math.isfinite(float(parts[0])) and math.isfinite(grad_norm)):
-                    raise TrainingDivergedError(
-                        f"non-finite {'loss' if not math.isfinite(float(parts[0])) else 'gradient norm'} "
-                        f"at step {step + 1} (loss={float(parts[0])}, grad_norm={grad_norm}); stopped without "
-                        f"saving. Last good checkpoint: {last_checkpoint or 'none yet'}. Lower the learning "
-                        "rate or raise warmup_steps, then resume.")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                D.sync_routing_loads(model, ctx)
-                model.update_routing_biases()
-                train_seconds += time.perf_counter() - step_started
+        while step < tc.max_steps:
+            step_started = time.perf_counter()
+            lr = learning_rate(step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+            set_learning_rate(optimizer, lr)
+            aux_scale = min(1.0, step / tc.aux_warmup_steps) if tc.aux_warmup_steps else 1.0
+            if tc.dense_anneal_steps:
+                model.set_dense_blend(dense_to_sparse_schedule(step, tc.dense_anneal_steps))
+            parts = torch.zeros(3, device=ctx.device)  # loss, lm_loss, aux_loss
+            for micro in range(tc.grad_accum_steps):
+                batch = train_batch(corpus.train, tc.batch_size, tc.seq_len, tc.seed, step, micro,
+                                    ctx.rank, ctx.world_size).to(ctx.device)
+                last_micro = micro == tc.grad_accum_steps - 1
+                with D.gradient_sync(wrapped, last_micro):
+                    with autocast:
+                        out = wrapped(batch, labels=batch)
+                        loss = training_loss(out, aux_scale)
+                    (loss / tc.grad_accum_steps).backward()
+                parts += torch.stack([loss.detach(), out.lm_loss.detach(), out.aux_loss.detach()]).float()
+            parts = D.all_reduce_mean(parts / tc.grad_accum_steps, ctx)
+            grad_norm = _clip_gradients(model, tc.grad_clip)
+            if not (math.isfinite(float(parts[0])) and math.isfinite(grad_norm)):
+                raise TrainingDivergedError(
+                    f"non-finite {'loss' if not math.isfinite(float(parts[0])) else 'gradient norm'} "
+                    f"at step {step + 1} (loss={float(parts[0])}, grad_norm={grad_norm}); stopped without "
+                    f"saving. Last good checkpoint: {last_checkpoint or 'none yet'}. Lower the learning "
+                    "rate or raise warmup_steps, then resume.")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            D.sync_routing_loads(model, ctx)
+            model.update_routing_biases()
+            train_seconds += time.perf_counter() - step_started
 
-                step += 1
-                tokens_seen += tokens_per_step
-                timed_tokens += tokens_per_step
-                losses.append(float(parts[0]))
-                tokens_per_s = timed_tokens / max(1e-9, train_seconds)
-                val_loss = None
-                if step % tc.eval_every == 0 or step == tc.max_steps:
-                    val_loss = evaluate(model, corpus.val, tc.batch_size, tc.seq_len, tc.eval_batches)
-                    history.append((step, tokens_seen, val_loss))
-                if ctx.is_main and (step % tc.log_every == 0 or val_loss is not None or step == start_step + 1):
-                    metrics.log(step=step, tokens=tokens_seen, lr=lr, loss=float(parts[0]),
-                                lm_loss=float(parts[1]), aux_loss=float(parts[2]), aux_scale=aux_scale,
-                                grad_norm=grad_norm, val_loss=val_loss, tokens_per_s=tokens_per_s,
-                                **routing_summary(out.routing, model_config))
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(parts[0]):.3f}", tok_s=f"{tokens_per_s:.0f}", lr=f"{lr:.2e}",
-                                **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
-                interrupted = D.any_rank(stop.requested, ctx)
-                if interrupted or step % tc.save_every == 0 or step == tc.max_steps:
-                    last_checkpoint = save(step)
-                if interrupted:
-                    _log(progress and ctx.is_main, f"interrupted: checkpoint saved at step {step} to "
-                         f"{last_checkpoint}; continue with resume=True (--resume)")
-                    break
+            step += 1
+            tokens_seen += tokens_per_step
+            timed_tokens += tokens_per_step
+            losses.append(float(parts[0]))
+            tokens_per_s = timed_tokens / max(1e-9, train_seconds)
+            val_loss = None
+            if step % tc.eval_every == 0 or step == tc.max_steps:
+                val_loss = evaluate(model, corpus.val, tc.batch_size, tc.seq_len, tc.eval_batches)
+                history.append((step, tokens_seen, val_loss))
+            if ctx.is_main and (step % tc.log_every == 0 or val_loss is not None or step == start_step + 1):
+                metrics.log(step=step, tokens=tokens_seen, lr=lr, loss=float(parts[0]),
+                            lm_loss=float(parts[1]), aux_loss=float(parts[2]), aux_scale=aux_scale,
+                            grad_norm=grad_norm, val_loss=val_loss, tokens_per_s=tokens_per_s,
+                            **routing_summary(out.routing, model_config))
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(parts[0]):.3f}", tok_s=f"{tokens_per_s:.0f}", lr=f"{lr:.2e}",
+                            **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
+            interrupted = D.any_rank(stop.requested, ctx)
+            if interrupted or step % tc.save_every == 0 or step == tc.max_steps:
+                last_checkpoint = save(step)
+            if interrupted:
+                _log(progress and ctx.is_main, f"interrupted: checkpoint saved at step {step} to "
+                     f"{last_checkpoint}; continue with resume=True (--resume)")
+                break
     finally:
         bar.close()
         metrics.close()
@@ -239,13 +261,15 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
         model.to(ctx.device)
     final_path = None
     if not interrupted and ctx.is_main:
-        final_path = model.save_pretrained(run_dir / "final")
-        corpus.save_tokenizer(final_path)
+        with stop.saving():
+            final_path = model.save_pretrained(run_dir / FINAL_DIR)
+            corpus.save_tokenizer(final_path)
     return TrainResult(
         final_val_loss=history[-1][2] if history else float("nan"), val_history=history,
         tokens_per_s=timed_tokens / train_seconds if train_seconds > 0 else 0.0, model=model,
         checkpoint_path=last_checkpoint, final_path=final_path, steps=step, tokens_seen=tokens_seen,
-        interrupted=interrupted, metrics_path=run_dir / "metrics.csv", losses=losses)
+        interrupted=interrupted, metrics_path=run_dir / "metrics.csv", losses=losses,
+        val_tokens=eval_windows(len(corpus.val), tc.batch_size, tc.seq_len, tc.eval_batches) * tc.seq_len)
 
 
 # ---------------------------------------------------------------------- helpers

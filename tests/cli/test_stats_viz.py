@@ -71,7 +71,7 @@ def test_stats_command_reports_drift_against_another_checkpoint(run_dir, tmp_pat
     assert drift["tokens"] == 32 and 0.0 <= drift["token_drift"] <= 1.0
     assert run_cli("stats", "--checkpoint", run_dir / "final", "--data", tmp_path / "data.txt", "--batches", 1,
                    "--batch-size", 2, "--seq-len", 16, "--out", out, "--compare", run_dir / "final",
-                   "--no-progress") == 0
+                   "--no-progress", "--overwrite") == 0
     assert json.loads(out.read_text())["drift"]["token_drift"] == 0.0  # a checkpoint against itself
 
 
@@ -146,7 +146,7 @@ def test_a_saved_bpe_tokenizer_encodes_the_validation_text(run_dir, tmp_path):
     model.save_pretrained(checkpoint)
     bpe_corpus.save_tokenizer(checkpoint.parent)  # the trainer saves it in the run directory
     args = Namespace(checkpoint=str(checkpoint), data=str(data), batches=2, batch_size=2, seq_len=16)
-    batches, tokenizer = validation_batches(args, model)
+    batches, tokenizer = validation_batches(args, model, checkpoint)
     ids = torch.cat([batch.reshape(-1) for batch in batches]).tolist()
     assert len(ids) == 2 * 2 * 16 and max(ids) >= 256  # merged tokens, not bytes
     byte_val_text = load_corpus(str(data)).decode(load_corpus(str(data)).val.tolist())

@@ -107,7 +107,7 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, capsys):
 
     capsys.readouterr()
     assert cli_main(["eval", "--checkpoint", str(checkpoint)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("checkpoint: ")]
     assert len(err) == 1 and err[0].startswith("gohgraph eval: error:") and "model.safetensors" in err[0]
 
     weights.write_bytes(good_weights)

@@ -110,7 +110,7 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
         "are per-seed (paired) means ± std, a tie when a paired t-test at 95% cannot tell them from 0. "
         "Throughput: median of interleaved AdamW steps in one process. Memory: tensors saved for "
         "backward + 16 B/parameter (weights, grads, AdamW moments), counted. Load CV: coefficient of "
-        "variation of routed-head / routed-expert load (gohgraph.stats), mean over layers and seeds.",
+        "variation of routed-head / routed-expert load (gohgraph.analysis.stats), mean over layers and seeds.",
     ]
     if comparison.description:
         lines.append(comparison.description)

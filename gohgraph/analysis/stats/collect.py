@@ -55,7 +55,7 @@ class RoutingStats:
     :class:`LayerRouting` per layer, ``head_gates [batch, seq, heads]`` and the optional flow and
     expert fields). With ``input_ids [batch, seq]`` (given to every update) the report also lists
     each head's and expert's most frequent token ids (``top_tokens``, see
-    :mod:`gohgraph.stats_tokens`; skipped for vocabularies too large to tabulate).
+    :mod:`gohgraph.analysis.stats.tokens`; skipped for vocabularies too large to tabulate).
     Updates in any order and grouping give the same report (sums are float64).
     """
 

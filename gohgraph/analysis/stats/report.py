@@ -1,6 +1,6 @@
 """Turning routing statistics into reports: the cross-layer summary and the long CSV rows.
 
-Both read the per-layer report dicts :class:`~gohgraph.stats.RoutingStats` builds and return
+Both read the per-layer report dicts :class:`~gohgraph.analysis.stats.collect.RoutingStats` builds and return
 plain Python values.
 """
 

@@ -4,7 +4,7 @@ A :class:`TokenProfile` keeps, for one layer, a ``[vocab, nodes]`` count of how 
 ``v`` activated node ``n`` (a head, or a routed expert counted per sub-token assignment), and
 reports each node's most frequent token ids with their share of that node's traffic - the usual
 "what does expert 3 specialise in" question. The table grows with the vocabulary, so
-:class:`~gohgraph.stats.RoutingStats` only keeps it while all layers' tables together stay under
+:class:`~gohgraph.analysis.stats.collect.RoutingStats` only keeps it while all layers' tables together stay under
 :data:`MAX_PROFILE_CELLS` (about 32 MB of float64); larger vocabularies skip it.
 """
 
