@@ -28,7 +28,11 @@ EXPERT_ACTIVATIONS = ("swiglu", "gelu")
 POSITION_EMBEDDINGS = ("rope", "learned")
 MLP_KINDS = ("swiglu", "gelu")
 
+GATE_NORMALISATIONS = ("moh", "mha")
 HeadGraphSpec = Union[str, list]  # a name, or a list of [src, dst] head pairs
+# fields added after checkpoints were written, with the value that reproduces those checkpoints;
+# applied to a saved config.json that lacks them (storage.read_config), never to new configs
+LEGACY_FIELD_VALUES = {"head_gate_normalisation": "mha"}
 
 SECTIONS = ("shape", "attention", "head routing", "routing losses", "experts")
 
@@ -95,6 +99,11 @@ class GoHConfig:
     # GoH's head choice can do everything MoH's can and the graph refines it (off: it tied both GoH
     # and MoH in BENCHMARKS.md's full setting)
     router_token_logits: bool = _in("head routing", False)
+    # "moh": SkyworkAI/MoH's released gating (shared softmax x H_s, routed renormalised top-k x k,
+    # stage weights 2 softmax(W_0 x)): the gate mass varies per token. "mha": gates always sum to
+    # H_s + k, so all heads on with uniform gates is exactly MHA (gohgraph's gating before 2026-12;
+    # not MoH's unless n_shared_heads == top_k_heads)
+    head_gate_normalisation: str = _in("head routing", "moh")
 
     # ---- routing losses and balancing (heads and experts)
     balance_loss_coef: float = _in("routing losses", 0.01)
@@ -194,6 +203,7 @@ class GoHConfig:
         _choice(self, "expert_activation", EXPERT_ACTIVATIONS)
         _choice(self, "position_embedding", POSITION_EMBEDDINGS)
         _choice(self, "mlp", MLP_KINDS)
+        _choice(self, "head_gate_normalisation", GATE_NORMALISATIONS)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.position_embedding == "rope" and self.head_dim % 2:

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import MIN_EXPERT_HIDDEN, GoHConfig
+from .config import LEGACY_FIELD_VALUES, MIN_EXPERT_HIDDEN, GoHConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -86,6 +86,8 @@ def read_config(directory: Union[str, Path]) -> GoHConfig:
     if not Path(directory).is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     values = read_json(path)
+    if isinstance(values, dict):  # a config.json from before a field existed keeps its old behaviour
+        values = {**LEGACY_FIELD_VALUES, **values}
     try:
         return GoHConfig.from_dict(values)
     except (TypeError, ValueError) as err:

@@ -164,3 +164,40 @@ def stdlib_split_reference(max_bytes):
         else:
             train += raw + b"\n"
     return train, val
+
+
+def moh_attention(x, qkv_weight, proj_weight, wg, wg_0, wg_1, num_heads, shared_head, routed_head):
+    """SkyworkAI/MoH's ``Attention.forward`` (MoH-ViT), restated from its public code for the tests.
+
+    Bidirectional attention of every head; routed logits ``x @ wg.T`` ([routed heads, d]); the
+    full softmax, top-``routed_head`` selection, renormalised over the selection and scaled by
+    ``routed_head``; shared gates ``softmax(x @ wg_1.T) * shared_head`` (ones for one shared head);
+    stage weights ``2 softmax(x @ wg_0.T)``; ``l_aux = mean(me * ce) * E^2``.
+    Returns ``(y [B, N, C], gates [B, N, H], l_aux)``.
+    """
+    batch, tokens, dim = x.shape
+    head_dim = dim // num_heads
+    qkv = (x @ qkv_weight.t()).reshape(batch, tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = torch.softmax((q @ k.transpose(-2, -1)) * head_dim ** -0.5, dim=-1)
+    out = (attn @ v).transpose(1, 2)  # [B, N, H, head_dim]
+    gates, l_aux = torch.ones(batch, tokens, num_heads), None
+    if routed_head > 0:
+        flat = x.reshape(batch * tokens, dim)
+        probs = torch.softmax(flat @ wg.t(), dim=1)
+        n_experts = probs.shape[1]
+        _, indices = torch.topk(probs, k=routed_head, dim=1)
+        mask = F.one_hot(indices, num_classes=n_experts).sum(dim=1)
+        l_aux = torch.mean(probs.mean(dim=0) * mask.float().mean(dim=0)) * n_experts * n_experts
+        routed = probs * mask
+        routed = routed / routed.sum(dim=1, keepdim=True).clamp(min=torch.finfo(routed.dtype).eps)
+        routed = routed.reshape(batch, tokens, -1) * routed_head
+        if shared_head > 0:
+            shared = torch.softmax(x @ wg_1.t(), dim=2) * shared_head if shared_head > 1 \
+                else torch.ones(batch, tokens, 1)
+            stage = torch.softmax(x @ wg_0.t(), dim=2) * 2
+            gates = torch.cat([stage[..., :1] * shared, stage[..., 1:] * routed], dim=2)
+        else:
+            gates = routed
+        out = torch.einsum("bne,bned->bned", gates, out)
+    return out.reshape(batch, tokens, dim) @ proj_weight.t(), gates, l_aux

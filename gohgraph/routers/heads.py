@@ -170,12 +170,19 @@ class HeadGate(BalancedRouting):
 
     With router logits ``s`` (``[tokens, heads]``, shared heads first):
     routed heads keep their top-``k`` logits (selected with ``s + bias``; the bias only selects),
-    :math:`p^r = \mathrm{softmax}` over the kept logits, shared heads get
-    :math:`p^s = \mathrm{softmax}` over the shared logits, :math:`[a_s, a_r] = \mathrm{softmax}(W_a x)`,
-    and the gate is :math:`g_i = a_s p^s_i` (shared) or :math:`a_r p^r_i` (kept routed), else 0.
-    Gates are multiplied by the number of active heads, and :math:`W_a` starts at
-    :math:`a_s = H_s / (H_s + k)`: uniform logits then give gate 1 on every active head, i.e. plain
-    multi-head attention over the active heads.
+    :math:`p^r = \mathrm{softmax}` over the kept logits (the full softmax renormalised over the
+    selection), shared heads get :math:`p^s = \mathrm{softmax}` over the shared logits. Then, by
+    ``cfg.head_gate_normalisation``:
+
+    * ``"moh"`` (SkyworkAI/MoH's released code, DESIGN.md §12): :math:`[w_s, w_r] = 2\,\mathrm{softmax}(W_0 x)`
+      (no bias), :math:`g_i = w_s H_s p^s_i` (shared) and :math:`w_r k\, p^r_i` (kept routed), else 0.
+      The total gate mass varies per token, between :math:`2\min(H_s, k)` and :math:`2\max(H_s, k)`.
+      Without routed heads MoH computes no gates: every head gets 1. :math:`W_0` starts at 0, so
+      uniform logits give gate 1 on every active head.
+    * ``"mha"``: :math:`[a_s, a_r] = \mathrm{softmax}(W_a x + b)`, :math:`g_i = (H_s + k)\, a_s p^s_i`
+      or :math:`(H_s + k)\, a_r p^r_i`: gates always sum to :math:`H_s + k`, and :math:`b` starts at
+      :math:`a_s = H_s / (H_s + k)`, so uniform logits give gate 1 on every active head and all
+      heads on is exactly multi-head attention. Not MoH's gating unless :math:`H_s = k`.
 
     Routing runs in float32 whatever the autocast dtype (bf16 ties change the selected set).
 
@@ -191,11 +198,13 @@ class HeadGate(BalancedRouting):
         self.n_shared, self.n_routed, self.top_k = cfg.n_shared_heads, cfg.n_routed_heads, cfg.active_routed_heads
         self.aux_free_bias, self.bias_update_rate = cfg.aux_free_bias, cfg.bias_update_rate
         self.two_stage = self.n_shared > 0 and self.n_routed > 0
+        self.moh_scale = cfg.head_gate_normalisation == "moh"
         if self.two_stage:
-            self.stage_mix = nn.Linear(cfg.d_model, 2)
+            self.stage_mix = nn.Linear(cfg.d_model, 2, bias=not self.moh_scale)
             nn.init.zeros_(self.stage_mix.weight)
-            with torch.no_grad():
-                self.stage_mix.bias.copy_(torch.tensor([math.log(self.n_shared / self.top_k), 0.0]))
+            if self.stage_mix.bias is not None:
+                with torch.no_grad():
+                    self.stage_mix.bias.copy_(torch.tensor([math.log(self.n_shared / self.top_k), 0.0]))
         self.register_buffer("selection_bias", torch.zeros(self.n_routed))
         self.register_buffer("load_since_update", torch.zeros(self.n_routed), persistent=False)
         # persistent: a converted checkpoint must reload as the dense model it was converted from
@@ -211,16 +220,29 @@ class HeadGate(BalancedRouting):
         if self.n_routed:
             routed_gates, aux = self._route(routed_logits)
             parts.append(routed_gates)
-        if self.two_stage:
-            mix = small_softmax(self.stage_mix(x).float(), dim=-1)
-            parts = [mix[:, :1] * parts[0], mix[:, 1:] * parts[1]]
-        gates = torch.cat(parts, dim=-1) * (self.n_shared + self.top_k)
+        if self.moh_scale:
+            gates = self._moh_gates(x, parts)
+        else:
+            if self.two_stage:
+                mix = small_softmax(self.stage_mix(x).float(), dim=-1)
+                parts = [mix[:, :1] * parts[0], mix[:, 1:] * parts[1]]
+            gates = torch.cat(parts, dim=-1) * (self.n_shared + self.top_k)
         active = (gates > 0).float()
         # no branch on the blend (that would sync the device); at blend 0 this is exactly 0 + 1 * gates
         blend = self.dense_blend.float().clamp(0.0, 1.0)
         gates = blend + (1.0 - blend) * gates
         active = blend + (1.0 - blend) * active
         return HeadGating(gates=gates, aux_losses=aux, active=active)
+
+    def _moh_gates(self, x: torch.Tensor, parts: list) -> torch.Tensor:
+        """MoH's released scaling: shared x H_s, routed x k, stages by 2 softmax(W_0 x)."""
+        if not self.n_routed:  # MoH without routed heads has no gating at all
+            return torch.ones_like(parts[0])
+        routed = parts[-1] * self.top_k
+        if not self.two_stage:
+            return routed
+        stage = 2.0 * small_softmax(self.stage_mix(x).float(), dim=-1)
+        return torch.cat([stage[:, :1] * parts[0] * self.n_shared, stage[:, 1:] * routed], dim=-1)
 
     def _route(self, routed_logits: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         selection_logits = routed_logits + self.selection_bias if self.aux_free_bias else routed_logits

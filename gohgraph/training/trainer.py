@@ -41,6 +41,11 @@ from .optim import build_optimizer
 from .schedules import dense_to_sparse_schedule, learning_rate, set_learning_rate
 
 
+# per-rank seeds are seed + stride * rank (+ step on resume): a prime far above any step count, so
+# no two ranks ever draw the same dropout stream
+RANK_SEED_STRIDE = 1_000_003
+
+
 class TrainingDivergedError(ValueError):
     """The loss or gradient became NaN/inf; the run stopped without saving the bad state."""
 
@@ -138,11 +143,11 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
         if ctx.is_main:
             restore_rng_state(saved["rng_tensors"], saved["rng"])
         else:
-            torch.manual_seed(tc.seed + 1_000_003 * ctx.rank + start_step)
+            torch.manual_seed(tc.seed + RANK_SEED_STRIDE * ctx.rank + start_step)
     else:
         if tc.init_from is not None:
             _initialise_from(model, Path(tc.init_from))
-        torch.manual_seed(tc.seed + 1_000_003 * ctx.rank)  # dropout differs per rank
+        torch.manual_seed(tc.seed + RANK_SEED_STRIDE * ctx.rank)  # dropout differs per rank
     model.to(ctx.device).train()
     wrapped = D.wrap_model(model, ctx, tc.fsdp)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))

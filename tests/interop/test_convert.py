@@ -321,3 +321,55 @@ def test_checkpoint_missing_tensors_is_an_error_not_a_random_init(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**values, "architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(ConversionError, match=r"lacks tensors \['lm_head.weight'\]"):
         convert_hf_model(tmp_path)
+
+
+def test_convert_carries_the_tokenizer_and_training_uses_it(tmp_path, capsys):
+    """convert -> train --init-from: the source's tokenizer.json travels with the model, training
+    encodes the data with it, and a vocabulary that does not match is refused."""
+    tokenizers = pytest.importorskip("tokenizers")
+    text = tmp_path / "code.txt"
+    text.write_text("".join(f"def f_{i}(x):\n    return x + {i}\n" for i in range(200)), encoding="utf-8")
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator([text.read_text()], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, show_progress=False, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    vocab = bpe.get_vocab_size()
+    hf_model = _llama(seed=3, vocab_size=vocab)
+    hf_model.save_pretrained(tmp_path / "hf")
+    bpe.save(str(tmp_path / "hf" / "tokenizer.json"))
+    out = tmp_path / "goh"
+    assert cli_main(["convert", "--from", str(tmp_path / "hf"), "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert (out / "tokenizer.json").read_bytes() == (tmp_path / "hf" / "tokenizer.json").read_bytes()
+    assert "nothing to anneal to" in printed.err  # every head on: annealing would do nothing
+    assert cli_main(["convert", "--from", str(tmp_path / "hf"), "--out", str(out), "--top-k-heads", "2"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert cli_main(["convert", "--from", str(tmp_path / "hf"), "--out", str(out), "--top-k-heads", "2",
+                     "--overwrite"]) == 0
+    assert GoHTransformer.from_pretrained(out).config.top_k_heads == 2
+
+    small = ["--data", str(text), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "1", "--batch-size", "2",
+             "--seq-len", "16", "--no-progress", "--device", "cpu", "--set", "eval_batches=1",
+             "--set", "tensorboard=false"]
+    assert cli_main(["train", "--init-from", str(out), "--run-dir", str(tmp_path / "run"), *small]) == 0
+    run_tokenizer = tmp_path / "run" / "tokenizer.json"
+    same_vocab = json.loads(run_tokenizer.read_text())["model"]["vocab"] == \
+        json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
+    assert run_tokenizer.is_file() and same_vocab
+    assert cli_main(["train", "--init-from", str(out), "--run-dir", str(tmp_path / "run-bytes"),
+                     "--tokenizer", "byte", *small]) == 1
+    assert f"vocab_size={vocab} but the data's tokenizer has 256 tokens" in capsys.readouterr().err
+
+
+def test_init_from_learned_positions_names_seq_len_not_tensor_shapes(tmp_path, capsys):
+    _gpt2(seed=4).save_pretrained(tmp_path / "hf")
+    assert cli_main(["convert", "--from", str(tmp_path / "hf"), "--out", str(tmp_path / "goh")]) == 0
+    text = tmp_path / "code.txt"
+    text.write_text("def f(x):\n    return x\n" * 100, encoding="utf-8")
+    code = cli_main(["train", "--init-from", str(tmp_path / "goh"), "--run-dir", str(tmp_path / "run"),
+                     "--data", str(text), "--cache-dir", str(tmp_path / "cache"), "--seq-len", "100",
+                     "--max-steps", "1", "--no-progress", "--device", "cpu"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "seq_len=100 needs 101 positions" in err and "learned position table of 64" in err

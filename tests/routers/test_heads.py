@@ -77,9 +77,10 @@ def test_head_graph_is_the_same_edge_index_for_every_token():
 
 
 # ---------------------------------------------------------------------------- gating
-def gate_for(n_heads=8, shared=2, top_k=3, aux_free=False, d_model=16):
+def gate_for(n_heads=8, shared=2, top_k=3, aux_free=False, d_model=16, normalisation="moh"):
     cfg = GoHConfig(d_model=d_model * 1, n_heads=n_heads, n_shared_heads=shared, top_k_heads=top_k,
-                    router="linear", aux_free_bias=aux_free, bias_update_rate=0.1)
+                    router="linear", aux_free_bias=aux_free, bias_update_rate=0.1,
+                    head_gate_normalisation=normalisation)
     return HeadGate(cfg)
 
 
@@ -95,13 +96,15 @@ def test_gates_have_exactly_shared_plus_top_k_nonzero_and_shared_always_on():
     assert torch.equal(active[:, 2:], expected)
 
 
-def test_gates_follow_the_two_stage_formula():
-    gate = gate_for()
+@pytest.mark.parametrize("normalisation", ["moh", "mha"])
+def test_gates_follow_the_two_stage_formula(normalisation):
+    gate = gate_for(normalisation=normalisation)
     with torch.no_grad():
         gate.stage_mix.weight.normal_()
     x, logits = torch.randn(7, 16), torch.randn(7, 8)
     gates = gate(x, logits).gates
-    mix = torch.softmax(x @ gate.stage_mix.weight.t() + gate.stage_mix.bias, dim=-1)
+    bias = gate.stage_mix.bias if normalisation == "mha" else 0.0
+    mix = torch.softmax(x @ gate.stage_mix.weight.t() + bias, dim=-1)
     shared = mix[:, :1] * torch.softmax(logits[:, :2], -1)
     routed_logits = logits[:, 2:]
     kept = routed_logits.topk(3).indices
@@ -109,7 +112,12 @@ def test_gates_follow_the_two_stage_formula():
     for t in range(7):
         p = torch.softmax(routed_logits[t, kept[t]], -1)
         routed[t, kept[t]] = mix[t, 1] * p
-    torch.testing.assert_close(gates, torch.cat([shared, routed], -1) * 5, rtol=1e-5, atol=1e-6)
+    if normalisation == "mha":  # the gates always sum to H_s + k = 5
+        expected = torch.cat([shared, routed], -1) * 5
+        torch.testing.assert_close(gates.sum(-1), torch.full((7,), 5.0))
+    else:  # MoH: stage weights 2 softmax, shared x H_s = 2, routed x k = 3
+        expected = torch.cat([2 * 2 * shared, 2 * 3 * routed], -1)
+    torch.testing.assert_close(gates, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_uniform_logits_give_gate_one_on_every_active_head():
