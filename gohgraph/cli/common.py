@@ -114,7 +114,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, default_batches: int) ->
     parser.add_argument("--data", default=None,
                         help="text file, directory or glob (default: the Python standard library corpus)")
     parser.add_argument("--batches", type=int, default=default_batches, help="validation batches to run")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens per sequence (default: min(256, max_seq_len))")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -21,12 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run directory, checkpoint directory or save_pretrained directory")
     parser.add_argument("--data", help="text file, directory or glob (default: the run's data)")
     parser.add_argument("--tokenizer", help="byte, bpe or bpe:<vocab> (default: the run's)")
-    parser.add_argument("--cache-dir", type=Path)
-    parser.add_argument("--split", choices=["val", "train"], default="val")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--cache-dir", type=Path, help="token cache (default $GOHGRAPH_CACHE or ~/.cache/gohgraph)")
+    parser.add_argument("--split", choices=["val", "train"], default="val", help="which split to score (default: val)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, help="default: the run's seq_len, else min(256, max_seq_len)")
-    parser.add_argument("--max-batches", type=int, default=50)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-batches", type=int, default=50,
+                        help="score at most this many batches from the start of the split (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -181,3 +181,13 @@ def test_version_help_and_a_bad_value_in_a_fresh_interpreter(workspace):
                               subprocess_run=True), "inter_head_flow='maybe'")
     assert_one_line_error(run(workspace, "generate", "--checkpoint", workspace / "run", "--device", "cuda",
                               subprocess_run=True), "--device cuda")
+
+
+def test_every_flag_of_every_command_has_help():
+    from gohgraph.cli.main import build_parser
+
+    parser = build_parser()
+    missing = [f"{name} {action.option_strings}" for group in parser._subparsers._group_actions
+               for name, sub in group.choices.items() for action in sub._actions
+               if action.option_strings and not action.help]
+    assert not missing, missing

@@ -122,3 +122,15 @@ def test_bpe_tokenizer_trains_round_trips_and_saves(tmp_path):
     saved = corpus.save_tokenizer(tmp_path / "run")
     reloaded = load_tokenizer(saved.parent)
     assert reloaded.encode(sample) == corpus.encode(sample)
+
+
+def test_a_directory_with_several_bad_files_names_them_all_at_once(tmp_path):
+    (tmp_path / "good.txt").write_text("def f(x):\n    return x\n" * 40, encoding="utf-8")
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 5)
+    (tmp_path / "binary.bin").write_bytes(bytes(range(256)))
+    with pytest.raises(DataError) as caught:
+        load_corpus(str(tmp_path), cache_dir=tmp_path / "cache")
+    message = str(caught.value)
+    assert message.startswith("3 of 4 data files cannot be used")
+    assert all(name in message for name in ("empty.txt is empty", "latin1.txt is not UTF-8", "binary.bin is not UTF-8"))
