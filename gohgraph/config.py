@@ -29,6 +29,7 @@ POSITION_EMBEDDINGS = ("rope", "learned")
 MLP_KINDS = ("swiglu", "gelu")
 
 GATE_NORMALISATIONS = ("moh", "mha")
+EXPERT_SCORES = ("softmax", "sigmoid")
 HeadGraphSpec = Union[str, list]  # a name, or a list of [src, dst] head pairs
 # fields added after checkpoints were written, with the value that reproduces those checkpoints;
 # applied to a saved config.json that lacks them (storage.read_config), never to new configs
@@ -124,6 +125,14 @@ class GoHConfig:
     expert_activation: str = _in("experts", "swiglu")
     expert_graph: Optional[Any] = _in("experts", None)  # None = every sub-token may reach every expert; else [[slot, expert], ...]
     expert_load_feature: bool = _in("experts", True)
+    # how selected experts are weighted (DESIGN.md §12): "softmax" with renormalisation is Mixtral's,
+    # softmax without it Qwen2-MoE's default; "sigmoid" scores with the selection bias added to the
+    # scores, group-limited top-k and a scaling factor are DeepSeek-V3's
+    expert_score: str = _in("experts", "softmax")
+    expert_renormalise: bool = _in("experts", True)
+    n_expert_groups: int = _in("experts", 1)  # DeepSeek-V3's n_group: experts in this many equal groups
+    top_k_expert_groups: int = _in("experts", 1)  # ... of which a token's top_k come from the best this many
+    routed_scaling_factor: float = _in("experts", 1.0)
     # MH-MoE's head and merge layers (d_model x d_model each) around the sub-token split; False splits
     # the token as it is and concatenates the results (the MH-MoE paper's ablation)
     subtoken_projections: bool = _in("experts", True)
@@ -204,6 +213,7 @@ class GoHConfig:
         _choice(self, "position_embedding", POSITION_EMBEDDINGS)
         _choice(self, "mlp", MLP_KINDS)
         _choice(self, "head_gate_normalisation", GATE_NORMALISATIONS)
+        _choice(self, "expert_score", EXPERT_SCORES)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.position_embedding == "rope" and self.head_dim % 2:
@@ -234,7 +244,9 @@ class GoHConfig:
             self._validate_experts()
 
     def _validate_experts(self) -> None:
-        _positive(self, "n_experts", "top_k_experts", "n_subtokens")
+        _positive(self, "n_experts", "top_k_experts", "n_subtokens", "n_expert_groups", "top_k_expert_groups")
+        if not self.routed_scaling_factor > 0:
+            raise ValueError(f"routed_scaling_factor={self.routed_scaling_factor} must be > 0")
         if not 0 <= self.n_shared_experts < self.n_experts:
             raise ValueError(f"n_shared_experts={self.n_shared_experts} must be in [0, n_experts={self.n_experts})")
         if self.top_k_experts > self.n_routed_experts:
@@ -248,6 +260,14 @@ class GoHConfig:
             raise ValueError(f"expert_hidden={self.expert_hidden} must be >= 1")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0 or None (dropless)")
+        if self.n_expert_groups > 1:
+            per_group, groups = self.n_routed_experts // self.n_expert_groups, self.n_expert_groups
+            if self.n_routed_experts % groups or per_group < 2:
+                raise ValueError(f"n_expert_groups={groups} must divide n_routed_experts={self.n_routed_experts} "
+                                 "into groups of at least 2 (a group's score is its top-2 sum)")
+            if not self.top_k_expert_groups <= groups or self.top_k_expert_groups * per_group < self.top_k_experts:
+                raise ValueError(f"top_k_expert_groups={self.top_k_expert_groups} must be <= n_expert_groups={groups} "
+                                 f"and hold at least top_k_experts={self.top_k_experts} experts")
         if self.expert_graph is not None:
             for sub, expert in self.expert_graph:
                 if not (0 <= sub < self.n_subtokens and 0 <= expert < self.n_routed_experts):

@@ -189,14 +189,27 @@ class ExpertChoice:
     aux_losses: Dict[str, torch.Tensor]
 
 
+SIGMOID_NORM_EPS = 1e-20  # DeepSeek-V3's guard on the sum of the selected scores
+
+
 class ExpertGate(BalancedRouting):
     r"""Top-``k`` selection, weight renormalisation, routing losses and balancing state.
 
     With logits ``s [tokens, subtokens, E]``: experts the graph forbids are set to
-    :math:`-\infty`; the top-``k`` of ``s + bias`` are selected (the auxiliary-loss-free bias only
-    selects, DeepSeek-V3); their weights are :math:`\mathrm{softmax}` over the kept logits, i.e.
-    the full softmax renormalised over the selection (with ``k = 1`` the weight is exactly 1 and
-    the router learns from the auxiliary losses only, as in Mixtral-style renormalised routing).
+    :math:`-\infty`. Then, by ``cfg.expert_score``:
+
+    * ``"softmax"`` (Mixtral, Qwen2-MoE, MH-MoE): the top-``k`` of ``s + bias`` are selected (the
+      auxiliary-loss-free bias only selects); their weights are :math:`\mathrm{softmax}` over the
+      kept logits, i.e. the full softmax renormalised over the selection (Mixtral; with ``k = 1``
+      the weight is exactly 1), or with ``expert_renormalise=False`` the full softmax's values
+      (Qwen2-MoE's ``norm_topk_prob=False``).
+    * ``"sigmoid"`` (DeepSeek-V3): scores :math:`\sigma(s)`; the top-``k`` of ``σ(s) + bias`` are
+      selected (the bias sits on the scores, as DeepSeek-V3's ``e_score_correction_bias``); the
+      weights are the selected scores, divided by their sum with ``expert_renormalise``.
+
+    With ``n_expert_groups > 1`` selection is group-limited (DeepSeek-V3): each group's score is
+    the sum of its two best choice scores, and only the best ``top_k_expert_groups`` groups may
+    be chosen from. Weights are finally multiplied by ``routed_scaling_factor``.
 
     Losses over the ``tokens * subtokens`` rows: ``expert_balance`` =
     :func:`~gohgraph.routers.losses.load_balance_loss` (1 at uniform load) and ``expert_z`` =
@@ -215,6 +228,9 @@ class ExpertGate(BalancedRouting):
         super().__init__()
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.top_k_experts
         self.aux_free_bias, self.bias_update_rate = cfg.aux_free_bias, cfg.bias_update_rate
+        self.sigmoid_scores, self.renormalise = cfg.expert_score == "sigmoid", cfg.expert_renormalise
+        self.n_groups, self.top_groups = cfg.n_expert_groups, cfg.top_k_expert_groups
+        self.scaling = cfg.routed_scaling_factor
         reachable = allowed.sum(dim=-1)
         for slot, count in enumerate(reachable.tolist()):
             if count < self.top_k:
@@ -231,9 +247,26 @@ class ExpertGate(BalancedRouting):
         logits = logits.float()
         if self.restricted:
             logits = logits.masked_fill(~self.allowed, float("-inf"))
-        selection_logits = logits + self.selection_bias if self.aux_free_bias else logits
-        selected = selection_logits.topk(self.top_k, dim=-1).indices
-        weights = torch.softmax(logits.gather(-1, selected), dim=-1)
+        if self.sigmoid_scores:
+            scores = logits.sigmoid()  # forbidden experts: sigmoid(-inf) = 0
+            choice = scores + self.selection_bias  # DeepSeek-V3 adds its bias to the scores, always
+            if self.restricted:
+                choice = choice.masked_fill(~self.allowed, float("-inf"))
+        else:
+            choice = logits + self.selection_bias if self.aux_free_bias else logits
+        if self.n_groups > 1:
+            choice = self._limit_to_groups(choice)
+        selected = choice.topk(self.top_k, dim=-1).indices
+        if self.sigmoid_scores:
+            weights = scores.gather(-1, selected)
+            if self.renormalise:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + SIGMOID_NORM_EPS)
+        elif self.renormalise:
+            weights = torch.softmax(logits.gather(-1, selected), dim=-1)
+        else:
+            weights = torch.softmax(logits, dim=-1).gather(-1, selected)
+        if self.scaling != 1.0:
+            weights = weights * self.scaling
         flat_selected = selected.reshape(-1, self.top_k)
         if self.training:
             self.load_since_update += torch.bincount(flat_selected.reshape(-1), minlength=self.n_experts)
@@ -243,6 +276,14 @@ class ExpertGate(BalancedRouting):
             EXPERT_Z: router_z_loss(flat_logits),
         }
         return ExpertChoice(indices=selected, weights=weights, aux_losses=aux)
+
+    def _limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """``choice [..., E]`` with every expert outside the ``top_groups`` best groups at ``-inf``."""
+        grouped = choice.unflatten(-1, (self.n_groups, self.n_experts // self.n_groups))
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [..., groups]
+        kept = group_scores.topk(self.top_groups, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(-1, kept, True)
+        return grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).flatten(-2)
 
     @torch.no_grad()
     def update_bias(self) -> None:
