@@ -30,6 +30,7 @@ MLP_KINDS = ("swiglu", "gelu")
 
 GATE_NORMALISATIONS = ("moh", "mha")
 EXPERT_SCORES = ("softmax", "sigmoid")
+BALANCE_POOLINGS = ("layer", "model")
 HeadGraphSpec = Union[str, list]  # a name, or a list of [src, dst] head pairs
 # fields added after checkpoints were written, with the value that reproduces those checkpoints;
 # applied to a saved config.json that lacks them (storage.read_config), never to new configs
@@ -111,6 +112,10 @@ class GoHConfig:
     z_loss_coef: float = _in("routing losses", 1e-3)
     aux_free_bias: bool = _in("routing losses", False)
     bias_update_rate: float = _in("routing losses", 1e-3)
+    # "layer": the expert balance loss is summed over layers, each its own product of load and
+    # probability (the coefficient then means the same per layer); "model": counts and
+    # probabilities are pooled over all layers first, as Hugging Face's load_balancing_loss_func
+    expert_balance_pooling: str = _in("routing losses", "layer")
 
     # ---- feed-forward experts
     ffn: str = _in("experts", "dense")
@@ -214,6 +219,7 @@ class GoHConfig:
         _choice(self, "mlp", MLP_KINDS)
         _choice(self, "head_gate_normalisation", GATE_NORMALISATIONS)
         _choice(self, "expert_score", EXPERT_SCORES)
+        _choice(self, "expert_balance_pooling", BALANCE_POOLINGS)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.position_embedding == "rope" and self.head_dim % 2:

@@ -9,7 +9,7 @@ expert feed-forward layer returns an :class:`ExpertRouting`, which the block att
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -26,6 +26,8 @@ class ExpertRouting:
         expert_drops: ``[batch, seq, subtokens, top_k_experts]`` bool, which (sub-token, expert)
             assignments overflowed capacity, or ``None``.
         aux_losses: ``expert_balance`` and ``expert_z``, unweighted scalars with gradients.
+        balance: the counts and probability sums behind ``expert_balance`` (a
+            :class:`~gohgraph.routers.losses.BalanceTally`), for pooling the loss over layers.
     """
 
     expert_indices: torch.Tensor
@@ -33,6 +35,7 @@ class ExpertRouting:
     dropped: Optional[torch.Tensor] = None
     expert_drops: Optional[torch.Tensor] = None
     aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    balance: Optional[Any] = None
 
 
 @dataclass

@@ -20,7 +20,7 @@ from ..layers.kv_cache import DynamicKVCache, KVCache
 from ..layers.norm import build_norm
 from ..layers.positions import build_embedding_positions
 from ..routers.heads import HeadGate
-from ..routers.losses import BalancedRouting, loss_coefficients
+from ..routers.losses import EXPERT_BALANCE, BalancedRouting, loss_coefficients, pooled_balance_loss
 from ..routing import LayerRouting
 from ..storage import load_model, save_model
 from .block import GoHBlock
@@ -104,10 +104,15 @@ class GoHTransformer(nn.Module):
 
     def _weighted_aux_loss(self, routing: List[LayerRouting], like: torch.Tensor) -> torch.Tensor:
         coefficients = loss_coefficients(self.config)
+        pooled = self.config.expert_balance_pooling == "model"
         total = like.new_zeros((), dtype=torch.float32)
         for layer in routing:
             for name, value in layer.aux_losses.items():
-                total = total + coefficients[name] * value
+                if not (pooled and name == EXPERT_BALANCE):
+                    total = total + coefficients[name] * value
+        tallies = [layer.experts.balance for layer in routing if layer.experts is not None]
+        if pooled and tallies:
+            total = total + coefficients[EXPERT_BALANCE] * pooled_balance_loss(tallies)
         return total
 
     # ------------------------------------------------------------------ generation

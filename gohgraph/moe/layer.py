@@ -147,6 +147,7 @@ class MoEFeedForward(nn.Module):
             dropped=plan.subtoken_dropped.reshape(batch, seq, m),
             expert_drops=plan.assignment_dropped.reshape(batch, seq, m, k),
             aux_losses=choice.aux_losses,
+            balance=choice.balance,
         )
         return y, routing
 

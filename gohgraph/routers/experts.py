@@ -24,7 +24,7 @@ from torch import nn
 from ..config import GoHConfig
 from ..graph import bipartite_adjacency
 from .gat import GraphAttention
-from .losses import EXPERT_BALANCE, EXPERT_Z, BalancedRouting, load_balance_loss, router_z_loss, update_balancing_bias
+from .losses import EXPERT_BALANCE, EXPERT_Z, BalancedRouting, BalanceTally, router_z_loss, update_balancing_bias
 
 
 class LinearExpertRouter(nn.Module):
@@ -187,6 +187,7 @@ class ExpertChoice:
     indices: torch.Tensor
     weights: torch.Tensor
     aux_losses: Dict[str, torch.Tensor]
+    balance: Optional[BalanceTally] = None  # the parts of expert_balance, for pooling across layers
 
 
 SIGMOID_NORM_EPS = 1e-20  # DeepSeek-V3's guard on the sum of the selected scores
@@ -271,11 +272,9 @@ class ExpertGate(BalancedRouting):
         if self.training:
             self.load_since_update += torch.bincount(flat_selected.reshape(-1), minlength=self.n_experts)
         flat_logits = logits.reshape(-1, self.n_experts)
-        aux = {
-            EXPERT_BALANCE: load_balance_loss(torch.softmax(flat_logits, dim=-1), flat_selected, self.n_experts),
-            EXPERT_Z: router_z_loss(flat_logits),
-        }
-        return ExpertChoice(indices=selected, weights=weights, aux_losses=aux)
+        balance = BalanceTally.of(torch.softmax(flat_logits, dim=-1), flat_selected, self.n_experts)
+        aux = {EXPERT_BALANCE: balance.loss(), EXPERT_Z: router_z_loss(flat_logits)}
+        return ExpertChoice(indices=selected, weights=weights, aux_losses=aux, balance=balance)
 
     def _limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """``choice [..., E]`` with every expert outside the ``top_groups`` best groups at ``-inf``."""

@@ -6,7 +6,8 @@ for any number of nodes ``E`` and any ``k``, so its coefficient means the same i
 
 from __future__ import annotations
 
-from typing import Dict
+from dataclasses import dataclass
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -35,11 +36,43 @@ def load_balance_loss(router_probs: torch.Tensor, selected: torch.Tensor, n_node
     :math:`f_i` is the fraction of the ``tokens * k`` selections that went to node ``i`` and
     :math:`P_i` the mean router probability of node ``i``; both sum to 1, so uniform routing gives
     ``E * E * (1/E) * (1/E) = 1``. Only ``P`` carries gradient (``f`` is a hard count).
+    MoH's ``l_aux`` and Hugging Face's ``load_balancing_loss_func`` are ``k`` times this.
     """
-    counts = torch.bincount(selected.reshape(-1), minlength=n_nodes).to(router_probs.dtype)
-    fraction_selected = counts / selected.numel()
-    mean_prob = router_probs.mean(dim=0)
-    return n_nodes * (fraction_selected * mean_prob).sum()
+    return BalanceTally.of(router_probs, selected, n_nodes).loss()
+
+
+@dataclass
+class BalanceTally:
+    """The parts of a balance loss, kept so that several layers can be pooled before the product.
+
+    ``counts [E]``: selections per node (hard counts); ``prob_sum [E]``: summed router
+    probabilities (with gradient); ``rows``: how many rows (sub-tokens) were routed; ``top_k``.
+    """
+
+    counts: torch.Tensor
+    prob_sum: torch.Tensor
+    rows: int
+    top_k: int
+
+    @classmethod
+    def of(cls, router_probs: torch.Tensor, selected: torch.Tensor, n_nodes: int) -> "BalanceTally":
+        counts = torch.bincount(selected.reshape(-1), minlength=n_nodes).to(router_probs.dtype)
+        return cls(counts, router_probs.sum(dim=0), router_probs.shape[0], selected.shape[-1])
+
+    def loss(self) -> torch.Tensor:
+        """:math:`E \sum_i f_i P_i` of these rows (1 at uniform load)."""
+        return pooled_balance_loss([self])
+
+
+def pooled_balance_loss(tallies: List[BalanceTally]) -> torch.Tensor:
+    r"""The balance loss of all ``tallies`` together: counts and probabilities are summed over the
+    layers first, then multiplied (Hugging Face's ``load_balancing_loss_func``, which is ``k``
+    times this), instead of summing each layer's own product."""
+    counts = sum(t.counts for t in tallies)
+    prob_sum = sum(t.prob_sum for t in tallies)
+    rows = sum(t.rows for t in tallies)
+    n_nodes, top_k = counts.shape[0], tallies[0].top_k
+    return n_nodes * (counts / (rows * top_k) * (prob_sum / rows)).sum()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:

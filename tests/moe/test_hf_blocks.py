@@ -85,3 +85,32 @@ def test_softmax_without_renormalisation_keeps_the_full_softmax_values():
     full = torch.softmax(logits, dim=-1)
     torch.testing.assert_close(choice.weights, full.gather(-1, full.topk(2).indices))
     assert (choice.weights.sum(-1) < 1).all()  # Qwen2-MoE's norm_topk_prob=False: no renormalisation
+
+
+def test_pooled_expert_balance_equals_hugging_face_over_layers():
+    """expert_balance_pooling="model" pools counts and probabilities over layers before the product,
+    as HF's load_balancing_loss_func does; ours is 1 at uniform load, HF's k, so ours = HF / k."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from gohgraph import GoHTransformer
+
+    cfg = GoHConfig(vocab_size=64, d_model=32, n_heads=4, n_layers=3, max_seq_len=16, ffn="moe", n_experts=6,
+                    top_k_experts=2, expert_balance_pooling="model", balance_loss_coef=1.0, z_loss_coef=0.0)
+    torch.manual_seed(0)
+    model = GoHTransformer(cfg)
+    logits = []
+    for block in model.blocks:
+        block.ffn.router.register_forward_hook(lambda module, args, out: logits.append(out.reshape(-1, 6)))
+        with torch.no_grad():
+            block.ffn.router.proj.weight.normal_(std=1.0)  # a skewed load, different in every layer
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    out = model(ids)
+    expected = load_balancing_loss_func(tuple(logits), 6, 2) / 2
+    assert out.aux_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    per_layer = sum(layer.aux_losses["expert_balance"] for layer in out.routing)
+    per_layer_model = GoHTransformer(cfg.replace(expert_balance_pooling="layer"))
+    per_layer_model.load_state_dict(model.state_dict())
+    assert per_layer_model(ids).aux_loss.item() == pytest.approx(per_layer.item(), rel=1e-5)
+    assert abs(per_layer.item() - 3 * expected.item()) > 1e-3  # the two conventions differ on skewed loads
+    out.aux_loss.backward()  # the pooled loss carries gradient to every layer's router
+    assert all(block.ffn.router.proj.weight.grad.abs().sum() > 0 for block in model.blocks)
