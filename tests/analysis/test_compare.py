@@ -257,3 +257,16 @@ def test_matching_on_active_parameters_grows_the_expert_models():
         assert variants[name].matched_on == "active"
     with pytest.raises(ValueError, match="on='flops'"):
         match_parameters(comparison_variants(**SETTINGS["quick"][0], names=["dense"]), on="flops")
+
+
+def test_every_row_names_the_released_code_it_computes():
+    from gohgraph.analysis.compare.variants import reference_of
+
+    rows = {name: reference_of(cfg) for name, cfg in comparison_variants(**SETTINGS["quick"][0]).items()}
+    assert "SkyworkAI/MoH's gating" in rows["MoH"] and "MoH gating" in rows["GoH"]
+    assert "Mixtral" in rows["SMoE"] and "Mixtral" in rows["fine-grained SMoE"]
+    assert "MH-MoE" in rows["MH-MoE"] and "graph router" in rows["GoH-MoE"]
+    old_gating = comparison_variants(**SETTINGS["quick"][0])["MoH"].replace(head_gate_normalisation="mha")
+    assert "not MoH's released gating" in reference_of(old_gating)
+    deepseek = GoHConfig(ffn="moe", n_experts=8, expert_score="sigmoid")
+    assert "DeepSeek-V3" in reference_of(deepseek)

@@ -12,6 +12,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..student_t import student_t_quantile
 from .records import Comparison
+from .variants import reference_of
 
 SIGNIFICANCE_LEVEL = 0.05  # two-sided
 
@@ -112,6 +113,8 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
         "backward + 16 B/parameter (weights, grads, AdamW moments), counted. Load CV: coefficient of "
         "variation of routed-head / routed-expert load (gohgraph.analysis.stats), mean over layers and seeds.",
     ]
+    lines.append("What each row computes: " + "; ".join(
+        f"**{name}**: {reference_of(variant.config)}" for name, variant in comparison.variants.items()) + ".")
     if comparison.description:
         lines.append(comparison.description)
     return "\n".join(lines)

@@ -200,3 +200,29 @@ def _fit_knob(config: GoHConfig, knob: str, target: int,
     errors = [abs(count(c) / target - 1.0) for c in candidates]
     best = min(range(len(candidates)), key=errors.__getitem__)
     return candidates[best], errors[best]
+
+
+def reference_of(config: GoHConfig) -> str:
+    """What released code a configuration computes (DESIGN.md §12), and the test that checks it."""
+    if config.router == "dense":
+        heads = "multi-head attention as in HF Llama (tests/interop: converted logits equal)"
+    elif config.router == "linear":
+        heads = ("SkyworkAI/MoH's gating (tests/routers/test_moh_reference.py)"
+                 if config.head_gate_normalisation == "moh" else
+                 "MoH's router with gates summing to H_s + k (not MoH's released gating)")
+    else:
+        heads = f"gohgraph's graph router with {'MoH' if config.head_gate_normalisation == 'moh' else 'H_s + k'} gating"
+    if config.ffn == "dense":
+        return heads
+    if config.ffn == "graph-moe":
+        experts = "gohgraph's graph router over sub-tokens and experts"
+    elif config.expert_score == "sigmoid":
+        experts = "DeepSeek-V3's expert routing (tests/moe/test_hf_blocks.py)"
+    elif not config.expert_renormalise:
+        experts = "Qwen2-MoE's expert weighting (norm_topk_prob=False)"
+    elif config.ffn == "moe":
+        experts = "HF Mixtral's MoE block (tests/moe/test_hf_blocks.py)"
+    else:
+        experts = "MH-MoE (torchscale) with renormalised top-k"
+    return experts if config.router == "dense" else f"{heads}; {experts}"
+
