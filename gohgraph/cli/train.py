@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and latest_checkpoint(run_dir) is None:  # before anything of the run is rewritten
         raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint; drop --resume to start a new run")
     model_config, train_config, data_settings = build_configs(args, run_dir)
-    check_device(train_config.device) if train_config.device != "auto" else None
+    if train_config.device != "auto":
+        check_device(train_config.device)
     rank = int(os.environ.get("RANK", "0"))
     has_checkpoint = (run_dir / CHECKPOINTS_DIR).is_dir() and any((run_dir / CHECKPOINTS_DIR).iterdir())
     if has_checkpoint and not args.resume:
