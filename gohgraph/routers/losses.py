@@ -60,7 +60,7 @@ class BalanceTally:
         return cls(counts, router_probs.sum(dim=0), router_probs.shape[0], selected.shape[-1])
 
     def loss(self) -> torch.Tensor:
-        """:math:`E \sum_i f_i P_i` of these rows (1 at uniform load)."""
+        r""":math:`E \sum_i f_i P_i` of these rows (1 at uniform load)."""
         return pooled_balance_loss([self])
 
 
