@@ -116,6 +116,9 @@ class GoHConfig:
     # probability (the coefficient then means the same per layer); "model": counts and
     # probabilities are pooled over all layers first, as Hugging Face's load_balancing_loss_func
     expert_balance_pooling: str = _in("routing losses", "layer")
+    # the load f_i counts every one of a sub-token's top-k choices (default), or only its first
+    # (GShard, and MH-MoE's released code); both are 1 at uniform load
+    expert_balance_top1: bool = _in("routing losses", False)
 
     # ---- feed-forward experts
     ffn: str = _in("experts", "dense")

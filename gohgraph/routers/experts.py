@@ -232,6 +232,7 @@ class ExpertGate(BalancedRouting):
         self.sigmoid_scores, self.renormalise = cfg.expert_score == "sigmoid", cfg.expert_renormalise
         self.n_groups, self.top_groups = cfg.n_expert_groups, cfg.top_k_expert_groups
         self.scaling = cfg.routed_scaling_factor
+        self.balance_top1 = cfg.expert_balance_top1
         reachable = allowed.sum(dim=-1)
         for slot, count in enumerate(reachable.tolist()):
             if count < self.top_k:
@@ -272,7 +273,8 @@ class ExpertGate(BalancedRouting):
         if self.training:
             self.load_since_update += torch.bincount(flat_selected.reshape(-1), minlength=self.n_experts)
         flat_logits = logits.reshape(-1, self.n_experts)
-        balance = BalanceTally.of(torch.softmax(flat_logits, dim=-1), flat_selected, self.n_experts)
+        counted = flat_selected[:, :1] if self.balance_top1 else flat_selected  # selected is best first
+        balance = BalanceTally.of(torch.softmax(flat_logits, dim=-1), counted, self.n_experts)
         aux = {EXPERT_BALANCE: balance.loss(), EXPERT_Z: router_z_loss(flat_logits)}
         return ExpertChoice(indices=selected, weights=weights, aux_losses=aux, balance=balance)
 

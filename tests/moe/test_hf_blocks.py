@@ -114,3 +114,30 @@ def test_pooled_expert_balance_equals_hugging_face_over_layers():
     assert abs(per_layer.item() - 3 * expected.item()) > 1e-3  # the two conventions differ on skewed loads
     out.aux_loss.backward()  # the pooled loss carries gradient to every layer's router
     assert all(block.ffn.router.proj.weight.grad.abs().sum() > 0 for block in model.blocks)
+
+
+def mh_moe_gshard_l_aux(logits):
+    """MH-MoE's released GShard loss (torchscale top2gating): me = mean softmax, ce = mean one-hot
+    of each row's first choice, l_aux = mean(me * ce) * E * E."""
+    gates = torch.softmax(logits, dim=-1)
+    n_experts = gates.shape[1]
+    mask1 = torch.nn.functional.one_hot(gates.argmax(dim=1), n_experts).float()
+    return torch.mean(gates.mean(dim=0) * mask1.mean(dim=0)) * n_experts * n_experts
+
+
+def test_top1_balance_counting_equals_the_gshard_loss_of_mh_moe():
+    cfg = GoHConfig(d_model=32, n_heads=4, ffn="mh-moe", n_subtokens=2, n_experts=8, top_k_experts=2,
+                    expert_balance_top1=True)
+    torch.manual_seed(0)
+    layer = MoEFeedForward(cfg)
+    with torch.no_grad():
+        layer.router.proj.weight.normal_(std=1.0)  # a skewed load
+    logits = []
+    layer.router.register_forward_hook(lambda module, args, out: logits.append(out.reshape(-1, 8)))
+    _, routing = layer(torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(1)))
+    expected = mh_moe_gshard_l_aux(logits[0])
+    assert routing.aux_losses["expert_balance"].item() == pytest.approx(expected.item(), rel=1e-5)
+    top_k_count = MoEFeedForward(cfg.replace(expert_balance_top1=False))
+    top_k_count.load_state_dict(layer.state_dict())
+    assert abs(top_k_count(torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(1)))[1]
+               .aux_losses["expert_balance"].item() - expected.item()) > 1e-4  # the conventions differ
