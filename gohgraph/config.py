@@ -141,6 +141,10 @@ class GoHConfig:
     n_expert_groups: int = _in("experts", 1)  # DeepSeek-V3's n_group: experts in this many equal groups
     top_k_expert_groups: int = _in("experts", 1)  # ... of which a token's top_k come from the best this many
     routed_scaling_factor: float = _in("experts", 1.0)
+    # the shared experts' total width (None = n_shared_experts * expert width) and Qwen2-MoE's
+    # sigmoid gate on their output, sigmoid(w^T x) per token
+    shared_expert_hidden: Optional[int] = _in("experts", None)
+    shared_expert_gate: bool = _in("experts", False)
     # MH-MoE's head and merge layers (d_model x d_model each) around the sub-token split; False splits
     # the token as it is and concatenates the results (the MH-MoE paper's ablation)
     subtoken_projections: bool = _in("experts", True)
@@ -256,6 +260,10 @@ class GoHConfig:
         _positive(self, "n_experts", "top_k_experts", "n_subtokens", "n_expert_groups", "top_k_expert_groups")
         if not self.routed_scaling_factor > 0:
             raise ValueError(f"routed_scaling_factor={self.routed_scaling_factor} must be > 0")
+        if self.shared_expert_hidden is not None and self.shared_expert_hidden < 1:
+            raise ValueError(f"shared_expert_hidden={self.shared_expert_hidden} must be >= 1")
+        if (self.shared_expert_gate or self.shared_expert_hidden is not None) and not self.n_shared_experts:
+            raise ValueError("shared_expert_gate / shared_expert_hidden need n_shared_experts >= 1")
         if not 0 <= self.n_shared_experts < self.n_experts:
             raise ValueError(f"n_shared_experts={self.n_shared_experts} must be in [0, n_experts={self.n_experts})")
         if self.top_k_experts > self.n_routed_experts:

@@ -61,22 +61,31 @@ class SharedExperts(nn.Module):
     """``cfg.n_shared_experts`` always-on experts of width ``hidden``, summed with weight 1 each.
 
     The sum of ``n`` independent MLPs equals one MLP whose hidden layer is their concatenation,
-    so they run as a single dense MLP of width ``n * hidden`` (same parameters, one matmul).
+    so they run as a single dense MLP of width ``n * hidden`` (same parameters, one matmul), or
+    ``cfg.shared_expert_hidden`` wide. With ``cfg.shared_expert_gate`` the output is multiplied by
+    :math:`\sigma(w^\top x)` per token (Qwen2-MoE's shared-expert gate).
     Shapes: ``[..., d_model] -> [..., d_model]``.
     """
 
     def __init__(self, cfg: GoHConfig, d_model: int, hidden: int) -> None:
         super().__init__()
         self.activation = cfg.expert_activation
-        width = cfg.n_shared_experts * hidden
+        width = cfg.shared_expert_hidden or cfg.n_shared_experts * hidden
         self.w_in = make_linear(cfg, d_model, 2 * width if self.activation == "swiglu" else width, bias=False)
         self.w_out = make_linear(cfg, width, d_model, bias=False)
         nn.init.normal_(self.w_in.weight, std=cfg.init_std)
         nn.init.normal_(self.w_out.weight, std=cfg.output_init_std)
+        self.output_gate = None
+        if cfg.shared_expert_gate:
+            self.output_gate = nn.Linear(d_model, 1, bias=False)  # a router: never quantised
+            nn.init.normal_(self.output_gate.weight, std=cfg.init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.w_in(x)
         if self.activation == "swiglu":
             gate, up = hidden.chunk(2, dim=-1)
-            return self.w_out(F.silu(gate) * up)
-        return self.w_out(F.gelu(hidden))
+            hidden = F.silu(gate) * up
+        else:
+            hidden = F.gelu(hidden)
+        out = self.w_out(hidden)
+        return out if self.output_gate is None else out * torch.sigmoid(self.output_gate(x))

@@ -141,3 +141,25 @@ def test_top1_balance_counting_equals_the_gshard_loss_of_mh_moe():
     top_k_count.load_state_dict(layer.state_dict())
     assert abs(top_k_count(torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(1)))[1]
                .aux_losses["expert_balance"].item() - expected.item()) > 1e-4  # the conventions differ
+
+
+def test_qwen2_moe_routing_and_gated_shared_expert_equal_hugging_face():
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    hf_config = transformers.Qwen2MoeConfig(hidden_size=32, moe_intermediate_size=16, num_experts=8,
+                                            num_experts_per_tok=2, shared_expert_intermediate_size=40,
+                                            norm_topk_prob=False)
+    block = Qwen2MoeSparseMoeBlock(hf_config).eval()
+    randomise(block, 5)
+    cfg = GoHConfig(d_model=32, n_heads=4, ffn="moe", n_experts=9, n_shared_experts=1, top_k_experts=2,
+                    expert_hidden=16, expert_renormalise=False, shared_expert_hidden=40, shared_expert_gate=True)
+    layer = MoEFeedForward(cfg).eval()
+    with torch.no_grad():
+        layer.router.proj.weight.copy_(block.gate.weight)
+        shared = block.shared_expert
+        layer.shared_experts.w_in.weight.copy_(torch.cat([shared.gate_proj.weight, shared.up_proj.weight]))
+        layer.shared_experts.w_out.weight.copy_(shared.down_proj.weight)
+        layer.shared_experts.output_gate.weight.copy_(block.shared_expert_gate.weight)
+    copy_expert_weights(layer, block.experts.gate_up_proj, block.experts.down_proj)
+    x = torch.randn(2, 11, 32, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(layer(x)[0], block(x), rtol=1e-5, atol=1e-5)
