@@ -1,4 +1,4 @@
-"""``gohgraph convert``: a local Hugging Face Llama / GPT-2 checkpoint -> a graph-routed GoH checkpoint.
+"""``gohgraph convert``: a local Hugging Face Llama / GPT-2 / Mixtral checkpoint -> a graph-routed GoH checkpoint.
 
 Thin: parses arguments, calls :func:`gohgraph.interop.convert.convert_hf_model`, saves the result. The
 saved model has ``dense_blend = 1`` (it computes the source exactly); continued training anneals
@@ -20,7 +20,8 @@ from .common import add_overwrite_argument, prepare_output
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="source", required=True, metavar="DIR",
-                        help="local Hugging Face checkpoint directory (LlamaForCausalLM or GPT2LMHeadModel)")
+                        help="local Hugging Face checkpoint directory (LlamaForCausalLM, GPT2LMHeadModel or "
+                             "MixtralForCausalLM)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where to write the GoH checkpoint")
     parser.add_argument("--router", default="graph", choices=ROUTERS, help="head router (default: graph)")
     parser.add_argument("--n-shared-heads", type=int, default=0, metavar="N", help="always-on heads per layer")
@@ -28,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="routed heads active per token (default: every routed head)")
     parser.add_argument("--router-rounds", type=int, default=None, metavar="R",
                         help="message-passing rounds of the graph router")
-    parser.add_argument("--ffn", default="dense", choices=("dense", "moe"),
-                        help="keep the dense MLP, or upcycle it into n-experts copies (default: dense)")
+    parser.add_argument("--ffn", default=None, choices=("dense", "moe"),
+                        help="for a dense source: keep its MLP (default), or upcycle it into n-experts copies; "
+                             "a Mixtral source keeps its own experts")
     parser.add_argument("--n-experts", type=int, default=None, metavar="N", help="experts per layer for --ffn moe")
     parser.add_argument("--top-k-experts", type=int, default=None, metavar="K",
                         help="experts per token for --ffn moe")
@@ -43,10 +45,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out} is the source directory; choose another so the source is kept")
     if Path(args.out).exists() and not args.overwrite:  # checked before the (slow) conversion
         prepare_output(Path(args.out), overwrite=False, is_directory=True)
-    overrides = {"router": args.router, "n_shared_heads": args.n_shared_heads, "top_k_heads": args.top_k_heads,
-                 "ffn": args.ffn}
+    overrides = {"router": args.router, "n_shared_heads": args.n_shared_heads, "top_k_heads": args.top_k_heads}
     optional = {"router_rounds": args.router_rounds, "n_experts": args.n_experts,
-                "top_k_experts": args.top_k_experts}
+                "top_k_experts": args.top_k_experts, "ffn": args.ffn}
     overrides.update({name: value for name, value in optional.items() if value is not None})
     try:
         model = convert_hf_model(args.source, **overrides)

@@ -32,10 +32,11 @@ from ..config import GoHConfig
 from ..models.decoder import GoHTransformer
 from .gpt2 import GPT2
 from .llama import LLAMA
+from .mixtral import MIXTRAL
 from .source import ConversionError, SourceFamily
 
 # model_type in config.json -> the family whose weights we know how to map
-SOURCE_FAMILIES: Dict[str, SourceFamily] = {"llama": LLAMA, "gpt2": GPT2}
+SOURCE_FAMILIES: Dict[str, SourceFamily] = {"llama": LLAMA, "gpt2": GPT2, "mixtral": MIXTRAL}
 # model_type -> the Hugging Face class
 SUPPORTED_ARCHITECTURES = {model_type: family.hf_class for model_type, family in SOURCE_FAMILIES.items()}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -50,7 +51,8 @@ ROUTING_TENSOR_MARKERS = (".router.", ".gate.", ".flow_scale")
 
 # ---------------------------------------------------------------------- public entry points
 def convert_hf_model(hf_model_or_dir: Union[str, Path, nn.Module], **overrides: Any) -> GoHTransformer:
-    """Build a GoH model computing exactly the dense ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` given.
+    """Build a GoH model computing exactly the ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` /
+    ``MixtralForCausalLM`` given (a Mixtral keeps its own experts and router).
 
     Args:
         hf_model_or_dir: a loaded Hugging Face model, or a local checkpoint directory.
@@ -64,9 +66,10 @@ def convert_hf_model(hf_model_or_dir: Union[str, Path, nn.Module], **overrides: 
     hf_model = load_hf_model(hf_model_or_dir) if isinstance(hf_model_or_dir, (str, Path)) else hf_model_or_dir
     model_type = _check_model_class(hf_model)
     family = SOURCE_FAMILIES[model_type]
-    cfg = _target_config(family.source_config(hf_model.config), overrides)
+    source = family.source_config(hf_model.config)
+    cfg = _target_config(source, overrides)
     state = family.weights(hf_model, cfg)
-    if cfg.ffn == "moe":
+    if cfg.ffn == "moe" and source.get("ffn") != "moe":  # a dense source's MLP is copied into experts
         state = _upcycle_experts(state, cfg)
     model = GoHTransformer(cfg)
     _load_converted_state(model, state)
@@ -134,10 +137,14 @@ def _check_model_class(hf_model: nn.Module) -> str:
 
 
 def _target_config(source: Dict[str, Any], overrides: Dict[str, Any]) -> GoHConfig:
-    fixed = sorted(set(overrides) & set(SOURCE_FIELDS))
+    # every field the source sets is fixed, but the context length and the init scale of new weights
+    source_fields = set(SOURCE_FIELDS) | (set(source) - {"max_seq_len", "init_std"})
+    fixed = sorted(set(overrides) & source_fields)
     if fixed:
         raise ConversionError(f"cannot override {fixed}: they come from the source model "
-                              f"(fixed fields: {list(SOURCE_FIELDS)})")
+                              f"(fixed fields: {sorted(source_fields)})")
+    if source.get("ffn") == "moe":  # a sparse source keeps its own experts
+        return GoHConfig.from_dict({"router": "graph", **source, **overrides})
     if overrides.get("ffn", "dense") not in UPCYCLE_FFNS:
         raise ConversionError(f"ffn={overrides['ffn']!r} cannot be upcycled from a dense MLP; "
                               f"supported: {list(UPCYCLE_FFNS)}")

@@ -40,17 +40,24 @@ def source_config(hf_config: Any) -> Dict[str, Any]:
 
 def weights(hf_model: nn.Module, cfg: GoHConfig) -> Dict[str, torch.Tensor]:
     """GoH state-dict entries (dense FFN) from a ``LlamaForCausalLM``: q/k/v stacked into ``qkv``."""
+    state = embeddings_and_attention(hf_model, cfg)
+    for i, layer in enumerate(hf_model.model.layers):
+        put_linear(state, f"blocks.{i}.ffn.mlp.gate_up", cfg, layer.mlp.gate_proj, layer.mlp.up_proj)
+        put_linear(state, f"blocks.{i}.ffn.mlp.down", cfg, layer.mlp.down_proj)
+    return state
+
+
+def embeddings_and_attention(hf_model: nn.Module, cfg: GoHConfig) -> Dict[str, torch.Tensor]:
+    """Everything of a Llama-style decoder but its FFNs: embeddings, norms, attention, output head
+    (also Mixtral's, whose blocks differ from Llama's only in the FFN)."""
     decoder = hf_model.model
     state = {"embed.weight": decoder.embed_tokens.weight, "final_norm.weight": decoder.norm.weight}
     for i, layer in enumerate(decoder.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        prefix = f"blocks.{i}."
+        attn, prefix = layer.self_attn, f"blocks.{i}."
         state[prefix + "attn_norm.weight"] = layer.input_layernorm.weight
         state[prefix + "ffn_norm.weight"] = layer.post_attention_layernorm.weight
         put_linear(state, prefix + "attn.qkv", cfg, attn.q_proj, attn.k_proj, attn.v_proj)
         put_linear(state, prefix + "attn.out", cfg, attn.o_proj)
-        put_linear(state, prefix + "ffn.mlp.gate_up", cfg, mlp.gate_proj, mlp.up_proj)
-        put_linear(state, prefix + "ffn.mlp.down", cfg, mlp.down_proj)
     if not cfg.tie_embeddings:
         state["lm_head.weight"] = hf_model.lm_head.weight
     return state

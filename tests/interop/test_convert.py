@@ -373,3 +373,40 @@ def test_init_from_learned_positions_names_seq_len_not_tensor_shapes(tmp_path, c
     assert code == 1
     err = capsys.readouterr().err
     assert "seq_len=100 needs 101 positions" in err and "learned position table of 64" in err
+
+
+def _mixtral(seed: int = 0, **overrides):
+    transformers = _transformers()
+    values = dict(vocab_size=256, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2,
+                  rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
+    values.update(overrides)
+    torch.manual_seed(seed)
+    return _randomised(transformers.MixtralForCausalLM(transformers.MixtralConfig(**values)), seed)
+
+
+def test_mixtral_conversion_reproduces_logits_and_greedy_decoding(tmp_path):
+    hf_model = _mixtral(seed=7)
+    hf_model.save_pretrained(tmp_path / "hf")
+    model = convert_hf_model(tmp_path / "hf", n_shared_heads=1, top_k_heads=2)  # from the saved directory
+    cfg = model.config
+    assert (cfg.ffn, cfg.n_experts, cfg.top_k_experts, cfg.expert_hidden) == ("moe", 4, 2, 24)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(8))
+    _assert_same_logits(hf_model, model, ids)
+    prompt = ids[:1, :5]
+    with torch.no_grad():
+        expected = hf_model.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, temperature=0), expected)
+    with pytest.raises(ConversionError, match="cannot override"):
+        convert_hf_model(hf_model, n_experts=8)  # the experts come from the source
+    with pytest.raises(ConversionError, match="sliding_window=16"):
+        convert_hf_model(_mixtral(sliding_window=16))
+
+
+def test_cli_converts_a_mixtral_checkpoint(tmp_path, capsys):
+    hf_model = _mixtral(seed=9)
+    hf_model.save_pretrained(tmp_path / "hf")
+    assert cli_main(["convert", "--from", str(tmp_path / "hf"), "--out", str(tmp_path / "goh")]) == 0
+    model = GoHTransformer.from_pretrained(tmp_path / "goh")
+    assert model.config.ffn == "moe" and model.config.n_experts == 4
+    _assert_same_logits(hf_model, model, torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(2)))

@@ -1,0 +1,44 @@
+"""Hugging Face ``MixtralForCausalLM`` -> GoHTransformer: Llama's attention, and ``ffn="moe"`` experts.
+
+Mixtral's sparse block is softmax routing with renormalised top-k over SwiGLU experts, which is
+what ``ffn="moe"`` computes (tests/moe/test_hf_blocks.py), so the experts, their router and their
+count come from the source and are not upcycled. Sliding-window attention is refused: gohgraph
+has no sliding window yet, so such a model could not be reproduced.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+from ..config import GoHConfig
+from . import llama
+from .source import ConversionError, SourceFamily
+
+
+def source_config(hf_config: Any) -> Dict[str, Any]:
+    window = getattr(hf_config, "sliding_window", None)
+    if window is not None and window < hf_config.max_position_embeddings:
+        raise ConversionError(f"Mixtral sliding_window={window} is not supported (gohgraph attends to the whole "
+                              "context); supported: sliding_window=None")
+    values = llama.source_config(hf_config)
+    values.update(ffn="moe", n_experts=hf_config.num_local_experts, top_k_experts=hf_config.num_experts_per_tok,
+                  expert_hidden=hf_config.intermediate_size, expert_activation="swiglu")
+    return values
+
+
+def weights(hf_model: nn.Module, cfg: GoHConfig) -> Dict[str, torch.Tensor]:
+    """GoH state-dict entries from a ``MixtralForCausalLM``: the experts' stacked ``gate_up_proj
+    [E, 2h, d]`` / ``down_proj [E, d, h]`` become ``w_in [E, d, 2h]`` / ``w_out [E, h, d]``."""
+    state = llama.embeddings_and_attention(hf_model, cfg)
+    for i, layer in enumerate(hf_model.model.layers):
+        moe, prefix = layer.mlp, f"blocks.{i}.ffn."
+        state[prefix + "router.proj.weight"] = moe.gate.weight
+        state[prefix + "experts.w_in"] = moe.experts.gate_up_proj.transpose(1, 2)
+        state[prefix + "experts.w_out"] = moe.experts.down_proj.transpose(1, 2)
+    return state
+
+
+MIXTRAL = SourceFamily(hf_class="MixtralForCausalLM", source_config=source_config, weights=weights)
