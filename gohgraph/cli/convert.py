@@ -1,4 +1,4 @@
-"""``gohgraph convert``: a local Hugging Face Llama / GPT-2 / Mixtral checkpoint -> a graph-routed GoH checkpoint.
+"""``gohgraph convert``: a local Hugging Face Llama / GPT-2 / Mixtral / Qwen2-MoE checkpoint -> a graph-routed GoH checkpoint.
 
 Thin: parses arguments, calls :func:`gohgraph.interop.convert.convert_hf_model`, saves the result. The
 saved model has ``dense_blend = 1`` (it computes the source exactly); continued training anneals
@@ -20,8 +20,8 @@ from .common import add_overwrite_argument, prepare_output
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="source", required=True, metavar="DIR",
-                        help="local Hugging Face checkpoint directory (LlamaForCausalLM, GPT2LMHeadModel or "
-                             "MixtralForCausalLM)")
+                        help="local Hugging Face checkpoint directory (LlamaForCausalLM, GPT2LMHeadModel, "
+                             "MixtralForCausalLM or Qwen2MoeForCausalLM)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where to write the GoH checkpoint")
     parser.add_argument("--router", default="graph", choices=ROUTERS, help="head router (default: graph)")
     parser.add_argument("--n-shared-heads", type=int, default=0, metavar="N", help="always-on heads per layer")
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="message-passing rounds of the graph router")
     parser.add_argument("--ffn", default=None, choices=("dense", "moe"),
                         help="for a dense source: keep its MLP (default), or upcycle it into n-experts copies; "
-                             "a Mixtral source keeps its own experts")
+                             "a Mixtral or Qwen2-MoE source keeps its own experts")
     parser.add_argument("--n-experts", type=int, default=None, metavar="N", help="experts per layer for --ffn moe")
     parser.add_argument("--top-k-experts", type=int, default=None, metavar="K",
                         help="experts per token for --ffn moe")

@@ -22,7 +22,7 @@ COMMANDS = {
     "stats": "routing statistics of a checkpoint or run over data (JSON, CSV)",
     "viz": "routing graphs, load heatmaps, token traces and training curves of a checkpoint or run",
     "bench": "compare dense, MoH, GoH and expert variants at matched size",
-    "convert": "convert a Hugging Face Llama / GPT-2 / Mixtral checkpoint into a GoH model",
+    "convert": "convert a Hugging Face Llama / GPT-2 / Mixtral / Qwen2-MoE checkpoint into a GoH model",
 }
 DESCRIPTION = """\
 Graph-of-Heads transformers: attention heads and feed-forward experts are nodes of a small graph,

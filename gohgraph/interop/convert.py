@@ -33,10 +33,11 @@ from ..models.decoder import GoHTransformer
 from .gpt2 import GPT2
 from .llama import LLAMA
 from .mixtral import MIXTRAL
+from .qwen2_moe import QWEN2_MOE
 from .source import ConversionError, SourceFamily
 
 # model_type in config.json -> the family whose weights we know how to map
-SOURCE_FAMILIES: Dict[str, SourceFamily] = {"llama": LLAMA, "gpt2": GPT2, "mixtral": MIXTRAL}
+SOURCE_FAMILIES: Dict[str, SourceFamily] = {"llama": LLAMA, "gpt2": GPT2, "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE}
 # model_type -> the Hugging Face class
 SUPPORTED_ARCHITECTURES = {model_type: family.hf_class for model_type, family in SOURCE_FAMILIES.items()}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -52,7 +53,8 @@ ROUTING_TENSOR_MARKERS = (".router.", ".gate.", ".flow_scale")
 # ---------------------------------------------------------------------- public entry points
 def convert_hf_model(hf_model_or_dir: Union[str, Path, nn.Module], **overrides: Any) -> GoHTransformer:
     """Build a GoH model computing exactly the ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` /
-    ``MixtralForCausalLM`` given (a Mixtral keeps its own experts and router).
+    ``MixtralForCausalLM`` / ``Qwen2MoeForCausalLM`` given (sparse sources keep their own experts
+    and routers).
 
     Args:
         hf_model_or_dir: a loaded Hugging Face model, or a local checkpoint directory.

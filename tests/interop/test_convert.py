@@ -410,3 +410,28 @@ def test_cli_converts_a_mixtral_checkpoint(tmp_path, capsys):
     model = GoHTransformer.from_pretrained(tmp_path / "goh")
     assert model.config.ffn == "moe" and model.config.n_experts == 4
     _assert_same_logits(hf_model, model, torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(2)))
+
+
+@pytest.mark.parametrize("renormalise", [False, True])
+def test_qwen2_moe_conversion_reproduces_logits_and_greedy_decoding(renormalise):
+    transformers = _transformers()
+    hf_config = transformers.Qwen2MoeConfig(vocab_size=256, hidden_size=32, intermediate_size=40,
+                                            moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                            num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                            norm_topk_prob=renormalise, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(3)
+    hf_model = _randomised(transformers.Qwen2MoeForCausalLM(hf_config), 3)
+    model = convert_hf_model(hf_model, n_shared_heads=1, top_k_heads=2)
+    cfg = model.config
+    assert (cfg.n_experts, cfg.n_shared_experts, cfg.expert_renormalise, cfg.shared_expert_gate) == \
+        (5, 1, renormalise, True)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    _assert_same_logits(hf_model, model, ids)
+    prompt = ids[:1, :5]
+    with torch.no_grad():
+        expected = hf_model.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, temperature=0), expected)
+    sparse_every_other = transformers.Qwen2MoeConfig(**{**hf_config.to_dict(), "decoder_sparse_step": 2})
+    with pytest.raises(ConversionError, match="dense layers between the sparse ones"):
+        convert_hf_model(transformers.Qwen2MoeForCausalLM(sparse_every_other).eval())
