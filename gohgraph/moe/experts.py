@@ -58,7 +58,7 @@ class GroupedExperts(nn.Module):
 
 
 class SharedExperts(nn.Module):
-    """``cfg.n_shared_experts`` always-on experts of width ``hidden``, summed with weight 1 each.
+    r"""``cfg.n_shared_experts`` always-on experts of width ``hidden``, summed with weight 1 each.
 
     The sum of ``n`` independent MLPs equals one MLP whose hidden layer is their concatenation,
     so they run as a single dense MLP of width ``n * hidden`` (same parameters, one matmul), or
