@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import GoHConfig
 from . import llama
-from .source import ConversionError, SourceFamily
+from .source import ConversionError, SourceFamily, put_stacked_experts
 
 
 def source_config(hf_config: Any) -> Dict[str, Any]:
@@ -30,14 +30,10 @@ def source_config(hf_config: Any) -> Dict[str, Any]:
 
 
 def weights(hf_model: nn.Module, cfg: GoHConfig) -> Dict[str, torch.Tensor]:
-    """GoH state-dict entries from a ``MixtralForCausalLM``: the experts' stacked ``gate_up_proj
-    [E, 2h, d]`` / ``down_proj [E, d, h]`` become ``w_in [E, d, 2h]`` / ``w_out [E, h, d]``."""
+    """GoH state-dict entries from a ``MixtralForCausalLM``: Llama's, with its sparse blocks' experts."""
     state = llama.embeddings_and_attention(hf_model, cfg)
     for i, layer in enumerate(hf_model.model.layers):
-        moe, prefix = layer.mlp, f"blocks.{i}.ffn."
-        state[prefix + "router.proj.weight"] = moe.gate.weight
-        state[prefix + "experts.w_in"] = moe.experts.gate_up_proj.transpose(1, 2)
-        state[prefix + "experts.w_out"] = moe.experts.down_proj.transpose(1, 2)
+        put_stacked_experts(state, f"blocks.{i}.ffn.", layer.mlp)
     return state
 
 

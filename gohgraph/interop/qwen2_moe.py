@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import GoHConfig
 from . import llama
-from .source import ConversionError, SourceFamily
+from .source import ConversionError, SourceFamily, put_stacked_experts
 
 
 def source_config(hf_config: Any) -> Dict[str, Any]:
@@ -42,9 +42,7 @@ def weights(hf_model: nn.Module, cfg: GoHConfig) -> Dict[str, torch.Tensor]:
     state = llama.embeddings_and_attention(hf_model, cfg)
     for i, layer in enumerate(hf_model.model.layers):
         moe, prefix = layer.mlp, f"blocks.{i}.ffn."
-        state[prefix + "router.proj.weight"] = moe.gate.weight
-        state[prefix + "experts.w_in"] = moe.experts.gate_up_proj.transpose(1, 2)
-        state[prefix + "experts.w_out"] = moe.experts.down_proj.transpose(1, 2)
+        put_stacked_experts(state, prefix, moe)
         shared = moe.shared_expert
         state[prefix + "shared_experts.w_in.weight"] = torch.cat([shared.gate_proj.weight, shared.up_proj.weight])
         state[prefix + "shared_experts.w_out.weight"] = shared.down_proj.weight

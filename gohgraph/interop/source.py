@@ -36,3 +36,12 @@ def put_linear(state: Dict[str, torch.Tensor], name: str, cfg: GoHConfig, *linea
         state[name + ".bias"] = torch.cat([
             linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
             for linear in linears])
+
+
+def put_stacked_experts(state: Dict[str, torch.Tensor], prefix: str, moe: nn.Module) -> None:
+    """A Hugging Face sparse block's router and stacked experts (``gate_up_proj [E, 2h, d]``, gate
+    rows first; ``down_proj [E, d, h]``) as GoH's ``router.proj`` and ``experts.w_in [E, d, 2h]`` /
+    ``experts.w_out [E, h, d]`` under ``prefix`` (Mixtral's and Qwen2-MoE's layout alike)."""
+    state[prefix + "router.proj.weight"] = moe.gate.weight
+    state[prefix + "experts.w_in"] = moe.experts.gate_up_proj.transpose(1, 2)
+    state[prefix + "experts.w_out"] = moe.experts.down_proj.transpose(1, 2)

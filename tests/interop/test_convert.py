@@ -194,6 +194,27 @@ def _gpt2(seed: int = 0, **overrides):
     return _randomised(transformers.GPT2LMHeadModel(transformers.GPT2Config(**values)), seed)
 
 
+def _mixtral(seed: int = 0, **overrides):
+    transformers = _transformers()
+    values = dict(vocab_size=256, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2,
+                  rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
+    values.update(overrides)
+    torch.manual_seed(seed)
+    return _randomised(transformers.MixtralForCausalLM(transformers.MixtralConfig(**values)), seed)
+
+
+
+def _qwen2_moe(seed: int = 0, **overrides):
+    transformers = _transformers()
+    values = dict(vocab_size=256, hidden_size=32, intermediate_size=40, moe_intermediate_size=16,
+                  shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0,
+                  eos_token_id=0)
+    values.update(overrides)
+    torch.manual_seed(seed)
+    return _randomised(transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**values)), seed)
+
 def _assert_same_logits(hf_model, goh_model, ids):
     with torch.no_grad():
         reference, converted = hf_model(ids).logits, goh_model.eval()(ids).logits
@@ -227,7 +248,7 @@ def test_gpt2_conversion_reproduces_logits(source):
     _assert_same_logits(hf_model, model, torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(4)))
 
 
-@pytest.mark.parametrize("make_source", [_llama, _gpt2])
+@pytest.mark.parametrize("make_source", [_llama, _gpt2, _mixtral, _qwen2_moe])
 def test_cached_greedy_decoding_matches_hugging_face(make_source):
     hf_model = make_source(seed=5)
     model = convert_hf_model(hf_model, top_k_heads=2)
@@ -375,17 +396,7 @@ def test_init_from_learned_positions_names_seq_len_not_tensor_shapes(tmp_path, c
     assert "seq_len=100 needs 101 positions" in err and "learned position table of 64" in err
 
 
-def _mixtral(seed: int = 0, **overrides):
-    transformers = _transformers()
-    values = dict(vocab_size=256, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2,
-                  rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
-    values.update(overrides)
-    torch.manual_seed(seed)
-    return _randomised(transformers.MixtralForCausalLM(transformers.MixtralConfig(**values)), seed)
-
-
-def test_mixtral_conversion_reproduces_logits_and_greedy_decoding(tmp_path):
+def test_mixtral_conversion_reproduces_logits(tmp_path):
     hf_model = _mixtral(seed=7)
     hf_model.save_pretrained(tmp_path / "hf")
     model = convert_hf_model(tmp_path / "hf", n_shared_heads=1, top_k_heads=2)  # from the saved directory
@@ -393,10 +404,6 @@ def test_mixtral_conversion_reproduces_logits_and_greedy_decoding(tmp_path):
     assert (cfg.ffn, cfg.n_experts, cfg.top_k_experts, cfg.expert_hidden) == ("moe", 4, 2, 24)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(8))
     _assert_same_logits(hf_model, model, ids)
-    prompt = ids[:1, :5]
-    with torch.no_grad():
-        expected = hf_model.generate(prompt, max_new_tokens=8, do_sample=False)
-    assert torch.equal(model.generate(prompt, max_new_tokens=8, temperature=0), expected)
     with pytest.raises(ConversionError, match="cannot override"):
         convert_hf_model(hf_model, n_experts=8)  # the experts come from the source
     with pytest.raises(ConversionError, match="sliding_window=16"):
@@ -413,25 +420,13 @@ def test_cli_converts_a_mixtral_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("renormalise", [False, True])
-def test_qwen2_moe_conversion_reproduces_logits_and_greedy_decoding(renormalise):
-    transformers = _transformers()
-    hf_config = transformers.Qwen2MoeConfig(vocab_size=256, hidden_size=32, intermediate_size=40,
-                                            moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                                            num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                            norm_topk_prob=renormalise, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(3)
-    hf_model = _randomised(transformers.Qwen2MoeForCausalLM(hf_config), 3)
+def test_qwen2_moe_conversion_reproduces_logits(renormalise):
+    hf_model = _qwen2_moe(seed=3, norm_topk_prob=renormalise)
     model = convert_hf_model(hf_model, n_shared_heads=1, top_k_heads=2)
     cfg = model.config
     assert (cfg.n_experts, cfg.n_shared_experts, cfg.expert_renormalise, cfg.shared_expert_gate) == \
         (5, 1, renormalise, True)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
     _assert_same_logits(hf_model, model, ids)
-    prompt = ids[:1, :5]
-    with torch.no_grad():
-        expected = hf_model.generate(prompt, max_new_tokens=8, do_sample=False)
-    assert torch.equal(model.generate(prompt, max_new_tokens=8, temperature=0), expected)
-    sparse_every_other = transformers.Qwen2MoeConfig(**{**hf_config.to_dict(), "decoder_sparse_step": 2})
     with pytest.raises(ConversionError, match="dense layers between the sparse ones"):
-        convert_hf_model(transformers.Qwen2MoeForCausalLM(sparse_every_other).eval())
+        convert_hf_model(_qwen2_moe(decoder_sparse_step=2))

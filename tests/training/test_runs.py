@@ -6,7 +6,6 @@ import signal
 import time
 
 import pytest
-import torch
 
 from gohgraph import GoHConfig, GoHTransformer
 from gohgraph.analysis.timing import saved_tensor_bytes
