@@ -21,7 +21,7 @@ from .graph import normalise_graph_spec
 
 MIN_EXPERT_HIDDEN = 8  # the default expert width never drops below this
 
-ROUTERS = ("dense", "linear", "graph")
+ROUTERS = ("dense", "linear", "graph", "query-norm")
 FFN_KINDS = ("dense", "moe", "mh-moe", "graph-moe")
 NORMS = ("rms", "layer")
 EXPERT_ACTIVATIONS = ("swiglu", "gelu")
@@ -51,8 +51,9 @@ class GoHConfig:
     * **shape**: vocabulary, widths, depth, norms, dense FFN, initialisation.
     * **attention**: key/value heads (GQA/MQA), positions, projection biases.
     * **head routing**: ``router`` is ``"dense"`` (plain MHA, every head on with gate 1),
-      ``"linear"`` (MoH: a linear router over the token) or ``"graph"`` (GoH: ``router_rounds`` of
-      message passing over ``head_graph``). ``head_graph`` accepts a name, a ``networkx.DiGraph``
+      ``"linear"`` (MoH: a linear router over the token), ``"graph"`` (GoH: ``router_rounds`` of
+      message passing over ``head_graph``) or ``"query-norm"`` (MoH-LLaMA3's parameter-free
+      router: top-k heads by query norm, 0/1 gates; for continue-tuning). ``head_graph`` accepts a name, a ``networkx.DiGraph``
       or a ``[2, E]`` ``edge_index`` tensor; it is stored as a name or a list of ``[src, dst]``
       pairs so the config survives a JSON round-trip.
     * **routing losses**: coefficients of the balance and z losses and the auxiliary-loss-free bias.

@@ -201,3 +201,18 @@ def moh_attention(x, qkv_weight, proj_weight, wg, wg_0, wg_1, num_heads, shared_
             gates = routed
         out = torch.einsum("bne,bned->bned", gates, out)
     return out.reshape(batch, tokens, dim) @ proj_weight.t(), gates, l_aux
+
+
+def moh_llama3_head_mask(q, n_shared, top_k):
+    """MoH-LLaMA3's parameter-free head selection (DESIGN.md §12), restated for the tests.
+
+    ``q [batch, seq, heads, head_dim]``: a head's score is its query's L2 norm over the std of the
+    norms across heads; softmax; the top-``top_k`` routed heads (after the ``n_shared`` always-on
+    ones) and the shared heads get mask 1, the rest 0. Returns ``[batch, seq, heads]``.
+    """
+    norms = torch.linalg.vector_norm(q, dim=-1)
+    scores = torch.softmax(norms / norms.std(dim=-1, keepdim=True), dim=-1)
+    mask = torch.zeros_like(scores)
+    mask[..., :n_shared] = 1.0
+    chosen = scores[..., n_shared:].topk(top_k, dim=-1).indices + n_shared
+    return mask.scatter(-1, chosen, 1.0)

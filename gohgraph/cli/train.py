@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..config import GoHConfig
+from ..config import ROUTERS, GoHConfig
 from ..data.corpus import load_corpus
 from ..data.tokenizers import TOKENIZER_FILE
 from ..storage import atomic_write_text, read_config
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any GoHConfig or TrainConfig field (repeatable); values are parsed "
                              "by the field's type: booleans true/false/1/0, integers, numbers, null")
-    parser.add_argument("--router", choices=["dense", "linear", "graph"], help="head router (GoHConfig.router)")
+    parser.add_argument("--router", choices=ROUTERS, help="head router (GoHConfig.router)")
     parser.add_argument("--max-steps", type=int, help="optimizer steps to train for (in total, when resuming)")
     parser.add_argument("--batch-size", type=int, help="sequences per micro-step over all processes")
     parser.add_argument("--seq-len", type=int, help="tokens per training window")

@@ -1,13 +1,14 @@
 """Head routers: who is active per token, with what weight, and how heads talk.
 
-Four pieces; :class:`HeadRouting` assembles the other three for one attention layer
+Five pieces; :class:`HeadRouting` assembles the others for one attention layer
 (:class:`~gohgraph.layers.attention.GoHAttention` receives it and calls it with the queries):
 
 * :class:`HeadRouter` (GoH) - a PyG ``MessagePassing`` network over the head graph that turns
   per-head node features into head logits and per-edge attention (the inter-head flow weights);
 * :class:`LinearHeadRouter` (MoH) - logits from a linear map of the token, no graph;
-* :class:`HeadGate` - MoH's two-stage top-k gating of those logits, the routing losses and the
-  auxiliary-loss-free selection bias;
+* :class:`QueryNormHeadRouter` (MoH-LLaMA3) - parameter-free logits from the queries' norms;
+* :class:`HeadGate` - MoH's two-stage top-k gating of those logits (0/1 gates for the
+  parameter-free router), the routing losses and the auxiliary-loss-free selection bias;
 * :class:`HeadRouting` - router + gate + inter-head flow: ``(x, q) -> (gates, head mixing, record)``.
 """
 
@@ -155,6 +156,32 @@ class LinearHeadRouter(nn.Module):
         return self.proj(x)
 
 
+# keeps a token whose heads' query norms are all equal (std 0) finite: its logits are then all 0
+QUERY_NORM_STD_EPS = 1e-6
+
+
+class QueryNormHeadRouter(nn.Module):
+    r"""MoH-LLaMA3's parameter-free router (continue-tuning a dense model, DESIGN.md §12).
+
+    A head's logit is the L2 norm of its query, normalised by the spread of those norms over the
+    token's heads:
+
+    .. math::
+        s_i = \frac{\lVert q_i \rVert_2}{\mathrm{std}_j \lVert q_j \rVert_2 + \epsilon}
+
+    (``std`` is torch's default, Bessel-corrected, over all heads). The gate that reads these
+    logits gives 0/1 gates: shared heads 1, the top-``k`` routed heads by :math:`s` 1, others 0, so
+    with every head selected the layer is exactly the dense attention it came from, and nothing
+    needs training. Queries are taken before RoPE, which is a rotation and keeps their norms.
+
+    Shapes: ``q [tokens, heads, head_dim]`` -> logits ``[tokens, heads]`` (float32).
+    """
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        norms = q.float().norm(dim=-1)
+        return norms / (norms.std(dim=-1, keepdim=True) + QUERY_NORM_STD_EPS)
+
+
 @dataclass
 class HeadGating:
     """Output of :class:`HeadGate` for ``tokens`` tokens."""
@@ -184,6 +211,9 @@ class HeadGate(BalancedRouting):
       :math:`a_s = H_s / (H_s + k)`, so uniform logits give gate 1 on every active head and all
       heads on is exactly multi-head attention. Not MoH's gating unless :math:`H_s = k`.
 
+    * ``router="query-norm"`` (MoH-LLaMA3): 0/1 gates, 1 on shared and selected routed heads; no
+      stage weights, no losses (nothing in the router is trained).
+
     Routing runs in float32 whatever the autocast dtype (bf16 ties change the selected set).
 
     ``dense_blend`` (a buffer, default 0) anneals a converted dense model into a routed one, as
@@ -197,7 +227,8 @@ class HeadGate(BalancedRouting):
         super().__init__()
         self.n_shared, self.n_routed, self.top_k = cfg.n_shared_heads, cfg.n_routed_heads, cfg.active_routed_heads
         self.aux_free_bias, self.bias_update_rate = cfg.aux_free_bias, cfg.bias_update_rate
-        self.two_stage = self.n_shared > 0 and self.n_routed > 0
+        self.binary = cfg.router == "query-norm"
+        self.two_stage = self.n_shared > 0 and self.n_routed > 0 and not self.binary
         self.moh_scale = cfg.head_gate_normalisation == "moh"
         if self.two_stage:
             self.stage_mix = nn.Linear(cfg.d_model, 2, bias=not self.moh_scale)
@@ -218,9 +249,14 @@ class HeadGate(BalancedRouting):
         if self.n_shared:
             parts.append(small_softmax(shared_logits, dim=-1))
         if self.n_routed:
-            routed_gates, aux = self._route(routed_logits)
+            routed_gates, selected, aux = self._route(routed_logits)
             parts.append(routed_gates)
-        if self.moh_scale:
+        if self.binary:
+            gates = logits.new_ones(logits.shape)
+            if self.n_routed:
+                gates[:, self.n_shared:] = torch.zeros_like(routed_logits).scatter(-1, selected, 1.0)
+            aux = {}  # a parameter-free router has nothing to balance by gradient
+        elif self.moh_scale:
             gates = self._moh_gates(x, parts)
         else:
             if self.two_stage:
@@ -244,20 +280,22 @@ class HeadGate(BalancedRouting):
         stage = 2.0 * small_softmax(self.stage_mix(x).float(), dim=-1)
         return torch.cat([stage[:, :1] * parts[0] * self.n_shared, stage[:, 1:] * routed], dim=-1)
 
-    def _route(self, routed_logits: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def _route(self, routed_logits: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        """-> (routed gates ``[tokens, routed]``, selected ids ``[tokens, k]``, losses)."""
         selection_logits = routed_logits + self.selection_bias if self.aux_free_bias else routed_logits
         selected = selection_logits.topk(self.top_k, dim=-1).indices  # [tokens, k]
         kept = small_softmax(routed_logits.gather(-1, selected), dim=-1)
         gates = torch.zeros_like(routed_logits).scatter(-1, selected, kept)
         if self.training and self.aux_free_bias:
             self.load_since_update += torch.bincount(selected.reshape(-1), minlength=self.n_routed)
-        if torch.is_inference_mode_enabled():  # generation: no training signal needed, a fifth of a decode step
-            return gates, {}
+        if torch.is_inference_mode_enabled() or self.binary:  # generation: no training signal needed
+            return gates, selected, {}
         aux = {
             HEAD_BALANCE: load_balance_loss(small_softmax(routed_logits, dim=-1), selected, self.n_routed),
             HEAD_Z: router_z_loss(routed_logits),
         }
-        return gates, aux
+        return gates, selected, aux
 
     def update_bias(self) -> None:
         """Nudge the selection bias toward equal load; call after ``optimizer.step()``."""
@@ -272,7 +310,8 @@ class HeadRouting(nn.Module):
     ``router="graph"``: :class:`HeadRouter` over ``cfg.head_graph`` (plus MoH's token logits with
     ``router_token_logits``), and with ``inter_head_flow`` a learned per-head flow scale ``γ``
     initialised to 0, so a fresh GoH layer starts as MoH; ``router="linear"``:
-    :class:`LinearHeadRouter`. Then :class:`HeadGate`.
+    :class:`LinearHeadRouter`; ``router="query-norm"``: :class:`QueryNormHeadRouter`. Then
+    :class:`HeadGate`.
 
     With flow, ``y_i = g_i o_i + g_i γ_i Σ_{j→i, j active} β_ji o_j = (M o)_i`` with
     ``M = diag(g) + diag(g γ) B``: one small batched matmul by ``M [batch, seq, heads, heads]``
@@ -298,6 +337,8 @@ class HeadRouting(nn.Module):
                 self.flow_scale = nn.Parameter(torch.zeros(cfg.n_heads))
             if cfg.router_token_logits:
                 self.token_router = LinearHeadRouter(cfg.d_model, cfg.n_heads, cfg.init_std)
+        elif cfg.router == "query-norm":
+            self.router = QueryNormHeadRouter()
         else:
             self.router = LinearHeadRouter(cfg.d_model, cfg.n_heads, cfg.init_std)
         self.gate = HeadGate(cfg)
@@ -312,6 +353,8 @@ class HeadRouting(nn.Module):
                                                dense_weights=self.flow_scale is not None)
             if self.token_router is not None:
                 logits = logits + self.token_router(tokens_x)
+        elif self.router_kind == "query-norm":
+            logits = self.router(q.reshape(batch * seq, heads, -1))
         else:
             logits = self.router(tokens_x)
         gating = self.gate(tokens_x, logits)

@@ -226,6 +226,7 @@ def _assert_same_logits(hf_model, goh_model, ids):
     (dict(), dict(router="graph", n_shared_heads=1, top_k_heads=1)),  # GQA: 4 query heads on 2 kv heads
     (dict(num_key_value_heads=1, tie_word_embeddings=True), dict(router="linear", top_k_heads=2)),  # MQA, tied
     (dict(num_key_value_heads=4, attention_bias=True), dict(router="graph", top_k_heads=3)),  # MHA + biases
+    (dict(), dict(router="query-norm", n_shared_heads=2, top_k_heads=1)),  # MoH-LLaMA3's continue-tuning
 ])
 def test_llama_conversion_reproduces_logits(source, routing):
     hf_model = _llama(**source)

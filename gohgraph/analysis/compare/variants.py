@@ -210,6 +210,8 @@ def reference_of(config: GoHConfig) -> str:
         heads = ("SkyworkAI/MoH's gating (tests/routers/test_moh_reference.py)"
                  if config.head_gate_normalisation == "moh" else
                  "MoH's router with gates summing to H_s + k (not MoH's released gating)")
+    elif config.router == "query-norm":
+        heads = "MoH-LLaMA3's parameter-free router (tests/routers/test_moh_reference.py)"
     else:
         heads = f"gohgraph's graph router with {'MoH' if config.head_gate_normalisation == 'moh' else 'H_s + k'} gating"
     if config.ffn == "dense":
