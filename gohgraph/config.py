@@ -134,6 +134,10 @@ class GoHConfig:
     expert_activation: str = _in("experts", "swiglu")
     expert_graph: Optional[Any] = _in("experts", None)  # None = every sub-token may reach every expert; else [[slot, expert], ...]
     expert_load_feature: bool = _in("experts", True)
+    # ffn="graph-moe": expert <-> expert graph over the routed experts (GMoE, Bai et al. 2024): in
+    # each router round the experts also attend to their neighbours here before scoring; a name
+    # as for head_graph or [[src, dst], ...] expert pairs; "none" keeps only the bipartite rounds
+    expert_peer_graph: Any = _in("experts", "none")
     # how selected experts are weighted (DESIGN.md §12): "softmax" with renormalisation is Mixtral's,
     # softmax without it Qwen2-MoE's default; "sigmoid" scores with the selection bias added to the
     # scores, group-limited top-k and a scaling factor are DeepSeek-V3's
@@ -155,6 +159,7 @@ class GoHConfig:
         self.head_graph = normalise_graph_spec(self.head_graph, "head_graph")
         if self.expert_graph is not None:
             self.expert_graph = normalise_graph_spec(self.expert_graph, "expert_graph")
+        self.expert_peer_graph = normalise_graph_spec(self.expert_peer_graph, "expert_peer_graph")
         self._validate()
 
     @classmethod
@@ -286,6 +291,10 @@ class GoHConfig:
             if not self.top_k_expert_groups <= groups or self.top_k_expert_groups * per_group < self.top_k_experts:
                 raise ValueError(f"top_k_expert_groups={self.top_k_expert_groups} must be <= n_expert_groups={groups} "
                                  f"and hold at least top_k_experts={self.top_k_experts} experts")
+        if self.expert_peer_graph != "none" and self.ffn != "graph-moe":
+            raise ValueError(f"expert_peer_graph={self.expert_peer_graph!r} needs ffn='graph-moe' "
+                             f"(got ffn={self.ffn!r}): only the graph router passes messages between experts")
+        _check_graph_nodes(self.expert_peer_graph, "expert_peer_graph", self.n_routed_experts)
         if self.expert_graph is not None:
             for sub, expert in self.expert_graph:
                 if not (0 <= sub < self.n_subtokens and 0 <= expert < self.n_routed_experts):
@@ -344,7 +353,7 @@ def _check_graph_nodes(spec: HeadGraphSpec, name: str, n_nodes: int) -> None:
         return
     for src, dst in spec:
         if not (0 <= src < n_nodes and 0 <= dst < n_nodes):
-            raise ValueError(f"{name} edge {[src, dst]} names a head outside 0..{n_nodes - 1}")
+            raise ValueError(f"{name} edge {[src, dst]} names a node outside 0..{n_nodes - 1}")
         if src == dst:
             raise ValueError(f"{name} edge {[src, dst]} is a self-loop; self-loops are implicit")
 

@@ -37,7 +37,7 @@ def normalise_graph_spec(spec: Any, name: str) -> Union[str, List[List[int]]]:
         except json.JSONDecodeError as err:
             raise ValueError(f"{name}={spec!r} is not a valid JSON list of [src, dst] pairs: {err}") from None
     if isinstance(spec, str):
-        if name != "head_graph":  # expert graphs have no names
+        if name == "expert_graph":  # the bipartite sub-token -> expert graph has no names
             raise ValueError(f"{name}={spec!r} must be None or a list of [sub-token, expert] pairs")
         if spec not in HEAD_GRAPH_NAMES:
             raise ValueError(f"{name}={spec!r} is not one of {list(HEAD_GRAPH_NAMES)}, "
@@ -65,6 +65,8 @@ def normalise_graph_spec(spec: Any, name: str) -> Union[str, List[List[int]]]:
 
 def head_graph(spec: GraphLike, n_heads: int) -> torch.Tensor:
     """Return the ``[2, E]`` edge_index of a head graph given by name, networkx graph or edges.
+
+    The expert <-> expert graph of ``expert_peer_graph`` is built by the same rules, over experts.
 
     Names: ``complete`` (every ordered pair of distinct heads), ``ring`` (i -> i+1 and i+1 -> i),
     ``star`` (head 0 <-> every other head), ``none`` (no edges). Edges are sorted by

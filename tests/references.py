@@ -216,3 +216,38 @@ def moh_llama3_head_mask(q, n_shared, top_k):
     mask[..., :n_shared] = 1.0
     chosen = scores[..., n_shared:].topk(top_k, dim=-1).indices + n_shared
     return mask.scatter(-1, chosen, 1.0)
+
+
+def einsum_expert_router(router, sub, expert_load=None):
+    """GraphExpertRouter's math (DESIGN.md §4, GMoE's expert <-> expert step) written independently:
+    dense adjacency matrices, einsum, masked softmax. ``sub [tokens, subtokens, d_sub]`` ->
+    logits ``[tokens, subtokens, experts]`` with ``-inf`` off the bipartite graph."""
+    n_sub, n_exp = router.n_subtokens, router.n_experts
+    reaches = torch.zeros(n_exp, n_sub, dtype=torch.bool)  # [expert, slot]: slot -> expert is an edge
+    for slot, expert in router.edge_index.t().tolist():
+        reaches[expert, slot] = True
+    peers = torch.eye(n_exp, dtype=torch.bool)  # [dst, src], self-loops included
+    if router.among_experts is not None:
+        for src, dst in router.among_experts[0].attention_edge_index.t().tolist():
+            peers[dst, src] = True
+
+    def gat(layer, x_src, x_dst, adjacency):  # adjacency [dst, src]
+        h = torch.einsum("nsf,gf->nsg", x_src, layer.lin.weight)
+        e = torch.einsum("ndf,f->nd", x_dst, layer.att_dst)[:, :, None] + torch.einsum("nsf,f->ns", h, layer.att_src)[:, None, :]
+        e = F.leaky_relu(e, 0.2).masked_fill(~adjacency, float("-inf"))
+        alpha = torch.softmax(e, dim=-1).nan_to_num(0.0)  # a destination without in-edges gets nothing
+        return x_dst + F.gelu(torch.einsum("nds,nsf->ndf", alpha, h) + layer.bias)
+
+    z_sub = torch.einsum("nsd,fd->nsf", sub, router.node_in.weight) + router.slot_embedding
+    z_exp = router.expert_embedding
+    if router.load_weight is not None and expert_load is not None:
+        z_exp = z_exp + (expert_load - 1.0)[:, None] * router.load_weight
+    z_exp = z_exp.expand(sub.shape[0], -1, -1)
+    for r in range(len(router.to_experts)):
+        z_exp = gat(router.to_experts[r], z_sub, z_exp, reaches)
+        if router.among_experts is not None:
+            z_exp = gat(router.among_experts[r], z_exp, z_exp, peers)
+        z_sub = gat(router.to_subtokens[r], z_exp, z_sub, reaches.t())
+    query = torch.einsum("nsf,gf->nsg", z_sub, router.query.weight) / math.sqrt(router.router_dim)
+    logits = torch.einsum("nsf,nef->nse", query, z_exp) + router.expert_bias
+    return logits.masked_fill(~reaches.t(), float("-inf"))

@@ -24,7 +24,7 @@ from gohgraph import GoHConfig
     (dict(norm="batch"), r"norm='batch' is not one of \['rms', 'layer'\]"),
     (dict(n_layers=0), r"n_layers=0 must be a positive integer"),
     (dict(dropout=1.5), r"dropout=1.5 must be in \[0, 1\)"),
-    (dict(head_graph=[[0, 9]]), r"head_graph edge \[0, 9\] names a head outside 0..7"),
+    (dict(head_graph=[[0, 9]]), r"head_graph edge \[0, 9\] names a node outside 0..7"),
     (dict(head_graph=[[2, 2]]), r"self-loop"),
     (dict(ffn="moe", n_experts=4, top_k_experts=5), r"top_k_experts=5 must be <= n_routed_experts=4"),
     (dict(ffn="moe", n_subtokens=2), r"n_subtokens=2 must be 1 for ffn='moe'"),

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..config import GoHConfig
-from ..graph import bipartite_adjacency, expert_graph
+from ..graph import bipartite_adjacency, expert_graph, head_graph
 from ..layers.linear import make_linear
 from ..layers.mlp import build_mlp
 from ..routers.experts import ExpertGate, GraphExpertRouter, LinearExpertRouter
@@ -110,7 +110,7 @@ class MoEFeedForward(nn.Module):
         if cfg.ffn == "graph-moe":
             self.router = GraphExpertRouter(self.d_sub, self.n_subtokens, self.n_routed, edge_index,
                                             cfg.router_dim, cfg.router_rounds, cfg.expert_load_feature,
-                                            cfg.init_std)
+                                            cfg.init_std, head_graph(cfg.expert_peer_graph, self.n_routed))
         else:
             self.router = LinearExpertRouter(self.d_sub, self.n_routed, cfg.init_std)
         self.gate = ExpertGate(cfg, allowed)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import GoHConfig
-from ..graph import bipartite_adjacency
+from ..graph import bipartite_adjacency, with_self_loops
 from .gat import GraphAttention
 from .losses import EXPERT_BALANCE, EXPERT_Z, BalancedRouting, BalanceTally, router_z_loss, update_balancing_bias
 
@@ -98,19 +98,23 @@ class GraphExpertRouter(nn.Module):
     ``q_e`` a learned expert embedding and :math:`\ell_e` the expert's running load relative to
     the ideal (1 = uniform; the term is dropped when ``load_feature=False``), so the router can
     learn load-aware routing. Each of the ``R`` rounds lets the experts gather from the sub-tokens
-    that reach them, then the sub-tokens gather from those experts (:class:`BipartiteAttention`
-    both ways over ``edge_index`` and its reverse). The logit of sub-token ``s`` for expert ``e``
+    that reach them; then, given an expert <-> expert ``peer_edge_index`` (GMoE, Bai et al. 2024),
+    the experts gather from their neighbours there and from themselves (a GAT round over the peer
+    graph plus self-loops); then the sub-tokens gather from the experts. Each step is a
+    :class:`BipartiteAttention`, over ``edge_index``, the peer graph and ``edge_index`` reversed. The logit of sub-token ``s`` for expert ``e``
     is :math:`(W_q z_s)^\top u_e / \sqrt{F} + b_e` on graph edges and :math:`-\infty` elsewhere.
 
     ``fused=True`` uses the dense paths (einsum logits, masked softmax); ``fused=False`` runs
     ``propagate`` and scores only the graph's edges: it is the reference the tests compare with.
 
     Shapes: ``sub [tokens, subtokens, d_sub]``, ``expert_load [experts]`` ->
-    logits ``[tokens, subtokens, experts]`` (float32).
+    logits ``[tokens, subtokens, experts]`` (float32); ``peer_edge_index [2, E']`` over experts,
+    without self-loops (``None`` or no edges: no expert <-> expert step).
     """
 
     def __init__(self, d_sub: int, n_subtokens: int, n_experts: int, edge_index: torch.Tensor,
-                 router_dim: int, rounds: int, load_feature: bool, init_std: float = 0.02) -> None:
+                 router_dim: int, rounds: int, load_feature: bool, init_std: float = 0.02,
+                 peer_edge_index: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.n_subtokens, self.n_experts, self.router_dim = n_subtokens, n_experts, router_dim
         self.load_feature, self.init_std = load_feature, init_std
@@ -123,6 +127,12 @@ class GraphExpertRouter(nn.Module):
             BipartiteAttention(router_dim, edge_index, n_subtokens, n_experts) for _ in range(rounds))
         self.to_subtokens = nn.ModuleList(
             BipartiteAttention(router_dim, reverse, n_experts, n_subtokens) for _ in range(rounds))
+        self.n_peer_edges = 0 if peer_edge_index is None else peer_edge_index.shape[1]
+        self.among_experts: Optional[nn.ModuleList] = None
+        if self.n_peer_edges:
+            peers = with_self_loops(peer_edge_index, n_experts)
+            self.among_experts = nn.ModuleList(
+                BipartiteAttention(router_dim, peers, n_experts, n_experts) for _ in range(rounds))
         self.query = nn.Linear(router_dim, router_dim, bias=False)
         self.expert_bias = nn.Parameter(torch.empty(n_experts))
         self.register_buffer("edge_index", edge_index.clone(), persistent=False)
@@ -139,7 +149,7 @@ class GraphExpertRouter(nn.Module):
         # a small query: routing starts near uniform, as the linear router does
         nn.init.normal_(self.query.weight, std=self.init_std)
         nn.init.zeros_(self.expert_bias)
-        for layer in [*self.to_experts, *self.to_subtokens]:
+        for layer in [*self.to_experts, *self.to_subtokens, *(self.among_experts or [])]:
             layer.reset_parameters()
 
     def forward(self, sub: torch.Tensor, expert_load: Optional[torch.Tensor] = None,
@@ -153,8 +163,10 @@ class GraphExpertRouter(nn.Module):
             if self.load_weight is not None and expert_load is not None:
                 z_exp = z_exp + (expert_load.to(dtype) - 1.0).unsqueeze(-1) * self.load_weight
             z_exp = z_exp.expand(n_tokens, -1, -1)
-            for to_experts, to_subtokens in zip(self.to_experts, self.to_subtokens):
+            for r, (to_experts, to_subtokens) in enumerate(zip(self.to_experts, self.to_subtokens)):
                 z_exp = to_experts(z_sub, z_exp, fused=fused)
+                if self.among_experts is not None:
+                    z_exp = self.among_experts[r](z_exp, z_exp, fused=fused)
                 z_sub = to_subtokens(z_exp, z_sub, fused=fused)
             query = self.query(z_sub) / math.sqrt(self.router_dim)
             if fused:
@@ -172,7 +184,7 @@ class GraphExpertRouter(nn.Module):
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(subtokens={self.n_subtokens}, experts={self.n_experts}, "
-                f"edges={self.edge_index.shape[1]}, feat={self.router_dim}, rounds={len(self.to_experts)}, "
+                f"edges={self.edge_index.shape[1]}, peer_edges={self.n_peer_edges}, feat={self.router_dim}, rounds={len(self.to_experts)}, "
                 f"load_feature={self.load_feature})")
 
 

@@ -19,6 +19,8 @@ VARIANTS = {
     "mh-moe-unprojected": dict(ffn="mh-moe", n_experts=6, n_subtokens=2, top_k_experts=2, subtoken_projections=False),
     "graph-moe": dict(ffn="graph-moe", n_experts=7, n_shared_experts=2, n_subtokens=2, top_k_experts=2,
                       expert_graph=[[0, 0], [0, 1], [0, 2], [1, 2], [1, 3], [1, 4]]),
+    # GMoE's expert <-> expert message passing before scoring
+    "graph-moe-peers": dict(ffn="graph-moe", n_experts=6, n_subtokens=2, top_k_experts=2, expert_peer_graph="ring"),
 }
 
 
@@ -172,7 +174,7 @@ def test_routing_is_identical_under_bf16_autocast():
     assert routing_bf16.expert_weights.dtype == torch.float32 and torch.isfinite(y_bf16).all()
 
 
-@pytest.mark.parametrize("variant", ["dense", "moe", "mh-moe", "graph-moe"])
+@pytest.mark.parametrize("variant", ["dense", "moe", "mh-moe", "graph-moe", "graph-moe-peers"])
 def test_model_trains_with_every_ffn(variant):
     changes = {"dense": dict(ffn="dense")}.get(variant, VARIANTS.get(variant))
     cfg = tiny_config(**changes, router="linear", top_k_heads=2, aux_free_bias=True)

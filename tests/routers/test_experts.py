@@ -7,18 +7,19 @@ import torch
 
 from gohgraph import GoHConfig
 from gohgraph.routers.experts import BipartiteAttention, ExpertGate, GraphExpertRouter, LinearExpertRouter
-from gohgraph.graph import bipartite_adjacency
-from gohgraph.graph import expert_graph
+from gohgraph.graph import bipartite_adjacency, expert_graph, head_graph
+from tests.references import einsum_expert_router
 
 # slot 0 reaches experts 0-2, slot 1 reaches 2-4, expert 5 is reached by nobody
 RESTRICTED = [[0, 0], [0, 1], [0, 2], [1, 2], [1, 3], [1, 4]]
 
 
-def graph_router(spec, n_sub=2, n_experts=6, rounds=2, load_feature=True):
+def graph_router(spec, n_sub=2, n_experts=6, rounds=2, load_feature=True, peers="none"):
     torch.manual_seed(0)
     edges = expert_graph(spec, n_sub, n_experts)
     router = GraphExpertRouter(d_sub=12, n_subtokens=n_sub, n_experts=n_experts, edge_index=edges,
-                               router_dim=8, rounds=rounds, load_feature=load_feature, init_std=0.5)
+                               router_dim=8, rounds=rounds, load_feature=load_feature, init_std=0.5,
+                               peer_edge_index=head_graph(peers, n_experts))
     return router, edges
 
 
@@ -28,9 +29,10 @@ def gate_for(edges, n_sub, n_experts, **cfg_changes):
     return ExpertGate(cfg, bipartite_adjacency(edges, n_sub, n_experts).t())
 
 
-@pytest.mark.parametrize("spec", [None, RESTRICTED])
-def test_graph_router_fused_path_matches_propagate(spec):
-    router, _ = graph_router(spec)
+@pytest.mark.parametrize("spec,peers", [(None, "none"), (RESTRICTED, "none"), (None, "ring"),
+                                         (RESTRICTED, [[0, 5], [5, 0], [1, 2], [3, 4]])])
+def test_graph_router_fused_path_matches_propagate(spec, peers):
+    router, _ = graph_router(spec, peers=peers)
     load = torch.tensor([2.0, 0.5, 1.0, 1.0, 0.8, 0.7])
     assert router(torch.randn(7, 2, 12), expert_load=load, fused=True).dtype == torch.float32
     # the two paths sum in different orders; float64 shows they compute the same function, where
@@ -47,6 +49,36 @@ def test_graph_router_fused_path_matches_propagate(spec):
     grads_ref = torch.autograd.grad((reference.where(finite, 0) * probe).sum(), params, allow_unused=True)
     for got, want in zip(grads, grads_ref):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec,peers", [(None, "ring"), (RESTRICTED, "complete"), (RESTRICTED, "none")])
+def test_graph_router_equals_the_einsum_reference(spec, peers):
+    """PyG path == fused path (test above) == a dense einsum restatement, with and without GMoE's
+    expert <-> expert rounds, which change the logits."""
+    router, _ = graph_router(spec, peers=peers)
+    router = router.double()
+    sub = torch.randn(5, 2, 12, dtype=torch.float64)
+    load = torch.tensor([2.0, 0.5, 1.0, 1.0, 0.8, 0.7], dtype=torch.float64)
+    reference = einsum_expert_router(router, sub, load)
+    for fused in (True, False):
+        torch.testing.assert_close(router(sub, expert_load=load, fused=fused), reference, rtol=1e-6, atol=1e-9)
+    if peers != "none":
+        router.among_experts = None  # the same weights without the peer step
+        finite = torch.isfinite(reference)
+        assert (router(sub, expert_load=load)[finite] - reference[finite]).abs().max() > 1e-3
+
+
+def test_expert_peer_graph_config_is_checked_and_round_trips():
+    cfg = GoHConfig(ffn="graph-moe", n_experts=6, n_subtokens=2, expert_peer_graph="[[0, 1], [1, 0]]")
+    assert cfg.expert_peer_graph == [[0, 1], [1, 0]]
+    assert GoHConfig.from_dict(cfg.to_dict()) == cfg
+    assert GoHConfig(ffn="graph-moe", n_experts=6, n_subtokens=2, expert_peer_graph="ring").expert_peer_graph == "ring"
+    with pytest.raises(ValueError, match="expert_peer_graph=.*needs ffn='graph-moe'"):
+        GoHConfig(ffn="moe", expert_peer_graph="ring")
+    with pytest.raises(ValueError, match=r"expert_peer_graph edge \[0, 6\] names a node outside 0..5"):
+        GoHConfig(ffn="graph-moe", n_experts=8, n_shared_experts=2, expert_peer_graph=[[0, 6]])
+    with pytest.raises(ValueError, match="expert_peer_graph='mesh' is not one of"):
+        GoHConfig(ffn="graph-moe", expert_peer_graph="mesh")
 
 
 def test_graph_router_forbids_non_edges():
