@@ -40,8 +40,9 @@ from .source import ConversionError, SourceFamily
 SOURCE_FAMILIES: Dict[str, SourceFamily] = {"llama": LLAMA, "gpt2": GPT2, "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE}
 # model_type -> the Hugging Face class
 SUPPORTED_ARCHITECTURES = {model_type: family.hf_class for model_type, family in SOURCE_FAMILIES.items()}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+# safetensors only, one file or shards listed by an index: nothing here loads a pickle (DESIGN.md §15)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # GoHConfig fields the pretrained weights fix; everything else (routing, experts, dropout) may be overridden
 SOURCE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "rope_theta", "norm",
                  "norm_eps", "ffn_hidden", "tie_embeddings", "position_embedding", "linear_bias", "mlp")
@@ -103,13 +104,19 @@ def read_hf_config(directory: Union[str, Path]) -> dict:
             f"{config_path}: model_type={model_type!r}, architectures={architectures} is not supported; "
             f"supported: {_supported_text()}")
     if not any((directory / name).is_file() for name in WEIGHT_FILES):
+        pickled = [name for name in PICKLE_WEIGHT_FILES if (directory / name).is_file()]
+        if pickled:
+            raise ConversionError(f"{directory} holds only pickled weights ({pickled[0]}), which gohgraph never loads; "
+                                  "save the model with safetensors first (save_pretrained(..., safe_serialization=True))")
         raise ConversionError(f"{directory} has no weights: expected one of {list(WEIGHT_FILES)}, "
                               f"found {_listing(directory)}")
     return values
 
 
 def load_hf_model(directory: Union[str, Path]) -> nn.Module:
-    """Load a local ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` checkpoint (no download), in eval mode.
+    """Load a local ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` / ``MixtralForCausalLM`` /
+    ``Qwen2MoeForCausalLM`` checkpoint (no download), in eval mode, from ``model.safetensors`` or
+    from the shards a ``model.safetensors.index.json`` lists.
 
     Missing tensors (e.g. a bare ``LlamaModel`` checkpoint without ``lm_head``) raise
     :class:`ConversionError` instead of being silently initialised at random.
@@ -121,7 +128,7 @@ def load_hf_model(directory: Union[str, Path]) -> nn.Module:
         raise ImportError("converting Hugging Face checkpoints needs transformers: "
                           "pip install 'gohgraph[hf]'") from None
     model_class = getattr(transformers, SUPPORTED_ARCHITECTURES[model_type])
-    hf_model, info = model_class.from_pretrained(str(directory), local_files_only=True,
+    hf_model, info = model_class.from_pretrained(str(directory), local_files_only=True, use_safetensors=True,
                                                  output_loading_info=True)
     if info.get("missing_keys"):
         raise ConversionError(f"{directory}: the checkpoint lacks tensors {sorted(info['missing_keys'])[:8]} "

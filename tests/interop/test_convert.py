@@ -272,6 +272,24 @@ def test_conversion_from_a_saved_directory_and_reload(tmp_path):
     _assert_same_logits(hf_model, reloaded, torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(8)))
 
 
+def test_multi_shard_checkpoint_loads_and_pickles_are_refused(tmp_path):
+    hf_model = _mixtral(seed=5)
+    hf_model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    model = convert_hf_model(tmp_path / "sharded", top_k_heads=2)
+    _assert_same_logits(hf_model, model, torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2)))
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tmp_path / "sharded" / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ConversionError, match="only pickled weights .pytorch_model.bin., which gohgraph never loads"):
+        convert_hf_model(pickled)
+
+
 def test_cli_convert_writes_a_dense_equivalent_checkpoint(tmp_path, capsys):
     hf_model = _gpt2(seed=9)
     hf_model.save_pretrained(tmp_path / "hf")
