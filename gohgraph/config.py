@@ -25,7 +25,8 @@ ROUTERS = ("dense", "linear", "graph", "query-norm")
 FFN_KINDS = ("dense", "moe", "mh-moe", "graph-moe")
 NORMS = ("rms", "layer")
 EXPERT_ACTIVATIONS = ("swiglu", "gelu")
-POSITION_EMBEDDINGS = ("rope", "learned")
+POSITION_EMBEDDINGS = ("rope", "learned", "alibi")
+ROPE_SCALINGS = ("none", "linear", "ntk", "llama3")
 MLP_KINDS = ("swiglu", "gelu")
 
 GATE_NORMALISATIONS = ("moh", "mha")
@@ -89,6 +90,17 @@ class GoHConfig:
     position_embedding: str = _in("attention", "rope")  # "learned": absolute position table added to the embedding
     rope_theta: float = _in("attention", 10000.0)
     linear_bias: bool = _in("attention", False)  # biases in the qkv / out / dense-FFN linears
+    # RoPE for contexts longer than trained on: "linear" (positions / factor), "ntk" (NTK-aware:
+    # theta * factor^(d/(d-2))), "llama3" (Llama-3.1's rope_scaling: low frequencies / factor, high
+    # ones kept, a smooth ramp between, set by the three fields after the factor)
+    rope_scaling: str = _in("attention", "none")
+    rope_scaling_factor: float = _in("attention", 1.0)
+    rope_low_freq_factor: float = _in("attention", 1.0)
+    rope_high_freq_factor: float = _in("attention", 4.0)
+    rope_original_max_seq_len: int = _in("attention", 8192)
+    # Mistral's sliding window: a query sees the last W positions (itself included); the decode
+    # cache then keeps only W - 1 positions per layer, flat in the generated length
+    sliding_window: Optional[int] = _in("attention", None)
 
     # ---- head routing
     router: str = _in("head routing", "dense")
@@ -230,6 +242,8 @@ class GoHConfig:
         _choice(self, "expert_activation", EXPERT_ACTIVATIONS)
         _choice(self, "position_embedding", POSITION_EMBEDDINGS)
         _choice(self, "mlp", MLP_KINDS)
+        _choice(self, "rope_scaling", ROPE_SCALINGS)
+        self._validate_positions()
         _choice(self, "head_gate_normalisation", GATE_NORMALISATIONS)
         _choice(self, "expert_score", EXPERT_SCORES)
         _choice(self, "expert_balance_pooling", BALANCE_POOLINGS)
@@ -261,6 +275,19 @@ class GoHConfig:
         _check_graph_nodes(self.head_graph, "head_graph", self.n_heads)
         if self.ffn != "dense":
             self._validate_experts()
+
+    def _validate_positions(self) -> None:
+        if self.rope_scaling != "none" and self.position_embedding != "rope":
+            raise ValueError(f"rope_scaling={self.rope_scaling!r} needs position_embedding='rope', "
+                             f"got {self.position_embedding!r}")
+        if not (math.isfinite(self.rope_scaling_factor) and self.rope_scaling_factor >= 1.0):
+            raise ValueError(f"rope_scaling_factor={self.rope_scaling_factor} must be a finite number >= 1")
+        if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ValueError(f"rope_low_freq_factor={self.rope_low_freq_factor} and rope_high_freq_factor="
+                             f"{self.rope_high_freq_factor} must satisfy 0 < low < high")
+        _positive(self, "rope_original_max_seq_len")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 or None (full attention)")
 
     def _validate_experts(self) -> None:
         _positive(self, "n_experts", "top_k_experts", "n_subtokens", "n_expert_groups", "top_k_expert_groups")

@@ -25,7 +25,7 @@ from ..config import GoHConfig
 from ..routing import LayerRouting
 from .kv_cache import KVCache
 from .linear import make_linear
-from .positions import build_query_key_positions
+from .positions import build_query_key_positions, build_score_positions
 
 
 class GoHAttention(nn.Module):
@@ -70,8 +70,11 @@ class GoHAttention(nn.Module):
         for linear in (self.qkv, self.out):
             if linear.bias is not None:
                 nn.init.zeros_(linear.bias)
-        # RoPE rotates q and k here; absolute positions (GPT-2) are added to the embedding by the model
+        # RoPE rotates q and k here, ALiBi biases the scores; absolute positions (GPT-2) are added
+        # to the embedding by the model
         self.rotary = build_query_key_positions(cfg)
+        self.score_bias = build_score_positions(cfg)
+        self.sliding_window = cfg.sliding_window
         self.head_routing = build_head_routing(cfg) if build_head_routing is not None else None
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, causal: bool = True,
@@ -119,20 +122,33 @@ class GoHAttention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                 mask: Optional[torch.Tensor], self_attention: bool) -> torch.Tensor:
+        """SDPA under the call's masks. Keys are the newest ``total`` positions, ending at the last
+        query (every cache returns them so), so masks are written in positions relative to them."""
         seq, total = q.shape[2], k.shape[2]
+        if mask is not None and mask.shape[-1] > total:  # a sliding-window cache dropped the oldest keys
+            mask = mask[..., -total:]
+        window = self.sliding_window if self_attention and self.sliding_window is not None \
+            and self.sliding_window < total else None
+        bias = self.score_bias if self_attention else None
         is_causal = False
-        if mask is None and causal and seq > 1 and seq == total:
+        if mask is None and window is None and bias is None and causal and seq > 1 and seq == total:
             is_causal = True  # SDPA's own causal kernel
-        elif mask is not None or (causal and seq > 1):
+        elif mask is not None or window is not None or bias is not None or (causal and seq > 1):
             # new queries sit at the end of the cached sequence: positions are bottom-right aligned
             query_pos = torch.arange(total - seq, total, device=q.device)[:, None]
             key_pos = torch.arange(total, device=q.device)[None, :]
             allowed = key_pos <= query_pos if causal else None
+            if window is not None:  # Mistral: key_pos > query_pos - W
+                within = query_pos - key_pos < window
+                allowed = within if allowed is None else allowed & within
             if mask is not None:
                 allowed = mask if allowed is None else mask & allowed
                 if self_attention:  # a padding query sees itself: no row is all -inf (NaN in SDPA)
                     allowed = allowed | (key_pos == query_pos)
             mask = allowed
+            if bias is not None:  # ALiBi: a float mask, -inf where not allowed
+                scores_bias = bias(query_pos - key_pos).to(q.dtype)  # [heads, q, k]
+                mask = scores_bias if mask is None else scores_bias.masked_fill(~mask, float("-inf"))
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,

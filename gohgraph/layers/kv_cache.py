@@ -1,8 +1,16 @@
-"""Key/value caches for incremental decoding: an interface and the dynamic implementation.
+"""Key/value caches for incremental decoding: an interface and three implementations.
 
-The attention talks to a cache only through :class:`KVCache` (``length`` and ``append``), so a
-preallocated, sliding-window or latent (MLA) cache replaces :class:`DynamicKVCache` without
-touching the attention code.
+The attention talks to a cache only through :class:`KVCache` (``length`` and ``append``), so any
+of these serves it unchanged:
+
+* :class:`DynamicKVCache` grows by concatenation: any batch, any length (tests, odd shapes);
+* :class:`StaticKVCache` writes into buffers preallocated for the whole generation (what
+  ``generate`` uses): no reallocation and copy of the whole cache per step;
+* :class:`SlidingWindowKVCache` keeps only the newest ``window - 1`` positions (Mistral's sliding
+  window), so its memory stays flat however long the generation runs.
+
+Every cache returns the keys of the newest positions, contiguous and in order, ending at the
+current token: a query's mask can then be written in positions relative to the returned keys.
 """
 
 from __future__ import annotations
@@ -44,4 +52,64 @@ class DynamicKVCache(KVCache):
             keys = torch.cat([self.keys[layer], keys], dim=2)
             values = torch.cat([self.values[layer], values], dim=2)
         self.keys[layer], self.values[layer] = keys, values
+        return keys, values
+
+
+class StaticKVCache(KVCache):
+    """Buffers ``[batch, kv_heads, capacity, head_dim]`` per layer, allocated at the first append
+    (when batch, heads, dtype and device are known) and written in place; ``append`` returns views
+    of the filled part. Appending past ``capacity`` raises ``ValueError``.
+    """
+
+    def __init__(self, n_layers: int, capacity: int) -> None:
+        self.capacity = capacity
+        self.keys: List[Optional[torch.Tensor]] = [None] * n_layers
+        self.values: List[Optional[torch.Tensor]] = [None] * n_layers
+        self.lengths = [0] * n_layers
+
+    def length(self, layer: int = 0) -> int:
+        return self.lengths[layer]
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.lengths[layer], self.lengths[layer] + keys.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"StaticKVCache holds {self.capacity} positions; {end} were asked for")
+        if self.keys[layer] is None:
+            batch, heads, _, head_dim = keys.shape
+            self.keys[layer] = keys.new_empty(batch, heads, self.capacity, head_dim)
+            self.values[layer] = values.new_empty(batch, heads, self.capacity, values.shape[-1])
+        self.keys[layer][:, :, start:end] = keys
+        self.values[layer][:, :, start:end] = values
+        self.lengths[layer] = end
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class SlidingWindowKVCache(KVCache):
+    """Keeps the newest ``window - 1`` positions per layer: with its own key, all a query of a
+    sliding-window attention can see. ``length`` counts every position seen (RoPE's offset),
+    ``stored`` what is held.
+    """
+
+    def __init__(self, n_layers: int, window: int) -> None:
+        self.window = window
+        self.keys: List[Optional[torch.Tensor]] = [None] * n_layers
+        self.values: List[Optional[torch.Tensor]] = [None] * n_layers
+        self.seen = [0] * n_layers
+
+    def length(self, layer: int = 0) -> int:
+        return self.seen[layer]
+
+    def stored(self, layer: int = 0) -> int:
+        keys = self.keys[layer]
+        return 0 if keys is None else keys.shape[2]
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        self.seen[layer] += keys.shape[2]
+        if self.keys[layer] is not None:
+            keys = torch.cat([self.keys[layer], keys], dim=2)
+            values = torch.cat([self.values[layer], values], dim=2)
+        keep = self.window - 1
+        # clone: a view would pin the whole concatenated tensor and the memory would grow again
+        self.keys[layer] = keys[:, :, -keep:].clone() if keep else keys[:, :, :0]
+        self.values[layer] = values[:, :, -keep:].clone() if keep else values[:, :, :0]
         return keys, values

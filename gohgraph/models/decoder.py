@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import GoHConfig
-from ..layers.kv_cache import DynamicKVCache, KVCache
+from ..layers.kv_cache import KVCache
 from ..layers.norm import build_norm
 from ..layers.positions import build_embedding_positions
 from ..routers.heads import HeadGate
@@ -24,7 +24,7 @@ from ..routers.losses import EXPERT_BALANCE, BalancedRouting, loss_coefficients,
 from ..routing import LayerRouting
 from ..storage import load_model, save_model
 from .block import GoHBlock
-from .generation import check_generation_arguments, positions_from_mask, sample_next_token
+from .generation import check_generation_arguments, make_decode_cache, positions_from_mask, sample_next_token
 
 
 @dataclass
@@ -121,7 +121,7 @@ class GoHTransformer(nn.Module):
                  top_k: Optional[int] = None, use_cache: bool = True,
                  generator: Optional[torch.Generator] = None, attention_mask: Optional[torch.Tensor] = None,
                  top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
-                 pad_token_id: Optional[int] = None) -> torch.Tensor:
+                 pad_token_id: Optional[int] = None, cache: str = "auto") -> torch.Tensor:
         """Append up to ``max_new_tokens`` sampled tokens to ``input_ids [batch, seq]``.
 
         ``temperature=0`` is greedy (argmax); ``top_k`` / ``top_p`` cut the distribution first
@@ -130,8 +130,10 @@ class GoHTransformer(nn.Module):
         generates exactly what it generates alone. A row that produced ``eos_token_id`` is done:
         its later positions hold ``pad_token_id`` (default: the eos id), and generation stops when
         every row is done. With ``use_cache`` each step feeds only the newest token and reads
-        earlier keys/values from a :class:`KVCache`; without it every step recomputes the whole
-        (cropped to ``max_seq_len``) sequence. Decoding runs under ``torch.inference_mode()``,
+        earlier keys/values from a :class:`KVCache` (``cache``: ``"auto"`` preallocates one for the
+        whole generation, or keeps only a sliding window's positions;
+        :func:`~gohgraph.models.generation.make_decode_cache`); without it every step recomputes
+        the whole (cropped to ``max_seq_len``) sequence. Decoding runs under ``torch.inference_mode()``,
         where routed layers skip their training losses; the returned ids are an ordinary tensor.
         """
         check_generation_arguments(input_ids, attention_mask, self.config.vocab_size, max_new_tokens,
@@ -143,10 +145,11 @@ class GoHTransformer(nn.Module):
         was_training = self.training
         self.eval()
         with torch.inference_mode():
-            cache = DynamicKVCache(self.config.n_layers) if use_cache else None
+            capacity = input_ids.shape[1] + max_new_tokens
+            kv_cache = make_decode_cache(self.config, cache, capacity) if use_cache else None
             ids, mask = input_ids, attention_mask
             done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-            logits = self(ids, cache=cache, attention_mask=mask).logits[:, -1]
+            logits = self(ids, cache=kv_cache, attention_mask=mask).logits[:, -1]
             for step in range(max_new_tokens):
                 next_ids = sample_next_token(logits, temperature, top_k, generator, top_p)
                 if eos_token_id is not None:
@@ -158,7 +161,7 @@ class GoHTransformer(nn.Module):
                 if step + 1 == max_new_tokens or bool(done.all()):
                     break
                 if use_cache:
-                    logits = self(next_ids, cache=cache, attention_mask=mask).logits[:, -1]
+                    logits = self(next_ids, cache=kv_cache, attention_mask=mask).logits[:, -1]
                 else:
                     window = slice(-self.config.max_seq_len, None)
                     logits = self(ids[:, window], attention_mask=None if mask is None else mask[:, window]

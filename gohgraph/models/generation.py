@@ -1,4 +1,5 @@
-"""Generation helpers: argument checks, left-padding masks and positions, next-token sampling."""
+"""Generation helpers: argument checks, the decode cache, left-padding masks and positions,
+next-token sampling."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import math
 from typing import Optional
 
 import torch
+
+from ..config import GoHConfig
+from ..layers.kv_cache import DynamicKVCache, KVCache, SlidingWindowKVCache, StaticKVCache
+
+CACHE_KINDS = ("auto", "static", "dynamic")
 
 
 def check_generation_arguments(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], vocab_size: int,
@@ -33,6 +39,23 @@ def check_generation_arguments(input_ids: torch.Tensor, attention_mask: Optional
         raise ValueError(f"eos_token_id={eos_token_id!r} must be a token id in [0, {vocab_size})")
     if attention_mask is not None:
         check_left_padding(attention_mask, input_ids.shape)
+
+
+def make_decode_cache(cfg: GoHConfig, kind: str, capacity: int) -> KVCache:
+    """The KV cache ``generate`` decodes with, for ``capacity`` positions in all.
+
+    ``"auto"``: a :class:`SlidingWindowKVCache` when every layer attends within a window (memory
+    flat in the generated length), else a :class:`StaticKVCache` preallocated for ``capacity``
+    positions; ``"static"`` / ``"dynamic"`` force those (``"static"`` ignores the window's memory
+    saving, never its mask).
+    """
+    if kind not in CACHE_KINDS:
+        raise ValueError(f"cache={kind!r} is not one of {list(CACHE_KINDS)}")
+    if kind == "dynamic":
+        return DynamicKVCache(cfg.n_layers)
+    if kind == "auto" and cfg.sliding_window is not None and cfg.sliding_window < capacity:
+        return SlidingWindowKVCache(cfg.n_layers, cfg.sliding_window)
+    return StaticKVCache(cfg.n_layers, capacity)
 
 
 def check_left_padding(attention_mask: torch.Tensor, shape: torch.Size) -> None:
