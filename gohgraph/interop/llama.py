@@ -1,4 +1,5 @@
-"""Hugging Face ``LlamaForCausalLM`` -> GoHTransformer: RoPE, RMSNorm, SwiGLU, GQA."""
+"""Hugging Face ``LlamaForCausalLM`` (with Llama-3.1's ``rope_scaling``) and
+``MistralForCausalLM`` (sliding window) -> GoHTransformer: RoPE, RMSNorm, SwiGLU, GQA."""
 
 from __future__ import annotations
 
@@ -20,10 +21,7 @@ def source_config(hf_config: Any) -> Dict[str, Any]:
     if hf_config.hidden_act != "silu":
         raise ConversionError(f"Llama hidden_act={hf_config.hidden_act!r} is not supported; supported: 'silu'")
     # transformers >= 5 keeps theta and scaling in rope_parameters; 4.x in rope_theta / rope_scaling
-    rope = dict(getattr(hf_config, "rope_parameters", None) or {})
-    rope_type = rope.get("rope_type") or (getattr(hf_config, "rope_scaling", None) or {}).get("rope_type", "default")
-    if rope_type != "default":
-        raise ConversionError(f"Llama rope_type={rope_type!r} (RoPE scaling) is not supported; supported: 'default'")
+    rope = {**(getattr(hf_config, "rope_scaling", None) or {}), **(getattr(hf_config, "rope_parameters", None) or {})}
     n_kv_heads = getattr(hf_config, "num_key_value_heads", None) or n_heads
     return dict(
         vocab_size=hf_config.vocab_size, d_model=d_model, n_layers=hf_config.num_hidden_layers,
@@ -35,7 +33,28 @@ def source_config(hf_config: Any) -> Dict[str, Any]:
         position_embedding="rope", mlp="swiglu",
         linear_bias=bool(getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False)),
         init_std=hf_config.initializer_range,
+        **rope_scaling_fields(rope),
     )
+
+
+# Hugging Face rope_type -> GoHConfig.rope_scaling; "dynamic" (NTK recomputed from each sequence's
+# length) and "yarn" have no equivalent here and are refused
+ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
+
+
+def rope_scaling_fields(rope: Dict[str, Any]) -> Dict[str, Any]:
+    """GoHConfig RoPE-scaling fields from Hugging Face's ``rope_parameters`` / ``rope_scaling``."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ConversionError(f"rope_type={rope_type!r} (RoPE scaling) is not supported; supported: {list(ROPE_TYPES)}")
+    if rope_type == "default":
+        return {}
+    fields = dict(rope_scaling=ROPE_TYPES[rope_type], rope_scaling_factor=float(rope["factor"]))
+    if rope_type == "llama3":
+        fields.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                      rope_high_freq_factor=float(rope["high_freq_factor"]),
+                      rope_original_max_seq_len=int(rope["original_max_position_embeddings"]))
+    return fields
 
 
 def weights(hf_model: nn.Module, cfg: GoHConfig) -> Dict[str, torch.Tensor]:
@@ -64,3 +83,15 @@ def embeddings_and_attention(hf_model: nn.Module, cfg: GoHConfig) -> Dict[str, t
 
 
 LLAMA = SourceFamily(hf_class="LlamaForCausalLM", source_config=source_config, weights=weights)
+
+
+def mistral_source_config(hf_config: Any) -> Dict[str, Any]:
+    """Mistral is Llama's block with a sliding window over the last ``sliding_window`` positions."""
+    values = source_config(hf_config)
+    window = getattr(hf_config, "sliding_window", None)
+    if window is not None and window < hf_config.max_position_embeddings:
+        values["sliding_window"] = int(window)
+    return values
+
+
+MISTRAL = SourceFamily(hf_class="MistralForCausalLM", source_config=mistral_source_config, weights=weights)

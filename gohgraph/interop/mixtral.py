@@ -2,8 +2,7 @@
 
 Mixtral's sparse block is softmax routing with renormalised top-k over SwiGLU experts, which is
 what ``ffn="moe"`` computes (tests/moe/test_hf_blocks.py), so the experts, their router and their
-count come from the source and are not upcycled. Sliding-window attention is refused: gohgraph
-has no sliding window yet, so such a model could not be reproduced.
+count come from the source and are not upcycled. A sliding window is kept, as for Mistral.
 """
 
 from __future__ import annotations
@@ -15,15 +14,11 @@ from torch import nn
 
 from ..config import GoHConfig
 from . import llama
-from .source import ConversionError, SourceFamily, put_stacked_experts
+from .source import SourceFamily, put_stacked_experts
 
 
 def source_config(hf_config: Any) -> Dict[str, Any]:
-    window = getattr(hf_config, "sliding_window", None)
-    if window is not None and window < hf_config.max_position_embeddings:
-        raise ConversionError(f"Mixtral sliding_window={window} is not supported (gohgraph attends to the whole "
-                              "context); supported: sliding_window=None")
-    values = llama.source_config(hf_config)
+    values = llama.mistral_source_config(hf_config)
     values.update(ffn="moe", n_experts=hf_config.num_local_experts, top_k_experts=hf_config.num_experts_per_tok,
                   expert_hidden=hf_config.intermediate_size, expert_activation="swiglu")
     return values

@@ -324,8 +324,8 @@ def test_conversion_rejects_what_it_cannot_reproduce():
         convert_hf_model(_llama(), ffn="graph-moe")
     with pytest.raises(ConversionError, match="cannot convert LlamaModel"):
         convert_hf_model(_llama().model)
-    scaled = _llama(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})
-    with pytest.raises(ConversionError, match="rope_type='linear'"):
+    scaled = _llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500.0})
+    with pytest.raises(ConversionError, match="rope_type='dynamic'"):
         convert_hf_model(scaled)
     with pytest.raises(ConversionError, match="max_seq_len=128 exceeds"):
         convert_hf_model(_gpt2(), max_seq_len=128)
@@ -425,8 +425,9 @@ def test_mixtral_conversion_reproduces_logits(tmp_path):
     _assert_same_logits(hf_model, model, ids)
     with pytest.raises(ConversionError, match="cannot override"):
         convert_hf_model(hf_model, n_experts=8)  # the experts come from the source
-    with pytest.raises(ConversionError, match="sliding_window=16"):
-        convert_hf_model(_mixtral(sliding_window=16))
+    windowed = _mixtral(seed=9, sliding_window=5)  # Mixtral's window is kept, as Mistral's
+    assert convert_hf_model(windowed).config.sliding_window == 5
+    _assert_same_logits(windowed, convert_hf_model(windowed), torch.randint(0, 256, (2, 14)))
 
 
 def test_cli_converts_a_mixtral_checkpoint(tmp_path, capsys):
@@ -449,3 +450,42 @@ def test_qwen2_moe_conversion_reproduces_logits(renormalise):
     _assert_same_logits(hf_model, model, ids)
     with pytest.raises(ConversionError, match="dense layers between the sparse ones"):
         convert_hf_model(_qwen2_moe(decoder_sparse_step=2))
+
+
+def _mistral(seed: int = 0, **overrides):
+    transformers = _transformers()
+    values = dict(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, sliding_window=6, rms_norm_eps=1e-5,
+                  bos_token_id=0, eos_token_id=0)
+    values.update(overrides)
+    torch.manual_seed(seed)
+    return _randomised(transformers.MistralForCausalLM(transformers.MistralConfig(**values)), seed)
+
+
+def test_mistral_conversion_keeps_the_sliding_window():
+    hf_model = _mistral(seed=21)
+    model = convert_hf_model(hf_model, router="dense")
+    assert model.config.sliding_window == 6
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(4))
+    _assert_same_logits(hf_model, model, ids)  # 24 positions: four windows deep
+    prompt = ids[:1, :4]
+    with torch.no_grad():
+        reference = hf_model.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    ours = model.eval().generate(prompt, max_new_tokens=20, temperature=0.0)  # rolling cache of 5 positions
+    assert torch.equal(ours, reference)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16, "rope_theta": 500.0},
+    {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
+])
+def test_llama_rope_scaling_conversion_reproduces_logits(rope):
+    hf_model = _llama(seed=22, rope_parameters=rope, max_position_embeddings=64)
+    model = convert_hf_model(hf_model, router="graph", n_shared_heads=1, top_k_heads=2)
+    assert (model.config.rope_scaling, model.config.rope_scaling_factor) == (rope["rope_type"], rope["factor"])
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(5))  # past the original 16
+    _assert_same_logits(hf_model, model, ids)
+    unscaled = convert_hf_model(_llama(seed=22, max_position_embeddings=64), router="dense")
+    with torch.no_grad():  # the same weights without the scaling give other logits: the scaling is used
+        assert (unscaled.eval()(ids).logits - hf_model(ids).logits).abs().max() > 1e-2
