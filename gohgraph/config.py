@@ -27,6 +27,7 @@ NORMS = ("rms", "layer")
 EXPERT_ACTIVATIONS = ("swiglu", "gelu")
 POSITION_EMBEDDINGS = ("rope", "learned", "alibi")
 ROPE_SCALINGS = ("none", "linear", "ntk", "llama3")
+ATTENTION_KINDS = ("mha", "mla")
 MLP_KINDS = ("swiglu", "gelu")
 
 GATE_NORMALISATIONS = ("moh", "mha")
@@ -101,6 +102,15 @@ class GoHConfig:
     # Mistral's sliding window: a query sees the last W positions (itself included); the decode
     # cache then keeps only W - 1 positions per layer, flat in the generated length
     sliding_window: Optional[int] = _in("attention", None)
+    # "mla": DeepSeek's multi-head latent attention (DESIGN.md §13): keys and values from a latent
+    # c = RMSNorm(W_DKV x) of width kv_lora_rank plus one shared RoPE key of width qk_rope_head_dim;
+    # queries optionally low-rank (q_lora_rank); the decode cache holds only c and the RoPE key
+    attention: str = _in("attention", "mha")
+    kv_lora_rank: int = _in("attention", 32)
+    q_lora_rank: Optional[int] = _in("attention", None)  # None = queries straight from x
+    qk_rope_head_dim: int = _in("attention", 8)
+    qk_nope_head_dim: Optional[int] = _in("attention", None)  # None = head_dim
+    v_head_dim: Optional[int] = _in("attention", None)  # None = head_dim
 
     # ---- head routing
     router: str = _in("head routing", "dense")
@@ -150,6 +160,8 @@ class GoHConfig:
     # each router round the experts also attend to their neighbours here before scoring; a name
     # as for head_graph or [[src, dst], ...] expert pairs; "none" keeps only the bipartite rounds
     expert_peer_graph: Any = _in("experts", "none")
+    # the first this many layers keep the dense FFN (DeepSeek-V3's first_k_dense_replace)
+    n_dense_layers: int = _in("experts", 0)
     # how selected experts are weighted (DESIGN.md §12): "softmax" with renormalisation is Mixtral's,
     # softmax without it Qwen2-MoE's default; "sigmoid" scores with the selection bias added to the
     # scores, group-limited top-k and a scaling factor are DeepSeek-V3's
@@ -185,6 +197,30 @@ class GoHConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def query_head_dim(self) -> int:
+        """Width of one head's query (what the head routers read): ``head_dim``, or for MLA
+        ``qk_nope_head_dim + qk_rope_head_dim``."""
+        if self.attention == "mla":
+            return self.mla_nope_dim + self.qk_rope_head_dim
+        return self.head_dim
+
+    @property
+    def value_head_dim(self) -> int:
+        """Width of one head's output: ``head_dim``, or MLA's ``v_head_dim``."""
+        if self.attention == "mla" and self.v_head_dim is not None:
+            return self.v_head_dim
+        return self.head_dim
+
+    @property
+    def mla_nope_dim(self) -> int:
+        return self.head_dim if self.qk_nope_head_dim is None else self.qk_nope_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Width RoPE rotates per head: ``head_dim``, or MLA's decoupled ``qk_rope_head_dim``."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
     @property
     def kv_heads(self) -> int:
@@ -243,13 +279,16 @@ class GoHConfig:
         _choice(self, "position_embedding", POSITION_EMBEDDINGS)
         _choice(self, "mlp", MLP_KINDS)
         _choice(self, "rope_scaling", ROPE_SCALINGS)
+        _choice(self, "attention", ATTENTION_KINDS)
+        if self.attention == "mla":
+            self._validate_latent_attention()
         self._validate_positions()
         _choice(self, "head_gate_normalisation", GATE_NORMALISATIONS)
         _choice(self, "expert_score", EXPERT_SCORES)
         _choice(self, "expert_balance_pooling", BALANCE_POOLINGS)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.position_embedding == "rope" and self.head_dim % 2:
+        if self.position_embedding == "rope" and self.attention == "mha" and self.head_dim % 2:
             raise ValueError(f"head_dim=d_model/n_heads={self.head_dim} must be even for RoPE")
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             raise ValueError(
@@ -276,6 +315,18 @@ class GoHConfig:
         if self.ffn != "dense":
             self._validate_experts()
 
+    def _validate_latent_attention(self) -> None:
+        _positive(self, "kv_lora_rank", "qk_rope_head_dim")
+        for name in ("q_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer or None")
+        if self.position_embedding != "rope" or self.qk_rope_head_dim % 2:
+            raise ValueError(f"attention='mla' needs position_embedding='rope' and an even qk_rope_head_dim, got "
+                             f"{self.position_embedding!r} and {self.qk_rope_head_dim}")
+        if self.n_kv_heads is not None:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} does not apply to attention='mla' (every head reads "
+                             "the one shared latent); leave it None")
+
     def _validate_positions(self) -> None:
         if self.rope_scaling != "none" and self.position_embedding != "rope":
             raise ValueError(f"rope_scaling={self.rope_scaling!r} needs position_embedding='rope', "
@@ -290,6 +341,9 @@ class GoHConfig:
             raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 or None (full attention)")
 
     def _validate_experts(self) -> None:
+        if not 0 <= self.n_dense_layers < self.n_layers:
+            raise ValueError(f"n_dense_layers={self.n_dense_layers} must be in [0, n_layers={self.n_layers}) "
+                             "(all layers dense is ffn='dense')")
         _positive(self, "n_experts", "top_k_experts", "n_subtokens", "n_expert_groups", "top_k_expert_groups")
         if not self.routed_scaling_factor > 0:
             raise ValueError(f"routed_scaling_factor={self.routed_scaling_factor} must be > 0")

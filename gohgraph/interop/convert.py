@@ -30,6 +30,7 @@ from torch import nn
 
 from ..config import GoHConfig
 from ..models.decoder import GoHTransformer
+from .deepseek_v3 import DEEPSEEK_V3
 from .gpt2 import GPT2
 from .llama import LLAMA, MISTRAL
 from .mixtral import MIXTRAL
@@ -38,7 +39,7 @@ from .source import ConversionError, SourceFamily
 
 # model_type in config.json -> the family whose weights we know how to map
 SOURCE_FAMILIES: Dict[str, SourceFamily] = {"llama": LLAMA, "mistral": MISTRAL, "gpt2": GPT2, "mixtral": MIXTRAL,
-                                             "qwen2_moe": QWEN2_MOE}
+                                             "qwen2_moe": QWEN2_MOE, "deepseek_v3": DEEPSEEK_V3}
 # model_type -> the Hugging Face class
 SUPPORTED_ARCHITECTURES = {model_type: family.hf_class for model_type, family in SOURCE_FAMILIES.items()}
 # safetensors only, one file or shards listed by an index: nothing here loads a pickle (DESIGN.md §15)
@@ -48,7 +49,8 @@ PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 SOURCE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "rope_theta", "norm",
                  "norm_eps", "ffn_hidden", "tie_embeddings", "position_embedding", "linear_bias", "mlp",
                  "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                 "rope_original_max_seq_len", "sliding_window")
+                 "rope_original_max_seq_len", "sliding_window", "attention", "kv_lora_rank", "q_lora_rank",
+                 "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "n_dense_layers")
 UPCYCLE_FFNS = ("dense", "moe")
 # tensors of the converted model that do not come from the source: routers, gates, flow scales
 ROUTING_TENSOR_MARKERS = (".router.", ".gate.", ".flow_scale")

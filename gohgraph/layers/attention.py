@@ -100,11 +100,7 @@ class GoHAttention(nn.Module):
             k, v = cache.append(self.layer_idx, k, v)
         attn = self._attend(q, k, v, causal, mask, self_attention=memory is None)  # [batch, heads, seq, head_dim]
 
-        attn = attn.transpose(1, 2)  # [batch, seq, heads, head_dim]
-        if head_mixing is not None:
-            attn = torch.matmul(head_mixing.to(attn.dtype), attn)
-        elif head_gates is not None:
-            attn = attn * head_gates.to(attn.dtype).unsqueeze(-1)
+        attn = mix_heads(attn.transpose(1, 2), head_gates, head_mixing)  # [batch, seq, heads, head_dim]
         y = self.out(attn.reshape(batch, seq, d_model))
         return y, routing
 
@@ -122,34 +118,61 @@ class GoHAttention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                 mask: Optional[torch.Tensor], self_attention: bool) -> torch.Tensor:
-        """SDPA under the call's masks. Keys are the newest ``total`` positions, ending at the last
-        query (every cache returns them so), so masks are written in positions relative to them."""
-        seq, total = q.shape[2], k.shape[2]
-        if mask is not None and mask.shape[-1] > total:  # a sliding-window cache dropped the oldest keys
-            mask = mask[..., -total:]
-        window = self.sliding_window if self_attention and self.sliding_window is not None \
-            and self.sliding_window < total else None
-        bias = self.score_bias if self_attention else None
-        is_causal = False
-        if mask is None and window is None and bias is None and causal and seq > 1 and seq == total:
-            is_causal = True  # SDPA's own causal kernel
-        elif mask is not None or window is not None or bias is not None or (causal and seq > 1):
-            # new queries sit at the end of the cached sequence: positions are bottom-right aligned
-            query_pos = torch.arange(total - seq, total, device=q.device)[:, None]
-            key_pos = torch.arange(total, device=q.device)[None, :]
-            allowed = key_pos <= query_pos if causal else None
-            if window is not None:  # Mistral: key_pos > query_pos - W
-                within = query_pos - key_pos < window
-                allowed = within if allowed is None else allowed & within
-            if mask is not None:
-                allowed = mask if allowed is None else mask & allowed
-                if self_attention:  # a padding query sees itself: no row is all -inf (NaN in SDPA)
-                    allowed = allowed | (key_pos == query_pos)
-            mask = allowed
-            if bias is not None:  # ALiBi: a float mask, -inf where not allowed
-                scores_bias = bias(query_pos - key_pos).to(q.dtype)  # [heads, q, k]
-                mask = scores_bias if mask is None else scores_bias.masked_fill(~mask, float("-inf"))
+        attn_mask, is_causal = attention_mask(q, k.shape[2], causal, mask, self_attention,
+                                              self.sliding_window, self.score_bias)
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads)
+
+
+def mix_heads(attn: torch.Tensor, head_gates: Optional[torch.Tensor],
+              head_mixing: Optional[torch.Tensor]) -> torch.Tensor:
+    """Apply the head routing to per-head outputs ``attn [batch, seq, heads, d_v]``: the mixing
+    matrix ``M [batch, seq, heads, heads]`` (gates and inter-head flow) when there is one, else the
+    gates ``[batch, seq, heads]``, else nothing (dense attention)."""
+    if head_mixing is not None:
+        return torch.matmul(head_mixing.to(attn.dtype), attn)
+    if head_gates is not None:
+        return attn * head_gates.to(attn.dtype).unsqueeze(-1)
+    return attn
+
+
+def attention_mask(q: torch.Tensor, total: int, causal: bool, mask: Optional[torch.Tensor],
+                   self_attention: bool, sliding_window: Optional[int] = None,
+                   score_bias: Optional[nn.Module] = None) -> Tuple[Optional[torch.Tensor], bool]:
+    """SDPA's ``(attn_mask, is_causal)`` for queries ``q [batch, heads, seq, d]`` over ``total`` keys.
+
+    Keys are the newest ``total`` positions, ending at the last query (every cache returns them
+    so), so masks are written in positions relative to them: a query at ``i`` may see key ``j``
+    when ``j <= i`` (``causal``), ``i - j < sliding_window`` (self-attention only) and ``mask``
+    allows it (bool, broadcastable to ``[batch, heads, seq, total]``; a mask longer than
+    ``total`` is cut to its newest columns, as a sliding-window cache drops the oldest keys).
+    ``score_bias(distance [seq, total])`` (ALiBi) makes the mask a float bias with ``-inf``
+    where not allowed. With nothing but plain causality SDPA's own causal kernel is used.
+    """
+    seq = q.shape[2]
+    if mask is not None and mask.shape[-1] > total:
+        mask = mask[..., -total:]
+    window = sliding_window if self_attention and sliding_window is not None and sliding_window < total else None
+    bias = score_bias if self_attention else None
+    if mask is None and window is None and bias is None:
+        if not causal or seq == 1:
+            return None, False
+        if seq == total:
+            return None, True  # SDPA's own causal kernel
+    # new queries sit at the end of the cached sequence: positions are bottom-right aligned
+    query_pos = torch.arange(total - seq, total, device=q.device)[:, None]
+    key_pos = torch.arange(total, device=q.device)[None, :]
+    allowed = key_pos <= query_pos if causal else None
+    if window is not None:  # Mistral: key_pos > query_pos - W
+        within = query_pos - key_pos < window
+        allowed = within if allowed is None else allowed & within
+    if mask is not None:
+        allowed = mask if allowed is None else mask & allowed
+        if self_attention:  # a padding query sees itself: no row is all -inf (NaN in SDPA)
+            allowed = allowed | (key_pos == query_pos)
+    if bias is None:
+        return allowed, False
+    scores_bias = bias(query_pos - key_pos).to(q.dtype)  # [heads, seq, total]
+    return (scores_bias if allowed is None else scores_bias.masked_fill(~allowed, float("-inf"))), False

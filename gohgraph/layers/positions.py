@@ -25,7 +25,7 @@ Positions = Union[int, torch.Tensor]
 
 
 def rope_inverse_frequencies(cfg: GoHConfig) -> torch.Tensor:
-    r"""RoPE's ``head_dim / 2`` angular frequencies :math:`\omega_i = \theta^{-2i/d}`, scaled for
+    r"""RoPE's ``cfg.rope_dim / 2`` angular frequencies :math:`\omega_i = \theta^{-2i/d}`, scaled for
     longer contexts by ``cfg.rope_scaling`` with factor :math:`s`:
 
     * ``"linear"`` (position interpolation, Chen et al. 2023): :math:`\omega_i / s`, i.e. every
@@ -39,9 +39,9 @@ def rope_inverse_frequencies(cfg: GoHConfig) -> torch.Tensor:
       :math:`(1-\gamma)\,\omega_i/s + \gamma\,\omega_i` with
       :math:`\gamma = (L/\lambda_i - \text{low})/(\text{high} - \text{low})`.
 
-    Returns ``[head_dim / 2]`` float32.
+    Returns ``[cfg.rope_dim / 2]`` float32 (``rope_dim`` is ``head_dim``, or MLA's ``qk_rope_head_dim``).
     """
-    dim, theta, factor = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor
+    dim, theta, factor = cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling_factor
     if cfg.rope_scaling == "ntk":
         theta = theta * factor ** (dim / (dim - 2))
     inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)

@@ -10,15 +10,18 @@ from torch import nn
 from ..config import GoHConfig
 from ..layers.attention import GoHAttention
 from ..layers.kv_cache import KVCache
+from ..layers.latent_attention import LatentAttention
 from ..layers.norm import build_norm
 from ..moe.layer import build_feed_forward
 from ..routers.heads import HeadRouting
 from ..routing import LayerRouting
 
 
-def build_attention(cfg: GoHConfig, layer_idx: int) -> GoHAttention:
-    """Attention with the head routing ``cfg.router`` names (none for ``"dense"``)."""
-    return GoHAttention(cfg, layer_idx, HeadRouting if cfg.router != "dense" else None)
+def build_attention(cfg: GoHConfig, layer_idx: int) -> nn.Module:
+    """Attention of the kind ``cfg.attention`` names (MHA/GQA/MQA, or MLA) with the head routing
+    ``cfg.router`` names (none for ``"dense"``)."""
+    attention = LatentAttention if cfg.attention == "mla" else GoHAttention
+    return attention(cfg, layer_idx, HeadRouting if cfg.router != "dense" else None)
 
 
 class GoHBlock(nn.Module):

@@ -55,9 +55,10 @@ EXPERT_FFNS = ("moe", "mh-moe", "graph-moe")
 
 
 def build_feed_forward(cfg: GoHConfig, layer_idx: int) -> nn.Module:
-    """The feed-forward layer ``cfg.ffn`` names: ``x [batch, seq, d_model]`` ->
+    """The feed-forward layer ``cfg.ffn`` names (dense in the first ``cfg.n_dense_layers`` layers):
+    ``x [batch, seq, d_model]`` ->
     ``(y [batch, seq, d_model], ExpertRouting | None)``."""
-    if cfg.ffn == "dense":
+    if cfg.ffn == "dense" or layer_idx < cfg.n_dense_layers:
         return DenseFeedForward(cfg)
     return MoEFeedForward(cfg, layer_idx)
 

@@ -331,7 +331,7 @@ class HeadRouting(nn.Module):
         self.token_router: Optional[nn.Module] = None
         if cfg.router == "graph":
             edge_index = head_graph(cfg.head_graph, cfg.n_heads)
-            self.router = HeadRouter(cfg.head_dim, cfg.n_heads, edge_index, cfg.router_dim,
+            self.router = HeadRouter(cfg.query_head_dim, cfg.n_heads, edge_index, cfg.router_dim,
                                      cfg.router_rounds, cfg.init_std)
             if cfg.inter_head_flow and edge_index.shape[1] > 0:
                 self.flow_scale = nn.Parameter(torch.zeros(cfg.n_heads))

@@ -489,3 +489,33 @@ def test_llama_rope_scaling_conversion_reproduces_logits(rope):
     unscaled = convert_hf_model(_llama(seed=22, max_position_embeddings=64), router="dense")
     with torch.no_grad():  # the same weights without the scaling give other logits: the scaling is used
         assert (unscaled.eval()(ids).logits - hf_model(ids).logits).abs().max() > 1e-2
+
+
+def _deepseek_v3(seed: int = 0, **overrides):
+    transformers = _transformers()
+    values = dict(vocab_size=256, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1,
+                  num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1,
+                  kv_lora_rank=16, q_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6,
+                  max_position_embeddings=64, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=0)
+    values.update(overrides)
+    torch.manual_seed(seed)
+    hf_model = _randomised(transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**values)), seed)
+    with torch.no_grad():  # a spread of correction biases: selection differs from the plain top-k
+        for layer in hf_model.model.layers[values["first_k_dense_replace"]:]:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, 8)[torch.randperm(8)])
+    return hf_model
+
+
+@pytest.mark.parametrize("source", [dict(), dict(q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1)])
+def test_deepseek_v3_conversion_reproduces_logits_and_greedy_decoding(source):
+    hf_model = _deepseek_v3(seed=23, **source)
+    model = convert_hf_model(hf_model, router="graph", n_shared_heads=1, top_k_heads=2)
+    cfg = model.config
+    assert (cfg.attention, cfg.kv_lora_rank, cfg.n_dense_layers, cfg.expert_score) == ("mla", 16, 1, "sigmoid")
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(6))
+    _assert_same_logits(hf_model, model, ids)
+    prompt = ids[:1, :5]
+    with torch.no_grad():
+        reference = hf_model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.eval().generate(prompt, max_new_tokens=12, temperature=0.0), reference)

@@ -98,7 +98,8 @@ def test_sliding_window_decoding_with_left_padding_matches_each_row_alone():
 # ---------------------------------------------------------------------- static cache
 @pytest.mark.parametrize("router", list(ROUTED))
 @pytest.mark.parametrize("changes", [dict(n_kv_heads=2), dict(n_kv_heads=1, sliding_window=4),
-                                     dict(position_embedding="alibi")])
+                                     dict(position_embedding="alibi"),
+                                     dict(attention="mla", kv_lora_rank=12, qk_rope_head_dim=4, sliding_window=4)])
 def test_static_dynamic_and_recompute_decode_token_for_token(router, changes):
     cfg = GoHConfig(**CFG, router=router, **ROUTED[router], **changes)
     torch.manual_seed(3)
