@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop after this text (one token of the model's tokenizer, e.g. a newline)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the head routers of each decode step (eager where it cannot)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +50,13 @@ def run(args: argparse.Namespace) -> int:
         if len(stop_ids) != 1:
             raise ValueError(f"--stop {args.stop!r} is {len(stop_ids)} tokens of this model's tokenizer; give one token")
         eos = stop_ids[0]
+    if args.compile:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled = model.compile_routers()
+        if not compiled:
+            reason = caught[-1].message if caught else "the model has no head routers"
+            print(f"gohgraph generate: --compile: {reason}", file=sys.stderr)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     ids = torch.tensor([prompt_ids], device=args.device)
     out = model.generate(ids, max_new_tokens=min(args.max_new_tokens, room), temperature=args.temperature,

@@ -7,6 +7,7 @@ so per-token recursion (Mixture-of-Recursions) is a change to that loop, not a n
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Union
@@ -19,7 +20,7 @@ from ..config import GoHConfig
 from ..layers.kv_cache import KVCache
 from ..layers.norm import build_norm
 from ..layers.positions import build_embedding_positions
-from ..routers.heads import HeadGate
+from ..routers.heads import HeadGate, HeadRouting
 from ..routers.losses import EXPERT_BALANCE, BalancedRouting, loss_coefficients, pooled_balance_loss
 from ..routing import LayerRouting
 from ..storage import load_model, save_model
@@ -110,7 +111,8 @@ class GoHTransformer(nn.Module):
             for name, value in layer.aux_losses.items():
                 if not (pooled and name == EXPERT_BALANCE):
                     total = total + coefficients[name] * value
-        tallies = [layer.experts.balance for layer in routing if layer.experts is not None]
+        tallies = [layer.experts.balance for layer in routing
+                   if layer.experts is not None and layer.experts.balance is not None]
         if pooled and tallies:
             total = total + coefficients[EXPERT_BALANCE] * pooled_balance_loss(tallies)
         return total
@@ -121,7 +123,7 @@ class GoHTransformer(nn.Module):
                  top_k: Optional[int] = None, use_cache: bool = True,
                  generator: Optional[torch.Generator] = None, attention_mask: Optional[torch.Tensor] = None,
                  top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
-                 pad_token_id: Optional[int] = None, cache: str = "auto") -> torch.Tensor:
+                 pad_token_id: Optional[int] = None, cache: str = "auto", compile: bool = False) -> torch.Tensor:
         """Append up to ``max_new_tokens`` sampled tokens to ``input_ids [batch, seq]``.
 
         ``temperature=0`` is greedy (argmax); ``top_k`` / ``top_p`` cut the distribution first
@@ -133,7 +135,9 @@ class GoHTransformer(nn.Module):
         earlier keys/values from a :class:`KVCache` (``cache``: ``"auto"`` preallocates one for the
         whole generation, or keeps only a sliding window's positions;
         :func:`~gohgraph.models.generation.make_decode_cache`); without it every step recomputes
-        the whole (cropped to ``max_seq_len``) sequence. Decoding runs under ``torch.inference_mode()``,
+        the whole (cropped to ``max_seq_len``) sequence. ``compile=True`` runs the head routers of
+        one-token steps through ``torch.compile`` (:meth:`compile_routers`; the first call compiles,
+        later ones reuse it). Decoding runs under ``torch.inference_mode()``,
         where routed layers skip their training losses; the returned ids are an ordinary tensor.
         """
         check_generation_arguments(input_ids, attention_mask, self.config.vocab_size, max_new_tokens,
@@ -144,6 +148,49 @@ class GoHTransformer(nn.Module):
         pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
         was_training = self.training
         self.eval()
+        if compile:
+            self.compile_routers()
+        self._set_decoding(True)
+        try:
+            return self._generate(input_ids, max_new_tokens, temperature, top_k, use_cache, generator,
+                                  attention_mask, top_p, eos_token_id, pad_token_id, cache)
+        finally:
+            self._set_decoding(False)
+            self.train(was_training)
+
+    def compile_routers(self) -> bool:
+        """Compile every head router's one-token path (once; later calls keep it). Returns whether
+        compiled routers are in use: where ``torch.compile`` cannot build them (no C++ compiler,
+        an unsupported platform) a warning says why and decoding stays eager."""
+        routings = [module for module in self.modules() if isinstance(module, HeadRouting)]
+        if not routings or all(r.compiled_route is not None for r in routings):
+            return bool(routings)
+        try:  # compilation is lazy: build it now on a one-token input, to fail here if it fails
+            for routing in routings:
+                routing.compile_for_decoding()
+            self.eval()
+            self._set_decoding(True)
+            with torch.inference_mode():
+                self(torch.zeros(1, 1, dtype=torch.long, device=self.embed.weight.device))
+        except Exception as err:  # torch.compile's failures have no common type
+            for routing in routings:
+                routing.compile_for_decoding(False)
+            warnings.warn(f"torch.compile is unavailable here ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                          "decoding stays eager", RuntimeWarning, stacklevel=2)
+            return False
+        finally:
+            self._set_decoding(False)
+        return True
+
+    def _set_decoding(self, decoding: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, BalancedRouting):
+                module.set_decoding(decoding)
+
+    def _generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
+                  use_cache: bool, generator: Optional[torch.Generator], attention_mask: Optional[torch.Tensor],
+                  top_p: Optional[float], eos_token_id: Optional[int], pad_token_id: Optional[int],
+                  cache: str) -> torch.Tensor:
         with torch.inference_mode():
             capacity = input_ids.shape[1] + max_new_tokens
             kv_cache = make_decode_cache(self.config, cache, capacity) if use_cache else None
@@ -166,7 +213,6 @@ class GoHTransformer(nn.Module):
                     window = slice(-self.config.max_seq_len, None)
                     logits = self(ids[:, window], attention_mask=None if mask is None else mask[:, window]
                                   ).logits[:, -1]
-        self.train(was_training)
         return ids.clone()  # outside inference mode: a normal tensor, usable with autograd later
 
     # ------------------------------------------------------------------ routing upkeep

@@ -281,6 +281,8 @@ class ExpertGate(BalancedRouting):
             weights = torch.softmax(logits, dim=-1).gather(-1, selected)
         if self.scaling != 1.0:
             weights = weights * self.scaling
+        if self.decoding:  # generation: no losses, no counts
+            return ExpertChoice(indices=selected, weights=weights, aux_losses={})
         flat_selected = selected.reshape(-1, self.top_k)
         if self.training:
             self.load_since_update += torch.bincount(flat_selected.reshape(-1), minlength=self.n_experts)

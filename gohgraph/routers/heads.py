@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -240,6 +240,9 @@ class HeadGate(BalancedRouting):
         self.register_buffer("load_since_update", torch.zeros(self.n_routed), persistent=False)
         # persistent: a converted checkpoint must reload as the dense model it was converted from
         self.register_buffer("dense_blend", torch.zeros(()))
+        # set by GoHTransformer.generate for its duration: no losses, and the blend read once
+        self.decoding = False
+        self.decoding_blend: Optional[float] = None
 
     def forward(self, x: torch.Tensor, logits: torch.Tensor) -> HeadGating:
         """``x [tokens, d_model]``, ``logits [tokens, heads]`` -> gates ``[tokens, heads]`` + losses."""
@@ -264,6 +267,8 @@ class HeadGate(BalancedRouting):
                 parts = [mix[:, :1] * parts[0], mix[:, 1:] * parts[1]]
             gates = torch.cat(parts, dim=-1) * (self.n_shared + self.top_k)
         active = (gates > 0).float()
+        if self.decoding_blend == 0.0:  # read once per generate call; the common case skips the blend
+            return HeadGating(gates=gates, aux_losses=aux, active=active)
         # no branch on the blend (that would sync the device); at blend 0 this is exactly 0 + 1 * gates
         blend = self.dense_blend.float().clamp(0.0, 1.0)
         gates = blend + (1.0 - blend) * gates
@@ -289,13 +294,19 @@ class HeadGate(BalancedRouting):
         gates = torch.zeros_like(routed_logits).scatter(-1, selected, kept)
         if self.training and self.aux_free_bias:
             self.load_since_update += torch.bincount(selected.reshape(-1), minlength=self.n_routed)
-        if torch.is_inference_mode_enabled() or self.binary:  # generation: no training signal needed
+        if self.binary or self.decoding or torch.is_inference_mode_enabled():  # no training signal needed
             return gates, selected, {}
         aux = {
             HEAD_BALANCE: load_balance_loss(small_softmax(routed_logits, dim=-1), selected, self.n_routed),
             HEAD_Z: router_z_loss(routed_logits),
         }
         return gates, selected, aux
+
+    def set_decoding(self, decoding: bool) -> None:
+        """Enter (or leave) decoding: losses are skipped and the blend is read once, here, so a
+        decode step neither computes nor branches on what inference does not need."""
+        self.decoding = decoding
+        self.decoding_blend = float(self.dense_blend.clamp(0.0, 1.0)) if decoding else None
 
     def update_bias(self) -> None:
         """Nudge the selection bias toward equal load; call after ``optimizer.step()``."""
@@ -342,9 +353,25 @@ class HeadRouting(nn.Module):
         else:
             self.router = LinearHeadRouter(cfg.d_model, cfg.n_heads, cfg.init_std)
         self.gate = HeadGate(cfg)
+        # torch.compile'd route() for one-token decode steps (compile_for_decoding); a plain
+        # attribute, not a submodule, so checkpoints never see it
+        self.compiled_route: Optional[Callable] = None
 
     def forward(self, x: torch.Tensor, q: torch.Tensor
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], LayerRouting]:
+        if self.compiled_route is not None and self.gate.decoding and q.shape[1] == 1:
+            return self.compiled_route(x, q)
+        return self.route(x, q)
+
+    def compile_for_decoding(self, enabled: bool = True) -> None:
+        """Route one-token decode steps (inside ``generate``) through ``torch.compile(route)``
+        (shapes fixed at decode, so it compiles once per batch size); everything else stays eager.
+        Outputs equal the eager path's (tests/models/test_compile.py)."""
+        self.compiled_route = torch.compile(self.route, fullgraph=True, dynamic=False) if enabled else None
+
+    def route(self, x: torch.Tensor, q: torch.Tensor
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor], LayerRouting]:
+        """See the class docstring; :meth:`forward` calls this eagerly or compiled."""
         batch, seq, heads, _ = q.shape
         tokens_x = x.reshape(batch * seq, -1)
         edge_weights = None

@@ -108,7 +108,12 @@ class BalancedRouting(nn.Module):
     """
 
     load_since_update: torch.Tensor
+    decoding = False  # set by GoHTransformer.generate for its duration
 
     def update_bias(self) -> None:
         raise NotImplementedError
+
+    def set_decoding(self, decoding: bool) -> None:
+        """Enter (or leave) decoding, where the routing losses are not computed."""
+        self.decoding = decoding
 
