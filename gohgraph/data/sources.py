@@ -91,11 +91,13 @@ def parse_source_spec(text: str) -> SourceSpec:
     return SourceSpec(name, path, weight)
 
 
-def parse_data_flags(values: Optional[Sequence[str]]) -> Dict[str, object]:
+def parse_data_flags(values: Union[None, str, Path, Sequence[str]]) -> Dict[str, object]:
     """The ``--data`` values of a command as data settings: ``{"data": PATH}`` for one bare path
     (today's single corpus), ``{"data": None, "sources": [...]}`` for named sources, ``{}`` for none."""
     if not values:
         return {}
+    if isinstance(values, (str, Path)):  # one value given directly (the Python API) rather than a flag list
+        values = [str(values)]
     named = [is_source_spec(value) for value in values]
     if not any(named):
         if len(values) > 1:

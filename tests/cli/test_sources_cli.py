@@ -68,3 +68,33 @@ def test_bad_source_flags_are_one_line_errors(tmp_path, two_sources, capsys):
     assert main(["train", *RUN, "--run-dir", str(tmp_path / "r"), "--data", f"a={code}",
                  "--data", f"a={code}"]) == 1
     assert "more than once" in capsys.readouterr().err
+
+
+def test_stats_by_source_reports_each_source(tmp_path, two_sources, capsys):
+    from gohgraph import GoHConfig, GoHTransformer
+    from gohgraph.analysis.stats.collect import routing_by_source
+    from gohgraph.data.batches import eval_batches
+
+    code, prose = two_sources
+    cfg = GoHConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_shared_heads=1, top_k_heads=2,
+                    router="graph", router_rounds=1, ffn="moe", n_experts=4, top_k_experts=2)
+    model = GoHTransformer(cfg)
+    model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "stats.json"
+    assert main(["stats", "--checkpoint", str(tmp_path / "model"), "--out", str(out), "--by-source",
+                 "--data", f"code={code}", "--data", f"prose={prose}", "--batches", "2", "--batch-size", "2",
+                 "--seq-len", "16", "--no-progress", "--csv", str(tmp_path / "stats.csv")]) == 0
+    printed = capsys.readouterr().out
+    assert "tokens per source: code 64, prose 64" in printed
+    assert "most specialised expert per source" in printed
+    report = json.loads(out.read_text())
+    batches = {name: list(eval_batches(load_corpus(str(path)).val, 2, 16, 2))
+               for name, path in (("code", code), ("prose", prose))}
+    expected = routing_by_source(model, batches)
+    assert report["by_source"]["layers"][1]["experts"]["assignment_count"] == \
+        expected["layers"][1]["experts"]["assignment_count"]
+    assert report["tokens"] == 128 and len(report["cross_layer"]) == 1
+
+    assert main(["stats", "--checkpoint", str(tmp_path / "model"), "--out", str(tmp_path / "s2.json"),
+                 "--by-source", "--no-progress"]) == 1
+    assert "routing by source needs named sources" in capsys.readouterr().err
