@@ -6,4 +6,5 @@ from setuptools import find_packages, setup
 setup(
     packages=find_packages(include=["gohgraph", "gohgraph.*"]) + ["gohgraph.viz"],
     package_dir={"gohgraph.viz": "viz"},
+    package_data={"gohgraph.viz": ["report.js", "report.css"]},  # inlined into the HTML report
 )

@@ -14,20 +14,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Union
 
+from .cross_layer import cross_layer_heatmaps, load_percentiles_figure
 from .curves import read_metrics_csv, training_curves
 from .figures import as_report, has_experts, save_figure
 from .heatmap import expert_load_heatmap, head_load_heatmap
+from .html_report import html_report, write_html_report
 from .routing_graph import (draw_routing_graph, draw_routing_graphs, layered_routing_graph, routing_graph,
                             write_graphml)
+from .specialisation import specialisation_heatmap
 from .token_trace import byte_decode, byte_encode, token_labels, token_routing, token_trace
 
 # file names write_all_pictures uses in its output directory
 ROUTING_GRAPHS, HEAD_HEATMAP, EXPERT_HEATMAP = "routing_graphs.png", "head_load_heatmap.png", "expert_load_heatmap.png"
 TOKEN_TRACE, TRAINING_CURVES, GRAPHML = "token_trace.png", "training_curves.png", "routing_graph.graphml"
-PICTURE_FILES = (ROUTING_GRAPHS, HEAD_HEATMAP, EXPERT_HEATMAP, TOKEN_TRACE, TRAINING_CURVES, GRAPHML)
+SPECIALISATION, CROSS_LAYER, LOAD_PERCENTILES = "specialisation.png", "cross_layer.png", "load_percentiles.png"
+PICTURE_FILES = (ROUTING_GRAPHS, HEAD_HEATMAP, EXPERT_HEATMAP, TOKEN_TRACE, TRAINING_CURVES, GRAPHML, SPECIALISATION,
+                 CROSS_LAYER, LOAD_PERCENTILES)
 
 __all__ = [
-    "as_report", "byte_decode", "byte_encode", "draw_routing_graph", "draw_routing_graphs",
+    "as_report", "byte_decode", "byte_encode", "cross_layer_heatmaps", "draw_routing_graph", "draw_routing_graphs",
+    "load_percentiles_figure", "specialisation_heatmap", "html_report", "write_html_report",
     "expert_load_heatmap", "head_load_heatmap", "layered_routing_graph", "read_metrics_csv",
     "routing_graph", "save_figure", "token_labels", "token_routing", "token_trace", "training_curves",
     "write_all_pictures", "write_graphml",
@@ -37,13 +43,16 @@ __all__ = [
 def write_all_pictures(model: Any, stats: Any, out_dir: Union[str, Path], text: Optional[str] = None,
                        metrics_csv: Optional[Union[str, Path]] = None,
                        encode: Optional[Callable[[str], Sequence[int]]] = None,
-                       decode: Optional[Callable[[Sequence[int]], str]] = None) -> List[Path]:
+                       decode: Optional[Callable[[Sequence[int]], str]] = None,
+                       trace_tokens: int = 64) -> List[Path]:
     """Write every picture of ``model`` / ``stats`` into ``out_dir``; returns the written paths.
 
     Always: ``routing_graphs.png`` (all layers), ``head_load_heatmap.png`` and
     ``routing_graph.graphml``. With experts: ``expert_load_heatmap.png``. With ``text``:
     ``token_trace.png`` (``encode`` / ``decode`` default to byte-level UTF-8). With an existing
-    ``metrics_csv``: ``training_curves.png``.
+    ``metrics_csv``: ``training_curves.png``. With more than one layer: ``cross_layer.png``; with routed
+    heads or experts: ``load_percentiles.png``; with statistics collected by source:
+    ``specialisation.png``. ``trace_tokens``: the most tokens the trace draws (a longer text is refused).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -54,8 +63,15 @@ def write_all_pictures(model: Any, stats: Any, out_dir: Union[str, Path], text: 
     ]
     if has_experts(report):
         written.append(_saved(expert_load_heatmap(report), out_dir / EXPERT_HEATMAP))
+    if report.get("cross_layer"):
+        written.append(_saved(cross_layer_heatmaps(report), out_dir / CROSS_LAYER))
+    if report["summary"].get("load_percentiles"):
+        written.append(_saved(load_percentiles_figure(report), out_dir / LOAD_PERCENTILES))
+    if "by_source" in report:
+        written.append(_saved(specialisation_heatmap(report), out_dir / SPECIALISATION))
     if text:
-        written.append(_saved(token_trace(model, text, encode=encode, decode=decode), out_dir / TOKEN_TRACE))
+        written.append(_saved(token_trace(model, text, encode=encode, decode=decode, max_tokens=trace_tokens),
+                              out_dir / TOKEN_TRACE))
     if metrics_csv is not None and Path(metrics_csv).is_file():
         written.append(_saved(training_curves(metrics_csv), out_dir / TRAINING_CURVES))
     written.append(write_graphml(report, out_dir / GRAPHML))

@@ -2,7 +2,8 @@
 
 The trainer writes one row per logged step (``step, tokens, lr, loss, lm_loss, aux_loss, ...,
 val_loss, head_load_cv, expert_load_cv, active_heads``); validation columns are filled only on
-validation steps. Columns are grouped into panels by what they measure; a missing column, an
+validation steps; a run on several sources adds ``val_loss/<source>`` columns, drawn in a panel of
+their own. Columns are grouped into panels by what they measure; a missing column, an
 empty cell or an unknown extra column is fine, and each present numeric column is drawn once.
 """
 
@@ -14,12 +15,15 @@ from typing import Callable, List, Optional, Tuple, Union
 
 from matplotlib.figure import Figure
 
+from ..training.metrics import SOURCE_LOSS_PREFIX
 from ..training.metrics import read_metrics_columns as read_metrics_csv
 from .figures import new_figure, save_figure
 
 X_COLUMNS = ("step", "iter", "iteration", "tokens")
 PANELS: List[Tuple[str, Callable[[str], bool]]] = [
-    ("loss (nats/token)", lambda name: name.endswith("loss") and "aux" not in name),
+    ("loss (nats/token)", lambda name: name.endswith("loss") and "aux" not in name
+     and not name.startswith(SOURCE_LOSS_PREFIX)),
+    ("validation loss per source (nats/token)", lambda name: name.startswith(SOURCE_LOSS_PREFIX)),
     ("routing aux loss", lambda name: "aux" in name and name.endswith("loss")),
     ("load balance (CV, 0 = even)", lambda name: name.endswith("_cv") or "entropy" in name or "drop" in name),
     ("active heads per token", lambda name: name.startswith("active")),

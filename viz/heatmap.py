@@ -40,7 +40,8 @@ def head_load_heatmap(stats: Any, path: Optional[Union[str, Path]] = None,
     if 0 < n_shared < values.shape[1]:
         ax.axvline(n_shared - 0.5, color="white", linewidth=2)  # shared | routed heads
     figure.colorbar(image, ax=ax, label=metric.replace("_", " "))
-    shared_note = f" (heads 0-{n_shared - 1} shared, always on)" if n_shared else ""
+    shared_note = "" if not n_shared else " (head 0 shared, always on)" if n_shared == 1 else \
+        f" (heads 0-{n_shared - 1} shared, always on)"
     ax.set_title(f"head {metric.replace('_', ' ')}{shared_note}", fontsize=10)
     save_figure(figure, path)
     return figure

@@ -140,7 +140,8 @@ def draw_routing_graphs(stats: Any, path: Optional[Union[str, Path]] = None, col
     handles = _legend_handles(routing_graph(report, 0))
     figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     lines = [f"routing graphs: {report['config']['router']} router, {report['tokens']} tokens",
-             "heads: size = activation frequency, arrow width = mean flow"]
+             "heads: size = activation frequency, arrow width = mean effective flow (relative to the widest, "
+             "whose value is printed under each layer)"]
     if has_experts(report):
         lines.append("experts: size = utilisation, arrow width = share of the sub-token's assignments")
     figure.suptitle("\n".join(lines), fontsize=9)
@@ -195,6 +196,9 @@ def _draw_edges(ax: Axes, graph: nx.DiGraph, positions: Dict[str, tuple], sizes:
                         transform=ax.transAxes, ha="center", fontsize=6)
             top = max(max(values), 1e-12)
             widths, alpha = [0.2 + 4.0 * v / top for v in values], 0.6
+            # the scale: widths are relative to this layer's strongest edge, so say what that is
+            ax.text(0.5, -0.08, f"widest arrow: mean effective flow {top:.3f}", transform=ax.transAxes,
+                    ha="center", fontsize=6, color=COLOURS["flow"])
         nx.draw_networkx_edges(graph, positions, edgelist=flow_edges, width=widths, alpha=alpha,
                                edge_color=COLOURS["flow"], arrows=True, arrowsize=6,
                                connectionstyle="arc3,rad=0.15", nodelist=nodes, node_size=node_sizes, ax=ax)

@@ -20,7 +20,8 @@ from ..data.tokenizers import byte_decode, byte_encode
 from .figures import new_figure, save_figure
 
 VISIBLE_WHITESPACE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
-MAX_LABEL_CHARS = 6
+MAX_LABEL_CHARS = 16  # BPE tokens are drawn whole (rotated); only pathological ones are cut
+MIN_TRACE_WIDTH = 7.0  # inches: room for the title even for a few tokens
 
 
 @torch.no_grad()
@@ -52,20 +53,26 @@ def token_routing(model: torch.nn.Module, input_ids: torch.Tensor) -> List[Dict[
     return layers
 
 
-def token_labels(ids: Sequence[int], decode: Callable[[Sequence[int]], str]) -> List[str]:
-    """One short, visible label per token, with whitespace made visible.
-
-    Labels come from decoding growing prefixes, so a character split over several byte tokens is
-    shown on its last byte (earlier bytes show ``·``) instead of as replacement characters.
-    """
-    labels, done = [], ""
+def token_pieces(ids: Sequence[int], decode: Callable[[Sequence[int]], str]) -> List[str]:
+    """The text each token adds, decoded from growing prefixes: a character split over several byte
+    tokens belongs to its last byte (earlier bytes get ``""``), never a replacement character."""
+    pieces, done = [], ""
     for end in range(1, len(ids) + 1):
         text = decode([int(i) for i in ids[:end]]).rstrip("\ufffd")
         piece = text[len(done):] if text.startswith(done) else decode([int(ids[end - 1])])
         done = text if text.startswith(done) else done + piece
-        piece = piece.replace("\ufffd", "") or "\u00b7"
-        piece = "".join(VISIBLE_WHITESPACE.get(char, char) for char in piece)
-        labels.append(piece if len(piece) <= MAX_LABEL_CHARS else piece[:MAX_LABEL_CHARS - 1] + "\u2026")
+        pieces.append(piece.replace("\ufffd", ""))
+    return pieces
+
+
+def token_labels(ids: Sequence[int], decode: Callable[[Sequence[int]], str],
+                 max_chars: int = MAX_LABEL_CHARS) -> List[str]:
+    """One visible label per token (:func:`token_pieces` with whitespace made visible, ``·`` for an
+    empty piece), cut with ``…`` only beyond ``max_chars`` characters."""
+    labels = []
+    for piece in token_pieces(ids, decode):
+        piece = "".join(VISIBLE_WHITESPACE.get(char, char) for char in piece) or "\u00b7"
+        labels.append(piece if len(piece) <= max_chars else piece[:max_chars - 1] + "\u2026")
     return labels
 
 
@@ -74,13 +81,18 @@ def token_trace(model: torch.nn.Module, text: str, encode: Optional[Callable[[st
                 path: Optional[Union[str, Path]] = None) -> Figure:
     """Draw which heads (and experts) each token of ``text`` used in every layer.
 
-    ``encode`` / ``decode`` default to byte-level UTF-8; the text is cut to ``max_tokens`` tokens
-    (and the model's ``max_seq_len``).
+    ``encode`` / ``decode`` default to byte-level UTF-8. Every token is drawn: a text longer than
+    ``max_tokens`` (or the model's ``max_seq_len``) is refused with a message, never cut silently.
     """
     encode, decode = encode or byte_encode, decode or byte_decode
-    ids = [int(i) for i in encode(text)][:min(max_tokens, model.config.max_seq_len)]
+    ids = [int(i) for i in encode(text)]
+    limit = min(max_tokens, model.config.max_seq_len)
     if not ids:
         raise ValueError("text for the token trace is empty")
+    if len(ids) > limit:
+        raise ValueError(f"the token trace draws one column per token and this text is {len(ids)} tokens; at most "
+                         f"{limit} fit (max_tokens={max_tokens}, the model's max_seq_len={model.config.max_seq_len}):"
+                         " shorten the text (--text) or raise --trace-tokens")
     vocab = model.config.vocab_size
     if max(ids) >= vocab or min(ids) < 0:
         raise ValueError(f"text encodes to token ids outside the model's vocab_size={vocab}; "
@@ -94,7 +106,11 @@ def token_trace(model: torch.nn.Module, text: str, encode: Optional[Callable[[st
         if layer["expert_weight"] is not None:
             panels.append((index, "experts", layer["expert_weight"].T))
     rows = [values.shape[0] for _, _, values in panels]
-    figure = new_figure(2.2 + 0.2 * len(ids), 1.0 + 0.17 * sum(rows) + 0.3 * len(panels))
+    longest = max(len(label) for label in labels)
+    rotate = longest > 2  # BPE pieces: vertical labels, drawn whole
+    label_height = 0.09 * longest if rotate else 0.0
+    figure = new_figure(max(MIN_TRACE_WIDTH, 2.2 + 0.2 * len(ids)),
+                        1.2 + 0.17 * sum(rows) + 0.3 * len(panels) + 2 * label_height)
     axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False,
                            gridspec_kw={"height_ratios": [r + 1.5 for r in rows]})[:, 0]
     gate_max = max(float(layer["head_gates"].max()) for layer in layers) or 1.0
@@ -107,12 +123,16 @@ def token_trace(model: torch.nn.Module, text: str, encode: Optional[Callable[[st
         ax.set_ylabel(f"L{index}\n{kind}", fontsize=7, rotation=0, ha="right", va="center")
         ax.set_yticks(range(values.shape[0]))
         ax.tick_params(axis="y", labelsize=5)
-        figure.colorbar(image, ax=ax, pad=0.01, fraction=0.02, aspect=8).ax.tick_params(labelsize=5)
+        bar = figure.colorbar(image, ax=ax, pad=0.01, fraction=0.02, aspect=8)
+        bar.ax.tick_params(labelsize=5)
+        bar.set_label("head gate" if kind == "heads" else "expert weight", fontsize=6)
+    rotation = 90 if rotate else 0
     bottom = axes[-1]
-    bottom.set_xticks(range(len(ids)), labels=labels, fontsize=7)
+    bottom.set_xticks(range(len(ids)), labels=labels, fontsize=7, rotation=rotation)
     top = axes[0].secondary_xaxis("top")
-    top.set_xticks(range(len(ids)), labels=labels, fontsize=7)
-    figure.suptitle("token trace: head gates and expert weights per token (white = inactive / not chosen)",
-                    fontsize=9)
+    top.set_xticks(range(len(ids)), labels=labels, fontsize=7, rotation=rotation)
+    with_experts = any(kind == "experts" for _, kind, _ in panels)
+    figure.suptitle("token trace: head gates and expert weights per token (white = inactive / not chosen)"
+                    if with_experts else "token trace: head gates per token (white = inactive head)", fontsize=9)
     save_figure(figure, path)
     return figure

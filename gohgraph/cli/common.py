@@ -11,7 +11,8 @@ import torch
 
 from ..data.batches import eval_batches
 from ..data.corpus import load_corpus
-from ..data.tokenizers import load_tokenizer
+from ..data.sources import load_sources, parse_data_flags
+from ..data.tokenizers import TOKENIZER_FILE, load_tokenizer
 from ..models.pretrained import from_pretrained
 from ..training.checkpoint import resolve_checkpoint
 
@@ -111,8 +112,9 @@ def run_dir_of(directory: Path) -> Optional[Path]:
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, default_batches: int) -> None:
-    parser.add_argument("--data", default=None,
-                        help="text file, directory or glob (default: the Python standard library corpus)")
+    parser.add_argument("--data", action="append", default=None, metavar="[NAME=]PATH",
+                        help="text file, directory or glob (default: the Python standard library corpus); "
+                             "repeat as NAME=PATH for several sources (default with --by-source: the run's)")
     parser.add_argument("--batches", type=int, default=default_batches, help="validation batches to run")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=None,
@@ -127,13 +129,12 @@ def validation_batches(args: argparse.Namespace, model, checkpoint: Path) -> Tup
     (BPE), the validation text is re-encoded with it so ids match the model's vocabulary.
     """
     cfg = model.config
-    for name in ("batches", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    seq_len = args.seq_len if args.seq_len is not None else min(256, cfg.max_seq_len)
-    if not 1 <= seq_len <= cfg.max_seq_len:
-        raise ValueError(f"--seq-len={seq_len} must be in [1, max_seq_len={cfg.max_seq_len}]")
-    corpus = load_corpus(args.data)
+    seq_len = _batch_shape(args, cfg)
+    settings = parse_data_flags(args.data)
+    if "sources" in settings:  # several named sources, pooled
+        by_source, tokenizer = source_validation_batches(args, model, checkpoint)
+        return [batch for batches in by_source.values() for batch in batches], tokenizer
+    corpus = load_corpus(settings.get("data"))
     tokenizer_dir = find_run_file(checkpoint, "tokenizer.json")
     tokenizer = load_tokenizer(tokenizer_dir.parent) if tokenizer_dir else corpus.tokenizer
     tokens = corpus.val
@@ -145,6 +146,53 @@ def validation_batches(args: argparse.Namespace, model, checkpoint: Path) -> Tup
         raise ValueError(f"the data's token ids reach {int(tokens.max())} but the checkpoint's vocab_size="
                          f"{cfg.vocab_size}; use the tokenizer the model was trained with")
     return list(eval_batches(tokens, args.batch_size, seq_len, max_batches=args.batches)), tokenizer
+
+
+def _batch_shape(args: argparse.Namespace, cfg) -> int:
+    """Check ``--batches`` / ``--batch-size``; the ``--seq-len`` to use."""
+    for name in ("batches", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    seq_len = args.seq_len if args.seq_len is not None else min(256, cfg.max_seq_len)
+    if not 1 <= seq_len <= cfg.max_seq_len:
+        raise ValueError(f"--seq-len={seq_len} must be in [1, max_seq_len={cfg.max_seq_len}]")
+    return seq_len
+
+
+def run_sources(args: argparse.Namespace, checkpoint: Path) -> Optional[list]:
+    """The named sources to analyse: ``--data NAME=PATH`` flags, else the run's own (``data.json``), else ``None``."""
+    settings = parse_data_flags(args.data)
+    if "sources" in settings:
+        return settings["sources"]
+    if settings:  # one bare --data path: no sources
+        return None
+    data_file = find_run_file(checkpoint, "data.json")
+    if data_file is None:
+        return None
+    import json
+
+    return json.loads(data_file.read_text(encoding="utf-8")).get("sources") or None
+
+
+def source_validation_batches(args: argparse.Namespace, model, checkpoint: Path) -> Tuple[Dict[str, List[torch.Tensor]], object]:
+    """``{source: --batches batches [batch, seq]}`` of each named source's validation split, and the tokenizer.
+
+    Sources come from :func:`run_sources`; the text is tokenized with the run's own
+    ``tokenizer.json`` when it has one (bytes otherwise), so ids match the model.
+    """
+    sources = run_sources(args, checkpoint)
+    if not sources:
+        raise ValueError("routing by source needs named sources: pass --data NAME=PATH (repeatable), or a run "
+                         "trained on several --data NAME=PATH sources")
+    seq_len = _batch_shape(args, model.config)
+    tokenizer_file = find_run_file(checkpoint, TOKENIZER_FILE)
+    mixed = load_sources(sources, tokenizer=f"file:{tokenizer_file}" if tokenizer_file else "byte")
+    if mixed.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the sources' tokenizer has {mixed.vocab_size} tokens but the checkpoint's vocab_size="
+                         f"{model.config.vocab_size}; use the tokenizer the model was trained with")
+    batches = {source.name: list(eval_batches(source.corpus.val, args.batch_size, seq_len, max_batches=args.batches))
+               for source in mixed.sources}
+    return batches, mixed.tokenizer
 
 
 def find_run_file(checkpoint: str, name: str) -> Optional[Path]:

@@ -11,15 +11,17 @@ import json
 import math
 from pathlib import Path
 
-from ..data.corpus import load_corpus
-from ..training.trainer import evaluate
+from ..data.sources import MixedCorpus, load_training_data, parse_data_flags
+from ..training.trainer import evaluate, evaluate_sources
 from .common import load_model, run_dir_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True,
                         help="run directory, checkpoint directory or save_pretrained directory")
-    parser.add_argument("--data", help="text file, directory or glob (default: the run's data)")
+    parser.add_argument("--data", action="append", default=None, metavar="[NAME=]PATH[:WEIGHT]",
+                        help="text file, directory or glob (default: the run's data); repeat as NAME=PATH "
+                             "to score several sources, each alone")
     parser.add_argument("--tokenizer", help="byte, bpe or bpe:<vocab> (default: the run's)")
     parser.add_argument("--cache-dir", type=Path, help="token cache (default $GOHGRAPH_CACHE or ~/.cache/gohgraph)")
     parser.add_argument("--split", choices=["val", "train"], default="val", help="which split to score (default: val)")
@@ -36,21 +38,31 @@ def run(args: argparse.Namespace) -> int:
     run_dir = run_dir_of(directory)
     data_settings = _read_json(run_dir / "data.json") if run_dir else {}
     train_settings = _read_json(run_dir / "train_config.json") if run_dir else {}
-    corpus = load_corpus(args.data if args.data is not None else data_settings.get("data"), args.cache_dir,
-                         args.tokenizer or data_settings.get("tokenizer", "byte"))
+    settings = parse_data_flags(args.data) if args.data else data_settings
+    settings = {**settings, "tokenizer": args.tokenizer or data_settings.get("tokenizer", "byte")}
+    corpus = load_training_data(settings, args.cache_dir)
     if corpus.vocab_size > model.config.vocab_size:
         raise ValueError(f"the data's tokenizer has {corpus.vocab_size} tokens; the model only "
                          f"{model.config.vocab_size} (pass the tokenizer the model was trained with)")
     seq_len = args.seq_len or train_settings.get("seq_len") or min(256, model.config.max_seq_len)
-    loss = evaluate(model, corpus.val if args.split == "val" else corpus.train, args.batch_size, seq_len,
-                    args.max_batches)
+    per_source = {}
+    if isinstance(corpus, MixedCorpus):  # each source scored alone; the loss is over all their windows
+        splits = {s.name: s.corpus.val if args.split == "val" else s.corpus.train for s in corpus.sources}
+        loss, per_source = evaluate_sources(model, splits, args.batch_size, seq_len, args.max_batches)
+    else:
+        loss = evaluate(model, corpus.val if args.split == "val" else corpus.train, args.batch_size, seq_len,
+                        args.max_batches)
     result = {"checkpoint": str(directory), "split": args.split, "loss": loss, "perplexity": math.exp(loss),
               "bits_per_token": loss / math.log(2), "seq_len": seq_len, "data": corpus.source}
+    if per_source:
+        result["loss_by_source"] = per_source
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{directory}: {args.split} loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f}, "
               f"{loss / math.log(2):.3f} bits/token ({corpus.source})")
+        for name, value in per_source.items():
+            print(f"  {name}: {args.split} loss {value:.4f} nats/token")
     return 0
 
 

@@ -21,6 +21,7 @@ COMMANDS = {
     "generate": "sample text from a checkpoint or run",
     "stats": "routing statistics of a checkpoint or run over data (JSON, CSV)",
     "viz": "routing graphs, load heatmaps, token traces and training curves of a checkpoint or run",
+    "report": "one self-contained HTML file of a run: curves, routing graphs, heatmaps, sources, token routing",
     "bench": "compare dense, MoH, GoH and expert variants at matched size",
     "convert": "convert a Hugging Face Llama / GPT-2 / Mixtral / Qwen2-MoE checkpoint into a GoH model",
 }

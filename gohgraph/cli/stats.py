@@ -2,9 +2,13 @@
 
     gohgraph stats --checkpoint runs/x/final --out stats.json [--data PATH] [--batches 20]
                    [--batch-size 8] [--seq-len 256] [--csv stats.csv] [--compare runs/y/final]
+    gohgraph stats --checkpoint runs/mix --out stats.json --by-source [--data code=src/ --data prose=books/]
 
 Writes the :meth:`~gohgraph.analysis.stats.collect.RoutingStats.report` as JSON (plus routing drift against
-``--compare``), optionally the long CSV, and prints one summary line per layer.
+``--compare``), optionally the long CSV, and prints one summary line per layer. ``--by-source``
+runs ``--batches`` batches of every source's validation split (the ``--data NAME=PATH`` flags, or
+the sources the run was trained on) and adds the ``by_source`` section: head activation, gate mass,
+expert load and the specialisation of every head and expert, per source and layer.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from .common import add_data_arguments, add_overwrite_argument, load_model, prepare_output, validation_batches
+from .common import (add_data_arguments, add_overwrite_argument, load_model, prepare_output, source_validation_batches,
+                     validation_batches)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,19 +31,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", default=None, metavar="CHECKPOINT",
                         help="also report routing drift: the share of tokens whose active heads/experts "
                              "differ from this checkpoint")
+    parser.add_argument("--by-source", action="store_true",
+                        help="routing per data source, with a specialisation score per head and expert")
     add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis.stats.collect import collect_routing_stats
+    from ..analysis.stats.collect import collect_routing_stats, collect_routing_stats_by_source
     from ..analysis.stats.drift import routing_drift
 
     out = prepare_output(Path(args.out), args.overwrite, is_directory=False)
     if args.csv:
         prepare_output(Path(args.csv), args.overwrite, is_directory=False)
     model, checkpoint = load_model(args.checkpoint)
-    batches, _ = validation_batches(args, model, checkpoint)
-    stats = collect_routing_stats(model, batches, progress=not args.no_progress)
+    if args.by_source:
+        by_source, _ = source_validation_batches(args, model, checkpoint)
+        stats = collect_routing_stats_by_source(model, by_source, progress=not args.no_progress)
+        batches = [batch for source_batches in by_source.values() for batch in source_batches]
+    else:
+        batches, _ = validation_batches(args, model, checkpoint)
+        stats = collect_routing_stats(model, batches, progress=not args.no_progress)
     report = stats.report()
     if args.compare:
         other, _ = load_model(args.compare)
@@ -68,6 +80,26 @@ def summary_lines(report: dict) -> Iterator[str]:
             if "drop_rate" in experts:
                 line += f" drop rate {experts['drop_rate']:.3%}"
         yield line
+    for pair in report.get("cross_layer", []):
+        line = f"layers {pair['layers'][0]}->{pair['layers'][1]}:"
+        for kind in ("heads", "experts"):
+            section = pair.get(kind)
+            if section is not None and section["top_successor_share"] is not None:
+                line += (f" {kind} follow their top successor {section['top_successor_share']:.1%} "
+                         f"(independent: {section['top_successor_share_if_independent']:.1%});")
+        yield line.rstrip(";")
+    by_source = report.get("by_source")
+    if by_source is not None:
+        yield "tokens per source: " + ", ".join(f"{name} {n}" for name, n in by_source["tokens"].items())
+        for layer in by_source["layers"]:
+            kind = "experts" if "experts" in layer else "heads"
+            picks = []
+            for source, scores in layer[kind]["specialisation"].items():
+                known = [(score, node) for node, score in enumerate(scores) if score is not None]
+                if known:
+                    score, node = max(known)
+                    picks.append(f"{source} -> {kind[:-1]} {node} ({score:.2f}x)")
+            yield f"layer {layer['layer']} most specialised {kind[:-1]} per source: " + ", ".join(picks)
     drift = report.get("drift")
     if drift is not None:
         yield (f"routing drift vs {drift['against']}: {drift['token_drift']:.1%} of tokens change route "

@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 
 from ..config import ROUTERS, GoHConfig
-from ..data.corpus import load_corpus
+from ..data.sources import load_training_data, parse_data_flags, validation_sets
 from ..data.tokenizers import TOKENIZER_FILE
 from ..storage import atomic_write_text, read_config
 from ..training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
 from ..training.config import TrainConfig
 from ..training.presets import PRESETS, get_preset, read_config_file, split_fields
-from ..training.trainer import evaluate, train
+from ..training.trainer import evaluate, evaluate_sources, train
 from .common import check_device, parse_overrides
 
 # flag name -> TrainConfig field (None = not given, keep the base value)
@@ -60,7 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start from this save_pretrained directory's model (e.g. from gohgraph convert)")
     parser.add_argument("--dense-anneal-steps", type=int,
                         help="anneal heads from dense (all on) to top-k over this many steps")
-    parser.add_argument("--data", help="text file, directory or glob (default: the Python standard library)")
+    parser.add_argument("--data", action="append", default=None, metavar="[NAME=]PATH[:WEIGHT]",
+                        help="text file, directory or glob (default: the Python standard library); repeat as "
+                             "NAME=PATH[:WEIGHT] to train on several sources sampled by weight, with a "
+                             "validation loss per source")
     parser.add_argument("--tokenizer", default=None, help="byte (default), bpe or bpe:<vocab>")
     parser.add_argument("--cache-dir", type=Path, help="token cache (default $GOHGRAPH_CACHE or ~/.cache/gohgraph)")
     parser.add_argument("--run-dir", type=Path,
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                              "--overwrite to start again, or --name/--run-dir for a new run")
         if rank == 0:
             shutil.rmtree(run_dir / CHECKPOINTS_DIR)
-    corpus = load_corpus(data_settings["data"], args.cache_dir, data_settings["tokenizer"])
+    corpus = load_training_data(data_settings, args.cache_dir)
     model_config = fit_vocabulary(model_config, corpus.vocab_size, explicit_model_fields(args),
                                   train_config.init_from)
     _note_dense_anneal(model_config, train_config)
@@ -106,9 +109,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"validation loss: {result.final_val_loss:.4f} nats/token over the first "
                   f"{result.val_tokens:,} validation tokens (eval_batches={train_config.eval_batches})")
         if not result.interrupted:
-            full = evaluate(result.model, corpus.val, train_config.batch_size, train_config.seq_len)
-            windows = len(corpus.val) // train_config.seq_len * train_config.seq_len
-            print(f"validation loss: {full:.4f} nats/token over the whole validation split ({windows:,} tokens)")
+            _print_full_validation(result.model, corpus, train_config)
         if result.interrupted:
             print(f"interrupted at step {result.steps}; continue with: gohgraph train --resume --run-dir {run_dir}")
         print(f"checkpoint: {result.checkpoint_path}")
@@ -148,8 +149,9 @@ def build_configs(args: argparse.Namespace, run_dir: Path):
             train_kwargs[field_name] = getattr(args, flag)
     if args.fsdp:
         train_kwargs["fsdp"] = True
-    if args.data is not None:
-        data_settings["data"] = args.data
+    if args.data:  # given flags replace the base's data (a resumed run's data.json included)
+        data_settings.pop("sources", None)
+        data_settings.update(parse_data_flags(args.data))
     if args.tokenizer is not None:
         data_settings["tokenizer"] = args.tokenizer
     if args.init_from is not None and args.tokenizer is None and (args.init_from / TOKENIZER_FILE).is_file():
@@ -159,6 +161,21 @@ def build_configs(args: argparse.Namespace, run_dir: Path):
                                                   explicit="max_seq_len" in explicit_model_fields(args),
                                                   init_from=args.init_from)
     return GoHConfig.from_dict(model_kwargs), train_config, data_settings
+
+
+def _print_full_validation(model, corpus, train_config: TrainConfig) -> None:
+    """The loss over the whole validation split (and per source, with several sources)."""
+    seq_len, batch_size = train_config.seq_len, train_config.batch_size
+    sources = validation_sets(corpus)
+    if not sources:
+        full = evaluate(model, corpus.val, batch_size, seq_len)
+        windows = len(corpus.val) // seq_len * seq_len
+        print(f"validation loss: {full:.4f} nats/token over the whole validation split ({windows:,} tokens)")
+        return
+    full, per_source = evaluate_sources(model, sources, batch_size, seq_len)
+    windows = sum(len(tokens) // seq_len * seq_len for tokens in sources.values())
+    print(f"validation loss: {full:.4f} nats/token over the whole validation splits ({windows:,} tokens); "
+          + ", ".join(f"{name} {loss:.4f}" for name, loss in per_source.items()))
 
 
 def explicit_model_fields(args: argparse.Namespace) -> set:

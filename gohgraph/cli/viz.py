@@ -3,8 +3,9 @@
     gohgraph viz --checkpoint runs/x/final --out pictures/ [--text "def f(x):"] [--data PATH]
                  [--batches 10] [--batch-size 8] [--seq-len 256] [--metrics runs/x/metrics.csv]
 
-Runs the model over validation data for the statistics, then writes the routing graphs, load
-heatmaps, a token trace (of ``--text``, or the start of the validation text), the training curves
+Runs the model over validation data for the statistics (by source, with the specialisation
+heatmap, when the run was trained on several ``--data NAME=PATH`` sources or they are given here),
+then writes the routing graphs, load heatmaps, cross-layer transitions, load percentiles, a token trace (of ``--text``, or the start of the validation text), the training curves
 when a ``metrics.csv`` is found (in the checkpoint directory or up to two parents), the GraphML
 routing graph and the statistics JSON.
 """
@@ -15,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from .common import (add_data_arguments, add_overwrite_argument, find_run_file, load_model, prepare_output,
-                     validation_batches)
+                     run_sources, source_validation_batches, validation_batches)
 
 DEFAULT_TRACE_TOKENS = 48
 STATS_FILE = "stats.json"
@@ -29,13 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "(default: the start of the validation text)")
     parser.add_argument("--metrics", default=None,
                         help="metrics CSV for the training curves (default: metrics.csv near the checkpoint)")
+    parser.add_argument("--trace-tokens", type=int, default=64,
+                        help="most tokens the token trace draws; a longer --text is refused (default: %(default)s)")
     add_data_arguments(parser, default_batches=10)
     add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import viz
-    from ..analysis.stats.collect import collect_routing_stats
+    from ..analysis.stats.collect import collect_routing_stats, collect_routing_stats_by_source
 
     out = prepare_output(Path(args.out), args.overwrite, is_directory=True,
                          replaces=(*viz.PICTURE_FILES, STATS_FILE))
@@ -43,16 +46,26 @@ def run(args: argparse.Namespace) -> int:
     metrics = Path(args.metrics) if args.metrics else find_run_file(checkpoint, "metrics.csv")
     if metrics is not None and not metrics.is_file():
         raise FileNotFoundError(f"--metrics {metrics} does not exist")
-    batches, tokenizer = validation_batches(args, model, checkpoint)
-    stats = collect_routing_stats(model, batches, progress=not args.no_progress)
+    stats, batches, tokenizer = collect_stats(args, model, checkpoint, collect_routing_stats,
+                                              collect_routing_stats_by_source)
     text = args.text
     if text is None:
         text = tokenizer.decode(batches[0][0, :DEFAULT_TRACE_TOKENS].tolist())
     written = viz.write_all_pictures(model, stats, out, text=text, metrics_csv=metrics,
-                                     encode=tokenizer.encode, decode=tokenizer.decode)
+                                     encode=tokenizer.encode, decode=tokenizer.decode, trace_tokens=args.trace_tokens)
     written.append(stats.to_json(out / STATS_FILE))
     for path in written:
         print(f"wrote {path}")
     if metrics is None:
         print("no metrics.csv found near the checkpoint: training curves skipped")
     return 0
+
+
+def collect_stats(args: argparse.Namespace, model, checkpoint, collect, collect_by_source):
+    """``(stats, batches, tokenizer)``: by source when named sources are known, else over ``--data``."""
+    if run_sources(args, checkpoint):
+        by_source, tokenizer = source_validation_batches(args, model, checkpoint)
+        stats = collect_by_source(model, by_source, progress=not args.no_progress)
+        return stats, [batch for batches in by_source.values() for batch in batches], tokenizer
+    batches, tokenizer = validation_batches(args, model, checkpoint)
+    return collect(model, batches, progress=not args.no_progress), batches, tokenizer

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -20,18 +20,23 @@ from ..config import GoHConfig
 
 COLUMNS = ["step", "tokens", "lr", "loss", "lm_loss", "aux_loss", "aux_scale", "grad_norm", "val_loss",
            "tokens_per_s", "head_load_cv", "expert_load_cv", "active_heads"]
+SOURCE_LOSS_PREFIX = "val_loss/"  # + source name: one validation loss per --data source
 
 
 class MetricsLogger:
     """Append metric rows to ``metrics.csv`` (only where ``enabled``, i.e. on rank 0)."""
 
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool = True, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool = True, tensorboard: bool = True,
+                 extra_columns: Sequence[str] = ()) -> None:
+        """``extra_columns`` (e.g. ``val_loss/<source>`` of a multi-source run) follow ``val_loss``."""
         self.enabled, self.path, self._file, self._tb = enabled, Path(run_dir) / "metrics.csv", None, None
+        at = COLUMNS.index("val_loss") + 1
+        self.columns = COLUMNS[:at] + [c for c in extra_columns if c not in COLUMNS] + COLUMNS[at:]
         if not enabled:
             return
         kept = self._rows_up_to(start_step) if start_step > 0 else []
         self._file = open(self.path, "w", newline="", encoding="utf-8")
-        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS, extrasaction="ignore")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="ignore")
         self._writer.writeheader()
         self._writer.writerows(kept)
         self._file.flush()
@@ -64,6 +69,11 @@ class MetricsLogger:
             self._file = None
         if self._tb is not None:
             self._tb.close()
+
+
+def source_loss_column(source: str) -> str:
+    """The ``metrics.csv`` column (and TensorBoard tag) of one source's validation loss."""
+    return f"{SOURCE_LOSS_PREFIX}{source}"
 
 
 def _format(value: float) -> str:

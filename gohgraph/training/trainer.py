@@ -20,13 +20,15 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from ..config import GoHConfig
-from ..data.batches import eval_batches, eval_windows, train_batch
+from ..data.batches import eval_batches, eval_windows
 from ..data.corpus import Corpus
+from ..data.sources import MixedCorpus, corpus_train_batch, validation_sets
 from ..models.decoder import GoHOutput, GoHTransformer
 from ..parallel import data_parallel as D
 from ..storage import (WEIGHTS_NAME, CheckpointError, atomic_write_text, load_state_strict, read_config, read_tensors,
@@ -36,7 +38,7 @@ from .checkpoint import (FINAL_DIR, latest_checkpoint, load_checkpoint, remove_s
 from .config import TrainConfig
 from .interrupts import stop_signals
 from .memory import available_memory, check_step_fits, estimate_step_memory
-from .metrics import MetricsLogger, routing_summary
+from .metrics import MetricsLogger, routing_summary, source_loss_column
 from .optim import build_optimizer
 from .schedules import dense_to_sparse_schedule, learning_rate, set_learning_rate
 
@@ -67,6 +69,7 @@ class TrainResult:
     metrics_path: Optional[Path] = None
     val_tokens: int = 0  # tokens the periodic validation covers: the first eval_batches windows
     losses: List[float] = field(default_factory=list)  # training loss of every step run here
+    val_by_source: Dict[str, float] = field(default_factory=dict)  # last per-source losses (several --data)
 
 
 def training_loss(out: GoHOutput, aux_scale: float) -> torch.Tensor:
@@ -95,9 +98,29 @@ def evaluate(model: torch.nn.Module, tokens, batch_size: int, seq_len: int,
     return total / count
 
 
-def train(model_config: GoHConfig, train_config: TrainConfig, corpus: Corpus, run_dir: Path,
+def evaluate_sources(model: torch.nn.Module, val_sets: Dict[str, np.ndarray], batch_size: int, seq_len: int,
+                     max_batches: Optional[int] = None) -> Tuple[float, Dict[str, float]]:
+    r""":func:`evaluate` on each source alone, and their combination.
+
+    Returns ``(overall, {source: loss})``; ``overall = \sum_s n_s L_s / \sum_s n_s`` with ``n_s`` the
+    tokens predicted in source ``s``'s windows, i.e. the mean loss over the union of all windows.
+    """
+    per_source, total, count = {}, 0.0, 0
+    for name, tokens in val_sets.items():
+        per_source[name] = evaluate(model, tokens, batch_size, seq_len, max_batches)
+        predicted = eval_windows(len(tokens), batch_size, seq_len, max_batches) * (seq_len - 1)
+        total += per_source[name] * predicted
+        count += predicted
+    return total / count, per_source
+
+
+def train(model_config: GoHConfig, train_config: TrainConfig, corpus: Union[Corpus, MixedCorpus], run_dir: Path,
           resume: bool = False, progress: bool = True, check_memory: bool = True) -> TrainResult:
     """Train ``GoHTransformer(model_config)`` on ``corpus``; everything is written under ``run_dir``.
+
+    ``corpus`` is one :class:`~gohgraph.data.corpus.Corpus` or a
+    :class:`~gohgraph.data.sources.MixedCorpus` of several sources sampled by weight; then every
+    validation also scores each source alone (``val_loss/<source>`` columns of ``metrics.csv``).
 
     ``resume`` continues ``run_dir``'s latest checkpoint (an error when it has none: starting
     afresh would overwrite the run's saved configs). ``check_memory`` refuses, before anything is
@@ -127,7 +150,7 @@ def train(model_config: GoHConfig, train_config: TrainConfig, corpus: Corpus, ru
         D.shutdown(ctx)
 
 
-def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Path, resume: bool,
+def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, MixedCorpus], run_dir: Path, resume: bool,
            progress: bool, ctx: D.DistContext, exits: contextlib.ExitStack) -> TrainResult:
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     model = GoHTransformer(model_config)
@@ -171,7 +194,10 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
         atomic_write_text(run_dir / "train_config.json", tc.to_json() + "\n")
         atomic_write_text(run_dir / "model_config.json", model_config.to_json() + "\n")
         corpus.save_tokenizer(run_dir)
-    metrics = MetricsLogger(run_dir, start_step, enabled=ctx.is_main, tensorboard=tc.tensorboard)
+    val_sets = validation_sets(corpus)  # {} for a single corpus: one val_loss, as always
+    metrics = MetricsLogger(run_dir, start_step, enabled=ctx.is_main, tensorboard=tc.tensorboard,
+                            extra_columns=[source_loss_column(name) for name in val_sets])
+    val_by_source: Dict[str, float] = {}
     autocast = _autocast(ctx.device, tc.dtype)
     tokens_per_step = tc.batch_size * tc.grad_accum_steps * tc.seq_len
     last_checkpoint, interrupted, losses = checkpoint, False, []
@@ -208,8 +234,8 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
                 model.set_dense_blend(dense_to_sparse_schedule(step, tc.dense_anneal_steps))
             parts = torch.zeros(3, device=ctx.device)  # loss, lm_loss, aux_loss
             for micro in range(tc.grad_accum_steps):
-                batch = train_batch(corpus.train, tc.batch_size, tc.seq_len, tc.seed, step, micro,
-                                    ctx.rank, ctx.world_size).to(ctx.device)
+                batch = corpus_train_batch(corpus, tc.batch_size, tc.seq_len, tc.seed, step, micro,
+                                           ctx.rank, ctx.world_size).to(ctx.device)
                 last_micro = micro == tc.grad_accum_steps - 1
                 with D.gradient_sync(wrapped, last_micro):
                     with autocast:
@@ -236,15 +262,20 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
             timed_tokens += tokens_per_step
             losses.append(float(parts[0]))
             tokens_per_s = timed_tokens / max(1e-9, train_seconds)
-            val_loss = None
+            val_loss, source_losses = None, {}
             if step % tc.eval_every == 0 or step == tc.max_steps:
-                val_loss = evaluate(model, corpus.val, tc.batch_size, tc.seq_len, tc.eval_batches)
+                if val_sets:
+                    val_loss, val_by_source = evaluate_sources(model, val_sets, tc.batch_size, tc.seq_len,
+                                                               tc.eval_batches)
+                    source_losses = {source_loss_column(name): loss for name, loss in val_by_source.items()}
+                else:
+                    val_loss = evaluate(model, corpus.val, tc.batch_size, tc.seq_len, tc.eval_batches)
                 history.append((step, tokens_seen, val_loss))
             if ctx.is_main and (step % tc.log_every == 0 or val_loss is not None or step == start_step + 1):
                 metrics.log(step=step, tokens=tokens_seen, lr=lr, loss=float(parts[0]),
                             lm_loss=float(parts[1]), aux_loss=float(parts[2]), aux_scale=aux_scale,
                             grad_norm=grad_norm, val_loss=val_loss, tokens_per_s=tokens_per_s,
-                            **routing_summary(out.routing, model_config))
+                            **routing_summary(out.routing, model_config), **source_losses)
             bar.update(1)
             bar.set_postfix(loss=f"{float(parts[0]):.3f}", tok_s=f"{tokens_per_s:.0f}", lr=f"{lr:.2e}",
                             **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
@@ -274,7 +305,9 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Corpus, run_dir: Pa
         tokens_per_s=timed_tokens / train_seconds if train_seconds > 0 else 0.0, model=model,
         checkpoint_path=last_checkpoint, final_path=final_path, steps=step, tokens_seen=tokens_seen,
         interrupted=interrupted, metrics_path=run_dir / "metrics.csv", losses=losses,
-        val_tokens=eval_windows(len(corpus.val), tc.batch_size, tc.seq_len, tc.eval_batches) * tc.seq_len)
+        val_tokens=sum(eval_windows(len(tokens), tc.batch_size, tc.seq_len, tc.eval_batches) * tc.seq_len
+                       for tokens in (val_sets or {"": corpus.val}).values()),
+        val_by_source=val_by_source)
 
 
 # ---------------------------------------------------------------------- helpers

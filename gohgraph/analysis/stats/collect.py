@@ -11,7 +11,17 @@ without holding them. :meth:`RoutingStats.report` turns the sums into, per layer
   only tokens whose destination head is active too (flow into a zero gate has no effect), and
   ``mean_flow_when_active``, the effective flow averaged over the tokens where both ends are active;
 * experts - per-expert load (share of routed sub-token assignments), gate mass, balance metrics,
-  the sub-token -> expert load, and drop rates (MoE layers only).
+  the sub-token -> expert load, and drop rates (MoE layers only);
+* token_entropy - per token id, the entropy of its routing (with ``input_ids``;
+  :mod:`~gohgraph.analysis.stats.token_entropy`).
+
+Across layers: ``cross_layer`` holds the co-occurrence of heads and of experts between consecutive
+layers and the routing consistency (:mod:`~gohgraph.analysis.stats.cross_layer`), and
+``summary.load_percentiles`` the percentiles of load per layer and across layers
+(:mod:`~gohgraph.analysis.stats.percentiles`). Built with ``sources=[...]`` and given each batch's
+``source``, ``by_source`` reports routing per data source with a specialisation score per head and
+expert (:mod:`~gohgraph.analysis.stats.by_source`). With an ``attention_mask``, padding is dropped
+before anything is counted (:mod:`~gohgraph.analysis.stats.padding`).
 
 Sections a model does not have are absent from the report, never zero-filled. Routing drift
 between two checkpoints lives in :mod:`gohgraph.analysis.stats.drift`.
@@ -26,21 +36,26 @@ import contextlib
 import csv
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ...config import GoHConfig
 from ...graph import expert_graph, head_graph
 from ...routing import LayerRouting
+from .by_source import SourceTally
+from .cross_layer import CrossLayerTally
 from .drift import routing_drift
 from .metrics import coefficient_of_variation, load_balance_summary, load_entropy
+from .padding import check_attention_mask, ids_without_padding, without_padding
+from .percentiles import load_percentiles
 from .report import csv_rows, summarise_layers
 from .tally import LayerTally
+from .token_entropy import token_entropy_report
 from .tokens import profile_fits
 
-__all__ = ["RoutingStats", "collect_routing_stats", "routing_drift", "load_entropy",
-           "coefficient_of_variation", "load_balance_summary"]
+__all__ = ["RoutingStats", "collect_routing_stats", "collect_routing_stats_by_source", "routing_by_source",
+           "routing_drift", "load_entropy", "coefficient_of_variation", "load_balance_summary"]
 
 
 _CONFIG_FIELDS = ("n_layers", "n_heads", "n_shared_heads", "top_k_heads", "router", "router_rounds",
@@ -51,15 +66,18 @@ _CONFIG_FIELDS = ("n_layers", "n_heads", "n_shared_heads", "top_k_heads", "route
 class RoutingStats:
     """Streaming per-layer routing statistics of a model described by ``config``.
 
-    ``update(routing, input_ids=None)`` adds one batch: ``routing`` is ``out.routing`` (one
-    :class:`LayerRouting` per layer, ``head_gates [batch, seq, heads]`` and the optional flow and
-    expert fields). With ``input_ids [batch, seq]`` (given to every update) the report also lists
-    each head's and expert's most frequent token ids (``top_tokens``, see
-    :mod:`gohgraph.analysis.stats.tokens`; skipped for vocabularies too large to tabulate).
+    ``update(routing, input_ids=None, attention_mask=None, source=None)`` adds one batch:
+    ``routing`` is ``out.routing`` (one :class:`LayerRouting` per layer, ``head_gates [batch, seq,
+    heads]`` and the optional flow and expert fields). With ``input_ids [batch, seq]`` (given to
+    every update) the report also lists each head's and expert's most frequent token ids
+    (``top_tokens``, see :mod:`gohgraph.analysis.stats.tokens`) and each token id's routing entropy
+    (skipped for vocabularies too large to tabulate). ``attention_mask [batch, seq]`` (1 = token,
+    0 = padding) keeps padding out of every number. With ``sources`` (names) every update names
+    its rows' ``source``: one name for the batch, a name per row, or ``[batch]`` indices.
     Updates in any order and grouping give the same report (sums are float64).
     """
 
-    def __init__(self, config: GoHConfig) -> None:
+    def __init__(self, config: GoHConfig, sources: Optional[Sequence[str]] = None) -> None:
         self.config = config
         self.head_edges = head_graph(config.head_graph, config.n_heads) if config.router == "graph" \
             else torch.empty(2, 0, dtype=torch.long)
@@ -68,10 +86,17 @@ class RoutingStats:
         expert_nodes = config.n_routed_experts if config.ffn != "dense" else 0
         self.profile_tokens = profile_fits(config.vocab_size, config.n_heads + expert_nodes, config.n_layers)
         self._with_input_ids: Optional[bool] = None
+        self.cross_layer = CrossLayerTally(config.n_layers, config.n_heads, config.n_shared_heads,
+                                           config.n_routed_experts)
+        self.token_occurrences = torch.zeros(config.vocab_size if self.profile_tokens else 0, dtype=torch.float64)
+        self.by_source = None if sources is None else SourceTally(
+            list(sources), config.n_layers, config.n_heads, config.n_routed_experts, config.n_subtokens)
 
     # ------------------------------------------------------------------ accumulation
     @torch.no_grad()
-    def update(self, routing: Sequence[LayerRouting], input_ids: Optional[torch.Tensor] = None) -> None:
+    def update(self, routing: Sequence[LayerRouting], input_ids: Optional[torch.Tensor] = None,
+               attention_mask: Optional[torch.Tensor] = None,
+               source: Union[None, str, Sequence[str], torch.Tensor] = None) -> None:
         if len(routing) != self.config.n_layers:
             raise ValueError(f"routing has {len(routing)} layer records but the config has "
                              f"n_layers={self.config.n_layers}")
@@ -86,10 +111,25 @@ class RoutingStats:
                 raise ValueError(f"layer {layer_idx}: head_gates {list(record.head_gates.shape)} does not "
                                  f"match input_ids {list(input_ids.shape)} [batch, seq]")
             tally.check(record, layer_idx)
+        shape = tuple(routing[0].head_gates.shape[:2])
+        mask = None if attention_mask is None else check_attention_mask(attention_mask, shape)
+        if (source is None) != (self.by_source is None):
+            raise ValueError("pass source= to update() exactly when RoutingStats was built with sources=[...]"
+                             if source is None else "source= needs RoutingStats(config, sources=[names])")
+        source_ids = None if source is None else self.by_source.source_ids(source, shape[0])
         self._with_input_ids = input_ids is not None
         with _serial_on_cpu(routing[0].head_gates.device if routing else None):
+            if source_ids is not None:
+                self.by_source.add(routing, source_ids, mask if mask is not None else
+                                   torch.ones(shape, dtype=torch.bool))
+            routing = [without_padding(record, mask) for record in routing]
+            input_ids = ids_without_padding(input_ids, mask)
             for layer_idx, (tally, record) in enumerate(zip(self.layers, routing)):
                 tally.add(record, input_ids if self.profile_tokens else None)
+            self.cross_layer.add(routing)
+            if input_ids is not None and self.profile_tokens:
+                self.token_occurrences += torch.bincount(input_ids.reshape(-1).long().cpu(),
+                                                         minlength=self.config.vocab_size).double()
         self.batches += 1
 
     @property
@@ -103,14 +143,22 @@ class RoutingStats:
             raise ValueError("RoutingStats has no routing records yet: call update() first")
         cfg = self.config
         layers = [tally.report(i, cfg) for i, tally in enumerate(self.layers)]
+        for layer, tally in zip(layers, self.layers):
+            if tally.head_tokens is not None:
+                layer["token_entropy"] = token_entropy_report(
+                    self.token_occurrences, tally.head_tokens.counts[:, cfg.n_shared_heads:],
+                    None if tally.expert_tokens is None else tally.expert_tokens.counts)
         report = {
             "tokens": self.tokens,
             "batches": self.batches,
             "config": {name: getattr(cfg, name) for name in _CONFIG_FIELDS},
             "head_edges": self.head_edges.t().tolist(),
             "layers": layers,
-            "summary": summarise_layers(layers),
+            "cross_layer": self.cross_layer.report(),
+            "summary": {**summarise_layers(layers), "load_percentiles": load_percentiles(layers, cfg.n_shared_heads)},
         }
+        if self.by_source is not None:
+            report["by_source"] = self.by_source.report()
         if any("experts" in layer for layer in layers):
             # [sub-token slot, routed expert] pairs a sub-token may be sent along
             report["expert_edges"] = expert_graph(cfg.expert_graph, cfg.n_subtokens,
@@ -128,7 +176,10 @@ class RoutingStats:
 
         ``group`` is ``layer``, ``head``, ``head_pair`` (item ``"i&j"``), ``edge`` (item
         ``"src->dst"``), ``expert`` or ``subtoken_expert`` (item ``"s->e"``); per-layer scalars have
-        an empty item. Loads into pandas with ``read_csv`` and pivots as needed.
+        an empty item. The newer sections add ``token`` (item = token id), ``cross_layer_heads`` /
+        ``cross_layer_experts`` (``layer`` = the pair's first layer, item ``"i->j"``),
+        ``load_percentile`` (``layer`` = ``all`` across layers) and, by source, ``source``,
+        ``source_head`` and ``source_expert`` (item ``"source:node"``). Loads into pandas with ``read_csv`` and pivots as needed.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,25 +190,56 @@ class RoutingStats:
         return path
 
 
-def collect_routing_stats(model: torch.nn.Module, batches: Iterable[torch.Tensor],
-                          progress: bool = True) -> RoutingStats:
-    """Run ``model`` (eval mode, no grad) over ``batches`` of ``input_ids [batch, seq]``.
+Batch = Union[torch.Tensor, Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
-    The model's training mode is restored afterwards. ``progress`` shows a tqdm bar.
+
+def collect_routing_stats(model: torch.nn.Module, batches: Iterable[Batch],
+                          progress: bool = True) -> RoutingStats:
+    """Run ``model`` (eval mode, no grad) over ``batches`` of ``input_ids [batch, seq]``, or of
+    ``(input_ids, attention_mask)`` pairs (padding is then masked in the model and left out of
+    every statistic). The model's training mode is restored afterwards. ``progress`` shows a tqdm bar.
     """
+    stats = RoutingStats(model.config)
+    _run(model, stats, ((batch, None) for batch in batches), progress)
+    return stats
+
+
+def collect_routing_stats_by_source(model: torch.nn.Module, batches_by_source: Mapping[str, Iterable[Batch]],
+                                    progress: bool = True) -> RoutingStats:
+    """:func:`collect_routing_stats` over several sources, ``{name: batches}``; the report's
+    ``by_source`` section splits every count by source (:mod:`~gohgraph.analysis.stats.by_source`),
+    the rest pools all sources."""
+    if not batches_by_source:
+        raise ValueError("batches_by_source names no source")
+    stats = RoutingStats(model.config, sources=list(batches_by_source))
+    pairs = ((batch, name) for name, batches in batches_by_source.items() for batch in batches)
+    _run(model, stats, pairs, progress)
+    return stats
+
+
+def routing_by_source(model: torch.nn.Module, batches_by_source: Mapping[str, Iterable[Batch]],
+                      progress: bool = False) -> Dict[str, Any]:
+    """The ``by_source`` report alone: per source and layer, head activation, gate mass, expert
+    load and the specialisation score of every head and expert (see
+    :mod:`~gohgraph.analysis.stats.by_source` for the definitions)."""
+    return collect_routing_stats_by_source(model, batches_by_source, progress).report()["by_source"]
+
+
+def _run(model: torch.nn.Module, stats: RoutingStats, batches: Iterable[Tuple[Batch, Optional[str]]],
+         progress: bool) -> None:
     from tqdm.auto import tqdm
 
-    stats = RoutingStats(model.config)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for input_ids in tqdm(batches, desc="routing stats", unit="batch", disable=not progress):
-                stats.update(model(input_ids.to(device)).routing, input_ids)
+            for batch, source in tqdm(batches, desc="routing stats", unit="batch", disable=not progress):
+                input_ids, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
+                out = model(input_ids.to(device), attention_mask=None if mask is None else mask.to(device))
+                stats.update(out.routing, input_ids, attention_mask=mask, source=source)
     finally:
         model.train(was_training)
-    return stats
 
 
 @contextlib.contextmanager

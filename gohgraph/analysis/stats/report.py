@@ -40,6 +40,15 @@ def summarise_layers(layers: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def csv_rows(report: Dict[str, Any]) -> Iterator[tuple]:
+    """``(layer, group, item, metric, value)`` rows of every section of a report (see ``to_csv``)."""
+    yield from _layer_rows(report)
+    yield from _cross_layer_rows(report.get("cross_layer", []))
+    yield from _percentile_rows(report["summary"].get("load_percentiles", {}))
+    if "by_source" in report:
+        yield from _by_source_rows(report["by_source"])
+
+
+def _layer_rows(report: Dict[str, Any]) -> Iterator[tuple]:
     edges = report["head_edges"]
     for layer in report["layers"]:
         i, heads = layer["layer"], layer["heads"]
@@ -59,6 +68,10 @@ def csv_rows(report: Dict[str, Any]) -> Iterator[tuple]:
             for (src, dst), value in zip(edges, values):
                 yield i, "edge", f"{src}->{dst}", name, value
         yield from _top_token_rows(i, "head_token", heads.get("top_tokens", []))
+        entropy = layer.get("token_entropy", {})
+        for name in ("occurrences", "head_entropy", "expert_entropy"):
+            for token_id, value in zip(entropy.get("token_id", []), entropy.get(name, [])):
+                yield i, "token", token_id, name, value
         experts = layer.get("experts")
         if experts is None:
             continue
@@ -72,6 +85,47 @@ def csv_rows(report: Dict[str, Any]) -> Iterator[tuple]:
             for expert, value in enumerate(row):
                 yield i, "subtoken_expert", f"{sub}->{expert}", "load", value
         yield from _top_token_rows(i, "expert_token", experts.get("top_tokens", []))
+
+
+def _cross_layer_rows(pairs: List[Dict[str, Any]]) -> Iterator[tuple]:
+    """``layer`` is the first layer of the pair; items ``"i->j"`` name a node of it and one of the next."""
+    for pair in pairs:
+        layer = pair["layers"][0]
+        for kind in ("heads", "experts"):
+            section = pair.get(kind)
+            if section is None:
+                continue
+            for name, value in section.items():
+                if isinstance(value, list):
+                    for i, row in enumerate(value):
+                        for j, cell in enumerate(row):
+                            yield layer, f"cross_layer_{kind}", f"{i}->{j}", name, cell
+                else:
+                    yield layer, f"cross_layer_{kind}", "", name, value
+
+
+def _percentile_rows(percentiles: Dict[str, Any]) -> Iterator[tuple]:
+    """Per layer and (``layer`` = ``all``) across layers; item = ``experts.assignment_count`` etc."""
+    for kind, metrics in percentiles.items():
+        for metric, parts in metrics.items():
+            for entry in parts["per_layer"]:
+                for stat, value in entry.items():
+                    if stat != "layer":
+                        yield entry["layer"], "load_percentile", f"{kind}.{metric}", stat, value
+            for stat, value in parts["across_layers"].items():
+                yield "all", "load_percentile", f"{kind}.{metric}", stat, value
+
+
+def _by_source_rows(by_source: Dict[str, Any]) -> Iterator[tuple]:
+    """Groups ``source_head`` / ``source_expert``; item ``"source:node"``."""
+    for source, tokens in by_source["tokens"].items():
+        yield "", "source", source, "tokens", tokens
+    for layer in by_source["layers"]:
+        for kind, group in (("heads", "source_head"), ("experts", "source_expert")):
+            for metric, per_source in layer.get(kind, {}).items():
+                for source, values in per_source.items():
+                    for node, value in enumerate(values):
+                        yield layer["layer"], group, f"{source}:{node}", metric, value
 
 
 def _top_token_rows(layer: int, group: str, top_tokens: List[list]) -> Iterator[tuple]:

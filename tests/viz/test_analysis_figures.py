@@ -1,0 +1,94 @@
+"""The new figures and the fixed ones: titles, labels and scales a reader needs, and no silent cut."""
+
+import pytest
+import torch
+
+from gohgraph import GoHConfig, GoHTransformer, viz
+from gohgraph.analysis.stats.collect import collect_routing_stats, collect_routing_stats_by_source
+
+MOE = GoHConfig(vocab_size=256, d_model=32, n_layers=3, n_heads=4, n_shared_heads=1, top_k_heads=2, router="graph",
+                router_rounds=1, ffn="moe", n_experts=4, top_k_experts=2)
+HEADS_ONLY = GoHConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_shared_heads=1, top_k_heads=2,
+                       router="graph", router_rounds=1)
+
+
+@pytest.fixture(scope="module")
+def moe_stats():
+    torch.manual_seed(0)
+    model = GoHTransformer(MOE)
+    g = torch.Generator().manual_seed(0)
+    batches = {"code": [torch.randint(32, 128, (2, 16), generator=g)],
+               "bytes": [torch.randint(0, 256, (2, 16), generator=g)]}
+    return model, collect_routing_stats_by_source(model, batches, progress=False)
+
+
+def texts(figure):
+    return [t.get_text() for t in figure.findobj(lambda a: hasattr(a, "get_text"))]
+
+
+def test_specialisation_heatmap_has_a_panel_per_layer_with_labels(moe_stats, tmp_path):
+    _, stats = moe_stats
+    figure = viz.specialisation_heatmap(stats, path=tmp_path / "s.png")
+    panels = [ax for ax in figure.axes if ax.get_title().startswith("layer")]
+    assert [ax.get_title() for ax in panels] == ["layer 0", "layer 1", "layer 2"]
+    assert all(ax.get_xlabel() == "routed expert" and ax.get_ylabel() == "source" for ax in panels)
+    assert [t.get_text() for t in panels[0].get_yticklabels()] == ["code", "bytes"]
+    assert "expert specialisation by source" in figure._suptitle.get_text()
+    assert "specialisation (1 = no preference)" in [ax.get_ylabel() for ax in figure.axes]
+    heads = viz.specialisation_heatmap(stats, kind="heads")
+    assert [t.get_text() for t in heads.axes[0].get_xticklabels()] == ["h0", "h1", "h2", "h3"]
+    with pytest.raises(ValueError, match="not collected by source"):
+        viz.specialisation_heatmap(collect_routing_stats(moe_stats[0], [torch.zeros(1, 4, dtype=torch.long)],
+                                                         progress=False))
+
+
+def test_cross_layer_and_percentile_figures(moe_stats):
+    _, stats = moe_stats
+    figure = viz.cross_layer_heatmaps(stats)
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles[0].startswith("layer 0 \u2192 1\ntop successor") and titles[1].startswith("layer 1 \u2192 2")
+    assert figure.axes[0].get_xlabel() == "layer 1" and figure.axes[0].get_ylabel() == "layer 0"
+    assert "P(expert in next layer | expert in this layer)" in [ax.get_ylabel() for ax in figure.axes]
+    figure = viz.load_percentiles_figure(stats)
+    assert [ax.get_title() for ax in figure.axes] == ["tokens per routed expert (assignments)",
+                                                      "activations per routed head"]
+    assert figure.axes[0].get_xlabel() == "layer"
+
+
+def test_one_shared_head_is_titled_as_one_and_arrows_have_a_scale(moe_stats):
+    _, stats = moe_stats
+    assert viz.head_load_heatmap(stats).axes[0].get_title() == \
+        "head activation frequency (head 0 shared, always on)"
+    graph_texts = texts(viz.draw_routing_graphs(stats))
+    assert sum(t.startswith("widest arrow: mean effective flow ") for t in graph_texts) == MOE.n_layers
+
+
+def test_token_trace_labels_its_colour_bars_and_names_experts_only_when_there_are_some(moe_stats):
+    model, _ = moe_stats
+    figure = viz.token_trace(model, "ab c")
+    labels = [ax.get_ylabel() for ax in figure.axes]
+    assert labels.count("head gate") == MOE.n_layers and labels.count("expert weight") == MOE.n_layers
+    assert "expert" in figure._suptitle.get_text()
+    torch.manual_seed(0)
+    dense = viz.token_trace(GoHTransformer(HEADS_ONLY), "ab")
+    assert dense._suptitle.get_text() == "token trace: head gates per token (white = inactive head)"
+    width, _ = dense.get_size_inches()
+    assert width >= 7.0  # the title fits even for two tokens
+
+
+def test_a_long_text_is_drawn_whole_or_refused(moe_stats):
+    model, _ = moe_stats
+    figure = viz.token_trace(model, "x" * 64)
+    assert max(len(ax.get_xticks()) for ax in figure.axes) == 64  # every token has its column
+    with pytest.raises(ValueError, match="this text is 1000 tokens; at most 64 fit"):
+        viz.token_trace(model, "y" * 1000)
+
+
+def test_bpe_pieces_are_drawn_whole():
+    pieces = {1: "def", 2: " return", 3: "_value"}
+    decode = lambda ids: "".join(pieces[int(i)] for i in ids)  # noqa: E731
+    assert viz.token_labels([1, 2, 3], decode) == ["def", "\u2423return", "_value"]
+    torch.manual_seed(0)
+    figure = viz.token_trace(GoHTransformer(HEADS_ONLY), "", encode=lambda _: [1, 2, 3], decode=decode)
+    shown = [[t.get_text() for t in ax.get_xticklabels()] for ax in figure.axes]
+    assert ["def", "\u2423return", "_value"] in shown

@@ -1,0 +1,148 @@
+"""The HTML report in a real headless Chromium: no console error, no network, hover shows the routing record.
+
+Chromium is Debian's ``chromium`` package (``.ci/run`` installs it); it is driven over the DevTools
+protocol by the ``playwright`` package (the ``test`` extra) launched with ``executable_path``, so
+no browser download is needed. Without either the browser tests skip, saying why.
+"""
+
+import io
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gohgraph import GoHConfig, GoHTransformer, viz
+from gohgraph.analysis.stats.collect import collect_routing_stats_by_source
+from gohgraph.cli.main import main
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CFG = GoHConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_shared_heads=1, top_k_heads=2, router="graph",
+                router_rounds=1, ffn="mh-moe", n_experts=5, n_shared_experts=1, n_subtokens=2, top_k_experts=2)
+TEXT = "def add(x, y):\n    return x + y  # é"
+
+
+@pytest.fixture(scope="module")
+def model_and_stats():
+    torch.manual_seed(0)
+    model = GoHTransformer(CFG)
+    g = torch.Generator().manual_seed(0)
+    batches = {"code": [torch.randint(32, 128, (2, 24), generator=g)],
+               "noise": [torch.randint(0, 256, (2, 24), generator=g)]}
+    return model, collect_routing_stats_by_source(model, batches, progress=False)
+
+
+@pytest.fixture
+def metrics_csv(tmp_path):
+    path = tmp_path / "metrics.csv"
+    rows = ["step,loss,val_loss,val_loss/code,val_loss/noise,head_load_cv"]
+    rows += [f"{s},{5 - 0.1 * s},{'' if s % 2 else 5 - 0.09 * s},{'' if s % 2 else 4 - 0.1 * s},"
+             f"{'' if s % 2 else 5.5 - 0.01 * s},{0.3 - 0.01 * s}" for s in range(1, 11)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_report_is_one_file_with_everything_inline(model_and_stats, metrics_csv, tmp_path):
+    model, stats = model_and_stats
+    page = viz.html_report(model, stats, text=TEXT, metrics_csv=metrics_csv)
+    assert page.startswith("<!DOCTYPE html>") and page.count("<script") == 2  # the data and the code
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:|#)""", page)  # nothing to fetch
+    assert "@import" not in page and not re.search(r"url\((?!#)", page)  # only fragment refs (SVG clip paths)
+    for section in ("Training curves", "Routing graph per layer", "Load heatmaps", "Across layers",
+                    "Specialisation by source", "Routing of each token"):
+        assert f"<h2>{section}</h2>" in page
+    assert page.count('class="routing-graph"') == CFG.n_layers
+    assert page.count('class="token"') == len(TEXT.encode())
+
+
+def test_a_long_text_is_refused_with_a_message(model_and_stats):
+    model, stats = model_and_stats
+    with pytest.raises(ValueError, match="encodes to 600 tokens; its text box shows at most"):
+        viz.html_report(model, stats, text="x" * 600)
+
+
+def launch_chromium(playwright, user_data_dir):
+    return playwright.chromium.launch_persistent_context(
+        str(user_data_dir), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+        viewport={"width": 1300, "height": 900})
+
+
+@pytest.fixture
+def browser_context(tmp_path):
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no browser: {CHROMIUM} is missing (.ci/run installs Debian's chromium with apt-get)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package (test extra) is missing")
+    with sync_api.sync_playwright() as playwright:
+        context = launch_chromium(playwright, tmp_path / "profile")
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+def test_report_in_chromium_hover_shows_the_routing_record(model_and_stats, metrics_csv, tmp_path, browser_context):
+    model, stats = model_and_stats
+    path = viz.write_html_report(tmp_path / "report.html", model, stats, text=TEXT, metrics_csv=metrics_csv)
+    page = browser_context.new_page()
+    errors, requests = [], []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(path.resolve().as_uri())
+    page.wait_for_load_state("load")
+
+    ids = torch.tensor([list(TEXT.encode())])
+    with torch.no_grad():
+        routing = model.eval()(ids).routing
+    for index in (0, 5, len(TEXT.encode()) - 1):
+        page.hover(f'#text-box .token[data-index="{index}"]')
+        heads_text = page.inner_text('#token-detail tr[data-layer="0"] td.heads')
+        shown = {int(h): float(g) for h, g in re.findall(r"h(\d+) ([\d.]+)", heads_text)}
+        gates = routing[0].head_gates[0, index]
+        assert set(shown) == {h for h in range(CFG.n_heads) if gates[h] > 0}
+        for head, gate in shown.items():
+            assert gate == pytest.approx(float(gates[head]), abs=5e-4)
+        experts_text = page.inner_text('#token-detail tr[data-layer="1"] td.experts')
+        chosen = {int(e) for e in re.findall(r"e(\d+)", experts_text)}
+        assert chosen == set(routing[1].expert_indices[0, index].flatten().tolist())
+
+    page.hover(".routing-graph .node.head >> nth=1")
+    assert "active for" in page.inner_text("#tooltip") and page.is_visible("#tooltip")
+    page.locator(".routing-graph .edge").first.dispatch_event("mouseover", {"bubbles": True})  # a thin curve
+    assert "mean flow" in page.inner_text("#tooltip")
+
+    screenshot = page.screenshot(full_page=True)
+    import matplotlib.image as mpimg
+
+    pixels = mpimg.imread(io.BytesIO(screenshot), format="png")[..., :3].reshape(-1, 3)
+    assert np.unique((pixels * 255).astype(np.uint8), axis=0).shape[0] > 50  # not a blank page
+    assert pixels.mean() < 0.995
+    assert errors == []
+    assert all(url.startswith(("file://", "data:")) for url in requests), requests
+    assert requests[0] == path.resolve().as_uri()
+
+
+@pytest.mark.slow
+def test_report_command_on_a_run(tmp_path, capsys):
+    torch.manual_seed(0)
+    GoHTransformer(CFG).save_pretrained(tmp_path / "model")
+    code = tmp_path / "code.txt"
+    code.write_text("def f(x):\n    return x\n" * 200)
+    prose = tmp_path / "prose.txt"
+    prose.write_text("A cat sat on the mat. " * 200)
+    out = tmp_path / "report.html"
+    argv = ["report", "--checkpoint", str(tmp_path / "model"), "--out", str(out), "--data", f"code={code}",
+            "--data", f"prose={prose}", "--batches", "1", "--batch-size", "2", "--seq-len", "16", "--no-progress"]
+    assert main(argv) == 0
+    page = out.read_text()
+    assert "Specialisation by source" in page and "layer 0: experts by source" in page
+    assert main(argv) == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite", "--text", "y" * 40]) == 0
+    assert main(["report", "--checkpoint", str(tmp_path / "model"), "--out", str(tmp_path / "r.txt")]) == 1
+    assert "must end in .html" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "model")

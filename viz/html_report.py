@@ -1,0 +1,208 @@
+"""One self-contained HTML file of a run: curves, routing graphs, heatmaps, sources, a token box.
+
+:func:`html_report` returns a single page with every style and script inline and every picture
+as inline SVG: no CDN, no font or image file, no request of any kind, so it opens from disk on a
+machine without network. Sections:
+
+* training curves (the :func:`~gohgraph.viz.curves.training_curves` figure as vector SVG);
+* one routing graph per layer; hover a head or expert for its activation or load and top tokens,
+  an edge for its mean flow;
+* load heatmaps (head activation frequency, expert utilisation), cross-layer transitions;
+* specialisation by source (when the statistics were collected by source);
+* a text box: hover a token to see, per layer, the heads it activated with their gates and the
+  experts it was sent to with their weights (from the model's routing records, see
+  :func:`~gohgraph.viz.token_trace.token_routing`).
+
+The interactivity is ~80 lines of hand-written JavaScript (``report.js``) over SVG that Python
+writes; no library was needed for tooltips and one hover table, and none then has to be vendored.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from ..data.tokenizers import byte_decode, byte_encode
+from .curves import training_curves
+from .figures import as_report
+from .html_svg import diverging_colour, heatmap_svg, routing_graph_svg, sequential_colour
+from .token_trace import VISIBLE_WHITESPACE, token_pieces, token_routing
+
+ASSETS = Path(__file__).resolve().parent
+MAX_REPORT_TOKENS = 512  # the text box keeps one hover target per token
+
+
+def html_report(model: torch.nn.Module, stats: Any, text: Optional[str] = None,
+                metrics_csv: Optional[Union[str, Path]] = None,
+                encode: Optional[Callable[[str], Sequence[int]]] = None,
+                decode: Optional[Callable[[Sequence[int]], str]] = None, title: str = "gohgraph routing report") -> str:
+    """The report page as a string (see the module docstring). ``stats``: a ``RoutingStats`` or its report."""
+    report = as_report(stats)
+    encode, decode = encode or byte_encode, decode or byte_decode
+    cfg = report["config"]
+    label = lambda token_id: _visible(decode([int(token_id)]))  # noqa: E731
+    sections = [_header(report, title)]
+    if metrics_csv is not None and Path(metrics_csv).is_file():
+        sections.append(_section("Training curves", f'<div class="curves">{_curves_svg(metrics_csv)}</div>'))
+    graphs = "".join(
+        f'<figure>{routing_graph_svg(layer, report["head_edges"], cfg["n_shared_heads"], label)}'
+        f'<figcaption>layer {layer["layer"]}</figcaption></figure>' for layer in report["layers"])
+    sections.append(_section("Routing graph per layer", f'<div class="row">{graphs}</div>',
+                             "node size: how often a head is active (experts: utilisation); "
+                             "arrow width: mean effective inter-head flow. Hover for the numbers and top tokens."))
+    sections.append(_section("Load heatmaps", f'<div class="row">{_load_heatmaps(report)}</div>'))
+    if report.get("cross_layer"):
+        sections.append(_section("Across layers", f'<div class="row">{_cross_layer(report)}</div>',
+                                 "P(next-layer choice | this-layer choice), counting every top-k assignment."))
+    if "by_source" in report:
+        sections.append(_section("Specialisation by source", f'<div class="row">{_by_source(report)}</div>',
+                                 "(share of the node's tokens from the source) / (the source's share of all "
+                                 "tokens): 1 = no preference, red = prefers, blue = avoids."))
+    tokens: List[Dict[str, Any]] = []
+    if text:
+        box, tokens = _token_box(model, text, encode, decode)
+        sections.append(_section("Routing of each token", box,
+                                 "Hover a token: the heads each layer activated (gate) and the experts it chose "
+                                 "(weight, summed over sub-tokens and divided by their number)."))
+    data = {"tokens": tokens, "has_experts": any("experts" in layer for layer in report["layers"])}
+    return _page(title, "".join(sections), data)
+
+
+def write_html_report(path: Union[str, Path], model: torch.nn.Module, stats: Any, **kwargs: Any) -> Path:
+    """Write :func:`html_report` to ``path`` (UTF-8); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(html_report(model, stats, **kwargs), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------- sections
+def _header(report: Dict[str, Any], title: str) -> str:
+    cfg = report["config"]
+    experts = (f", ffn={cfg['ffn']} with {cfg['n_experts']} experts ({cfg['n_shared_experts']} shared), "
+               f"top-{cfg['top_k_experts']} per sub-token, {cfg['n_subtokens']} sub-token(s)"
+               if cfg["ffn"] != "dense" else ", dense feed-forward")
+    return (f"<h1>{html.escape(title)}</h1><p class=\"meta\">{cfg['n_layers']} layers, {cfg['n_heads']} heads "
+            f"({cfg['n_shared_heads']} shared, top-{cfg['top_k_heads']} routed), router={cfg['router']}"
+            f"{experts}. Statistics over {report['tokens']:,} tokens ({report['batches']} batches), padding "
+            "excluded.</p>")
+
+
+def _section(title: str, body: str, hint: str = "") -> str:
+    hint_html = f'<p class="hint">{html.escape(hint)}</p>' if hint else ""
+    return f"<section><h2>{html.escape(title)}</h2>{hint_html}{body}</section>"
+
+
+def _curves_svg(metrics_csv: Union[str, Path]) -> str:
+    figure = training_curves(metrics_csv)
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", metadata={"Date": None})
+    svg = buffer.getvalue()
+    return svg[svg.index("<svg"):]  # drop the XML declaration and DOCTYPE: inline SVG needs neither
+
+
+def _load_heatmaps(report: Dict[str, Any]) -> str:
+    layers = report["layers"]
+    n_heads = len(layers[0]["heads"]["activation_frequency"])
+    values = [layer["heads"]["activation_frequency"] for layer in layers]
+    parts = [heatmap_svg(values, [f"layer {layer['layer']}" for layer in layers], [f"h{h}" for h in range(n_heads)],
+                         sequential_colour(1.0),
+                         lambda i, j, v: f"layer {layers[i]['layer']}, head h{j}: active for {v:.1%} of tokens",
+                         "head activation frequency")]
+    expert_layers = [layer for layer in layers if "experts" in layer]
+    if expert_layers:
+        utilisation = [layer["experts"]["utilisation"] for layer in expert_layers]
+        parts.append(heatmap_svg(
+            utilisation, [f"layer {layer['layer']}" for layer in expert_layers],
+            [f"e{e}" for e in range(len(utilisation[0]))], diverging_colour(1.0, 4.0),
+            lambda i, j, v: (f"layer {expert_layers[i]['layer']}, expert e{j}: utilisation {v:.2f}x the ideal "
+                             f"load, {expert_layers[i]['experts']['assignment_count'][j]} assignments"),
+            "expert utilisation (1 = equal share)"))
+    return "".join(parts)
+
+
+def _cross_layer(report: Dict[str, Any]) -> str:
+    parts = []
+    for pair in report["cross_layer"]:
+        kind = "experts" if "experts" in pair else "heads"
+        section, (first, second) = pair[kind], pair["layers"]
+        prefix = "e" if kind == "experts" else "h"
+        n = len(section["transition"])
+        share = section["top_successor_share"]
+        title = (f"{kind} layer {first} \u2192 {second}"
+                 + (f" (top successor {share:.0%})" if share is not None else ""))
+        parts.append(heatmap_svg(
+            section["transition"], [f"{prefix}{i} (L{first})" for i in range(n)],
+            [f"{prefix}{j}" for j in range(len(section["transition"][0]))], sequential_colour(1.0),
+            lambda i, j, v, s=section, p=prefix, a=first, b=second: (
+                f"{p}{i} in layer {a} \u2192 {p}{j} in layer {b}: P = {v:.3f}, co-occurrence "
+                f"{s['cooccurrence'][i][j]:.1f}"), title, cell=26))
+    return "".join(parts)
+
+
+def _by_source(report: Dict[str, Any]) -> str:
+    by_source = report["by_source"]
+    parts = []
+    for layer in by_source["layers"]:
+        kind = "experts" if "experts" in layer else "heads"
+        prefix = "e" if kind == "experts" else "h"
+        scores = layer[kind]["specialisation"]
+        sources = list(scores)
+        rows = [scores[source] for source in sources]
+        parts.append(heatmap_svg(
+            rows, sources, [f"{prefix}{j}" for j in range(len(rows[0]))], diverging_colour(1.0, 4.0),
+            lambda i, j, v, s=sources, p=prefix, l=layer["layer"]: (
+                f"layer {l}, {p}{j}, source {s[i]}: specialisation "
+                + ("undefined (never chosen)" if v is None else f"{v:.2f}")),
+            f"layer {layer['layer']}: {kind} by source"))
+    return "".join(parts)
+
+
+def _token_box(model: torch.nn.Module, text: str, encode, decode) -> tuple:
+    ids = [int(i) for i in encode(text)]
+    limit = min(MAX_REPORT_TOKENS, model.config.max_seq_len)
+    if not ids:
+        raise ValueError("the report's text is empty")
+    if len(ids) > limit:
+        raise ValueError(f"the report's text encodes to {len(ids)} tokens; its text box shows at most {limit} "
+                         f"(min of {MAX_REPORT_TOKENS} and the model's max_seq_len): shorten --text")
+    if max(ids) >= model.config.vocab_size:
+        raise ValueError(f"the text encodes to token ids outside the model's vocab_size={model.config.vocab_size}; "
+                         "use the tokenizer the model was trained with")
+    layers = token_routing(model, torch.tensor(ids))
+    pieces = token_pieces(ids, decode)
+    tokens, spans = [], []
+    for t, (token_id, piece) in enumerate(zip(ids, pieces)):
+        per_layer = []
+        for layer in layers:
+            gates = layer["head_gates"][t]
+            entry = {"heads": [[h, round(float(g), 4)] for h, g in enumerate(gates) if g > 0]}
+            if layer["expert_weight"] is not None:
+                entry["experts"] = [[e, round(float(w), 4)] for e, w in enumerate(layer["expert_weight"][t]) if w > 0]
+            per_layer.append(entry)
+        tokens.append({"id": token_id, "label": piece, "layers": per_layer})
+        spans.append(f'<span class="token" data-index="{t}">{html.escape(piece or chr(0xB7))}</span>')
+    box = (f'<div id="text-box">{"".join(spans)}</div><div id="token-detail"><p class="hint">'
+           f'{len(ids)} tokens; hover one.</p></div>')
+    return box, tokens
+
+
+def _page(title: str, body: str, data: Dict[str, Any]) -> str:
+    css = (ASSETS / "report.css").read_text(encoding="utf-8")
+    script = (ASSETS / "report.js").read_text(encoding="utf-8")
+    # "</" inside the JSON would end the script element early
+    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f'<link rel="icon" href="data:,"><style>{css}</style></head><body>{body}'
+            f'<div id="tooltip" hidden></div>'
+            f'<script type="application/json" id="report-data">{payload}</script>'
+            f"<script>{script}</script></body></html>\n")
+
+
+def _visible(piece: str) -> str:
+    return "".join(VISIBLE_WHITESPACE.get(char, char) for char in piece) or "\u00b7"
