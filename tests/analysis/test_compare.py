@@ -270,3 +270,25 @@ def test_every_row_names_the_released_code_it_computes():
     assert "not MoH's released gating" in reference_of(old_gating)
     deepseek = GoHConfig(ffn="moe", n_experts=8, expert_score="sigmoid")
     assert "DeepSeek-V3" in reference_of(deepseek)
+
+
+def test_loss_figure_says_which_batches_each_panel_saw(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from gohgraph.analysis.compare.report import plot_loss_curves
+
+    saved = {}
+    monkeypatch.setattr(plt.Figure, "savefig", lambda self, *args, **kwargs: saved.setdefault("figure", self))
+    histories = {"dense": [[(1, 100, 3.0), (2, 200, 2.5)], [(1, 100, 3.1), (2, 200, 2.6)]],
+                 "GoH": [[(1, 100, 3.2), (2, 200, 2.4)], [(1, 100, 3.0), (2, 200, 2.45)]]}
+    finals = {"dense": [2.55, 2.65], "GoH": [2.42, 2.47]}
+    plot_loss_curves(histories, tmp_path / "compare_loss.png", final_losses=finals, curve_batches=4)
+    curves, final = saved["figure"].axes
+    assert curves.get_title() == "during training: mean over seeds, on 4 validation batches"
+    assert "the whole validation split" in final.get_title()
+    assert [line.get_ydata().tolist() for line in curves.get_lines()] == [[3.05, 2.55], [3.1, 2.425]]
+    assert not curves.collections  # no overlapping bands
+    bars = [patch.get_height() for patch in final.patches]
+    assert bars == pytest.approx([2.60, 2.445])  # the table's means, not the curves' last points
+    dots = sorted(float(y) for points in final.collections for y in points.get_offsets()[:, 1])
+    assert dots == pytest.approx(sorted(finals["dense"] + finals["GoH"]))

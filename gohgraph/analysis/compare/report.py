@@ -146,34 +146,57 @@ def _mean_or_dash(values: Iterable[Optional[float]]) -> str:
     return f"{statistics.fmean(present):.2f}" if present else "-"
 
 
-def plot_loss_curves(histories: Dict[str, List[List[Tuple[int, int, float]]]], path: Path) -> Path:
-    """Validation loss against training tokens, one line per variant (mean over seeds, min-max band).
+def plot_loss_curves(histories: Dict[str, List[List[Tuple[int, int, float]]]], path: Path,
+                     final_losses: Optional[Dict[str, List[float]]] = None,
+                     curve_batches: Optional[int] = None, final_batches: Optional[int] = None) -> Path:
+    """Validation loss against training tokens, and the table's final losses beside it.
 
-    ``histories[name]`` holds one ``[(step, tokens_seen, val_loss), ...]`` list per seed.
+    Left: one line per variant, the mean over seeds of ``histories[name]`` (one
+    ``[(step, tokens_seen, val_loss), ...]`` list per seed), measured during training on
+    ``curve_batches`` validation batches; no bands, which overlapped into one smear for seven
+    variants. Right (with ``final_losses``): each variant's final loss per seed (dots) and mean
+    (bar), on ``final_batches`` batches (``None`` = the whole validation split), i.e. the table's
+    numbers; the curves' last points differ from them by the batches they saw, which both titles say.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    panels = 2 if final_losses else 1
+    figure, axes = plt.subplots(1, panels, figsize=(7 + 4 * (panels - 1), 4.5), squeeze=False,
+                                gridspec_kw={"width_ratios": [7, 4][:panels]})
+    curves, colours = axes[0][0], {}
     for name, seeds in histories.items():
         seeds = [s for s in seeds if s]
         if not seeds:
             continue
         length = min(len(s) for s in seeds)
         tokens = [seeds[0][i][1] for i in range(length)]
-        per_point = [[s[i][2] for s in seeds] for i in range(length)]
-        means = [statistics.fmean(values) for values in per_point]
-        line, = axes.plot(tokens, means, marker="o", markersize=3, label=name)
-        if len(seeds) > 1:
-            axes.fill_between(tokens, [min(v) for v in per_point], [max(v) for v in per_point],
-                              color=line.get_color(), alpha=0.15)
-    axes.set_xlabel("training tokens")
-    axes.set_ylabel("validation loss (nats / byte)")
-    axes.set_title("matched-parameter comparison (mean over seeds, band = min-max)")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+        means = [statistics.fmean(s[i][2] for s in seeds) for i in range(length)]
+        line, = curves.plot(tokens, means, marker="o", markersize=3, label=name)
+        colours[name] = line.get_color()
+    curves.set_xlabel("training tokens")
+    curves.set_ylabel("validation loss (nats / byte)")
+    seen = f"{curve_batches} validation batches" if curve_batches else "validation batches"
+    curves.set_title(f"during training: mean over seeds, on {seen}", fontsize=10)
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=8)
+    if final_losses:
+        final = axes[0][1]
+        names = [name for name in histories if final_losses.get(name)]
+        for i, name in enumerate(names):
+            values = final_losses[name]
+            final.bar(i, statistics.fmean(values), color=colours.get(name), alpha=0.35)
+            final.scatter([i] * len(values), values, color=colours.get(name), s=14, zorder=3)
+        low = min(min(final_losses[n]) for n in names)
+        high = max(max(final_losses[n]) for n in names)
+        final.set_ylim(low - 0.15 * (high - low + 1e-3), high + 0.15 * (high - low + 1e-3))
+        final.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+        split = "the whole validation split" if final_batches is None else f"{final_batches} validation batches"
+        final.set_title(f"final (the table): seeds and mean,\non {split}", fontsize=10)
+        final.grid(alpha=0.3, axis="y")
+    figure.suptitle("matched-parameter comparison", fontsize=11)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -76,7 +76,9 @@ def run_comparison(variants: Dict[str, MatchedVariant], train_config: TrainConfi
     (out_dir / "compare.md").write_text(render_table(comparison) + "\n", encoding="utf-8")
     (out_dir / "compare.json").write_text(json.dumps(_to_json(comparison), indent=2) + "\n", encoding="utf-8")
     plot_loss_curves({name: [run.val_history for run in comparison.runs_of(name)] for name in variants},
-                     out_dir / "compare_loss.png")
+                     out_dir / "compare_loss.png",
+                     final_losses={name: [run.val_loss for run in comparison.runs_of(name)] for name in variants},
+                     curve_batches=train_config.eval_batches, final_batches=final_eval_batches)
     return comparison
 
 
