@@ -44,13 +44,19 @@ def test_bench_layer_times_dense_moh_and_goh():
     assert "| dense MHA |" in out and "| MoH (linear router) |" in out and "| GoH (graph" in out
 
 
-def test_bench_inference_cached_generation_equals_recompute():
+def test_bench_inference_checks_tokens_and_measures_cache_bytes():
     out = run_benchmark("bench_inference.py", "--d-model", "32", "--layers", "1", "--prompt", "8", "--new", "8",
-                        "--batch", "1", "--repeats", "1")
-    rows = [line for line in out.splitlines() if line.startswith("| dense") or line.startswith("| MoH")
-            or line.startswith("| GoH")]
-    assert len(rows) == 3
-    assert all(row.rstrip(" |").endswith("yes") for row in rows)
+                        "--repeats", "1", "--no-compile")
+    decode, cache, memory_table = (section.splitlines() for section in out.split("### ")[1:])
+    from_hf = [line for line in decode if line.startswith("| dense (from HF)")]
+    assert from_hf and from_hf[0].rstrip(" |").endswith("HF Llama: yes")  # HF's tokens, from converted weights
+    cached = [line for line in cache if line.startswith(("| dense", "| MoH", "| GoH"))]
+    assert len(cached) == 6 and all(row.rstrip(" |").endswith("yes") for row in cached)
+    memory = {line.split("|")[1].strip(): line.split("|")[3:5] for line in memory_table
+              if line.startswith(("| MHA", "| GQA", "| MQA", "| MLA", "| sliding"))}
+    assert len(memory) == 5
+    for formula, measured in memory.values():  # the cache holds exactly what the formula says
+        assert formula.strip() == measured.strip()
 
 
 def test_bench_train_reports_every_attention_variant():
