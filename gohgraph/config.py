@@ -25,8 +25,12 @@ ROUTERS = ("dense", "linear", "graph", "query-norm")
 FFN_KINDS = ("dense", "moe", "mh-moe", "graph-moe")
 NORMS = ("rms", "layer")
 EXPERT_ACTIVATIONS = ("swiglu", "gelu")
-POSITION_EMBEDDINGS = ("rope", "learned")
-MLP_KINDS = ("swiglu", "gelu")
+POSITION_EMBEDDINGS = ("rope", "learned", "sinusoidal", "t5-relative")
+MLP_KINDS = ("swiglu", "gelu", "gelu-exact", "relu", "geglu")
+MODEL_TYPES = ("decoder", "encoder", "seq2seq")  # DESIGN.md §13: the three members of the family
+NORM_POSITIONS = ("pre", "post")
+CLASSIFIER_POOLINGS = ("first", "mean", "first-tanh")
+ATTENTION_SCALES = ("sqrt", "none")
 
 GATE_NORMALISATIONS = ("moh", "mha")
 EXPERT_SCORES = ("softmax", "sigmoid")
@@ -83,12 +87,30 @@ class GoHConfig:
     dropout: float = _in("shape", 0.0)
     tie_embeddings: bool = _in("shape", True)
     init_std: float = _in("shape", 0.02)
+    # the transformer family (DESIGN.md §13): "decoder" (GoHTransformer), "encoder" (GoHEncoder,
+    # BERT) or "seq2seq" (GoHSeq2Seq, T5 / Vaswani); from_pretrained builds the class it names
+    model_type: str = _in("shape", "decoder")
+    # "pre": x + f(norm(x)) and a final norm (GPT-2, LLaMA, T5); "post": norm(x + f(x)) and no final
+    # norm (Vaswani, BERT)
+    norm_position: str = _in("shape", "pre")
+    embedding_norm: bool = _in("shape", False)  # a norm after the embeddings (BERT)
+    n_decoder_layers: Optional[int] = _in("shape", None)  # seq2seq decoder depth; None = n_layers
+    n_labels: int = _in("shape", 0)  # encoder: classes of the sequence-classification head (0 = none)
+    # what the classifier reads: the first token, the mean over real tokens, or BERT's pooler
+    # tanh(W h_first + b)
+    classifier_pooling: str = _in("shape", "first")
+    # encoder: BERT's MLM transform norm(GELU(W h + b)) before the tied output layer
+    mlm_transform: bool = _in("shape", False)
 
     # ---- attention (the defaults are the LLaMA-style model; converted GPT-2 models switch them)
     n_kv_heads: Optional[int] = _in("attention", None)  # None = n_heads (MHA); 1 = MQA; otherwise GQA
     position_embedding: str = _in("attention", "rope")  # "learned": absolute position table added to the embedding
     rope_theta: float = _in("attention", 10000.0)
     linear_bias: bool = _in("attention", False)  # biases in the qkv / out / dense-FFN linears
+    # encoder-decoder family: "none" = T5's unscaled scores q.k (its init folds 1/sqrt(d_h) into W_q)
+    attention_scale: str = _in("attention", "sqrt")
+    relative_buckets: int = _in("attention", 32)  # position_embedding="t5-relative": T5's bucket count
+    relative_max_distance: int = _in("attention", 128)  # ... and the distance the log buckets reach
 
     # ---- head routing
     router: str = _in("head routing", "dense")
@@ -197,9 +219,14 @@ class GoHConfig:
     def hidden_dim(self) -> int:
         if self.ffn_hidden is not None:
             return self.ffn_hidden
-        if self.mlp == "gelu":
+        if self.mlp in ("gelu", "gelu-exact", "relu"):  # two-layer MLPs: Vaswani's and BERT's 4 d_model
             return 4 * self.d_model
         return 8 * math.ceil(8 * self.d_model / 3 / 8)
+
+    @property
+    def decoder_layers(self) -> int:
+        """Depth of a seq2seq model's decoder stack."""
+        return self.n_layers if self.n_decoder_layers is None else self.n_decoder_layers
 
     @property
     def n_routed_experts(self) -> int:
@@ -233,6 +260,7 @@ class GoHConfig:
         _choice(self, "head_gate_normalisation", GATE_NORMALISATIONS)
         _choice(self, "expert_score", EXPERT_SCORES)
         _choice(self, "expert_balance_pooling", BALANCE_POOLINGS)
+        self._validate_family()
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.position_embedding == "rope" and self.head_dim % 2:
@@ -261,6 +289,21 @@ class GoHConfig:
         _check_graph_nodes(self.head_graph, "head_graph", self.n_heads)
         if self.ffn != "dense":
             self._validate_experts()
+
+    def _validate_family(self) -> None:
+        _choice(self, "model_type", MODEL_TYPES)
+        _choice(self, "norm_position", NORM_POSITIONS)
+        _choice(self, "classifier_pooling", CLASSIFIER_POOLINGS)
+        _choice(self, "attention_scale", ATTENTION_SCALES)
+        _positive(self, "relative_buckets", "relative_max_distance")
+        if self.n_decoder_layers is not None and self.n_decoder_layers < 1:
+            raise ValueError(f"n_decoder_layers={self.n_decoder_layers} must be >= 1 or None (= n_layers)")
+        if self.n_labels < 0 or (self.n_labels and self.model_type != "encoder"):
+            raise ValueError(f"n_labels={self.n_labels} must be >= 0, and > 0 only for model_type='encoder' "
+                             f"(got model_type={self.model_type!r})")
+        if self.position_embedding == "t5-relative" and self.model_type == "decoder":
+            raise ValueError("position_embedding='t5-relative' is built by the encoder and seq2seq models; "
+                             "the decoder-only model takes 'rope', 'learned' or 'sinusoidal'")
 
     def _validate_experts(self) -> None:
         _positive(self, "n_experts", "top_k_experts", "n_subtokens", "n_expert_groups", "top_k_expert_groups")

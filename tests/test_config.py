@@ -16,7 +16,7 @@ from gohgraph import GoHConfig
     (dict(n_shared_heads=9), r"n_shared_heads=9 must be in \[0, n_heads=8\]"),
     (dict(n_shared_heads=2, top_k_heads=7), r"top_k_heads=7 must be in \[1, n_routed_heads=6\]"),
     (dict(n_kv_heads=3), r"n_kv_heads=3 must be a positive divisor of n_heads=8"),
-    (dict(router="gat"), r"router='gat' is not one of \['dense', 'linear', 'graph'\]"),
+    (dict(router="gat"), r"router='gat' is not one of \['dense', 'linear', 'graph', 'query-norm'\]"),
     (dict(head_graph="grid"), r"head_graph='grid' is not one of \['complete', 'ring', 'star', 'none'\]"),
     (dict(ffn="sparse"), r"ffn='sparse' is not one of \['dense', 'moe', 'mh-moe', 'graph-moe'\]"),
     (dict(router_rounds=-1), r"router_rounds=-1 must be >= 0"),

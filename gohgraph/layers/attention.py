@@ -48,6 +48,12 @@ class GoHAttention(nn.Module):
       from each row's first real token); by default ``cache length + t``;
     * ``cache``: a :class:`~gohgraph.layers.kv_cache.KVCache` that receives this call's keys
       and values and returns every cached one.
+    * ``memory_kv``: cross-attention keys and values already projected by :meth:`project_memory`
+      (``[batch, kv_heads, mem_len, head_dim]`` each), so a decoding loop projects the memory once;
+    * ``bias``: float, broadcastable to ``[batch, heads, q_len, k_len]``, added to the scores
+      (T5's relative-position bias).
+
+    ``cfg.attention_scale="none"`` drops the ``1/sqrt(head_dim)`` of the scores (T5).
 
     Shapes: ``x [batch, seq, d_model]`` -> ``y [batch, seq, d_model]`` and a :class:`LayerRouting`
     with the attention fields filled.
@@ -72,14 +78,20 @@ class GoHAttention(nn.Module):
                 nn.init.zeros_(linear.bias)
         # RoPE rotates q and k here; absolute positions (GPT-2) are added to the embedding by the model
         self.rotary = build_query_key_positions(cfg)
+        self.scale = None if cfg.attention_scale == "sqrt" else 1.0  # None: SDPA's 1/sqrt(head_dim)
         self.head_routing = build_head_routing(cfg) if build_head_routing is not None else None
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, causal: bool = True,
                 mask: Optional[torch.Tensor] = None, memory: Optional[torch.Tensor] = None,
-                positions: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
+                positions: Optional[torch.Tensor] = None,
+                memory_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
         batch, seq, d_model = x.shape
         heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self._project(x, memory)
+        if memory_kv is not None:
+            q, k, v = self._project_queries(x), None, None
+        else:
+            q, k, v = self._project(x, memory)
         q = q.view(batch, seq, heads, head_dim)
         if self.head_routing is not None:
             head_gates, head_mixing, routing = self.head_routing(x, q)
@@ -87,15 +99,19 @@ class GoHAttention(nn.Module):
             head_gates = head_mixing = None
             routing = LayerRouting(head_gates=x.new_ones(batch, seq, heads))
 
-        offset = cache.length(self.layer_idx) if cache is not None else 0
         q = q.transpose(1, 2)
-        k = k.view(batch, k.shape[1], kv_heads, head_dim).transpose(1, 2)
-        if self.rotary is not None and memory is None:
-            q, k = self.rotary(q, k, offset if positions is None else positions)
-        v = v.view(batch, v.shape[1], kv_heads, head_dim).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.append(self.layer_idx, k, v)
-        attn = self._attend(q, k, v, causal, mask, self_attention=memory is None)  # [batch, heads, seq, head_dim]
+        cross = memory is not None or memory_kv is not None
+        if memory_kv is not None:
+            k, v = memory_kv
+        else:
+            offset = cache.length(self.layer_idx) if cache is not None else 0
+            k = k.view(batch, k.shape[1], kv_heads, head_dim).transpose(1, 2)
+            if self.rotary is not None and not cross:
+                q, k = self.rotary(q, k, offset if positions is None else positions)
+            v = v.view(batch, v.shape[1], kv_heads, head_dim).transpose(1, 2)
+            if cache is not None:
+                k, v = cache.append(self.layer_idx, k, v)
+        attn = self._attend(q, k, v, causal, mask, self_attention=not cross, bias=bias)  # [batch, heads, seq, head_dim]
 
         attn = attn.transpose(1, 2)  # [batch, seq, heads, head_dim]
         if head_mixing is not None:
@@ -104,6 +120,20 @@ class GoHAttention(nn.Module):
             attn = attn * head_gates.to(attn.dtype).unsqueeze(-1)
         y = self.out(attn.reshape(batch, seq, d_model))
         return y, routing
+
+    def project_memory(self, memory: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values of ``memory [batch, mem_len, d_model]``, each
+        ``[batch, kv_heads, mem_len, head_dim]``: what ``forward(..., memory_kv=)`` takes."""
+        kv_width = self.n_kv_heads * self.head_dim
+        weight, bias = self.qkv.weight, self.qkv.bias
+        kv = F.linear(memory, weight[self.q_width:], None if bias is None else bias[self.q_width:])
+        k, v = kv.split([kv_width, kv_width], dim=-1)
+        shape = (memory.shape[0], memory.shape[1], self.n_kv_heads, self.head_dim)
+        return k.reshape(shape).transpose(1, 2), v.reshape(shape).transpose(1, 2)
+
+    def _project_queries(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.qkv.weight, self.qkv.bias
+        return F.linear(x, weight[:self.q_width], None if bias is None else bias[:self.q_width])
 
     def _project(self, x: torch.Tensor, memory: Optional[torch.Tensor]
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,10 +148,11 @@ class GoHAttention(nn.Module):
         return q, k, v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                mask: Optional[torch.Tensor], self_attention: bool) -> torch.Tensor:
+                mask: Optional[torch.Tensor], self_attention: bool,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         seq, total = q.shape[2], k.shape[2]
         is_causal = False
-        if mask is None and causal and seq > 1 and seq == total:
+        if mask is None and causal and seq > 1 and seq == total and bias is None:
             is_causal = True  # SDPA's own causal kernel
         elif mask is not None or (causal and seq > 1):
             # new queries sit at the end of the cached sequence: positions are bottom-right aligned
@@ -133,7 +164,10 @@ class GoHAttention(nn.Module):
                 if self_attention:  # a padding query sees itself: no row is all -inf (NaN in SDPA)
                     allowed = allowed | (key_pos == query_pos)
             mask = allowed
+        if bias is not None:  # additive scores; a disallowed pair still gets -inf
+            bias = bias.to(q.dtype)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads)
