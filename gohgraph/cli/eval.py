@@ -13,7 +13,9 @@ from pathlib import Path
 
 from ..data.corpus import load_corpus
 from ..training.trainer import evaluate
+from ..training.objectives import OBJECTIVE_FILE
 from .common import load_model, run_dir_of
+from .objectives import run_eval as run_objective_eval
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     model, directory = load_model(args.checkpoint, args.device)
     run_dir = run_dir_of(directory)
+    if run_dir is not None and (run_dir / OBJECTIVE_FILE).is_file():  # an encoder objective's run
+        return run_objective_eval(args, model, directory, run_dir)
     data_settings = _read_json(run_dir / "data.json") if run_dir else {}
     train_settings = _read_json(run_dir / "train_config.json") if run_dir else {}
     corpus = load_corpus(args.data if args.data is not None else data_settings.get("data"), args.cache_dir,
