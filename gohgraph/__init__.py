@@ -17,6 +17,7 @@ from .config import GoHConfig
 from .layers.attention import GoHAttention
 from .layers.kv_cache import DynamicKVCache, KVCache
 from .models.decoder import GoHOutput, GoHTransformer
+from .models.encoder import EncoderOutput, GoHEncoder
 from .models.pretrained import from_pretrained
 from .routers.heads import HeadGate, HeadRouter, LinearHeadRouter
 from .routing import ExpertRouting, LayerRouting
@@ -25,7 +26,7 @@ from .version import __version__
 
 
 __all__ = [
-    "CheckpointError", "DynamicKVCache", "ExpertRouting", "GoHAttention", "GoHConfig", "GoHOutput",
+    "CheckpointError", "DynamicKVCache", "EncoderOutput", "ExpertRouting", "GoHAttention", "GoHConfig", "GoHEncoder", "GoHOutput",
     "GoHTransformer", "HeadGate", "HeadRouter", "KVCache", "LayerRouting", "LinearHeadRouter",
     "__version__", "from_pretrained",
 ]

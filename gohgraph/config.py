@@ -25,10 +25,14 @@ ROUTERS = ("dense", "linear", "graph", "query-norm")
 FFN_KINDS = ("dense", "moe", "mh-moe", "graph-moe")
 NORMS = ("rms", "layer")
 EXPERT_ACTIVATIONS = ("swiglu", "gelu")
-POSITION_EMBEDDINGS = ("rope", "learned", "alibi")
+POSITION_EMBEDDINGS = ("rope", "learned", "alibi", "sinusoidal", "t5-relative")
 ROPE_SCALINGS = ("none", "linear", "ntk", "llama3")
 ATTENTION_KINDS = ("mha", "mla")
-MLP_KINDS = ("swiglu", "gelu")
+MLP_KINDS = ("swiglu", "gelu", "gelu-exact", "relu", "geglu")
+MODEL_TYPES = ("decoder", "encoder", "seq2seq")  # DESIGN.md §13: the three members of the family
+NORM_POSITIONS = ("pre", "post")
+CLASSIFIER_POOLINGS = ("first", "mean", "first-tanh")
+ATTENTION_SCALES = ("sqrt", "none")
 
 GATE_NORMALISATIONS = ("moh", "mha")
 EXPERT_SCORES = ("softmax", "sigmoid")
@@ -85,6 +89,20 @@ class GoHConfig:
     dropout: float = _in("shape", 0.0)
     tie_embeddings: bool = _in("shape", True)
     init_std: float = _in("shape", 0.02)
+    # the transformer family (DESIGN.md §13): "decoder" (GoHTransformer), "encoder" (GoHEncoder,
+    # BERT) or "seq2seq" (GoHSeq2Seq, T5 / Vaswani); from_pretrained builds the class it names
+    model_type: str = _in("shape", "decoder")
+    # "pre": x + f(norm(x)) and a final norm (GPT-2, LLaMA, T5); "post": norm(x + f(x)) and no final
+    # norm (Vaswani, BERT)
+    norm_position: str = _in("shape", "pre")
+    embedding_norm: bool = _in("shape", False)  # a norm after the embeddings (BERT)
+    n_decoder_layers: Optional[int] = _in("shape", None)  # seq2seq decoder depth; None = n_layers
+    n_labels: int = _in("shape", 0)  # encoder: classes of the sequence-classification head (0 = none)
+    # what the classifier reads: the first token, the mean over real tokens, or BERT's pooler
+    # tanh(W h_first + b)
+    classifier_pooling: str = _in("shape", "first")
+    # encoder: BERT's MLM transform norm(GELU(W h + b)) before the tied output layer
+    mlm_transform: bool = _in("shape", False)
 
     # ---- attention (the defaults are the LLaMA-style model; converted GPT-2 models switch them)
     n_kv_heads: Optional[int] = _in("attention", None)  # None = n_heads (MHA); 1 = MQA; otherwise GQA
@@ -111,6 +129,10 @@ class GoHConfig:
     qk_rope_head_dim: int = _in("attention", 8)
     qk_nope_head_dim: Optional[int] = _in("attention", None)  # None = head_dim
     v_head_dim: Optional[int] = _in("attention", None)  # None = head_dim
+    # encoder-decoder family: "none" = T5's unscaled scores q.k (its init folds 1/sqrt(d_h) into W_q)
+    attention_scale: str = _in("attention", "sqrt")
+    relative_buckets: int = _in("attention", 32)  # position_embedding="t5-relative": T5's bucket count
+    relative_max_distance: int = _in("attention", 128)  # ... and the distance the log buckets reach
 
     # ---- head routing
     router: str = _in("head routing", "dense")
@@ -245,9 +267,14 @@ class GoHConfig:
     def hidden_dim(self) -> int:
         if self.ffn_hidden is not None:
             return self.ffn_hidden
-        if self.mlp == "gelu":
+        if self.mlp in ("gelu", "gelu-exact", "relu"):  # two-layer MLPs: Vaswani's and BERT's 4 d_model
             return 4 * self.d_model
         return 8 * math.ceil(8 * self.d_model / 3 / 8)
+
+    @property
+    def decoder_layers(self) -> int:
+        """Depth of a seq2seq model's decoder stack."""
+        return self.n_layers if self.n_decoder_layers is None else self.n_decoder_layers
 
     @property
     def n_routed_experts(self) -> int:
@@ -286,6 +313,7 @@ class GoHConfig:
         _choice(self, "head_gate_normalisation", GATE_NORMALISATIONS)
         _choice(self, "expert_score", EXPERT_SCORES)
         _choice(self, "expert_balance_pooling", BALANCE_POOLINGS)
+        self._validate_family()
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.position_embedding == "rope" and self.attention == "mha" and self.head_dim % 2:
@@ -339,6 +367,21 @@ class GoHConfig:
         _positive(self, "rope_original_max_seq_len")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 or None (full attention)")
+
+    def _validate_family(self) -> None:
+        _choice(self, "model_type", MODEL_TYPES)
+        _choice(self, "norm_position", NORM_POSITIONS)
+        _choice(self, "classifier_pooling", CLASSIFIER_POOLINGS)
+        _choice(self, "attention_scale", ATTENTION_SCALES)
+        _positive(self, "relative_buckets", "relative_max_distance")
+        if self.n_decoder_layers is not None and self.n_decoder_layers < 1:
+            raise ValueError(f"n_decoder_layers={self.n_decoder_layers} must be >= 1 or None (= n_layers)")
+        if self.n_labels < 0 or (self.n_labels and self.model_type != "encoder"):
+            raise ValueError(f"n_labels={self.n_labels} must be >= 0, and > 0 only for model_type='encoder' "
+                             f"(got model_type={self.model_type!r})")
+        if self.position_embedding == "t5-relative" and self.model_type == "decoder":
+            raise ValueError("position_embedding='t5-relative' is built by the encoder and seq2seq models; "
+                             "the decoder-only model takes 'rope', 'learned', 'alibi' or 'sinusoidal'")
 
     def _validate_experts(self) -> None:
         if not 0 <= self.n_dense_layers < self.n_layers:

@@ -12,8 +12,10 @@ import math
 from pathlib import Path
 
 from ..data.sources import MixedCorpus, load_training_data, parse_data_flags
+from ..training.objectives import OBJECTIVE_FILE
 from ..training.trainer import evaluate, evaluate_sources
 from .common import load_model, run_dir_of
+from .objectives import run_eval as run_objective_eval
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     model, directory = load_model(args.checkpoint, args.device)
     run_dir = run_dir_of(directory)
+    if run_dir is not None and (run_dir / OBJECTIVE_FILE).is_file():  # an encoder objective's run
+        return run_objective_eval(args, model, directory, run_dir)
     data_settings = _read_json(run_dir / "data.json") if run_dir else {}
     train_settings = _read_json(run_dir / "train_config.json") if run_dir else {}
     settings = parse_data_flags(args.data) if args.data else data_settings

@@ -24,7 +24,9 @@ from ..training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
 from ..training.config import TrainConfig
 from ..training.presets import PRESETS, get_preset, read_config_file, split_fields
 from ..training.trainer import evaluate, evaluate_sources, train
+from ..data.objectives import OBJECTIVES
 from .common import check_device, parse_overrides
+from .objectives import run_train as run_objective_training
 
 # flag name -> TrainConfig field (None = not given, keep the base value)
 TRAIN_FLAGS = {"max_steps": "max_steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr",
@@ -72,9 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run's checkpoints first")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="lm",
+                        help="lm (default: decoder, next token), mlm (encoder, masked LM) or classify "
+                             "(encoder, which standard-library package a snippet is from)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.objective != "lm":
+        return run_objective_training(args)
     run_dir = args.run_dir or Path("runs") / (args.name or "default")
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run dir {run_dir} is a file; choose another --run-dir or --name")

@@ -48,6 +48,12 @@ class GoHAttention(nn.Module):
       from each row's first real token); by default ``cache length + t``;
     * ``cache``: a :class:`~gohgraph.layers.kv_cache.KVCache` that receives this call's keys
       and values and returns every cached one.
+    * ``memory_kv``: cross-attention keys and values already projected by :meth:`project_memory`
+      (``[batch, kv_heads, mem_len, head_dim]`` each), so a decoding loop projects the memory once;
+    * ``bias``: float, broadcastable to ``[batch, heads, q_len, k_len]``, added to the scores
+      (T5's relative-position bias).
+
+    ``cfg.attention_scale="none"`` drops the ``1/sqrt(head_dim)`` of the scores (T5).
 
     Shapes: ``x [batch, seq, d_model]`` -> ``y [batch, seq, d_model]`` and a :class:`LayerRouting`
     with the attention fields filled.
@@ -75,14 +81,20 @@ class GoHAttention(nn.Module):
         self.rotary = build_query_key_positions(cfg)
         self.score_bias = build_score_positions(cfg)
         self.sliding_window = cfg.sliding_window
+        self.scale = None if cfg.attention_scale == "sqrt" else 1.0  # None: SDPA's 1/sqrt(head_dim)
         self.head_routing = build_head_routing(cfg) if build_head_routing is not None else None
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, causal: bool = True,
                 mask: Optional[torch.Tensor] = None, memory: Optional[torch.Tensor] = None,
-                positions: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
+                positions: Optional[torch.Tensor] = None,
+                memory_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
         batch, seq, d_model = x.shape
         heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self._project(x, memory)
+        if memory_kv is not None:
+            q, k, v = self._project_queries(x), None, None
+        else:
+            q, k, v = self._project(x, memory)
         q = q.view(batch, seq, heads, head_dim)
         if self.head_routing is not None:
             head_gates, head_mixing, routing = self.head_routing(x, q)
@@ -90,19 +102,37 @@ class GoHAttention(nn.Module):
             head_gates = head_mixing = None
             routing = LayerRouting(head_gates=x.new_ones(batch, seq, heads))
 
-        offset = cache.length(self.layer_idx) if cache is not None else 0
         q = q.transpose(1, 2)
-        k = k.view(batch, k.shape[1], kv_heads, head_dim).transpose(1, 2)
-        if self.rotary is not None and memory is None:
-            q, k = self.rotary(q, k, offset if positions is None else positions)
-        v = v.view(batch, v.shape[1], kv_heads, head_dim).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.append(self.layer_idx, k, v)
-        attn = self._attend(q, k, v, causal, mask, self_attention=memory is None)  # [batch, heads, seq, head_dim]
+        cross = memory is not None or memory_kv is not None
+        if memory_kv is not None:
+            k, v = memory_kv
+        else:
+            offset = cache.length(self.layer_idx) if cache is not None else 0
+            k = k.view(batch, k.shape[1], kv_heads, head_dim).transpose(1, 2)
+            if self.rotary is not None and not cross:
+                q, k = self.rotary(q, k, offset if positions is None else positions)
+            v = v.view(batch, v.shape[1], kv_heads, head_dim).transpose(1, 2)
+            if cache is not None:
+                k, v = cache.append(self.layer_idx, k, v)
+        attn = self._attend(q, k, v, causal, mask, self_attention=not cross, bias=bias)  # [batch, heads, seq, head_dim]
 
         attn = mix_heads(attn.transpose(1, 2), head_gates, head_mixing)  # [batch, seq, heads, head_dim]
         y = self.out(attn.reshape(batch, seq, d_model))
         return y, routing
+
+    def project_memory(self, memory: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values of ``memory [batch, mem_len, d_model]``, each
+        ``[batch, kv_heads, mem_len, head_dim]``: what ``forward(..., memory_kv=)`` takes."""
+        kv_width = self.n_kv_heads * self.head_dim
+        weight, bias = self.qkv.weight, self.qkv.bias
+        kv = F.linear(memory, weight[self.q_width:], None if bias is None else bias[self.q_width:])
+        k, v = kv.split([kv_width, kv_width], dim=-1)
+        shape = (memory.shape[0], memory.shape[1], self.n_kv_heads, self.head_dim)
+        return k.reshape(shape).transpose(1, 2), v.reshape(shape).transpose(1, 2)
+
+    def _project_queries(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.qkv.weight, self.qkv.bias
+        return F.linear(x, weight[:self.q_width], None if bias is None else bias[:self.q_width])
 
     def _project(self, x: torch.Tensor, memory: Optional[torch.Tensor]
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,11 +147,12 @@ class GoHAttention(nn.Module):
         return q, k, v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                mask: Optional[torch.Tensor], self_attention: bool) -> torch.Tensor:
+                mask: Optional[torch.Tensor], self_attention: bool,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         attn_mask, is_causal = attention_mask(q, k.shape[2], causal, mask, self_attention,
-                                              self.sliding_window, self.score_bias)
+                                              self.sliding_window, self.score_bias, bias)
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads)
 
@@ -140,7 +171,8 @@ def mix_heads(attn: torch.Tensor, head_gates: Optional[torch.Tensor],
 
 def attention_mask(q: torch.Tensor, total: int, causal: bool, mask: Optional[torch.Tensor],
                    self_attention: bool, sliding_window: Optional[int] = None,
-                   score_bias: Optional[nn.Module] = None) -> Tuple[Optional[torch.Tensor], bool]:
+                   score_bias: Optional[nn.Module] = None,
+                   bias: Optional[torch.Tensor] = None) -> Tuple[Optional[torch.Tensor], bool]:
     """SDPA's ``(attn_mask, is_causal)`` for queries ``q [batch, heads, seq, d]`` over ``total`` keys.
 
     Keys are the newest ``total`` positions, ending at the last query (every cache returns them
@@ -148,15 +180,16 @@ def attention_mask(q: torch.Tensor, total: int, causal: bool, mask: Optional[tor
     when ``j <= i`` (``causal``), ``i - j < sliding_window`` (self-attention only) and ``mask``
     allows it (bool, broadcastable to ``[batch, heads, seq, total]``; a mask longer than
     ``total`` is cut to its newest columns, as a sliding-window cache drops the oldest keys).
-    ``score_bias(distance [seq, total])`` (ALiBi) makes the mask a float bias with ``-inf``
-    where not allowed. With nothing but plain causality SDPA's own causal kernel is used.
+    ``score_bias(distance [seq, total])`` (ALiBi) and ``bias`` (additive scores broadcastable to
+    ``[batch, heads, seq, total]``, e.g. T5's relative bias) make the mask a float bias with
+    ``-inf`` where not allowed. With nothing but plain causality SDPA's own causal kernel is used.
     """
     seq = q.shape[2]
     if mask is not None and mask.shape[-1] > total:
         mask = mask[..., -total:]
     window = sliding_window if self_attention and sliding_window is not None and sliding_window < total else None
-    bias = score_bias if self_attention else None
-    if mask is None and window is None and bias is None:
+    score_bias = score_bias if self_attention else None
+    if mask is None and window is None and score_bias is None and bias is None:
         if not causal or seq == 1:
             return None, False
         if seq == total:
@@ -172,7 +205,10 @@ def attention_mask(q: torch.Tensor, total: int, causal: bool, mask: Optional[tor
         allowed = mask if allowed is None else mask & allowed
         if self_attention:  # a padding query sees itself: no row is all -inf (NaN in SDPA)
             allowed = allowed | (key_pos == query_pos)
+    if score_bias is not None:
+        alibi = score_bias(query_pos - key_pos)  # [heads, seq, total]
+        bias = alibi if bias is None else bias + alibi
     if bias is None:
         return allowed, False
-    scores_bias = bias(query_pos - key_pos).to(q.dtype)  # [heads, seq, total]
-    return (scores_bias if allowed is None else scores_bias.masked_fill(~allowed, float("-inf"))), False
+    bias = bias.to(q.dtype)
+    return (bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))), False

@@ -89,8 +89,10 @@ class LatentAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, causal: bool = True,
                 mask: Optional[torch.Tensor] = None, memory: Optional[torch.Tensor] = None,
-                positions: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
-        if memory is not None:
+                positions: Optional[torch.Tensor] = None,
+                memory_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
+        if memory is not None or memory_kv is not None:
             raise ValueError("attention='mla' is self-attention only: its keys come from the latent of x")
         batch, seq, _ = x.shape
         q = self._queries(x).view(batch, seq, self.n_heads, self.query_dim)
@@ -107,7 +109,8 @@ class LatentAttention(nn.Module):
         q_rope, key_rope = self.rotary(q_rope, key_rope.unsqueeze(1), offset if positions is None else positions)
         if cache is not None:
             latent, key_rope = cache.append(self.layer_idx, latent, key_rope)
-        attn_mask, is_causal = attention_mask(q_nope, latent.shape[2], causal, mask, True, self.sliding_window)
+        attn_mask, is_causal = attention_mask(q_nope, latent.shape[2], causal, mask, True, self.sliding_window,
+                                              bias=bias)
         absorb = self.absorb if self.absorb is not None else (cache is not None and not self.training)
         attend = self._attend_absorbed if absorb else self._attend_expanded
         attn = attend(q_nope, q_rope, latent, key_rope, attn_mask, is_causal)  # [batch, heads, seq, d_v]

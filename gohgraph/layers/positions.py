@@ -17,8 +17,11 @@ import torch
 from torch import nn
 
 from ..config import GoHConfig
+from .relative_bias import SinusoidalPositionEmbedding, T5RelativeBias
 
 ON_QUERIES_KEYS, ON_SCORES, ON_EMBEDDING = "queries_keys", "scores", "embedding"
+# added to the attention scores; built once per stack by the encoder / seq2seq models (T5)
+ON_ATTENTION_BIAS = "attention_bias"
 
 
 Positions = Union[int, torch.Tensor]
@@ -151,6 +154,9 @@ POSITION_SCHEMES: Dict[str, PositionScheme] = {
                            ON_QUERIES_KEYS),
     "alibi": PositionScheme(AlibiBias, ON_SCORES),
     "learned": PositionScheme(LearnedPositionEmbedding, ON_EMBEDDING),
+    "sinusoidal": PositionScheme(SinusoidalPositionEmbedding, ON_EMBEDDING),
+    # bidirectional buckets by default (encoders); a decoder stack builds T5RelativeBias(cfg, False)
+    "t5-relative": PositionScheme(lambda cfg: T5RelativeBias(cfg, bidirectional=True), ON_ATTENTION_BIAS),
 }
 
 
@@ -164,6 +170,11 @@ def build_score_positions(cfg: GoHConfig) -> Optional[nn.Module]:
     """The module an attention layer calls with ``distance [q, k]`` for a score bias, or ``None``."""
     scheme = POSITION_SCHEMES[cfg.position_embedding]
     return scheme.build(cfg) if scheme.acts_on == ON_SCORES else None
+
+
+def has_attention_bias(cfg: GoHConfig) -> bool:
+    """Whether ``cfg.position_embedding`` is a bias on the attention scores (built by the model)."""
+    return POSITION_SCHEMES[cfg.position_embedding].acts_on == ON_ATTENTION_BIAS
 
 
 def build_embedding_positions(cfg: GoHConfig) -> Optional[nn.Module]:

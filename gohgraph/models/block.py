@@ -27,6 +27,8 @@ def build_attention(cfg: GoHConfig, layer_idx: int) -> nn.Module:
 class GoHBlock(nn.Module):
     """Pre-norm block ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; ``x [batch, seq, d_model]``.
 
+    ``cfg.norm_position="post"`` is Vaswani's and BERT's ``norm(x + attn(x))`` then ``norm(x + ffn(x))``.
+
     :func:`build_attention` builds the head routing (none for ``router="dense"``) and hands it to
     the attention; an expert FFN's :class:`~gohgraph.routing.ExpertRouting` is attached to the
     attention's record as ``record.experts``. Causality and masks are arguments of the call, not
@@ -40,13 +42,20 @@ class GoHBlock(nn.Module):
         self.ffn_norm = build_norm(cfg)
         self.ffn = build_feed_forward(cfg, layer_idx)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.post_norm = cfg.norm_position == "post"
+
+    def residual(self, x: torch.Tensor, norm: nn.Module, sublayer) -> Tuple[torch.Tensor, object]:
+        """``x + sublayer(norm(x))`` (pre-norm) or ``norm(x + sublayer(x))`` (post-norm), and the
+        sublayer's record; ``sublayer(h) -> (out, record)``."""
+        out, record = sublayer(x if self.post_norm else norm(x))
+        x = x + self.dropout(out)
+        return (norm(x) if self.post_norm else x), record
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, causal: bool = True,
                 mask: Optional[torch.Tensor] = None,
-                positions: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
-        attn_out, routing = self.attn(self.attn_norm(x), cache=cache, causal=causal, mask=mask,
-                                      positions=positions)
-        x = x + self.dropout(attn_out)
-        ffn_out, routing.experts = self.ffn(self.ffn_norm(x))
-        x = x + self.dropout(ffn_out)
+                positions: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
+        x, routing = self.residual(x, self.attn_norm, lambda h: self.attn(
+            h, cache=cache, causal=causal, mask=mask, positions=positions, bias=bias))
+        x, routing.experts = self.residual(x, self.ffn_norm, self.ffn)
         return x, routing

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +19,12 @@ from ..config import GoHConfig
 from ..layers.kv_cache import KVCache
 from ..layers.norm import build_norm
 from ..layers.positions import build_embedding_positions
-from ..routers.heads import HeadGate, HeadRouting
-from ..routers.losses import EXPERT_BALANCE, BalancedRouting, loss_coefficients, pooled_balance_loss
+from ..routers.heads import HeadRouting
+from ..routers.losses import BalancedRouting
 from ..routing import LayerRouting
-from ..storage import load_model, save_model
 from .block import GoHBlock
 from .generation import check_generation_arguments, make_decode_cache, positions_from_mask, sample_next_token
+from .routed import RoutedModel, weighted_aux_loss
 
 
 @dataclass
@@ -46,11 +45,12 @@ class GoHOutput:
     cache: Optional[KVCache] = None
 
 
-class GoHTransformer(nn.Module):
+class GoHTransformer(RoutedModel, nn.Module):
     """Decoder-only LM; see :class:`~gohgraph.GoHConfig` for the variants it covers.
 
     ``forward(input_ids [batch, seq], labels [batch, seq] | None)``: labels are the input ids
-    themselves (shifted inside, as in Hugging Face); ``-100`` marks positions to ignore.
+    themselves (shifted inside, as in Hugging Face); ``-100`` marks positions to ignore. Routing
+    upkeep and checkpoints come from :class:`~gohgraph.models.routed.RoutedModel`.
     """
 
     def __init__(self, cfg: GoHConfig) -> None:
@@ -95,27 +95,13 @@ class GoHTransformer(nn.Module):
         x = self.final_norm(x)
         logits = F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
 
-        aux_loss = self._weighted_aux_loss(routing, logits)
+        aux_loss = weighted_aux_loss(self.config, routing, logits)
         out = GoHOutput(logits=logits, aux_loss=aux_loss, routing=routing, cache=cache)
         if labels is not None:
             out.lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                           labels[:, 1:].reshape(-1), ignore_index=-100)
             out.loss = out.lm_loss + aux_loss
         return out
-
-    def _weighted_aux_loss(self, routing: List[LayerRouting], like: torch.Tensor) -> torch.Tensor:
-        coefficients = loss_coefficients(self.config)
-        pooled = self.config.expert_balance_pooling == "model"
-        total = like.new_zeros((), dtype=torch.float32)
-        for layer in routing:
-            for name, value in layer.aux_losses.items():
-                if not (pooled and name == EXPERT_BALANCE):
-                    total = total + coefficients[name] * value
-        tallies = [layer.experts.balance for layer in routing
-                   if layer.experts is not None and layer.experts.balance is not None]
-        if pooled and tallies:
-            total = total + coefficients[EXPERT_BALANCE] * pooled_balance_loss(tallies)
-        return total
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -214,35 +200,3 @@ class GoHTransformer(nn.Module):
                     logits = self(ids[:, window], attention_mask=None if mask is None else mask[:, window]
                                   ).logits[:, -1]
         return ids.clone()  # outside inference mode: a normal tensor, usable with autograd later
-
-    # ------------------------------------------------------------------ routing upkeep
-    def update_routing_biases(self) -> None:
-        """Apply auxiliary-loss-free bias updates in every layer; call after ``optimizer.step()``."""
-        for module in self.modules():
-            if isinstance(module, BalancedRouting):
-                module.update_bias()
-
-    def set_dense_blend(self, value: float) -> None:
-        """Blend every routed layer's head gates toward dense attention (MoH-style continue-tuning).
-
-        ``1.0``: every head on with gate 1 (a converted model computes its dense source exactly);
-        ``0.0`` (the default): the configured top-k routing. Dense-router layers have no gates.
-        """
-        if not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"dense_blend={value} must be in [0, 1]")
-        for module in self.modules():
-            if isinstance(module, HeadGate):
-                module.dense_blend.fill_(float(value))
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, directory: Union[str, Path]) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically)."""
-        return save_model(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: Union[str, Path], map_location: str = "cpu") -> "GoHTransformer":
-        """Load a model written by :meth:`save_pretrained`; mismatches raise ``CheckpointError``."""
-        return load_model(directory, cls, map_location=map_location)

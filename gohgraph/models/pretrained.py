@@ -9,9 +9,11 @@ from torch import nn
 
 from ..storage import CONFIG_NAME, CheckpointError, load_model, read_json
 from .decoder import GoHTransformer
+from .encoder import GoHEncoder
 
-# config.json's "model_type" -> the class it describes; configs without the key are decoders
-MODEL_TYPES: Dict[str, type] = {"decoder": GoHTransformer}
+# config.json's "model_type" (GoHConfig.model_type) -> the class it describes; configs without
+# the key are decoders
+MODEL_TYPES: Dict[str, type] = {"decoder": GoHTransformer, "encoder": GoHEncoder}
 DEFAULT_MODEL_TYPE = "decoder"
 
 

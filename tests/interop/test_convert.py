@@ -80,7 +80,7 @@ def test_dense_blend_is_saved_with_the_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------------- new GoHConfig options (no transformers)
 @pytest.mark.parametrize("field, value, allowed", [
-    ("position_embedding", "sinusoidal-x", "rope"), ("mlp", "relu", "swiglu"), ("linear_bias", "yes", "True or False")])
+    ("position_embedding", "sinusoidal-x", "rope"), ("mlp", "silu", "swiglu"), ("linear_bias", "yes", "True or False")])
 def test_new_config_fields_reject_bad_values(field, value, allowed):
     with pytest.raises(ValueError, match=rf"{field}=.*{allowed}"):
         GoHConfig(**{field: value})

@@ -1,0 +1,101 @@
+"""``gohgraph train --objective mlm|classify`` and ``gohgraph eval`` of such a run (DESIGN.md §13).
+
+The encoder family's presets (:data:`~gohgraph.training.objectives.OBJECTIVE_PRESETS`), then
+``--set`` and the training flags; the model's vocabulary is the data tokenizer's plus the three
+special tokens. One process; writes ``final/``, ``objective.json``, ``metrics.json`` in the run dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+from ..config import GoHConfig
+from ..data.corpus import load_corpus
+from ..data.objectives import SpecialTokens
+from ..data.objectives.classify import stdlib_package_snippets
+from ..data.objectives.mlm import unigram_entropy
+from ..training.config import TrainConfig
+from ..training.objectives import OBJECTIVE_FILE, OBJECTIVE_PRESETS, evaluate_objective, train_objective
+from ..training.presets import split_fields
+from .common import parse_overrides
+
+TRAIN_FLAGS = {"max_steps": "max_steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr",
+               "warmup_steps": "warmup_steps", "eval_every": "eval_every", "seed": "seed"}
+
+
+def build_objective_configs(args: argparse.Namespace, base_vocab: int):
+    """(GoHConfig, TrainConfig) of ``args.objective``: preset, then ``--set``, then flags."""
+    model_kwargs, train_kwargs = (dict(values) for values in OBJECTIVE_PRESETS[args.objective])
+    known = [f.name for config in (GoHConfig, TrainConfig) for f in dataclasses.fields(config)]
+    set_model, set_train = split_fields(parse_overrides(args.set, known), "--set")
+    model_kwargs.update(set_model)
+    train_kwargs.update(set_train)
+    if args.router is not None:
+        model_kwargs["router"] = args.router
+    for flag, name in TRAIN_FLAGS.items():
+        if getattr(args, flag, None) is not None:
+            train_kwargs[name] = getattr(args, flag)
+    train_config = TrainConfig.from_dict(train_kwargs)
+    model_kwargs["vocab_size"] = SpecialTokens(base_vocab).vocab_size
+    model_kwargs["max_seq_len"] = max(model_kwargs.get("max_seq_len", 0), train_config.seq_len)
+    return GoHConfig.from_dict(model_kwargs), train_config
+
+
+def run_train(args: argparse.Namespace) -> int:
+    run_dir = args.run_dir or Path("runs") / (args.name or args.objective)
+    if (run_dir / "final").exists():
+        if not args.overwrite:
+            raise ValueError(f"run dir {run_dir} already holds a trained model; pass --overwrite to start again, "
+                             "or --name/--run-dir for a new run")
+        shutil.rmtree(run_dir / "final")
+    if args.data is not None and args.objective == "classify":
+        raise ValueError("--objective classify labels the standard library by package; --data is not supported for it yet")
+    if args.objective == "mlm":
+        data = load_corpus(args.data, args.cache_dir, args.tokenizer or "byte")
+        base_vocab, source = data.vocab_size, data.source
+    else:
+        base_vocab = 256
+        cfg_probe, tc_probe = build_objective_configs(args, base_vocab)
+        special = SpecialTokens(base_vocab)
+        data = stdlib_package_snippets(tc_probe.seq_len, special.cls, special.pad, cfg_probe.n_labels)
+        source = data.source
+    cfg, tc = build_objective_configs(args, base_vocab)
+    result = train_objective(args.objective, cfg, tc, data, run_dir)
+    print(f"data: {source}")
+    print(f"model: GoHEncoder, {result.model.num_parameters():,} parameters, router={cfg.router}, ffn={cfg.ffn}")
+    print(f"steps: {tc.max_steps} in {result.seconds:.0f} s")
+    if args.objective == "mlm":
+        entropy = unigram_entropy(data.train, base_vocab)
+        print(f"validation MLM loss: {result.metrics['loss']:.4f} nats/token at {result.metrics['examples']:,.0f} "
+              f"masked validation positions "
+              f"(unigram entropy of the training split: {entropy:.4f}; uniform: {math.log(base_vocab):.4f})")
+    else:
+        print(f"validation accuracy: {result.metrics['accuracy']:.4f} over {result.metrics['examples']:,.0f} "
+              f"validation snippets of "
+              f"{len(data.labels)} packages ({', '.join(data.labels)}); majority class: {data.majority_accuracy():.4f}")
+    print(f"final model: {result.final_path}")
+    print(f"metrics: {result.metrics_path}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace, model, directory: Path, run_dir: Path) -> int:
+    """``gohgraph eval`` of a run trained with ``--objective mlm|classify``."""
+    settings = json.loads((run_dir / OBJECTIVE_FILE).read_text(encoding="utf-8"))
+    objective, seq_len = settings["objective"], args.seq_len or settings["seq_len"]
+    special = SpecialTokens(model.config.vocab_size - 3)
+    if objective == "mlm":
+        data = load_corpus(args.data, args.cache_dir, args.tokenizer or "byte")
+    else:
+        data = stdlib_package_snippets(seq_len, special.cls, special.pad, model.config.n_labels)
+    metrics = evaluate_objective(model, objective, data, args.batch_size, seq_len, args.max_batches)
+    result = {"checkpoint": str(directory), "objective": objective, **metrics}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{directory}: {objective} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0

@@ -1,0 +1,105 @@
+"""Sequence classification on the default corpus: which standard-library package a snippet is from.
+
+Every ``.py`` file of the standard library inside a package (``email/``, ``asyncio/``, ...; not
+``test/``, the tests of all the others) is cut into non-overlapping byte snippets; the label is the package. The ``n_classes`` packages with the
+most snippets are kept. Files go to train or validation by the same path hash as the LM corpus
+(with a larger validation share, so every class has validation files), so no file is on both sides.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..corpus import DEFAULT_CORPUS_BYTES, _path_hash, _stdlib_files
+from ..errors import DataError
+
+# "test" holds the tests of every other package: a snippet of it is about everything
+EXCLUDED_PACKAGES = ("test",)
+CLASSIFY_VAL_PERCENT = 20  # of the files: the LM corpus's 5% would leave some classes without validation
+
+
+@dataclass
+class ClassificationData:
+    """``train_x [n, seq_len]`` / ``val_x`` token ids (first token ``cls``, right-padded with ``pad``),
+    ``*_mask [n, seq_len]`` (1 = token), ``*_y [n]`` labels, and the label names."""
+
+    train_x: torch.Tensor
+    train_mask: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_mask: torch.Tensor
+    val_y: torch.Tensor
+    labels: List[str]
+    source: str
+
+    def majority_accuracy(self) -> float:
+        """Validation accuracy of always answering the most frequent training class."""
+        majority = int(torch.bincount(self.train_y).argmax())
+        return float((self.val_y == majority).float().mean())
+
+
+def stdlib_package_snippets(seq_len: int, cls_id: int, pad_id: int, n_classes: int = 8,
+                            max_bytes: int = DEFAULT_CORPUS_BYTES, min_snippet: int = 32) -> ClassificationData:
+    """Snippets of ``seq_len - 1`` bytes after ``cls_id`` (shorter file tails padded with ``pad_id``,
+    kept when at least ``min_snippet`` bytes), labelled by their top-level standard-library package."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    per_file = []
+    for path in _stdlib_files(root, max_bytes):
+        parts = path.relative_to(root).parts
+        if len(parts) < 2 or parts[0] in EXCLUDED_PACKAGES:  # a top-level module belongs to no package
+            continue
+        try:
+            data = path.read_bytes().decode("utf-8").encode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        width = seq_len - 1
+        shortest = min(min_snippet, width)
+        snippets = [data[i:i + width] for i in range(0, len(data), width) if len(data[i:i + width]) >= shortest]
+        per_file.append((parts[0], _path_hash(path.relative_to(root).as_posix()) % 100 < CLASSIFY_VAL_PERCENT,
+                         snippets))
+    sizes, sides = Counter(), {}
+    for package, is_val, snippets in per_file:
+        sizes[package] += len(snippets)
+        if snippets:
+            sides.setdefault(package, set()).add(is_val)
+    # only packages with snippets on both sides of the split can be learned and scored
+    sizes = Counter({package: n for package, n in sizes.items() if len(sides.get(package, ())) == 2})
+    labels = sorted(package for package, _ in sizes.most_common(n_classes))
+    if len(labels) < 2:
+        raise DataError(f"the standard library under {root} has fewer than 2 packages to classify")
+    rows = {False: ([], []), True: ([], [])}
+    for package, is_val, snippets in per_file:
+        if package in labels:
+            rows[is_val][0].extend(snippets)
+            rows[is_val][1].extend([labels.index(package)] * len(snippets))
+    x_train, m_train = _pack(rows[False][0], seq_len, cls_id, pad_id)
+    x_val, m_val = _pack(rows[True][0], seq_len, cls_id, pad_id)
+    return ClassificationData(x_train, m_train, torch.tensor(rows[False][1]), x_val, m_val,
+                              torch.tensor(rows[True][1]), labels,
+                              f"Python {sysconfig.get_python_version()} standard library ({root}), {len(labels)} packages")
+
+
+def _pack(snippets: List[bytes], seq_len: int, cls_id: int, pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    ids = np.full((len(snippets), seq_len), pad_id, dtype=np.int64)
+    mask = np.zeros((len(snippets), seq_len), dtype=np.int64)
+    for row, snippet in enumerate(snippets):
+        ids[row, 0] = cls_id
+        ids[row, 1:1 + len(snippet)] = np.frombuffer(snippet, dtype=np.uint8)
+        mask[row, :1 + len(snippet)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def classification_batches(x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, batch_size: int,
+                           seed: Optional[int] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(ids, mask, labels)`` batches in order (``seed=None``) or in a seeded random order."""
+    order = torch.arange(len(y)) if seed is None else torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    for start in range(0, len(y), batch_size):
+        index = order[start:start + batch_size]
+        yield x[index], mask[index], y[index]

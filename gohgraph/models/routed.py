@@ -1,0 +1,71 @@
+"""What every model of the family shares: the weighted routing loss, routing upkeep, checkpoints.
+
+:class:`RoutedModel` is a mixin of :class:`~gohgraph.GoHTransformer`, :class:`~gohgraph.GoHEncoder`
+and :class:`~gohgraph.GoHSeq2Seq`; each holds ``self.config`` and returns its layers' routing records.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Union
+
+import torch
+
+from ..config import GoHConfig
+from ..routers.heads import HeadGate
+from ..routers.losses import EXPERT_BALANCE, BalancedRouting, loss_coefficients, pooled_balance_loss
+from ..routing import LayerRouting
+from ..storage import load_model, save_model
+
+
+def weighted_aux_loss(cfg: GoHConfig, routing: List[LayerRouting], like: torch.Tensor) -> torch.Tensor:
+    """``sum_layers sum_losses coef * loss`` over the records (0 for dense models), float32 scalar;
+    with ``expert_balance_pooling="model"`` the expert balance loss is pooled over all layers first."""
+    coefficients = loss_coefficients(cfg)
+    pooled = cfg.expert_balance_pooling == "model"
+    total = like.new_zeros((), dtype=torch.float32)
+    for layer in routing:
+        for name, value in layer.aux_losses.items():
+            if not (pooled and name == EXPERT_BALANCE):
+                total = total + coefficients[name] * value
+    tallies = [layer.experts.balance for layer in routing
+               if layer.experts is not None and layer.experts.balance is not None]  # none while decoding
+    if pooled and tallies:
+        total = total + coefficients[EXPERT_BALANCE] * pooled_balance_loss(tallies)
+    return total
+
+
+class RoutedModel:
+    """Routing upkeep and checkpoint methods for a ``nn.Module`` with a ``config`` attribute."""
+
+    config: GoHConfig
+
+    def update_routing_biases(self) -> None:
+        """Apply auxiliary-loss-free bias updates in every layer; call after ``optimizer.step()``."""
+        for module in self.modules():
+            if isinstance(module, BalancedRouting):
+                module.update_bias()
+
+    def set_dense_blend(self, value: float) -> None:
+        """Blend every routed layer's head gates toward dense attention (MoH-style continue-tuning).
+
+        ``1.0``: every head on with gate 1 (a converted model computes its dense source exactly);
+        ``0.0`` (the default): the configured top-k routing. Dense-router layers have no gates.
+        """
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"dense_blend={value} must be in [0, 1]")
+        for module in self.modules():
+            if isinstance(module, HeadGate):
+                module.dense_blend.fill_(float(value))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory: Union[str, Path]) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically)."""
+        return save_model(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, Path], map_location: str = "cpu"):
+        """Load a model written by :meth:`save_pretrained`; mismatches raise ``CheckpointError``."""
+        return load_model(directory, cls, map_location=map_location)
