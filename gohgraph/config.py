@@ -27,6 +27,7 @@ NORMS = ("rms", "layer")
 EXPERT_ACTIVATIONS = ("swiglu", "gelu")
 POSITION_EMBEDDINGS = ("rope", "learned")
 MLP_KINDS = ("swiglu", "gelu")
+LINEAR_KINDS = ("standard", "bitnet")  # gohgraph.layers.linear builds them
 
 GATE_NORMALISATIONS = ("moh", "mha")
 EXPERT_SCORES = ("softmax", "sigmoid")
@@ -82,6 +83,9 @@ class GoHConfig:
     dropout: float = _in("shape", 0.0)
     tie_embeddings: bool = _in("shape", True)
     init_std: float = _in("shape", 0.02)
+    # every projection but routers, embeddings and the output head: "standard" (nn.Linear) or
+    # "bitnet" (BitNet b1.58: ternary weights, int8 activations; routed experts per expert)
+    linear: str = _in("shape", "standard")
 
     # ---- attention (the defaults are the LLaMA-style model; converted GPT-2 models switch them)
     n_kv_heads: Optional[int] = _in("attention", None)  # None = n_heads (MHA); 1 = MQA; otherwise GQA
@@ -227,6 +231,7 @@ class GoHConfig:
         _choice(self, "head_gate_normalisation", GATE_NORMALISATIONS)
         _choice(self, "expert_score", EXPERT_SCORES)
         _choice(self, "expert_balance_pooling", BALANCE_POOLINGS)
+        _choice(self, "linear", LINEAR_KINDS)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.position_embedding == "rope" and self.head_dim % 2:

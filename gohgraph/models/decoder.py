@@ -25,6 +25,7 @@ from ..routing import LayerRouting
 from ..storage import load_model, save_model
 from .block import GoHBlock
 from .generation import check_generation_arguments, positions_from_mask, sample_next_token
+from .packed import packed_state, unpack_ternary_state
 
 
 @dataclass
@@ -189,11 +190,15 @@ class GoHTransformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, directory: Union[str, Path]) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically)."""
-        return save_model(self, directory)
+    def save_pretrained(self, directory: Union[str, Path], packed_ternary: bool = False) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically).
+
+        ``packed_ternary`` (BitNet models, ``linear="bitnet"``): write the ternary weights as 2-bit
+        codes and their scales (:mod:`gohgraph.models.packed`) instead of the latent weights."""
+        return save_model(self, directory, state=packed_state(self) if packed_ternary else None)
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, Path], map_location: str = "cpu") -> "GoHTransformer":
-        """Load a model written by :meth:`save_pretrained`; mismatches raise ``CheckpointError``."""
-        return load_model(directory, cls, map_location=map_location)
+        """Load a model written by :meth:`save_pretrained` (packed or not); mismatches raise
+        ``CheckpointError``."""
+        return load_model(directory, cls, map_location=map_location, restore_state=unpack_ternary_state)
