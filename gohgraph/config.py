@@ -28,6 +28,7 @@ EXPERT_ACTIVATIONS = ("swiglu", "gelu")
 POSITION_EMBEDDINGS = ("rope", "learned")
 MLP_KINDS = ("swiglu", "gelu")
 LINEAR_KINDS = ("standard", "bitnet")  # gohgraph.layers.linear builds them
+ROUTER_NOISES = ("none", "noisy-top-k", "gumbel", "jitter")  # gohgraph.routers.noise applies them
 
 GATE_NORMALISATIONS = ("moh", "mha")
 EXPERT_SCORES = ("softmax", "sigmoid")
@@ -123,6 +124,13 @@ class GoHConfig:
     # the load f_i counts every one of a sub-token's top-k choices (default), or only its first
     # (GShard, and MH-MoE's released code); both are 1 at uniform load
     expert_balance_top1: bool = _in("routing losses", False)
+    # stochastic routing, in training only (evaluation routes exactly as "none"): "noisy-top-k"
+    # (Shazeer 2017: softplus(W_noise x) N(0,1) added to the logits), "gumbel" (Gumbel-top-k: top-k
+    # sampled without replacement in proportion to softmax(logits)), "jitter" (Switch: logits times
+    # U(1 - router_jitter_eps, 1 + router_jitter_eps))
+    head_router_noise: str = _in("routing losses", "none")
+    expert_router_noise: str = _in("routing losses", "none")
+    router_jitter_eps: float = _in("routing losses", 0.01)
 
     # ---- feed-forward experts
     ffn: str = _in("experts", "dense")
@@ -232,6 +240,10 @@ class GoHConfig:
         _choice(self, "expert_score", EXPERT_SCORES)
         _choice(self, "expert_balance_pooling", BALANCE_POOLINGS)
         _choice(self, "linear", LINEAR_KINDS)
+        _choice(self, "head_router_noise", ROUTER_NOISES)
+        _choice(self, "expert_router_noise", ROUTER_NOISES)
+        if not 0.0 <= self.router_jitter_eps < 1.0:
+            raise ValueError(f"router_jitter_eps={self.router_jitter_eps} must be in [0, 1)")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.position_embedding == "rope" and self.head_dim % 2:

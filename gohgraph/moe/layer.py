@@ -131,7 +131,7 @@ class MoEFeedForward(nn.Module):
         sub = self.head(x) if self.has_head_and_merge else x
         sub = sub.reshape(n_tokens, m, self.d_sub)
 
-        choice = self.gate(self.router(sub, expert_load=self.gate.expert_load, fused=fused))
+        choice = self.gate(self.router(sub, expert_load=self.gate.expert_load, fused=fused), sub)
         flat_sub = sub.reshape(n_sub, self.d_sub)
         capacity = expert_capacity(self.capacity_factor, n_sub, k, self.n_routed) if self.training else None
         grouped, group_offsets, plan = self.dispatcher.dispatch(flat_sub, choice.indices.reshape(n_sub, k), capacity)
