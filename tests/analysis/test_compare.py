@@ -270,3 +270,30 @@ def test_every_row_names_the_released_code_it_computes():
     assert "not MoH's released gating" in reference_of(old_gating)
     deepseek = GoHConfig(ffn="moe", n_experts=8, expert_score="sigmoid")
     assert "DeepSeek-V3" in reference_of(deepseek)
+
+
+def test_bitnet_rows_are_their_full_precision_rows_with_bitnet_and_match_the_same():
+    from gohgraph.analysis.compare.variants import BITNET_OF, BITNET_VARIANT_NAMES, reference_of
+
+    names = ["dense", *BITNET_OF[1:], *BITNET_VARIANT_NAMES]
+    variants = comparison_variants(**SETTINGS["quick"][0], names=names)
+    for name in BITNET_OF:
+        assert variants[name + " BitNet"] == variants[name].replace(linear="bitnet")
+    matched = match_parameters({name: variants[name] for name in ["dense", "MH-MoE", "MH-MoE BitNet"]})
+    assert matched["MH-MoE BitNet"].params == matched["MH-MoE"].params  # BitLinear adds no parameters
+    assert "BitNet b1.58" in reference_of(variants["SMoE BitNet"]) and "BitNet" not in reference_of(variants["SMoE"])
+
+
+def test_bench_bitnet_runs_table_3_in_one_command(tmp_path, capsys, bench_data):
+    from gohgraph.analysis.compare.variants import BITNET_VARIANT_NAMES
+    from gohgraph.cli.main import main
+
+    out = tmp_path / "bench"
+    code = main(["bench", "--quick", "--bitnet", "--steps", "1", "--seeds", "1", "--data", str(bench_data),
+                 "--eval-batches", "1", "--out", str(out), "--no-progress"])
+    assert code == 0
+    saved = json.loads((out / "compare.json").read_text())["variants"]
+    assert list(saved) == ["dense", *BITNET_VARIANT_NAMES]
+    assert saved["dense"]["config"]["linear"] == "standard"
+    assert all(saved[name]["config"]["linear"] == "bitnet" for name in BITNET_VARIANT_NAMES)
+    assert "| MH-MoE BitNet |" in capsys.readouterr().out

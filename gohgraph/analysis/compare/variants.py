@@ -2,7 +2,8 @@
 
 1. :func:`comparison_variants` - dense MHA, MoH, GoH, SMoE, fine-grained SMoE, MH-MoE and GoH-MoE;
    attention variants keep the dense FFN, expert variants keep dense attention, so each row changes
-   one thing.
+   one thing. On request, each FFN kind also with BitNet b1.58 projections and experts
+   (:data:`BITNET_VARIANT_NAMES`, the MH-MoE paper's Table 3 setting).
 2. :func:`match_parameters` - every variant is resized to the dense model's total (or active)
    parameter count (``ffn_hidden`` for dense FFNs; ``expert_hidden`` and, where its step is too
    coarse, ``n_experts`` for expert FFNs) and the relative mismatch is recorded.
@@ -19,6 +20,12 @@ from ...models.decoder import GoHTransformer
 from ...moe.layer import MoEFeedForward
 
 VARIANT_NAMES = ("dense", "MoH", "GoH", "SMoE", "fine-grained SMoE", "MH-MoE", "GoH-MoE")
+# one row per FFN kind with linear="bitnet" (MH-MoE's Table 3: dense, SMoE, fine-grained SMoE and
+# MH-MoE, all trained as BitNet); built only when named, so the default table keeps its seven rows
+BITNET_OF = ("dense", "SMoE", "fine-grained SMoE", "MH-MoE", "GoH-MoE")
+BITNET_SUFFIX = " BitNet"
+BITNET_VARIANT_NAMES = tuple(name + BITNET_SUFFIX for name in BITNET_OF)
+ALL_VARIANT_NAMES = VARIANT_NAMES + BITNET_VARIANT_NAMES
 MATCH_TOLERANCE = 0.02
 
 # Model shape and schedule of the two settings; ``gohgraph bench --quick`` runs the first.
@@ -45,7 +52,8 @@ def comparison_variants(d_model: int, n_layers: int, n_heads: int, n_shared_head
                         router_dim: int, router_rounds: int, n_experts: int, top_k_experts: int,
                         n_subtokens: int, fine_grained: int, max_seq_len: int,
                         names: Optional[Sequence[str]] = None) -> Dict[str, GoHConfig]:
-    """The unmatched configurations by name (see :data:`VARIANT_NAMES`).
+    """The unmatched configurations by name: :data:`VARIANT_NAMES` by default; ``names`` may also
+    pick from :data:`BITNET_VARIANT_NAMES` (the same configuration with ``linear="bitnet"``).
 
     MoH and GoH activate ``n_shared_heads + top_k_heads`` of ``n_heads`` heads per token; GoH routes
     with ``router_rounds`` of message passing over the complete head graph, inter-head flow on.
@@ -77,9 +85,10 @@ def comparison_variants(d_model: int, n_layers: int, n_heads: int, n_shared_head
     }
     if names is None:
         return variants
+    variants.update({name + BITNET_SUFFIX: variants[name].replace(linear="bitnet") for name in BITNET_OF})
     unknown = [name for name in names if name not in variants]
     if unknown:
-        raise ValueError(f"variants {unknown} are not among {list(VARIANT_NAMES)}")
+        raise ValueError(f"variants {unknown} are not among {list(ALL_VARIANT_NAMES)}")
     return {name: variants[name] for name in names}
 
 
@@ -212,8 +221,9 @@ def reference_of(config: GoHConfig) -> str:
                  "MoH's router with gates summing to H_s + k (not MoH's released gating)")
     else:
         heads = f"gohgraph's graph router with {'MoH' if config.head_gate_normalisation == 'moh' else 'H_s + k'} gating"
+    bitnet = "; BitNet b1.58 projections and experts (tests/layers/test_bitlinear.py)" if config.linear == "bitnet" else ""
     if config.ffn == "dense":
-        return heads
+        return heads + bitnet
     if config.ffn == "graph-moe":
         experts = "gohgraph's graph router over sub-tokens and experts"
     elif config.expert_score == "sigmoid":
@@ -224,5 +234,5 @@ def reference_of(config: GoHConfig) -> str:
         experts = "HF Mixtral's MoE block (tests/moe/test_hf_blocks.py)"
     else:
         experts = "MH-MoE (torchscale) with renormalised top-k"
-    return experts if config.router == "dense" else f"{heads}; {experts}"
+    return (experts if config.router == "dense" else f"{heads}; {experts}") + bitnet
 
