@@ -29,6 +29,9 @@ POSITION_EMBEDDINGS = ("rope", "learned")
 MLP_KINDS = ("swiglu", "gelu")
 LINEAR_KINDS = ("standard", "bitnet")  # gohgraph.layers.linear builds them
 ROUTER_NOISES = ("none", "noisy-top-k", "gumbel", "jitter")  # gohgraph.routers.noise applies them
+RECURSIONS = ("none", "mor")
+RECURSION_SHARINGS = ("cycle", "middle-cycle")
+RECURSION_ROUTERS = ("expert-choice", "token-choice")
 
 GATE_NORMALISATIONS = ("moh", "mha")
 EXPERT_SCORES = ("softmax", "sigmoid")
@@ -38,7 +41,7 @@ HeadGraphSpec = Union[str, list]  # a name, or a list of [src, dst] head pairs
 # applied to a saved config.json that lacks them (storage.read_config), never to new configs
 LEGACY_FIELD_VALUES = {"head_gate_normalisation": "mha"}
 
-SECTIONS = ("shape", "attention", "head routing", "routing losses", "experts")
+SECTIONS = ("shape", "attention", "head routing", "routing losses", "recursion", "experts")
 
 
 def _in(section: str, default: Any) -> Any:
@@ -131,6 +134,21 @@ class GoHConfig:
     head_router_noise: str = _in("routing losses", "none")
     expert_router_noise: str = _in("routing losses", "none")
     router_jitter_eps: float = _in("routing losses", 0.01)
+
+    # ---- recursion: Mixture-of-Recursions (Bae et al. 2025; gohgraph.models.recursion)
+    # "mor": a shared stack of blocks is applied up to max_recursions times; every token takes the
+    # first recursion, a router picks which tokens continue into each later one
+    recursion: str = _in("recursion", "none")
+    max_recursions: int = _in("recursion", 2)
+    # "cycle": all n_layers blocks are the shared stack; "middle-cycle": the first and the last block
+    # are unique and the n_layers - 2 between them are shared
+    recursion_sharing: str = _in("recursion", "cycle")
+    # "expert-choice": recursion r keeps the top ceil((max_recursions - r) / max_recursions * T) of
+    # the tokens still going, with an auxiliary router deciding causally at evaluation;
+    # "token-choice": a depth per token from a softmax over depths, with a balance loss
+    recursion_router: str = _in("recursion", "expert-choice")
+    recursion_gate_scale: float = _in("recursion", 1.0)  # alpha in the gate g = alpha sigmoid(theta^T h)
+    recursion_aux_loss_coef: float = _in("recursion", 0.1)  # the expert-choice auxiliary router's BCE
 
     # ---- feed-forward experts
     ffn: str = _in("experts", "dense")
@@ -244,6 +262,7 @@ class GoHConfig:
         _choice(self, "expert_router_noise", ROUTER_NOISES)
         if not 0.0 <= self.router_jitter_eps < 1.0:
             raise ValueError(f"router_jitter_eps={self.router_jitter_eps} must be in [0, 1)")
+        self._validate_recursion()
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.position_embedding == "rope" and self.head_dim % 2:
@@ -272,6 +291,19 @@ class GoHConfig:
         _check_graph_nodes(self.head_graph, "head_graph", self.n_heads)
         if self.ffn != "dense":
             self._validate_experts()
+
+    def _validate_recursion(self) -> None:
+        _choice(self, "recursion", RECURSIONS)
+        _choice(self, "recursion_sharing", RECURSION_SHARINGS)
+        _choice(self, "recursion_router", RECURSION_ROUTERS)
+        _positive(self, "max_recursions")
+        if not self.recursion_gate_scale > 0:
+            raise ValueError(f"recursion_gate_scale={self.recursion_gate_scale} must be > 0")
+        if self.recursion_aux_loss_coef < 0:
+            raise ValueError(f"recursion_aux_loss_coef={self.recursion_aux_loss_coef} must be >= 0")
+        if self.recursion == "mor" and self.recursion_sharing == "middle-cycle" and self.n_layers < 3:
+            raise ValueError(f"recursion_sharing='middle-cycle' needs n_layers >= 3 (a unique first and last "
+                             f"block around a shared middle), got n_layers={self.n_layers}")
 
     def _validate_experts(self) -> None:
         _positive(self, "n_experts", "top_k_experts", "n_subtokens", "n_expert_groups", "top_k_expert_groups")

@@ -21,11 +21,12 @@ from ..layers.norm import build_norm
 from ..layers.positions import build_embedding_positions
 from ..routers.heads import HeadGate
 from ..routers.losses import EXPERT_BALANCE, BalancedRouting, loss_coefficients, pooled_balance_loss
-from ..routing import LayerRouting
+from ..routing import LayerRouting, RecursionRouting
 from ..storage import load_model, save_model
 from .block import GoHBlock
 from .generation import check_generation_arguments, positions_from_mask, sample_next_token
 from .packed import packed_state, unpack_ternary_state
+from .recursion import MixtureOfRecursions, RecursionKVCache
 
 
 @dataclass
@@ -34,8 +35,9 @@ class GoHOutput:
 
     ``logits [batch, seq, vocab]``; ``loss = lm_loss + aux_loss`` when labels are given;
     ``lm_loss`` the next-token cross-entropy (nats per token); ``aux_loss`` the weighted sum of
-    every layer's routing losses (0 for dense models); ``routing`` one record per layer;
-    ``cache`` the KV cache passed in (now holding this call's positions too).
+    every layer's routing losses (0 for dense models); ``routing`` one record per layer (per block
+    application for Mixture-of-Recursions); ``recursion`` the recursion record (``None`` without
+    recursion); ``cache`` the KV cache passed in (now holding this call's positions too).
     """
 
     logits: torch.Tensor
@@ -44,6 +46,7 @@ class GoHOutput:
     aux_loss: Optional[torch.Tensor] = None
     routing: List[LayerRouting] = field(default_factory=list)
     cache: Optional[KVCache] = None
+    recursion: Optional[RecursionRouting] = None
 
 
 class GoHTransformer(nn.Module):
@@ -62,6 +65,8 @@ class GoHTransformer(nn.Module):
         self.position_embed = build_embedding_positions(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(GoHBlock(cfg, i) for i in range(cfg.n_layers))
+        # Mixture-of-Recursions: the same blocks, applied up to max_recursions times per token
+        self.recursion = MixtureOfRecursions(cfg) if cfg.recursion == "mor" else None
         self.final_norm = build_norm(cfg)
         self.lm_head = None
         if not cfg.tie_embeddings:
@@ -88,25 +93,32 @@ class GoHTransformer(nn.Module):
         if self.position_embed is not None:
             x = self.position_embed(x, offset if positions is None else positions)
         x = self.dropout(x)
-        routing = []
-        for block in self.blocks:
-            x, layer_routing = block(x, cache=cache, causal=True, mask=mask, positions=positions)
-            routing.append(layer_routing)
+        routing, recursion = [], None
+        if self.recursion is not None:
+            x, routing, recursion = self.recursion(self.blocks, x, cache=cache, mask=mask, positions=positions)
+        else:
+            for block in self.blocks:
+                x, layer_routing = block(x, cache=cache, causal=True, mask=mask, positions=positions)
+                routing.append(layer_routing)
         x = self.final_norm(x)
         logits = F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
 
-        aux_loss = self._weighted_aux_loss(routing, logits)
-        out = GoHOutput(logits=logits, aux_loss=aux_loss, routing=routing, cache=cache)
+        aux_loss = self._weighted_aux_loss(routing, logits, recursion)
+        out = GoHOutput(logits=logits, aux_loss=aux_loss, routing=routing, cache=cache, recursion=recursion)
         if labels is not None:
             out.lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                           labels[:, 1:].reshape(-1), ignore_index=-100)
             out.loss = out.lm_loss + aux_loss
         return out
 
-    def _weighted_aux_loss(self, routing: List[LayerRouting], like: torch.Tensor) -> torch.Tensor:
+    def _weighted_aux_loss(self, routing: List[LayerRouting], like: torch.Tensor,
+                           recursion: Optional[RecursionRouting] = None) -> torch.Tensor:
         coefficients = loss_coefficients(self.config)
         pooled = self.config.expert_balance_pooling == "model"
         total = like.new_zeros((), dtype=torch.float32)
+        if recursion is not None:
+            for name, value in recursion.aux_losses.items():
+                total = total + coefficients[name] * value
         for layer in routing:
             for name, value in layer.aux_losses.items():
                 if not (pooled and name == EXPERT_BALANCE):
@@ -144,7 +156,7 @@ class GoHTransformer(nn.Module):
         was_training = self.training
         self.eval()
         with torch.inference_mode():
-            cache = DynamicKVCache(self.config.n_layers) if use_cache else None
+            cache = self.new_cache() if use_cache else None
             ids, mask = input_ids, attention_mask
             done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
             logits = self(ids, cache=cache, attention_mask=mask).logits[:, -1]
@@ -166,6 +178,13 @@ class GoHTransformer(nn.Module):
                                   ).logits[:, -1]
         self.train(was_training)
         return ids.clone()  # outside inference mode: a normal tensor, usable with autograd later
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for this model: one slot per layer, or per (recursion, block) with
+        Mixture-of-Recursions (:class:`~gohgraph.models.recursion.RecursionKVCache`)."""
+        if self.recursion is not None:
+            return RecursionKVCache(self.config.n_layers, self.config.max_recursions)
+        return DynamicKVCache(self.config.n_layers)
 
     # ------------------------------------------------------------------ routing upkeep
     def update_routing_biases(self) -> None:

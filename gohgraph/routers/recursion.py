@@ -1,0 +1,101 @@
+r"""Recursion routers of Mixture-of-Recursions (Bae et al. 2025): which tokens take which recursion.
+
+Recursions are numbered ``r = 0 .. N_r - 1``. Every token takes recursion 0; these routers decide
+who continues into ``r >= 1``, and with what gate ``g`` the update ``h <- h + g (f(h) - h)`` is
+applied (:mod:`gohgraph.models.recursion`).
+
+* :class:`ExpertChoiceRecursionRouter` - recursion ``r`` keeps, per sequence, the top
+  :math:`\lceil \beta_r T \rceil` tokens by score :math:`s_r = \theta_r^\top h` among those that
+  took ``r - 1`` (nested subsets), :math:`\beta_r = (N_r - r) / N_r` (1, 2/3, 1/3 for
+  :math:`N_r = 3`); gate :math:`g = \alpha\,\sigma(s_r)`. That choice looks at the whole sequence,
+  so it is only used in training; an auxiliary router :math:`a_r^\top h` (fed a detached
+  :math:`h`, trained with a BCE loss to predict the top-k choice, as the reference code's
+  ``aux_router``) decides causally at evaluation: a token continues when :math:`a_r^\top h > 0`.
+* :class:`TokenChoiceRecursionRouter` - each token picks its depth once, up front:
+  :math:`p = \mathrm{softmax}(W h)` over ``N_r`` depths, depth :math:`= 1 + \arg\max p`, gate
+  :math:`g = p_{depth}` on every routed recursion it takes; balance loss
+  :math:`N_r \sum_i f_i P_i` (1 at uniform, :func:`~gohgraph.routers.losses.load_balance_loss`).
+  Causal by construction.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .losses import RECURSION_AUX, RECURSION_BALANCE, load_balance_loss
+
+
+def expert_choice_capacity(recursion: int, max_recursions: int, seq_len: int) -> int:
+    r"""Tokens per sequence that recursion ``r`` keeps: :math:`\lceil (N_r - r) / N_r \cdot T \rceil`."""
+    return math.ceil((max_recursions - recursion) / max_recursions * seq_len)
+
+
+class ExpertChoiceRecursionRouter(nn.Module):
+    """Expert-choice recursion router (module docstring); one score and one auxiliary router per
+    routed recursion ``1 .. N_r - 1``.
+
+    Shapes: ``h [batch, seq, d_model]``, ``previous [batch, seq]`` bool (who took ``r - 1``) ->
+    ``(selected [batch, seq] bool, gate [batch, seq] float32, losses)``.
+    """
+
+    def __init__(self, d_model: int, max_recursions: int, gate_scale: float, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.max_recursions, self.gate_scale = max_recursions, gate_scale
+        self.scores = nn.ModuleList(nn.Linear(d_model, 1, bias=False) for _ in range(max_recursions - 1))
+        self.aux_routers = nn.ModuleList(nn.Linear(d_model, 1) for _ in range(max_recursions - 1))
+        for linear in [*self.scores, *self.aux_routers]:
+            nn.init.normal_(linear.weight, std=init_std)
+        for linear in self.aux_routers:
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, h: torch.Tensor, recursion: int, previous: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            scores = self.scores[recursion - 1](h.float()).squeeze(-1)  # [batch, seq]
+            gate = self.gate_scale * torch.sigmoid(scores)
+            if not self.training:
+                aux_logits = self.aux_routers[recursion - 1](h.float()).squeeze(-1)
+                return previous & (aux_logits > 0), gate, {}
+            selected = self.top_tokens(scores, recursion, previous)
+            # the auxiliary router learns to predict the choice from the token alone (detached:
+            # it must not shape the hidden states it reads)
+            aux_logits = self.aux_routers[recursion - 1](h.detach().float()).squeeze(-1)
+            bce = F.binary_cross_entropy_with_logits(aux_logits[previous], selected[previous].float())
+        return selected, gate, {RECURSION_AUX: bce}
+
+    def top_tokens(self, scores: torch.Tensor, recursion: int, previous: torch.Tensor) -> torch.Tensor:
+        """``[batch, seq]`` bool: per sequence the top ``capacity`` scores among ``previous``."""
+        capacity = expert_choice_capacity(recursion, self.max_recursions, scores.shape[1])
+        ranked = scores.detach().masked_fill(~previous, float("-inf"))
+        top = ranked.topk(capacity, dim=-1).indices
+        return torch.zeros_like(previous).scatter(-1, top, True) & previous
+
+
+class TokenChoiceRecursionRouter(nn.Module):
+    """Token-choice recursion router (module docstring).
+
+    Shapes: ``h [batch, seq, d_model]`` -> ``(depth [batch, seq] long in 1..N_r, gate [batch, seq]
+    float32, losses)``.
+    """
+
+    def __init__(self, d_model: int, max_recursions: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.max_recursions = max_recursions
+        self.proj = nn.Linear(d_model, max_recursions, bias=False)
+        nn.init.normal_(self.proj.weight, std=init_std)
+
+    def forward(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            probs = torch.softmax(self.proj(h.float()), dim=-1)  # [batch, seq, N_r]
+        choice = probs.argmax(dim=-1)
+        gate = probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+        losses = {}
+        if not torch.is_inference_mode_enabled():
+            losses[RECURSION_BALANCE] = load_balance_loss(probs.reshape(-1, self.max_recursions),
+                                                          choice.reshape(-1, 1), self.max_recursions)
+        return choice + 1, gate, losses

@@ -1,0 +1,154 @@
+"""Mixture-of-Recursions: causal at inference, cached decoding equals recompute, one recursion is the
+plain model, expert-choice equals an independent top-k with nested subsets, token-choice's balance loss."""
+
+import math
+
+import pytest
+import torch
+
+from gohgraph import GoHConfig, GoHTransformer
+from gohgraph.models.recursion import RecursionKVCache
+from gohgraph.routers.recursion import ExpertChoiceRecursionRouter, TokenChoiceRecursionRouter
+
+CFG = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=4, max_seq_len=32, recursion="mor", max_recursions=3)
+ROUTERS = ["expert-choice", "token-choice"]
+SHARINGS = ["cycle", "middle-cycle"]
+
+
+def sharpened(model):
+    """Recursion routers with clearly separated scores, so that every recursion keeps some tokens
+    and drops others (at init the scores are tiny and nearly tied)."""
+    with torch.no_grad():
+        for name, param in model.recursion.router.named_parameters():
+            param.mul_(200.0)
+    return model
+
+
+@pytest.mark.parametrize("sharing", SHARINGS)
+@pytest.mark.parametrize("router", ROUTERS)
+def test_later_tokens_never_change_earlier_logits_at_inference(router, sharing):
+    torch.manual_seed(0)
+    model = sharpened(GoHTransformer(GoHConfig(**CFG, recursion_router=router, recursion_sharing=sharing))).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    changed = ids.clone()
+    changed[:, 7:] = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        out, out_changed = model(ids), model(changed)
+    torch.testing.assert_close(out.logits[:, :7], out_changed.logits[:, :7])
+    depth = out.recursion.depth
+    assert depth.min() == 1 and depth.max() > 1  # some tokens stop early, some go on
+
+
+@pytest.mark.parametrize("sharing", SHARINGS)
+@pytest.mark.parametrize("router", ROUTERS)
+def test_cached_decoding_equals_recompute(router, sharing):
+    torch.manual_seed(1)
+    model = sharpened(GoHTransformer(GoHConfig(**CFG, recursion_router=router, recursion_sharing=sharing))).eval()
+    ids = torch.randint(0, 64, (2, 11))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache()
+        assert isinstance(cache, RecursionKVCache)
+        steps = [model(ids[:, :4], cache=cache).logits]
+        steps += [model(ids[:, t:t + 1], cache=cache).logits for t in range(4, 11)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full.logits, rtol=1e-5, atol=1e-5)
+    # recursion-wise caching: a recursion's slot masks out the tokens that skipped it
+    assert torch.equal(cache.took[1], full.recursion.selected[1])
+    assert not cache.took[2].all()
+    with torch.no_grad():
+        cached = model.generate(ids[:, :5], max_new_tokens=6, temperature=0)
+        recomputed = model.generate(ids[:, :5], max_new_tokens=6, temperature=0, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+@pytest.mark.parametrize("sharing", SHARINGS)
+@pytest.mark.parametrize("router", ROUTERS)
+def test_one_recursion_with_every_token_is_the_plain_model(router, sharing):
+    torch.manual_seed(0)
+    mor = GoHTransformer(GoHConfig(**{**CFG, "max_recursions": 1}, recursion_router=router, recursion_sharing=sharing))
+    plain = GoHTransformer(GoHConfig(**{**CFG, "recursion": "none"}))
+    missing, unexpected = plain.load_state_dict(mor.state_dict(), strict=False)
+    assert not missing and all(name.startswith("recursion.") for name in unexpected)
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        out = mor.eval()(ids)
+        assert out.recursion.selected.all() and (out.recursion.depth == 1).all()
+        assert torch.equal(out.logits, plain.eval()(ids).logits)
+
+
+def test_expert_choice_selection_is_an_independent_top_k_and_nested():
+    torch.manual_seed(0)
+    router = ExpertChoiceRecursionRouter(16, max_recursions=4, gate_scale=0.5).train()
+    h = torch.randn(3, 10, 16)
+    previous = torch.ones(3, 10, dtype=torch.bool)
+    for recursion in range(1, 4):
+        selected, gate, losses = router(h, recursion, previous)
+        scores = (h @ router.scores[recursion - 1].weight.t()).squeeze(-1)
+        capacity = math.ceil((4 - recursion) / 4 * 10)
+        for b in range(3):  # reference: sort the still-going tokens by score, keep the first ceil(beta T)
+            going = [t for t in range(10) if previous[b, t]]
+            best = sorted(going, key=lambda t: -scores[b, t].item())[:capacity]
+            assert sorted(torch.nonzero(selected[b]).flatten().tolist()) == sorted(best)
+        assert not (selected & ~previous).any()  # nested
+        torch.testing.assert_close(gate, 0.5 * torch.sigmoid(scores))
+        assert set(losses) == {"recursion_aux_bce"}
+        previous = selected
+
+
+def test_expert_choice_in_the_model_keeps_nested_decreasing_shares():
+    torch.manual_seed(0)
+    model = GoHTransformer(GoHConfig(**CFG, recursion_router="expert-choice")).train()
+    out = model(torch.randint(0, 64, (2, 12)))
+    selected = out.recursion.selected  # [3, 2, 12]
+    assert selected[0].all()
+    assert (selected.sum(-1) == torch.tensor([[12, 12], [8, 8], [4, 4]])).all()  # ceil(1, 2/3, 1/3 x 12)
+    assert not (selected[2] & ~selected[1]).any()
+    assert torch.equal(out.recursion.depth, selected.sum(0))
+
+
+def test_token_choice_balance_loss_matches_its_formula_on_a_hand_made_example():
+    router = TokenChoiceRecursionRouter(2, max_recursions=2)
+    with torch.no_grad():
+        router.proj.weight.copy_(torch.eye(2))
+    # logits = h: tokens 0, 1 prefer depth 1; token 2 depth 2
+    h = torch.tensor([[[2.0, 0.0], [1.0, 0.0], [0.0, 3.0]]])
+    depth, gate, losses = router(h)
+    assert depth.tolist() == [[1, 1, 2]]
+    p = torch.softmax(h[0], -1)
+    torch.testing.assert_close(gate[0], torch.stack([p[0, 0], p[1, 0], p[2, 1]]))
+    f = torch.tensor([2 / 3, 1 / 3])  # share of tokens per depth
+    P = p.mean(0)  # mean probability per depth
+    expected = 2 * (f * P).sum()
+    torch.testing.assert_close(losses["recursion_balance"], expected)
+    assert abs(expected.item() - (2 * (2 / 3 * P[0] + 1 / 3 * P[1])).item()) < 1e-7
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(recursion="loop"), r"recursion='loop' is not one of \['none', 'mor'\]"),
+    (dict(recursion_router="random"), r"recursion_router='random' is not one of \['expert-choice', 'token-choice'\]"),
+    (dict(recursion_sharing="sandwich"), r"recursion_sharing='sandwich' is not one of"),
+    (dict(max_recursions=0), r"max_recursions=0 must be a positive integer"),
+    (dict(n_layers=2, recursion_sharing="middle-cycle"), r"middle-cycle' needs n_layers >= 3"),
+    (dict(recursion_gate_scale=0.0), r"recursion_gate_scale=0.0 must be > 0"),
+])
+def test_recursion_fields_are_validated(changes, message):
+    with pytest.raises(ValueError, match=message):
+        GoHConfig(**{**CFG, **changes})
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("changes", [dict(), dict(router="graph", n_shared_heads=1, top_k_heads=2, ffn="moe", n_experts=4),
+                                     dict(router="linear", top_k_heads=2, ffn="mh-moe", n_subtokens=2, n_experts=4)])
+def test_recursion_models_train(router, changes):
+    torch.manual_seed(0)
+    model = GoHTransformer(GoHConfig(**CFG, recursion_router=router, **changes))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.arange(16).repeat(4, 2)
+    losses = []
+    for _ in range(12):
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
