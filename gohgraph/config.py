@@ -32,6 +32,7 @@ ROUTER_NOISES = ("none", "noisy-top-k", "gumbel", "jitter")  # gohgraph.routers.
 RECURSIONS = ("none", "mor")
 RECURSION_SHARINGS = ("cycle", "middle-cycle")
 RECURSION_ROUTERS = ("expert-choice", "token-choice")
+RECURSION_KV = ("recursion", "shared")
 
 GATE_NORMALISATIONS = ("moh", "mha")
 EXPERT_SCORES = ("softmax", "sigmoid")
@@ -149,6 +150,9 @@ class GoHConfig:
     recursion_router: str = _in("recursion", "expert-choice")
     recursion_gate_scale: float = _in("recursion", 1.0)  # alpha in the gate g = alpha sigmoid(theta^T h)
     recursion_aux_loss_coef: float = _in("recursion", 0.1)  # the expert-choice auxiliary router's BCE
+    # keys/values: "recursion" (recursion-wise caching: recursion r attends to the tokens that took r)
+    # or "shared" (KV sharing: every recursion attends to the first recursion's keys of all tokens)
+    recursion_kv: str = _in("recursion", "recursion")
 
     # ---- feed-forward experts
     ffn: str = _in("experts", "dense")
@@ -296,6 +300,7 @@ class GoHConfig:
         _choice(self, "recursion", RECURSIONS)
         _choice(self, "recursion_sharing", RECURSION_SHARINGS)
         _choice(self, "recursion_router", RECURSION_ROUTERS)
+        _choice(self, "recursion_kv", RECURSION_KV)
         _positive(self, "max_recursions")
         if not self.recursion_gate_scale > 0:
             raise ValueError(f"recursion_gate_scale={self.recursion_gate_scale} must be > 0")

@@ -12,16 +12,19 @@ gate ``g``; selected tokens are updated as
 .. math::
     h \leftarrow h + g\,\big(f_r(h) - h\big)
 
-(``f_r`` the stack), unselected ones keep :math:`h`. In recursion ``r`` attention sees only the
-keys of the tokens that took ``r`` (the reference code runs the stack on the selected tokens
-alone): **recursion-wise KV caching**. Each (recursion, block) has its own cache slot; a token that
-skips a recursion still writes a slot entry, masked out for every later query, so cached decoding
-equals recomputing the sequence.
+(``f_r`` the stack), unselected ones keep :math:`h`. Keys and values (``cfg.recursion_kv``):
+
+* ``"recursion"`` - **recursion-wise KV caching**: in recursion ``r`` attention sees only the keys
+  of the tokens that took ``r`` (the reference code runs the stack on the selected tokens alone).
+  Each (recursion, block) has its own cache slot; a token that skips a recursion still writes a
+  slot entry, masked out for every later query, so cached decoding equals recomputing.
+* ``"shared"`` - **KV sharing**: keys and values are computed and cached in recursion 0 only, for
+  every token; in every later recursion block ``i``'s queries attend to recursion 0's keys and
+  values of block ``i`` (the cache holds one recursion's worth).
 
 Compute honesty: the stack runs on every token in every recursion and the unselected tokens'
 results are discarded (a mask, not a gather), so no FLOPs are saved; the routing and the
-function it computes are MoR's. Not built yet: KV sharing (the first recursion's keys serving the
-later ones) and capacity warm-up.
+function it computes are MoR's. Not built yet: capacity warm-up.
 """
 
 from __future__ import annotations
@@ -71,6 +74,21 @@ class _SlotView(KVCache):
         return self.cache.append(self.offset + layer, keys, values)
 
 
+class _SharedKeysView(KVCache):
+    """Recursion 0's cache as a later recursion's blocks see it under KV sharing: nothing is
+    appended, and the keys/values returned are recursion 0's, which already hold the ``new``
+    positions of this call (so the queries' offset is the cached length minus ``new``)."""
+
+    def __init__(self, cache: KVCache, new: int) -> None:
+        self.cache, self.new = cache, new
+
+    def length(self, layer: int = 0) -> int:
+        return self.cache.length(layer) - self.new
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.append(layer, keys[:, :, :0], values[:, :, :0])  # read without writing
+
+
 class MixtureOfRecursions(nn.Module):
     """The recursion loop and its router; the blocks stay the model's (``model.blocks``).
 
@@ -83,6 +101,7 @@ class MixtureOfRecursions(nn.Module):
         self.n_layers, self.max_recursions = cfg.n_layers, cfg.max_recursions
         self.middle_cycle = cfg.recursion_sharing == "middle-cycle"
         self.token_choice = cfg.recursion_router == "token-choice"
+        self.kv_sharing = cfg.recursion_kv == "shared"
         if self.token_choice:
             self.router = TokenChoiceRecursionRouter(cfg.d_model, cfg.max_recursions, cfg.init_std)
         else:
@@ -103,16 +122,20 @@ class MixtureOfRecursions(nn.Module):
             raise ValueError("a Mixture-of-Recursions model decodes with its own cache: model.new_cache()")
         first, stack, last = self.split(blocks)
         records: List[LayerRouting] = []
+        batch, seq = x.shape[:2]
+        if cache is None and self.kv_sharing:  # recursion 0's keys must be kept for the later ones
+            cache = RecursionKVCache(self.n_layers, 1)
 
         def run(group, h, recursion, attention_mask):
-            view = cache.slot(recursion) if cache is not None else None
+            view = None
+            if cache is not None:
+                view = _SharedKeysView(cache.slot(0), seq) if self.kv_sharing and recursion else cache.slot(recursion)
             for block in group:
                 h, record = block(h, cache=view, causal=True, mask=attention_mask, positions=positions)
                 records.append(record)
             return h
 
         x = run(first, x, 0, mask)
-        batch, seq = x.shape[:2]
         took = torch.ones(batch, seq, dtype=torch.bool, device=x.device)
         depth_choice = gate_choice = None
         losses: Dict[str, torch.Tensor] = {}
@@ -127,8 +150,11 @@ class MixtureOfRecursions(nn.Module):
                 took, gate, step_losses = self.router(x, recursion, took)
                 for name, value in step_losses.items():
                     losses[name] = losses.get(name, 0.0) + value
-            keys = cache.key_mask(recursion, took) if cache is not None else took
-            attention_mask = keys[:, None, None, :] if mask is None else mask & keys[:, None, None, :]
+            if self.kv_sharing:  # every token's recursion-0 keys stay visible
+                attention_mask = mask
+            else:
+                keys = cache.key_mask(recursion, took) if cache is not None else took
+                attention_mask = keys[:, None, None, :] if mask is None else mask & keys[:, None, None, :]
             updated = run(stack, x, recursion, attention_mask)
             gate = gate.to(x.dtype).unsqueeze(-1)
             x = torch.where(took.unsqueeze(-1), x + gate * (updated - x), x)

@@ -13,6 +13,7 @@ from gohgraph.routers.recursion import ExpertChoiceRecursionRouter, TokenChoiceR
 CFG = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=4, max_seq_len=32, recursion="mor", max_recursions=3)
 ROUTERS = ["expert-choice", "token-choice"]
 SHARINGS = ["cycle", "middle-cycle"]
+KV = ["recursion", "shared"]
 
 
 def sharpened(model):
@@ -24,11 +25,13 @@ def sharpened(model):
     return model
 
 
+@pytest.mark.parametrize("kv", KV)
 @pytest.mark.parametrize("sharing", SHARINGS)
 @pytest.mark.parametrize("router", ROUTERS)
-def test_later_tokens_never_change_earlier_logits_at_inference(router, sharing):
+def test_later_tokens_never_change_earlier_logits_at_inference(router, sharing, kv):
     torch.manual_seed(0)
-    model = sharpened(GoHTransformer(GoHConfig(**CFG, recursion_router=router, recursion_sharing=sharing))).eval()
+    model = sharpened(GoHTransformer(GoHConfig(**CFG, recursion_router=router, recursion_sharing=sharing,
+                                               recursion_kv=kv))).eval()
     ids = torch.randint(0, 64, (2, 12))
     changed = ids.clone()
     changed[:, 7:] = torch.randint(0, 64, (2, 5))
@@ -39,11 +42,13 @@ def test_later_tokens_never_change_earlier_logits_at_inference(router, sharing):
     assert depth.min() == 1 and depth.max() > 1  # some tokens stop early, some go on
 
 
+@pytest.mark.parametrize("kv", KV)
 @pytest.mark.parametrize("sharing", SHARINGS)
 @pytest.mark.parametrize("router", ROUTERS)
-def test_cached_decoding_equals_recompute(router, sharing):
+def test_cached_decoding_equals_recompute(router, sharing, kv):
     torch.manual_seed(1)
-    model = sharpened(GoHTransformer(GoHConfig(**CFG, recursion_router=router, recursion_sharing=sharing))).eval()
+    model = sharpened(GoHTransformer(GoHConfig(**CFG, recursion_router=router, recursion_sharing=sharing,
+                                               recursion_kv=kv))).eval()
     ids = torch.randint(0, 64, (2, 11))
     with torch.no_grad():
         full = model(ids)
@@ -52,13 +57,19 @@ def test_cached_decoding_equals_recompute(router, sharing):
         steps = [model(ids[:, :4], cache=cache).logits]
         steps += [model(ids[:, t:t + 1], cache=cache).logits for t in range(4, 11)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full.logits, rtol=1e-5, atol=1e-5)
-    # recursion-wise caching: a recursion's slot masks out the tokens that skipped it
-    assert torch.equal(cache.took[1], full.recursion.selected[1])
-    assert not cache.took[2].all()
-    with torch.no_grad():
-        cached = model.generate(ids[:, :5], max_new_tokens=6, temperature=0)
-        recomputed = model.generate(ids[:, :5], max_new_tokens=6, temperature=0, use_cache=False)
-    assert torch.equal(cached, recomputed)
+    slots = [cache.length(slot) for slot in range(len(cache.keys))]  # 3 blocks x 3 recursions
+    assert slots[:3] == [11] * 3 and set(slots) <= {0, 11}
+    if kv == "recursion":  # every position writes each recursion's slot; skipped ones are masked out
+        assert torch.equal(cache.took[1], full.recursion.selected[1])
+        assert not cache.took[2].all()
+        assert slots[3:] == ([0, 11, 0] * 2 if sharing == "middle-cycle" else [11] * 6)
+    else:  # KV sharing: only recursion 0 writes keys, the later recursions read them
+        assert slots[3:] == [0] * 6 and not cache.took
+    if sharing == "cycle":  # generate() builds the right cache itself
+        with torch.no_grad():
+            cached = model.generate(ids[:, :5], max_new_tokens=4, temperature=0)
+            recomputed = model.generate(ids[:, :5], max_new_tokens=4, temperature=0, use_cache=False)
+        assert torch.equal(cached, recomputed)
 
 
 @pytest.mark.parametrize("sharing", SHARINGS)
@@ -141,14 +152,53 @@ def test_recursion_fields_are_validated(changes, message):
                                      dict(router="linear", top_k_heads=2, ffn="mh-moe", n_subtokens=2, n_experts=4)])
 def test_recursion_models_train(router, changes):
     torch.manual_seed(0)
-    model = GoHTransformer(GoHConfig(**CFG, recursion_router=router, **changes))
+    model = GoHTransformer(GoHConfig(**{**CFG, "n_layers": 2, "max_recursions": 2}, recursion_router=router, **changes))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    ids = torch.arange(16).repeat(4, 2)
+    ids = torch.arange(8).repeat(2, 2)
     losses = []
-    for _ in range(12):
+    for _ in range(10):
         loss = model(ids, labels=ids).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+
+def block_attending_to(block, h_query, h_keys):
+    """One dense-router block whose queries come from ``h_query`` and whose keys/values come from
+    ``h_keys`` (same positions, causal): what KV sharing computes in a later recursion."""
+    attn, (batch, seq, d) = block.attn, h_query.shape
+    heads, hd = attn.n_heads, attn.head_dim
+    q = attn.qkv(block.attn_norm(h_query))[..., :attn.q_width]
+    k, v = attn.qkv(block.attn_norm(h_keys))[..., attn.q_width:].split([d, d], -1)
+    q, k, v = (t.view(batch, seq, heads, hd).transpose(1, 2) for t in (q, k, v))
+    q, k = attn.rotary(q, k, 0)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    h = h_query + attn.out(o.transpose(1, 2).reshape(batch, seq, d))
+    return h + block.ffn(block.ffn_norm(h))[0]
+
+
+@pytest.mark.parametrize("kv", KV)
+def test_a_later_recursion_attends_to_the_keys_its_kv_option_names(kv):
+    torch.manual_seed(0)
+    cfg = GoHConfig(**{**CFG, "n_layers": 1, "max_recursions": 2}, recursion_router="token-choice", recursion_kv=kv)
+    model = GoHTransformer(cfg).eval()
+    depth = torch.tensor([[1, 2, 1, 2, 2, 2]])  # tokens 0 and 2 stop after recursion 0
+    gate = torch.full((1, 6), 0.7)
+    model.recursion.router.forward = lambda h: (depth, gate, {})  # a router with fixed choices
+    ids = torch.randint(0, 64, (1, 6))
+    block, took = model.blocks[0], depth > 1
+    with torch.no_grad():
+        h0 = model.embed(ids)
+        h1 = block(h0)[0]
+        if kv == "recursion":  # recursion 1 sees only the keys of the tokens that took it
+            f = block(h1, mask=took[:, None, None, :])[0]
+        else:  # recursion 1's queries attend to recursion 0's keys/values of every token
+            f = block_attending_to(block, h1, h0)
+        h2 = torch.where(took[..., None], h1 + 0.7 * (f - h1), h1)
+        expected = model.final_norm(h2) @ model.embed.weight.t()
+        out = model(ids)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.recursion.depth, depth)
