@@ -40,6 +40,18 @@ from ..routers.recursion import ExpertChoiceRecursionRouter, TokenChoiceRecursio
 from ..routing import LayerRouting, RecursionRouting
 
 
+def block_applications(cfg: GoHConfig) -> List[Tuple[int, int]]:
+    """``(block index, recursion)`` of every block application, in the order the model returns their
+    :class:`~gohgraph.routing.LayerRouting` records (``[(i, 0) for each block]`` without recursion)."""
+    if cfg.recursion != "mor":
+        return [(i, 0) for i in range(cfg.n_layers)]
+    blocks = list(range(cfg.n_layers))
+    first, stack, last = (blocks[:1], blocks[1:-1], blocks[-1:]) if cfg.recursion_sharing == "middle-cycle" \
+        else ([], blocks, [])
+    return ([(i, 0) for i in first] + [(i, r) for r in range(cfg.max_recursions) for i in stack]
+            + [(i, 0) for i in last])
+
+
 class RecursionKVCache(DynamicKVCache):
     """A :class:`DynamicKVCache` with one slot per (recursion, block) and, per recursion, which
     cached positions took it (``[batch, positions]`` bool): keys of tokens that skipped a

@@ -13,6 +13,11 @@ without holding them. :meth:`RoutingStats.report` turns the sums into, per layer
 * experts - per-expert load (share of routed sub-token assignments), gate mass, balance metrics,
   the sub-token -> expert load, and drop rates (MoE layers only).
 
+A Mixture-of-Recursions model returns one record per block *application* (``block_applications``
+in the report says which block and recursion each is); every token is counted in every
+application, the tokens that skipped a recursion included (their routing was computed, then
+discarded). Its report gains a ``recursion`` section (:mod:`gohgraph.analysis.stats.recursion`).
+
 Sections a model does not have are absent from the report, never zero-filled. Routing drift
 between two checkpoints lives in :mod:`gohgraph.analysis.stats.drift`.
 
@@ -32,9 +37,11 @@ import torch
 
 from ...config import GoHConfig
 from ...graph import expert_graph, head_graph
-from ...routing import LayerRouting
+from ...models.recursion import block_applications
+from ...routing import LayerRouting, RecursionRouting
 from .drift import routing_drift
 from .metrics import coefficient_of_variation, load_balance_summary, load_entropy
+from .recursion import RecursionTally
 from .report import csv_rows, summarise_layers
 from .tally import LayerTally
 from .tokens import profile_fits
@@ -64,17 +71,27 @@ class RoutingStats:
         self.head_edges = head_graph(config.head_graph, config.n_heads) if config.router == "graph" \
             else torch.empty(2, 0, dtype=torch.long)
         self.batches = 0
-        self.layers = [LayerTally(config, self.head_edges) for _ in range(config.n_layers)]
+        self.applications = block_applications(config)
+        self.layers = [LayerTally(config, self.head_edges) for _ in self.applications]
         expert_nodes = config.n_routed_experts if config.ffn != "dense" else 0
-        self.profile_tokens = profile_fits(config.vocab_size, config.n_heads + expert_nodes, config.n_layers)
+        self.profile_tokens = profile_fits(config.vocab_size, config.n_heads + expert_nodes, len(self.layers))
+        self.recursion = None
+        if config.recursion == "mor":
+            self.recursion = RecursionTally(config.max_recursions, config.vocab_size if self.profile_tokens else None)
         self._with_input_ids: Optional[bool] = None
 
     # ------------------------------------------------------------------ accumulation
     @torch.no_grad()
-    def update(self, routing: Sequence[LayerRouting], input_ids: Optional[torch.Tensor] = None) -> None:
-        if len(routing) != self.config.n_layers:
-            raise ValueError(f"routing has {len(routing)} layer records but the config has "
-                             f"n_layers={self.config.n_layers}")
+    def update(self, routing: Sequence[LayerRouting], input_ids: Optional[torch.Tensor] = None,
+               recursion: Optional[RecursionRouting] = None) -> None:
+        """``recursion``: ``out.recursion`` of a Mixture-of-Recursions model (required for one)."""
+        if len(routing) != len(self.layers):
+            expected = (f"n_layers={self.config.n_layers}" if self.config.recursion != "mor" else
+                        f"{len(self.layers)} block applications (n_layers={self.config.n_layers}, "
+                        f"max_recursions={self.config.max_recursions}, {self.config.recursion_sharing})")
+            raise ValueError(f"routing has {len(routing)} layer records but the config has {expected}")
+        if (recursion is None) != (self.recursion is None):
+            raise ValueError("pass out.recursion to update() exactly for a Mixture-of-Recursions model")
         if self._with_input_ids is not None and self._with_input_ids != (input_ids is not None):
             raise ValueError("pass input_ids to every update() or to none (token profiles would be partial)")
         if input_ids is not None and input_ids.numel() and self.profile_tokens and \
@@ -90,6 +107,8 @@ class RoutingStats:
         with _serial_on_cpu(routing[0].head_gates.device if routing else None):
             for layer_idx, (tally, record) in enumerate(zip(self.layers, routing)):
                 tally.add(record, input_ids if self.profile_tokens else None)
+            if self.recursion is not None:
+                self.recursion.add(recursion, input_ids)
         self.batches += 1
 
     @property
@@ -111,6 +130,10 @@ class RoutingStats:
             "layers": layers,
             "summary": summarise_layers(layers),
         }
+        if self.recursion is not None:
+            report["recursion"] = {"router": cfg.recursion_router, "sharing": cfg.recursion_sharing,
+                                   "kv": cfg.recursion_kv, **self.recursion.report()}
+            report["block_applications"] = [{"block": block, "recursion": r} for block, r in self.applications]
         if any("experts" in layer for layer in layers):
             # [sub-token slot, routed expert] pairs a sub-token may be sent along
             report["expert_edges"] = expert_graph(cfg.expert_graph, cfg.n_subtokens,
@@ -154,7 +177,8 @@ def collect_routing_stats(model: torch.nn.Module, batches: Iterable[torch.Tensor
     try:
         with torch.no_grad():
             for input_ids in tqdm(batches, desc="routing stats", unit="batch", disable=not progress):
-                stats.update(model(input_ids.to(device)).routing, input_ids)
+                out = model(input_ids.to(device))
+                stats.update(out.routing, input_ids, recursion=out.recursion)
     finally:
         model.train(was_training)
     return stats
