@@ -3,7 +3,8 @@
 1. :func:`comparison_variants` - dense MHA, MoH, GoH, SMoE, fine-grained SMoE, MH-MoE and GoH-MoE;
    attention variants keep the dense FFN, expert variants keep dense attention, so each row changes
    one thing. On request, each FFN kind also with BitNet b1.58 projections and experts
-   (:data:`BITNET_VARIANT_NAMES`, the MH-MoE paper's Table 3 setting).
+   (:data:`BITNET_VARIANT_NAMES`, the MH-MoE paper's Table 3 setting), and Mixture-of-Recursions
+   rows (:data:`MOR_VARIANT_NAMES`) at matched parameters and at matched depth.
 2. :func:`match_parameters` - every variant is resized to the dense model's total (or active)
    parameter count (``ffn_hidden`` for dense FFNs; ``expert_hidden`` and, where its step is too
    coarse, ``n_experts`` for expert FFNs) and the relative mismatch is recorded.
@@ -25,7 +26,17 @@ VARIANT_NAMES = ("dense", "MoH", "GoH", "SMoE", "fine-grained SMoE", "MH-MoE", "
 BITNET_OF = ("dense", "SMoE", "fine-grained SMoE", "MH-MoE", "GoH-MoE")
 BITNET_SUFFIX = " BitNet"
 BITNET_VARIANT_NAMES = tuple(name + BITNET_SUFFIX for name in BITNET_OF)
-ALL_VARIANT_NAMES = VARIANT_NAMES + BITNET_VARIANT_NAMES
+# Mixture-of-Recursions on dense attention and FFN, built only when named: "MoR <router>" shares the
+# dense model's n_layers blocks over MOR_RECURSIONS recursions and is matched to its parameters
+# (twice the depth); "(matched depth)" shares n_layers / MOR_RECURSIONS blocks, so its effective
+# depth equals dense's, and keeps its own (smaller) size: it is not resized. The MoR paper matches
+# FLOPs; gohgraph runs every token in every recursion, so equal depth is the honest equal compute.
+MOR_RECURSIONS = 2
+MOR_ROUTERS = {"expert-choice": "MoR expert-choice", "token-choice": "MoR token-choice"}
+MATCHED_DEPTH = " (matched depth)"
+MOR_VARIANT_NAMES = tuple(MOR_ROUTERS.values()) + tuple(name + MATCHED_DEPTH for name in MOR_ROUTERS.values())
+KEEPS_ITS_SIZE = frozenset(name + MATCHED_DEPTH for name in MOR_ROUTERS.values())
+ALL_VARIANT_NAMES = VARIANT_NAMES + BITNET_VARIANT_NAMES + MOR_VARIANT_NAMES
 MATCH_TOLERANCE = 0.02
 
 # Model shape and schedule of the two settings; ``gohgraph bench --quick`` runs the first.
@@ -86,6 +97,11 @@ def comparison_variants(d_model: int, n_layers: int, n_heads: int, n_shared_head
     if names is None:
         return variants
     variants.update({name + BITNET_SUFFIX: variants[name].replace(linear="bitnet") for name in BITNET_OF})
+    for router, name in MOR_ROUTERS.items():
+        mor = base.replace(recursion="mor", max_recursions=MOR_RECURSIONS, recursion_router=router)
+        variants[name] = mor
+        if n_layers % MOR_RECURSIONS == 0:
+            variants[name + MATCHED_DEPTH] = mor.replace(n_layers=n_layers // MOR_RECURSIONS)
     unknown = [name for name in names if name not in variants]
     if unknown:
         raise ValueError(f"variants {unknown} are not among {list(ALL_VARIANT_NAMES)}")
@@ -119,7 +135,9 @@ def match_parameters(variants: Dict[str, GoHConfig], reference: str = "dense",
     count (the default), or its ``"active"`` count per token (expert models then grow in total size,
     the compute-matched setting of the MH-MoE paper).
 
-    Raises ``ValueError`` if a variant cannot be brought within ``tolerance`` (relative).
+    Raises ``ValueError`` if a variant cannot be brought within ``tolerance`` (relative). Variants
+    in :data:`KEEPS_ITS_SIZE` are compared at matched depth instead: not resized, and their
+    mismatch is reported as it is.
     """
     if reference not in variants:
         raise ValueError(f"reference={reference!r} is not among the variants {list(variants)}")
@@ -129,11 +147,12 @@ def match_parameters(variants: Dict[str, GoHConfig], reference: str = "dense",
     target = count(variants[reference])
     matched = {}
     for name, config in variants.items():
-        fitted = config if name == reference else _fit_to_target(config, target, tolerance / 2, count)
+        keep = name == reference or name in KEEPS_ITS_SIZE
+        fitted = config if keep else _fit_to_target(config, target, tolerance / 2, count)
         model = GoHTransformer(fitted)
         variant = MatchedVariant(name, fitted, model.num_parameters(), target, active_parameters(model),
                                  f"{fitted.active_heads}/{fitted.n_heads}", _experts_active(fitted), on)
-        if abs(variant.mismatch) > tolerance:
+        if abs(variant.mismatch) > tolerance and not keep:
             raise ValueError(f"variant {name!r} has {variant.mismatch:+.1%} {on} parameters "
                              f"from the target {target}; allowed: within {tolerance:.0%}")
         matched[name] = variant
@@ -222,6 +241,9 @@ def reference_of(config: GoHConfig) -> str:
     else:
         heads = f"gohgraph's graph router with {'MoH' if config.head_gate_normalisation == 'moh' else 'H_s + k'} gating"
     bitnet = "; BitNet b1.58 projections and experts (tests/layers/test_bitlinear.py)" if config.linear == "bitnet" else ""
+    if config.recursion == "mor":
+        bitnet += (f"; Mixture-of-Recursions, {config.recursion_router}, {config.n_layers} shared block(s) x "
+                   f"{config.max_recursions} recursions (every token computed in every recursion: no FLOPs saved)")
     if config.ffn == "dense":
         return heads + bitnet
     if config.ffn == "graph-moe":
