@@ -33,6 +33,7 @@ RECURSIONS = ("none", "mor")
 RECURSION_SHARINGS = ("cycle", "middle-cycle")
 RECURSION_ROUTERS = ("expert-choice", "token-choice")
 RECURSION_KV = ("recursion", "shared")
+RECURSION_INFERENCE = ("aux-router", "router-bce")
 
 GATE_NORMALISATIONS = ("moh", "mha")
 EXPERT_SCORES = ("softmax", "sigmoid")
@@ -149,7 +150,11 @@ class GoHConfig:
     # "token-choice": a depth per token from a softmax over depths, with a balance loss
     recursion_router: str = _in("recursion", "expert-choice")
     recursion_gate_scale: float = _in("recursion", 1.0)  # alpha in the gate g = alpha sigmoid(theta^T h)
-    recursion_aux_loss_coef: float = _in("recursion", 0.1)  # the expert-choice auxiliary router's BCE
+    recursion_aux_loss_coef: float = _in("recursion", 0.1)  # weight of expert-choice's BCE loss
+    # how expert-choice decides causally at evaluation: "aux-router" (a second router trained with
+    # BCE to predict the top-k) or "router-bce" (a BCE loss on the router's own scores; a token
+    # continues when sigmoid(score) > 1/2)
+    recursion_inference: str = _in("recursion", "aux-router")
     # keys/values: "recursion" (recursion-wise caching: recursion r attends to the tokens that took r)
     # or "shared" (KV sharing: every recursion attends to the first recursion's keys of all tokens)
     recursion_kv: str = _in("recursion", "recursion")
@@ -301,6 +306,7 @@ class GoHConfig:
         _choice(self, "recursion_sharing", RECURSION_SHARINGS)
         _choice(self, "recursion_router", RECURSION_ROUTERS)
         _choice(self, "recursion_kv", RECURSION_KV)
+        _choice(self, "recursion_inference", RECURSION_INFERENCE)
         _positive(self, "max_recursions")
         if not self.recursion_gate_scale > 0:
             raise ValueError(f"recursion_gate_scale={self.recursion_gate_scale} must be > 0")

@@ -118,7 +118,7 @@ class MixtureOfRecursions(nn.Module):
             self.router = TokenChoiceRecursionRouter(cfg.d_model, cfg.max_recursions, cfg.init_std)
         else:
             self.router = ExpertChoiceRecursionRouter(cfg.d_model, cfg.max_recursions, cfg.recursion_gate_scale,
-                                                      cfg.init_std)
+                                                      cfg.init_std, aux_router=cfg.recursion_inference == "aux-router")
 
     def split(self, blocks: Sequence[nn.Module]) -> Tuple[List[nn.Module], List[nn.Module], List[nn.Module]]:
         """``(unique first, shared stack, unique last)`` blocks."""

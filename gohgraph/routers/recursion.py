@@ -8,9 +8,11 @@ applied (:mod:`gohgraph.models.recursion`).
   :math:`\lceil \beta_r T \rceil` tokens by score :math:`s_r = \theta_r^\top h` among those that
   took ``r - 1`` (nested subsets), :math:`\beta_r = (N_r - r) / N_r` (1, 2/3, 1/3 for
   :math:`N_r = 3`); gate :math:`g = \alpha\,\sigma(s_r)`. That choice looks at the whole sequence,
-  so it is only used in training; an auxiliary router :math:`a_r^\top h` (fed a detached
-  :math:`h`, trained with a BCE loss to predict the top-k choice, as the reference code's
-  ``aux_router``) decides causally at evaluation: a token continues when :math:`a_r^\top h > 0`.
+  so it is only used in training. At evaluation a per-token rule decides causally
+  (``cfg.recursion_inference``, the reference code's two ``sampling`` options): ``"aux-router"``, an
+  auxiliary router :math:`a_r^\top h` fed a detached :math:`h` and trained with a BCE loss to
+  predict the top-k choice, continues a token when :math:`a_r^\top h > 0`; ``"router-bce"`` puts
+  the BCE loss on :math:`s_r` itself and continues a token when :math:`\sigma(s_r) > 1/2`.
 * :class:`TokenChoiceRecursionRouter` - each token picks its depth once, up front:
   :math:`p = \mathrm{softmax}(W h)` over ``N_r`` depths, depth :math:`= 1 + \arg\max p`, gate
   :math:`g = p_{depth}` on every routed recursion it takes; balance loss
@@ -43,11 +45,12 @@ class ExpertChoiceRecursionRouter(nn.Module):
     ``(selected [batch, seq] bool, gate [batch, seq] float32, losses)``.
     """
 
-    def __init__(self, d_model: int, max_recursions: int, gate_scale: float, init_std: float = 0.02) -> None:
+    def __init__(self, d_model: int, max_recursions: int, gate_scale: float, init_std: float = 0.02,
+                 aux_router: bool = True) -> None:
         super().__init__()
         self.max_recursions, self.gate_scale = max_recursions, gate_scale
         self.scores = nn.ModuleList(nn.Linear(d_model, 1, bias=False) for _ in range(max_recursions - 1))
-        self.aux_routers = nn.ModuleList(nn.Linear(d_model, 1) for _ in range(max_recursions - 1))
+        self.aux_routers = nn.ModuleList(nn.Linear(d_model, 1) for _ in range(max_recursions - 1) if aux_router)
         for linear in [*self.scores, *self.aux_routers]:
             nn.init.normal_(linear.weight, std=init_std)
         for linear in self.aux_routers:
@@ -59,13 +62,16 @@ class ExpertChoiceRecursionRouter(nn.Module):
             scores = self.scores[recursion - 1](h.float()).squeeze(-1)  # [batch, seq]
             gate = self.gate_scale * torch.sigmoid(scores)
             if not self.training:
-                aux_logits = self.aux_routers[recursion - 1](h.float()).squeeze(-1)
-                return previous & (aux_logits > 0), gate, {}
+                decisive = self.aux_routers[recursion - 1](h.float()).squeeze(-1) if self.aux_routers else scores
+                return previous & (decisive > 0), gate, {}
             selected = self.top_tokens(scores, recursion, previous)
-            # the auxiliary router learns to predict the choice from the token alone (detached:
-            # it must not shape the hidden states it reads)
-            aux_logits = self.aux_routers[recursion - 1](h.detach().float()).squeeze(-1)
-            bce = F.binary_cross_entropy_with_logits(aux_logits[previous], selected[previous].float())
+            if self.aux_routers:
+                # the auxiliary router learns to predict the choice from the token alone (detached:
+                # it must not shape the hidden states it reads)
+                predicted = self.aux_routers[recursion - 1](h.detach().float()).squeeze(-1)
+            else:  # the router's own scores learn to be above 0 exactly for the tokens it keeps
+                predicted = scores
+            bce = F.binary_cross_entropy_with_logits(predicted[previous], selected[previous].float())
         return selected, gate, {RECURSION_AUX: bce}
 
     def top_tokens(self, scores: torch.Tensor, recursion: int, previous: torch.Tensor) -> torch.Tensor:

@@ -202,3 +202,32 @@ def test_a_later_recursion_attends_to_the_keys_its_kv_option_names(kv):
         out = model(ids)
     torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(out.recursion.depth, depth)
+
+
+def test_router_bce_trains_the_routers_own_scores_and_decides_by_their_sign():
+    torch.manual_seed(0)
+    router = ExpertChoiceRecursionRouter(16, max_recursions=2, gate_scale=1.0, aux_router=False)
+    assert len(router.aux_routers) == 0
+    h = torch.randn(2, 8, 16)
+    previous = torch.ones(2, 8, dtype=torch.bool)
+    scores = (h @ router.scores[0].weight.t()).squeeze(-1)
+    selected, _, losses = router.train()(h, 1, previous)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(scores.reshape(-1), selected.reshape(-1).float())
+    torch.testing.assert_close(losses["recursion_aux_bce"], expected)
+    selected, _, losses = router.eval()(h, 1, previous)
+    assert torch.equal(selected, scores > 0) and not losses
+
+
+def test_router_bce_models_are_causal_and_decode_like_recompute():
+    torch.manual_seed(0)
+    model = sharpened(GoHTransformer(GoHConfig(**CFG, recursion_inference="router-bce"))).eval()
+    ids = torch.randint(0, 64, (2, 10))
+    changed = ids.clone()
+    changed[:, 6:] = torch.randint(0, 64, (2, 4))
+    with torch.no_grad():
+        full = model(ids)
+        torch.testing.assert_close(model(changed).logits[:, :6], full.logits[:, :6])
+        cache = model.new_cache()
+        steps = [model(ids[:, t:t + 1], cache=cache).logits for t in range(10)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full.logits, rtol=1e-5, atol=1e-5)
+    assert 1 < full.recursion.depth.float().mean() < 3
