@@ -21,6 +21,7 @@ from ..layers.norm import build_norm
 from ..layers.positions import build_embedding_positions
 from ..routers.heads import HeadGate
 from ..routers.losses import EXPERT_BALANCE, BalancedRouting, loss_coefficients, pooled_balance_loss
+from ..routers.recursion import ExpertChoiceRecursionRouter
 from ..routing import LayerRouting, RecursionRouting
 from ..storage import load_model, save_model
 from .block import GoHBlock
@@ -204,6 +205,17 @@ class GoHTransformer(nn.Module):
         for module in self.modules():
             if isinstance(module, HeadGate):
                 module.dense_blend.fill_(float(value))
+
+    def set_recursion_capacity_warmup(self, value: float) -> None:
+        """Mixture-of-Recursions' expert-choice capacity warm-up share: 1.0 keeps every token in every
+        recursion, 0.0 (the default) the configured capacities (schedule:
+        :func:`gohgraph.training.schedules.recursion_capacity_warmup`). Call before a step, never
+        between a forward and its recompute."""
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"capacity warm-up={value} must be in [0, 1]")
+        for module in self.modules():
+            if isinstance(module, ExpertChoiceRecursionRouter):
+                module.capacity_warmup = float(value)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -7,7 +7,9 @@ applied (:mod:`gohgraph.models.recursion`).
 * :class:`ExpertChoiceRecursionRouter` - recursion ``r`` keeps, per sequence, the top
   :math:`\lceil \beta_r T \rceil` tokens by score :math:`s_r = \theta_r^\top h` among those that
   took ``r - 1`` (nested subsets), :math:`\beta_r = (N_r - r) / N_r` (1, 2/3, 1/3 for
-  :math:`N_r = 3`); gate :math:`g = \alpha\,\sigma(s_r)`. That choice looks at the whole sequence,
+  :math:`N_r = 3`), or :math:`\beta_r + (1 - \beta_r) w` during a capacity warm-up of share
+  :math:`w` (1 keeps every token; :attr:`ExpertChoiceRecursionRouter.capacity_warmup`, set from
+  outside before each step, never inside ``forward``); gate :math:`g = \alpha\,\sigma(s_r)`. That choice looks at the whole sequence,
   so it is only used in training. At evaluation a per-token rule decides causally
   (``cfg.recursion_inference``, the reference code's two ``sampling`` options): ``"aux-router"``, an
   auxiliary router :math:`a_r^\top h` fed a detached :math:`h` and trained with a BCE loss to
@@ -32,9 +34,11 @@ from torch import nn
 from .losses import RECURSION_AUX, RECURSION_BALANCE, load_balance_loss
 
 
-def expert_choice_capacity(recursion: int, max_recursions: int, seq_len: int) -> int:
-    r"""Tokens per sequence that recursion ``r`` keeps: :math:`\lceil (N_r - r) / N_r \cdot T \rceil`."""
-    return math.ceil((max_recursions - recursion) / max_recursions * seq_len)
+def expert_choice_capacity(recursion: int, max_recursions: int, seq_len: int, warmup: float = 0.0) -> int:
+    r"""Tokens per sequence that recursion ``r`` keeps: :math:`\lceil (\beta_r + (1 - \beta_r) w) T \rceil`
+    with :math:`\beta_r = (N_r - r) / N_r` and warm-up share :math:`w` (0 after the warm-up)."""
+    share = (max_recursions - recursion) / max_recursions
+    return math.ceil((share + (1.0 - share) * warmup) * seq_len)
 
 
 class ExpertChoiceRecursionRouter(nn.Module):
@@ -49,6 +53,7 @@ class ExpertChoiceRecursionRouter(nn.Module):
                  aux_router: bool = True) -> None:
         super().__init__()
         self.max_recursions, self.gate_scale = max_recursions, gate_scale
+        self.capacity_warmup = 0.0  # a plain float: the top-k size must be known without a device sync
         self.scores = nn.ModuleList(nn.Linear(d_model, 1, bias=False) for _ in range(max_recursions - 1))
         self.aux_routers = nn.ModuleList(nn.Linear(d_model, 1) for _ in range(max_recursions - 1) if aux_router)
         for linear in [*self.scores, *self.aux_routers]:
@@ -76,7 +81,7 @@ class ExpertChoiceRecursionRouter(nn.Module):
 
     def top_tokens(self, scores: torch.Tensor, recursion: int, previous: torch.Tensor) -> torch.Tensor:
         """``[batch, seq]`` bool: per sequence the top ``capacity`` scores among ``previous``."""
-        capacity = expert_choice_capacity(recursion, self.max_recursions, scores.shape[1])
+        capacity = expert_choice_capacity(recursion, self.max_recursions, scores.shape[1], self.capacity_warmup)
         ranked = scores.detach().masked_fill(~previous, float("-inf"))
         top = ranked.topk(capacity, dim=-1).indices
         return torch.zeros_like(previous).scatter(-1, top, True) & previous

@@ -231,3 +231,21 @@ def test_router_bce_models_are_causal_and_decode_like_recompute():
         steps = [model(ids[:, t:t + 1], cache=cache).logits for t in range(10)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full.logits, rtol=1e-5, atol=1e-5)
     assert 1 < full.recursion.depth.float().mean() < 3
+
+
+def test_capacity_warmup_starts_with_every_token_and_follows_the_half_cosine():
+    from gohgraph.training.schedules import recursion_capacity_warmup
+
+    assert [recursion_capacity_warmup(step, 4) for step in (0, 2, 4, 9)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert recursion_capacity_warmup(3, 0) == 0.0
+    torch.manual_seed(0)
+    model = GoHTransformer(GoHConfig(**CFG, recursion_router="expert-choice")).train()
+    ids = torch.randint(0, 64, (2, 12))
+    counts = {}
+    for warmup in (1.0, 0.5, 0.0):
+        model.set_recursion_capacity_warmup(warmup)
+        counts[warmup] = model(ids).recursion.selected.sum(-1)[:, 0].tolist()
+    # recursion r keeps ceil((beta_r + (1 - beta_r) w) T) of T = 12, beta = 1, 2/3, 1/3
+    assert counts == {1.0: [12, 12, 12], 0.5: [12, 10, 8], 0.0: [12, 8, 4]}
+    with pytest.raises(ValueError, match="must be in \\[0, 1\\]"):
+        model.set_recursion_capacity_warmup(1.5)
