@@ -64,16 +64,16 @@ class ExpertChoiceRecursionRouter(nn.Module):
     def forward(self, h: torch.Tensor, recursion: int, previous: torch.Tensor
                 ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         with torch.autocast(device_type=h.device.type, enabled=False):
-            scores = self.scores[recursion - 1](h.float()).squeeze(-1)  # [batch, seq]
+            scores = _float_linear(self.scores[recursion - 1], h).squeeze(-1)  # [batch, seq]
             gate = self.gate_scale * torch.sigmoid(scores)
             if not self.training:
-                decisive = self.aux_routers[recursion - 1](h.float()).squeeze(-1) if self.aux_routers else scores
+                decisive = _float_linear(self.aux_routers[recursion - 1], h).squeeze(-1) if self.aux_routers else scores
                 return previous & (decisive > 0), gate, {}
             selected = self.top_tokens(scores, recursion, previous)
             if self.aux_routers:
                 # the auxiliary router learns to predict the choice from the token alone (detached:
                 # it must not shape the hidden states it reads)
-                predicted = self.aux_routers[recursion - 1](h.detach().float()).squeeze(-1)
+                predicted = _float_linear(self.aux_routers[recursion - 1], h.detach()).squeeze(-1)
             else:  # the router's own scores learn to be above 0 exactly for the tokens it keeps
                 predicted = scores
             bce = F.binary_cross_entropy_with_logits(predicted[previous], selected[previous].float())
@@ -102,7 +102,7 @@ class TokenChoiceRecursionRouter(nn.Module):
 
     def forward(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         with torch.autocast(device_type=h.device.type, enabled=False):
-            probs = torch.softmax(self.proj(h.float()), dim=-1)  # [batch, seq, N_r]
+            probs = torch.softmax(_float_linear(self.proj, h), dim=-1)  # [batch, seq, N_r]
         choice = probs.argmax(dim=-1)
         gate = probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
         losses = {}
@@ -110,3 +110,9 @@ class TokenChoiceRecursionRouter(nn.Module):
             losses[RECURSION_BALANCE] = load_balance_loss(probs.reshape(-1, self.max_recursions),
                                                           choice.reshape(-1, 1), self.max_recursions)
         return choice + 1, gate, losses
+
+
+def _float_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` in float32 whatever the dtype of the model (routing runs in float32, DESIGN.md §10)."""
+    bias = None if linear.bias is None else linear.bias.float()
+    return F.linear(x.float(), linear.weight.float(), bias)
