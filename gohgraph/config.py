@@ -33,6 +33,13 @@ MODEL_TYPES = ("decoder", "encoder", "seq2seq")  # DESIGN.md §13: the three mem
 NORM_POSITIONS = ("pre", "post")
 CLASSIFIER_POOLINGS = ("first", "mean", "first-tanh")
 ATTENTION_SCALES = ("sqrt", "none")
+LINEAR_KINDS = ("standard", "bitnet")  # gohgraph.layers.linear builds them
+ROUTER_NOISES = ("none", "noisy-top-k", "gumbel", "jitter")  # gohgraph.routers.noise applies them
+RECURSIONS = ("none", "mor")
+RECURSION_SHARINGS = ("cycle", "middle-cycle")
+RECURSION_ROUTERS = ("expert-choice", "token-choice")
+RECURSION_KV = ("recursion", "shared")
+RECURSION_INFERENCE = ("aux-router", "router-bce")
 
 GATE_NORMALISATIONS = ("moh", "mha")
 EXPERT_SCORES = ("softmax", "sigmoid")
@@ -42,7 +49,7 @@ HeadGraphSpec = Union[str, list]  # a name, or a list of [src, dst] head pairs
 # applied to a saved config.json that lacks them (storage.read_config), never to new configs
 LEGACY_FIELD_VALUES = {"head_gate_normalisation": "mha"}
 
-SECTIONS = ("shape", "attention", "head routing", "routing losses", "experts")
+SECTIONS = ("shape", "attention", "head routing", "routing losses", "recursion", "experts")
 
 
 def _in(section: str, default: Any) -> Any:
@@ -103,6 +110,9 @@ class GoHConfig:
     classifier_pooling: str = _in("shape", "first")
     # encoder: BERT's MLM transform norm(GELU(W h + b)) before the tied output layer
     mlm_transform: bool = _in("shape", False)
+    # every projection but routers, embeddings and the output head: "standard" (nn.Linear) or
+    # "bitnet" (BitNet b1.58: ternary weights, int8 activations; routed experts per expert)
+    linear: str = _in("shape", "standard")
 
     # ---- attention (the defaults are the LLaMA-style model; converted GPT-2 models switch them)
     n_kv_heads: Optional[int] = _in("attention", None)  # None = n_heads (MHA); 1 = MQA; otherwise GQA
@@ -164,6 +174,35 @@ class GoHConfig:
     # the load f_i counts every one of a sub-token's top-k choices (default), or only its first
     # (GShard, and MH-MoE's released code); both are 1 at uniform load
     expert_balance_top1: bool = _in("routing losses", False)
+    # stochastic routing, in training only (evaluation routes exactly as "none"): "noisy-top-k"
+    # (Shazeer 2017: softplus(W_noise x) N(0,1) added to the logits), "gumbel" (Gumbel-top-k: top-k
+    # sampled without replacement in proportion to softmax(logits)), "jitter" (Switch: logits times
+    # U(1 - router_jitter_eps, 1 + router_jitter_eps))
+    head_router_noise: str = _in("routing losses", "none")
+    expert_router_noise: str = _in("routing losses", "none")
+    router_jitter_eps: float = _in("routing losses", 0.01)
+
+    # ---- recursion: Mixture-of-Recursions (Bae et al. 2025; gohgraph.models.recursion)
+    # "mor": a shared stack of blocks is applied up to max_recursions times; every token takes the
+    # first recursion, a router picks which tokens continue into each later one
+    recursion: str = _in("recursion", "none")
+    max_recursions: int = _in("recursion", 2)
+    # "cycle": all n_layers blocks are the shared stack; "middle-cycle": the first and the last block
+    # are unique and the n_layers - 2 between them are shared
+    recursion_sharing: str = _in("recursion", "cycle")
+    # "expert-choice": recursion r keeps the top ceil((max_recursions - r) / max_recursions * T) of
+    # the tokens still going, with an auxiliary router deciding causally at evaluation;
+    # "token-choice": a depth per token from a softmax over depths, with a balance loss
+    recursion_router: str = _in("recursion", "expert-choice")
+    recursion_gate_scale: float = _in("recursion", 1.0)  # alpha in the gate g = alpha sigmoid(theta^T h)
+    recursion_aux_loss_coef: float = _in("recursion", 0.1)  # weight of expert-choice's BCE loss
+    # how expert-choice decides causally at evaluation: "aux-router" (a second router trained with
+    # BCE to predict the top-k) or "router-bce" (a BCE loss on the router's own scores; a token
+    # continues when sigmoid(score) > 1/2)
+    recursion_inference: str = _in("recursion", "aux-router")
+    # keys/values: "recursion" (recursion-wise caching: recursion r attends to the tokens that took r)
+    # or "shared" (KV sharing: every recursion attends to the first recursion's keys of all tokens)
+    recursion_kv: str = _in("recursion", "recursion")
 
     # ---- feed-forward experts
     ffn: str = _in("experts", "dense")
@@ -314,6 +353,12 @@ class GoHConfig:
         _choice(self, "expert_score", EXPERT_SCORES)
         _choice(self, "expert_balance_pooling", BALANCE_POOLINGS)
         self._validate_family()
+        _choice(self, "linear", LINEAR_KINDS)
+        _choice(self, "head_router_noise", ROUTER_NOISES)
+        _choice(self, "expert_router_noise", ROUTER_NOISES)
+        if not 0.0 <= self.router_jitter_eps < 1.0:
+            raise ValueError(f"router_jitter_eps={self.router_jitter_eps} must be in [0, 1)")
+        self._validate_recursion()
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.position_embedding == "rope" and self.attention == "mha" and self.head_dim % 2:
@@ -382,6 +427,20 @@ class GoHConfig:
         if self.position_embedding == "t5-relative" and self.model_type == "decoder":
             raise ValueError("position_embedding='t5-relative' is built by the encoder and seq2seq models; "
                              "the decoder-only model takes 'rope', 'learned', 'alibi' or 'sinusoidal'")
+    def _validate_recursion(self) -> None:
+        _choice(self, "recursion", RECURSIONS)
+        _choice(self, "recursion_sharing", RECURSION_SHARINGS)
+        _choice(self, "recursion_router", RECURSION_ROUTERS)
+        _choice(self, "recursion_kv", RECURSION_KV)
+        _choice(self, "recursion_inference", RECURSION_INFERENCE)
+        _positive(self, "max_recursions")
+        if not self.recursion_gate_scale > 0:
+            raise ValueError(f"recursion_gate_scale={self.recursion_gate_scale} must be > 0")
+        if self.recursion_aux_loss_coef < 0:
+            raise ValueError(f"recursion_aux_loss_coef={self.recursion_aux_loss_coef} must be >= 0")
+        if self.recursion == "mor" and self.recursion_sharing == "middle-cycle" and self.n_layers < 3:
+            raise ValueError(f"recursion_sharing='middle-cycle' needs n_layers >= 3 (a unique first and last "
+                             f"block around a shared middle), got n_layers={self.n_layers}")
 
     def _validate_experts(self) -> None:
         if not 0 <= self.n_dense_layers < self.n_layers:

@@ -83,3 +83,23 @@ class LayerRouting:
     @property
     def expert_drops(self) -> Optional[torch.Tensor]:
         return None if self.experts is None else self.experts.expert_drops
+
+
+@dataclass
+class RecursionRouting:
+    """Mixture-of-Recursions decisions for one batch (:mod:`gohgraph.models.recursion`).
+
+    Attributes:
+        selected: ``[recursions, batch, seq]`` bool, which tokens took each recursion (the first
+            holds every token; later ones are nested subsets).
+        depth: ``[batch, seq]`` number of recursions each token took (1..max_recursions).
+        gates: ``[recursions, batch, seq]`` the gate ``g`` of each token's update (1 for the
+            first recursion, 0 where a token did not take the recursion).
+        aux_losses: ``recursion_balance`` (token-choice) or ``recursion_aux_bce`` (expert-choice,
+            in training), unweighted.
+    """
+
+    selected: torch.Tensor
+    depth: torch.Tensor
+    gates: torch.Tensor
+    aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)

@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -95,20 +95,35 @@ def read_config(directory: Union[str, Path]) -> GoHConfig:
 
 
 # ---------------------------------------------------------------------- model
-def save_model(model: torch.nn.Module, directory: Union[str, Path]) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` into ``directory``; returns the directory."""
+def save_model(model: torch.nn.Module, directory: Union[str, Path],
+               state: Optional[Dict[str, torch.Tensor]] = None) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory``; returns the directory.
+
+    ``state`` replaces ``model.state_dict()`` (e.g. with packed ternary weights,
+    :mod:`gohgraph.models.packed`)."""
     directory = Path(directory)
-    atomic_save_tensors(directory / WEIGHTS_NAME, model.state_dict(), metadata={"format": "pt"})
+    atomic_save_tensors(directory / WEIGHTS_NAME, model.state_dict() if state is None else state,
+                        metadata={"format": "pt"})
     atomic_write_text(directory / CONFIG_NAME, model.config.to_json() + "\n")
     return directory
 
 
-def load_model(directory: Union[str, Path], model_class: type, map_location: str = "cpu"):
-    """Build ``model_class(config)`` from ``config.json`` and load ``model.safetensors`` into it, strictly."""
+# restore_state(model, tensors read from the file) -> the state_dict to load strictly
+StateRestorer = Callable[[torch.nn.Module, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]
+
+
+def load_model(directory: Union[str, Path], model_class: type, map_location: str = "cpu",
+               restore_state: Optional[StateRestorer] = None):
+    """Build ``model_class(config)`` from ``config.json`` and load ``model.safetensors`` into it, strictly.
+
+    ``restore_state`` turns the file's tensors into the model's ``state_dict`` first (e.g. unpacks
+    ternary weights); the model family passes it, since this module sits below the models."""
     cfg = read_config(directory)
     state = read_tensors(Path(directory) / WEIGHTS_NAME, map_location)
     cfg = pin_legacy_expert_width(cfg, state)
     model = model_class(cfg)
+    if restore_state is not None:
+        state = restore_state(model, state)
     load_state_strict(model, state, Path(directory) / WEIGHTS_NAME)
     return model.to(map_location)
 

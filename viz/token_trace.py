@@ -4,6 +4,10 @@ One panel per layer: a ``[heads, tokens]`` grid of head gates (white = inactive 
 layers, a ``[routed experts, tokens]`` grid of the expert weight each token sent (summed over its
 sub-tokens and top-k slots, divided by the number of sub-tokens so a column sums to 1). The
 token's characters label the x axis, with whitespace made visible.
+
+A Mixture-of-Recursions model gets a depth row on top (how many recursions each token took) and
+one panel per block application, labelled ``B<block> R<recursion>``; a token that skipped a
+recursion is white in its panels (its routing there was computed and discarded).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from ..data.tokenizers import byte_decode, byte_encode
+from ..models.recursion import block_applications
 from .figures import new_figure, save_figure
 
 VISIBLE_WHITESPACE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
@@ -26,7 +31,9 @@ MIN_TRACE_WIDTH = 7.0  # inches: room for the title even for a few tokens
 
 @torch.no_grad()
 def token_routing(model: torch.nn.Module, input_ids: torch.Tensor) -> List[Dict[str, Optional[np.ndarray]]]:
-    """Per layer ``{"head_gates": [seq, heads], "expert_weight": [seq, routed experts] | None}``.
+    """Per layer ``{"head_gates": [seq, heads], "expert_weight": [seq, routed experts] | None,
+    "label": "L<i>", "depth": None}``; for Mixture-of-Recursions per block application, labelled
+    ``"B<block> R<recursion>"``, with the skipped tokens' columns zeroed and ``"depth": [seq]``.
 
     ``input_ids``: ``[seq]`` or ``[1, seq]``. The model runs in eval mode; its mode is restored.
     """
@@ -34,12 +41,14 @@ def token_routing(model: torch.nn.Module, input_ids: torch.Tensor) -> List[Dict[
     was_training = model.training
     model.eval()
     try:
-        routing = model(ids).routing
+        out = model(ids)
     finally:
         model.train(was_training)
+    routing, recursion = out.routing, out.recursion
     n_experts = model.config.n_routed_experts
+    depth = None if recursion is None else recursion.depth[0].cpu().numpy()
     layers = []
-    for record in routing:
+    for index, ((block, step), record) in enumerate(zip(block_applications(model.config), routing)):
         expert_weight = None
         if record.expert_indices is not None:
             indices = record.expert_indices[0].cpu()  # [seq, m, k]
@@ -49,7 +58,15 @@ def token_routing(model: torch.nn.Module, input_ids: torch.Tensor) -> List[Dict[
             expert_weight = torch.zeros(seq, n_experts).scatter_add_(
                 1, indices.reshape(seq, -1), weights.reshape(seq, -1)) / m
             expert_weight = expert_weight.numpy()
-        layers.append({"head_gates": record.head_gates[0].float().cpu().numpy(), "expert_weight": expert_weight})
+        head_gates = record.head_gates[0].float().cpu().numpy()
+        label = f"L{index}"
+        if recursion is not None:
+            skipped = ~recursion.selected[step, 0].cpu().numpy()
+            head_gates = np.where(skipped[:, None], 0.0, head_gates)
+            if expert_weight is not None:
+                expert_weight = np.where(skipped[:, None], 0.0, expert_weight)
+            label = f"B{block} R{step}"
+        layers.append({"head_gates": head_gates, "expert_weight": expert_weight, "label": label, "depth": depth})
     return layers
 
 
@@ -100,11 +117,13 @@ def token_trace(model: torch.nn.Module, text: str, encode: Optional[Callable[[st
     layers = token_routing(model, torch.tensor(ids))
     labels = token_labels(ids, decode)
 
-    panels = []  # (layer, kind, values [rows, tokens])
-    for index, layer in enumerate(layers):
-        panels.append((index, "heads", layer["head_gates"].T))
+    panels = []  # (label, kind, values [rows, tokens])
+    if layers[0]["depth"] is not None:
+        panels.append(("MoR", "depth", layers[0]["depth"][None, :].astype(float)))
+    for layer in layers:
+        panels.append((layer["label"], "heads", layer["head_gates"].T))
         if layer["expert_weight"] is not None:
-            panels.append((index, "experts", layer["expert_weight"].T))
+            panels.append((layer["label"], "experts", layer["expert_weight"].T))
     rows = [values.shape[0] for _, _, values in panels]
     longest = max(len(label) for label in labels)
     rotate = longest > 2  # BPE pieces: vertical labels, drawn whole
@@ -114,13 +133,13 @@ def token_trace(model: torch.nn.Module, text: str, encode: Optional[Callable[[st
     axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False,
                            gridspec_kw={"height_ratios": [r + 1.5 for r in rows]})[:, 0]
     gate_max = max(float(layer["head_gates"].max()) for layer in layers) or 1.0
-    for ax, (index, kind, values) in zip(axes, panels):
-        vmax = gate_max if kind == "heads" else 1.0
+    for ax, (label, kind, values) in zip(axes, panels):
+        vmax = {"heads": gate_max, "experts": 1.0, "depth": float(model.config.max_recursions)}[kind]
         # zero (inactive head, expert not chosen) is masked to white, distinct from any small value
-        cmap = colormaps["viridis" if kind == "heads" else "plasma"].with_extremes(bad="white")
+        cmap = colormaps[{"heads": "viridis", "experts": "plasma", "depth": "cividis"}[kind]].with_extremes(bad="white")
         image = ax.imshow(np.ma.masked_equal(values, 0.0), cmap=cmap, vmin=0.0, vmax=vmax,
                           aspect="auto", interpolation="nearest")
-        ax.set_ylabel(f"L{index}\n{kind}", fontsize=7, rotation=0, ha="right", va="center")
+        ax.set_ylabel(f"{label}\n{kind}", fontsize=7, rotation=0, ha="right", va="center")
         ax.set_yticks(range(values.shape[0]))
         ax.tick_params(axis="y", labelsize=5)
         bar = figure.colorbar(image, ax=ax, pad=0.01, fraction=0.02, aspect=8)

@@ -9,6 +9,8 @@ GoH-MoE at matched total parameters (:mod:`gohgraph.analysis.compare`).
     gohgraph bench --variants GoH --router-rounds 2 --router-dim 16  # another graph router, same seeds
     gohgraph bench --variants MH-MoE --set subtoken_projections=false  # MH-MoE without head/merge layers
     gohgraph bench --variants GoH --set inter_head_flow=false          # GoH without inter-head flow
+    gohgraph bench --quick --bitnet        # MH-MoE's Table 3: every FFN kind with BitNet b1.58, fp dense as reference
+    gohgraph bench --quick --mor           # Mixture-of-Recursions at matched parameters and at matched depth
 
 Writes ``OUT/compare.md`` (the table), ``OUT/compare.json`` (every number) and
 ``OUT/compare_loss.png`` (validation loss against training tokens).
@@ -32,7 +34,7 @@ WHY_PROTECTED = ("the comparison sets {name} itself (a variant's kind, the width
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..analysis.compare.variants import VARIANT_NAMES
+    from ..analysis.compare.variants import ALL_VARIANT_NAMES, BITNET_VARIANT_NAMES, MOR_VARIANT_NAMES, VARIANT_NAMES
 
     parser.add_argument("--quick", action="store_true", help="the quick setting (tiny models, short runs)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant")
@@ -41,8 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace compare.md/.json/_loss.png if present")
     parser.add_argument("--data", default=None,
                         help="text file, directory or glob (default: the Python standard library corpus)")
-    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANT_NAMES, metavar="NAME",
-                        help=f"subset of {list(VARIANT_NAMES)} (default: all; 'dense' is always the reference)")
+    parser.add_argument("--variants", nargs="+", default=None, choices=ALL_VARIANT_NAMES, metavar="NAME",
+                        help=f"subset of {list(ALL_VARIANT_NAMES)} (default: the first seven, {list(VARIANT_NAMES)}; "
+                             "'dense' is always the reference)")
+    parser.add_argument("--bitnet", action="store_true",
+                        help=f"add the BitNet b1.58 rows {list(BITNET_VARIANT_NAMES)} (MH-MoE's Table 3; "
+                             "without --variants: only them and the full-precision dense reference)")
+    parser.add_argument("--mor", action="store_true",
+                        help=f"add the Mixture-of-Recursions rows {list(MOR_VARIANT_NAMES)} (matched parameters, "
+                             "and matched depth without resizing; without --variants: only them and dense)")
     parser.add_argument("--match", choices=["total", "active"], default="total",
                         help="match every variant to dense's total parameters (default) or its active parameters per token")
     parser.add_argument("--steps", type=int, default=None, help="override the setting's training steps")
@@ -68,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..analysis.compare.run import run_comparison
-    from ..analysis.compare.variants import SETTINGS, comparison_variants, match_parameters
+    from ..analysis.compare.variants import (BITNET_VARIANT_NAMES, MOR_VARIANT_NAMES, SETTINGS, comparison_variants,
+                                             match_parameters)
     from ..config import GoHConfig
     from ..data.corpus import load_corpus
     from ..training.config import TrainConfig
@@ -82,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
               if value is not None}
     model_shape = dict(model_shape, **router)
     names = args.variants
+    for wanted, extra in ((args.bitnet, BITNET_VARIANT_NAMES), (args.mor, MOR_VARIANT_NAMES)):
+        if wanted:
+            names = [*(names or []), *(name for name in extra if name not in (names or []))]
     if names is not None and "dense" not in names:
         names = ["dense", *names]
     overrides = parse_overrides(args.overrides, [f.name for f in dataclasses.fields(GoHConfig)],

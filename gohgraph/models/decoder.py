@@ -16,14 +16,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import GoHConfig
-from ..layers.kv_cache import KVCache
+from ..layers.kv_cache import DynamicKVCache, KVCache
 from ..layers.norm import build_norm
 from ..layers.positions import build_embedding_positions
 from ..routers.heads import HeadRouting
 from ..routers.losses import BalancedRouting
-from ..routing import LayerRouting
+from ..routers.recursion import ExpertChoiceRecursionRouter
+from ..routing import LayerRouting, RecursionRouting
+from ..storage import load_model, save_model
 from .block import GoHBlock
 from .generation import check_generation_arguments, make_decode_cache, positions_from_mask, sample_next_token
+from .packed import packed_state, unpack_ternary_state
+from .recursion import MixtureOfRecursions, RecursionKVCache
 from .routed import RoutedModel, weighted_aux_loss
 
 
@@ -33,8 +37,9 @@ class GoHOutput:
 
     ``logits [batch, seq, vocab]``; ``loss = lm_loss + aux_loss`` when labels are given;
     ``lm_loss`` the next-token cross-entropy (nats per token); ``aux_loss`` the weighted sum of
-    every layer's routing losses (0 for dense models); ``routing`` one record per layer;
-    ``cache`` the KV cache passed in (now holding this call's positions too).
+    every layer's routing losses (0 for dense models); ``routing`` one record per layer (per block
+    application for Mixture-of-Recursions); ``recursion`` the recursion record (``None`` without
+    recursion); ``cache`` the KV cache passed in (now holding this call's positions too).
     """
 
     logits: torch.Tensor
@@ -43,6 +48,7 @@ class GoHOutput:
     aux_loss: Optional[torch.Tensor] = None
     routing: List[LayerRouting] = field(default_factory=list)
     cache: Optional[KVCache] = None
+    recursion: Optional[RecursionRouting] = None
 
 
 class GoHTransformer(RoutedModel, nn.Module):
@@ -62,6 +68,8 @@ class GoHTransformer(RoutedModel, nn.Module):
         self.position_embed = build_embedding_positions(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(GoHBlock(cfg, i) for i in range(cfg.n_layers))
+        # Mixture-of-Recursions: the same blocks, applied up to max_recursions times per token
+        self.recursion = MixtureOfRecursions(cfg) if cfg.recursion == "mor" else None
         self.final_norm = build_norm(cfg)
         self.lm_head = None
         if not cfg.tie_embeddings:
@@ -88,15 +96,18 @@ class GoHTransformer(RoutedModel, nn.Module):
         if self.position_embed is not None:
             x = self.position_embed(x, offset if positions is None else positions)
         x = self.dropout(x)
-        routing = []
-        for block in self.blocks:
-            x, layer_routing = block(x, cache=cache, causal=True, mask=mask, positions=positions)
-            routing.append(layer_routing)
+        routing, recursion = [], None
+        if self.recursion is not None:
+            x, routing, recursion = self.recursion(self.blocks, x, cache=cache, mask=mask, positions=positions)
+        else:
+            for block in self.blocks:
+                x, layer_routing = block(x, cache=cache, causal=True, mask=mask, positions=positions)
+                routing.append(layer_routing)
         x = self.final_norm(x)
         logits = F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
 
-        aux_loss = weighted_aux_loss(self.config, routing, logits)
-        out = GoHOutput(logits=logits, aux_loss=aux_loss, routing=routing, cache=cache)
+        aux_loss = weighted_aux_loss(self.config, routing, logits, recursion)
+        out = GoHOutput(logits=logits, aux_loss=aux_loss, routing=routing, cache=cache, recursion=recursion)
         if labels is not None:
             out.lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                           labels[:, 1:].reshape(-1), ignore_index=-100)
@@ -178,8 +189,10 @@ class GoHTransformer(RoutedModel, nn.Module):
                   top_p: Optional[float], eos_token_id: Optional[int], pad_token_id: Optional[int],
                   cache: str) -> torch.Tensor:
         with torch.inference_mode():
-            capacity = input_ids.shape[1] + max_new_tokens
-            kv_cache = make_decode_cache(self.config, cache, capacity) if use_cache else None
+            kv_cache = None
+            if use_cache:
+                kv_cache = self.new_cache() if self.recursion is not None else \
+                    make_decode_cache(self.config, cache, input_ids.shape[1] + max_new_tokens)
             ids, mask = input_ids, attention_mask
             done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
             logits = self(ids, cache=kv_cache, attention_mask=mask).logits[:, -1]
@@ -200,3 +213,35 @@ class GoHTransformer(RoutedModel, nn.Module):
                     logits = self(ids[:, window], attention_mask=None if mask is None else mask[:, window]
                                   ).logits[:, -1]
         return ids.clone()  # outside inference mode: a normal tensor, usable with autograd later
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for this model: one slot per layer, or per (recursion, block) with
+        Mixture-of-Recursions (:class:`~gohgraph.models.recursion.RecursionKVCache`)."""
+        if self.recursion is not None:
+            return RecursionKVCache(self.config.n_layers, self.config.max_recursions)
+        return DynamicKVCache(self.config.n_layers)
+
+    def set_recursion_capacity_warmup(self, value: float) -> None:
+        """Mixture-of-Recursions' expert-choice capacity warm-up share: 1.0 keeps every token in every
+        recursion, 0.0 (the default) the configured capacities (schedule:
+        :func:`gohgraph.training.schedules.recursion_capacity_warmup`). Call before a step, never
+        between a forward and its recompute."""
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"capacity warm-up={value} must be in [0, 1]")
+        for module in self.modules():
+            if isinstance(module, ExpertChoiceRecursionRouter):
+                module.capacity_warmup = float(value)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, directory: Union[str, Path], packed_ternary: bool = False) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically).
+
+        ``packed_ternary`` (BitNet models, ``linear="bitnet"``): write the ternary weights as 2-bit
+        codes and their scales (:mod:`gohgraph.models.packed`) instead of the latent weights."""
+        return save_model(self, directory, state=packed_state(self) if packed_ternary else None)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, Path], map_location: str = "cpu") -> "GoHTransformer":
+        """Load a model written by :meth:`save_pretrained` (packed or not); mismatches raise
+        ``CheckpointError``."""
+        return load_model(directory, cls, map_location=map_location, restore_state=unpack_ternary_state)

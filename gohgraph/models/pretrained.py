@@ -10,6 +10,7 @@ from torch import nn
 from ..storage import CONFIG_NAME, CheckpointError, load_model, read_json
 from .decoder import GoHTransformer
 from .encoder import GoHEncoder
+from .packed import unpack_ternary_state
 
 # config.json's "model_type" (GoHConfig.model_type) -> the class it describes; configs without
 # the key are decoders
@@ -24,4 +25,5 @@ def from_pretrained(directory: Union[str, Path], map_location: str = "cpu") -> n
     if model_type not in MODEL_TYPES:
         raise CheckpointError(f"{Path(directory) / CONFIG_NAME}: model_type={model_type!r} is not one of "
                               f"{sorted(MODEL_TYPES)}")
-    return load_model(directory, MODEL_TYPES[model_type], map_location=map_location)
+    return load_model(directory, MODEL_TYPES[model_type], map_location=map_location,
+                      restore_state=unpack_ternary_state)

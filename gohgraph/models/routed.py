@@ -7,23 +7,28 @@ and :class:`~gohgraph.GoHSeq2Seq`; each holds ``self.config`` and returns its la
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Union
+from typing import List, Optional, Union
 
 import torch
 
 from ..config import GoHConfig
 from ..routers.heads import HeadGate
 from ..routers.losses import EXPERT_BALANCE, BalancedRouting, loss_coefficients, pooled_balance_loss
-from ..routing import LayerRouting
+from ..routing import LayerRouting, RecursionRouting
 from ..storage import load_model, save_model
 
 
-def weighted_aux_loss(cfg: GoHConfig, routing: List[LayerRouting], like: torch.Tensor) -> torch.Tensor:
-    """``sum_layers sum_losses coef * loss`` over the records (0 for dense models), float32 scalar;
-    with ``expert_balance_pooling="model"`` the expert balance loss is pooled over all layers first."""
+def weighted_aux_loss(cfg: GoHConfig, routing: List[LayerRouting], like: torch.Tensor,
+                      recursion: Optional[RecursionRouting] = None) -> torch.Tensor:
+    """``sum_layers sum_losses coef * loss`` over the records (0 for dense models), float32 scalar,
+    plus Mixture-of-Recursions' router losses (``recursion``); with ``expert_balance_pooling="model"``
+    the expert balance loss is pooled over all layers first."""
     coefficients = loss_coefficients(cfg)
     pooled = cfg.expert_balance_pooling == "model"
     total = like.new_zeros((), dtype=torch.float32)
+    if recursion is not None:
+        for name, value in recursion.aux_losses.items():
+            total = total + coefficients[name] * value
     for layer in routing:
         for name, value in layer.aux_losses.items():
             if not (pooled and name == EXPERT_BALANCE):

@@ -3,7 +3,9 @@
 :class:`GroupedExperts` holds the routed experts' weights stacked as ``[E, d_in, d_out]`` and runs
 them over expert-contiguous rows (from :mod:`gohgraph.moe.dispatch`) with one grouped matmul per
 projection (:func:`gohgraph.ops.grouped_matmul.grouped_matmul`), so the cost follows the number of
-*rows*, not the number of experts. :class:`SharedExperts` are the always-on experts.
+*rows*, not the number of experts. :class:`BitNetGroupedExperts` are the same experts with
+BitNet b1.58's ternary weights (one absmean scale per expert) and int8 activations per row.
+:class:`SharedExperts` are the always-on experts.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import GoHConfig
+from ..layers.bitlinear import TernaryWeights, quantise_activations
 from ..layers.linear import make_linear
 from ..ops.grouped_matmul import grouped_matmul
 
@@ -55,6 +58,33 @@ class GroupedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.n_experts}, d_model={self.d_model}, hidden={self.hidden}, activation={self.activation}"
+
+
+class BitNetGroupedExperts(GroupedExperts, TernaryWeights):
+    r""":class:`GroupedExperts` whose every projection is a BitLinear (``cfg.linear="bitnet"``).
+
+    Each expert's matrix is quantised on its own, exactly as a BitLinear quantises its one matrix:
+    :math:`\gamma_e = \mathrm{mean}|W_e|`, :math:`W_{q,e} = \mathrm{clamp}(\mathrm{round}(W_e/\gamma_e), -1, 1)\,\gamma_e`;
+    the rows (one per sub-token assignment) are RMS-normalised and int8-quantised per row before
+    each grouped matmul (:func:`~gohgraph.layers.bitlinear.quantise_activations`). Latent weights
+    are full precision; the gradients reach them straight through both roundings.
+    """
+
+    ternary_dims = {"w_in": (1, 2), "w_out": (1, 2)}
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_pinned_scales()
+
+    def forward(self, grouped: torch.Tensor, group_offsets: torch.Tensor) -> torch.Tensor:
+        rows = quantise_activations(grouped)
+        hidden = grouped_matmul(rows, self.quantised_weight("w_in"), group_offsets)
+        if self.activation == "swiglu":
+            gate, up = hidden.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        else:
+            hidden = F.gelu(hidden)
+        return grouped_matmul(quantise_activations(hidden), self.quantised_weight("w_out"), group_offsets)
 
 
 class SharedExperts(nn.Module):

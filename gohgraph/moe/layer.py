@@ -44,12 +44,12 @@ from torch import nn
 
 from ..config import GoHConfig
 from ..graph import bipartite_adjacency, expert_graph, head_graph
-from ..layers.linear import make_linear
+from ..layers.linear import make_linear, ternary_experts
 from ..layers.mlp import build_mlp
 from ..routers.experts import ExpertGate, GraphExpertRouter, LinearExpertRouter
 from ..routing import ExpertRouting
 from .dispatch import Dispatcher, LocalDispatcher, expert_capacity
-from .experts import GroupedExperts, SharedExperts
+from .experts import BitNetGroupedExperts, GroupedExperts, SharedExperts
 
 EXPERT_FFNS = ("moe", "mh-moe", "graph-moe")
 
@@ -116,8 +116,9 @@ class MoEFeedForward(nn.Module):
             self.router = LinearExpertRouter(self.d_sub, self.n_routed, cfg.init_std)
         self.gate = ExpertGate(cfg, allowed)
         hidden = cfg.expert_hidden_dim
-        self.experts = GroupedExperts(self.n_routed, self.d_sub, hidden, cfg.expert_activation,
-                                      cfg.init_std, cfg.output_init_std)
+        experts_class = BitNetGroupedExperts if ternary_experts(cfg) else GroupedExperts
+        self.experts = experts_class(self.n_routed, self.d_sub, hidden, cfg.expert_activation,
+                                     cfg.init_std, cfg.output_init_std)
         self.shared_experts = None
         if cfg.n_shared_experts:
             self.shared_experts = SharedExperts(cfg, self.d_sub, hidden)
@@ -131,7 +132,7 @@ class MoEFeedForward(nn.Module):
         sub = self.head(x) if self.has_head_and_merge else x
         sub = sub.reshape(n_tokens, m, self.d_sub)
 
-        choice = self.gate(self.router(sub, expert_load=self.gate.expert_load, fused=fused))
+        choice = self.gate(self.router(sub, expert_load=self.gate.expert_load, fused=fused), sub)
         flat_sub = sub.reshape(n_sub, self.d_sub)
         capacity = expert_capacity(self.capacity_factor, n_sub, k, self.n_routed) if self.training else None
         grouped, group_offsets, plan = self.dispatcher.dispatch(flat_sub, choice.indices.reshape(n_sub, k), capacity)

@@ -25,6 +25,7 @@ from ..config import GoHConfig
 from ..graph import bipartite_adjacency, with_self_loops
 from .gat import GraphAttention
 from .losses import EXPERT_BALANCE, EXPERT_Z, BalancedRouting, BalanceTally, router_z_loss, update_balancing_bias
+from .noise import RouterNoise
 
 
 class LinearExpertRouter(nn.Module):
@@ -222,7 +223,8 @@ class ExpertGate(BalancedRouting):
 
     With ``n_expert_groups > 1`` selection is group-limited (DeepSeek-V3): each group's score is
     the sum of its two best choice scores, and only the best ``top_k_expert_groups`` groups may
-    be chosen from. Weights are finally multiplied by ``routed_scaling_factor``.
+    be chosen from. Weights are finally multiplied by ``routed_scaling_factor``. In training,
+    ``cfg.expert_router_noise`` makes the selection stochastic (:mod:`~gohgraph.routers.noise`).
 
     Losses over the ``tokens * subtokens`` rows: ``expert_balance`` =
     :func:`~gohgraph.routers.losses.load_balance_loss` (1 at uniform load) and ``expert_z`` =
@@ -255,19 +257,25 @@ class ExpertGate(BalancedRouting):
         self.register_buffer("selection_bias", torch.zeros(self.n_experts))
         self.register_buffer("expert_load", torch.ones(self.n_experts))
         self.register_buffer("load_since_update", torch.zeros(self.n_experts), persistent=False)
+        # stochastic selection in training (routers/noise.py); the noiseless logits at eval
+        self.noise = RouterNoise(cfg.expert_router_noise, cfg.d_model // cfg.n_subtokens, self.n_experts,
+                                 cfg.router_jitter_eps)
 
-    def forward(self, logits: torch.Tensor) -> ExpertChoice:
-        """``logits [tokens, subtokens, E]`` -> :class:`ExpertChoice`."""
+    def forward(self, logits: torch.Tensor, inputs: Optional[torch.Tensor] = None) -> ExpertChoice:
+        """``logits [tokens, subtokens, E]`` -> :class:`ExpertChoice`; ``inputs [tokens, subtokens,
+        d_sub]`` (the router's input) feed ``"noisy-top-k"``'s learned noise scale."""
         logits = logits.float()
         if self.restricted:
             logits = logits.masked_fill(~self.allowed, float("-inf"))
+        noisy_logits, weight_logits = self.noise(logits, inputs)  # both logits at eval
         if self.sigmoid_scores:
-            scores = logits.sigmoid()  # forbidden experts: sigmoid(-inf) = 0
-            choice = scores + self.selection_bias  # DeepSeek-V3 adds its bias to the scores, always
+            scores = weight_logits.sigmoid()  # forbidden experts: sigmoid(-inf) = 0
+            # DeepSeek-V3 adds its bias to the scores, always
+            choice = (scores if noisy_logits is weight_logits else noisy_logits.sigmoid()) + self.selection_bias
             if self.restricted:
                 choice = choice.masked_fill(~self.allowed, float("-inf"))
         else:
-            choice = logits + self.selection_bias if self.aux_free_bias else logits
+            choice = noisy_logits + self.selection_bias if self.aux_free_bias else noisy_logits
         if self.n_groups > 1:
             choice = self._limit_to_groups(choice)
         selected = choice.topk(self.top_k, dim=-1).indices
@@ -276,9 +284,9 @@ class ExpertGate(BalancedRouting):
             if self.renormalise:
                 weights = weights / (weights.sum(dim=-1, keepdim=True) + SIGMOID_NORM_EPS)
         elif self.renormalise:
-            weights = torch.softmax(logits.gather(-1, selected), dim=-1)
+            weights = torch.softmax(weight_logits.gather(-1, selected), dim=-1)
         else:
-            weights = torch.softmax(logits, dim=-1).gather(-1, selected)
+            weights = torch.softmax(weight_logits, dim=-1).gather(-1, selected)
         if self.scaling != 1.0:
             weights = weights * self.scaling
         if self.decoding:  # generation: no losses, no counts

@@ -28,6 +28,7 @@ from ..ops.small_softmax import small_softmax
 from ..routing import LayerRouting
 from .gat import GraphAttention
 from .losses import HEAD_BALANCE, HEAD_Z, BalancedRouting, load_balance_loss, router_z_loss, update_balancing_bias
+from .noise import RouterNoise
 
 # A head graph whose edges (self-loops included) fill at most this share of the heads x heads matrix
 # runs the PyG propagate path by default: its cost grows with the edges, the fused path's with
@@ -215,6 +216,7 @@ class HeadGate(BalancedRouting):
       stage weights, no losses (nothing in the router is trained).
 
     Routing runs in float32 whatever the autocast dtype (bf16 ties change the selected set).
+    In training, ``cfg.head_router_noise`` makes the selection stochastic (:mod:`~gohgraph.routers.noise`).
 
     ``dense_blend`` (a buffer, default 0) anneals a converted dense model into a routed one, as
     MoH's continue-tuning does: the output gates are ``blend * 1 + (1 - blend) * g``, so 1.0 is
@@ -238,6 +240,8 @@ class HeadGate(BalancedRouting):
                     self.stage_mix.bias.copy_(torch.tensor([math.log(self.n_shared / self.top_k), 0.0]))
         self.register_buffer("selection_bias", torch.zeros(self.n_routed))
         self.register_buffer("load_since_update", torch.zeros(self.n_routed), persistent=False)
+        # stochastic selection in training (routers/noise.py); the noiseless logits at eval
+        self.noise = RouterNoise(cfg.head_router_noise, cfg.d_model, self.n_routed, cfg.router_jitter_eps)
         # persistent: a converted checkpoint must reload as the dense model it was converted from
         self.register_buffer("dense_blend", torch.zeros(()))
         # set by GoHTransformer.generate for its duration: no losses, and the blend read once
@@ -252,7 +256,7 @@ class HeadGate(BalancedRouting):
         if self.n_shared:
             parts.append(small_softmax(shared_logits, dim=-1))
         if self.n_routed:
-            routed_gates, selected, aux = self._route(routed_logits)
+            routed_gates, selected, aux = self._route(routed_logits, x)
             parts.append(routed_gates)
         if self.binary:
             gates = logits.new_ones(logits.shape)
@@ -285,12 +289,13 @@ class HeadGate(BalancedRouting):
         stage = 2.0 * small_softmax(self.stage_mix(x).float(), dim=-1)
         return torch.cat([stage[:, :1] * parts[0] * self.n_shared, stage[:, 1:] * routed], dim=-1)
 
-    def _route(self, routed_logits: torch.Tensor
+    def _route(self, routed_logits: torch.Tensor, x: torch.Tensor
                ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         """-> (routed gates ``[tokens, routed]``, selected ids ``[tokens, k]``, losses)."""
-        selection_logits = routed_logits + self.selection_bias if self.aux_free_bias else routed_logits
+        noisy_logits, weight_logits = self.noise(routed_logits, x)  # both routed_logits at eval
+        selection_logits = noisy_logits + self.selection_bias if self.aux_free_bias else noisy_logits
         selected = selection_logits.topk(self.top_k, dim=-1).indices  # [tokens, k]
-        kept = small_softmax(routed_logits.gather(-1, selected), dim=-1)
+        kept = small_softmax(weight_logits.gather(-1, selected), dim=-1)
         gates = torch.zeros_like(routed_logits).scatter(-1, selected, kept)
         if self.training and self.aux_free_bias:
             self.load_since_update += torch.bincount(selected.reshape(-1), minlength=self.n_routed)

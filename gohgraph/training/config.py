@@ -44,6 +44,9 @@ class TrainConfig:
     # model) and anneal its heads from dense to top-k over dense_anneal_steps (MoH's continue-tuning)
     init_from: Optional[str] = None
     dense_anneal_steps: int = 0  # 0 = leave GoHTransformer's dense_blend as it is
+    # Mixture-of-Recursions (expert-choice): capacities start at every token and reach the
+    # configured ones along a half cosine over this many steps (0 = no warm-up)
+    recursion_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         parse_fields(self, owner="TrainConfig.")
@@ -51,7 +54,7 @@ class TrainConfig:
                      "eval_batches", "save_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be a positive integer")
-        for name in ("warmup_steps", "aux_warmup_steps", "seed", "dense_anneal_steps"):
+        for name in ("warmup_steps", "aux_warmup_steps", "seed", "dense_anneal_steps", "recursion_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be an integer >= 0")
         if not self.lr > 0:

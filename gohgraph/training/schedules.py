@@ -2,7 +2,9 @@
 
 * :func:`learning_rate`: linear warmup, then cosine decay to ``min_lr_ratio * lr``;
 * :func:`dense_to_sparse_schedule`: the dense blend that anneals a converted dense model into a
-  routed one (MoH's continue-tuning), 1.0 at step 0 down to 0.0.
+  routed one (MoH's continue-tuning), 1.0 at step 0 down to 0.0;
+* :func:`recursion_capacity_warmup`: Mixture-of-Recursions' capacity warm-up, 1.0 at step 0 down
+  to 0.0 along a half cosine.
 """
 
 from __future__ import annotations
@@ -41,3 +43,14 @@ def dense_to_sparse_schedule(step: int, warmup_steps: int) -> float:
     if step >= warmup_steps:
         return 0.0
     return 1.0 - step / warmup_steps
+
+
+def recursion_capacity_warmup(step: int, warmup_steps: int) -> float:
+    """Warm-up share for step ``step``: ``0.5 (1 + cos(pi min(1, step / warmup_steps)))``, 1.0 at
+    step 0 and 0.0 from ``warmup_steps`` on (the MoR reference code's ``cap_warmup_step``). Use
+    with :meth:`GoHTransformer.set_recursion_capacity_warmup` before each optimizer step."""
+    if step < 0 or warmup_steps < 0:
+        raise ValueError(f"step={step} and warmup_steps={warmup_steps} must be >= 0")
+    if warmup_steps == 0:
+        return 0.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / warmup_steps)))

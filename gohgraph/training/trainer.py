@@ -40,7 +40,7 @@ from .interrupts import stop_signals
 from .memory import available_memory, check_step_fits, estimate_step_memory
 from .metrics import MetricsLogger, routing_summary, source_loss_column
 from .optim import build_optimizer
-from .schedules import dense_to_sparse_schedule, learning_rate, set_learning_rate
+from .schedules import dense_to_sparse_schedule, learning_rate, recursion_capacity_warmup, set_learning_rate
 
 
 # per-rank seeds are seed + stride * rank (+ step on resume): a prime far above any step count, so
@@ -232,6 +232,8 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
             aux_scale = min(1.0, step / tc.aux_warmup_steps) if tc.aux_warmup_steps else 1.0
             if tc.dense_anneal_steps:
                 model.set_dense_blend(dense_to_sparse_schedule(step, tc.dense_anneal_steps))
+            if tc.recursion_warmup_steps:
+                model.set_recursion_capacity_warmup(recursion_capacity_warmup(step, tc.recursion_warmup_steps))
             parts = torch.zeros(3, device=ctx.device)  # loss, lm_loss, aux_loss
             for micro in range(tc.grad_accum_steps):
                 batch = corpus_train_batch(corpus, tc.batch_size, tc.seq_len, tc.seed, step, micro,

@@ -292,3 +292,60 @@ def test_loss_figure_says_which_batches_each_panel_saw(tmp_path, monkeypatch):
     assert bars == pytest.approx([2.60, 2.445])  # the table's means, not the curves' last points
     dots = sorted(float(y) for points in final.collections for y in points.get_offsets()[:, 1])
     assert dots == pytest.approx(sorted(finals["dense"] + finals["GoH"]))
+def test_bitnet_rows_are_their_full_precision_rows_with_bitnet_and_match_the_same():
+    from gohgraph.analysis.compare.variants import BITNET_OF, BITNET_VARIANT_NAMES, reference_of
+
+    names = ["dense", *BITNET_OF[1:], *BITNET_VARIANT_NAMES]
+    variants = comparison_variants(**SETTINGS["quick"][0], names=names)
+    for name in BITNET_OF:
+        assert variants[name + " BitNet"] == variants[name].replace(linear="bitnet")
+    matched = match_parameters({name: variants[name] for name in ["dense", "MH-MoE", "MH-MoE BitNet"]})
+    assert matched["MH-MoE BitNet"].params == matched["MH-MoE"].params  # BitLinear adds no parameters
+    assert "BitNet b1.58" in reference_of(variants["SMoE BitNet"]) and "BitNet" not in reference_of(variants["SMoE"])
+
+
+def test_bench_bitnet_runs_table_3_in_one_command(tmp_path, capsys, bench_data):
+    from gohgraph.analysis.compare.variants import BITNET_VARIANT_NAMES
+    from gohgraph.cli.main import main
+
+    out = tmp_path / "bench"
+    code = main(["bench", "--quick", "--bitnet", "--steps", "1", "--seeds", "1", "--data", str(bench_data),
+                 "--eval-batches", "1", "--out", str(out), "--no-progress"])
+    assert code == 0
+    saved = json.loads((out / "compare.json").read_text())["variants"]
+    assert list(saved) == ["dense", *BITNET_VARIANT_NAMES]
+    assert saved["dense"]["config"]["linear"] == "standard"
+    assert all(saved[name]["config"]["linear"] == "bitnet" for name in BITNET_VARIANT_NAMES)
+    assert "| MH-MoE BitNet |" in capsys.readouterr().out
+
+
+def test_mor_rows_match_parameters_or_depth():
+    from gohgraph.analysis.compare.variants import MOR_VARIANT_NAMES, reference_of
+
+    variants = comparison_variants(**SETTINGS["quick"][0], names=["dense", *MOR_VARIANT_NAMES])
+    shape = SETTINGS["quick"][0]
+    for router in ("expert-choice", "token-choice"):
+        same_params, same_depth = variants[f"MoR {router}"], variants[f"MoR {router} (matched depth)"]
+        assert (same_params.recursion, same_params.recursion_router, same_params.n_layers) == ("mor", router, shape["n_layers"])
+        assert same_depth.n_layers * same_depth.max_recursions == shape["n_layers"]
+        assert "Mixture-of-Recursions" in reference_of(same_params) and "no FLOPs saved" in reference_of(same_params)
+    matched = match_parameters(variants)
+    dense = matched["dense"].params
+    assert abs(matched["MoR token-choice"].params / dense - 1) <= 0.02
+    # the matched-depth rows keep their size: half the blocks, so roughly the embedding plus half the rest
+    depth_row = matched["MoR token-choice (matched depth)"]
+    assert depth_row.config.n_layers == shape["n_layers"] // 2 and depth_row.mismatch < -0.2
+    assert depth_row.params == GoHTransformer(variants["MoR token-choice (matched depth)"]).num_parameters()
+
+
+def test_bench_runs_a_mor_row(tmp_path, capsys, bench_data):
+    from gohgraph.cli.main import main
+
+    out = tmp_path / "bench"
+    code = main(["bench", "--quick", "--variants", "MoR token-choice (matched depth)", "--steps", "1", "--seeds", "1",
+                 "--data", str(bench_data), "--eval-batches", "1", "--out", str(out), "--no-progress"])
+    assert code == 0
+    saved = json.loads((out / "compare.json").read_text())["variants"]
+    assert list(saved) == ["dense", "MoR token-choice (matched depth)"]
+    assert saved["MoR token-choice (matched depth)"]["config"]["recursion"] == "mor"
+    assert "| MoR token-choice (matched depth) |" in capsys.readouterr().out

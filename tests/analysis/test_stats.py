@@ -352,3 +352,33 @@ def test_routing_drift_of_real_checkpoints():
     assert "expert_drift" not in drift
     with pytest.raises(ValueError, match="n_heads"):
         routing_drift(model_a, GoHTransformer(GRAPH_CFG.replace(n_heads=2, n_shared_heads=0, top_k_heads=1)), [ids])
+
+
+def test_recursion_stats_count_depths_per_token_and_name_each_block_application():
+    from gohgraph.analysis.stats.collect import collect_routing_stats
+    from gohgraph.models.recursion import block_applications
+
+    torch.manual_seed(0)
+    cfg = GoHConfig(vocab_size=16, d_model=32, n_layers=3, n_heads=4, max_seq_len=32, recursion="mor",
+                    max_recursions=3, recursion_router="token-choice", recursion_sharing="middle-cycle")
+    model = GoHTransformer(cfg).eval()
+    with torch.no_grad():
+        model.recursion.router.proj.weight.mul_(300.0)  # depths spread over 1..3
+    batches = [torch.randint(0, 16, (2, 10)) for _ in range(3)]
+    stats = collect_routing_stats(model, batches, progress=False)
+    report = stats.report()
+    assert [(a["block"], a["recursion"]) for a in report["block_applications"]] == block_applications(cfg) \
+        == [(0, 0), (1, 0), (1, 1), (1, 2), (2, 0)]
+    assert len(report["layers"]) == 5
+    with torch.no_grad():
+        depths = torch.cat([model(ids).recursion.depth.reshape(-1) for ids in batches])
+        ids = torch.cat([ids.reshape(-1) for ids in batches])
+    recursion = report["recursion"]
+    expected = [(depths == d).double().mean().item() for d in (1, 2, 3)]
+    assert recursion["depth_histogram"] == pytest.approx(expected) and min(expected) > 0
+    assert recursion["mean_depth"] == pytest.approx(depths.double().mean().item())
+    assert recursion["took_recursion"] == pytest.approx([1.0, expected[1] + expected[2], expected[2]])
+    token, mean_depth = recursion["deepest_tokens"][0]
+    assert mean_depth == pytest.approx(depths[ids == token].double().mean().item())
+    with pytest.raises(ValueError, match="pass out.recursion"):
+        stats.update(model(batches[0]).routing, batches[0])

@@ -99,15 +99,22 @@ def test_graph_router_with_every_head_active_and_uniform_logits_is_standard_atte
     torch.testing.assert_close(attn(x)[0], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("router, ffn", [("linear", "dense"), ("graph", "dense"), ("dense", "moe"),
-                                         ("dense", "mh-moe"), ("graph", "graph-moe")])
-def test_model_cast_to_bf16_trains_and_generates(router, ffn):
-    """``model.to(torch.bfloat16)`` (bf16 weights, no autocast) runs every router and FFN."""
+@pytest.mark.parametrize("router, ffn, extra", [
+    ("linear", "dense", {}), ("graph", "dense", {}), ("dense", "moe", {}), ("dense", "mh-moe", {}),
+    ("graph", "graph-moe", {}),
+    ("linear", "moe", dict(linear="bitnet", head_router_noise="noisy-top-k", expert_router_noise="gumbel")),
+    ("dense", "dense", dict(recursion="mor", recursion_router="expert-choice")),
+    ("graph", "dense", dict(recursion="mor", recursion_router="token-choice", recursion_kv="shared"))])
+def test_model_cast_to_bf16_trains_and_generates(router, ffn, extra):
+    """``model.to(torch.bfloat16)`` (bf16 weights, no autocast) runs every router and FFN, BitNet
+    projections, stochastic routing and Mixture-of-Recursions."""
     experts = dict(n_experts=4, top_k_experts=2, n_subtokens=1 if ffn == "moe" else 2) if ffn != "dense" else {}
-    model = tiny_model(router, ffn=ffn, **experts).train()
+    model = tiny_model(router, ffn=ffn, **experts, **extra).train()
     ids = torch.randint(0, 64, (2, 24))
+    torch.manual_seed(1)  # the same noise draws in both precisions
     loss_fp32 = model(ids, labels=ids).loss.item()
     model.to(torch.bfloat16)
+    torch.manual_seed(1)
     loss = model(ids, labels=ids).loss
     loss.backward()
     assert loss.dtype == torch.float32 and math.isfinite(loss.item())

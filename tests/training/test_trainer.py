@@ -132,3 +132,17 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 def test_training_windows_must_fit_the_model(tmp_path):
     with pytest.raises(ValueError, match="seq_len=64 \\+ 1 exceeds the model's max_seq_len=33"):
         train(GoHConfig(**TINY), TrainConfig(seq_len=64), make_corpus(), tmp_path, progress=False)
+
+
+def test_recursion_capacity_warmup_is_set_before_every_step(tmp_path, monkeypatch):
+    from gohgraph.training.schedules import recursion_capacity_warmup
+
+    shares = []
+    original = GoHTransformer.set_recursion_capacity_warmup
+    monkeypatch.setattr(GoHTransformer, "set_recursion_capacity_warmup",
+                        lambda self, value: (shares.append(value), original(self, value)))
+    cfg = GoHConfig(**{**TINY, "n_layers": 1}, recursion="mor", max_recursions=2)
+    tc = TrainConfig(batch_size=2, seq_len=16, max_steps=3, eval_every=3, eval_batches=1, save_every=3,
+                     recursion_warmup_steps=2, device="cpu")
+    train(cfg, tc, make_corpus(n_train=4_000, n_val=1_000), tmp_path, progress=False)
+    assert shares == [recursion_capacity_warmup(step, 2) for step in range(3)] == [1.0, 0.5, 0.0]

@@ -205,3 +205,32 @@ def test_write_all_pictures_writes_every_file(moe_model_and_stats, tmp_path):
     assert sorted(p.name for p in without_extras) == ["cross_layer.png", "head_load_heatmap.png",
                                                        "load_percentiles.png", "routing_graph.graphml",
                                                        "routing_graphs.png"]
+
+
+def test_token_trace_of_a_recursion_model_has_a_depth_row_and_blanks_skipped_tokens(tmp_path):
+    torch.manual_seed(0)
+    cfg = GoHConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, recursion="mor",
+                    max_recursions=2, recursion_router="token-choice", router="linear", top_k_heads=2)
+    model = GoHTransformer(cfg).eval()
+    with torch.no_grad():
+        model.recursion.router.proj.weight.mul_(300.0)
+    text = "def f(x): return x"
+    ids = torch.tensor(list(text.encode()))
+    layers = viz.token_routing(model, ids)
+    with torch.no_grad():
+        out = model(ids[None])
+    depth = out.recursion.depth[0].numpy()
+    assert [layer["label"] for layer in layers] == ["B0 R0", "B1 R0", "B0 R1", "B1 R1"]
+    assert (layers[0]["depth"] == depth).all() and 1 in depth and 2 in depth
+    skipped = depth < 2
+    for layer, record in zip(layers, out.routing):
+        gates = record.head_gates[0].numpy()
+        if layer["label"].endswith("R1"):
+            assert (layer["head_gates"][skipped] == 0).all()
+            assert np.allclose(layer["head_gates"][~skipped], gates[~skipped])
+        else:
+            assert np.allclose(layer["head_gates"], gates)
+    figure = viz.token_trace(model, text, path=tmp_path / "trace.png")
+    assert len(figure.axes[0].images) == 1 and figure.axes[0].images[0].get_array().shape == (1, len(ids))
+    assert np.array_equal(figure.axes[0].images[0].get_array().data[0], depth)
+    assert mpimg.imread(tmp_path / "trace.png").std() > 0

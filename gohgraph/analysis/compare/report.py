@@ -30,7 +30,13 @@ def bits_per_byte(loss_nats: float) -> float:
 
 # the orderings the comparison is meant to test: (variant, the one it should beat)
 TARGET_PAIRS = (("MoH", "dense"), ("GoH", "MoH"), ("GoH", "dense"), ("SMoE", "dense"),
-                ("fine-grained SMoE", "SMoE"), ("MH-MoE", "SMoE"), ("GoH-MoE", "MH-MoE"))
+                ("fine-grained SMoE", "SMoE"), ("MH-MoE", "SMoE"), ("GoH-MoE", "MH-MoE"),
+                # MH-MoE's Table 3 orderings among BitNet models, and what 1.58 bits cost dense
+                ("dense BitNet", "dense"), ("SMoE BitNet", "dense BitNet"), ("fine-grained SMoE BitNet", "SMoE BitNet"),
+                ("MH-MoE BitNet", "SMoE BitNet"), ("GoH-MoE BitNet", "MH-MoE BitNet"),
+                # Mixture-of-Recursions at matched parameters (twice the depth) and at dense's depth
+                ("MoR expert-choice", "dense"), ("MoR token-choice", "dense"),
+                ("MoR expert-choice (matched depth)", "dense"), ("MoR token-choice (matched depth)", "dense"))
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> Tuple[float, Optional[float]]:

@@ -2,7 +2,9 @@
 
 1. :func:`comparison_variants` - dense MHA, MoH, GoH, SMoE, fine-grained SMoE, MH-MoE and GoH-MoE;
    attention variants keep the dense FFN, expert variants keep dense attention, so each row changes
-   one thing.
+   one thing. On request, each FFN kind also with BitNet b1.58 projections and experts
+   (:data:`BITNET_VARIANT_NAMES`, the MH-MoE paper's Table 3 setting), and Mixture-of-Recursions
+   rows (:data:`MOR_VARIANT_NAMES`) at matched parameters and at matched depth.
 2. :func:`match_parameters` - every variant is resized to the dense model's total (or active)
    parameter count (``ffn_hidden`` for dense FFNs; ``expert_hidden`` and, where its step is too
    coarse, ``n_experts`` for expert FFNs) and the relative mismatch is recorded.
@@ -19,6 +21,22 @@ from ...models.decoder import GoHTransformer
 from ...moe.layer import MoEFeedForward
 
 VARIANT_NAMES = ("dense", "MoH", "GoH", "SMoE", "fine-grained SMoE", "MH-MoE", "GoH-MoE")
+# one row per FFN kind with linear="bitnet" (MH-MoE's Table 3: dense, SMoE, fine-grained SMoE and
+# MH-MoE, all trained as BitNet); built only when named, so the default table keeps its seven rows
+BITNET_OF = ("dense", "SMoE", "fine-grained SMoE", "MH-MoE", "GoH-MoE")
+BITNET_SUFFIX = " BitNet"
+BITNET_VARIANT_NAMES = tuple(name + BITNET_SUFFIX for name in BITNET_OF)
+# Mixture-of-Recursions on dense attention and FFN, built only when named: "MoR <router>" shares the
+# dense model's n_layers blocks over MOR_RECURSIONS recursions and is matched to its parameters
+# (twice the depth); "(matched depth)" shares n_layers / MOR_RECURSIONS blocks, so its effective
+# depth equals dense's, and keeps its own (smaller) size: it is not resized. The MoR paper matches
+# FLOPs; gohgraph runs every token in every recursion, so equal depth is the honest equal compute.
+MOR_RECURSIONS = 2
+MOR_ROUTERS = {"expert-choice": "MoR expert-choice", "token-choice": "MoR token-choice"}
+MATCHED_DEPTH = " (matched depth)"
+MOR_VARIANT_NAMES = tuple(MOR_ROUTERS.values()) + tuple(name + MATCHED_DEPTH for name in MOR_ROUTERS.values())
+KEEPS_ITS_SIZE = frozenset(name + MATCHED_DEPTH for name in MOR_ROUTERS.values())
+ALL_VARIANT_NAMES = VARIANT_NAMES + BITNET_VARIANT_NAMES + MOR_VARIANT_NAMES
 MATCH_TOLERANCE = 0.02
 
 # Model shape and schedule of the two settings; ``gohgraph bench --quick`` runs the first.
@@ -45,7 +63,8 @@ def comparison_variants(d_model: int, n_layers: int, n_heads: int, n_shared_head
                         router_dim: int, router_rounds: int, n_experts: int, top_k_experts: int,
                         n_subtokens: int, fine_grained: int, max_seq_len: int,
                         names: Optional[Sequence[str]] = None) -> Dict[str, GoHConfig]:
-    """The unmatched configurations by name (see :data:`VARIANT_NAMES`).
+    """The unmatched configurations by name: :data:`VARIANT_NAMES` by default; ``names`` may also
+    pick from :data:`BITNET_VARIANT_NAMES` (the same configuration with ``linear="bitnet"``).
 
     MoH and GoH activate ``n_shared_heads + top_k_heads`` of ``n_heads`` heads per token; GoH routes
     with ``router_rounds`` of message passing over the complete head graph, inter-head flow on.
@@ -77,9 +96,15 @@ def comparison_variants(d_model: int, n_layers: int, n_heads: int, n_shared_head
     }
     if names is None:
         return variants
+    variants.update({name + BITNET_SUFFIX: variants[name].replace(linear="bitnet") for name in BITNET_OF})
+    for router, name in MOR_ROUTERS.items():
+        mor = base.replace(recursion="mor", max_recursions=MOR_RECURSIONS, recursion_router=router)
+        variants[name] = mor
+        if n_layers % MOR_RECURSIONS == 0:
+            variants[name + MATCHED_DEPTH] = mor.replace(n_layers=n_layers // MOR_RECURSIONS)
     unknown = [name for name in names if name not in variants]
     if unknown:
-        raise ValueError(f"variants {unknown} are not among {list(VARIANT_NAMES)}")
+        raise ValueError(f"variants {unknown} are not among {list(ALL_VARIANT_NAMES)}")
     return {name: variants[name] for name in names}
 
 
@@ -110,7 +135,9 @@ def match_parameters(variants: Dict[str, GoHConfig], reference: str = "dense",
     count (the default), or its ``"active"`` count per token (expert models then grow in total size,
     the compute-matched setting of the MH-MoE paper).
 
-    Raises ``ValueError`` if a variant cannot be brought within ``tolerance`` (relative).
+    Raises ``ValueError`` if a variant cannot be brought within ``tolerance`` (relative). Variants
+    in :data:`KEEPS_ITS_SIZE` are compared at matched depth instead: not resized, and their
+    mismatch is reported as it is.
     """
     if reference not in variants:
         raise ValueError(f"reference={reference!r} is not among the variants {list(variants)}")
@@ -120,11 +147,12 @@ def match_parameters(variants: Dict[str, GoHConfig], reference: str = "dense",
     target = count(variants[reference])
     matched = {}
     for name, config in variants.items():
-        fitted = config if name == reference else _fit_to_target(config, target, tolerance / 2, count)
+        keep = name == reference or name in KEEPS_ITS_SIZE
+        fitted = config if keep else _fit_to_target(config, target, tolerance / 2, count)
         model = GoHTransformer(fitted)
         variant = MatchedVariant(name, fitted, model.num_parameters(), target, active_parameters(model),
                                  f"{fitted.active_heads}/{fitted.n_heads}", _experts_active(fitted), on)
-        if abs(variant.mismatch) > tolerance:
+        if abs(variant.mismatch) > tolerance and not keep:
             raise ValueError(f"variant {name!r} has {variant.mismatch:+.1%} {on} parameters "
                              f"from the target {target}; allowed: within {tolerance:.0%}")
         matched[name] = variant
@@ -214,8 +242,12 @@ def reference_of(config: GoHConfig) -> str:
         heads = "MoH-LLaMA3's parameter-free router (tests/routers/test_moh_reference.py)"
     else:
         heads = f"gohgraph's graph router with {'MoH' if config.head_gate_normalisation == 'moh' else 'H_s + k'} gating"
+    bitnet = "; BitNet b1.58 projections and experts (tests/layers/test_bitlinear.py)" if config.linear == "bitnet" else ""
+    if config.recursion == "mor":
+        bitnet += (f"; Mixture-of-Recursions, {config.recursion_router}, {config.n_layers} shared block(s) x "
+                   f"{config.max_recursions} recursions (every token computed in every recursion: no FLOPs saved)")
     if config.ffn == "dense":
-        return heads
+        return heads + bitnet
     if config.ffn == "graph-moe":
         experts = "gohgraph's graph router over sub-tokens and experts"
     elif config.expert_score == "sigmoid":
@@ -226,5 +258,5 @@ def reference_of(config: GoHConfig) -> str:
         experts = "HF Mixtral's MoE block (tests/moe/test_hf_blocks.py)"
     else:
         experts = "MH-MoE (torchscale) with renormalised top-k"
-    return experts if config.router == "dense" else f"{heads}; {experts}"
+    return (experts if config.router == "dense" else f"{heads}; {experts}") + bitnet
 

@@ -23,6 +23,11 @@ layers and the routing consistency (:mod:`~gohgraph.analysis.stats.cross_layer`)
 expert (:mod:`~gohgraph.analysis.stats.by_source`). With an ``attention_mask``, padding is dropped
 before anything is counted (:mod:`~gohgraph.analysis.stats.padding`).
 
+A Mixture-of-Recursions model returns one record per block *application* (``block_applications``
+in the report says which block and recursion each is); every token is counted in every
+application, the tokens that skipped a recursion included (their routing was computed, then
+discarded). Its report gains a ``recursion`` section (:mod:`gohgraph.analysis.stats.recursion`).
+
 Sections a model does not have are absent from the report, never zero-filled. Routing drift
 between two checkpoints lives in :mod:`gohgraph.analysis.stats.drift`.
 
@@ -42,13 +47,15 @@ import torch
 
 from ...config import GoHConfig
 from ...graph import expert_graph, head_graph
-from ...routing import LayerRouting
+from ...models.recursion import block_applications
+from ...routing import LayerRouting, RecursionRouting
 from .by_source import SourceTally
 from .cross_layer import CrossLayerTally
 from .drift import routing_drift
 from .metrics import coefficient_of_variation, load_balance_summary, load_entropy
 from .padding import check_attention_mask, ids_without_padding, without_padding
 from .percentiles import load_percentiles
+from .recursion import RecursionTally
 from .report import csv_rows, summarise_layers
 from .tally import LayerTally
 from .token_entropy import token_entropy_report
@@ -82,11 +89,15 @@ class RoutingStats:
         self.head_edges = head_graph(config.head_graph, config.n_heads) if config.router == "graph" \
             else torch.empty(2, 0, dtype=torch.long)
         self.batches = 0
-        self.layers = [LayerTally(config, self.head_edges) for _ in range(config.n_layers)]
+        self.applications = block_applications(config)
+        self.layers = [LayerTally(config, self.head_edges) for _ in self.applications]
         expert_nodes = config.n_routed_experts if config.ffn != "dense" else 0
-        self.profile_tokens = profile_fits(config.vocab_size, config.n_heads + expert_nodes, config.n_layers)
+        self.profile_tokens = profile_fits(config.vocab_size, config.n_heads + expert_nodes, len(self.layers))
+        self.recursion = None
+        if config.recursion == "mor":
+            self.recursion = RecursionTally(config.max_recursions, config.vocab_size if self.profile_tokens else None)
         self._with_input_ids: Optional[bool] = None
-        self.cross_layer = CrossLayerTally(config.n_layers, config.n_heads, config.n_shared_heads,
+        self.cross_layer = CrossLayerTally(len(self.layers), config.n_heads, config.n_shared_heads,
                                            config.n_routed_experts)
         self.token_occurrences = torch.zeros(config.vocab_size if self.profile_tokens else 0, dtype=torch.float64)
         self.by_source = None if sources is None else SourceTally(
@@ -96,10 +107,16 @@ class RoutingStats:
     @torch.no_grad()
     def update(self, routing: Sequence[LayerRouting], input_ids: Optional[torch.Tensor] = None,
                attention_mask: Optional[torch.Tensor] = None,
-               source: Union[None, str, Sequence[str], torch.Tensor] = None) -> None:
-        if len(routing) != self.config.n_layers:
-            raise ValueError(f"routing has {len(routing)} layer records but the config has "
-                             f"n_layers={self.config.n_layers}")
+               source: Union[None, str, Sequence[str], torch.Tensor] = None,
+               recursion: Optional[RecursionRouting] = None) -> None:
+        """``recursion``: ``out.recursion`` of a Mixture-of-Recursions model (required for one)."""
+        if len(routing) != len(self.layers):
+            expected = (f"n_layers={self.config.n_layers}" if self.config.recursion != "mor" else
+                        f"{len(self.layers)} block applications (n_layers={self.config.n_layers}, "
+                        f"max_recursions={self.config.max_recursions}, {self.config.recursion_sharing})")
+            raise ValueError(f"routing has {len(routing)} layer records but the config has {expected}")
+        if (recursion is None) != (self.recursion is None):
+            raise ValueError("pass out.recursion to update() exactly for a Mixture-of-Recursions model")
         if self._with_input_ids is not None and self._with_input_ids != (input_ids is not None):
             raise ValueError("pass input_ids to every update() or to none (token profiles would be partial)")
         if input_ids is not None and input_ids.numel() and self.profile_tokens and \
@@ -122,6 +139,8 @@ class RoutingStats:
             if source_ids is not None:
                 self.by_source.add(routing, source_ids, mask if mask is not None else
                                    torch.ones(shape, dtype=torch.bool))
+            if self.recursion is not None:  # per-token depths of the batch as given
+                self.recursion.add(recursion, input_ids)
             routing = [without_padding(record, mask) for record in routing]
             input_ids = ids_without_padding(input_ids, mask)
             for layer_idx, (tally, record) in enumerate(zip(self.layers, routing)):
@@ -159,6 +178,10 @@ class RoutingStats:
         }
         if self.by_source is not None:
             report["by_source"] = self.by_source.report()
+        if self.recursion is not None:
+            report["recursion"] = {"router": cfg.recursion_router, "sharing": cfg.recursion_sharing,
+                                   "kv": cfg.recursion_kv, **self.recursion.report()}
+            report["block_applications"] = [{"block": block, "recursion": r} for block, r in self.applications]
         if any("experts" in layer for layer in layers):
             # [sub-token slot, routed expert] pairs a sub-token may be sent along
             report["expert_edges"] = expert_graph(cfg.expert_graph, cfg.n_subtokens,
@@ -237,7 +260,8 @@ def _run(model: torch.nn.Module, stats: RoutingStats, batches: Iterable[Tuple[Ba
             for batch, source in tqdm(batches, desc="routing stats", unit="batch", disable=not progress):
                 input_ids, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
                 out = model(input_ids.to(device), attention_mask=None if mask is None else mask.to(device))
-                stats.update(out.routing, input_ids, attention_mask=mask, source=source)
+                stats.update(out.routing, input_ids, attention_mask=mask, source=source,
+                             recursion=getattr(out, "recursion", None))
     finally:
         model.train(was_training)
 

@@ -1,0 +1,183 @@
+r"""Mixture-of-Recursions (Bae et al. 2025; DESIGN.md §13): a shared stack of blocks, applied up to
+``max_recursions`` times, with a router choosing which tokens take each recursion.
+
+Parameter sharing (``cfg.recursion_sharing``): ``"cycle"`` shares all ``n_layers`` blocks as the
+stack; ``"middle-cycle"`` keeps the first and the last block unique (run once, for every token)
+and shares the ``n_layers - 2`` between them. The effective depth is ``len(stack) * N_r`` (plus 2).
+
+Recursion ``r = 0`` runs the stack on every token. For ``r >= 1`` the router
+(:mod:`gohgraph.routers.recursion`) selects tokens among those that took ``r - 1`` and gives each a
+gate ``g``; selected tokens are updated as
+
+.. math::
+    h \leftarrow h + g\,\big(f_r(h) - h\big)
+
+(``f_r`` the stack), unselected ones keep :math:`h`. Keys and values (``cfg.recursion_kv``):
+
+* ``"recursion"`` - **recursion-wise KV caching**: in recursion ``r`` attention sees only the keys
+  of the tokens that took ``r`` (the reference code runs the stack on the selected tokens alone).
+  Each (recursion, block) has its own cache slot; a token that skips a recursion still writes a
+  slot entry, masked out for every later query, so cached decoding equals recomputing.
+* ``"shared"`` - **KV sharing**: keys and values are computed and cached in recursion 0 only, for
+  every token; in every later recursion block ``i``'s queries attend to recursion 0's keys and
+  values of block ``i`` (the cache holds one recursion's worth).
+
+Compute honesty: the stack runs on every token in every recursion and the unselected tokens'
+results are discarded (a mask, not a gather), so no FLOPs are saved; the routing and the
+function it computes are MoR's. Not built yet: capacity warm-up.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..config import GoHConfig
+from ..layers.kv_cache import DynamicKVCache, KVCache
+from ..routers.recursion import ExpertChoiceRecursionRouter, TokenChoiceRecursionRouter
+from ..routing import LayerRouting, RecursionRouting
+
+
+def block_applications(cfg: GoHConfig) -> List[Tuple[int, int]]:
+    """``(block index, recursion)`` of every block application, in the order the model returns their
+    :class:`~gohgraph.routing.LayerRouting` records (``[(i, 0) for each block]`` without recursion)."""
+    if cfg.recursion != "mor":
+        return [(i, 0) for i in range(cfg.n_layers)]
+    blocks = list(range(cfg.n_layers))
+    first, stack, last = (blocks[:1], blocks[1:-1], blocks[-1:]) if cfg.recursion_sharing == "middle-cycle" \
+        else ([], blocks, [])
+    return ([(i, 0) for i in first] + [(i, r) for r in range(cfg.max_recursions) for i in stack]
+            + [(i, 0) for i in last])
+
+
+class RecursionKVCache(DynamicKVCache):
+    """A :class:`DynamicKVCache` with one slot per (recursion, block) and, per recursion, which
+    cached positions took it (``[batch, positions]`` bool): keys of tokens that skipped a
+    recursion are masked out of it."""
+
+    def __init__(self, n_layers: int, max_recursions: int) -> None:
+        super().__init__(n_layers * max_recursions)
+        self.n_layers = n_layers
+        self.took: Dict[int, torch.Tensor] = {}
+
+    def slot(self, recursion: int) -> KVCache:
+        return _SlotView(self, recursion * self.n_layers)
+
+    def key_mask(self, recursion: int, selected: torch.Tensor) -> torch.Tensor:
+        """Record which of the new positions (``selected [batch, seq]``) took ``recursion``;
+        returns the mask of every cached position for it, ``[batch, cached + seq]``."""
+        previous = self.took.get(recursion)
+        self.took[recursion] = selected if previous is None else torch.cat([previous, selected], dim=1)
+        return self.took[recursion]
+
+
+class _SlotView(KVCache):
+    """The cache as one recursion's blocks see it: layer ``i`` is slot ``offset + i``."""
+
+    def __init__(self, cache: KVCache, offset: int) -> None:
+        self.cache, self.offset = cache, offset
+
+    def length(self, layer: int = 0) -> int:
+        return self.cache.length(self.offset + layer)
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.append(self.offset + layer, keys, values)
+
+
+class _SharedKeysView(KVCache):
+    """Recursion 0's cache as a later recursion's blocks see it under KV sharing: nothing is
+    appended, and the keys/values returned are recursion 0's, which already hold the ``new``
+    positions of this call (so the queries' offset is the cached length minus ``new``)."""
+
+    def __init__(self, cache: KVCache, new: int) -> None:
+        self.cache, self.new = cache, new
+
+    def length(self, layer: int = 0) -> int:
+        return self.cache.length(layer) - self.new
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.append(layer, keys[:, :, :0], values[:, :, :0])  # read without writing
+
+
+class MixtureOfRecursions(nn.Module):
+    """The recursion loop and its router; the blocks stay the model's (``model.blocks``).
+
+    ``forward(blocks, x [batch, seq, d_model], cache, mask [batch, 1, 1, keys] | None, positions)``
+    -> ``(x, one LayerRouting per block application, RecursionRouting)``.
+    """
+
+    def __init__(self, cfg: GoHConfig) -> None:
+        super().__init__()
+        self.n_layers, self.max_recursions = cfg.n_layers, cfg.max_recursions
+        self.middle_cycle = cfg.recursion_sharing == "middle-cycle"
+        self.token_choice = cfg.recursion_router == "token-choice"
+        self.kv_sharing = cfg.recursion_kv == "shared"
+        if self.token_choice:
+            self.router = TokenChoiceRecursionRouter(cfg.d_model, cfg.max_recursions, cfg.init_std)
+        else:
+            self.router = ExpertChoiceRecursionRouter(cfg.d_model, cfg.max_recursions, cfg.recursion_gate_scale,
+                                                      cfg.init_std, aux_router=cfg.recursion_inference == "aux-router")
+
+    def split(self, blocks: Sequence[nn.Module]) -> Tuple[List[nn.Module], List[nn.Module], List[nn.Module]]:
+        """``(unique first, shared stack, unique last)`` blocks."""
+        blocks = list(blocks)
+        if self.middle_cycle:
+            return blocks[:1], blocks[1:-1], blocks[-1:]
+        return [], blocks, []
+
+    def forward(self, blocks: Sequence[nn.Module], x: torch.Tensor, cache: Optional[KVCache] = None,
+                mask: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, List[LayerRouting], RecursionRouting]:
+        if cache is not None and not isinstance(cache, RecursionKVCache):
+            raise ValueError("a Mixture-of-Recursions model decodes with its own cache: model.new_cache()")
+        first, stack, last = self.split(blocks)
+        records: List[LayerRouting] = []
+        batch, seq = x.shape[:2]
+        if cache is None and self.kv_sharing:  # recursion 0's keys must be kept for the later ones
+            cache = RecursionKVCache(self.n_layers, 1)
+
+        def run(group, h, recursion, attention_mask):
+            view = None
+            if cache is not None:
+                view = _SharedKeysView(cache.slot(0), seq) if self.kv_sharing and recursion else cache.slot(recursion)
+            for block in group:
+                h, record = block(h, cache=view, causal=True, mask=attention_mask, positions=positions)
+                records.append(record)
+            return h
+
+        x = run(first, x, 0, mask)
+        took = torch.ones(batch, seq, dtype=torch.bool, device=x.device)
+        depth_choice = gate_choice = None
+        losses: Dict[str, torch.Tensor] = {}
+        if self.token_choice:  # every token's depth is decided once, before its first recursion
+            depth_choice, gate_choice, losses = self.router(x)
+        taken, gates = [took], [x.new_ones(batch, seq, dtype=torch.float32)]
+        x = run(stack, x, 0, mask)
+        for recursion in range(1, self.max_recursions):
+            if self.token_choice:
+                took, gate = depth_choice > recursion, gate_choice
+            else:
+                took, gate, step_losses = self.router(x, recursion, took)
+                for name, value in step_losses.items():
+                    losses[name] = losses.get(name, 0.0) + value
+            if self.kv_sharing:  # every token's recursion-0 keys stay visible
+                attention_mask = mask
+            else:
+                keys = cache.key_mask(recursion, took) if cache is not None else took
+                attention_mask = keys[:, None, None, :] if mask is None else mask & keys[:, None, None, :]
+            updated = run(stack, x, recursion, attention_mask)
+            gate = gate.to(x.dtype).unsqueeze(-1)
+            x = torch.where(took.unsqueeze(-1), x + gate * (updated - x), x)
+            taken.append(took)
+            gates.append(torch.where(took, gate.squeeze(-1).float(), 0.0))
+        x = run(last, x, 0, mask)
+        selected = torch.stack(taken)
+        record = RecursionRouting(selected=selected, depth=selected.sum(0), gates=torch.stack(gates).detach(),
+                                  aux_losses=losses)
+        return x, records, record
+
+    def extra_repr(self) -> str:
+        return (f"max_recursions={self.max_recursions}, sharing={'middle-cycle' if self.middle_cycle else 'cycle'}, "
+                f"router={'token-choice' if self.token_choice else 'expert-choice'}")
