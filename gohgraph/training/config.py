@@ -39,6 +39,8 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto = bf16 autocast on CUDA, float32 on CPU
     fsdp: bool = False
+    # shard each MoE layer's routed experts over this many ranks (= the torchrun processes); 1 = off
+    expert_parallel: int = 1
     tensorboard: bool = True
     # continue-training: start from a save_pretrained directory's weights (e.g. a converted dense
     # model) and anneal its heads from dense to top-k over dense_anneal_steps (MoH's continue-tuning)
@@ -48,7 +50,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         parse_fields(self, owner="TrainConfig.")
         for name in ("batch_size", "seq_len", "grad_accum_steps", "max_steps", "eval_every",
-                     "eval_batches", "save_every", "keep_last", "log_every"):
+                     "eval_batches", "save_every", "keep_last", "log_every", "expert_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be a positive integer")
         for name in ("warmup_steps", "aux_warmup_steps", "seed", "dense_anneal_steps"):
@@ -62,6 +64,9 @@ class TrainConfig:
         for name in ("min_lr_ratio", "beta1", "beta2"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be in [0, 1]")
+        if self.expert_parallel > 1 and self.fsdp:
+            raise ValueError(f"TrainConfig.expert_parallel={self.expert_parallel} with fsdp=True is not supported "
+                             "yet; use DDP (fsdp=False) for the replicated parameters")
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype={self.dtype!r} is not one of {list(DTYPES)}")
 
