@@ -132,6 +132,24 @@ def test_expert_parallel_training_checkpoint_resumes_in_one_process(two_ranks):
         torch.testing.assert_close(tensor, single_state[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
+def test_cli_trains_with_expert_parallel_under_torchrun(two_ranks):
+    """The README line: ``torchrun --nproc_per_node=2 -m gohgraph train ... --expert-parallel 2``."""
+    tmp, _, _ = two_ranks
+    moe = [f"--set={name}={value}" for name, value in MOE.items() if name not in ("vocab_size", "max_seq_len")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "gohgraph", "train", "--data", str(tmp / "text.txt"), "--cache-dir", str(tmp / "cache"),
+               "--run-dir", str(tmp / "cli_run"), "--max-steps", "2", "--batch-size", "4", "--seq-len", "16",
+               "--eval-every", "2", "--device", "cpu", "--no-progress", "--set", "max_seq_len=17",
+               "--set", "eval_batches=1", "--set", "tensorboard=false", *moe, "--expert-parallel", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    model = GoHTransformer.from_pretrained(tmp / "cli_run" / "final")
+    assert model.blocks[0].ffn.experts.w_in.shape[0] == 4
+    assert json.loads((tmp / "cli_run" / "train_config.json").read_text())["expert_parallel"] == 2
+
+
 def test_bad_layouts_name_the_numbers():
     with pytest.raises(ValueError, match=r"^n_routed_experts=4 \(layer 0\) is not divisible by expert_parallel=3"):
         check_expert_parallel_layout(GoHTransformer(GoHConfig(**MOE)), 3)
