@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun instead of DDP")
     parser.add_argument("--expert-parallel", type=int, metavar="N",
                         help="shard each MoE layer's routed experts over the N torchrun processes (all-to-all "
-                             "dispatch; DDP for the rest)")
+                             "dispatch; DDP, or FSDP2 with --fsdp, for the rest)")
     parser.add_argument("--init-from", type=Path,
                         help="start from this save_pretrained directory's model (e.g. from gohgraph convert)")
     parser.add_argument("--dense-anneal-steps", type=int,

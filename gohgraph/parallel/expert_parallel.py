@@ -5,8 +5,10 @@ Applied to a built model from outside (torchtitan style): :func:`apply_expert_pa
 :class:`~gohgraph.moe.layer.MoEFeedForward`'s experts for a :class:`ShardedGroupedExperts`
 (rank ``r`` keeps experts ``r E/N .. (r+1) E/N - 1``) and its
 :class:`~gohgraph.moe.dispatch.LocalDispatcher` for an :class:`ExpertParallelDispatcher`. Everything
-else (embeddings, attention, routers, shared experts) stays replicated and is left to DDP, which
-is told to ignore the expert shards. Every rank feeds its own batch, as in data parallelism.
+else (embeddings, attention, routers, shared experts) is left to data parallelism: DDP, which
+is told to ignore the expert shards, or FSDP2 with the shards as ``ignored_params``
+(:func:`gohgraph.parallel.data_parallel.wrap_model`). Every rank feeds its own batch, as in data
+parallelism, and the expert group spans the same ranks.
 
 One MoE layer, on rank ``r`` of ``N`` (``S`` local sub-tokens, top-``k``, width ``d``):
 
@@ -32,7 +34,7 @@ which under uniform routing is ``S k d b (N-1)/N`` each way (:attr:`ExpertParall
 counts the measured value).
 
 Gradients: the rows of every rank reach an expert's owner, so its shard's gradient is the *sum*
-of the ranks' losses' gradients; DDP averages the replicated gradients, so the shards' gradients
+of the ranks' losses' gradients; DDP / FSDP2 average the replicated gradients, so the shards' gradients
 are divided by ``N`` as they are computed, and both equal the gradient of the global mean loss.
 
 Checkpoints: :meth:`torch.nn.Module.state_dict` of a sharded model gathers the shards to full
@@ -94,13 +96,11 @@ def apply_expert_parallel(model: nn.Module, group: Optional[dist.ProcessGroup] =
     if group is None:
         # a group of its own, so the token exchanges never interleave with DDP's gradient buckets
         group = dist.new_group(list(range(dist.get_world_size())))
-    ignored = []
     for layer in layers:
         layer.experts = ShardedGroupedExperts(layer.experts, group)
         layer.dispatcher = ExpertParallelDispatcher(layer.n_routed, group)
-    for name, param in model.named_parameters():
-        if is_expert_shard(model, param):
-            ignored.append(name)
+    shards = {id(p) for p in expert_shard_parameters(model)}
+    ignored = [name for name, param in model.named_parameters() if id(param) in shards]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     return model
 
@@ -269,33 +269,50 @@ def gather_shard(shard: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- training helpers
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
-    """Clip every gradient to a total norm of ``max_norm`` (0 = measure only) and return the norm,
-    with the expert shards' squares summed over their group: the norm of the full gradient, equal
-    on every rank and to the single process's."""
-    shards = {id(p) for experts in sharded_experts(model) for p in (experts.w_in, experts.w_out)}
+    """Clip every gradient to a total norm of ``max_norm`` (0 = measure only) and return the norm
+    of the full gradient, equal on every rank and to the single process's.
+
+    Squares of the expert shards, and of FSDP2's gradient shards (DTensors; their mesh is assumed
+    to span the same ranks as the experts' group), are summed over the group; replicated (DDP)
+    gradients count once.
+    """
+    shards = {id(p) for p in expert_shard_parameters(model)}
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    replicated = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in shards]
-    sharded = [p.grad for p in model.parameters() if p.grad is not None and id(p) in shards]
-    squares = _norm(replicated) ** 2
-    if sharded:
-        shard_squares = _norm(sharded) ** 2
-        dist.all_reduce(shard_squares, group=sharded_experts(model)[0].group)
-        squares = squares + shard_squares
-    total = squares.sqrt()
+    split = [g.to_local() if _is_dtensor(g) else g for p in model.parameters() if (g := p.grad) is not None
+             and (id(p) in shards or _is_dtensor(g))]
+    whole = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in shards
+             and not _is_dtensor(p.grad)]
+    squares = _squares(whole)
+    if split:
+        split_squares = _squares(split)
+        dist.all_reduce(split_squares, group=sharded_experts(model)[0].group)
+        squares = squares + split_squares
+    total = float(squares.sqrt())
     if max_norm > 0:  # torch.nn.utils.clip_grad_norm_'s rule
-        scale = (max_norm / (total + CLIP_EPS)).clamp(max=1.0)
+        scale = min(1.0, max_norm / (total + CLIP_EPS))
         for grad in grads:
-            grad.mul_(scale.to(grad.device, grad.dtype))
-    return float(total)
+            grad.mul_(scale)
+    return total
 
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard
 
 
-def _norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
-    return torch.stack([grad.detach().float().pow(2).sum() for grad in grads]).sum().sqrt()
+    return torch.stack([grad.detach().float().pow(2).sum() for grad in grads]).sum()
+
+
+def expert_shard_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """Every expert shard of ``model`` (for DDP / FSDP2 to leave alone)."""
+    return [getattr(experts, name) for experts in sharded_experts(model) for name in SHARDED_WEIGHTS]
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
@@ -314,16 +331,18 @@ def local_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, st
 
 
 def _map_shard_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, change) -> dict:
+    # keys are parameter indices (plain optimizers) or names (FSDP2's full state dicts)
     owners = {id(getattr(experts, name)): experts for experts in sharded_experts(model) for name in SHARDED_WEIGHTS}
-    index_of = [owners.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
+    by_index = [owners.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
+    by_name = {name: owners.get(id(p)) for name, p in model.named_parameters()}
     moments = {}
-    for index, values in state["state"].items():
-        experts = index_of[int(index)]
+    for key, values in state["state"].items():
+        experts = by_name.get(key) if isinstance(key, str) and not key.isdigit() else by_index[int(key)]
         if experts is None:
-            moments[index] = values
+            moments[key] = values
         else:
-            moments[index] = {key: change(value, experts) if torch.is_tensor(value) and value.dim() > 0 else value
-                              for key, value in values.items()}
+            moments[key] = {field: change(value, experts) if torch.is_tensor(value) and value.dim() > 0 else value
+                            for field, value in values.items()}
     return {**state, "state": moments}
 
 

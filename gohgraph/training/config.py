@@ -39,7 +39,8 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto = bf16 autocast on CUDA, float32 on CPU
     fsdp: bool = False
-    # shard each MoE layer's routed experts over this many ranks (= the torchrun processes); 1 = off
+    # shard each MoE layer's routed experts over this many ranks (= the torchrun processes); 1 = off;
+    # DDP or FSDP2 (fsdp=True) takes care of every other parameter
     expert_parallel: int = 1
     tensorboard: bool = True
     # continue-training: start from a save_pretrained directory's weights (e.g. a converted dense
@@ -64,9 +65,6 @@ class TrainConfig:
         for name in ("min_lr_ratio", "beta1", "beta2"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be in [0, 1]")
-        if self.expert_parallel > 1 and self.fsdp:
-            raise ValueError(f"TrainConfig.expert_parallel={self.expert_parallel} with fsdp=True is not supported "
-                             "yet; use DDP (fsdp=False) for the replicated parameters")
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype={self.dtype!r} is not one of {list(DTYPES)}")
 

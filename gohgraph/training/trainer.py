@@ -179,7 +179,8 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
     expert_parallel = tc.expert_parallel > 1
     if expert_parallel:  # before DDP, which then leaves the expert shards alone
         EP.apply_expert_parallel(model)
-    wrapped = D.wrap_model(model, ctx, tc.fsdp)
+    wrapped = D.wrap_model(model, ctx, tc.fsdp,
+                           ignored_params=EP.expert_shard_parameters(model) if expert_parallel else None)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
     if saved_optimizer is not None:
         saved_names = saved.get("optimizer_param_names")

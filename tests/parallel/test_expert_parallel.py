@@ -3,8 +3,9 @@
 This file is also the worker: ``python -m torch.distributed.run --nproc_per_node=2
 tests/parallel/test_expert_parallel.py OUT_DIR DATA CACHE SINGLE_CHECKPOINT``. Each rank builds the
 same model, keeps an unsharded copy as the single-process reference (run on the whole batch in the
-same process), shards the other with ``apply_expert_parallel``, wraps it in DDP and feeds it its
-half of the batch; then it runs ``train(..., expert_parallel=2)``. The numbers it measures are
+same process), shards the other with ``apply_expert_parallel``, wraps it in DDP (then, again, in
+FSDP2) and feeds it its half of the batch; then it runs ``train(..., expert_parallel=2)`` with DDP
+and with FSDP2 for the replicated parameters. The numbers it measures are
 written to ``rank{r}.json`` and the tests below check them; one torchrun launch serves them all.
 """
 
@@ -69,9 +70,11 @@ def two_ranks(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_forward_losses_gradients_and_three_steps_equal_one_process(two_ranks):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_forward_losses_gradients_and_three_steps_equal_one_process(two_ranks, fsdp):
     _, results, _ = two_ranks
     for result in results:
+        result = result["fsdp"] if fsdp else result
         assert result["steps"] == STEPS
         for name in ("logits", "lm_loss", "replicated_grads", "expert_grads", "grad_norm", "parameters", "buffers"):
             assert max(result[name]) < 1e-5, (name, result[name])
@@ -79,9 +82,11 @@ def test_forward_losses_gradients_and_three_steps_equal_one_process(two_ranks):
 
 
 @pytest.mark.slow
-def test_capacity_drops_and_routing_stats_equal_one_process(two_ranks):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_capacity_drops_and_routing_stats_equal_one_process(two_ranks, fsdp):
     _, results, _ = two_ranks
     for result in results:
+        result = result["fsdp"] if fsdp else result
         for step in range(STEPS):
             ep, single = result["stats"][step], result["single_stats"][step]
             assert ep == single
@@ -104,11 +109,12 @@ def test_checkpoint_from_two_ranks_loads_in_one_process_and_the_reverse(two_rank
 @pytest.mark.slow
 def test_train_with_expert_parallel_matches_one_process(two_ranks):
     tmp, results, single = two_ranks
-    assert results[0]["train_losses"] == results[1]["train_losses"]
-    assert results[0]["train_losses"] == pytest.approx(single.losses, rel=1e-5)
-    trained = GoHTransformer.from_pretrained(tmp / "out" / "run" / "final").state_dict()
-    for name, tensor in single.model.state_dict().items():
-        torch.testing.assert_close(trained[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    for key, run in (("train_losses", "run"), ("fsdp_train_losses", "fsdp_run")):  # DDP, FSDP2 for the rest
+        assert results[0][key] == results[1][key]
+        assert results[0][key] == pytest.approx(single.losses, rel=1e-5)
+        trained = GoHTransformer.from_pretrained(tmp / "out" / run / "final").state_dict()
+        for name, tensor in single.model.state_dict().items():
+            torch.testing.assert_close(trained[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{run}: {name}")
 
 
 @pytest.mark.slow
@@ -155,8 +161,8 @@ def test_bad_layouts_name_the_numbers():
         check_expert_parallel_layout(GoHTransformer(GoHConfig(**MOE)), 3)
     with pytest.raises(ValueError, match=r"^expert_parallel=2 needs MoE layers, but the model has none \(ffn='dense'"):
         check_expert_parallel_layout(GoHTransformer(GoHConfig(**{**MOE, "ffn": "dense"})), 2)
-    with pytest.raises(ValueError, match=r"expert_parallel=2 with fsdp=True"):
-        TrainConfig(**TRAIN, expert_parallel=2, fsdp=True)
+    with pytest.raises(ValueError, match=r"^TrainConfig.expert_parallel=0 must be a positive integer"):
+        TrainConfig(**TRAIN, expert_parallel=0)
 
 
 def test_training_with_expert_parallel_needs_that_many_processes(tmp_path):
@@ -177,21 +183,20 @@ def _stats(out, n_experts, across_ranks=True):
     return {name: value.tolist() for name, value in stats.items()}
 
 
-def _worker(out_dir: Path, data: str, cache: str, single_checkpoint: str) -> None:
-    from gohgraph.data.corpus import load_corpus
+def _compare_with_one_process(ctx, fsdp: bool) -> dict:
+    """STEPS training steps of one process on the whole batch beside EP over the ranks, each rank on
+    its slice (DDP or FSDP2 for the replicated parameters); the largest differences of each step."""
     from gohgraph.parallel import data_parallel as D
-    from gohgraph.parallel.expert_parallel import apply_expert_parallel, clip_grad_norm_, is_expert_shard
-    from gohgraph.storage import load_state_strict, read_tensors
+    from gohgraph.parallel.expert_parallel import apply_expert_parallel, clip_grad_norm_, expert_shard_parameters
 
-    torch.set_num_threads(1)
-    ctx = D.init_distributed("cpu")
     rank, n_ranks = ctx.rank, ctx.world_size
     cfg = GoHConfig(**MOE)
     n_routed = cfg.n_routed_experts
     torch.manual_seed(0)
     single = GoHTransformer(cfg).train()
     sharded = apply_expert_parallel(copy.deepcopy(single))
-    wrapped = D.wrap_model(sharded, ctx)
+    shard_ids = {id(p) for p in expert_shard_parameters(sharded)}
+    wrapped = D.wrap_model(sharded, ctx, fsdp, ignored_params=expert_shard_parameters(sharded))
     mine = slice(rank * BATCH // n_ranks, (rank + 1) * BATCH // n_ranks)
     experts_slice = slice(rank * n_routed // n_ranks, (rank + 1) * n_routed // n_ranks)
     opt_single = torch.optim.AdamW(single.parameters(), lr=1e-2)
@@ -210,30 +215,47 @@ def _worker(out_dir: Path, data: str, cache: str, single_checkpoint: str) -> Non
         training_loss(out_single, 1.0).backward()
         training_loss(out, 1.0).backward()
         full_grads = dict(single.named_parameters())
-        replicated = [(p.grad, full_grads[n].grad) for n, p in names.items()
-                      if p.grad is not None and not is_expert_shard(sharded, p)]
+        replicated = [(_full(p.grad), full_grads[n].grad) for n, p in names.items()
+                      if p.grad is not None and id(p) not in shard_ids]
         experts = [(p.grad, full_grads[n].grad[experts_slice]) for n, p in names.items()
-                   if p.grad is not None and is_expert_shard(sharded, p)]
+                   if p.grad is not None and id(p) in shard_ids]
         result["replicated_grads"].append(_max_diff(replicated))
         result["expert_grads"].append(_max_diff(experts))
         result["replicated_grad_tensors"], result["expert_grad_tensors"] = len(replicated), len(experts)
         norm_single = float(torch.nn.utils.clip_grad_norm_(single.parameters(), 0.05))
         result["grad_norm"].append(abs(clip_grad_norm_(sharded, 0.05) - norm_single))
-        for optimizer, model in ((opt_single, single), (opt_sharded, sharded)):
+        for optimizer in (opt_single, opt_sharded):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         D.sync_routing_loads(sharded, ctx)
         sharded.update_routing_biases()
         single.update_routing_biases()
     result["steps"] = STEPS
-    gathered = sharded.state_dict()  # every rank: the shards are gathered
+    gathered = D.full_model_state(sharded, fsdp)  # every rank: the shards are gathered
     reference = single.state_dict()
     params = {n for n, _ in single.named_parameters()}
     result["parameters"] = [_max_diff([(gathered[n], reference[n])]) for n in sorted(params)]
     result["buffers"] = [_max_diff([(gathered[n], reference[n])]) for n in sorted(set(reference) - params)]
+    return result, sharded
+
+
+def _full(tensor):
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # FSDP2's gradients are DTensors
+
+
+def _worker(out_dir: Path, data: str, cache: str, single_checkpoint: str) -> None:
+    from gohgraph.data.corpus import load_corpus
+    from gohgraph.parallel import data_parallel as D
+    from gohgraph.parallel.expert_parallel import apply_expert_parallel
+    from gohgraph.storage import load_state_strict, read_tensors
+
+    torch.set_num_threads(1)
+    ctx = D.init_distributed("cpu")
+    result, sharded = _compare_with_one_process(ctx, fsdp=False)
+    result["fsdp"], _ = _compare_with_one_process(ctx, fsdp=True)
 
     # EP -> one process: every rank takes part in the gather; rank 0's directory is the checkpoint
-    sharded.save_pretrained(out_dir / ("ep_ckpt" if rank == 0 else f"ep_ckpt_rank{rank}"))
+    sharded.save_pretrained(out_dir / ("ep_ckpt" if ctx.rank == 0 else f"ep_ckpt_rank{ctx.rank}"))
     sharded.eval()
     with torch.no_grad():
         result["ep_eval_logits"] = sharded(_eval_batch()).logits.tolist()
@@ -245,9 +267,11 @@ def _worker(out_dir: Path, data: str, cache: str, single_checkpoint: str) -> Non
         result["reverse_into_sharded_logits"] = _max_diff([(sharded(_eval_batch()).logits, expected)])
 
     corpus = load_corpus(data, cache_dir=Path(cache))
-    trained = train(cfg, TrainConfig(**TRAIN, expert_parallel=n_ranks), corpus, out_dir / "run", progress=False)
-    result["train_losses"] = trained.losses
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    for key, fsdp in (("train_losses", False), ("fsdp_train_losses", True)):
+        trained = train(GoHConfig(**MOE), TrainConfig(**TRAIN, expert_parallel=ctx.world_size, fsdp=fsdp), corpus,
+                        out_dir / ("fsdp_run" if fsdp else "run"), progress=False)
+        result[key] = trained.losses
+    (out_dir / f"rank{ctx.rank}.json").write_text(json.dumps(result))
     D.shutdown(ctx)
 
 
