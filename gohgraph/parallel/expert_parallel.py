@@ -282,9 +282,10 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
              and (id(p) in shards or _is_dtensor(g))]
     whole = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in shards
              and not _is_dtensor(p.grad)]
-    squares = _squares(whole)
+    device = grads[0].device if grads else torch.device("cpu")
+    squares = _squares(whole, device)
     if split:
-        split_squares = _squares(split)
+        split_squares = _squares(split, device)
         dist.all_reduce(split_squares, group=sharded_experts(model)[0].group)
         squares = squares + split_squares
     total = float(squares.sqrt())
@@ -304,9 +305,9 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def _squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+def _squares(grads: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     if not grads:
-        return torch.zeros(())
+        return torch.zeros((), device=device)
     return torch.stack([grad.detach().float().pow(2).sum() for grad in grads]).sum()
 
 

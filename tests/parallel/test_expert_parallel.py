@@ -82,6 +82,13 @@ def test_forward_losses_gradients_and_three_steps_equal_one_process(two_ranks, f
 
 
 @pytest.mark.slow
+def test_bf16_autocast_gives_one_process_logits(two_ranks):
+    _, results, _ = two_ranks
+    # the same bf16 rows meet the same bf16 weights (equal here; a BLAS may block rows differently)
+    assert all(result["bf16_logits"] < 1e-2 for result in results), [result["bf16_logits"] for result in results]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_capacity_drops_and_routing_stats_equal_one_process(two_ranks, fsdp):
     _, results, _ = two_ranks
@@ -239,6 +246,22 @@ def _compare_with_one_process(ctx, fsdp: bool) -> dict:
     return result, sharded
 
 
+def _bf16_autocast_difference(ctx) -> float:
+    """Largest logit difference of EP and one process under bf16 autocast (bf16 rows exchanged)."""
+    from gohgraph.parallel.expert_parallel import apply_expert_parallel
+
+    torch.manual_seed(1)
+    single = GoHTransformer(GoHConfig(**MOE)).train()
+    sharded = apply_expert_parallel(copy.deepcopy(single))
+    batch = torch.randint(0, 256, (BATCH, SEQ), generator=torch.Generator().manual_seed(11))
+    mine = slice(ctx.rank * BATCH // ctx.world_size, (ctx.rank + 1) * BATCH // ctx.world_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_single, out = single(batch, labels=batch), sharded(batch[mine], labels=batch[mine])
+    training_loss(out, 1.0).backward()  # the backward exchange runs in bf16 too
+    assert out.logits.dtype == torch.bfloat16
+    return _max_diff([(out.logits.float(), out_single.logits[mine].float())])
+
+
 def _full(tensor):
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # FSDP2's gradients are DTensors
 
@@ -253,6 +276,7 @@ def _worker(out_dir: Path, data: str, cache: str, single_checkpoint: str) -> Non
     ctx = D.init_distributed("cpu")
     result, sharded = _compare_with_one_process(ctx, fsdp=False)
     result["fsdp"], _ = _compare_with_one_process(ctx, fsdp=True)
+    result["bf16_logits"] = _bf16_autocast_difference(ctx)
 
     # EP -> one process: every rank takes part in the gather; rank 0's directory is the checkpoint
     sharded.save_pretrained(out_dir / ("ep_ckpt" if ctx.rank == 0 else f"ep_ckpt_rank{ctx.rank}"))
