@@ -91,8 +91,14 @@ def apply_expert_parallel(model: nn.Module, group: Optional[dist.ProcessGroup] =
     """
     if not dist.is_initialized():
         raise RuntimeError("apply_expert_parallel needs torch.distributed initialised (run under torchrun)")
-    n_ranks = dist.get_world_size(group)
+    n_ranks, world = dist.get_world_size(group), dist.get_world_size()
+    if n_ranks != world:
+        raise ValueError(f"expert_parallel={n_ranks} over {n_ranks} of {world} ranks is not supported yet: the "
+                         "expert group must span every rank (replicated expert shards would need their own "
+                         "gradient all-reduce)")
     layers = check_expert_parallel_layout(model, n_ranks)
+    if sharded_experts(model):
+        raise ValueError("apply_expert_parallel: the model's experts are already sharded")
     if group is None:
         # a group of its own, so the token exchanges never interleave with DDP's gradient buckets
         group = dist.new_group(list(range(dist.get_world_size())))
