@@ -68,11 +68,15 @@ def expert_capacity(capacity_factor: Optional[float], n_subtokens: int, top_k: i
     return math.ceil(capacity_factor * n_subtokens * top_k / n_experts)
 
 
-def plan_dispatch(expert_ids: torch.Tensor, n_experts: int, capacity: Optional[int] = None) -> DispatchPlan:
+def plan_dispatch(expert_ids: torch.Tensor, n_experts: int, capacity: Optional[int] = None,
+                  slots_taken: Optional[torch.Tensor] = None) -> DispatchPlan:
     """Sort the assignments ``expert_ids [subtokens, k]`` by expert and cut each group at ``capacity``.
 
     The sort is stable, so inside each expert's group the assignments keep their flat order, which
     is exactly the capacity priority (position, then rank) described in the module docstring.
+    ``slots_taken [E]`` are capacity slots already used by assignments that come *before* these
+    ones in the priority order (expert parallelism: those of lower ranks), so expert ``e`` keeps
+    only ``capacity - slots_taken[e]`` of them.
     """
     top_k = expert_ids.shape[-1]
     flat_experts = expert_ids.reshape(-1)
@@ -84,9 +88,12 @@ def plan_dispatch(expert_ids: torch.Tensor, n_experts: int, capacity: Optional[i
     else:
         group_starts = torch.cumsum(expert_load, dim=0) - expert_load
         rank_in_group = torch.arange(order.numel(), device=order.device) - group_starts[sorted_experts]
-        keep_sorted = rank_in_group < capacity
+        free = torch.full_like(expert_load, capacity)
+        if slots_taken is not None:
+            free = (free - slots_taken).clamp(min=0)
+        keep_sorted = rank_in_group < free[sorted_experts]
         kept_order = order[keep_sorted]
-        group_sizes = expert_load.clamp(max=capacity)
+        group_sizes = torch.minimum(expert_load, free)
         assignment_dropped = torch.ones(flat_experts.numel(), dtype=torch.bool, device=order.device)
         assignment_dropped[kept_order] = False
         assignment_dropped = assignment_dropped.view_as(expert_ids)
@@ -124,14 +131,16 @@ def combine(expert_out: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor,
 class Dispatcher(Protocol):
     """The ``(tokens, expert ids) -> grouped rows`` boundary and its way back.
 
-    ``dispatch(tokens [subtokens, d], expert_ids [subtokens, k], capacity)`` returns the rows the
-    local experts compute, ``grouped [rows, d]`` contiguous per local expert, their
+    ``dispatch(tokens [subtokens, d], expert_ids [subtokens, k], capacity_factor)`` returns the rows
+    the local experts compute, ``grouped [rows, d]`` contiguous per local expert, their
     ``group_offsets [local experts]`` (int32, cumulative) and the :class:`DispatchPlan` (drops and
-    loads are global counts). ``combine(expert_out [rows, d], plan, weights [subtokens, k])``
-    returns ``[subtokens, d]``, the gate-weighted sum of every sub-token's expert outputs.
+    loads are global counts). The dispatcher turns ``capacity_factor`` (``None``: dropless) into a
+    capacity with :func:`expert_capacity` over *every* sub-token it dispatches, its group's included.
+    ``combine(expert_out [rows, d], plan, weights [subtokens, k])`` returns ``[subtokens, d]``, the
+    gate-weighted sum of every sub-token's expert outputs.
     """
 
-    def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, capacity: Optional[int]
+    def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, capacity_factor: Optional[float]
                  ) -> Tuple[torch.Tensor, torch.Tensor, DispatchPlan]: ...
 
     def combine(self, expert_out: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor) -> torch.Tensor: ...
@@ -143,8 +152,10 @@ class LocalDispatcher:
     def __init__(self, n_experts: int) -> None:
         self.n_experts = n_experts
 
-    def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, capacity: Optional[int]
+    def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, capacity_factor: Optional[float]
                  ) -> Tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
+        n_subtokens, top_k = expert_ids.shape
+        capacity = expert_capacity(capacity_factor, n_subtokens, top_k, self.n_experts)
         plan = plan_dispatch(expert_ids, self.n_experts, capacity)
         return dispatch(tokens, plan), plan.group_offsets, plan
 

@@ -48,7 +48,7 @@ from ..layers.linear import make_linear, ternary_experts
 from ..layers.mlp import build_mlp
 from ..routers.experts import ExpertGate, GraphExpertRouter, LinearExpertRouter
 from ..routing import ExpertRouting
-from .dispatch import Dispatcher, LocalDispatcher, expert_capacity
+from .dispatch import Dispatcher, LocalDispatcher
 from .experts import BitNetGroupedExperts, GroupedExperts, SharedExperts
 
 EXPERT_FFNS = ("moe", "mh-moe", "graph-moe")
@@ -134,8 +134,9 @@ class MoEFeedForward(nn.Module):
 
         choice = self.gate(self.router(sub, expert_load=self.gate.expert_load, fused=fused), sub)
         flat_sub = sub.reshape(n_sub, self.d_sub)
-        capacity = expert_capacity(self.capacity_factor, n_sub, k, self.n_routed) if self.training else None
-        grouped, group_offsets, plan = self.dispatcher.dispatch(flat_sub, choice.indices.reshape(n_sub, k), capacity)
+        capacity_factor = self.capacity_factor if self.training else None
+        grouped, group_offsets, plan = self.dispatcher.dispatch(flat_sub, choice.indices.reshape(n_sub, k),
+                                                                capacity_factor)
         out = self.dispatcher.combine(self.experts(grouped, group_offsets), plan, choice.weights.reshape(n_sub, k))
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat_sub)

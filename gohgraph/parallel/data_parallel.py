@@ -21,7 +21,7 @@ import contextlib
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator
+from typing import Dict, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -90,17 +90,23 @@ def may_leave_parameters_unused(cfg: GoHConfig) -> bool:
     return cfg.ffn != "dense"
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, fsdp: bool = False) -> nn.Module:
+def wrap_model(model: nn.Module, ctx: DistContext, fsdp: bool = False,
+               ignored_params: Optional[Iterable[nn.Parameter]] = None) -> nn.Module:
     """DDP (or FSDP2 ``fully_shard`` per block, then the root) around ``model``; the model itself
-    when single-process. FSDP2 shards ``model`` in place and returns it."""
+    when single-process. FSDP2 shards ``model`` in place and returns it.
+
+    ``ignored_params`` (FSDP2) stay as they are, neither sharded nor reduced: expert parallelism's
+    expert shards (DDP learns them from :func:`~gohgraph.parallel.expert_parallel.apply_expert_parallel`).
+    """
     if not ctx.enabled:
         return model
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
+        ignored = set(ignored_params or ()) or None
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, ignored_params=ignored)
+        fully_shard(model, ignored_params=ignored)
         return model
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     # buffers are synced once at construction, never per forward (that would overwrite the

@@ -31,6 +31,7 @@ from ..data.corpus import Corpus
 from ..data.sources import MixedCorpus, corpus_train_batch, validation_sets
 from ..models.decoder import GoHOutput, GoHTransformer
 from ..parallel import data_parallel as D
+from ..parallel import expert_parallel as EP
 from ..storage import (WEIGHTS_NAME, CheckpointError, atomic_write_text, load_state_strict, read_config, read_tensors,
                        upgrade_legacy_names)
 from .checkpoint import (FINAL_DIR, latest_checkpoint, load_checkpoint, remove_stale_staging, restore_rng_state,
@@ -140,6 +141,9 @@ def train(model_config: GoHConfig, train_config: TrainConfig, corpus: Union[Corp
     if tc.batch_size % ctx.world_size:
         raise ValueError(f"TrainConfig.batch_size={tc.batch_size} must be divisible by the "
                          f"number of processes ({ctx.world_size})")
+    if tc.expert_parallel > 1 and tc.expert_parallel != ctx.world_size:
+        raise ValueError(f"TrainConfig.expert_parallel={tc.expert_parallel} must equal the number of processes "
+                         f"({ctx.world_size}): run under torchrun --nproc_per_node={tc.expert_parallel}")
     if check_memory:
         memory = estimate_step_memory(model_config, tc, GoHTransformer, ctx.world_size)
         check_step_fits(memory, available_memory(ctx.device), tc, model_config)
@@ -172,7 +176,11 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
             _initialise_from(model, Path(tc.init_from))
         torch.manual_seed(tc.seed + RANK_SEED_STRIDE * ctx.rank)  # dropout differs per rank
     model.to(ctx.device).train()
-    wrapped = D.wrap_model(model, ctx, tc.fsdp)
+    expert_parallel = tc.expert_parallel > 1
+    if expert_parallel:  # before DDP, which then leaves the expert shards alone
+        EP.apply_expert_parallel(model)
+    wrapped = D.wrap_model(model, ctx, tc.fsdp,
+                           ignored_params=EP.expert_shard_parameters(model) if expert_parallel else None)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
     if saved_optimizer is not None:
         saved_names = saved.get("optimizer_param_names")
@@ -182,6 +190,8 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
             first = next((a, b) for a, b in zip(saved_names + [None], optimizer.param_names + [None]) if a != b)
             raise CheckpointError(f"{checkpoint}: the optimizer state is for other parameters (first difference: "
                                   f"checkpoint {first[0]!r} vs model {first[1]!r})")
+        if expert_parallel:
+            saved_optimizer = EP.local_optimizer_state(model, optimizer, saved_optimizer)
         try:
             D.load_optimizer_state(model, optimizer, saved_optimizer, tc.fsdp)
         except (ValueError, KeyError, RuntimeError) as err:
@@ -212,6 +222,8 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
     def _save(at_step: int) -> Path:
         model_state = D.full_model_state(model, tc.fsdp)
         optimizer_state = D.full_optimizer_state(model, optimizer, tc.fsdp)
+        if expert_parallel:
+            optimizer_state = EP.full_optimizer_state(model, optimizer, optimizer_state)
         path = None
         if ctx.is_main:
             state = {"tokens_seen": tokens_seen, "val_history": history, "data_position": at_step,
@@ -246,7 +258,8 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
                     (loss / tc.grad_accum_steps).backward()
                 parts += torch.stack([loss.detach(), out.lm_loss.detach(), out.aux_loss.detach()]).float()
             parts = D.all_reduce_mean(parts / tc.grad_accum_steps, ctx)
-            grad_norm = _clip_gradients(model, tc.grad_clip)
+            grad_norm = (EP.clip_grad_norm_(model, tc.grad_clip) if expert_parallel
+                         else _clip_gradients(model, tc.grad_clip))
             if not (math.isfinite(float(parts[0])) and math.isfinite(grad_norm)):
                 raise TrainingDivergedError(
                     f"non-finite {'loss' if not math.isfinite(float(parts[0])) else 'gradient norm'} "
@@ -292,8 +305,9 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
         bar.close()
         metrics.close()
 
-    if tc.fsdp and ctx.enabled:  # hand back an ordinary model, not one sharded over a group about to close
-        full_state = D.full_model_state(model, fsdp=True)
+    # hand back an ordinary model, not one sharded over a group about to close
+    if (tc.fsdp or expert_parallel) and ctx.enabled:
+        full_state = D.full_model_state(model, fsdp=tc.fsdp)
         model = GoHTransformer(model_config)
         model.load_state_dict(full_state)
         model.to(ctx.device)

@@ -133,7 +133,8 @@ class LoopDispatcher:
     def __init__(self, n_experts):
         self.n_experts = n_experts
 
-    def dispatch(self, tokens, expert_ids, capacity):
+    def dispatch(self, tokens, expert_ids, capacity_factor):
+        capacity = expert_capacity(capacity_factor, expert_ids.shape[0], expert_ids.shape[1], self.n_experts)
         plan = plan_dispatch(expert_ids, self.n_experts, capacity)  # drops and counts: the documented rule
         rows, order = [], []
         for expert in range(self.n_experts):
@@ -169,3 +170,19 @@ def test_moe_layer_computes_the_same_with_another_dispatcher(ffn):
     y_loop, routing_loop = layer(x)
     torch.testing.assert_close(y_loop, y_local, rtol=1e-5, atol=1e-6)
     assert torch.equal(routing_loop.expert_drops, routing_local.expert_drops) and routing_local.expert_drops.any()
+
+
+def test_slots_taken_by_earlier_assignments_continue_the_capacity_cut():
+    """Two halves planned apart, the second told the slots the first used, drop exactly what one
+    plan over the concatenation drops (expert parallelism's global capacity)."""
+    torch.manual_seed(3)
+    n_experts, k = 4, 2
+    ids = torch.stack([torch.randperm(n_experts)[:k] for _ in range(30)])
+    capacity = expert_capacity(0.6, 30, k, n_experts)
+    whole = plan_dispatch(ids, n_experts, capacity)
+    first = plan_dispatch(ids[:12], n_experts, capacity)
+    second = plan_dispatch(ids[12:], n_experts, capacity, slots_taken=torch.bincount(ids[:12].reshape(-1),
+                                                                                       minlength=n_experts))
+    assert torch.equal(torch.cat([first.assignment_dropped, second.assignment_dropped]), whole.assignment_dropped)
+    assert torch.equal(first.group_sizes + second.group_sizes, whole.group_sizes)
+    assert whole.assignment_dropped.any()
