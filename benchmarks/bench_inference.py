@@ -55,7 +55,13 @@ def hugging_face_llama(cfg: GoHConfig):
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
         max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(hf_config).eval()
+    model = transformers.LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():  # visible weights: logits far apart, so greedy tokens do not hinge on rounding
+        for name, param in model.named_parameters():
+            gain = param.dim() == 1 and name.endswith("weight")
+            param.copy_(1.0 + 0.1 * torch.randn_like(param) if gain else 0.15 * torch.randn_like(param))
+    model.generation_config.eos_token_id = None  # every run generates all its tokens
+    return model
 
 
 def decode_table(args) -> None:
@@ -72,8 +78,9 @@ def decode_table(args) -> None:
 
         def hf_run():
             with torch.no_grad():
-                outputs["HF Llama"] = hf_model.generate(prompt, max_new_tokens=args.new, do_sample=False,
-                                                        pad_token_id=0, eos_token_id=None)
+                # an explicit mask: HF would otherwise take prompt tokens equal to pad_token_id for padding
+                outputs["HF Llama"] = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                                        max_new_tokens=args.new, do_sample=False, pad_token_id=0)
         runs["HF Llama"] = hf_run
     for name, model in models.items():
         for compiled in (False, True):

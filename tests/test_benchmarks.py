@@ -87,3 +87,8 @@ def test_bench_scaling_quick_prints_every_sweep_and_draws_the_plot(tmp_path):
     assert "| 16 | ring |" in out  # the sparse head graph at the larger head count
     image = matplotlib.image.imread(png)
     assert np.asarray(image).std() > 0.01  # not blank
+
+
+def test_decode_before_after_prints_every_variant():
+    out = run_benchmark("decode_before_after.py", "--new", "4", "--repeats", "1", "--d-model", "32")
+    assert [line.split(":")[0] for line in out.splitlines()[1:]] == ["dense", "MoH", "GoH"]
