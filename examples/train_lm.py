@@ -27,6 +27,10 @@ from gohgraph.training.trainer import evaluate, train
 from gohgraph.training.checkpoint import latest_checkpoint
 
 
+# validation tokens the token-trace picture draws (one column each; the picture refuses more)
+TRACE_TOKENS = 64
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -69,9 +73,10 @@ def main() -> int:
     stats_dir.mkdir(parents=True, exist_ok=True)
     stats_json = stats.to_json(stats_dir / "routing_stats.json")
     stats_csv = stats.to_csv(stats_dir / "routing_stats.csv")
-    sample = corpus.decode(corpus.val[:96].tolist())
+    sample = corpus.decode(corpus.val[:TRACE_TOKENS].tolist())
     pictures = write_all_pictures(result.model, stats, run_dir / "pictures", text=sample,
-                                  metrics_csv=result.metrics_path, encode=corpus.encode, decode=corpus.decode)
+                                  metrics_csv=result.metrics_path, encode=corpus.encode, decode=corpus.decode,
+                                  trace_tokens=TRACE_TOKENS)
 
     print()
     print(f"model: {result.model.num_parameters():,} parameters, router={model_config.router}, "

@@ -1,0 +1,21 @@
+"""The README's main command: examples/train_lm.py trains, then writes stats and every picture."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_train_lm_example_writes_checkpoint_stats_and_pictures(tmp_path):
+    text = tmp_path / "text.txt"  # a corpus whose validation split is longer than the token trace
+    text.write_text("".join(f"def f{i}(x):\n    return x * {i} + 1\n\n" for i in range(400)))
+    done = subprocess.run([sys.executable, str(EXAMPLES / "train_lm.py"), "--data", str(text), "--max-steps", "3",
+                           "--runs", str(tmp_path / "runs"), "--stats-batches", "2"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "MPLBACKEND": "Agg"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "runs" / "tiny"
+    assert (run / "final" / "model.safetensors").is_file()
+    assert (run / "stats" / "routing_stats.json").is_file()
+    assert (run / "pictures" / "token_trace.png").is_file()
