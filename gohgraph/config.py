@@ -399,6 +399,10 @@ class GoHConfig:
         if self.n_kv_heads is not None:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} does not apply to attention='mla' (every head reads "
                              "the one shared latent); leave it None")
+        if self.linear != "standard":
+            # the absorbed decode path folds kv_up's full-precision weight into the queries: a
+            # quantised projection would compute another function there
+            raise ValueError(f"attention='mla' needs linear='standard', got linear={self.linear!r}")
 
     def _validate_positions(self) -> None:
         if self.rope_scaling != "none" and self.position_embedding != "rope":

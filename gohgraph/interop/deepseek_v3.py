@@ -18,14 +18,14 @@ import torch
 from torch import nn
 
 from ..config import GoHConfig
-from .llama import rope_scaling_fields
+from .llama import hf_rope_parameters, rope_scaling_fields
 from .source import ConversionError, SourceFamily, put_stacked_experts
 
 
 def source_config(hf_config: Any) -> Dict[str, Any]:
     if hf_config.hidden_act != "silu":
         raise ConversionError(f"DeepSeek-V3 hidden_act={hf_config.hidden_act!r} is not supported; supported: 'silu'")
-    rope = {**(getattr(hf_config, "rope_scaling", None) or {}), **(getattr(hf_config, "rope_parameters", None) or {})}
+    rope = hf_rope_parameters(hf_config)
     n_routed, n_shared = hf_config.n_routed_experts, hf_config.n_shared_experts or 0
     values = dict(
         vocab_size=hf_config.vocab_size, d_model=hf_config.hidden_size, n_layers=hf_config.num_hidden_layers,

@@ -20,8 +20,7 @@ def source_config(hf_config: Any) -> Dict[str, Any]:
                               f"{d_model}; GoH needs head_dim = hidden_size / num_attention_heads")
     if hf_config.hidden_act != "silu":
         raise ConversionError(f"Llama hidden_act={hf_config.hidden_act!r} is not supported; supported: 'silu'")
-    # transformers >= 5 keeps theta and scaling in rope_parameters; 4.x in rope_theta / rope_scaling
-    rope = {**(getattr(hf_config, "rope_scaling", None) or {}), **(getattr(hf_config, "rope_parameters", None) or {})}
+    rope = hf_rope_parameters(hf_config)
     n_kv_heads = getattr(hf_config, "num_key_value_heads", None) or n_heads
     return dict(
         vocab_size=hf_config.vocab_size, d_model=d_model, n_layers=hf_config.num_hidden_layers,
@@ -40,6 +39,12 @@ def source_config(hf_config: Any) -> Dict[str, Any]:
 # Hugging Face rope_type -> GoHConfig.rope_scaling; "dynamic" (NTK recomputed from each sequence's
 # length) and "yarn" have no equivalent here and are refused
 ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
+
+
+def hf_rope_parameters(hf_config: Any) -> Dict[str, Any]:
+    """RoPE theta and scaling of a Hugging Face config: transformers >= 5 keeps them in
+    ``rope_parameters``, 4.x in ``rope_theta`` / ``rope_scaling``."""
+    return {**(getattr(hf_config, "rope_scaling", None) or {}), **(getattr(hf_config, "rope_parameters", None) or {})}
 
 
 def rope_scaling_fields(rope: Dict[str, Any]) -> Dict[str, Any]:

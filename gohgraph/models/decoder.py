@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import GoHConfig
-from ..layers.kv_cache import DynamicKVCache, KVCache
+from ..layers.kv_cache import KVCache
 from ..layers.norm import build_norm
 from ..layers.positions import build_embedding_positions
 from ..routers.heads import HeadRouting
@@ -189,10 +189,7 @@ class GoHTransformer(RoutedModel, nn.Module):
                   top_p: Optional[float], eos_token_id: Optional[int], pad_token_id: Optional[int],
                   cache: str) -> torch.Tensor:
         with torch.inference_mode():
-            kv_cache = None
-            if use_cache:
-                kv_cache = self.new_cache() if self.recursion is not None else \
-                    make_decode_cache(self.config, cache, input_ids.shape[1] + max_new_tokens)
+            kv_cache = self.new_cache(cache, input_ids.shape[1] + max_new_tokens) if use_cache else None
             ids, mask = input_ids, attention_mask
             done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
             logits = self(ids, cache=kv_cache, attention_mask=mask).logits[:, -1]
@@ -214,12 +211,14 @@ class GoHTransformer(RoutedModel, nn.Module):
                                   ).logits[:, -1]
         return ids.clone()  # outside inference mode: a normal tensor, usable with autograd later
 
-    def new_cache(self) -> KVCache:
-        """An empty KV cache for this model: one slot per layer, or per (recursion, block) with
-        Mixture-of-Recursions (:class:`~gohgraph.models.recursion.RecursionKVCache`)."""
+    def new_cache(self, kind: str = "dynamic", capacity: Optional[int] = None) -> KVCache:
+        """An empty KV cache for this model: one slot per (recursion, block) with
+        Mixture-of-Recursions (:class:`~gohgraph.models.recursion.RecursionKVCache`), else the
+        ``kind`` :func:`~gohgraph.models.generation.make_decode_cache` builds for ``capacity``
+        positions (default ``max_seq_len``)."""
         if self.recursion is not None:
             return RecursionKVCache(self.config.n_layers, self.config.max_recursions)
-        return DynamicKVCache(self.config.n_layers)
+        return make_decode_cache(self.config, kind, self.config.max_seq_len if capacity is None else capacity)
 
     def set_recursion_capacity_warmup(self, value: float) -> None:
         """Mixture-of-Recursions' expert-choice capacity warm-up share: 1.0 keeps every token in every

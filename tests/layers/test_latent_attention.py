@@ -83,6 +83,7 @@ def test_routed_heads_gate_mla_head_outputs():
     (dict(position_embedding="learned"), "attention='mla' needs position_embedding='rope'"),
     (dict(kv_lora_rank=0), "kv_lora_rank=0 must be a positive integer"),
     (dict(attention="gqa"), "attention='gqa' is not one of"),
+    (dict(linear="bitnet"), "attention='mla' needs linear='standard', got linear='bitnet'"),
 ])
 def test_bad_mla_settings_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
