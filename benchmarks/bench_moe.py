@@ -12,6 +12,9 @@ layer, the usual estimate of its cost on a shared machine, and the medians are p
     python benchmarks/bench_moe.py --dtype bfloat16   # bf16 weights and inputs (no autocast)
 
 Targets (DESIGN.md §10 / issue 3): E=8 top-2 <= 1.3x dense; E=64 <= 1.2x the E=8 time.
+Issue 20: gohgraph <= Hugging Face's ``MixtralSparseMoeBlock`` (its ``grouped_mm`` experts, the
+fastest of its implementations here) at every E, timed in the same interleaved rounds when
+``transformers`` is installed, with the same dense baseline, so both ratios come from one run.
 
 Two environment settings decide the E-dependence on a CPU, and the script prints both:
 
@@ -50,6 +53,26 @@ def moe_configs(d_model: int, expert_hidden: int):
         ("MH-MoE m=4 E=8 top-2", GoHConfig(ffn="mh-moe", n_experts=8, n_subtokens=4, **common)),
         ("GoH-MoE m=4 E=8 top-2", GoHConfig(ffn="graph-moe", n_experts=8, n_subtokens=4, **common)),
     ]
+
+
+def hf_mixtral_blocks(d_model: int, expert_hidden: int):
+    """(label, HF MixtralSparseMoeBlock, n_experts) for E = 8 / 32 / 64 top-2 on the
+    ``grouped_mm`` experts path; empty without ``transformers``."""
+    try:
+        import transformers
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return []
+    blocks = []
+    for n_experts in (8, 32, 64):
+        config = transformers.MixtralConfig(hidden_size=d_model, intermediate_size=expert_hidden,
+                                            num_local_experts=n_experts, num_experts_per_tok=2)
+        config._experts_implementation = "grouped_mm"
+        block = MixtralSparseMoeBlock(config)
+        for parameter in block.parameters():  # HF leaves expert weights uninitialised (torch.empty)
+            torch.nn.init.normal_(parameter, std=0.02)
+        blocks.append((f"HF Mixtral E={n_experts} top-2", block, n_experts))
+    return blocks
 
 
 def active_parameters(cfg: GoHConfig) -> int:
@@ -91,13 +114,20 @@ def main() -> None:
         dense_by_width.setdefault(width, SwiGLU(cfg, width))
         cases.append((label, MoEFeedForward(cfg), width, active))
 
+    # HF's blocks have the same shapes and active parameters as the SMoE rows of the same E
+    smoe = {cfg.n_experts: label for label, cfg in moe_configs(args.d_model, args.expert_hidden)
+            if cfg.ffn == "moe" and cfg.capacity_factor is None}
+    hf_cases = [(label, block, next(w for l, _, w, _ in cases if l == smoe[n]), smoe[n])
+                for label, block, n in hf_mixtral_blocks(args.d_model, args.expert_hidden)]
+
     dtype = getattr(torch, args.dtype)
-    for layer in [*dense_by_width.values(), *(moe for _, moe, _, _ in cases)]:
+    for layer in [*dense_by_width.values(), *(moe for _, moe, _, _ in cases), *(b for _, b, _, _ in hf_cases)]:
         layer.to(dtype)
     x = torch.randn(1, args.tokens, args.d_model, dtype=dtype, requires_grad=True)
     grad = torch.randn(1, args.tokens, args.d_model, dtype=dtype)
     runs = [(f"dense {width}", layer, False) for width, layer in dense_by_width.items()]
     runs += [(label, layer, True) for label, layer, _, _ in cases]
+    runs += [(label, block, False) for label, block, _, _ in hf_cases]
     times = {name: [] for name, _, _ in runs}
     for round_idx in range(args.rounds + 2):  # two warm-up rounds
         for name, layer, returns_routing in runs:
@@ -122,9 +152,17 @@ def main() -> None:
         best, dense_best = min(times[label]), min(times[f"dense {width}"])
         print(f"{label:32s} {active:13,d} {1e3 * best:8.1f} {1e3 * statistics.median(times[label]):9.1f} "
               f"{best / dense_best:8.2f}x of {width}")
+    for label, _, width, ours in hf_cases:
+        best, dense_best = min(times[label]), min(times[f"dense {width}"])
+        print(f"{label:32s} {'':13s} {1e3 * best:8.1f} {1e3 * statistics.median(times[label]):9.1f} "
+              f"{best / dense_best:8.2f}x of {width}   gohgraph / HF: {min(times[ours]) / best:.2f}")
     e8 = min(times["SMoE E=8 top-2"])
-    print(f"E=32 / E=8 time: {min(times['SMoE E=32 top-2']) / e8:.2f}x   "
+    print(f"gohgraph: E=32 / E=8 time: {min(times['SMoE E=32 top-2']) / e8:.2f}x   "
           f"E=64 / E=8 time: {min(times['SMoE E=64 top-2 (fine-grained)']) / e8:.2f}x")
+    if hf_cases:
+        hf8 = min(times["HF Mixtral E=8 top-2"])
+        print(f"HF Mixtral: E=32 / E=8 time: {min(times['HF Mixtral E=32 top-2']) / hf8:.2f}x   "
+              f"E=64 / E=8 time: {min(times['HF Mixtral E=64 top-2']) / hf8:.2f}x")
 
 
 if __name__ == "__main__":
