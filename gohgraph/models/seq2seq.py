@@ -218,7 +218,9 @@ class GoHSeq2Seq(RoutedModel, nn.Module):
                   generator: Optional[torch.Generator], eos_token_id: Optional[int], pad_token_id: int) -> torch.Tensor:
         encoder_hidden, _, memory_mask = self.encode(input_ids, attention_mask)
         memory_kv = self.decoder.project_memory(encoder_hidden)
-        cache = make_decode_cache(self.config, "auto", 1 + max_new_tokens, n_layers=self.config.decoder_layers)
+        # static, never the sliding-window cache: T5's relative bias is computed for every cached
+        # position, and the target is short (the window's mask still applies)
+        cache = make_decode_cache(self.config, "static", 1 + max_new_tokens, n_layers=self.config.decoder_layers)
         ids = input_ids.new_full((input_ids.shape[0], 1), self.config.decoder_start_token_id)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         next_ids = ids

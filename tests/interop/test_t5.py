@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gohgraph import GoHSeq2Seq, from_pretrained
+from gohgraph.cli.main import main as cli_main
 from gohgraph.interop.convert import convert_hf_model
 from gohgraph.interop.source import ConversionError
 
@@ -138,3 +139,17 @@ def test_t5_head_width_other_than_d_model_over_heads_is_refused():
     config = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=48, num_layers=1, num_heads=4)
     with pytest.raises(ConversionError, match="num_heads=4 x d_kv=16 != d_model=32"):
         convert_hf_model(transformers.T5ForConditionalGeneration(config))
+
+
+def test_cli_convert_writes_a_seq2seq_checkpoint(tmp_path, capsys):
+    hf_model = hf_t5("v1.0", seed=2)
+    hf_model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    code = cli_main(["convert", "--from", str(tmp_path / "hf"), "--out", str(tmp_path / "goh"),
+                     "--router", "graph", "--n-shared-heads", "1", "--top-k-heads", "2"])
+    assert code == 0 and "2 encoder + 3 decoder layers" in capsys.readouterr().out
+    model = from_pretrained(tmp_path / "goh").eval()
+    assert type(model) is GoHSeq2Seq and model.config.top_k_heads == 2
+    ids, mask, decoder_ids = source_batch()
+    torch.testing.assert_close(model(ids, mask, decoder_input_ids=decoder_ids).logits,
+                               hf_model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits,
+                               rtol=0, atol=1e-4)

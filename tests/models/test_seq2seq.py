@@ -81,6 +81,23 @@ def test_changing_padded_source_changes_no_decoder_output(router):
     assert not torch.allclose(model(changed, mask, decoder_input_ids=target).logits[1], before.logits[1])
 
 
+@pytest.mark.parametrize("router", ["dense", "graph"])
+def test_decoder_padding_is_invisible_to_other_target_tokens(router):
+    model = seq2seq(router)
+    source, mask = padded_source()
+    target = torch.randint(0, VOCAB, (3, 6))
+    target_mask = torch.ones(3, 6, dtype=torch.long)
+    target_mask[:, 2] = 0
+    changed = target.clone()
+    changed[:, 2] = (target[:, 2] + 1) % VOCAB
+    before = model(source, mask, decoder_input_ids=target, decoder_attention_mask=target_mask).logits
+    after = model(source, mask, decoder_input_ids=changed, decoder_attention_mask=target_mask).logits
+    keep = torch.tensor([0, 1, 3, 4, 5])
+    torch.testing.assert_close(after[:, keep], before[:, keep], rtol=0, atol=1e-6)
+    unmasked = model(source, mask, decoder_input_ids=changed).logits
+    assert not torch.allclose(unmasked[:, 3:], before[:, 3:])  # without the mask the token is read
+
+
 def recomputed_greedy(model, source, mask, steps):
     """Greedy decoding that reruns the whole model on the whole prefix at every step (no cache,
     no memory reuse)."""
@@ -91,12 +108,14 @@ def recomputed_greedy(model, source, mask, steps):
     return ids
 
 
-@pytest.mark.parametrize("router,position_embedding,ffn", [
-    ("dense", "t5-relative", "dense"), ("linear", "t5-relative", "moe"), ("graph", "t5-relative", "graph-moe"),
-    ("graph", "rope", "dense"), ("graph", "learned", "mh-moe"), ("query-norm", "sinusoidal", "dense")])
-def test_cached_generation_equals_full_recompute(router, position_embedding, ffn):
+@pytest.mark.parametrize("router,position_embedding,ffn,extra", [
+    ("dense", "t5-relative", "dense", {}), ("linear", "t5-relative", "moe", {}),
+    ("graph", "t5-relative", "graph-moe", {}), ("graph", "rope", "dense", {}),
+    ("graph", "learned", "mh-moe", {}), ("query-norm", "sinusoidal", "dense", {}),
+    ("graph", "t5-relative", "dense", dict(sliding_window=3, n_kv_heads=2, norm_position="post"))])
+def test_cached_generation_equals_full_recompute(router, position_embedding, ffn, extra):
     # a wide init: with 0.02 a tied tiny model only echoes the token it reads
-    model = seq2seq(router, position_embedding=position_embedding, ffn=ffn, init_std=0.3)
+    model = seq2seq(router, position_embedding=position_embedding, ffn=ffn, init_std=0.3, **extra)
     source, mask = padded_source()
     generated = model.generate(source, max_new_tokens=7, attention_mask=mask, temperature=0.0)
     assert generated.shape == (3, 8) and (generated[:, 0] == model.config.decoder_start_token_id).all()
