@@ -19,6 +19,7 @@ from .layers.kv_cache import DynamicKVCache, KVCache
 from .models.decoder import GoHOutput, GoHTransformer
 from .models.encoder import EncoderOutput, GoHEncoder
 from .models.pretrained import from_pretrained
+from .models.seq2seq import GoHSeq2Seq, Seq2SeqOutput
 from .routers.heads import HeadGate, HeadRouter, LinearHeadRouter
 from .routing import ExpertRouting, LayerRouting
 from .storage import CheckpointError
@@ -27,6 +28,6 @@ from .version import __version__
 
 __all__ = [
     "CheckpointError", "DynamicKVCache", "EncoderOutput", "ExpertRouting", "GoHAttention", "GoHConfig", "GoHEncoder", "GoHOutput",
-    "GoHTransformer", "HeadGate", "HeadRouter", "KVCache", "LayerRouting", "LinearHeadRouter",
-    "__version__", "from_pretrained",
+    "GoHSeq2Seq", "GoHTransformer", "HeadGate", "HeadRouter", "KVCache", "LayerRouting", "LinearHeadRouter",
+    "Seq2SeqOutput", "__version__", "from_pretrained",
 ]

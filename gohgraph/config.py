@@ -104,6 +104,13 @@ class GoHConfig:
     norm_position: str = _in("shape", "pre")
     embedding_norm: bool = _in("shape", False)  # a norm after the embeddings (BERT)
     n_decoder_layers: Optional[int] = _in("shape", None)  # seq2seq decoder depth; None = n_layers
+    # seq2seq: the token the decoder starts from (labels shifted right behind it) and the id that
+    # replaces -100 in those shifted labels (T5: 0 and 0)
+    decoder_start_token_id: int = _in("shape", 0)
+    pad_token_id: int = _in("shape", 0)
+    # seq2seq: multiply the decoder's last hidden state by d_model**-0.5 before the output head
+    # (T5 v1.0, whose head is the embedding; v1.1 has an untied head and no scaling)
+    scale_decoder_output: bool = _in("shape", False)
     n_labels: int = _in("shape", 0)  # encoder: classes of the sequence-classification head (0 = none)
     # what the classifier reads: the first token, the mean over real tokens, or BERT's pooler
     # tanh(W h_first + b)
@@ -428,9 +435,25 @@ class GoHConfig:
         if self.n_labels < 0 or (self.n_labels and self.model_type != "encoder"):
             raise ValueError(f"n_labels={self.n_labels} must be >= 0, and > 0 only for model_type='encoder' "
                              f"(got model_type={self.model_type!r})")
+        for name in ("decoder_start_token_id", "pad_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"{name}={getattr(self, name)} must be a token id in [0, vocab_size={self.vocab_size})")
+        if self.model_type == "seq2seq":
+            self._validate_seq2seq()
+        elif self.scale_decoder_output:
+            raise ValueError(f"scale_decoder_output=True applies to model_type='seq2seq' only (got {self.model_type!r})")
         if self.position_embedding == "t5-relative" and self.model_type == "decoder":
             raise ValueError("position_embedding='t5-relative' is built by the encoder and seq2seq models; "
                              "the decoder-only model takes 'rope', 'learned', 'alibi' or 'sinusoidal'")
+
+    def _validate_seq2seq(self) -> None:
+        # the decoder's cross-attention projects the encoder output through GoHAttention's memory
+        # path: a slice of the full-precision qkv weight, which neither MLA's latent projections
+        # nor BitNet's quantised linears have; recursion re-applies decoder-only stacks
+        for name, allowed in (("attention", "mha"), ("linear", "standard"), ("recursion", "none")):
+            if getattr(self, name) != allowed:
+                raise ValueError(f"model_type='seq2seq' needs {name}={allowed!r}, got {name}={getattr(self, name)!r}")
+
     def _validate_recursion(self) -> None:
         _choice(self, "recursion", RECURSIONS)
         _choice(self, "recursion_sharing", RECURSION_SHARINGS)

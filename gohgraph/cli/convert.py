@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer.is_file():  # the tokenizer travels with the model: train/eval/generate read it from here
         shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
     cfg = model.config
-    print(f"converted {args.source} -> {out}: {cfg.n_layers} layers, {cfg.n_heads} heads "
+    layers = (f"{cfg.n_layers} encoder + {cfg.decoder_layers} decoder layers" if cfg.model_type == "seq2seq"
+              else f"{cfg.n_layers} layers")
+    print(f"converted {args.source} -> {out}: {layers}, {cfg.n_heads} heads "
           f"({cfg.kv_heads} kv), router={cfg.router}, active heads {cfg.active_heads}/{cfg.n_heads}, "
           f"ffn={cfg.ffn}, {model.num_parameters():,} parameters; dense_blend=1.0 "
           "(anneal with gohgraph.training.schedules.dense_to_sparse_schedule while training)")

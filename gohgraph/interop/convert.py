@@ -1,4 +1,5 @@
-"""Upcycle a pretrained dense Hugging Face LM (Llama, GPT-2) into a graph-routed GoHTransformer.
+"""Upcycle a pretrained dense Hugging Face LM (Llama, GPT-2) into a graph-routed GoHTransformer,
+or a T5 encoder–decoder into a GoHSeq2Seq.
 
 MoH (Jin et al. 2024) continue-tuned a dense LLaMA3-8B into a mixture-of-heads model. This module
 does the same with graph routing, in two steps:
@@ -29,17 +30,19 @@ import torch
 from torch import nn
 
 from ..config import GoHConfig
-from ..models.decoder import GoHTransformer
+from ..models.pretrained import MODEL_TYPES
+from ..models.routed import RoutedModel
 from .deepseek_v3 import DEEPSEEK_V3
 from .gpt2 import GPT2
 from .llama import LLAMA, MISTRAL
 from .mixtral import MIXTRAL
 from .qwen2_moe import QWEN2_MOE
 from .source import ConversionError, SourceFamily
+from .t5 import T5
 
 # model_type in config.json -> the family whose weights we know how to map
 SOURCE_FAMILIES: Dict[str, SourceFamily] = {"llama": LLAMA, "mistral": MISTRAL, "gpt2": GPT2, "mixtral": MIXTRAL,
-                                             "qwen2_moe": QWEN2_MOE, "deepseek_v3": DEEPSEEK_V3}
+                                             "qwen2_moe": QWEN2_MOE, "deepseek_v3": DEEPSEEK_V3, "t5": T5}
 # model_type -> the Hugging Face class
 SUPPORTED_ARCHITECTURES = {model_type: family.hf_class for model_type, family in SOURCE_FAMILIES.items()}
 # safetensors only, one file or shards listed by an index: nothing here loads a pickle (DESIGN.md §15)
@@ -57,10 +60,10 @@ ROUTING_TENSOR_MARKERS = (".router.", ".gate.", ".flow_scale")
 
 
 # ---------------------------------------------------------------------- public entry points
-def convert_hf_model(hf_model_or_dir: Union[str, Path, nn.Module], **overrides: Any) -> GoHTransformer:
+def convert_hf_model(hf_model_or_dir: Union[str, Path, nn.Module], **overrides: Any) -> RoutedModel:
     """Build a GoH model computing exactly the ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` /
     ``MixtralForCausalLM`` / ``Qwen2MoeForCausalLM`` given (sparse sources keep their own experts
-    and routers).
+    and routers), or a :class:`~gohgraph.GoHSeq2Seq` computing the ``T5ForConditionalGeneration``.
 
     Args:
         hf_model_or_dir: a loaded Hugging Face model, or a local checkpoint directory.
@@ -69,17 +72,20 @@ def convert_hf_model(hf_model_or_dir: Union[str, Path, nn.Module], **overrides: 
             router: ``"graph"``. Fields in :data:`SOURCE_FIELDS` come from the source and cannot
             be overridden; ``max_seq_len`` may change (with learned positions only downward).
     Returns:
-        a :class:`GoHTransformer` in train mode with ``dense_blend = 1`` in every routed layer.
+        a :class:`GoHTransformer` (or the class the source's ``model_type`` field names) in train
+        mode with ``dense_blend = 1`` in every routed layer.
     """
     hf_model = load_hf_model(hf_model_or_dir) if isinstance(hf_model_or_dir, (str, Path)) else hf_model_or_dir
     model_type = _check_model_class(hf_model)
     family = SOURCE_FAMILIES[model_type]
     source = family.source_config(hf_model.config)
+    if family.model_fields is not None:
+        source.update(family.model_fields(hf_model))
     cfg = _target_config(source, overrides)
     state = family.weights(hf_model, cfg)
     if cfg.ffn == "moe" and source.get("ffn") != "moe":  # a dense source's MLP is copied into experts
         state = _upcycle_experts(state, cfg)
-    model = GoHTransformer(cfg)
+    model = MODEL_TYPES[cfg.model_type](cfg)
     _load_converted_state(model, state)
     model.set_dense_blend(1.0)
     return model
@@ -120,7 +126,8 @@ def read_hf_config(directory: Union[str, Path]) -> dict:
 
 def load_hf_model(directory: Union[str, Path]) -> nn.Module:
     """Load a local ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` / ``MixtralForCausalLM`` /
-    ``Qwen2MoeForCausalLM`` checkpoint (no download), in eval mode, from ``model.safetensors`` or
+    ``Qwen2MoeForCausalLM`` / ``T5ForConditionalGeneration`` checkpoint (no download), in eval
+    mode, from ``model.safetensors`` or
     from the shards a ``model.safetensors.index.json`` lists.
 
     Missing tensors (e.g. a bare ``LlamaModel`` checkpoint without ``lm_head``) raise
@@ -167,6 +174,9 @@ def _target_config(source: Dict[str, Any], overrides: Dict[str, Any]) -> GoHConf
         raise ConversionError(f"max_seq_len={max_seq_len} exceeds the source's {source['max_seq_len']} "
                               "learned positions")
     values = {"router": "graph", "ffn": "dense", **source, **overrides}
+    if values["ffn"] != "dense" and values.get("model_type", "decoder") != "decoder":
+        raise ConversionError(f"ffn={values['ffn']!r}: upcycling into experts is implemented for decoder-only "
+                              f"sources; a {values['model_type']} source converts with ffn='dense'")
     if values["ffn"] == "moe":  # every expert is a full copy of the dense MLP (sparse upcycling)
         if source["mlp"] != "swiglu" or source["linear_bias"]:
             raise ConversionError("ffn='moe' upcycles a bias-free SwiGLU MLP (Llama); this source has "
@@ -203,7 +213,7 @@ def _upcycle_experts(state: Dict[str, torch.Tensor], cfg: GoHConfig) -> Dict[str
     return state
 
 
-def _load_converted_state(model: GoHTransformer, state: Dict[str, torch.Tensor]) -> None:
+def _load_converted_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
     """Copy ``state`` into ``model``; every model tensor but the fresh routing ones must be covered."""
     expected = model.state_dict()
     unexpected = sorted(set(state) - set(expected))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -20,13 +20,16 @@ class SourceFamily:
     """One convertible Hugging Face family (one module of :mod:`gohgraph.interop` each).
 
     ``hf_class``: the ``transformers`` class whose weights are mapped; ``source_config(hf_config)``:
-    the GoHConfig fields the pretrained weights fix; ``weights(hf_model, cfg)``: GoH state-dict
-    entries (dense FFN) holding every pretrained tensor.
+    the GoHConfig fields the pretrained weights fix (``model_type`` among them picks the GoH class;
+    decoder-only without it); ``weights(hf_model, cfg)``: GoH state-dict entries (dense FFN)
+    holding every pretrained tensor; ``model_fields(hf_model)``: fields only the loaded model
+    tells (T5: whether its ``lm_head`` is the embedding), or ``None``.
     """
 
     hf_class: str
     source_config: Callable[[Any], Dict[str, Any]]
     weights: Callable[[nn.Module, GoHConfig], Dict[str, torch.Tensor]]
+    model_fields: Optional[Callable[[nn.Module], Dict[str, Any]]] = None
 
 
 def put_linear(state: Dict[str, torch.Tensor], name: str, cfg: GoHConfig, *linears: nn.Linear) -> None:

@@ -20,7 +20,6 @@ from ..layers.kv_cache import KVCache
 from ..layers.norm import build_norm
 from ..layers.positions import build_embedding_positions
 from ..routers.heads import HeadRouting
-from ..routers.losses import BalancedRouting
 from ..routers.recursion import ExpertChoiceRecursionRouter
 from ..routing import LayerRouting, RecursionRouting
 from ..storage import load_model, save_model
@@ -178,11 +177,6 @@ class GoHTransformer(RoutedModel, nn.Module):
         finally:
             self._set_decoding(False)
         return True
-
-    def _set_decoding(self, decoding: bool) -> None:
-        for module in self.modules():
-            if isinstance(module, BalancedRouting):
-                module.set_decoding(decoding)
 
     def _generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
                   use_cache: bool, generator: Optional[torch.Generator], attention_mask: Optional[torch.Tensor],

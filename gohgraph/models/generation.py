@@ -41,8 +41,9 @@ def check_generation_arguments(input_ids: torch.Tensor, attention_mask: Optional
         check_left_padding(attention_mask, input_ids.shape)
 
 
-def make_decode_cache(cfg: GoHConfig, kind: str, capacity: int) -> KVCache:
-    """The KV cache ``generate`` decodes with, for ``capacity`` positions in all.
+def make_decode_cache(cfg: GoHConfig, kind: str, capacity: int, n_layers: Optional[int] = None) -> KVCache:
+    """The KV cache ``generate`` decodes with, for ``capacity`` positions in all, one slot per
+    layer of ``n_layers`` (default ``cfg.n_layers``; a seq2seq decoder has ``cfg.decoder_layers``).
 
     ``"auto"``: a :class:`SlidingWindowKVCache` when every layer attends within a window (memory
     flat in the generated length), else a :class:`StaticKVCache` preallocated for ``capacity``
@@ -51,11 +52,12 @@ def make_decode_cache(cfg: GoHConfig, kind: str, capacity: int) -> KVCache:
     """
     if kind not in CACHE_KINDS:
         raise ValueError(f"cache={kind!r} is not one of {list(CACHE_KINDS)}")
+    n_layers = cfg.n_layers if n_layers is None else n_layers
     if kind == "dynamic":
-        return DynamicKVCache(cfg.n_layers)
+        return DynamicKVCache(n_layers)
     if kind == "auto" and cfg.sliding_window is not None and cfg.sliding_window < capacity:
-        return SlidingWindowKVCache(cfg.n_layers, cfg.sliding_window)
-    return StaticKVCache(cfg.n_layers, capacity)
+        return SlidingWindowKVCache(n_layers, cfg.sliding_window)
+    return StaticKVCache(n_layers, capacity)
 
 
 def check_left_padding(attention_mask: torch.Tensor, shape: torch.Size) -> None:

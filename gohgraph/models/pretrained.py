@@ -11,10 +11,11 @@ from ..storage import CONFIG_NAME, CheckpointError, load_model, read_json
 from .decoder import GoHTransformer
 from .encoder import GoHEncoder
 from .packed import unpack_ternary_state
+from .seq2seq import GoHSeq2Seq
 
 # config.json's "model_type" (GoHConfig.model_type) -> the class it describes; configs without
 # the key are decoders
-MODEL_TYPES: Dict[str, type] = {"decoder": GoHTransformer, "encoder": GoHEncoder}
+MODEL_TYPES: Dict[str, type] = {"decoder": GoHTransformer, "encoder": GoHEncoder, "seq2seq": GoHSeq2Seq}
 DEFAULT_MODEL_TYPE = "decoder"
 
 

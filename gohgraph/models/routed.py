@@ -63,6 +63,12 @@ class RoutedModel:
             if isinstance(module, HeadGate):
                 module.dense_blend.fill_(float(value))
 
+    def _set_decoding(self, decoding: bool) -> None:
+        """Tell balanced routers a decoding loop runs (they skip their training losses and tallies)."""
+        for module in self.modules():
+            if isinstance(module, BalancedRouting):
+                module.set_decoding(decoding)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
