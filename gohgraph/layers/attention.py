@@ -72,6 +72,8 @@ class GoHAttention(nn.Module):
                              "build the attention with gohgraph.models.block.build_attention(cfg, layer_idx)")
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        # the heads a routing record covers: all of them, also when this module computes a share
+        self.record_heads = cfg.n_heads
         self.dropout = cfg.dropout
         self.qkv = make_linear(cfg, cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.linear_bias)
         self.out = make_linear(cfg, cfg.d_model, cfg.d_model, bias=cfg.linear_bias)
@@ -104,7 +106,7 @@ class GoHAttention(nn.Module):
             head_gates, head_mixing, routing = self.head_routing(x, q)
         else:
             head_gates = head_mixing = None
-            routing = LayerRouting(head_gates=x.new_ones(batch, seq, heads))
+            routing = LayerRouting(head_gates=x.new_ones(batch, seq, self.record_heads))
 
         q = q.transpose(1, 2)
         cross = memory is not None or memory_kv is not None

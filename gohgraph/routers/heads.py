@@ -344,7 +344,7 @@ class HeadRouting(nn.Module):
         super().__init__()
         if cfg.router == "dense":
             raise ValueError("router='dense' routes nothing: build no HeadRouting for it")
-        self.router_kind = cfg.router
+        self.router_kind, self.n_heads = cfg.router, cfg.n_heads
         self.flow_scale: Optional[nn.Parameter] = None
         self.token_router: Optional[nn.Module] = None
         if cfg.router == "graph":
@@ -385,7 +385,7 @@ class HeadRouting(nn.Module):
     def route(self, x: torch.Tensor, q: torch.Tensor
               ) -> Tuple[torch.Tensor, Optional[torch.Tensor], LayerRouting]:
         """See the class docstring; :meth:`forward` calls this eagerly or compiled."""
-        batch, seq, heads, _ = q.shape
+        (batch, seq), heads = q.shape[:2], self.n_heads
         tokens_x = x.reshape(batch * seq, -1)
         edge_weights = None
         if self.router_kind == "graph":
