@@ -39,7 +39,8 @@ collectives: an all-reduce sends ``2 (N-1)/N`` of the tensor, an all-gather ``(N
 
 * attention and FFN, each: ``2 x T d_model b x 2(N-1)/N`` (one all-reduce forward, one backward);
 * routers that read queries (graph, query-norm): ``T H d_h b (N-1)/N`` forward;
-* gates: ``T H b (N-1)/N`` backward, and with flow the mixing rows ``T H^2 b (N-1)/N`` backward;
+* gates: ``T H b (N-1)/N`` backward without flow; with flow the gates reach the heads only through
+  the mixing rows: ``T H^2 b (N-1)/N`` backward instead;
 * flow: ``T H d_h b (N-1)/N`` forward and ``T H d_h b (N-1)/N`` backward (reduce-scatter;
   ``2 (N-1)/N`` with gloo's all-reduce).
 

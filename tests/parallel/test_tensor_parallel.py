@@ -166,6 +166,16 @@ def test_single_process_checkpoint_resumes_under_tensor_parallel(two_ranks):
         assert result["resumed_losses"] == pytest.approx(single.losses, rel=1e-5)
 
 
+@pytest.mark.slow
+def test_cli_trains_with_tensor_parallel(two_ranks):
+    """``gohgraph train ... --tensor-parallel 2``, run by both ranks (the README's torchrun line)."""
+    tmp, results, _ = two_ranks
+    assert [result["cli_exit"] for result in results] == [0, 0]
+    model = GoHTransformer.from_pretrained(tmp / "out" / "cli_run" / "final")
+    assert model.blocks[0].attn.qkv.weight.shape[0] == (BASE["n_heads"] + 2 * BASE["n_kv_heads"]) * 8
+    assert json.loads((tmp / "out" / "cli_run" / "train_config.json").read_text())["tensor_parallel"] == 2
+
+
 def test_bad_layouts_name_the_numbers():
     with pytest.raises(ValueError, match=r"^n_heads=6 \(layer 0\) is not divisible by tensor_parallel=4"):
         check_tensor_parallel_layout(GoHTransformer(GoHConfig(**{**BASE, "d_model": 48, "n_heads": 6})), 4)
@@ -296,6 +306,15 @@ def _worker(out_dir: Path, data: str, cache: str, single_checkpoint: str, single
     resumed = train(_config("graph"), TrainConfig(**{**TRAIN, "max_steps": 4}, tensor_parallel=ctx.world_size),
                     corpus, out_dir / "resumed", resume=True, progress=False)
     result["resumed_losses"] = resumed.losses
+    # the CLI's flag, in this process group (what torchrun -m gohgraph train ... runs)
+    from gohgraph.cli.main import main
+
+    routing = [f"--set={name}={value}" for name, value in {**BASE, **ROUTERS["graph"]}.items()
+               if name not in ("vocab_size", "max_seq_len")]
+    result["cli_exit"] = main(["train", "--data", data, "--cache-dir", cache, "--run-dir", str(out_dir / "cli_run"),
+                               "--max-steps", "2", "--batch-size", "4", "--seq-len", "16", "--eval-every", "2",
+                               "--device", "cpu", "--no-progress", "--set", "max_seq_len=17", "--set",
+                               "eval_batches=1", "--set", "tensorboard=false", *routing, "--tensor-parallel", "2"])
     (out_dir / f"rank{ctx.rank}.json").write_text(json.dumps(result))
     D.shutdown(ctx)
 
