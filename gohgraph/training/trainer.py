@@ -154,7 +154,8 @@ def train(model_config: GoHConfig, train_config: TrainConfig, corpus: Union[Corp
         raise ValueError(f"TrainConfig.expert_parallel={tc.expert_parallel} must equal the number of processes "
                          f"({ctx.world_size}): run under torchrun --nproc_per_node={tc.expert_parallel}")
     if check_memory:
-        memory = estimate_step_memory(model_config, tc, GoHTransformer, ctx.world_size)
+        # a rank of tensor parallelism runs the whole batch (an over-estimate: it holds a share of the weights)
+        memory = estimate_step_memory(model_config, tc, GoHTransformer, _data_ranks(tc, ctx))
         check_step_fits(memory, available_memory(ctx.device), tc, model_config)
     try:
         with contextlib.ExitStack() as exits:

@@ -107,6 +107,13 @@ def test_routers_see_every_head_and_flow_crosses_ranks(two_ranks):
 
 
 @pytest.mark.slow
+def test_bf16_autocast_gives_one_process_logits(two_ranks):
+    _, results, _ = two_ranks
+    # bf16 activations are exchanged; the ranks round partial sums where one matmul does not
+    assert all(result["bf16_logits"] < 2e-2 for result in results), [result["bf16_logits"] for result in results]
+
+
+@pytest.mark.slow
 def test_checkpoint_from_two_ranks_loads_in_one_process_and_the_reverse(two_ranks):
     tmp, results, _ = two_ranks
     model = GoHTransformer.from_pretrained(tmp / "out" / "tp_ckpt").eval()
@@ -269,6 +276,21 @@ def _compare_with_one_process(router: str) -> dict:
     return result, sharded
 
 
+def _bf16_autocast_difference() -> float:
+    """Largest logit difference of TP and one process under bf16 autocast (GoH with flow)."""
+    from gohgraph.parallel.tensor_parallel import apply_tensor_parallel
+
+    torch.manual_seed(1)
+    single = GoHTransformer(_config("graph")).train()
+    sharded = apply_tensor_parallel(copy.deepcopy(single))
+    batch = torch.randint(0, 256, (BATCH, SEQ), generator=torch.Generator().manual_seed(11))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_single, out = single(batch, labels=batch), sharded(batch, labels=batch)
+    training_loss(out, 1.0).backward()  # the backward exchanges run in bf16 too
+    assert out.logits.dtype == torch.bfloat16
+    return _max_diff([(out.logits.float(), out_single.logits.float())])
+
+
 def _worker(out_dir: Path, data: str, cache: str, single_checkpoint: str, single_run: str) -> None:
     from gohgraph.data.corpus import load_corpus
     from gohgraph.parallel import data_parallel as D
@@ -280,6 +302,8 @@ def _worker(out_dir: Path, data: str, cache: str, single_checkpoint: str, single
     result = {"compare": {}}
     for router in ROUTERS:
         result["compare"][router], sharded = _compare_with_one_process(router)
+
+    result["bf16_logits"] = _bf16_autocast_difference()
 
     # TP -> one process: every rank takes part in the gather; rank 0's directory is the checkpoint
     sharded.save_pretrained(out_dir / ("tp_ckpt" if ctx.rank == 0 else f"tp_ckpt_rank{ctx.rank}"))
