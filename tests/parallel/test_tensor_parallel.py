@@ -183,6 +183,13 @@ def test_cli_trains_with_tensor_parallel(two_ranks):
     assert json.loads((tmp / "out" / "cli_run" / "train_config.json").read_text())["tensor_parallel"] == 2
 
 
+@pytest.mark.slow
+def test_tensor_parallel_beside_data_parallel_is_refused(two_ranks):
+    _, results, _ = two_ranks
+    for result in results:
+        assert result["partial_group_error"].startswith("tensor_parallel=1 over 1 of 2 ranks is not supported")
+
+
 def test_bad_layouts_name_the_numbers():
     with pytest.raises(ValueError, match=r"^n_heads=6 \(layer 0\) is not divisible by tensor_parallel=4"):
         check_tensor_parallel_layout(GoHTransformer(GoHConfig(**{**BASE, "d_model": 48, "n_heads": 6})), 4)
@@ -304,6 +311,11 @@ def _worker(out_dir: Path, data: str, cache: str, single_checkpoint: str, single
         result["compare"][router], sharded = _compare_with_one_process(router)
 
     result["bf16_logits"] = _bf16_autocast_difference()
+    try:  # tensor parallel over fewer ranks than the processes (data parallel beside it) is refused
+        apply_tensor_parallel(GoHTransformer(_config("dense")), n_ranks=1)
+        result["partial_group_error"] = None
+    except ValueError as err:
+        result["partial_group_error"] = str(err)
 
     # TP -> one process: every rank takes part in the gather; rank 0's directory is the checkpoint
     sharded.save_pretrained(out_dir / ("tp_ckpt" if ctx.rank == 0 else f"tp_ckpt_rank{ctx.rank}"))
