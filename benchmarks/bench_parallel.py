@@ -1,4 +1,4 @@
-"""Data parallel (DDP) beside expert parallel (EP) on 2 gloo processes: tokens/s and bytes exchanged.
+"""Data (DDP), expert (EP) and tensor parallel (TP) on 2 gloo processes: tokens/s and bytes exchanged.
 
     python benchmarks/bench_parallel.py            # launches itself under torchrun, 2 ranks, CPU
     python benchmarks/bench_parallel.py --quick    # a smoke run
@@ -17,6 +17,12 @@ beside its formula:
   ranks (the issue's formula); the measured count (``ExpertParallelDispatcher.sent_bytes``) is
   printed beside it, with the same formula evaluated at the measured off-rank fraction, which it
   equals exactly. The backward exchanges the same volume again.
+* TP (:mod:`gohgraph.parallel.tensor_parallel`) runs a dense-FFN GoH model of the same shape (graph
+  router, inter-head flow; TP does not shard MoE layers), every rank on the *whole* batch of ``T``
+  tokens. Bytes sent per rank and step, counted by ``TensorParallelTraffic`` (ring collectives):
+  forward ``L [2 x T d b x 2(N-1)/N  +  T H d_h b (N-1)/N (queries to the router)  +  T H d_h b (N-1)/N
+  (head outputs for flow)]``, backward ``L [2 x T d b x 2(N-1)/N  +  T H^2 b (N-1)/N (mixing rows)  +
+  T H d_h b x 2(N-1)/N (flow gradients, gloo's all-reduce)]``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch.distributed as dist
 from gohgraph import GoHConfig, GoHTransformer
 from gohgraph.parallel import data_parallel as D
 from gohgraph.parallel.expert_parallel import ExpertParallelDispatcher, apply_expert_parallel, is_expert_shard
+from gohgraph.parallel.tensor_parallel import apply_tensor_parallel, tensor_parallel_plan
 
 N_RANKS = 2
 
@@ -42,32 +49,44 @@ def model_config(quick: bool) -> GoHConfig:
                      n_experts=8, top_k_experts=2, max_seq_len=129, balance_loss_coef=0.0)
 
 
+def tensor_parallel_config(cfg: GoHConfig) -> GoHConfig:
+    """The MoE model's shape with dense FFNs and GoH's router with flow: what TP shards."""
+    return GoHConfig(**{**cfg.to_dict(), "ffn": "dense", "router": "graph", "inter_head_flow": True})
+
+
 def run(mode: str, cfg: GoHConfig, ctx: D.DistContext, batch: int, seq: int, steps: int) -> dict:
     torch.manual_seed(0)
     model = GoHTransformer(cfg).train()
-    if mode == "ep":
-        apply_expert_parallel(model)
-    wrapped = D.wrap_model(model, ctx)
     reduced = [0]
+    if mode == "tp":  # every rank runs the whole batch; nothing to wrap
+        wrapped = apply_tensor_parallel(model)
+        traffic = tensor_parallel_plan(model).traffic
+    else:
+        if mode == "ep":
+            apply_expert_parallel(model)
+        wrapped = D.wrap_model(model, ctx)
 
-    def count_allreduce(state, bucket):  # DDP's default all-reduce, counting what it reduces
-        reduced[0] += bucket.buffer().numel() * bucket.buffer().element_size()
-        work = dist.all_reduce(bucket.buffer() / ctx.world_size, async_op=True)
-        return work.get_future().then(lambda fut: fut.value()[0])
+        def count_allreduce(state, bucket):  # DDP's default all-reduce, counting what it reduces
+            reduced[0] += bucket.buffer().numel() * bucket.buffer().element_size()
+            work = dist.all_reduce(bucket.buffer() / ctx.world_size, async_op=True)
+            return work.get_future().then(lambda fut: fut.value()[0])
 
-    wrapped.register_comm_hook(None, count_allreduce)
+        wrapped.register_comm_hook(None, count_allreduce)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    local = batch // ctx.world_size
+    local = batch // ctx.world_size if mode != "tp" else batch
+    ranks_batches = ctx.world_size if mode != "tp" else 1
     dispatchers = [m.dispatcher for m in model.modules() if isinstance(getattr(m, "dispatcher", None),
                                                                          ExpertParallelDispatcher)]
     times = []
     for step in range(steps + 1):  # step 0 warms up and is not counted
         x = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(step))
-        x = x[ctx.rank * local:(ctx.rank + 1) * local]
+        x = x[ctx.rank % ranks_batches * local:(ctx.rank % ranks_batches + 1) * local]
         if step == 1:
             reduced[0] = 0
             for dispatcher in dispatchers:
                 dispatcher.sent_bytes = 0
+            if mode == "tp":
+                traffic.reset()
         dist.barrier()
         started = time.perf_counter()
         out = wrapped(x, labels=x)
@@ -80,9 +99,21 @@ def run(mode: str, cfg: GoHConfig, ctx: D.DistContext, batch: int, seq: int, ste
     replicated = sum(p.numel() * p.element_size() for p in model.parameters() if not is_expert_shard(model, p))
     sent = torch.tensor([float(sum(d.sent_bytes for d in dispatchers))])
     dist.all_reduce(sent)
-    return {"tokens_per_s": batch * seq * steps / sum(times), "allreduce_bytes": reduced[0] / steps,
-            "replicated_bytes": replicated, "a2a_bytes_all_ranks": float(sent) / steps,
-            "n_moe_layers": len(dispatchers)}
+    result = {"tokens_per_s": batch * seq * steps / sum(times), "allreduce_bytes": reduced[0] / steps,
+              "replicated_bytes": replicated, "a2a_bytes_all_ranks": float(sent) / steps,
+              "n_moe_layers": len(dispatchers)}
+    if mode == "tp":
+        result.update(tp_forward=traffic.sent_bytes_forward / steps, tp_backward=traffic.sent_bytes_backward / steps)
+    return result
+
+
+def tensor_parallel_formula(cfg: GoHConfig, tokens: int, n: int, b: int) -> tuple:
+    """Bytes one rank sends per step under TP (module docstring): ``(forward, backward)``."""
+    d, heads, head_dim, ring = cfg.d_model, cfg.n_heads, cfg.head_dim, (n - 1) / n
+    forward = cfg.n_layers * (2 * tokens * d * b * 2 * ring + 2 * tokens * heads * head_dim * b * ring)
+    backward = cfg.n_layers * (2 * tokens * d * b * 2 * ring + tokens * heads ** 2 * b * ring
+                               + tokens * heads * head_dim * b * 2 * ring)
+    return forward, backward
 
 
 def worker(quick: bool) -> None:
@@ -91,6 +122,8 @@ def worker(quick: bool) -> None:
     cfg = model_config(quick)
     batch, seq, steps = (4, 32, 2) if quick else (8, 128, 5)
     results = {mode: run(mode, cfg, ctx, batch, seq, steps) for mode in ("dp", "ep")}
+    tp_cfg = tensor_parallel_config(cfg)
+    results["tp"] = run("tp", tp_cfg, ctx, batch, seq, steps)
     if ctx.is_main:
         n, b, k, d = ctx.world_size, 4, cfg.top_k_experts, cfg.d_model
         tokens = batch * seq
@@ -99,6 +132,9 @@ def worker(quick: bool) -> None:
         print(f"{'':4} {'tokens/s':>9} {'all-reduce B/step/rank':>23} {'formula P*b':>12} "
               f"{'all-to-all B/step (all ranks, fwd)':>35} {'formula':>10}")
         for mode, r in results.items():
+            if mode == "tp":
+                print(f"{mode:4} {r['tokens_per_s']:>9,.0f} {'-':>23} {'-':>12} {'-':>35} {'-':>10}")
+                continue
             layers = r["n_moe_layers"]
             uniform = 2 * layers * tokens * k * d * b * (n - 1) / n  # both ways, every MoE layer
             a2a = f"{r['a2a_bytes_all_ranks']:>35,.0f} {uniform:>10,.0f}" if layers else f"{'-':>35} {'-':>10}"
@@ -110,6 +146,12 @@ def worker(quick: bool) -> None:
               f"(N-1)/N; measured off-rank fraction {rows / (tokens * k):.4f} vs (N-1)/N = {(n - 1) / n:.4f} "
               f"(the measured count is 2 x layers x {rows:.0f} off-rank rows x d_model x b exactly); "
               "the backward exchanges the same again. A ring all-reduce sends 2(N-1)/N x the reduced bytes.")
+        tp, (forward, backward) = results["tp"], tensor_parallel_formula(tp_cfg, tokens, n, b)
+        print(f"TP (dense FFN, graph router with flow, every rank on all {tokens} tokens): bytes sent per rank "
+              f"and step: forward {tp['tp_forward']:,.0f} (formula {forward:,.0f}), backward "
+              f"{tp['tp_backward']:,.0f} (formula {backward:,.0f}); formula = L [2 x T d b x 2(N-1)/N "
+              "+ 2 T H d_h b (N-1)/N] forward, L [2 x T d b x 2(N-1)/N + T H^2 b (N-1)/N + "
+              "T H d_h b x 2(N-1)/N] backward (module docstring of gohgraph.parallel.tensor_parallel)")
     D.shutdown(ctx)
 
 

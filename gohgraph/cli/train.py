@@ -32,7 +32,8 @@ from .objectives import run_train as run_objective_training
 TRAIN_FLAGS = {"max_steps": "max_steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr",
                "grad_accum": "grad_accum_steps", "warmup_steps": "warmup_steps", "eval_every": "eval_every",
                "save_every": "save_every", "seed": "seed", "device": "device", "dtype": "dtype",
-               "dense_anneal_steps": "dense_anneal_steps", "expert_parallel": "expert_parallel"}
+               "dense_anneal_steps": "dense_anneal_steps", "expert_parallel": "expert_parallel",
+               "tensor_parallel": "tensor_parallel"}
 DATA_FILE = "data.json"
 
 
@@ -61,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert-parallel", type=int, metavar="N",
                         help="shard each MoE layer's routed experts over the N torchrun processes (all-to-all "
                              "dispatch; DDP, or FSDP2 with --fsdp, for the rest)")
+    parser.add_argument("--tensor-parallel", type=int, metavar="N",
+                        help="shard every attention's heads and dense FFN over the N torchrun processes "
+                             "(DTensor; all read the same batch; no DDP beside it)")
     parser.add_argument("--init-from", type=Path,
                         help="start from this save_pretrained directory's model (e.g. from gohgraph convert)")
     parser.add_argument("--dense-anneal-steps", type=int,

@@ -6,7 +6,12 @@ not know how heads are routed: it receives a builder of the head-routing module
 (:class:`gohgraph.routers.heads.HeadRouting`, chosen by the block), builds it after its own
 projections (so parameters are initialised in the order of every earlier checkpoint) and calls it
 with the token and its per-head queries; what comes back (gates, a head-mixing matrix, a routing
-record) is data the attention applies.
+record) is data the attention hands back to the routing's ``mix`` with the heads' outputs.
+
+Head counts are read from the tensors (``view(batch, seq, -1, head_dim)``) and the projection
+widths from ``n_heads``/``n_kv_heads``, which count the heads *this module computes*: tensor
+parallelism (:mod:`gohgraph.parallel.tensor_parallel`) shards the projections from outside and sets
+them to the local counts, torchtitan style.
 
 Compute honesty: every head's attention is computed and inactive heads are multiplied by a zero
 gate. Head sparsity saves no FLOPs in this implementation; what it changes is the function the
@@ -67,8 +72,9 @@ class GoHAttention(nn.Module):
                              "build the attention with gohgraph.models.block.build_attention(cfg, layer_idx)")
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        # the heads a routing record covers: all of them, also when this module computes a share
+        self.record_heads = cfg.n_heads
         self.dropout = cfg.dropout
-        self.q_width = cfg.n_heads * cfg.head_dim
         self.qkv = make_linear(cfg, cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.linear_bias)
         self.out = make_linear(cfg, cfg.d_model, cfg.d_model, bias=cfg.linear_bias)
         nn.init.normal_(self.qkv.weight, std=cfg.init_std)
@@ -89,18 +95,18 @@ class GoHAttention(nn.Module):
                 positions: Optional[torch.Tensor] = None,
                 memory_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                 bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
-        batch, seq, d_model = x.shape
+        batch, seq, _ = x.shape
         heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
         if memory_kv is not None:
             q, k, v = self._project_queries(x), None, None
         else:
             q, k, v = self._project(x, memory)
-        q = q.view(batch, seq, heads, head_dim)
+        q = q.view(batch, seq, heads, head_dim)  # heads: this module's (local under tensor parallelism)
         if self.head_routing is not None:
             head_gates, head_mixing, routing = self.head_routing(x, q)
         else:
             head_gates = head_mixing = None
-            routing = LayerRouting(head_gates=x.new_ones(batch, seq, heads))
+            routing = LayerRouting(head_gates=x.new_ones(batch, seq, self.record_heads))
 
         q = q.transpose(1, 2)
         cross = memory is not None or memory_kv is not None
@@ -116,9 +122,15 @@ class GoHAttention(nn.Module):
                 k, v = cache.append(self.layer_idx, k, v)
         attn = self._attend(q, k, v, causal, mask, self_attention=not cross, bias=bias)  # [batch, heads, seq, head_dim]
 
-        attn = mix_heads(attn.transpose(1, 2), head_gates, head_mixing)  # [batch, seq, heads, head_dim]
-        y = self.out(attn.reshape(batch, seq, d_model))
+        attn = attn.transpose(1, 2)  # [batch, seq, heads, head_dim]
+        if self.head_routing is not None:
+            attn = self.head_routing.mix(attn, head_gates, head_mixing)
+        y = self.out(attn.reshape(batch, seq, heads * head_dim))
         return y, routing
+
+    @property
+    def q_width(self) -> int:
+        return self.n_heads * self.head_dim
 
     def project_memory(self, memory: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys and values of ``memory [batch, mem_len, d_model]``, each

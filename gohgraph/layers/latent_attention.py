@@ -34,7 +34,7 @@ from torch import nn
 
 from ..config import GoHConfig
 from ..routing import LayerRouting
-from .attention import attention_mask, mix_heads
+from .attention import attention_mask
 from .kv_cache import KVCache
 from .linear import make_linear
 from .positions import build_query_key_positions
@@ -115,7 +115,9 @@ class LatentAttention(nn.Module):
         attend = self._attend_absorbed if absorb else self._attend_expanded
         attn = attend(q_nope, q_rope, latent, key_rope, attn_mask, is_causal)  # [batch, heads, seq, d_v]
 
-        attn = mix_heads(attn.transpose(1, 2), head_gates, head_mixing)
+        attn = attn.transpose(1, 2)
+        if self.head_routing is not None:
+            attn = self.head_routing.mix(attn, head_gates, head_mixing)
         y = self.out(attn.reshape(batch, seq, self.n_heads * self.value_dim))
         return y, routing
 

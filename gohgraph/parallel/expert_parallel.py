@@ -278,21 +278,23 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
     """Clip every gradient to a total norm of ``max_norm`` (0 = measure only) and return the norm
     of the full gradient, equal on every rank and to the single process's.
 
-    Squares of the expert shards, and of FSDP2's gradient shards (DTensors; their mesh is assumed
-    to span the same ranks as the experts' group), are summed over the group; replicated (DDP)
-    gradients count once.
+    Squares of the split gradients (expert shards, and DTensors sharded over their mesh: FSDP2's
+    gradient shards, tensor parallelism's column/row shards; their mesh is assumed to span the same
+    ranks as the experts' group, or every rank without experts) are summed over the group;
+    replicated gradients (DDP's, replicated DTensors) count once. Serves tensor parallelism too.
     """
     shards = {id(p) for p in expert_shard_parameters(model)}
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    split = [g.to_local() if _is_dtensor(g) else g for p in model.parameters() if (g := p.grad) is not None
-             and (id(p) in shards or _is_dtensor(g))]
-    whole = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in shards
-             and not _is_dtensor(p.grad)]
+    split = [_local(g) for p in model.parameters() if (g := p.grad) is not None
+             and (id(p) in shards or _is_sharded_dtensor(g))]
+    whole = [_local(g) for p in model.parameters() if (g := p.grad) is not None and id(p) not in shards
+             and not _is_sharded_dtensor(g)]
     device = grads[0].device if grads else torch.device("cpu")
     squares = _squares(whole, device)
     if split:
         split_squares = _squares(split, device)
-        dist.all_reduce(split_squares, group=sharded_experts(model)[0].group)
+        experts = sharded_experts(model)
+        dist.all_reduce(split_squares, group=experts[0].group if experts else None)
         squares = squares + split_squares
     total = float(squares.sqrt())
     if max_norm > 0:  # torch.nn.utils.clip_grad_norm_'s rule
@@ -311,6 +313,14 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def _is_sharded_dtensor(tensor: torch.Tensor) -> bool:
+    return _is_dtensor(tensor) and any(placement.is_shard() for placement in tensor.placements)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
 def _squares(grads: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     if not grads:
         return torch.zeros((), device=device)
@@ -325,7 +335,8 @@ def expert_shard_parameters(model: nn.Module) -> List[nn.Parameter]:
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
     """``optimizer.state_dict()`` with every expert shard's moments gathered to ``[E, ...]`` (a
     collective), so it loads under any layout."""
-    return _map_shard_state(model, optimizer, state, lambda tensor, experts: gather_shard(tensor, experts.group))
+    return map_parameter_state(model, optimizer, state, _shard_owners(model),
+                               lambda tensor, experts: gather_shard(tensor, experts.group))
 
 
 def local_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
@@ -334,21 +345,28 @@ def local_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, st
         if tensor.shape[0] != experts.n_experts_total:
             return tensor
         return tensor[experts.first_expert:experts.first_expert + experts.n_experts].clone()
-    return _map_shard_state(model, optimizer, state, own_slice)
+    return map_parameter_state(model, optimizer, state, _shard_owners(model), own_slice)
 
 
-def _map_shard_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, change) -> dict:
+def _shard_owners(model: nn.Module) -> dict:
+    return {id(getattr(experts, name)): experts for experts in sharded_experts(model) for name in SHARDED_WEIGHTS}
+
+
+def map_parameter_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, owners: dict,
+                        change) -> dict:
+    """``state`` (an optimizer state dict) with every moment of a parameter in ``owners`` (``id(param)
+    -> owner``) replaced by ``change(moment, owner)``; scalars (AdamW's step) and other parameters'
+    moments stay as they are."""
     # keys are parameter indices (plain optimizers) or names (FSDP2's full state dicts)
-    owners = {id(getattr(experts, name)): experts for experts in sharded_experts(model) for name in SHARDED_WEIGHTS}
     by_index = [owners.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
     by_name = {name: owners.get(id(p)) for name, p in model.named_parameters()}
     moments = {}
     for key, values in state["state"].items():
-        experts = by_name.get(key) if isinstance(key, str) and not key.isdigit() else by_index[int(key)]
-        if experts is None:
+        owner = by_name.get(key) if isinstance(key, str) and not key.isdigit() else by_index[int(key)]
+        if owner is None:
             moments[key] = values
         else:
-            moments[key] = {field: change(value, experts) if torch.is_tensor(value) and value.dim() > 0 else value
+            moments[key] = {field: change(value, owner) if torch.is_tensor(value) and value.dim() > 0 else value
                             for field, value in values.items()}
     return {**state, "state": moments}
 

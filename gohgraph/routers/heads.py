@@ -9,7 +9,8 @@ Five pieces; :class:`HeadRouting` assembles the others for one attention layer
 * :class:`QueryNormHeadRouter` (MoH-LLaMA3) - parameter-free logits from the queries' norms;
 * :class:`HeadGate` - MoH's two-stage top-k gating of those logits (0/1 gates for the
   parameter-free router), the routing losses and the auxiliary-loss-free selection bias;
-* :class:`HeadRouting` - router + gate + inter-head flow: ``(x, q) -> (gates, head mixing, record)``.
+* :class:`HeadRouting` - router + gate + inter-head flow: ``(x, q) -> (gates, head mixing, record)``,
+  and ``mix(heads' outputs, gates, head mixing)``, which applies them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..config import GoHConfig
 from ..graph import dense_adjacency, head_graph, with_self_loops
+from ..layers.attention import mix_heads
 from ..ops.small_softmax import small_softmax
 from ..routing import LayerRouting
 from .gat import GraphAttention
@@ -342,7 +344,7 @@ class HeadRouting(nn.Module):
         super().__init__()
         if cfg.router == "dense":
             raise ValueError("router='dense' routes nothing: build no HeadRouting for it")
-        self.router_kind = cfg.router
+        self.router_kind, self.n_heads = cfg.router, cfg.n_heads
         self.flow_scale: Optional[nn.Parameter] = None
         self.token_router: Optional[nn.Module] = None
         if cfg.router == "graph":
@@ -368,6 +370,12 @@ class HeadRouting(nn.Module):
             return self.compiled_route(x, q)
         return self.route(x, q)
 
+    def mix(self, attn: torch.Tensor, gates: torch.Tensor, mixing: Optional[torch.Tensor]) -> torch.Tensor:
+        """Apply what :meth:`forward` returned to the heads' outputs ``attn [batch, seq, heads, d_v]``
+        (:func:`~gohgraph.layers.attention.mix_heads`); the attention calls it, so a routing whose heads
+        are split over ranks (:mod:`gohgraph.parallel.tensor_parallel`) can fetch the sources it mixes."""
+        return mix_heads(attn, gates, mixing)
+
     def compile_for_decoding(self, enabled: bool = True) -> None:
         """Route one-token decode steps (inside ``generate``) through ``torch.compile(route)``
         (shapes fixed at decode, so it compiles once per batch size); everything else stays eager.
@@ -377,7 +385,7 @@ class HeadRouting(nn.Module):
     def route(self, x: torch.Tensor, q: torch.Tensor
               ) -> Tuple[torch.Tensor, Optional[torch.Tensor], LayerRouting]:
         """See the class docstring; :meth:`forward` calls this eagerly or compiled."""
-        batch, seq, heads, _ = q.shape
+        (batch, seq), heads = q.shape[:2], self.n_heads
         tokens_x = x.reshape(batch * seq, -1)
         edge_weights = None
         if self.router_kind == "graph":

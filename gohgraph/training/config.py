@@ -42,6 +42,9 @@ class TrainConfig:
     # shard each MoE layer's routed experts over this many ranks (= the torchrun processes); 1 = off;
     # DDP or FSDP2 (fsdp=True) takes care of every other parameter
     expert_parallel: int = 1
+    # shard every attention's heads and dense FFN's hidden units over this many ranks (= the torchrun
+    # processes, which all read the same batch); 1 = off; no data parallel beside it
+    tensor_parallel: int = 1
     tensorboard: bool = True
     # continue-training: start from a save_pretrained directory's weights (e.g. a converted dense
     # model) and anneal its heads from dense to top-k over dense_anneal_steps (MoH's continue-tuning)
@@ -54,7 +57,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         parse_fields(self, owner="TrainConfig.")
         for name in ("batch_size", "seq_len", "grad_accum_steps", "max_steps", "eval_every",
-                     "eval_batches", "save_every", "keep_last", "log_every", "expert_parallel"):
+                     "eval_batches", "save_every", "keep_last", "log_every", "expert_parallel",
+                     "tensor_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be a positive integer")
         for name in ("warmup_steps", "aux_warmup_steps", "seed", "dense_anneal_steps", "recursion_warmup_steps"):

@@ -32,6 +32,7 @@ from ..data.sources import MixedCorpus, corpus_train_batch, validation_sets
 from ..models.decoder import GoHOutput, GoHTransformer
 from ..parallel import data_parallel as D
 from ..parallel import expert_parallel as EP
+from ..parallel import tensor_parallel as TP
 from ..storage import (WEIGHTS_NAME, CheckpointError, atomic_write_text, load_state_strict, read_config, read_tensors,
                        upgrade_legacy_names)
 from .checkpoint import (FINAL_DIR, latest_checkpoint, load_checkpoint, remove_stale_staging, restore_rng_state,
@@ -137,15 +138,24 @@ def train(model_config: GoHConfig, train_config: TrainConfig, corpus: Union[Corp
     if corpus.vocab_size > model_config.vocab_size:
         raise ValueError(f"the corpus tokenizer has {corpus.vocab_size} tokens but the model's "
                          f"vocab_size={model_config.vocab_size}")
+    if tc.tensor_parallel > 1 and (tc.expert_parallel > 1 or tc.fsdp):
+        raise ValueError(f"TrainConfig.tensor_parallel={tc.tensor_parallel} with "
+                         f"{f'expert_parallel={tc.expert_parallel}' if tc.expert_parallel > 1 else 'fsdp=True'} "
+                         "is not supported: tensor parallel spans every process alone")
     ctx = D.init_distributed(tc.device)
-    if tc.batch_size % ctx.world_size:
+    if tc.tensor_parallel > 1 and tc.tensor_parallel != ctx.world_size:
+        raise ValueError(f"TrainConfig.tensor_parallel={tc.tensor_parallel} must equal the number of processes "
+                         f"({ctx.world_size}): run under torchrun --nproc_per_node={tc.tensor_parallel} "
+                         "(tensor parallel with data parallel beside it is not supported)")
+    if tc.batch_size % _data_ranks(tc, ctx):
         raise ValueError(f"TrainConfig.batch_size={tc.batch_size} must be divisible by the "
                          f"number of processes ({ctx.world_size})")
     if tc.expert_parallel > 1 and tc.expert_parallel != ctx.world_size:
         raise ValueError(f"TrainConfig.expert_parallel={tc.expert_parallel} must equal the number of processes "
                          f"({ctx.world_size}): run under torchrun --nproc_per_node={tc.expert_parallel}")
     if check_memory:
-        memory = estimate_step_memory(model_config, tc, GoHTransformer, ctx.world_size)
+        # a rank of tensor parallelism runs the whole batch (an over-estimate: it holds a share of the weights)
+        memory = estimate_step_memory(model_config, tc, GoHTransformer, _data_ranks(tc, ctx))
         check_step_fits(memory, available_memory(ctx.device), tc, model_config)
     try:
         with contextlib.ExitStack() as exits:
@@ -154,8 +164,18 @@ def train(model_config: GoHConfig, train_config: TrainConfig, corpus: Union[Corp
         D.shutdown(ctx)
 
 
+def _data_ranks(tc: TrainConfig, ctx: D.DistContext) -> int:
+    """How many different batches the processes read: one under tensor parallelism (every rank
+    computes a share of the same batch), else one per process."""
+    return 1 if tc.tensor_parallel > 1 else ctx.world_size
+
+
 def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, MixedCorpus], run_dir: Path, resume: bool,
            progress: bool, ctx: D.DistContext, exits: contextlib.ExitStack) -> TrainResult:
+    tensor_parallel = tc.tensor_parallel > 1
+    # under tensor parallelism the ranks are one data rank: same batch, same dropout and router noise
+    data_ranks = _data_ranks(tc, ctx)
+    data_rank = ctx.rank if data_ranks > 1 else 0
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     model = GoHTransformer(model_config)
     start_step, tokens_seen, history = 0, 0, []
@@ -167,20 +187,23 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
         load_state_strict(model, model_state, checkpoint)
         start_step, tokens_seen = saved["step"], saved["tokens_seen"]
         history = [tuple(entry) for entry in saved["val_history"]]
-        if ctx.is_main:
+        if data_rank == 0:
             restore_rng_state(saved["rng_tensors"], saved["rng"])
         else:
-            torch.manual_seed(tc.seed + RANK_SEED_STRIDE * ctx.rank + start_step)
+            torch.manual_seed(tc.seed + RANK_SEED_STRIDE * data_rank + start_step)
     else:
         if tc.init_from is not None:
             _initialise_from(model, Path(tc.init_from))
-        torch.manual_seed(tc.seed + RANK_SEED_STRIDE * ctx.rank)  # dropout differs per rank
+        torch.manual_seed(tc.seed + RANK_SEED_STRIDE * data_rank)  # dropout differs per data rank
     model.to(ctx.device).train()
     expert_parallel = tc.expert_parallel > 1
     if expert_parallel:  # before DDP, which then leaves the expert shards alone
         EP.apply_expert_parallel(model)
-    wrapped = D.wrap_model(model, ctx, tc.fsdp,
-                           ignored_params=EP.expert_shard_parameters(model) if expert_parallel else None)
+    if tensor_parallel:  # no data parallel beside it: nothing to wrap
+        wrapped = TP.apply_tensor_parallel(model)
+    else:
+        wrapped = D.wrap_model(model, ctx, tc.fsdp,
+                               ignored_params=EP.expert_shard_parameters(model) if expert_parallel else None)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
     if saved_optimizer is not None:
         saved_names = saved.get("optimizer_param_names")
@@ -192,6 +215,8 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
                                   f"checkpoint {first[0]!r} vs model {first[1]!r})")
         if expert_parallel:
             saved_optimizer = EP.local_optimizer_state(model, optimizer, saved_optimizer)
+        if tensor_parallel:
+            saved_optimizer = TP.local_optimizer_state(model, optimizer, saved_optimizer)
         try:
             D.load_optimizer_state(model, optimizer, saved_optimizer, tc.fsdp)
         except (ValueError, KeyError, RuntimeError) as err:
@@ -224,6 +249,8 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
         optimizer_state = D.full_optimizer_state(model, optimizer, tc.fsdp)
         if expert_parallel:
             optimizer_state = EP.full_optimizer_state(model, optimizer, optimizer_state)
+        if tensor_parallel:
+            optimizer_state = TP.full_optimizer_state(model, optimizer, optimizer_state)
         path = None
         if ctx.is_main:
             state = {"tokens_seen": tokens_seen, "val_history": history, "data_position": at_step,
@@ -249,7 +276,7 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
             parts = torch.zeros(3, device=ctx.device)  # loss, lm_loss, aux_loss
             for micro in range(tc.grad_accum_steps):
                 batch = corpus_train_batch(corpus, tc.batch_size, tc.seq_len, tc.seed, step, micro,
-                                           ctx.rank, ctx.world_size).to(ctx.device)
+                                           data_rank, data_ranks).to(ctx.device)
                 last_micro = micro == tc.grad_accum_steps - 1
                 with D.gradient_sync(wrapped, last_micro):
                     with autocast:
@@ -258,7 +285,7 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
                     (loss / tc.grad_accum_steps).backward()
                 parts += torch.stack([loss.detach(), out.lm_loss.detach(), out.aux_loss.detach()]).float()
             parts = D.all_reduce_mean(parts / tc.grad_accum_steps, ctx)
-            grad_norm = (EP.clip_grad_norm_(model, tc.grad_clip) if expert_parallel
+            grad_norm = (EP.clip_grad_norm_(model, tc.grad_clip) if expert_parallel or tensor_parallel
                          else _clip_gradients(model, tc.grad_clip))
             if not (math.isfinite(float(parts[0])) and math.isfinite(grad_norm)):
                 raise TrainingDivergedError(
@@ -268,7 +295,8 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
                     "rate or raise warmup_steps, then resume.")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            D.sync_routing_loads(model, ctx)
+            if not tensor_parallel:  # tensor-parallel ranks count the same (replicated) routing loads
+                D.sync_routing_loads(model, ctx)
             model.update_routing_biases()
             train_seconds += time.perf_counter() - step_started
 
@@ -306,7 +334,7 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
         metrics.close()
 
     # hand back an ordinary model, not one sharded over a group about to close
-    if (tc.fsdp or expert_parallel) and ctx.enabled:
+    if (tc.fsdp or expert_parallel or tensor_parallel) and ctx.enabled:
         full_state = D.full_model_state(model, fsdp=tc.fsdp)
         model = GoHTransformer(model_config)
         model.load_state_dict(full_state)

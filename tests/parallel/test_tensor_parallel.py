@@ -1,0 +1,359 @@
+"""Tensor parallelism over 2 gloo ranks (real torchrun) against one process on the same batch.
+
+This file is also the worker: ``python -m torch.distributed.run --nproc_per_node=2
+tests/parallel/test_tensor_parallel.py OUT_DIR DATA CACHE SINGLE_CHECKPOINT``. For each head router
+(dense, MoH's linear, GoH's graph with inter-head flow) every rank builds the same model, keeps an
+unsharded copy as the single-process reference (run in the same process on the same batch), shards
+the other with ``apply_tensor_parallel`` and compares forward, loss, gradients and 3 AdamW steps;
+then checkpoints both ways and ``train(..., tensor_parallel=2)``. The numbers it measures are
+written to ``rank{r}.json`` and the tests below check them; one torchrun launch serves them all.
+"""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gohgraph import GoHConfig, GoHTransformer
+from gohgraph.parallel.tensor_parallel import check_tensor_parallel_layout
+from gohgraph.training.config import TrainConfig
+from gohgraph.training.trainer import train, training_loss
+
+# GQA (4 query heads, 2 kv heads: one kv head per rank), SwiGLU, biases on (column shards and a
+# replicated row bias), RoPE
+BASE = dict(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=33, linear_bias=True)
+ROUTERS = {
+    "dense": dict(router="dense"),
+    # two-stage gating (a shared head), top-1 of 3 routed heads, aux-loss-free bias (replicated loads)
+    "linear": dict(router="linear", n_shared_heads=1, top_k_heads=1, aux_free_bias=True, bias_update_rate=0.01),
+    # message passing over a ring of all heads, flow between heads of both ranks, token logits too
+    "graph": dict(router="graph", head_graph="ring", top_k_heads=2, inter_head_flow=True, router_token_logits=True),
+}
+TRAIN = dict(batch_size=4, seq_len=32, grad_accum_steps=2, max_steps=3, lr=5e-3, warmup_steps=1,
+             eval_every=3, eval_batches=2, save_every=3, device="cpu", tensorboard=False)
+BATCH, SEQ, STEPS = 4, 16, 3
+
+
+def _config(router: str) -> GoHConfig:
+    return GoHConfig(**BASE, **ROUTERS[router])
+
+
+def _text_file(directory: Path) -> Path:
+    path = directory / "text.txt"
+    path.write_text("".join(f"def f{i}(x):\n    return x * {i} + 1\n\n" for i in range(300)))
+    return path
+
+
+def _eval_batch() -> torch.Tensor:
+    return torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Run the worker once under torchrun; ``(tmp dir, [rank0, rank1] results, single-process train)``."""
+    from gohgraph.data.corpus import load_corpus
+
+    tmp = tmp_path_factory.mktemp("tp")
+    data = _text_file(tmp)
+    corpus = load_corpus(str(data), cache_dir=tmp / "cache")
+    torch.manual_seed(123)  # a single-process checkpoint that the ranks load sharded (the reverse way)
+    single_model = GoHTransformer(_config("graph")).eval()
+    with torch.no_grad():
+        for block in single_model.blocks:
+            block.attn.head_routing.flow_scale.normal_()
+    single_model.save_pretrained(tmp / "single_ckpt")
+    (tmp / "single_logits.json").write_text(json.dumps(single_model(_eval_batch()).logits.tolist()))
+
+    single = train(_config("graph"), TrainConfig(**TRAIN), corpus, tmp / "single_run", progress=False)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               __file__, str(tmp / "out"), str(data), str(tmp / "cache"), str(tmp / "single_ckpt"),
+               str(tmp / "single_run")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = [json.loads((tmp / "out" / f"rank{r}.json").read_text()) for r in range(2)]
+    return tmp, results, single
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_forward_losses_gradients_and_three_steps_equal_one_process(two_ranks, router):
+    _, results, _ = two_ranks
+    for result in results:
+        result = result["compare"][router]
+        assert result["steps"] == STEPS
+        for name in ("logits", "loss", "sharded_grads", "replicated_grads", "grad_norm", "records",
+                     "parameters", "buffers"):
+            assert max(result[name], default=0.0) < 1e-5, (name, result[name])
+        assert result["sharded_grad_tensors"] > 0 and result["replicated_grad_tensors"] > 0
+        assert result["local_heads"] == BASE["n_heads"] // 2 and result["local_kv_heads"] == BASE["n_kv_heads"] // 2
+
+
+@pytest.mark.slow
+def test_routers_see_every_head_and_flow_crosses_ranks(two_ranks):
+    """The values above would be equal by accident if nothing crossed ranks: the graph layers do
+    exchange queries and head outputs, and the dense ones only the projections' all-reduces."""
+    _, results, _ = two_ranks
+    for result in results:
+        graph, dense = result["compare"]["graph"], result["compare"]["dense"]
+        assert graph["flow_weight"] > 0  # inter-head flow is on and weighs other heads
+        assert graph["traffic_forward"] > dense["traffic_forward"] > 0
+        assert graph["traffic_backward"] > dense["traffic_backward"] > 0
+
+
+@pytest.mark.slow
+def test_bf16_autocast_gives_one_process_logits(two_ranks):
+    _, results, _ = two_ranks
+    # bf16 activations are exchanged; the ranks round partial sums where one matmul does not
+    assert all(result["bf16_logits"] < 2e-2 for result in results), [result["bf16_logits"] for result in results]
+
+
+@pytest.mark.slow
+def test_checkpoint_from_two_ranks_loads_in_one_process_and_the_reverse(two_ranks):
+    tmp, results, _ = two_ranks
+    model = GoHTransformer.from_pretrained(tmp / "out" / "tp_ckpt").eval()
+    with torch.no_grad():
+        logits = model(_eval_batch()).logits
+    torch.testing.assert_close(logits, torch.tensor(results[0]["tp_eval_logits"]), rtol=0, atol=1e-5)
+    assert model.blocks[0].attn.qkv.weight.shape[0] == (BASE["n_heads"] + 2 * BASE["n_kv_heads"]) * 8
+    for result in results:  # the single-process checkpoint, sharded: the same logits
+        assert result["reverse_logits"] < 1e-5 and result["reverse_into_sharded_logits"] < 1e-5
+
+
+@pytest.mark.slow
+def test_train_with_tensor_parallel_matches_one_process(two_ranks):
+    tmp, results, single = two_ranks
+    assert results[0]["train_losses"] == results[1]["train_losses"]
+    assert results[0]["train_losses"] == pytest.approx(single.losses, rel=1e-5)
+    trained = GoHTransformer.from_pretrained(tmp / "out" / "run" / "final").state_dict()
+    for name, tensor in single.model.state_dict().items():
+        torch.testing.assert_close(trained[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_training_checkpoint_resumes_in_one_process(two_ranks):
+    """Weights and AdamW moments are saved full: one process continues the TP=2 run exactly as it
+    continues its own."""
+    import shutil
+
+    from gohgraph.data.corpus import load_corpus
+
+    tmp, _, _ = two_ranks
+    corpus = load_corpus(str(tmp / "text.txt"), cache_dir=tmp / "cache")
+    continued = {}
+    for name, run in (("tp", tmp / "out" / "run"), ("single", tmp / "single_run")):
+        shutil.copytree(run, tmp / f"resume_{name}")
+        continued[name] = train(_config("graph"), TrainConfig(**{**TRAIN, "max_steps": 4}), corpus,
+                                tmp / f"resume_{name}", resume=True, progress=False)
+    assert continued["tp"].losses == pytest.approx(continued["single"].losses, rel=1e-5)
+    single_state = continued["single"].model.state_dict()
+    for name, tensor in continued["tp"].model.state_dict().items():
+        torch.testing.assert_close(tensor, single_state[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_single_process_checkpoint_resumes_under_tensor_parallel(two_ranks):
+    """The reverse: the TP=2 ranks resumed the single process's checkpoint (moments sharded on load)
+    and took the same step as one process."""
+    import shutil
+
+    from gohgraph.data.corpus import load_corpus
+
+    tmp, results, _ = two_ranks
+    corpus = load_corpus(str(tmp / "text.txt"), cache_dir=tmp / "cache")
+    shutil.copytree(tmp / "single_run", tmp / "resume_single_again")
+    single = train(_config("graph"), TrainConfig(**{**TRAIN, "max_steps": 4}), corpus, tmp / "resume_single_again",
+                   resume=True, progress=False)
+    for result in results:
+        assert result["resumed_losses"] == pytest.approx(single.losses, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_trains_with_tensor_parallel(two_ranks):
+    """``gohgraph train ... --tensor-parallel 2``, run by both ranks (the README's torchrun line)."""
+    tmp, results, _ = two_ranks
+    assert [result["cli_exit"] for result in results] == [0, 0]
+    model = GoHTransformer.from_pretrained(tmp / "out" / "cli_run" / "final")
+    assert model.blocks[0].attn.qkv.weight.shape[0] == (BASE["n_heads"] + 2 * BASE["n_kv_heads"]) * 8
+    assert json.loads((tmp / "out" / "cli_run" / "train_config.json").read_text())["tensor_parallel"] == 2
+
+
+@pytest.mark.slow
+def test_tensor_parallel_beside_data_parallel_is_refused(two_ranks):
+    _, results, _ = two_ranks
+    for result in results:
+        assert result["partial_group_error"].startswith("tensor_parallel=1 over 1 of 2 ranks is not supported")
+
+
+def test_bad_layouts_name_the_numbers():
+    with pytest.raises(ValueError, match=r"^n_heads=6 \(layer 0\) is not divisible by tensor_parallel=4"):
+        check_tensor_parallel_layout(GoHTransformer(GoHConfig(**{**BASE, "d_model": 48, "n_heads": 6})), 4)
+    with pytest.raises(ValueError, match=r"^n_kv_heads=2 \(layer 0\) is not divisible by tensor_parallel=4"):
+        check_tensor_parallel_layout(GoHTransformer(GoHConfig(**{**BASE, "n_heads": 8, "n_kv_heads": 2})), 4)
+    with pytest.raises(ValueError, match=r"^hidden_dim=90 \(FFN 0\) is not divisible by tensor_parallel=4"):
+        check_tensor_parallel_layout(GoHTransformer(GoHConfig(**{**BASE, "n_kv_heads": 4, "ffn_hidden": 90})), 4)
+    with pytest.raises(ValueError, match=r"^tensor_parallel=4 exceeds the 2 processes"):
+        check_tensor_parallel_layout(GoHTransformer(GoHConfig(**BASE)), 4, world_size=2)
+    with pytest.raises(ValueError, match=r"^tensor_parallel=2 does not shard MoE layers \(layer 0\)"):
+        check_tensor_parallel_layout(GoHTransformer(GoHConfig(**BASE, ffn="moe", n_experts=4)), 2)
+    with pytest.raises(ValueError, match=r"^TrainConfig.tensor_parallel=0 must be a positive integer"):
+        TrainConfig(**TRAIN, tensor_parallel=0)
+
+
+def test_training_with_tensor_parallel_needs_that_many_processes(tmp_path):
+    from gohgraph.data.corpus import load_corpus
+
+    corpus = load_corpus(str(_text_file(tmp_path)), cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"tensor_parallel=2 must equal the number of processes \(1\)"):
+        train(_config("dense"), TrainConfig(**TRAIN, tensor_parallel=2), corpus, tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match=r"^TrainConfig.tensor_parallel=2 with expert_parallel=2"):
+        train(_config("dense"), TrainConfig(**TRAIN, tensor_parallel=2, expert_parallel=2), corpus,
+              tmp_path / "run", progress=False)
+
+
+# ---------------------------------------------------------------------- the worker
+def _max_diff(pairs):
+    """Largest difference, relative to the reference's largest magnitude where that exceeds 1 (the
+    ranks sum the row-parallel partial products in another order than one matmul does)."""
+    return max((float((a - b).abs().max()) / max(1.0, float(b.abs().max())) for a, b in pairs), default=0.0)
+
+
+def _compare_with_one_process(router: str) -> dict:
+    """STEPS training steps of one process beside TP over the ranks, both on the same batch; the
+    largest differences of each step."""
+    from gohgraph.parallel.expert_parallel import clip_grad_norm_
+    from gohgraph.parallel.tensor_parallel import apply_tensor_parallel, tensor_parallel_plan
+
+    torch.manual_seed(0)
+    single = GoHTransformer(_config(router)).train()
+    with torch.no_grad():  # flow starts at 0 (a fresh GoH layer is MoH): switch it on
+        for block in single.blocks:
+            if block.attn.head_routing is not None and block.attn.head_routing.flow_scale is not None:
+                block.attn.head_routing.flow_scale.normal_()
+    sharded = apply_tensor_parallel(copy.deepcopy(single))
+    plan = tensor_parallel_plan(sharded)
+    # Adam divides by each gradient's own scale, so a rounding difference in a near-zero gradient
+    # moves its parameter by up to lr: a small lr keeps 3 steps a check of the exchange, not of that
+    opt_single = torch.optim.AdamW(single.parameters(), lr=1e-3)
+    opt_sharded = torch.optim.AdamW(sharded.parameters(), lr=1e-3)
+    names = dict(sharded.named_parameters())
+    full_params = dict(single.named_parameters())
+    result = {name: [] for name in ("logits", "loss", "sharded_grads", "replicated_grads", "grad_norm", "records")}
+    for step in range(STEPS):
+        batch = torch.randint(0, 256, (BATCH, SEQ), generator=torch.Generator().manual_seed(step))
+        out_single = single(batch, labels=batch)
+        out = sharded(batch, labels=batch)
+        result["logits"].append(_max_diff([(out.logits, out_single.logits)]))
+        loss_single, loss = training_loss(out_single, 1.0), training_loss(out, 1.0)
+        result["loss"].append(float((loss - loss_single).abs()))
+        result["records"].append(_max_diff([(a.head_gates, b.head_gates) for a, b in zip(out.routing, out_single.routing)]
+                                           + [(a.flow, b.flow) for a, b in zip(out.routing, out_single.routing)
+                                              if a.flow is not None]))
+        loss_single.backward()
+        loss.backward()
+        split = [(plan.layouts[id(p)].full(p.grad), full_params[n].grad) for n, p in names.items()
+                 if id(p) in plan.layouts]
+        whole = [(p.grad, full_params[n].grad) for n, p in names.items() if id(p) not in plan.layouts]
+        result["sharded_grads"].append(_max_diff(split))
+        result["replicated_grads"].append(_max_diff(whole))
+        result["sharded_grad_tensors"], result["replicated_grad_tensors"] = len(split), len(whole)
+        norm_single = float(torch.nn.utils.clip_grad_norm_(single.parameters(), 0.05))
+        result["grad_norm"].append(abs(clip_grad_norm_(sharded, 0.05) - norm_single))
+        for optimizer in (opt_single, opt_sharded):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sharded.update_routing_biases()  # loads are counted whole on every rank: no sum over ranks
+        single.update_routing_biases()
+    result["steps"] = STEPS
+    gathered, reference = sharded.state_dict(), single.state_dict()
+    params = {n for n, _ in single.named_parameters()}
+    result["parameters"] = [_max_diff([(gathered[n], reference[n])]) for n in sorted(params)]
+    result["buffers"] = [_max_diff([(gathered[n], reference[n])]) for n in sorted(set(reference) - params)]
+    result["local_heads"] = sharded.blocks[0].attn.n_heads
+    result["local_kv_heads"] = sharded.blocks[0].attn.n_kv_heads
+    result["flow_weight"] = max((float(record.flow.abs().max()) for record in out.routing if record.flow is not None),
+                                default=0.0)
+    result["traffic_forward"] = plan.traffic.sent_bytes_forward
+    result["traffic_backward"] = plan.traffic.sent_bytes_backward
+    return result, sharded
+
+
+def _bf16_autocast_difference() -> float:
+    """Largest logit difference of TP and one process under bf16 autocast (GoH with flow)."""
+    from gohgraph.parallel.tensor_parallel import apply_tensor_parallel
+
+    torch.manual_seed(1)
+    single = GoHTransformer(_config("graph")).train()
+    sharded = apply_tensor_parallel(copy.deepcopy(single))
+    batch = torch.randint(0, 256, (BATCH, SEQ), generator=torch.Generator().manual_seed(11))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_single, out = single(batch, labels=batch), sharded(batch, labels=batch)
+    training_loss(out, 1.0).backward()  # the backward exchanges run in bf16 too
+    assert out.logits.dtype == torch.bfloat16
+    return _max_diff([(out.logits.float(), out_single.logits.float())])
+
+
+def _worker(out_dir: Path, data: str, cache: str, single_checkpoint: str, single_run: str) -> None:
+    from gohgraph.data.corpus import load_corpus
+    from gohgraph.parallel import data_parallel as D
+    from gohgraph.parallel.tensor_parallel import apply_tensor_parallel
+    from gohgraph.storage import load_state_strict, read_tensors
+
+    torch.set_num_threads(1)
+    ctx = D.init_distributed("cpu")
+    result = {"compare": {}}
+    for router in ROUTERS:
+        result["compare"][router], sharded = _compare_with_one_process(router)
+
+    result["bf16_logits"] = _bf16_autocast_difference()
+    try:  # tensor parallel over fewer ranks than the processes (data parallel beside it) is refused
+        apply_tensor_parallel(GoHTransformer(_config("dense")), n_ranks=1)
+        result["partial_group_error"] = None
+    except ValueError as err:
+        result["partial_group_error"] = str(err)
+
+    # TP -> one process: every rank takes part in the gather; rank 0's directory is the checkpoint
+    sharded.save_pretrained(out_dir / ("tp_ckpt" if ctx.rank == 0 else f"tp_ckpt_rank{ctx.rank}"))
+    sharded.eval()
+    with torch.no_grad():
+        result["tp_eval_logits"] = sharded(_eval_batch()).logits.tolist()
+        # one process -> TP: the single-process checkpoint, sharded after loading and loaded into shards
+        expected = torch.tensor(json.loads((Path(single_checkpoint).parent / "single_logits.json").read_text()))
+        loaded = apply_tensor_parallel(GoHTransformer.from_pretrained(single_checkpoint)).eval()
+        result["reverse_logits"] = _max_diff([(loaded(_eval_batch()).logits, expected)])
+        load_state_strict(sharded, read_tensors(Path(single_checkpoint) / "model.safetensors"), Path(single_checkpoint))
+        result["reverse_into_sharded_logits"] = _max_diff([(sharded(_eval_batch()).logits, expected)])
+
+    corpus = load_corpus(data, cache_dir=Path(cache))
+    trained = train(_config("graph"), TrainConfig(**TRAIN, tensor_parallel=ctx.world_size), corpus, out_dir / "run",
+                    progress=False)
+    result["train_losses"] = trained.losses
+    # one process -> TP, mid-run: resume the single process's run (its AdamW moments sharded on load)
+    if ctx.rank == 0:
+        import shutil
+
+        shutil.copytree(single_run, out_dir / "resumed")
+    D.barrier(ctx)
+    resumed = train(_config("graph"), TrainConfig(**{**TRAIN, "max_steps": 4}, tensor_parallel=ctx.world_size),
+                    corpus, out_dir / "resumed", resume=True, progress=False)
+    result["resumed_losses"] = resumed.losses
+    # the CLI's flag, in this process group (what torchrun -m gohgraph train ... runs)
+    from gohgraph.cli.main import main
+
+    routing = [f"--set={name}={value}" for name, value in {**BASE, **ROUTERS["graph"]}.items()
+               if name not in ("vocab_size", "max_seq_len")]
+    result["cli_exit"] = main(["train", "--data", data, "--cache-dir", cache, "--run-dir", str(out_dir / "cli_run"),
+                               "--max-steps", "2", "--batch-size", "4", "--seq-len", "16", "--eval-every", "2",
+                               "--device", "cpu", "--no-progress", "--set", "max_seq_len=17", "--set",
+                               "eval_batches=1", "--set", "tensorboard=false", *routing, "--tensor-parallel", "2"])
+    (out_dir / f"rank{ctx.rank}.json").write_text(json.dumps(result))
+    D.shutdown(ctx)
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
