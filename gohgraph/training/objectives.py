@@ -52,9 +52,11 @@ class ObjectiveResult:
 
 
 def train_objective(objective: str, cfg: GoHConfig, tc: TrainConfig, data, run_dir: Path,
-                    log=print) -> ObjectiveResult:
+                    log=print, data_path: Optional[str] = None) -> ObjectiveResult:
     """Train ``GoHEncoder(cfg)`` on ``data`` (a :class:`~gohgraph.data.corpus.Corpus` for ``"mlm"``, a
-    :class:`~gohgraph.data.objectives.classify.ClassificationData` for ``"classify"``) for ``tc.max_steps`` steps; writes under ``run_dir``."""
+    :class:`~gohgraph.data.objectives.classify.ClassificationData` for ``"classify"``) for
+    ``tc.max_steps`` steps; writes under ``run_dir``, with ``data_path`` (the user data it was read
+    from, ``None`` for the default corpus) in ``objective.json``."""
     torch.manual_seed(tc.seed)
     model = GoHEncoder(cfg).train()
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
@@ -93,7 +95,8 @@ def train_objective(objective: str, cfg: GoHConfig, tc: TrainConfig, data, run_d
     run_dir = Path(run_dir)
     final_path = model.save_pretrained(run_dir / "final")
     atomic_write_text(run_dir / OBJECTIVE_FILE, json.dumps({"objective": objective, "seq_len": tc.seq_len,
-                                                            "labels": getattr(data, "labels", None)}, indent=2) + "\n")
+                                                            "labels": getattr(data, "labels", None),
+                                                            "data": data_path}, indent=2) + "\n")
     atomic_write_text(run_dir / "train_config.json", tc.to_json() + "\n")
     metrics_path = atomic_write_text(run_dir / "metrics.json", json.dumps(history, indent=2) + "\n")
     return ObjectiveResult(model, final, history, final_path, metrics_path, time.perf_counter() - started)
