@@ -4,7 +4,7 @@
     python examples/train_encoder.py --max-steps 1000 --router linear
 
 Same as ``gohgraph train --objective mlm``: a GoHEncoder (bidirectional self-attention, graph
-router with 1 shared + top-2 of 3 routed heads and inter-head flow, sinusoidal positions, exact-GELU
+router with 1 shared + top-2 of 3 routed heads and inter-head flow, RoPE positions, exact-GELU
 MLP) learns to predict BERT-masked bytes (15%: 80% [MASK], 10% random, 10% kept) of the Python
 standard library. It prints the validation MLM loss next to the unigram entropy of the training
 bytes, the loss of a model that ignores the context. Results land in ``runs/encoder-mlm/``:

@@ -1,4 +1,4 @@
-"""``gohgraph convert``: a local Hugging Face Llama / GPT-2 / Mixtral / Qwen2-MoE checkpoint -> a graph-routed GoH checkpoint.
+"""``gohgraph convert``: a local Hugging Face Llama / GPT-2 / Mixtral / Qwen2-MoE / BERT checkpoint -> a graph-routed GoH checkpoint.
 
 Thin: parses arguments, calls :func:`gohgraph.interop.convert.convert_hf_model`, saves the result. The
 saved model has ``dense_blend = 1`` (it computes the source exactly); continued training anneals
@@ -21,7 +21,8 @@ from .common import add_overwrite_argument, prepare_output
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="source", required=True, metavar="DIR",
                         help="local Hugging Face checkpoint directory (LlamaForCausalLM, GPT2LMHeadModel, "
-                             "MixtralForCausalLM or Qwen2MoeForCausalLM)")
+                             "MixtralForCausalLM, Qwen2MoeForCausalLM, BertForMaskedLM or "
+                             "BertForSequenceClassification)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where to write the GoH checkpoint")
     parser.add_argument("--router", default="graph", choices=ROUTERS, help="head router (default: graph)")
     parser.add_argument("--n-shared-heads", type=int, default=0, metavar="N", help="always-on heads per layer")

@@ -3,6 +3,9 @@
 The encoder family's presets (:data:`~gohgraph.training.objectives.OBJECTIVE_PRESETS`), then
 ``--set`` and the training flags; the model's vocabulary is the data tokenizer's plus the three
 special tokens. One process; writes ``final/``, ``objective.json``, ``metrics.json`` in the run dir.
+Data: one ``--data`` path; for ``mlm`` text (default: the standard library), for ``classify``
+labelled ``.tsv`` / ``.jsonl`` files (:mod:`gohgraph.data.record_files`; default: the standard
+library's package snippets), byte tokens. ``objective.json`` keeps the path, so ``eval`` reads the same data.
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from ..config import GoHConfig
 from ..data.corpus import load_corpus
 from ..data.objectives import SpecialTokens
-from ..data.objectives.classify import stdlib_package_snippets
+from ..data.objectives.classify import labelled_file_data, stdlib_package_snippets
 from ..data.objectives.mlm import unigram_entropy
+from ..data.sources import parse_data_flags
+from ..data.tokenizers import ByteTokenizer
 from ..training.config import TrainConfig
 from ..training.objectives import OBJECTIVE_FILE, OBJECTIVE_PRESETS, evaluate_objective, train_objective
 from ..training.presets import split_fields
@@ -53,19 +59,20 @@ def run_train(args: argparse.Namespace) -> int:
             raise ValueError(f"run dir {run_dir} already holds a trained model; pass --overwrite to start again, "
                              "or --name/--run-dir for a new run")
         shutil.rmtree(run_dir / "final")
-    if args.data is not None and args.objective == "classify":
-        raise ValueError("--objective classify labels the standard library by package; --data is not supported for it yet")
+    data_path = one_data_path(args.data)
     if args.objective == "mlm":
-        data = load_corpus(args.data, args.cache_dir, args.tokenizer or "byte")
+        data = load_corpus(data_path, args.cache_dir, args.tokenizer or "byte")
         base_vocab, source = data.vocab_size, data.source
     else:
         base_vocab = 256
         cfg_probe, tc_probe = build_objective_configs(args, base_vocab)
-        special = SpecialTokens(base_vocab)
-        data = stdlib_package_snippets(tc_probe.seq_len, special.cls, special.pad, cfg_probe.n_labels)
+        data = classification_data(data_path, args.tokenizer, tc_probe.seq_len, SpecialTokens(base_vocab),
+                                   cfg_probe.n_labels)
         source = data.source
     cfg, tc = build_objective_configs(args, base_vocab)
-    result = train_objective(args.objective, cfg, tc, data, run_dir)
+    if args.objective == "classify" and data_path is not None:  # the classes are the file's labels
+        cfg = cfg.replace(n_labels=len(data.labels))
+    result = train_objective(args.objective, cfg, tc, data, run_dir, data_path=data_path)
     print(f"data: {source}")
     print(f"model: GoHEncoder, {result.model.num_parameters():,} parameters, router={cfg.router}, ffn={cfg.ffn}")
     print(f"steps: {tc.max_steps} in {result.seconds:.0f} s")
@@ -76,8 +83,8 @@ def run_train(args: argparse.Namespace) -> int:
               f"(unigram entropy of the training split: {entropy:.4f}; uniform: {math.log(base_vocab):.4f})")
     else:
         print(f"validation accuracy: {result.metrics['accuracy']:.4f} over {result.metrics['examples']:,.0f} "
-              f"validation snippets of "
-              f"{len(data.labels)} packages ({', '.join(data.labels)}); majority class: {data.majority_accuracy():.4f}")
+              f"validation texts of "
+              f"{len(data.labels)} classes ({', '.join(data.labels[:20])}); majority class: {data.majority_accuracy():.4f}")
     print(f"final model: {result.final_path}")
     print(f"metrics: {result.metrics_path}")
     return 0
@@ -88,10 +95,14 @@ def run_eval(args: argparse.Namespace, model, directory: Path, run_dir: Path) ->
     settings = json.loads((run_dir / OBJECTIVE_FILE).read_text(encoding="utf-8"))
     objective, seq_len = settings["objective"], args.seq_len or settings["seq_len"]
     special = SpecialTokens(model.config.vocab_size - 3)
+    data_path = one_data_path(args.data) or settings.get("data")
     if objective == "mlm":
-        data = load_corpus(args.data, args.cache_dir, args.tokenizer or "byte")
+        data = load_corpus(data_path, args.cache_dir, args.tokenizer or "byte")
     else:
-        data = stdlib_package_snippets(seq_len, special.cls, special.pad, model.config.n_labels)
+        data = classification_data(data_path, args.tokenizer, seq_len, special, model.config.n_labels)
+        if settings.get("labels") is not None and data.labels != settings["labels"]:
+            raise ValueError(f"the data's labels {data.labels[:8]} are not the ones {directory} was trained on "
+                             f"({settings['labels'][:8]})")
     metrics = evaluate_objective(model, objective, data, args.batch_size, seq_len, args.max_batches)
     result = {"checkpoint": str(directory), "objective": objective, **metrics}
     if args.json:
@@ -99,3 +110,23 @@ def run_eval(args: argparse.Namespace, model, directory: Path, run_dir: Path) ->
     else:
         print(f"{directory}: {objective} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
+
+
+def one_data_path(values) -> Optional[str]:
+    """The one ``--data`` path of an encoder objective (``None`` without the flag)."""
+    settings = parse_data_flags(values)
+    if "sources" in settings:
+        raise ValueError("--objective mlm|classify reads one --data path (a file, directory or glob); "
+                         "named sources (NAME=PATH) are for --objective lm")
+    return settings.get("data")
+
+
+def classification_data(data_path: Optional[str], tokenizer: Optional[str], seq_len: int, special: SpecialTokens,
+                        n_labels: int):
+    """Labelled files at ``data_path`` (byte tokens), else the standard library's package snippets."""
+    if data_path is None:
+        return stdlib_package_snippets(seq_len, special.cls, special.pad, n_labels)
+    if tokenizer not in (None, "byte"):
+        raise ValueError(f"--tokenizer {tokenizer} is not supported with --objective classify; its texts are "
+                         "byte tokens")
+    return labelled_file_data(data_path, seq_len, special.cls, special.pad, ByteTokenizer().encode)

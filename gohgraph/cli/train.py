@@ -147,6 +147,9 @@ def build_configs(args: argparse.Namespace, run_dir: Path):
         model_kwargs, train_kwargs = get_preset(args.preset or file_values.get("preset", "tiny"))
         if args.init_from is not None:  # the model is the one being continued, not the preset's
             model_kwargs = read_config(args.init_from).to_dict()
+            if model_kwargs["model_type"] != "decoder":  # the LM loop trains GoHTransformer only
+                raise ValueError(f"--init-from {args.init_from} holds a model_type={model_kwargs['model_type']!r} "
+                                 "model; the causal-LM trainer continues decoder models only")
             train_kwargs["init_from"] = str(args.init_from)
         file_model, file_train = split_fields(file_values, str(args.config))
         model_kwargs.update(file_model)

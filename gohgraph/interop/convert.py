@@ -1,14 +1,15 @@
-"""Upcycle a pretrained dense Hugging Face LM (Llama, GPT-2) into a graph-routed GoHTransformer,
-or a T5 encoder–decoder into a GoHSeq2Seq.
+"""Upcycle a pretrained dense Hugging Face model (Llama, GPT-2; BERT; T5) into a graph-routed GoH
+model: a GoHTransformer, a GoHEncoder (BERT) or a GoHSeq2Seq (T5).
 
 MoH (Jin et al. 2024) continue-tuned a dense LLaMA3-8B into a mixture-of-heads model. This module
 does the same with graph routing, in two steps:
 
-1. :func:`convert_hf_model` copies every pretrained tensor into a :class:`GoHTransformer` whose
-   heads are the dense model's heads (q/k/v/o per head, GQA and RoPE theta kept), whose FFN is the
-   dense MLP (or ``n_experts`` copies of it for ``ffn="moe"``: sparse upcycling), and whose routers
-   are fresh. It returns the model with ``dense_blend = 1``: every head on with gate 1 and the
-   inter-head flow scaled by 0, so at step 0 it computes exactly the dense model.
+1. :func:`convert_hf_model` copies every pretrained tensor into a :class:`GoHTransformer` (for
+   BERT a :class:`~gohgraph.GoHEncoder`) whose heads are the dense model's heads (q/k/v/o per
+   head, GQA and RoPE theta kept), whose FFN is the dense MLP (or ``n_experts`` copies of it for
+   ``ffn="moe"``: sparse upcycling), and whose routers are fresh. It returns the model with
+   ``dense_blend = 1``: every head on with gate 1 and the inter-head flow scaled by 0, so at step 0
+   it computes exactly the dense model.
 2. Continued training anneals ``dense_blend`` from 1 to 0 with
    :func:`gohgraph.training.schedules.dense_to_sparse_schedule`
    (``model.set_dense_blend(dense_to_sparse_schedule(step, warmup_steps))`` before each step), so
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Tuple, Union
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ from torch import nn
 from ..config import GoHConfig
 from ..models.pretrained import MODEL_TYPES
 from ..models.routed import RoutedModel
+from .bert import BERT_CLASSIFIER, BERT_MLM
 from .deepseek_v3 import DEEPSEEK_V3
 from .gpt2 import GPT2
 from .llama import LLAMA, MISTRAL
@@ -42,9 +44,17 @@ from .t5 import T5
 
 # model_type in config.json -> the family whose weights we know how to map
 SOURCE_FAMILIES: Dict[str, SourceFamily] = {"llama": LLAMA, "mistral": MISTRAL, "gpt2": GPT2, "mixtral": MIXTRAL,
-                                             "qwen2_moe": QWEN2_MOE, "deepseek_v3": DEEPSEEK_V3, "t5": T5}
-# model_type -> the Hugging Face class
-SUPPORTED_ARCHITECTURES = {model_type: family.hf_class for model_type, family in SOURCE_FAMILIES.items()}
+                                             "qwen2_moe": QWEN2_MOE, "deepseek_v3": DEEPSEEK_V3, "t5": T5,
+                                             "bert": BERT_MLM}
+# further head classes of a model_type above, whose family is the default: model_type -> families
+HEAD_VARIANTS: Dict[str, Tuple[SourceFamily, ...]] = {"bert": (BERT_CLASSIFIER,)}
+# model_type -> the Hugging Face classes it may be saved as, the default first
+SUPPORTED_ARCHITECTURES: Dict[str, Tuple[str, ...]] = {
+    model_type: tuple(f.hf_class for f in (family, *HEAD_VARIANTS.get(model_type, ())))
+    for model_type, family in SOURCE_FAMILIES.items()}
+# Hugging Face class -> its family
+FAMILIES_BY_CLASS: Dict[str, SourceFamily] = {
+    f.hf_class: f for model_type, family in SOURCE_FAMILIES.items() for f in (family, *HEAD_VARIANTS.get(model_type, ()))}
 # safetensors only, one file or shards listed by an index: nothing here loads a pickle (DESIGN.md §15)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -63,7 +73,9 @@ ROUTING_TENSOR_MARKERS = (".router.", ".gate.", ".flow_scale")
 def convert_hf_model(hf_model_or_dir: Union[str, Path, nn.Module], **overrides: Any) -> RoutedModel:
     """Build a GoH model computing exactly the ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` /
     ``MixtralForCausalLM`` / ``Qwen2MoeForCausalLM`` given (sparse sources keep their own experts
-    and routers), or a :class:`~gohgraph.GoHSeq2Seq` computing the ``T5ForConditionalGeneration``.
+    and routers), the :class:`~gohgraph.GoHEncoder` computing a ``BertForMaskedLM`` /
+    ``BertForSequenceClassification``, or the :class:`~gohgraph.GoHSeq2Seq` computing a
+    ``T5ForConditionalGeneration``.
 
     Args:
         hf_model_or_dir: a loaded Hugging Face model, or a local checkpoint directory.
@@ -72,12 +84,11 @@ def convert_hf_model(hf_model_or_dir: Union[str, Path, nn.Module], **overrides: 
             router: ``"graph"``. Fields in :data:`SOURCE_FIELDS` come from the source and cannot
             be overridden; ``max_seq_len`` may change (with learned positions only downward).
     Returns:
-        a :class:`GoHTransformer` (or the class the source's ``model_type`` field names) in train
-        mode with ``dense_blend = 1`` in every routed layer.
+        a :class:`GoHTransformer` (or the class the source's ``model_type`` field names: GoHEncoder
+        for BERT, GoHSeq2Seq for T5) in train mode with ``dense_blend = 1`` in every routed layer.
     """
     hf_model = load_hf_model(hf_model_or_dir) if isinstance(hf_model_or_dir, (str, Path)) else hf_model_or_dir
-    model_type = _check_model_class(hf_model)
-    family = SOURCE_FAMILIES[model_type]
+    family = FAMILIES_BY_CLASS[_check_model_class(hf_model)]
     source = family.source_config(hf_model.config)
     if family.model_fields is not None:
         source.update(family.model_fields(hf_model))
@@ -109,8 +120,8 @@ def read_hf_config(directory: Union[str, Path]) -> dict:
         raise ConversionError(f"{config_path} is not valid JSON: {err}") from None
     model_type = values.get("model_type")
     architectures = values.get("architectures") or []
-    supported_classes = set(SUPPORTED_ARCHITECTURES.values())
-    if model_type not in SUPPORTED_ARCHITECTURES or any(a not in supported_classes for a in architectures):
+    if model_type not in SUPPORTED_ARCHITECTURES or any(a not in SUPPORTED_ARCHITECTURES[model_type]
+                                                         for a in architectures):
         raise ConversionError(
             f"{config_path}: model_type={model_type!r}, architectures={architectures} is not supported; "
             f"supported: {_supported_text()}")
@@ -125,21 +136,21 @@ def read_hf_config(directory: Union[str, Path]) -> dict:
 
 
 def load_hf_model(directory: Union[str, Path]) -> nn.Module:
-    """Load a local ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` / ``MixtralForCausalLM`` /
-    ``Qwen2MoeForCausalLM`` / ``T5ForConditionalGeneration`` checkpoint (no download), in eval
-    mode, from ``model.safetensors`` or
-    from the shards a ``model.safetensors.index.json`` lists.
+    """Load a local checkpoint of a supported class (no download), in eval mode, from
+    ``model.safetensors`` or from the shards a ``model.safetensors.index.json`` lists. The class is
+    the first of config.json's ``architectures`` (the model_type's default class without one).
 
     Missing tensors (e.g. a bare ``LlamaModel`` checkpoint without ``lm_head``) raise
     :class:`ConversionError` instead of being silently initialised at random.
     """
-    model_type = read_hf_config(directory)["model_type"]
+    values = read_hf_config(directory)
+    class_name = (values.get("architectures") or SUPPORTED_ARCHITECTURES[values["model_type"]])[0]
     try:
         import transformers
     except ImportError:
         raise ImportError("converting Hugging Face checkpoints needs transformers: "
                           "pip install 'gohgraph[hf]'") from None
-    model_class = getattr(transformers, SUPPORTED_ARCHITECTURES[model_type])
+    model_class = getattr(transformers, class_name)
     hf_model, info = model_class.from_pretrained(str(directory), local_files_only=True, use_safetensors=True,
                                                  output_loading_info=True)
     if info.get("missing_keys"):
@@ -150,11 +161,12 @@ def load_hf_model(directory: Union[str, Path]) -> nn.Module:
 
 # ---------------------------------------------------------------------- configuration
 def _check_model_class(hf_model: nn.Module) -> str:
+    """The class name of a supported ``hf_model``, or :class:`ConversionError` naming what was found."""
     found = type(hf_model).__name__
     model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
-    if SUPPORTED_ARCHITECTURES.get(model_type) != found:
+    if found not in SUPPORTED_ARCHITECTURES.get(model_type, ()):
         raise ConversionError(f"cannot convert {found} (model_type={model_type!r}); supported: {_supported_text()}")
-    return model_type
+    return found
 
 
 def _target_config(source: Dict[str, Any], overrides: Dict[str, Any]) -> GoHConfig:
@@ -230,7 +242,7 @@ def _load_converted_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> N
 
 
 def _supported_text() -> str:
-    return ", ".join(f"{model_type} ({cls})" for model_type, cls in SUPPORTED_ARCHITECTURES.items())
+    return ", ".join(f"{model_type} ({', '.join(classes)})" for model_type, classes in SUPPORTED_ARCHITECTURES.items())
 
 
 def _listing(directory: Path) -> list:

@@ -28,9 +28,13 @@ from .schedules import learning_rate, set_learning_rate
 
 OBJECTIVE_FILE = "objective.json"
 
+# RoPE, not sinusoids: Vaswani's table has amplitude 1 against token embeddings of std init_std
+# (0.02), so without his sqrt(d_model) embedding scale the positions swamp token identity; the
+# default MLM run ended at 3.68 nats with sinusoids (above the 3.25 unigram entropy), 3.11 with a
+# learned table and 2.44 with RoPE (BENCHMARKS.md, encoder section)
 _ENCODER = dict(model_type="encoder", d_model=128, n_layers=2, n_heads=4, n_shared_heads=1, top_k_heads=2,
                 router="graph", router_rounds=2, router_dim=8, head_graph="complete", inter_head_flow=True,
-                position_embedding="sinusoidal", mlp="gelu-exact", norm="layer", max_seq_len=128)
+                position_embedding="rope", mlp="gelu-exact", norm="layer", max_seq_len=128)
 # objective -> (GoHConfig kwargs, TrainConfig kwargs): the encoder family's "tiny" presets
 OBJECTIVE_PRESETS: Dict[str, Tuple[Dict, Dict]] = {
     "mlm": (dict(_ENCODER), dict(batch_size=16, seq_len=128, lr=2e-3, warmup_steps=20, max_steps=300,
@@ -52,9 +56,11 @@ class ObjectiveResult:
 
 
 def train_objective(objective: str, cfg: GoHConfig, tc: TrainConfig, data, run_dir: Path,
-                    log=print) -> ObjectiveResult:
+                    log=print, data_path: Optional[str] = None) -> ObjectiveResult:
     """Train ``GoHEncoder(cfg)`` on ``data`` (a :class:`~gohgraph.data.corpus.Corpus` for ``"mlm"``, a
-    :class:`~gohgraph.data.objectives.classify.ClassificationData` for ``"classify"``) for ``tc.max_steps`` steps; writes under ``run_dir``."""
+    :class:`~gohgraph.data.objectives.classify.ClassificationData` for ``"classify"``) for
+    ``tc.max_steps`` steps; writes under ``run_dir``, with ``data_path`` (the user data it was read
+    from, ``None`` for the default corpus) in ``objective.json``."""
     torch.manual_seed(tc.seed)
     model = GoHEncoder(cfg).train()
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
@@ -93,7 +99,8 @@ def train_objective(objective: str, cfg: GoHConfig, tc: TrainConfig, data, run_d
     run_dir = Path(run_dir)
     final_path = model.save_pretrained(run_dir / "final")
     atomic_write_text(run_dir / OBJECTIVE_FILE, json.dumps({"objective": objective, "seq_len": tc.seq_len,
-                                                            "labels": getattr(data, "labels", None)}, indent=2) + "\n")
+                                                            "labels": getattr(data, "labels", None),
+                                                            "data": data_path}, indent=2) + "\n")
     atomic_write_text(run_dir / "train_config.json", tc.to_json() + "\n")
     metrics_path = atomic_write_text(run_dir / "metrics.json", json.dumps(history, indent=2) + "\n")
     return ObjectiveResult(model, final, history, final_path, metrics_path, time.perf_counter() - started)

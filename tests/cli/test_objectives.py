@@ -31,3 +31,33 @@ def test_train_classify_reports_accuracy(tmp_path, capsys):
     assert "validation accuracy" in printed and "majority class" in printed
     history = json.loads((run_dir / "metrics.json").read_text())
     assert 0 <= history[-1]["accuracy"] <= 1
+
+
+def test_train_classify_on_a_labelled_file_then_eval_reads_it_again(tmp_path, capsys):
+    lines = [f"{'loud' if i % 2 else 'quiet'}\t{('HELLO THERE' if i % 2 else 'hello there')} {i}" for i in range(40)]
+    data = tmp_path / "labelled.tsv"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    run_dir = tmp_path / "cls"
+    code = main(["train", "--objective", "classify", "--data", str(data), "--run-dir", str(run_dir), "--max-steps",
+                 "2", "--seq-len", "24", "--batch-size", "4", "--set", "d_model=32", "--set", "eval_batches=2"])
+    assert code == 0
+    assert "2 classes (loud, quiet)" in capsys.readouterr().out  # the file's labels, not the preset's 8
+    model = from_pretrained(run_dir / "final")
+    assert model.config.n_labels == 2
+    settings = json.loads((run_dir / "objective.json").read_text())
+    assert settings["data"] == str(data) and settings["labels"] == ["loud", "quiet"]
+    assert main(["eval", "--checkpoint", str(run_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["objective"] == "classify" and result["examples"] == 4  # the file's last tenth
+
+
+def test_objective_data_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("quiet\thello\nno tab\n", encoding="utf-8")
+    code = main(["train", "--objective", "classify", "--data", str(bad), "--run-dir", str(tmp_path / "r"),
+                 "--max-steps", "1", "--seq-len", "16", "--set", "d_model=32"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "bad.tsv:2: expected 'label<TAB>text', found no tab" in err and "\n" not in err
+    code = main(["train", "--objective", "mlm", "--data", f"a={bad}", "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "reads one --data path" in err

@@ -118,10 +118,10 @@ def _write_config(directory: Path, values: dict, weights: bool = True) -> Path:
 
 
 def test_unsupported_architecture_names_what_was_found_and_what_is_supported(tmp_path):
-    bert = _write_config(tmp_path / "bert", {"model_type": "bert", "architectures": ["BertForMaskedLM"]})
-    with pytest.raises(ConversionError, match=r"model_type='bert'.*BertForMaskedLM.*llama \(LlamaForCausalLM\)"
+    falcon = _write_config(tmp_path / "falcon", {"model_type": "falcon", "architectures": ["FalconForCausalLM"]})
+    with pytest.raises(ConversionError, match=r"model_type='falcon'.*FalconForCausalLM.*llama \(LlamaForCausalLM\)"
                                               r".*gpt2 \(GPT2LMHeadModel\)"):
-        convert_hf_model(bert)
+        convert_hf_model(falcon)
     head = _write_config(tmp_path / "cls", {"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]})
     with pytest.raises(ConversionError, match="LlamaForSequenceClassification"):
         read_hf_config(head)
@@ -140,10 +140,10 @@ def test_missing_directory_config_or_weights_name_the_directory(tmp_path):
 
 
 def test_cli_convert_reports_errors_in_one_line(tmp_path, capsys):
-    bert = _write_config(tmp_path / "bert", {"model_type": "bert"})
-    assert cli_main(["convert", "--from", str(bert), "--out", str(tmp_path / "out")]) == 1
+    falcon = _write_config(tmp_path / "falcon", {"model_type": "falcon"})
+    assert cli_main(["convert", "--from", str(falcon), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("gohgraph convert: error:") and "model_type='bert'" in err and "\n" not in err
+    assert err.startswith("gohgraph convert: error:") and "model_type='falcon'" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
 
 

@@ -1,7 +1,10 @@
 """Training objectives beyond next-token LM, on data that needs no download (DESIGN.md §13).
 
 * :mod:`.mlm`: masked-LM inputs and labels (BERT's 15%, 80/10/10) from token windows;
-* :mod:`.classify`: snippets of the standard library labelled by the package they come from.
+* :mod:`.classify`: snippets of the standard library labelled by the package they come from, or
+  user-labelled texts;
+* :mod:`.seq2seq`: docstring -> ``def`` line pairs of the standard library, and the batches of any
+  text pairs (user pairs: :mod:`gohgraph.data.record_files`).
 
 Special tokens sit after the tokenizer's vocabulary (:class:`SpecialTokens`), so the byte
 tokenizer's 256 ids keep their meaning and the model's vocabulary grows by three.

@@ -1,4 +1,5 @@
-"""Sequence classification on the default corpus: which standard-library package a snippet is from.
+"""Sequence classification on the default corpus: which standard-library package a snippet is from;
+and on user-labelled files (:func:`labelled_file_data`).
 
 Every ``.py`` file of the standard library inside a package (``email/``, ``asyncio/``, ...; not
 ``test/``, the tests of all the others) is cut into non-overlapping byte snippets; the label is the package. The ``n_classes`` packages with the
@@ -12,13 +13,14 @@ import sysconfig
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..corpus import DEFAULT_CORPUS_BYTES, _path_hash, _stdlib_files
 from ..errors import DataError
+from ..record_files import label_names, load_records
 
 # "test" holds the tests of every other package: a snippet of it is about everything
 EXCLUDED_PACKAGES = ("test",)
@@ -86,12 +88,31 @@ def stdlib_package_snippets(seq_len: int, cls_id: int, pad_id: int, n_classes: i
                               f"Python {sysconfig.get_python_version()} standard library ({root}), {len(labels)} packages")
 
 
-def _pack(snippets: List[bytes], seq_len: int, cls_id: int, pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def labelled_file_data(data: str, seq_len: int, cls_id: int, pad_id: int,
+                       encode: Callable[[str], List[int]]) -> ClassificationData:
+    """User-labelled texts (``label<TAB>text`` TSV or ``{"text", "label"}`` JSONL files:
+    :mod:`gohgraph.data.record_files`), split by file, each text encoded, cut to ``seq_len - 1``
+    tokens after ``cls_id`` and right-padded; labels are the sorted distinct label names."""
+    train, val, files = load_records(data, "labelled")
+    labels = label_names(train, val, data)
+    index = {name: i for i, name in enumerate(labels)}
+    sides = []
+    for records in (train, val):
+        x, mask = _pack([encode(text)[:seq_len - 1] for text, _ in records], seq_len, cls_id, pad_id)
+        sides.append((x, mask, torch.tensor([index[label] for _, label in records])))
+    (x_train, m_train, y_train), (x_val, m_val, y_val) = sides
+    return ClassificationData(x_train, m_train, y_train, x_val, m_val, y_val, labels,
+                              f"{data} ({len(files)} file(s), {len(labels)} labels)")
+
+
+def _pack(snippets: List[Sequence[int]], seq_len: int, cls_id: int, pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[cls, snippet..., pad...]`` of ``seq_len`` ids and their masks; a snippet is bytes or ids."""
     ids = np.full((len(snippets), seq_len), pad_id, dtype=np.int64)
     mask = np.zeros((len(snippets), seq_len), dtype=np.int64)
     for row, snippet in enumerate(snippets):
         ids[row, 0] = cls_id
-        ids[row, 1:1 + len(snippet)] = np.frombuffer(snippet, dtype=np.uint8)
+        values = np.frombuffer(snippet, dtype=np.uint8) if isinstance(snippet, bytes) else np.asarray(snippet)
+        ids[row, 1:1 + len(snippet)] = values
         mask[row, :1 + len(snippet)] = 1
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
