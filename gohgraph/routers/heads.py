@@ -27,7 +27,8 @@ from ..graph import dense_adjacency, head_graph, with_self_loops
 from ..ops.small_softmax import small_softmax
 from ..routing import LayerRouting
 from .gat import GraphAttention
-from .losses import HEAD_BALANCE, HEAD_Z, BalancedRouting, load_balance_loss, router_z_loss, update_balancing_bias
+from .losses import (HEAD_BALANCE, HEAD_Z, BalancedRouting, load_balance_loss, router_z_loss, skips_training_losses,
+                     update_balancing_bias)
 from .noise import RouterNoise
 
 # A head graph whose edges (self-loops included) fill at most this share of the heads x heads matrix
@@ -314,8 +315,9 @@ class HeadGate(BalancedRouting):
         kept = small_softmax(weight_logits.gather(-1, selected), dim=-1)
         gates = torch.zeros_like(routed_logits).scatter(-1, selected, kept)
         if self.training and self.aux_free_bias:
-            self.load_since_update += torch.bincount(selected.reshape(-1), minlength=self.n_routed)
-        if self.binary or self.decoding or torch.is_inference_mode_enabled():  # no training signal needed
+            ids = selected.reshape(-1)  # index_add_, not bincount: no graph break under torch.compile
+            self.load_since_update.index_add_(0, ids, self.load_since_update.new_ones(ids.shape))
+        if self.binary or self.decoding or skips_training_losses():  # no training signal needed
             return gates, selected, {}
         aux = {
             HEAD_BALANCE: load_balance_loss(small_softmax(routed_logits, dim=-1), selected, self.n_routed),

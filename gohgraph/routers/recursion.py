@@ -40,7 +40,7 @@ from torch import nn
 from ..config import GoHConfig
 from ..graph import head_graph
 from .heads import HeadRouter
-from .losses import RECURSION_AUX, RECURSION_BALANCE, load_balance_loss
+from .losses import RECURSION_AUX, RECURSION_BALANCE, load_balance_loss, skips_training_losses
 
 
 def expert_choice_capacity(recursion: int, max_recursions: int, seq_len: int, warmup: float = 0.0) -> int:
@@ -140,7 +140,7 @@ class TokenChoiceRecursionRouter(nn.Module):
         choice = probs.argmax(dim=-1)
         gate = probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
         losses = {}
-        if not torch.is_inference_mode_enabled():
+        if not skips_training_losses():
             losses[RECURSION_BALANCE] = load_balance_loss(probs.reshape(-1, self.max_recursions),
                                                           choice.reshape(-1, 1), self.max_recursions)
         return choice + 1, gate, losses

@@ -43,6 +43,9 @@ class TrainConfig:
     # DDP or FSDP2 (fsdp=True) takes care of every other parameter
     expert_parallel: int = 1
     tensorboard: bool = True
+    # torch.compile the training forward (and its backward); eager where it cannot compile, with one
+    # line saying why (gohgraph.training.compile)
+    compile: bool = False
     # continue-training: start from a save_pretrained directory's weights (e.g. a converted dense
     # model) and anneal its heads from dense to top-k over dense_anneal_steps (MoH's continue-tuning)
     init_from: Optional[str] = None
