@@ -40,6 +40,7 @@ RECURSION_SHARINGS = ("cycle", "middle-cycle")
 RECURSION_ROUTERS = ("expert-choice", "token-choice")
 RECURSION_KV = ("recursion", "shared")
 RECURSION_INFERENCE = ("aux-router", "router-bce")
+RECURSION_SCORERS = ("linear", "graph")
 
 GATE_NORMALISATIONS = ("moh", "mha")
 EXPERT_SCORES = ("softmax", "sigmoid")
@@ -210,6 +211,10 @@ class GoHConfig:
     # keys/values: "recursion" (recursion-wise caching: recursion r attends to the tokens that took r)
     # or "shared" (KV sharing: every recursion attends to the first recursion's keys of all tokens)
     recursion_kv: str = _in("recursion", "recursion")
+    # where the recursion router's scores (expert-choice) or depth logits (token-choice) come from:
+    # "linear" (theta^T h) or "graph" (the token's heads as nodes of head_graph, router_rounds of the
+    # GoH head router's message passing with router_dim features, mean of the node scores)
+    recursion_scorer: str = _in("recursion", "linear")
 
     # ---- feed-forward experts
     ffn: str = _in("experts", "dense")
@@ -460,7 +465,11 @@ class GoHConfig:
         _choice(self, "recursion_router", RECURSION_ROUTERS)
         _choice(self, "recursion_kv", RECURSION_KV)
         _choice(self, "recursion_inference", RECURSION_INFERENCE)
+        _choice(self, "recursion_scorer", RECURSION_SCORERS)
         _positive(self, "max_recursions")
+        if self.recursion == "mor" and self.recursion_scorer == "graph" and self.router_rounds < 1:
+            raise ValueError(f"recursion_scorer='graph' needs router_rounds >= 1 (its message-passing rounds), "
+                             f"got router_rounds={self.router_rounds}")
         if not self.recursion_gate_scale > 0:
             raise ValueError(f"recursion_gate_scale={self.recursion_gate_scale} must be > 0")
         if self.recursion_aux_loss_coef < 0:

@@ -47,6 +47,9 @@ def build_objective_configs(args: argparse.Namespace, base_vocab: int):
         if getattr(args, flag, None) is not None:
             train_kwargs[name] = getattr(args, flag)
     train_config = TrainConfig.from_dict(train_kwargs)
+    if train_config.compile or getattr(args, "compile", False):
+        raise ValueError(f"--compile (TrainConfig.compile) compiles the language-model training step; "
+                         f"--objective {args.objective} trains eagerly")
     model_kwargs["vocab_size"] = SpecialTokens(base_vocab).vocab_size
     model_kwargs["max_seq_len"] = max(model_kwargs.get("max_seq_len", 0), train_config.seq_len)
     return GoHConfig.from_dict(model_kwargs), train_config

@@ -14,11 +14,13 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 from ..config import ROUTERS, GoHConfig
 from ..data.sources import load_training_data, parse_data_flags, validation_sets
 from ..data.tokenizers import TOKENIZER_FILE
+from ..models.compile import CompileUnavailableWarning
 from ..storage import atomic_write_text, read_config
 from ..training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
 from ..training.config import TrainConfig
@@ -59,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="start even when the memory estimate of a step exceeds the available memory")
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun instead of DDP")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the training step's forward and backward (eager, with one line "
+                             "saying why, where it cannot compile)")
     parser.add_argument("--expert-parallel", type=int, metavar="N",
                         help="shard each MoE layer's routed experts over the N torchrun processes (all-to-all "
                              "dispatch; DDP, or FSDP2 with --fsdp, for the rest)")
@@ -112,8 +117,10 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / DATA_FILE, json.dumps(data_settings, indent=2) + "\n")
-    result = train(model_config, train_config, corpus, run_dir, resume=args.resume,
-                   progress=not args.no_progress, check_memory=not args.force)
+    with warnings.catch_warnings():
+        warnings.showwarning = _compile_fallback_in_one_line(warnings.showwarning)
+        result = train(model_config, train_config, corpus, run_dir, resume=args.resume,
+                       progress=not args.no_progress, check_memory=not args.force)
     if rank == 0:
         params = result.model.num_parameters()
         print(f"data: {corpus.source} ({len(corpus.train):,} train / {len(corpus.val):,} val tokens)")
@@ -131,6 +138,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"final model: {result.final_path}")
         print(f"metrics: {result.metrics_path}")
     return 130 if result.interrupted else 0
+
+
+def _compile_fallback_in_one_line(show):
+    """A ``warnings.showwarning`` that prints a compile fallback as the command's one line, when it
+    happens (the run goes on, eagerly), and leaves every other warning to ``show``."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CompileUnavailableWarning):
+            print(f"gohgraph train: --compile: {message}", file=sys.stderr, flush=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
 
 
 def build_configs(args: argparse.Namespace, run_dir: Path):
@@ -166,6 +186,8 @@ def build_configs(args: argparse.Namespace, run_dir: Path):
             train_kwargs[field_name] = getattr(args, flag)
     if args.fsdp:
         train_kwargs["fsdp"] = True
+    if args.compile:
+        train_kwargs["compile"] = True
     if args.data:  # given flags replace the base's data (a resumed run's data.json included)
         data_settings.pop("sources", None)
         data_settings.update(parse_data_flags(args.data))

@@ -7,7 +7,6 @@ so per-token recursion (Mixture-of-Recursions) is a change to that loop, not a n
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -24,6 +23,7 @@ from ..routers.recursion import ExpertChoiceRecursionRouter
 from ..routing import LayerRouting, RecursionRouting
 from ..storage import load_model, save_model
 from .block import GoHBlock
+from .compile import warn_compile_unavailable
 from .generation import check_generation_arguments, make_decode_cache, positions_from_mask, sample_next_token
 from .packed import packed_state, unpack_ternary_state
 from .recursion import MixtureOfRecursions, RecursionKVCache
@@ -171,8 +171,7 @@ class GoHTransformer(RoutedModel, nn.Module):
         except Exception as err:  # torch.compile's failures have no common type
             for routing in routings:
                 routing.compile_for_decoding(False)
-            warnings.warn(f"torch.compile is unavailable here ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                          "decoding stays eager", RuntimeWarning, stacklevel=2)
+            warn_compile_unavailable(err, "decoding stays eager")
             return False
         finally:
             self._set_decoding(False)

@@ -6,8 +6,9 @@ stack; ``"middle-cycle"`` keeps the first and the last block unique (run once, f
 and shares the ``n_layers - 2`` between them. The effective depth is ``len(stack) * N_r`` (plus 2).
 
 Recursion ``r = 0`` runs the stack on every token. For ``r >= 1`` the router
-(:mod:`gohgraph.routers.recursion`) selects tokens among those that took ``r - 1`` and gives each a
-gate ``g``; selected tokens are updated as
+(:mod:`gohgraph.routers.recursion`; its scores linear in the token or, with
+``cfg.recursion_scorer="graph"``, from message passing over the token's heads) selects tokens among
+those that took ``r - 1`` and gives each a gate ``g``; selected tokens are updated as
 
 .. math::
     h \leftarrow h + g\,\big(f_r(h) - h\big)
@@ -36,7 +37,7 @@ from torch import nn
 
 from ..config import GoHConfig
 from ..layers.kv_cache import DynamicKVCache, KVCache
-from ..routers.recursion import ExpertChoiceRecursionRouter, TokenChoiceRecursionRouter
+from ..routers.recursion import ExpertChoiceRecursionRouter, GraphRecursionScorer, TokenChoiceRecursionRouter
 from ..routing import LayerRouting, RecursionRouting
 
 
@@ -114,11 +115,18 @@ class MixtureOfRecursions(nn.Module):
         self.middle_cycle = cfg.recursion_sharing == "middle-cycle"
         self.token_choice = cfg.recursion_router == "token-choice"
         self.kv_sharing = cfg.recursion_kv == "shared"
+        # the scores come from the token's heads as nodes of the head graph (routers/recursion.py),
+        # one per routed recursion (expert-choice) or per depth (token-choice)
+        graph = cfg.recursion_scorer == "graph"
         if self.token_choice:
-            self.router = TokenChoiceRecursionRouter(cfg.d_model, cfg.max_recursions, cfg.init_std)
+            scorer = GraphRecursionScorer.from_config(cfg, cfg.max_recursions) if graph else None
+            self.router = TokenChoiceRecursionRouter(cfg.d_model, cfg.max_recursions, cfg.init_std,
+                                                     graph_scorer=scorer)
         else:
+            scorer = GraphRecursionScorer.from_config(cfg, cfg.max_recursions - 1) if graph else None
             self.router = ExpertChoiceRecursionRouter(cfg.d_model, cfg.max_recursions, cfg.recursion_gate_scale,
-                                                      cfg.init_std, aux_router=cfg.recursion_inference == "aux-router")
+                                                      cfg.init_std, aux_router=cfg.recursion_inference == "aux-router",
+                                                      graph_scorer=scorer)
 
     def split(self, blocks: Sequence[nn.Module]) -> Tuple[List[nn.Module], List[nn.Module], List[nn.Module]]:
         """``(unique first, shared stack, unique last)`` blocks."""

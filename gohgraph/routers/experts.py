@@ -293,7 +293,8 @@ class ExpertGate(BalancedRouting):
             return ExpertChoice(indices=selected, weights=weights, aux_losses={})
         flat_selected = selected.reshape(-1, self.top_k)
         if self.training:
-            self.load_since_update += torch.bincount(flat_selected.reshape(-1), minlength=self.n_experts)
+            ids = flat_selected.reshape(-1)  # index_add_, not bincount: no graph break under torch.compile
+            self.load_since_update.index_add_(0, ids, self.load_since_update.new_ones(ids.shape))
         flat_logits = logits.reshape(-1, self.n_experts)
         counted = flat_selected[:, :1] if self.balance_top1 else flat_selected  # selected is best first
         balance = BalanceTally.of(torch.softmax(flat_logits, dim=-1), counted, self.n_experts)

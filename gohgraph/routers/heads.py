@@ -29,7 +29,8 @@ from ..layers.attention import mix_heads
 from ..ops.small_softmax import small_softmax
 from ..routing import LayerRouting
 from .gat import GraphAttention
-from .losses import HEAD_BALANCE, HEAD_Z, BalancedRouting, load_balance_loss, router_z_loss, update_balancing_bias
+from .losses import (HEAD_BALANCE, HEAD_Z, BalancedRouting, load_balance_loss, router_z_loss, skips_training_losses,
+                     update_balancing_bias)
 from .noise import RouterNoise
 
 # A head graph whose edges (self-loops included) fill at most this share of the heads x heads matrix
@@ -60,6 +61,8 @@ class HeadRouter(GraphAttention):
 
     and the head logits are :math:`s_i = u^\top z^R_i + b_i`. The last round's
     :math:`\alpha_{ji}` on the graph's edges (self-loops excluded) are the inter-head flow weights.
+    With ``n_outputs = O > 1`` each node gets ``O`` logits, :math:`s_{io} = u_o^\top z^R_i + b_{io}`
+    (what :class:`~gohgraph.routers.recursion.GraphRecursionScorer` reads out; the head router uses 1).
 
     Each round's aggregation is :class:`~gohgraph.routers.gat.GraphAttention` over the graph plus
     self-loops, for every token at once. ``fused=True`` computes it with a dense ``[heads, heads]``
@@ -74,13 +77,14 @@ class HeadRouter(GraphAttention):
         edge_index: ``[2, E]`` head graph without self-loops.
         router_dim: node feature width ``F``.
         rounds: ``R >= 1``.
+        n_outputs: logits per node (1: one logit per head).
     Shapes:
-        input ``q``: ``[tokens, heads, head_dim]``; output logits ``[tokens, heads]`` and
-        edge weights ``[tokens, E]``.
+        input ``q``: ``[tokens, heads, head_dim]``; output logits ``[tokens, heads]`` (``[tokens,
+        heads, n_outputs]`` when ``n_outputs > 1``) and edge weights ``[tokens, E]``.
     """
 
     def __init__(self, head_dim: int, n_heads: int, edge_index: torch.Tensor, router_dim: int,
-                 rounds: int, init_std: float = 0.02) -> None:
+                 rounds: int, init_std: float = 0.02, n_outputs: int = 1) -> None:
         super().__init__(with_self_loops(edge_index, n_heads), n_heads, n_heads)
         self.n_heads, self.router_dim, self.rounds, self.init_std = n_heads, router_dim, rounds, init_std
         # fused for dense graphs, PyG propagate (cost ~ edges, and the reference) for sparse ones
@@ -91,8 +95,10 @@ class HeadRouter(GraphAttention):
         self.att_src = nn.Parameter(torch.empty(rounds, router_dim))
         self.att_dst = nn.Parameter(torch.empty(rounds, router_dim))
         self.round_bias = nn.Parameter(torch.empty(rounds, router_dim))
-        self.score = nn.Linear(router_dim, 1, bias=False)
-        self.head_bias = nn.Parameter(torch.empty(n_heads))
+        self.n_outputs = n_outputs
+        self.score = nn.Linear(router_dim, n_outputs, bias=False)
+        # [heads] for one output, as checkpoints of the head router hold it; [heads, n_outputs] else
+        self.head_bias = nn.Parameter(torch.empty(n_heads, n_outputs) if n_outputs > 1 else torch.empty(n_heads))
 
         self.register_buffer("edge_index", edge_index.clone(), persistent=False)
         # position of each edge in a flattened [dst, src] matrix, and the graph without self-loops
@@ -123,14 +129,7 @@ class HeadRouter(GraphAttention):
         ``fused=None`` uses ``self.fused``.
         """
         fused = self.fused if fused is None else fused
-        z = self.node_in(q) + self.head_embedding
-        for r in range(self.rounds):
-            h = self.round_lin[r](z)
-            score_src = (h * self.att_src[r]).sum(-1, keepdim=True)  # [tokens, heads, 1]
-            score_dst = (h * self.att_dst[r]).sum(-1, keepdim=True)
-            aggregated, alpha = self.attend(h, score_src, score_dst, fused=fused)
-            z = z + F.gelu(aggregated + self.round_bias[r])
-        logits = self.score(z).squeeze(-1) + self.head_bias
+        logits, alpha = self.node_logits(q, fused)
         if fused:
             edge_weights = alpha * self.graph_mask if dense_weights else alpha.flatten(1)[:, self.edge_slots]
         else:
@@ -139,9 +138,27 @@ class HeadRouter(GraphAttention):
                             .view(-1, self.n_heads, self.n_heads)) if dense_weights else alpha
         return logits, edge_weights
 
+    def node_logits(self, q: torch.Tensor, fused: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The ``R`` rounds and the per-node logits: ``q [tokens, heads, head_dim]`` -> (logits
+        ``[tokens, heads]`` or ``[tokens, heads, n_outputs]``, the last round's attention ``alpha`` as
+        :meth:`~gohgraph.routers.gat.GraphAttention.attend` returns it on that path)."""
+        fused = self.fused if fused is None else fused
+        z = self.node_in(q) + self.head_embedding
+        for r in range(self.rounds):
+            h = self.round_lin[r](z)
+            score_src = (h * self.att_src[r]).sum(-1, keepdim=True)  # [tokens, heads, 1]
+            score_dst = (h * self.att_dst[r]).sum(-1, keepdim=True)
+            aggregated, alpha = self.attend(h, score_src, score_dst, fused=fused)
+            z = z + F.gelu(aggregated + self.round_bias[r])
+        logits = self.score(z)
+        if self.n_outputs == 1:
+            logits = logits.squeeze(-1)
+        return logits + self.head_bias, alpha
+
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(heads={self.n_heads}, edges={self.edge_index.shape[1]}, "
-                f"feat={self.router_dim}, rounds={self.rounds})")
+                f"feat={self.router_dim}, rounds={self.rounds}"
+                + (f", outputs={self.n_outputs})" if self.n_outputs > 1 else ")"))
 
 
 class LinearHeadRouter(nn.Module):
@@ -300,8 +317,9 @@ class HeadGate(BalancedRouting):
         kept = small_softmax(weight_logits.gather(-1, selected), dim=-1)
         gates = torch.zeros_like(routed_logits).scatter(-1, selected, kept)
         if self.training and self.aux_free_bias:
-            self.load_since_update += torch.bincount(selected.reshape(-1), minlength=self.n_routed)
-        if self.binary or self.decoding or torch.is_inference_mode_enabled():  # no training signal needed
+            ids = selected.reshape(-1)  # index_add_, not bincount: no graph break under torch.compile
+            self.load_since_update.index_add_(0, ids, self.load_since_update.new_ones(ids.shape))
+        if self.binary or self.decoding or skips_training_losses():  # no training signal needed
             return gates, selected, {}
         aux = {
             HEAD_BALANCE: load_balance_loss(small_softmax(routed_logits, dim=-1), selected, self.n_routed),

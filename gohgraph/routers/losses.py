@@ -58,7 +58,10 @@ class BalanceTally:
 
     @classmethod
     def of(cls, router_probs: torch.Tensor, selected: torch.Tensor, n_nodes: int) -> "BalanceTally":
-        counts = torch.bincount(selected.reshape(-1), minlength=n_nodes).to(router_probs.dtype)
+        # a scatter-add, not bincount: its output size is known without reading the ids, so
+        # torch.compile traces it without a graph break
+        flat = selected.reshape(-1)
+        counts = router_probs.new_zeros(n_nodes).scatter_add_(0, flat, router_probs.new_ones(flat.shape))
         return cls(counts, router_probs.sum(dim=0), router_probs.shape[0], selected.shape[-1])
 
     def loss(self) -> torch.Tensor:
@@ -75,6 +78,13 @@ def pooled_balance_loss(tallies: List[BalanceTally]) -> torch.Tensor:
     rows = sum(t.rows for t in tallies)
     n_nodes, top_k = counts.shape[0], tallies[0].top_k
     return n_nodes * (counts / (rows * top_k) * (prob_sum / rows)).sum()
+
+
+def skips_training_losses() -> bool:
+    """Whether routers may skip their losses: under ``torch.inference_mode`` nothing can train on
+    them. Read as False while ``torch.compile`` traces (it cannot trace the inference-mode query,
+    and a compiled training step needs the losses)."""
+    return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,9 @@ class TrainConfig:
     # processes, which all read the same batch); 1 = off; no data parallel beside it
     tensor_parallel: int = 1
     tensorboard: bool = True
+    # torch.compile the training forward (and its backward); eager where it cannot compile, with one
+    # line saying why (gohgraph.training.compile)
+    compile: bool = False
     # continue-training: start from a save_pretrained directory's weights (e.g. a converted dense
     # model) and anneal its heads from dense to top-k over dense_anneal_steps (MoH's continue-tuning)
     init_from: Optional[str] = None

@@ -6,6 +6,8 @@ micro-batches of random windows (seeded by the step, sharded by rank), loss
 gradient clipping, AdamW, then the auxiliary-loss-free bias update (after the step, never inside
 ``forward``; DESIGN.md §10). Periodic validation, metrics to ``metrics.csv`` (and TensorBoard if
 installed), checkpoints every ``save_every`` steps (see :mod:`gohgraph.training.checkpoint`).
+With ``compile=True`` the forward and backward run through ``torch.compile``, or eagerly where it
+cannot compile (:mod:`gohgraph.training.compile`).
 
 Faults: SIGINT/SIGTERM finish the current step, save a checkpoint and return
 (``TrainResult.interrupted``); a non-finite loss or gradient raises :class:`TrainingDivergedError`
@@ -37,6 +39,7 @@ from ..storage import (WEIGHTS_NAME, CheckpointError, atomic_write_text, load_st
                        upgrade_legacy_names)
 from .checkpoint import (FINAL_DIR, latest_checkpoint, load_checkpoint, remove_stale_staging, restore_rng_state,
                          save_checkpoint)
+from .compile import TrainingForward
 from .config import TrainConfig
 from .interrupts import stop_signals
 from .memory import available_memory, check_step_fits, estimate_step_memory
@@ -72,6 +75,7 @@ class TrainResult:
     val_tokens: int = 0  # tokens the periodic validation covers: the first eval_batches windows
     losses: List[float] = field(default_factory=list)  # training loss of every step run here
     val_by_source: Dict[str, float] = field(default_factory=dict)  # last per-source losses (several --data)
+    compiled: bool = False  # the training steps ran through torch.compile (TrainConfig.compile, no fallback)
 
 
 def training_loss(out: GoHOutput, aux_scale: float) -> torch.Tensor:
@@ -205,6 +209,7 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
         wrapped = D.wrap_model(model, ctx, tc.fsdp,
                                ignored_params=EP.expert_shard_parameters(model) if expert_parallel else None)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
+    forward = TrainingForward(wrapped, tc.compile)  # eager unless tc.compile (and compiling works)
     if saved_optimizer is not None:
         saved_names = saved.get("optimizer_param_names")
         if saved_names is not None:
@@ -278,11 +283,16 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
                 batch = corpus_train_batch(corpus, tc.batch_size, tc.seq_len, tc.seed, step, micro,
                                            data_rank, data_ranks).to(ctx.device)
                 last_micro = micro == tc.grad_accum_steps - 1
-                with D.gradient_sync(wrapped, last_micro):
+
+                def micro_step(call):
                     with autocast:
-                        out = wrapped(batch, labels=batch)
+                        out = call(batch, labels=batch)
                         loss = training_loss(out, aux_scale)
                     (loss / tc.grad_accum_steps).backward()
+                    return out, loss
+
+                with D.gradient_sync(wrapped, last_micro):
+                    out, loss = forward.run(micro_step)
                 parts += torch.stack([loss.detach(), out.lm_loss.detach(), out.aux_loss.detach()]).float()
             parts = D.all_reduce_mean(parts / tc.grad_accum_steps, ctx)
             grad_norm = (EP.clip_grad_norm_(model, tc.grad_clip) if expert_parallel or tensor_parallel
@@ -351,7 +361,7 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
         interrupted=interrupted, metrics_path=run_dir / "metrics.csv", losses=losses,
         val_tokens=sum(eval_windows(len(tokens), tc.batch_size, tc.seq_len, tc.eval_batches) * tc.seq_len
                        for tokens in (val_sets or {"": corpus.val}).values()),
-        val_by_source=val_by_source)
+        val_by_source=val_by_source, compiled=forward.compiled)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -64,11 +64,19 @@ def test_config_precedence_preset_then_file_then_flags(tmp_path):
         build_configs(_args("--max-steps", "0"), tmp_path / "run")
 
 
+def test_set_makes_the_recursion_router_a_graph_router(tmp_path):
+    cfg, _, _ = build_configs(_args("--set", "recursion=mor", "--set", "recursion_scorer=graph",
+                                    "--set", "recursion_router=token-choice"), tmp_path / "run")
+    assert (cfg.recursion, cfg.recursion_scorer, cfg.recursion_router) == ("mor", "graph", "token-choice")
+    assert GoHTransformer(cfg).recursion.router.graph_scorer is not None
+
+
 def test_user_errors_are_one_line(tmp_path, text_file, capsys):
     cases = [
         (["--data", str(tmp_path / "missing.txt")], "missing.txt"),
         (["--config", str(tmp_path / "nope.yaml")], "nope.yaml does not exist"),
         (["--set", "router=attention"], "router='attention' is not one of"),
+        (["--set", "recursion=mor", "--set", "recursion_scorer=gnn"], "recursion_scorer='gnn' is not one of"),
     ]
     for argv, expected in cases:
         capsys.readouterr()

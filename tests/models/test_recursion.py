@@ -269,3 +269,85 @@ def test_a_left_padded_batch_generates_what_each_row_generates_alone():
     together = model.generate(batch, max_new_tokens=4, temperature=0, attention_mask=mask)
     assert torch.equal(together[0, 3:], model.generate(short, max_new_tokens=4, temperature=0)[0])
     assert torch.equal(together[1], model.generate(long, max_new_tokens=4, temperature=0)[0])
+
+
+def graph_sharpened(model):
+    """The graph scorer's readout and the auxiliary routers scaled up, and the scorer's head
+    embeddings (at init a token-independent offset larger than the tokens' differences) zeroed, so
+    that every recursion keeps some tokens and drops others at evaluation."""
+    router = model.recursion.router
+    with torch.no_grad():
+        router.graph_scorer.graph.score.weight.mul_(200.0)
+        router.graph_scorer.graph.head_embedding.zero_()
+        for param in router.aux_routers.parameters() if hasattr(router, "aux_routers") else ():
+            param.mul_(200.0)
+    return model
+
+
+GRAPH_SCORED = {"expert-choice aux-router": dict(recursion_router="expert-choice"),
+                "expert-choice router-bce": dict(recursion_router="expert-choice", recursion_inference="router-bce"),
+                "token-choice": dict(recursion_router="token-choice")}
+
+
+@pytest.mark.parametrize("variant", list(GRAPH_SCORED))
+def test_graph_scored_recursions_are_causal_and_decode_like_recompute(variant):
+    torch.manual_seed(0)
+    cfg = GoHConfig(**CFG, **GRAPH_SCORED[variant], recursion_scorer="graph", head_graph="ring", router_dim=8)
+    model = graph_sharpened(GoHTransformer(cfg)).eval()
+    assert not any(name.startswith("recursion.router.scores") or name == "recursion.router.proj.weight"
+                   for name in model.state_dict())  # the graph replaces the linear scores
+    ids = torch.randint(0, 64, (2, 11))
+    changed = ids.clone()
+    changed[:, 6:] = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        full = model(ids)
+        torch.testing.assert_close(model(changed).logits[:, :6], full.logits[:, :6])
+        cache = model.new_cache()
+        steps = [model(ids[:, :4], cache=cache).logits]
+        steps += [model(ids[:, t:t + 1], cache=cache).logits for t in range(4, 11)]
+        cached = model.generate(ids[:, :5], max_new_tokens=4, temperature=0)
+        recomputed = model.generate(ids[:, :5], max_new_tokens=4, temperature=0, use_cache=False)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full.logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(cached, recomputed)
+    depth = full.recursion.depth
+    assert depth.min() == 1 and depth.max() > 1  # some tokens stop early, some go on
+
+
+@pytest.mark.parametrize("recursion_router", ROUTERS)
+def test_graph_scored_recursions_learn_and_reload(recursion_router, tmp_path):
+    from gohgraph import from_pretrained
+
+    torch.manual_seed(0)
+    cfg = GoHConfig(**dict(vocab_size=16, d_model=16, n_layers=1, n_heads=4, max_seq_len=16, max_recursions=2,
+                           router="graph", n_shared_heads=1, top_k_heads=2, router_rounds=1, router_dim=8),
+                    recursion="mor", recursion_router=recursion_router, recursion_scorer="graph")
+    model = GoHTransformer(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.arange(8).repeat(2, 2)
+    losses = []
+    for _ in range(8):
+        out = model(ids, labels=ids)
+        optimizer.zero_grad()
+        out.loss.backward()
+        scorer_grad = model.recursion.router.graph_scorer.graph.node_in.weight.grad
+        assert scorer_grad is not None and scorer_grad.abs().sum() > 0  # the graph scorer is trained
+        optimizer.step()
+        losses.append(out.lm_loss.item())
+    assert losses[-1] < 0.85 * losses[0], losses
+    model.save_pretrained(tmp_path / "model")
+    reloaded = from_pretrained(tmp_path / "model")
+    assert reloaded.config.recursion_scorer == "graph"
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(ids).logits, model.eval()(ids).logits)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(recursion_scorer="mlp"), r"^recursion_scorer='mlp' is not one of \['linear', 'graph'\]$"),
+    (dict(recursion_scorer="Graph"), r"^recursion_scorer='Graph' is not one of \['linear', 'graph'\]$"),
+    (dict(recursion_scorer="graph", router_rounds=0), r"^recursion_scorer='graph' needs router_rounds >= 1 .*"
+                                                      r"got router_rounds=0$"),
+])
+def test_recursion_scorer_is_validated_in_one_line(changes, message):
+    with pytest.raises(ValueError, match=message) as error:
+        GoHConfig(**{**CFG, **changes})
+    assert "\n" not in str(error.value)
