@@ -176,6 +176,8 @@ class RoutingStats:
             "cross_layer": self.cross_layer.report(),
             "summary": {**summarise_layers(layers), "load_percentiles": load_percentiles(layers, cfg.n_shared_heads)},
         }
+        if cfg.model_type != "decoder":  # an encoder's (or a seq2seq kind's); decoder reports stay as they were
+            report["config"]["model_type"] = cfg.model_type
         if self.by_source is not None:
             report["by_source"] = self.by_source.report()
         if self.recursion is not None:
@@ -222,6 +224,9 @@ def collect_routing_stats(model: torch.nn.Module, batches: Iterable[Batch],
     ``(input_ids, attention_mask)`` pairs (padding is then masked in the model and left out of
     every statistic). The model's training mode is restored afterwards. ``progress`` shows a tqdm bar.
     """
+    if model.config.model_type == "seq2seq":
+        raise ValueError("a seq2seq model routes three attention kinds: use "
+                         "gohgraph.analysis.stats.kinds.collect_routing_stats_by_kind")
     stats = RoutingStats(model.config)
     _run(model, stats, ((batch, None) for batch in batches), progress)
     return stats
