@@ -31,14 +31,14 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from ...config import GoHConfig
+from ...models.seq2seq import IGNORE_INDEX, ROUTING_KINDS
 from ...routing import LayerRouting
 from .collect import RoutingStats
 from .report import csv_rows
 
-# the keys of GoHSeq2Seq's out.routing, in its order (models.seq2seq.ROUTING_KINDS; not imported:
-# analysis must not depend on a model module for three names)
-SEQ2SEQ_KINDS = ("encoder", "decoder_self", "cross")
-IGNORE_INDEX = -100  # label positions the loss skips, and so does every statistic
+# the keys of GoHSeq2Seq's out.routing, in its order; labels equal to IGNORE_INDEX (-100) are
+# padding the loss skips, and so does every statistic
+SEQ2SEQ_KINDS = ROUTING_KINDS
 
 __all__ = ["SEQ2SEQ_KINDS", "KindRoutingStats", "collect_routing_stats_by_kind", "kind_layers"]
 
@@ -47,7 +47,8 @@ def kind_layers(config: GoHConfig) -> Dict[str, int]:
     """``{kind: number of layer records}`` of a seq2seq model."""
     if config.model_type != "seq2seq":
         raise ValueError(f"routing per attention kind needs model_type='seq2seq', got {config.model_type!r}")
-    return {"encoder": config.n_layers, "decoder_self": config.decoder_layers, "cross": config.decoder_layers}
+    depth = {"encoder": config.n_layers, "decoder_self": config.decoder_layers, "cross": config.decoder_layers}
+    return {kind: depth[kind] for kind in SEQ2SEQ_KINDS}
 
 
 class KindRoutingStats:
