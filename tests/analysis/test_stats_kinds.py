@@ -1,6 +1,7 @@
 """Routing statistics per attention kind (seq2seq) and of encoder models, against hand counts."""
 
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -146,6 +147,21 @@ def test_bad_seq2seq_inputs_raise_clear_errors():
         stats.update([])
     with pytest.raises(ValueError, match="model_type='seq2seq'"):
         KindRoutingStats(GoHConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4))
+
+
+def test_a_batch_refused_by_one_kind_is_counted_by_none():
+    model = seq2seq_model(ffn="dense", n_decoder_layers=1)
+    batch = padded_batches(torch.Generator().manual_seed(7), n=1)[0]
+    stats = collect_routing_stats_by_kind(model, [batch], progress=False)
+    before = stats.report()
+    with torch.no_grad():
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    routing = dict(out.routing)
+    routing["cross"] = [dataclasses.replace(record, head_gates=record.head_gates[..., :3]) for record in routing["cross"]]
+    with pytest.raises(ValueError, match=r"routing\['cross'\]: layer 0: head_gates has 3 heads"):
+        stats.update(routing, batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                     decoder_input_ids=model.shift_right(batch["labels"]))
+    assert stats.report() == before
 
 
 def test_encoder_stats_count_real_tokens_only():

@@ -104,12 +104,13 @@ class RoutingStats:
             list(sources), config.n_layers, config.n_heads, config.n_routed_experts, config.n_subtokens)
 
     # ------------------------------------------------------------------ accumulation
-    @torch.no_grad()
-    def update(self, routing: Sequence[LayerRouting], input_ids: Optional[torch.Tensor] = None,
-               attention_mask: Optional[torch.Tensor] = None,
-               source: Union[None, str, Sequence[str], torch.Tensor] = None,
-               recursion: Optional[RecursionRouting] = None) -> None:
-        """``recursion``: ``out.recursion`` of a Mixture-of-Recursions model (required for one)."""
+    def check(self, routing: Sequence[LayerRouting], input_ids: Optional[torch.Tensor] = None,
+              attention_mask: Optional[torch.Tensor] = None,
+              source: Union[None, str, Sequence[str], torch.Tensor] = None,
+              recursion: Optional[RecursionRouting] = None) -> Optional[torch.Tensor]:
+        """Raise ``ValueError`` if :meth:`update` would refuse this batch, counting nothing; returns
+        the bool ``[batch, seq]`` mask (``None`` without one). Lets a caller holding several
+        statistics check a batch against all of them before any counts it."""
         if len(routing) != len(self.layers):
             expected = (f"n_layers={self.config.n_layers}" if self.config.recursion != "mor" else
                         f"{len(self.layers)} block applications (n_layers={self.config.n_layers}, "
@@ -133,6 +134,16 @@ class RoutingStats:
         if (source is None) != (self.by_source is None):
             raise ValueError("pass source= to update() exactly when RoutingStats was built with sources=[...]"
                              if source is None else "source= needs RoutingStats(config, sources=[names])")
+        return mask
+
+    @torch.no_grad()
+    def update(self, routing: Sequence[LayerRouting], input_ids: Optional[torch.Tensor] = None,
+               attention_mask: Optional[torch.Tensor] = None,
+               source: Union[None, str, Sequence[str], torch.Tensor] = None,
+               recursion: Optional[RecursionRouting] = None) -> None:
+        """``recursion``: ``out.recursion`` of a Mixture-of-Recursions model (required for one)."""
+        mask = self.check(routing, input_ids, attention_mask, source, recursion)
+        shape = tuple(routing[0].head_gates.shape[:2])
         source_ids = None if source is None else self.by_source.source_ids(source, shape[0])
         self._with_input_ids = input_ids is not None
         with _serial_on_cpu(routing[0].head_gates.device if routing else None):

@@ -81,13 +81,14 @@ class KindRoutingStats:
         target_mask = _target_mask(labels, decoder_attention_mask)
         if (input_ids is None) != (decoder_input_ids is None):
             raise ValueError("pass input_ids and decoder_input_ids together, or neither (token profiles)")
-        # checked together before counted: a rejected batch must not leave one kind counted
-        for kind, stats in self.kinds.items():
-            if len(routing[kind]) != len(stats.layers):
-                raise ValueError(f"routing[{kind!r}] has {len(routing[kind])} layer records, the config "
-                                 f"{len(stats.layers)}")
         source = {"input_ids": input_ids, "attention_mask": attention_mask}
         target = {"input_ids": decoder_input_ids, "attention_mask": target_mask}
+        # every kind checks the batch before any kind counts it: a rejected batch leaves all sums untouched
+        for kind, stats in self.kinds.items():
+            try:
+                stats.check(routing[kind], **(source if kind == "encoder" else target))
+            except ValueError as error:
+                raise ValueError(f"routing[{kind!r}]: {error}") from None
         for kind, stats in self.kinds.items():
             stats.update(routing[kind], **(source if kind == "encoder" else target))
         self.batches += 1
