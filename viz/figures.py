@@ -20,6 +20,13 @@ COLOURS = {
     "flow": "#4C4C4C",
 }
 SAVE_FORMATS = (".png", ".svg", ".pdf")
+# how titles name each attention kind of a routing report (gohgraph.analysis.stats.kinds);
+# a decoder-only model's single kind is left unnamed, so its pictures read as they always did
+KIND_TITLES = {
+    "encoder": "encoder self-attention",
+    "decoder_self": "decoder self-attention",
+    "cross": "cross-attention",
+}
 DPI = 120
 
 
@@ -46,11 +53,22 @@ def as_report(stats: Any) -> Dict[str, Any]:
     """A :class:`~gohgraph.analysis.stats.collect.RoutingStats`, or its ``report()`` dict (e.g. read from stats.json)."""
     if isinstance(stats, dict):
         if "layers" not in stats or "config" not in stats:
-            raise ValueError("stats dict must be a RoutingStats.report() (keys 'config' and 'layers')")
+            hint = (" (this one has a section per attention kind: draw each of report['kinds'], "
+                    "see gohgraph.viz.kinds)" if "kinds" in stats else "")
+            raise ValueError("stats dict must be a RoutingStats.report() (keys 'config' and 'layers')" + hint)
         return stats
     if hasattr(stats, "report"):
-        return stats.report()
+        return as_report(stats.report())
     raise ValueError(f"stats must be a RoutingStats or its report() dict, got {type(stats).__name__}")
+
+
+def kind_prefix(kind: Optional[str]) -> str:
+    """``"encoder self-attention: "`` for ``kind="encoder"`` etc.; ``""`` for ``None`` or ``"decoder"``."""
+    if kind is None or kind == "decoder":
+        return ""
+    if kind not in KIND_TITLES:
+        raise ValueError(f"kind={kind!r} is not an attention kind: one of {list(KIND_TITLES)} or None")
+    return f"{KIND_TITLES[kind]}: "
 
 
 def has_experts(report: Dict[str, Any]) -> bool:

@@ -16,7 +16,7 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
-from .figures import as_report, new_figure, save_figure
+from .figures import as_report, kind_prefix, new_figure, save_figure
 
 ANNOTATE_MAX_CELLS = 256  # write the value in each cell only while it stays legible
 
@@ -24,8 +24,9 @@ HEAD_METRICS = ("activation_frequency", "mean_gate")
 
 
 def head_load_heatmap(stats: Any, path: Optional[Union[str, Path]] = None,
-                      metric: str = "activation_frequency") -> Figure:
-    """``[layers, heads]`` heatmap of ``metric`` (``activation_frequency`` or ``mean_gate``)."""
+                      metric: str = "activation_frequency", kind: Optional[str] = None) -> Figure:
+    """``[layers, heads]`` heatmap of ``metric`` (``activation_frequency`` or ``mean_gate``);
+    ``kind`` (an attention kind of :mod:`gohgraph.viz.kinds`, or ``None``) is named in the title."""
     if metric not in HEAD_METRICS:
         raise ValueError(f"metric={metric!r} is not one of {list(HEAD_METRICS)}")
     report = as_report(stats)
@@ -42,13 +43,14 @@ def head_load_heatmap(stats: Any, path: Optional[Union[str, Path]] = None,
     figure.colorbar(image, ax=ax, label=metric.replace("_", " "))
     shared_note = "" if not n_shared else " (head 0 shared, always on)" if n_shared == 1 else \
         f" (heads 0-{n_shared - 1} shared, always on)"
-    ax.set_title(f"head {metric.replace('_', ' ')}{shared_note}", fontsize=10)
+    ax.set_title(f"{kind_prefix(kind)}head {metric.replace('_', ' ')}{shared_note}", fontsize=10)
     save_figure(figure, path)
     return figure
 
 
-def expert_load_heatmap(stats: Any, path: Optional[Union[str, Path]] = None) -> Figure:
-    """``[layers, routed experts]`` heatmap of utilisation (1.0 = the ideal, equal share)."""
+def expert_load_heatmap(stats: Any, path: Optional[Union[str, Path]] = None, kind: Optional[str] = None) -> Figure:
+    """``[layers, routed experts]`` heatmap of utilisation (1.0 = the ideal, equal share); ``kind``
+    as in :func:`head_load_heatmap`."""
     report = as_report(stats)
     expert_layers = [layer for layer in report["layers"] if "experts" in layer]
     if not expert_layers:
@@ -62,7 +64,7 @@ def expert_load_heatmap(stats: Any, path: Optional[Union[str, Path]] = None) -> 
     _axes_labels(ax, values.shape, "expert", [layer["layer"] for layer in expert_layers])
     figure.colorbar(image, ax=ax, label="load / ideal load")
     entropies = ", ".join(f"{layer['experts']['load_entropy']:.2f}" for layer in expert_layers)
-    ax.set_title("routed-expert utilisation (1 = equal share; dead = never chosen)\n"
+    ax.set_title(f"{kind_prefix(kind)}routed-expert utilisation (1 = equal share; dead = never chosen)\n"
                  f"load entropy per layer: {entropies}", fontsize=9)
     save_figure(figure, path)
     return figure

@@ -30,7 +30,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .figures import COLOURS, as_report, has_experts, new_figure, save_figure
+from .figures import COLOURS, as_report, has_experts, kind_prefix, new_figure, save_figure
 
 HEAD_RADIUS = 1.0
 SUBTOKEN_X, EXPERT_X = 1.9, 3.0
@@ -99,8 +99,11 @@ def write_graphml(stats: Any, path: Union[str, Path]) -> Path:
 
 # ---------------------------------------------------------------------- drawing
 def draw_routing_graph(stats: Any, layer: int, ax: Optional[Axes] = None,
-                       path: Optional[Union[str, Path]] = None) -> Figure:
-    """Draw one layer's routing graph on ``ax`` (a new figure when ``None``); returns the figure."""
+                       path: Optional[Union[str, Path]] = None, kind: Optional[str] = None) -> Figure:
+    """Draw one layer's routing graph on ``ax`` (a new figure when ``None``); returns the figure.
+
+    ``kind``: the attention kind the statistics are of (``"encoder"``, ``"decoder_self"``,
+    ``"cross"``; :mod:`gohgraph.viz.kinds`), named in the title; ``None`` for a decoder-only model."""
     report = as_report(stats)
     graph = routing_graph(report, layer)
     if ax is None:
@@ -110,12 +113,12 @@ def draw_routing_graph(stats: Any, layer: int, ax: Optional[Axes] = None,
     else:
         figure = ax.figure
     positions = _layout(graph)
-    n_heads = sum(1 for _, kind in graph.nodes(data="kind") if kind.endswith("head"))
+    n_heads = sum(1 for _, node_kind in graph.nodes(data="kind") if node_kind.endswith("head"))
     crowding = min(1.0, 10 / n_heads)  # smaller nodes when many share the circle
     sizes = {node: _node_size(data) * crowding for node, data in graph.nodes(data=True)}
     _draw_edges(ax, graph, positions, sizes)
     _draw_nodes(ax, graph, positions, sizes)
-    ax.set_title(f"layer {layer}", fontsize=10)
+    ax.set_title(f"{kind_prefix(kind)}layer {layer}", fontsize=10)
     ax.set_aspect("equal")
     ax.margins(0.12)
     ax.axis("off")
@@ -123,8 +126,10 @@ def draw_routing_graph(stats: Any, layer: int, ax: Optional[Axes] = None,
     return figure
 
 
-def draw_routing_graphs(stats: Any, path: Optional[Union[str, Path]] = None, columns: int = 4) -> Figure:
-    """Every layer's routing graph in one grid figure, with a shared legend."""
+def draw_routing_graphs(stats: Any, path: Optional[Union[str, Path]] = None, columns: int = 4,
+                        kind: Optional[str] = None) -> Figure:
+    """Every layer's routing graph in one grid figure, with a shared legend; ``kind`` as in
+    :func:`draw_routing_graph` (named in every panel's title and the figure's)."""
     report = as_report(stats)
     n_layers = len(report["layers"])
     columns = max(1, min(columns, n_layers))
@@ -134,12 +139,12 @@ def draw_routing_graphs(stats: Any, path: Optional[Union[str, Path]] = None, col
     axes = figure.subplots(rows, columns, squeeze=False)
     for layer, ax in enumerate(axes.flat):
         if layer < n_layers:
-            draw_routing_graph(report, layer, ax=ax)
+            draw_routing_graph(report, layer, ax=ax, kind=kind)
         else:
             ax.axis("off")
     handles = _legend_handles(routing_graph(report, 0))
     figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
-    lines = [f"routing graphs: {report['config']['router']} router, {report['tokens']} tokens",
+    lines = [f"{kind_prefix(kind)}routing graphs: {report['config']['router']} router, {report['tokens']} tokens",
              "heads: size = activation frequency, arrow width = mean effective flow (relative to the widest, "
              "whose value is printed under each layer)"]
     if has_experts(report):

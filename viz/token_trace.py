@@ -44,7 +44,8 @@ def token_routing(model: torch.nn.Module, input_ids: torch.Tensor) -> List[Dict[
         out = model(ids)
     finally:
         model.train(was_training)
-    routing, recursion = out.routing, out.recursion
+    # an encoder's output has no recursion field (only the decoder-only model recurses)
+    routing, recursion = out.routing, getattr(out, "recursion", None)
     n_experts = model.config.n_routed_experts
     depth = None if recursion is None else recursion.depth[0].cpu().numpy()
     layers = []

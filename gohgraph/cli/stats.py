@@ -3,12 +3,16 @@
     gohgraph stats --checkpoint runs/x/final --out stats.json [--data PATH] [--batches 20]
                    [--batch-size 8] [--seq-len 256] [--csv stats.csv] [--compare runs/y/final]
     gohgraph stats --checkpoint runs/mix --out stats.json --by-source [--data code=src/ --data prose=books/]
+    gohgraph stats --checkpoint runs/t5/final --out stats.json --data pairs.tsv   # seq2seq: source<TAB>target
 
 Writes the :meth:`~gohgraph.analysis.stats.collect.RoutingStats.report` as JSON (plus routing drift against
 ``--compare``), optionally the long CSV, and prints one summary line per layer. ``--by-source``
 runs ``--batches`` batches of every source's validation split (the ``--data NAME=PATH`` flags, or
 the sources the run was trained on) and adds the ``by_source`` section: head activation, gate mass,
-expert load and the specialisation of every head and expert, per source and layer.
+expert load and the specialisation of every head and expert, per source and layer. A seq2seq
+checkpoint reads ``--data`` as a file of ``source<TAB>target`` pairs
+(:mod:`gohgraph.cli.seq2seq_batches`) and reports each attention kind (encoder, decoder_self,
+cross) in its own section, ``report["kinds"]``.
 """
 
 from __future__ import annotations
@@ -44,7 +48,12 @@ def run(args: argparse.Namespace) -> int:
     if args.csv:
         prepare_output(Path(args.csv), args.overwrite, is_directory=False)
     model, checkpoint = load_model(args.checkpoint)
-    if args.by_source:
+    if model.config.model_type == "seq2seq":
+        if args.by_source or args.compare:
+            raise ValueError("--by-source and --compare are not available for a seq2seq checkpoint yet")
+        stats = collect_seq2seq_stats(args, model, checkpoint)
+        batches = None
+    elif args.by_source:
         by_source, _ = source_validation_batches(args, model, checkpoint)
         stats = collect_routing_stats_by_source(model, by_source, progress=not args.no_progress)
         batches = [batch for source_batches in by_source.values() for batch in source_batches]
@@ -64,8 +73,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def collect_seq2seq_stats(args: argparse.Namespace, model, checkpoint):
+    """A seq2seq checkpoint's :class:`~gohgraph.analysis.stats.kinds.KindRoutingStats` over its ``--data`` pairs."""
+    from ..analysis.stats.kinds import collect_routing_stats_by_kind
+    from .seq2seq_batches import seq2seq_validation_batches
+
+    batches, _ = seq2seq_validation_batches(args, model, checkpoint)
+    return collect_routing_stats_by_kind(model, batches, progress=not args.no_progress)
+
+
 def summary_lines(report: dict) -> Iterator[str]:
-    """One human-readable line per layer, then the drift if measured."""
+    """One human-readable line per layer, then the drift if measured; per attention kind for seq2seq."""
+    if "kinds" in report:
+        tokens = report["tokens"]
+        yield (f"routing statistics over {tokens['source']} source and {tokens['target']} target tokens "
+               f"({report['batches']} batches)")
+        for kind, kind_report in report["kinds"].items():
+            for line in list(summary_lines(kind_report))[1:]:
+                yield f"{kind} {line}"
+        return
     yield f"routing statistics over {report['tokens']} tokens ({report['batches']} batches)"
     for layer in report["layers"]:
         heads = layer["heads"]

@@ -7,7 +7,9 @@ Runs the model over validation data for the statistics (by source, with the spec
 heatmap, when the run was trained on several ``--data NAME=PATH`` sources or they are given here),
 then writes the routing graphs, load heatmaps, cross-layer transitions, load percentiles, a token trace (of ``--text``, or the start of the validation text), the training curves
 when a ``metrics.csv`` is found (in the checkpoint directory or up to two parents), the GraphML
-routing graph and the statistics JSON.
+routing graph and the statistics JSON. A seq2seq checkpoint reads ``--data`` as a file of
+``source<TAB>target`` pairs and gets every per-statistics picture once per attention kind
+(``routing_graphs_encoder.png``, ``..._decoder_self``, ``..._cross``; no token trace).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     stats, batches, tokenizer = collect_stats(args, model, checkpoint, collect_routing_stats,
                                               collect_routing_stats_by_source)
     text = args.text
-    if text is None:
+    if text is None and model.config.model_type != "seq2seq":
         text = tokenizer.decode(batches[0][0, :DEFAULT_TRACE_TOKENS].tolist())
     written = viz.write_all_pictures(model, stats, out, text=text, metrics_csv=metrics,
                                      encode=tokenizer.encode, decode=tokenizer.decode, trace_tokens=args.trace_tokens)
@@ -62,7 +64,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def collect_stats(args: argparse.Namespace, model, checkpoint, collect, collect_by_source):
-    """``(stats, batches, tokenizer)``: by source when named sources are known, else over ``--data``."""
+    """``(stats, batches, tokenizer)``: by source when named sources are known, else over ``--data``;
+    a seq2seq checkpoint's per attention kind over its ``--data`` pairs."""
+    if model.config.model_type == "seq2seq":
+        from ..analysis.stats.kinds import collect_routing_stats_by_kind
+        from .seq2seq_batches import seq2seq_validation_batches
+
+        batches, tokenizer = seq2seq_validation_batches(args, model, checkpoint)
+        return collect_routing_stats_by_kind(model, batches, progress=not args.no_progress), batches, tokenizer
     if run_sources(args, checkpoint):
         by_source, tokenizer = source_validation_batches(args, model, checkpoint)
         stats = collect_by_source(model, by_source, progress=not args.no_progress)

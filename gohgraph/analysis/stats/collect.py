@@ -104,12 +104,13 @@ class RoutingStats:
             list(sources), config.n_layers, config.n_heads, config.n_routed_experts, config.n_subtokens)
 
     # ------------------------------------------------------------------ accumulation
-    @torch.no_grad()
-    def update(self, routing: Sequence[LayerRouting], input_ids: Optional[torch.Tensor] = None,
-               attention_mask: Optional[torch.Tensor] = None,
-               source: Union[None, str, Sequence[str], torch.Tensor] = None,
-               recursion: Optional[RecursionRouting] = None) -> None:
-        """``recursion``: ``out.recursion`` of a Mixture-of-Recursions model (required for one)."""
+    def check(self, routing: Sequence[LayerRouting], input_ids: Optional[torch.Tensor] = None,
+              attention_mask: Optional[torch.Tensor] = None,
+              source: Union[None, str, Sequence[str], torch.Tensor] = None,
+              recursion: Optional[RecursionRouting] = None) -> Optional[torch.Tensor]:
+        """Raise ``ValueError`` if :meth:`update` would refuse this batch, counting nothing; returns
+        the bool ``[batch, seq]`` mask (``None`` without one). Lets a caller holding several
+        statistics check a batch against all of them before any counts it."""
         if len(routing) != len(self.layers):
             expected = (f"n_layers={self.config.n_layers}" if self.config.recursion != "mor" else
                         f"{len(self.layers)} block applications (n_layers={self.config.n_layers}, "
@@ -133,6 +134,16 @@ class RoutingStats:
         if (source is None) != (self.by_source is None):
             raise ValueError("pass source= to update() exactly when RoutingStats was built with sources=[...]"
                              if source is None else "source= needs RoutingStats(config, sources=[names])")
+        return mask
+
+    @torch.no_grad()
+    def update(self, routing: Sequence[LayerRouting], input_ids: Optional[torch.Tensor] = None,
+               attention_mask: Optional[torch.Tensor] = None,
+               source: Union[None, str, Sequence[str], torch.Tensor] = None,
+               recursion: Optional[RecursionRouting] = None) -> None:
+        """``recursion``: ``out.recursion`` of a Mixture-of-Recursions model (required for one)."""
+        mask = self.check(routing, input_ids, attention_mask, source, recursion)
+        shape = tuple(routing[0].head_gates.shape[:2])
         source_ids = None if source is None else self.by_source.source_ids(source, shape[0])
         self._with_input_ids = input_ids is not None
         with _serial_on_cpu(routing[0].head_gates.device if routing else None):
@@ -176,6 +187,8 @@ class RoutingStats:
             "cross_layer": self.cross_layer.report(),
             "summary": {**summarise_layers(layers), "load_percentiles": load_percentiles(layers, cfg.n_shared_heads)},
         }
+        if cfg.model_type != "decoder":  # an encoder's (or a seq2seq kind's); decoder reports stay as they were
+            report["config"]["model_type"] = cfg.model_type
         if self.by_source is not None:
             report["by_source"] = self.by_source.report()
         if self.recursion is not None:
@@ -222,6 +235,9 @@ def collect_routing_stats(model: torch.nn.Module, batches: Iterable[Batch],
     ``(input_ids, attention_mask)`` pairs (padding is then masked in the model and left out of
     every statistic). The model's training mode is restored afterwards. ``progress`` shows a tqdm bar.
     """
+    if model.config.model_type == "seq2seq":
+        raise ValueError("a seq2seq model routes three attention kinds: use "
+                         "gohgraph.analysis.stats.kinds.collect_routing_stats_by_kind")
     stats = RoutingStats(model.config)
     _run(model, stats, ((batch, None) for batch in batches), progress)
     return stats
