@@ -60,9 +60,9 @@ def make_decode_cache(cfg: GoHConfig, kind: str, capacity: int, n_layers: Option
     return StaticKVCache(n_layers, capacity)
 
 
-def check_left_padding(attention_mask: torch.Tensor, shape: torch.Size) -> None:
-    """``attention_mask [batch, seq]`` of 0/1 (or bool), each row zeros then ones (left padding),
-    and at least one real token per row."""
+def check_token_mask(attention_mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``attention_mask [batch, seq]`` of 0/1 (or bool) with at least one real token per row (a
+    query must see some key); returns it as ``long``."""
     if tuple(attention_mask.shape) != tuple(shape):
         raise ValueError(f"attention_mask has shape {list(attention_mask.shape)}, input_ids {list(shape)}")
     mask = attention_mask.long()
@@ -70,6 +70,12 @@ def check_left_padding(attention_mask: torch.Tensor, shape: torch.Size) -> None:
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
     if (mask.sum(-1) == 0).any():
         raise ValueError("attention_mask has a row without any token")
+    return mask
+
+
+def check_left_padding(attention_mask: torch.Tensor, shape: torch.Size) -> None:
+    """:func:`check_token_mask`, and each row zeros then ones (left padding)."""
+    mask = check_token_mask(attention_mask, shape)
     if (mask[:, 1:] < mask[:, :-1]).any():
         raise ValueError("attention_mask must pad on the left (zeros, then ones): generation appends on the right")
 

@@ -25,7 +25,7 @@ from ..layers.relative_bias import T5RelativeBias
 from ..routing import LayerRouting
 from .decoder_block import DecoderBlock
 from .encoder import EncoderStack, padding_mask
-from .generation import check_generation_arguments, make_decode_cache, sample_next_token
+from .generation import check_generation_arguments, check_token_mask, make_decode_cache, sample_next_token
 from .routed import RoutedModel, weighted_aux_loss
 
 # the keys of Seq2SeqOutput.routing: one routing graph per attention kind
@@ -161,7 +161,7 @@ class GoHSeq2Seq(RoutedModel, nn.Module):
         """``input_ids [batch, src]`` -> the encoder output ``[batch, src, d_model]``, its routing
         records, and the cross-attention's key mask ``[batch, 1, 1, src]`` (``None``: no padding)."""
         if attention_mask is not None:
-            check_source_mask(attention_mask, input_ids.shape)
+            check_token_mask(attention_mask, input_ids.shape)
         hidden, routing = self.encoder(self.embed(input_ids), attention_mask)
         return hidden, routing, padding_mask(attention_mask, input_ids.shape)
 
@@ -234,15 +234,3 @@ class GoHSeq2Seq(RoutedModel, nn.Module):
             if bool(done.all()):
                 break
         return ids
-
-
-def check_source_mask(attention_mask: torch.Tensor, shape: torch.Size) -> None:
-    """``attention_mask [batch, src]`` of 0/1 (or bool) with at least one token per row: a
-    cross-attention query must see some key."""
-    if tuple(attention_mask.shape) != tuple(shape):
-        raise ValueError(f"attention_mask has shape {list(attention_mask.shape)}, input_ids {list(shape)}")
-    mask = attention_mask.long()
-    if not torch.equal(mask, attention_mask.bool().long()):
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
-    if (mask.sum(-1) == 0).any():
-        raise ValueError("attention_mask has a row without any token")
