@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -52,6 +52,13 @@ def atomic_write(path: Union[str, Path], write) -> Path:
 
 def atomic_write_text(path: Union[str, Path], text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json(path: Union[str, Path], value: Any) -> Path:
+    """``value`` as indented JSON at ``path`` (parents created), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 def atomic_save_tensors(path: Union[str, Path], tensors: Dict[str, torch.Tensor],

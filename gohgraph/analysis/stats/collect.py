@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
@@ -49,6 +48,7 @@ from ...config import GoHConfig
 from ...graph import expert_graph, head_graph
 from ...models.recursion import block_applications
 from ...routing import LayerRouting, RecursionRouting
+from ...storage import write_json
 from .by_source import SourceTally
 from .cross_layer import CrossLayerTally
 from .drift import routing_drift
@@ -202,10 +202,7 @@ class RoutingStats:
         return report
 
     def to_json(self, path: Union[str, Path]) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.report(), indent=2) + "\n", encoding="utf-8")
-        return path
+        return write_json(path, self.report())
 
     def to_csv(self, path: Union[str, Path]) -> Path:
         """Long ("tidy") table: one row per ``layer, group, item, metric, value``.

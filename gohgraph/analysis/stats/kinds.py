@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 
@@ -33,6 +32,7 @@ import torch
 from ...config import GoHConfig
 from ...models.seq2seq import IGNORE_INDEX, ROUTING_KINDS
 from ...routing import LayerRouting
+from ...storage import write_json
 from .collect import RoutingStats
 from .report import csv_rows
 
@@ -101,10 +101,7 @@ class KindRoutingStats:
                 "kinds": kinds}
 
     def to_json(self, path: Union[str, Path]) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.report(), indent=2) + "\n", encoding="utf-8")
-        return path
+        return write_json(path, self.report())
 
     def to_csv(self, path: Union[str, Path]) -> Path:
         """The long table of :meth:`RoutingStats.to_csv` with a first column ``kind``."""
