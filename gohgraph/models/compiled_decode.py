@@ -96,7 +96,8 @@ class CompiledDecoder:
         if self.filled >= self.key_mask.shape[1]:
             raise ValueError(f"StaticKVCache holds {self.key_mask.shape[1]} positions; one more was asked for")
         self.key_mask.index_fill_(1, self.slot, True)
-        logits = self.step(self.model, ids, self.writer, self.positions, self.key_mask)
+        # contiguous: the graph is guarded on strides, and a sliced [batch, 1] would recompile it
+        logits = self.step(self.model, ids.contiguous(), self.writer, self.positions, self.key_mask)
         self.slot += 1
         self.positions += 1
         self.filled += 1
