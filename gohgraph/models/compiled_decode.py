@@ -20,7 +20,9 @@ first real token)::
 Configurations the static step does not express fall back (:func:`whole_step_unsupported`):
 Mixture-of-Recursions (its cache is per recursion and its routing drops tokens), MLA (a latent
 cache of another layout), sliding windows and score biases (ALiBi, T5's relative bias: both are
-written relative to the newest key, which the slot layout does not have).
+written relative to the newest key, which the slot layout does not have). Expert FFNs
+(``ffn="moe"`` and kin) decode correctly through the compiled step but break its graph at their
+dispatch (``bincount``: shapes that depend on the routing), so they gain less.
 """
 
 from __future__ import annotations
@@ -110,7 +112,10 @@ class CompiledDecoder:
 
 def compiled_step(model: nn.Module) -> Callable:
     """``torch.compile(decode_step)`` for ``model``, built once and kept on it (out of its state
-    dict). Static shapes (``dynamic=False``): one graph per batch size and capacity."""
+    dict). Static shapes (``dynamic=False``): one graph per batch size and capacity. Dynamo keeps
+    its graphs per code object, so every model's graphs count against one limit
+    (``torch._dynamo.config.cache_size_limit``, 8 by default); past it, steps run eagerly (same
+    outputs)."""
     step = model.__dict__.get("_compiled_decode_step")
     if step is None:
         step = torch.compile(decode_step, dynamic=False)
