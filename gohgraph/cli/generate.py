@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..data.tokenizers import TOKENIZER_FILE, load_tokenizer
+from ..models.compile import CompileUnavailableWarning
 from .common import load_model, run_dir_of
 
 
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the head routers of each decode step (eager where it cannot)")
+                        help="torch.compile each one-token decode step (eager, with one line saying why, where it cannot)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,17 +51,19 @@ def run(args: argparse.Namespace) -> int:
         if len(stop_ids) != 1:
             raise ValueError(f"--stop {args.stop!r} is {len(stop_ids)} tokens of this model's tokenizer; give one token")
         eos = stop_ids[0]
-    if args.compile:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            compiled = model.compile_routers()
-        if not compiled:
-            reason = caught[-1].message if caught else "the model has no head routers"
-            print(f"gohgraph generate: --compile: {reason}", file=sys.stderr)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     ids = torch.tensor([prompt_ids], device=args.device)
-    out = model.generate(ids, max_new_tokens=min(args.max_new_tokens, room), temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, generator=generator)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CompileUnavailableWarning)
+        out = model.generate(ids, max_new_tokens=min(args.max_new_tokens, room), temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, generator=generator,
+                             compile=args.compile)
+    fallbacks = [w for w in caught if issubclass(w.category, CompileUnavailableWarning)]
+    for w in caught:  # other warnings as they would have been shown
+        if not issubclass(w.category, CompileUnavailableWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if fallbacks:  # the fallback as the command's one line
+        print(f"gohgraph generate: --compile: {fallbacks[0].message}", file=sys.stderr)
     print(tokenizer.decode(out[0].tolist()))
     return 0
 

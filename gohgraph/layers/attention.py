@@ -52,7 +52,9 @@ class GoHAttention(nn.Module):
     * ``positions``: ``[batch, seq]`` positions of this call's tokens (left-padded batches count
       from each row's first real token); by default ``cache length + t``;
     * ``cache``: a :class:`~gohgraph.layers.kv_cache.KVCache` that receives this call's keys
-      and values and returns every cached one.
+      and values and returns every cached one; one that returns all its slots
+      (:class:`~gohgraph.layers.kv_cache.StaticSlotWriter`, compiled decoding) needs ``positions``
+      and a ``mask`` covering causality, padding and unwritten slots (no window, no score bias).
     * ``memory_kv``: cross-attention keys and values already projected by :meth:`project_memory`
       (``[batch, kv_heads, mem_len, head_dim]`` each), so a decoding loop projects the memory once;
     * ``bias``: float, broadcastable to ``[batch, heads, q_len, k_len]``, added to the scores
@@ -113,14 +115,18 @@ class GoHAttention(nn.Module):
         if memory_kv is not None:
             k, v = memory_kv
         else:
-            offset = cache.length(self.layer_idx) if cache is not None else 0
+            offset = cache.length(self.layer_idx) if cache is not None and positions is None else 0
             k = k.view(batch, k.shape[1], kv_heads, head_dim).transpose(1, 2)
             if self.rotary is not None and not cross:
                 q, k = self.rotary(q, k, offset if positions is None else positions)
             v = v.view(batch, v.shape[1], kv_heads, head_dim).transpose(1, 2)
             if cache is not None:
                 k, v = cache.append(self.layer_idx, k, v)
-        attn = self._attend(q, k, v, causal, mask, self_attention=not cross, bias=bias)  # [batch, heads, seq, head_dim]
+        if cache is not None and cache.returns_all_slots:  # the mask alone says which slots are seen
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                                  enable_gqa=self.n_kv_heads != self.n_heads)
+        else:
+            attn = self._attend(q, k, v, causal, mask, self_attention=not cross, bias=bias)  # [batch, heads, seq, head_dim]
 
         attn = attn.transpose(1, 2)  # [batch, seq, heads, head_dim]
         if self.head_routing is not None:

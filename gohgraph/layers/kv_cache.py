@@ -11,6 +11,10 @@ of these serves it unchanged:
 
 Every cache returns the keys of the newest positions, contiguous and in order, ending at the
 current token: a query's mask can then be written in positions relative to the returned keys.
+The one exception is :class:`StaticSlotWriter`, the view of a :class:`StaticKVCache` that a
+compiled one-token decode step writes through: it returns all ``capacity`` slots, written or not
+(``returns_all_slots``), so every step has the same shapes, and the caller's mask says which
+slots a query sees.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ class KVCache(ABC):
 
     Shapes: keys and values ``[batch, kv_heads, seq, head_dim]``.
     """
+
+    # True for a cache whose ``append`` returns every preallocated slot (the attention then takes
+    # the caller's mask as the whole truth: causality, padding, unwritten slots)
+    returns_all_slots = False
 
     @abstractmethod
     def length(self, layer: int = 0) -> int:
@@ -56,7 +64,7 @@ class DynamicKVCache(KVCache):
 
 
 class StaticKVCache(KVCache):
-    """Buffers ``[batch, kv_heads, capacity, head_dim]`` per layer, allocated at the first append
+    """Buffers ``[batch, kv_heads, capacity, head_dim]`` per layer, zeroed at the first append
     (when batch, heads, dtype and device are known) and written in place; ``append`` returns views
     of the filled part. Appending past ``capacity`` raises ``ValueError``.
     """
@@ -76,12 +84,47 @@ class StaticKVCache(KVCache):
             raise ValueError(f"StaticKVCache holds {self.capacity} positions; {end} were asked for")
         if self.keys[layer] is None:
             batch, heads, _, head_dim = keys.shape
-            self.keys[layer] = keys.new_empty(batch, heads, self.capacity, head_dim)
-            self.values[layer] = values.new_empty(batch, heads, self.capacity, values.shape[-1])
+            # zeros, not empty: a compiled step attends over unwritten slots under a mask, and a
+            # masked slot's NaN garbage would still reach the output (0 * NaN = NaN)
+            self.keys[layer] = keys.new_zeros(batch, heads, self.capacity, head_dim)
+            self.values[layer] = values.new_zeros(batch, heads, self.capacity, values.shape[-1])
         self.keys[layer][:, :, start:end] = keys
         self.values[layer][:, :, start:end] = values
         self.lengths[layer] = end
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class StaticSlotWriter(KVCache):
+    """Writes one-token steps into a :class:`StaticKVCache` at a position held in a tensor, so a
+    compiled decode step has the same shapes and the same graph at every position.
+
+    ``position [1]`` (long) is the slot the next token's keys and values go to (``index_copy_``
+    along the sequence axis); ``append`` returns the whole buffers ``[batch, kv_heads, capacity,
+    head_dim]``, unwritten slots included (``returns_all_slots``): the attention must get a mask
+    that hides every slot after ``position`` (and any left padding). Nothing on the Python side
+    changes per step (no int to guard on, no recompilation); the caller advances ``position`` and,
+    when it is done, :meth:`sync` sets the static cache's lengths to match.
+    """
+
+    returns_all_slots = True
+
+    def __init__(self, cache: StaticKVCache, position: torch.Tensor) -> None:
+        if any(keys is None for keys in cache.keys):
+            raise ValueError("StaticSlotWriter needs a StaticKVCache whose buffers exist (run the prompt first)")
+        self.keys, self.values, self.position = cache.keys, cache.values, position
+        self.cache = cache
+
+    def length(self, layer: int = 0) -> int:
+        raise TypeError("StaticSlotWriter has no Python-side length: pass positions (a tensor) to the attention")
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer].index_copy_(2, self.position, keys)
+        self.values[layer].index_copy_(2, self.position, values)
+        return self.keys[layer], self.values[layer]
+
+    def sync(self) -> None:
+        """Set the static cache's lengths to ``position`` (after the compiled steps)."""
+        self.cache.lengths = [int(self.position)] * len(self.cache.lengths)
 
 
 class SlidingWindowKVCache(KVCache):

@@ -24,6 +24,7 @@ from ..routing import LayerRouting, RecursionRouting
 from ..storage import load_model, save_model
 from .block import GoHBlock
 from .compile import warn_compile_unavailable
+from .compiled_decode import CompiledDecoder, compiled_step, decode_step, whole_step_unsupported
 from .generation import check_generation_arguments, make_decode_cache, positions_from_mask, sample_next_token
 from .packed import packed_state, unpack_ternary_state
 from .recursion import MixtureOfRecursions, RecursionKVCache
@@ -131,9 +132,19 @@ class GoHTransformer(RoutedModel, nn.Module):
         earlier keys/values from a :class:`KVCache` (``cache``: ``"auto"`` preallocates one for the
         whole generation, or keeps only a sliding window's positions;
         :func:`~gohgraph.models.generation.make_decode_cache`); without it every step recomputes
-        the whole (cropped to ``max_seq_len``) sequence. ``compile=True`` runs the head routers of
-        one-token steps through ``torch.compile`` (:meth:`compile_routers`; the first call compiles,
-        later ones reuse it). Decoding runs under ``torch.inference_mode()``,
+        the whole (cropped to ``max_seq_len``) sequence.
+
+        ``compile=True`` runs every one-token step through one ``torch.compile``'d graph
+        (:mod:`gohgraph.models.compiled_decode`): the prompt goes through eagerly into a static
+        cache, then each step writes its keys and values by index and attends over the whole
+        capacity under a mask, so all steps share the graph (the first generation of a batch size
+        and capacity compiles it; later ones reuse it). It needs ``use_cache`` and a static cache
+        (``cache="auto"`` or ``"static"``); Mixture-of-Recursions, MLA, sliding windows and score
+        biases (ALiBi, T5) are not expressed by the static step, so for them (and with
+        ``use_cache=False`` or ``cache="dynamic"``) ``compile=True`` compiles only the head routers
+        (:meth:`compile_routers`). Where ``torch.compile`` cannot build a graph, one
+        :class:`~gohgraph.models.compile.CompileUnavailableWarning` says so and decoding stays eager
+        (the same tokens). Decoding runs under ``torch.inference_mode()``,
         where routed layers skip their training losses; the returned ids are an ordinary tensor.
         """
         check_generation_arguments(input_ids, attention_mask, self.config.vocab_size, max_new_tokens,
@@ -144,12 +155,13 @@ class GoHTransformer(RoutedModel, nn.Module):
         pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
         was_training = self.training
         self.eval()
-        if compile:
+        whole_step = compile and use_cache and cache != "dynamic" and whole_step_unsupported(self.config) is None
+        if compile and not whole_step:
             self.compile_routers()
         self._set_decoding(True)
         try:
             return self._generate(input_ids, max_new_tokens, temperature, top_k, use_cache, generator,
-                                  attention_mask, top_p, eos_token_id, pad_token_id, cache)
+                                  attention_mask, top_p, eos_token_id, pad_token_id, cache, whole_step)
         finally:
             self._set_decoding(False)
             self.train(was_training)
@@ -180,12 +192,13 @@ class GoHTransformer(RoutedModel, nn.Module):
     def _generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
                   use_cache: bool, generator: Optional[torch.Generator], attention_mask: Optional[torch.Tensor],
                   top_p: Optional[float], eos_token_id: Optional[int], pad_token_id: Optional[int],
-                  cache: str) -> torch.Tensor:
+                  cache: str, whole_step: bool = False) -> torch.Tensor:
         with torch.inference_mode():
             kv_cache = self.new_cache(cache, input_ids.shape[1] + max_new_tokens) if use_cache else None
             ids, mask = input_ids, attention_mask
             done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
             logits = self(ids, cache=kv_cache, attention_mask=mask).logits[:, -1]
+            compiled = self._compiled_decoder(kv_cache, mask) if whole_step and max_new_tokens > 1 else None
             for step in range(max_new_tokens):
                 next_ids = sample_next_token(logits, temperature, top_k, generator, top_p)
                 if eos_token_id is not None:
@@ -196,13 +209,40 @@ class GoHTransformer(RoutedModel, nn.Module):
                     mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
                 if step + 1 == max_new_tokens or bool(done.all()):
                     break
+                if compiled is not None:
+                    try:
+                        logits = compiled(next_ids)
+                    except Exception as err:  # torch.compile fails lazily, with no common type
+                        self.__dict__["_compiled_decode_step"] = decode_step  # do not retry, warn once
+                        warn_compile_unavailable(err, "decoding stays eager", stacklevel=4)
+                        compiled.sync()  # the static cache goes on eagerly from this step's slot
+                        compiled = None
+                if compiled is not None:
+                    continue
                 if use_cache:
                     logits = self(next_ids, cache=kv_cache, attention_mask=mask).logits[:, -1]
                 else:
                     window = slice(-self.config.max_seq_len, None)
                     logits = self(ids[:, window], attention_mask=None if mask is None else mask[:, window]
                                   ).logits[:, -1]
+            if compiled is not None:
+                compiled.sync()
         return ids.clone()  # outside inference mode: a normal tensor, usable with autograd later
+
+    def _compiled_decoder(self, kv_cache: KVCache, mask: Optional[torch.Tensor]) -> Optional[CompiledDecoder]:
+        """The compiled one-token steps after the prompt filled ``kv_cache``; ``None`` (eager
+        steps, one warning) where ``torch.compile`` itself is unavailable."""
+        step = self.__dict__.get("_compiled_decode_step")
+        if step is None:
+            try:
+                step = compiled_step(self)
+            except Exception as err:  # e.g. an unsupported Python or platform
+                self.__dict__["_compiled_decode_step"] = decode_step
+                warn_compile_unavailable(err, "decoding stays eager", stacklevel=5)
+                return None
+        if step is decode_step:  # compiling failed before: eager, as without compile
+            return None
+        return CompiledDecoder(self, kv_cache, mask, step)
 
     def new_cache(self, kind: str = "dynamic", capacity: Optional[int] = None) -> KVCache:
         """An empty KV cache for this model: one slot per (recursion, block) with

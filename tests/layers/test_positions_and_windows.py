@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gohgraph import GoHConfig, GoHTransformer
-from gohgraph.layers.kv_cache import DynamicKVCache, SlidingWindowKVCache, StaticKVCache
+from gohgraph.layers.kv_cache import DynamicKVCache, SlidingWindowKVCache, StaticKVCache, StaticSlotWriter
 from gohgraph.layers.positions import alibi_slopes, rope_inverse_frequencies
 from gohgraph.models.block import build_attention
 
@@ -121,6 +121,26 @@ def test_static_cache_writes_in_place_and_refuses_overflow():
     assert keys[0, 0, :, 0].tolist() == [1.0, 1.0, 1.0, 2.0]
     with pytest.raises(ValueError, match="holds 4 positions; 5 were asked for"):
         cache.append(0, torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2))
+
+
+def test_static_slot_writer_writes_at_a_tensor_position_and_returns_every_slot():
+    cache = StaticKVCache(2, capacity=4)
+    with pytest.raises(ValueError, match="run the prompt first"):
+        StaticSlotWriter(cache, torch.tensor([0]))
+    for layer in range(2):
+        cache.append(layer, torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
+    position = torch.tensor([2])
+    writer = StaticSlotWriter(cache, position)
+    keys, values = writer.append(1, torch.full((1, 1, 1, 2), 5.0), torch.full((1, 1, 1, 2), 6.0))
+    assert keys is cache.keys[1] and keys.shape == (1, 1, 4, 2)  # the whole buffer, in place
+    assert keys[0, 0, :, 0].tolist() == [1.0, 1.0, 5.0, 0.0]  # unwritten slots hold zeros
+    assert values[0, 0, :, 1].tolist() == [1.0, 1.0, 6.0, 0.0]
+    assert cache.keys[0][0, 0, :, 0].tolist() == [1.0, 1.0, 0.0, 0.0]  # other layers untouched
+    with pytest.raises(TypeError, match="no Python-side length"):
+        writer.length()
+    position += 1
+    writer.sync()
+    assert cache.lengths == [3, 3]
 
 
 # ---------------------------------------------------------------------- ALiBi
