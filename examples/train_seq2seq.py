@@ -1,6 +1,6 @@
 """Train a graph-routed encoder-decoder to write a function's ``def`` line from its docstring (no download).
 
-    python examples/train_seq2seq.py                 # 400 steps: a few minutes on 2 CPU cores
+    python examples/train_seq2seq.py                 # 300 steps of 16 pairs of up to 64 bytes
     python examples/train_seq2seq.py --max-steps 1000 --router linear
     python examples/train_seq2seq.py --data pairs.tsv   # your own source<TAB>target pairs (or .jsonl)
 
@@ -30,7 +30,7 @@ from gohgraph.cli.main import main
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max-steps", type=int, default=None, help="default: the preset's (400)")
+    parser.add_argument("--max-steps", type=int, default=None, help="default: the preset's (300)")
     parser.add_argument("--router", default=None, help="dense, linear, graph (default) or query-norm")
     parser.add_argument("--run-dir", type=Path, default=Path("runs") / "seq2seq")
     parser.add_argument("--data", default=None,
