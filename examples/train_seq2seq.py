@@ -15,7 +15,9 @@ It prints the validation loss, the teacher-forced token accuracy next to the cop
 (target byte t predicted to be source byte t), and the exact match of greedy generation, then
 collects routing statistics per attention kind (encoder, decoder_self, cross) and draws them.
 Results land in ``runs/seq2seq/``: ``final/`` (save_pretrained format, ``gohgraph.from_pretrained``
-loads it), ``metrics.json``, ``stats/`` and ``pictures/``.
+loads it), ``metrics.json``, ``stats/`` and ``pictures/``. On a busy machine run it with
+``OMP_NUM_THREADS=1``: under load, PyTorch's default threads made greedy decoding about 100 times
+slower (BENCHMARKS.md, seq2seq section).
 """
 
 from __future__ import annotations
