@@ -1,4 +1,9 @@
-"""``gohgraph generate``: sample text from a checkpoint, with the tokenizer saved beside it."""
+"""``gohgraph generate``: sample text from a checkpoint, with the tokenizer saved beside it.
+
+A decoder continues ``--prompt``; a seq2seq checkpoint reads ``--prompt`` as its source and prints
+the target it generates (:meth:`~gohgraph.models.seq2seq.GoHSeq2Seq.generate`), cut at its
+end-of-sequence token: the one ``gohgraph train --objective seq2seq`` trained it with, or ``--stop``.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,11 @@ from pathlib import Path
 
 import torch
 
+from ..data.objectives import SpecialTokens
 from ..data.tokenizers import TOKENIZER_FILE, load_tokenizer
 from ..models.compile import CompileUnavailableWarning
 from .common import load_model, run_dir_of
+from .seq2seq_batches import run_objective
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--prompt must not be empty")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
-    room = model.config.max_seq_len - len(prompt_ids)
-    if room < 1:
+    room = model.config.max_seq_len - (1 if model.config.model_type == "seq2seq" else len(prompt_ids))
+    if room < 1 or (model.config.model_type == "seq2seq" and len(prompt_ids) > model.config.max_seq_len):
         raise ValueError(f"--prompt is {len(prompt_ids)} tokens; the model's max_seq_len is {model.config.max_seq_len}")
     eos = None
     if args.stop is not None:
@@ -51,20 +58,43 @@ def run(args: argparse.Namespace) -> int:
         if len(stop_ids) != 1:
             raise ValueError(f"--stop {args.stop!r} is {len(stop_ids)} tokens of this model's tokenizer; give one token")
         eos = stop_ids[0]
+    elif model.config.model_type == "seq2seq" and seq2seq_objective_run(directory):
+        eos = SpecialTokens.of_model(model.config).eos
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     ids = torch.tensor([prompt_ids], device=args.device)
+    compile_kwargs = {}
+    if args.compile:
+        if model.config.model_type == "seq2seq":
+            raise ValueError("--compile compiles a decoder-only model's decode step; seq2seq models decode eagerly")
+        compile_kwargs["compile"] = True
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompileUnavailableWarning)
         out = model.generate(ids, max_new_tokens=min(args.max_new_tokens, room), temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, generator=generator,
-                             compile=args.compile)
+                             **compile_kwargs)
     fallbacks = [w for w in caught if issubclass(w.category, CompileUnavailableWarning)]
     for w in caught:  # other warnings as they would have been shown
         if not issubclass(w.category, CompileUnavailableWarning):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if fallbacks:  # the fallback as the command's one line
         print(f"gohgraph generate: --compile: {fallbacks[0].message}", file=sys.stderr)
-    print(tokenizer.decode(out[0].tolist()))
+    if model.config.model_type == "seq2seq":
+        print(seq2seq_text(out[0, 1:].tolist(), eos, tokenizer))
+    else:
+        print(tokenizer.decode(out[0].tolist()))
     return 0
+
+
+def seq2seq_text(ids, eos, tokenizer) -> str:
+    """The generated target ``ids`` (after the start token) up to ``eos``, as text; ids past the
+    tokenizer's vocabulary (the objective's special tokens) are left out."""
+    if eos is not None and eos in ids:
+        ids = ids[:ids.index(eos)]
+    return tokenizer.decode([i for i in ids if i < tokenizer.vocab_size])
+
+
+def seq2seq_objective_run(directory: Path) -> bool:
+    """Whether ``directory`` was trained by ``gohgraph train --objective seq2seq`` (so its eos is known)."""
+    return run_objective(directory).get("objective") == "seq2seq"
 
 

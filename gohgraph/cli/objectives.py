@@ -1,11 +1,14 @@
-"""``gohgraph train --objective mlm|classify`` and ``gohgraph eval`` of such a run (DESIGN.md §13).
+"""``gohgraph train --objective mlm|classify|seq2seq`` and ``gohgraph eval`` of such a run (DESIGN.md §13).
 
-The encoder family's presets (:data:`~gohgraph.training.objectives.OBJECTIVE_PRESETS`), then
-``--set`` and the training flags; the model's vocabulary is the data tokenizer's plus the three
-special tokens. One process; writes ``final/``, ``objective.json``, ``metrics.json`` in the run dir.
+The objective's preset (:data:`~gohgraph.training.objectives.OBJECTIVE_PRESETS`), then ``--set``
+and the training flags; the model's vocabulary is the data tokenizer's plus the three special
+tokens (four for seq2seq: its targets end with ``eos``; ``pad`` pads and starts the decoder, as
+in T5). One process; writes ``final/``, ``objective.json``, ``metrics.json`` in the run dir.
 Data: one ``--data`` path; for ``mlm`` text (default: the standard library), for ``classify``
 labelled ``.tsv`` / ``.jsonl`` files (:mod:`gohgraph.data.record_files`; default: the standard
-library's package snippets), byte tokens. ``objective.json`` keeps the path, so ``eval`` reads the same data.
+library's package snippets), for ``seq2seq`` pair files (default: the standard library's
+docstring -> def line pairs), byte tokens. ``objective.json`` keeps the path, so ``eval`` reads
+the same data.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..data.corpus import load_corpus
 from ..data.objectives import SpecialTokens
 from ..data.objectives.classify import labelled_file_data, stdlib_package_snippets
 from ..data.objectives.mlm import unigram_entropy
+from ..data.objectives.seq2seq import EncodedPairs, encode_pair_data, load_pair_data
 from ..data.sources import parse_data_flags
 from ..data.tokenizers import ByteTokenizer
 from ..training.config import TrainConfig
@@ -50,13 +54,21 @@ def build_objective_configs(args: argparse.Namespace, base_vocab: int):
     if train_config.compile or getattr(args, "compile", False):
         raise ValueError(f"--compile (TrainConfig.compile) compiles the language-model training step; "
                          f"--objective {args.objective} trains eagerly")
-    model_kwargs["vocab_size"] = SpecialTokens(base_vocab).vocab_size
+    special = SpecialTokens(base_vocab, with_eos=args.objective == "seq2seq")
+    model_kwargs["vocab_size"] = special.vocab_size
     model_kwargs["max_seq_len"] = max(model_kwargs.get("max_seq_len", 0), train_config.seq_len)
+    if args.objective == "seq2seq":
+        model_kwargs.update(pad_token_id=special.pad, decoder_start_token_id=special.pad)
+        # the decoder reads the start token and then up to seq_len target tokens
+        model_kwargs["max_seq_len"] = max(model_kwargs["max_seq_len"], train_config.seq_len + 1)
     return GoHConfig.from_dict(model_kwargs), train_config
 
 
 def run_train(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs") / (args.name or args.objective)
+    if getattr(args, "resume", False):
+        raise ValueError(f"--resume continues --objective lm runs; an --objective {args.objective} run trains "
+                         "in one go (start it again with --overwrite)")
     if (run_dir / "final").exists():
         if not args.overwrite:
             raise ValueError(f"run dir {run_dir} already holds a trained model; pass --overwrite to start again, "
@@ -66,6 +78,11 @@ def run_train(args: argparse.Namespace) -> int:
     if args.objective == "mlm":
         data = load_corpus(data_path, args.cache_dir, args.tokenizer or "byte")
         base_vocab, source = data.vocab_size, data.source
+    elif args.objective == "seq2seq":
+        base_vocab = 256
+        _, tc_probe = build_objective_configs(args, base_vocab)
+        data = pair_data(data_path, args.tokenizer, tc_probe.seq_len, SpecialTokens(base_vocab, with_eos=True))
+        source = data.source
     else:
         base_vocab = 256
         cfg_probe, tc_probe = build_objective_configs(args, base_vocab)
@@ -77,13 +94,16 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = cfg.replace(n_labels=len(data.labels))
     result = train_objective(args.objective, cfg, tc, data, run_dir, data_path=data_path)
     print(f"data: {source}")
-    print(f"model: GoHEncoder, {result.model.num_parameters():,} parameters, router={cfg.router}, ffn={cfg.ffn}")
+    print(f"model: {type(result.model).__name__}, {result.model.num_parameters():,} parameters, "
+          f"router={cfg.router}, ffn={cfg.ffn}")
     print(f"steps: {tc.max_steps} in {result.seconds:.0f} s")
     if args.objective == "mlm":
         entropy = unigram_entropy(data.train, base_vocab)
         print(f"validation MLM loss: {result.metrics['loss']:.4f} nats/token at {result.metrics['examples']:,.0f} "
               f"masked validation positions "
               f"(unigram entropy of the training split: {entropy:.4f}; uniform: {math.log(base_vocab):.4f})")
+    elif args.objective == "seq2seq":
+        print(seq2seq_summary(result.metrics))
     else:
         print(f"validation accuracy: {result.metrics['accuracy']:.4f} over {result.metrics['examples']:,.0f} "
               f"validation texts of "
@@ -97,10 +117,12 @@ def run_eval(args: argparse.Namespace, model, directory: Path, run_dir: Path) ->
     """``gohgraph eval`` of a run trained with ``--objective mlm|classify``."""
     settings = json.loads((run_dir / OBJECTIVE_FILE).read_text(encoding="utf-8"))
     objective, seq_len = settings["objective"], args.seq_len or settings["seq_len"]
-    special = SpecialTokens(model.config.vocab_size - 3)
+    special = SpecialTokens.of_model(model.config)
     data_path = one_data_path(args.data) or settings.get("data")
     if objective == "mlm":
         data = load_corpus(data_path, args.cache_dir, args.tokenizer or "byte")
+    elif objective == "seq2seq":
+        data = pair_data(data_path, args.tokenizer, seq_len, special)
     else:
         data = classification_data(data_path, args.tokenizer, seq_len, special, model.config.n_labels)
         if settings.get("labels") is not None and data.labels != settings["labels"]:
@@ -110,16 +132,35 @@ def run_eval(args: argparse.Namespace, model, directory: Path, run_dir: Path) ->
     result = {"checkpoint": str(directory), "objective": objective, **metrics}
     if args.json:
         print(json.dumps(result))
+    elif objective == "seq2seq":
+        print(f"{directory}: seq2seq {seq2seq_summary(metrics)}")
     else:
         print(f"{directory}: {objective} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
+
+
+def seq2seq_summary(metrics: dict) -> str:
+    """One line of the seq2seq metrics, the copy baseline beside the token accuracy."""
+    return (f"validation loss {metrics['loss']:.4f} nats/token, token accuracy {metrics['token_accuracy']:.4f} "
+            f"(copy baseline {metrics['copy_token_accuracy']:.4f}), exact match {metrics['exact_match']:.4f} "
+            f"over {metrics['examples']:,.0f} pairs ({metrics['tokens']:,.0f} target tokens)")
+
+
+def pair_data(data_path: Optional[str], tokenizer: Optional[str], seq_len: int,
+              special: SpecialTokens) -> EncodedPairs:
+    """Pair files at ``data_path`` (else the standard library's docstring -> def line pairs) as byte
+    tokens, each side cut to ``seq_len``, targets ended by ``special.eos``."""
+    if tokenizer not in (None, "byte"):
+        raise ValueError(f"--tokenizer {tokenizer} is not supported with --objective seq2seq; its texts are "
+                         "byte tokens")
+    return encode_pair_data(load_pair_data(data_path), ByteTokenizer().encode, seq_len, special.pad, special.eos)
 
 
 def one_data_path(values) -> Optional[str]:
     """The one ``--data`` path of an encoder objective (``None`` without the flag)."""
     settings = parse_data_flags(values)
     if "sources" in settings:
-        raise ValueError("--objective mlm|classify reads one --data path (a file, directory or glob); "
+        raise ValueError("--objective mlm|classify|seq2seq reads one --data path (a file, directory or glob); "
                          "named sources (NAME=PATH) are for --objective lm")
     return settings.get("data")
 

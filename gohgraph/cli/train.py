@@ -87,8 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run's checkpoints first")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--objective", choices=OBJECTIVES, default="lm",
-                        help="lm (default: decoder, next token), mlm (encoder, masked LM) or classify "
-                             "(encoder, which standard-library package a snippet is from)")
+                        help="lm (default: decoder, next token), mlm (encoder, masked LM), classify "
+                             "(encoder, which standard-library package a snippet is from) or seq2seq "
+                             "(encoder-decoder, docstring -> def line, or --data pair files)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """The README's main command: examples/train_lm.py trains, then writes stats and every picture."""
 
+import json
 import os
 import subprocess
 import sys
@@ -19,3 +20,18 @@ def test_train_lm_example_writes_checkpoint_stats_and_pictures(tmp_path):
     assert (run / "final" / "model.safetensors").is_file()
     assert (run / "stats" / "routing_stats.json").is_file()
     assert (run / "pictures" / "token_trace.png").is_file()
+
+
+def test_train_seq2seq_example_writes_checkpoint_stats_and_pictures(tmp_path):
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("".join(f"add {i} and {i + 1}\tdef add_{i}(x):\n" for i in range(40)))
+    run = tmp_path / "seq2seq"
+    done = subprocess.run([sys.executable, str(EXAMPLES / "train_seq2seq.py"), "--data", str(pairs), "--max-steps",
+                           "2", "--run-dir", str(run), "--stats-batches", "1", "--set", "d_model=32",
+                           "--set", "eval_batches=1", "--set", "batch_size=4", "--set", "seq_len=24"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "MPLBACKEND": "Agg"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (run / "final" / "model.safetensors").is_file()
+    assert set(json.loads((run / "stats" / "stats.json").read_text())["kinds"]) == {"encoder", "decoder_self", "cross"}
+    assert (run / "pictures" / "routing_graphs_cross.png").is_file()
+    assert "copy baseline" in done.stdout and str(run / "pictures") in done.stdout

@@ -13,6 +13,7 @@ from gohgraph.analysis.stats.kinds import collect_routing_stats_by_kind
 from gohgraph.cli.main import main
 from gohgraph.data.batches import eval_batches
 from gohgraph.data.corpus import load_corpus
+from gohgraph.data.objectives.seq2seq import stdlib_docstring_pairs
 
 KINDS = ("encoder", "decoder_self", "cross")
 PAIRS = [("translate: the cat", "le chat"), ("translate: a dog sleeps", "un chien dort"),
@@ -83,16 +84,27 @@ def test_viz_of_a_seq2seq_checkpoint_writes_one_graph_per_kind(seq2seq_checkpoin
     assert list(json.loads((out / "stats.json").read_text())["kinds"]) == list(KINDS)
 
 
-def test_seq2seq_checkpoint_refuses_missing_or_bad_pairs(seq2seq_checkpoint, tmp_path, capsys):
-    checkpoint, _ = seq2seq_checkpoint
+def test_seq2seq_checkpoint_refuses_bad_pairs(seq2seq_checkpoint, tmp_path, capsys):
+    checkpoint, pairs = seq2seq_checkpoint
     bad = tmp_path / "bad.tsv"
     bad.write_text("no tab here\n", encoding="utf-8")
-    for data in ([], ["--data", str(bad)]):
+    for data in (["--data", str(bad)], ["--data", f"a={pairs}"], ["--data", str(pairs), "--data", str(pairs)]):
         code = main(["stats", "--checkpoint", str(checkpoint), *data, "--out", str(tmp_path / "s.json"),
                      "--no-progress", "--overwrite"])
         assert code != 0
     err = capsys.readouterr().err
     assert "source<TAB>target" in err and "bad.tsv:1" in err
+    assert len(err.strip().splitlines()) == 3 + 3  # per command: the checkpoint line and one error line
+
+
+def test_stats_of_a_seq2seq_checkpoint_without_data_reads_the_default_pairs(seq2seq_checkpoint, tmp_path):
+    checkpoint, _ = seq2seq_checkpoint
+    out = tmp_path / "stats.json"
+    assert main(["stats", "--checkpoint", str(checkpoint), "--batches", "1", "--batch-size", "2",
+                 "--seq-len", "16", "--out", str(out), "--no-progress"]) == 0
+    expected = [(s.encode()[:16], t.encode()[:16]) for s, t in stdlib_docstring_pairs().val[:2]]
+    assert json.loads(out.read_text())["tokens"] == {"source": sum(len(s) for s, _ in expected),
+                                                     "target": sum(len(t) for _, t in expected)}
 
 
 def test_stats_and_viz_of_an_encoder_checkpoint(tmp_path, monkeypatch):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from gohgraph.data.objectives.seq2seq import (
-    IGNORE_INDEX, collate_seq2seq, copy_baseline_counts, docstring_def_pairs, encode_pairs, seq2seq_batches,
-    stdlib_docstring_pairs)
+    IGNORE_INDEX, collate_seq2seq, copy_baseline_counts, docstring_def_pairs, encode_pair_data, encode_pairs,
+    load_pair_data, seq2seq_batches, stdlib_docstring_pairs)
 
 SOURCE = '''
 import functools
@@ -93,3 +93,13 @@ def test_stdlib_pairs_are_split_by_file():
         assert docstring.strip()
     # the same cap twice gives the same pairs: the split is a function of the files alone
     assert stdlib_docstring_pairs(max_bytes=600_000).val == data.val
+
+
+def test_pair_files_and_encoding_without_eos(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(f'{{"source": "s{i}", "target": "t\\t{i}"}}\n' for i in range(20)), encoding="utf-8")
+    data = load_pair_data(str(path))
+    assert data.train + data.val == [(f"s{i}", f"t\t{i}") for i in range(20)] and len(data.val) == 2
+    encoded = encode_pair_data(data, lambda text: list(text.encode()), 3, pad_id=7, eos_id=None)
+    assert encoded.val == [(list(b"s18"), list(b"t\t1")), (list(b"s19"), list(b"t\t1"))]
+    assert encode_pair_data(data, lambda text: list(text.encode()), 3, 7, 9).val[0][1] == list(b"t\t") + [9]

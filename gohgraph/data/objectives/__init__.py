@@ -7,11 +7,12 @@
   text pairs (user pairs: :mod:`gohgraph.data.record_files`).
 
 Special tokens sit after the tokenizer's vocabulary (:class:`SpecialTokens`), so the byte
-tokenizer's 256 ids keep their meaning and the model's vocabulary grows by three.
+tokenizer's 256 ids keep their meaning and the model's vocabulary grows by three (four with
+the seq2seq objective's end-of-sequence token).
 """
 
 from .special import SpecialTokens
 
-OBJECTIVES = ("lm", "mlm", "classify")
+OBJECTIVES = ("lm", "mlm", "classify", "seq2seq")
 
 __all__ = ["OBJECTIVES", "SpecialTokens"]

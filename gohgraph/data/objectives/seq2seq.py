@@ -28,6 +28,7 @@ import torch
 
 from ..corpus import DEFAULT_CORPUS_BYTES, _path_hash, _stdlib_files
 from ..errors import DataError
+from ..record_files import load_records
 
 Pair = Tuple[str, str]  # (source text, target text)
 IGNORE_INDEX = -100  # label of a padded target position (cross-entropy's ignore_index)
@@ -86,14 +87,31 @@ def stdlib_docstring_pairs(max_bytes: int = DEFAULT_CORPUS_BYTES) -> PairData:
                                 f"docstring -> def line")
 
 
+def pair_file_data(data: str) -> PairData:
+    """The ``(source, target)`` records of the ``.tsv`` / ``.jsonl`` pair files ``data`` names (a
+    file, a directory or a glob), split into train and validation by file
+    (:func:`~gohgraph.data.record_files.load_records`)."""
+    train, val, files = load_records(data, "pairs")
+    return PairData(train, val, f"{data}: {len(train) + len(val):,} pairs in {len(files)} file(s)")
+
+
+def load_pair_data(data: Optional[str]) -> PairData:
+    """The pairs of ``--data`` (:func:`pair_file_data`), else the standard library's docstring pairs."""
+    return stdlib_docstring_pairs() if data is None else pair_file_data(data)
+
+
 # ---------------------------------------------------------------------- encoding and batches
 def encode_pairs(pairs: Sequence[Pair], encode: Callable[[str], List[int]], max_source_len: int,
-                 max_target_len: int, eos_id: int) -> List[Tuple[List[int], List[int]]]:
+                 max_target_len: int, eos_id: Optional[int]) -> List[Tuple[List[int], List[int]]]:
     """Token ids of each pair: the source cut to ``max_source_len`` tokens, the target cut to
-    ``max_target_len - 1`` and ended by ``eos_id`` (so generation learns where to stop)."""
+    ``max_target_len - 1`` and ended by ``eos_id`` (so generation learns where to stop);
+    ``eos_id=None`` (a model whose end token is unknown, e.g. a converted checkpoint): the target
+    cut to ``max_target_len`` with nothing added."""
     if max_source_len < 1 or max_target_len < 2:
         raise ValueError(f"max_source_len={max_source_len} must be >= 1 and max_target_len={max_target_len} >= 2 "
                          "(one target token and the end-of-sequence token)")
+    if eos_id is None:
+        return [(encode(source)[:max_source_len], encode(target)[:max_target_len]) for source, target in pairs]
     return [(encode(source)[:max_source_len], encode(target)[:max_target_len - 1] + [eos_id])
             for source, target in pairs]
 
@@ -138,3 +156,22 @@ def copy_baseline_counts(batch: Dict[str, torch.Tensor]) -> Tuple[int, int]:
     copied = torch.full_like(labels, IGNORE_INDEX)
     copied[:, :width] = torch.where(mask[:, :width].bool(), inputs[:, :width], IGNORE_INDEX)
     return int(((copied == labels) & scored).sum()), int(scored.sum())
+
+
+@dataclass
+class EncodedPairs:
+    """Token ids of a :class:`PairData`: ``train`` / ``val`` lists of ``(source ids, target ids)``
+    (targets ended by ``eos_id``), what :func:`seq2seq_batches` pads with ``pad_id``."""
+
+    train: List[Tuple[List[int], List[int]]]
+    val: List[Tuple[List[int], List[int]]]
+    source: str
+    pad_id: int
+    eos_id: Optional[int]
+
+
+def encode_pair_data(data: PairData, encode: Callable[[str], List[int]], seq_len: int, pad_id: int,
+                     eos_id: Optional[int]) -> EncodedPairs:
+    """:func:`encode_pairs` of both splits, sources and targets each cut to ``seq_len`` tokens."""
+    return EncodedPairs(encode_pairs(data.train, encode, seq_len, seq_len, eos_id),
+                        encode_pairs(data.val, encode, seq_len, seq_len, eos_id), data.source, pad_id, eos_id)
