@@ -372,15 +372,10 @@ class _GatherForReplicated(torch.autograd.Function):
         return _own_slice(grad, ctx.dim, ctx.plan), None, None
 
 
-class _GatherForLocal(torch.autograd.Function):
-    """All-gather along ``dim`` for a consumer that differs per rank (each rank's gradient is a
-    partial sum): the backward sums the ranks' gradients and keeps this rank's slice."""
-
-    @staticmethod
-    def forward(ctx, local: torch.Tensor, dim: int, plan: TensorParallelPlan) -> torch.Tensor:
-        ctx.dim, ctx.plan = dim, plan
-        plan.traffic.all_gather(local)
-        return _all_gather(local, dim, plan)
+class _GatherForLocal(_GatherForReplicated):
+    """All-gather along ``dim`` (the same forward) for a consumer that differs per rank (each
+    rank's gradient is a partial sum): the backward sums the ranks' gradients and keeps this
+    rank's slice."""
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
