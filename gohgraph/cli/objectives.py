@@ -29,6 +29,7 @@ from ..data.objectives.mlm import unigram_entropy
 from ..data.objectives.seq2seq import EncodedPairs, encode_pair_data, load_pair_data
 from ..data.sources import parse_data_flags
 from ..data.tokenizers import ByteTokenizer
+from ..storage import read_json
 from ..training.config import TrainConfig
 from ..training.objectives import OBJECTIVE_FILE, OBJECTIVE_PRESETS, evaluate_objective, train_objective
 from ..training.presets import split_fields
@@ -115,7 +116,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace, model, directory: Path, run_dir: Path) -> int:
     """``gohgraph eval`` of a run trained with ``--objective mlm|classify``."""
-    settings = json.loads((run_dir / OBJECTIVE_FILE).read_text(encoding="utf-8"))
+    settings = read_json(run_dir / OBJECTIVE_FILE)
     objective, seq_len = settings["objective"], args.seq_len or settings["seq_len"]
     special = SpecialTokens.of_model(model.config)
     data_path = one_data_path(args.data) or settings.get("data")

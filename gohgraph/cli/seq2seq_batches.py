@@ -19,7 +19,6 @@ any other (a converted T5, say) gets the targets as they are.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -28,6 +27,7 @@ import torch
 from ..data.objectives import SpecialTokens
 from ..data.objectives.seq2seq import encode_pairs, load_pair_data, pair_file_data, seq2seq_batches
 from ..data.tokenizers import TOKENIZER_FILE, ByteTokenizer, load_tokenizer
+from ..storage import read_json
 from ..training.objectives import OBJECTIVE_FILE
 from .common import _batch_shape, find_run_file, run_dir_of
 
@@ -66,4 +66,4 @@ def run_objective(checkpoint: Path) -> dict:
     """The ``objective.json`` of the run ``checkpoint`` belongs to (``{}`` outside such a run)."""
     run_dir = run_dir_of(Path(checkpoint))
     path = run_dir / OBJECTIVE_FILE if run_dir is not None else None
-    return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
+    return read_json(path) if path is not None and path.is_file() else {}
