@@ -8,7 +8,9 @@ Data: one ``--data`` path; for ``mlm`` text (default: the standard library), for
 labelled ``.tsv`` / ``.jsonl`` files (:mod:`gohgraph.data.record_files`; default: the standard
 library's package snippets), for ``seq2seq`` pair files (default: the standard library's
 docstring -> def line pairs), byte tokens. ``objective.json`` keeps the path, so ``eval`` reads
-the same data.
+the same data. Checkpoints every ``save_every`` steps and on Ctrl-C (exit 130); ``--resume``
+continues the run from its latest one, with its data, model and train config (explicit flags
+change the train config, e.g. ``--max-steps`` to train longer).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from ..data.objectives.mlm import unigram_entropy
 from ..data.objectives.seq2seq import EncodedPairs, encode_pair_data, load_pair_data
 from ..data.sources import parse_data_flags
 from ..data.tokenizers import ByteTokenizer
-from ..storage import read_json
+from ..storage import read_config, read_json
+from ..training.checkpoint import CHECKPOINTS_DIR, FINAL_DIR, STATE_NAME, latest_checkpoint
 from ..training.config import TrainConfig
 from ..training.objectives import OBJECTIVE_FILE, OBJECTIVE_PRESETS, evaluate_objective, train_objective
 from ..training.presets import split_fields
@@ -39,9 +42,18 @@ TRAIN_FLAGS = {"max_steps": "max_steps", "batch_size": "batch_size", "seq_len": 
                "warmup_steps": "warmup_steps", "eval_every": "eval_every", "seed": "seed"}
 
 
-def build_objective_configs(args: argparse.Namespace, base_vocab: int):
-    """(GoHConfig, TrainConfig) of ``args.objective``: preset, then ``--set``, then flags."""
-    model_kwargs, train_kwargs = (dict(values) for values in OBJECTIVE_PRESETS[args.objective])
+def build_objective_configs(args: argparse.Namespace, base_vocab: int, saved: Optional[dict] = None):
+    """(GoHConfig, TrainConfig) of ``args.objective``: preset (or, on resume, the ``saved`` run's
+    ``{"model": ..., "train": ...}`` configs; with ``--init-from``, that model's config), then
+    ``--set``, then flags."""
+    init_from = getattr(args, "init_from", None)
+    if saved is not None:
+        model_kwargs, train_kwargs = dict(saved["model"]), dict(saved["train"])
+    else:
+        model_kwargs, train_kwargs = (dict(values) for values in OBJECTIVE_PRESETS[args.objective])
+        if init_from is not None:
+            model_kwargs = continued_model_config(init_from, args.objective, model_kwargs)
+            train_kwargs["init_from"] = str(init_from)
     known = [f.name for config in (GoHConfig, TrainConfig) for f in dataclasses.fields(config)]
     set_model, set_train = split_fields(parse_overrides(args.set, known), "--set")
     model_kwargs.update(set_model)
@@ -55,7 +67,12 @@ def build_objective_configs(args: argparse.Namespace, base_vocab: int):
     if train_config.compile or getattr(args, "compile", False):
         raise ValueError(f"--compile (TrainConfig.compile) compiles the language-model training step; "
                          f"--objective {args.objective} trains eagerly")
+    if saved is not None:  # the checkpoint's model as it is; the trainer refuses a changed one
+        return GoHConfig.from_dict(model_kwargs), train_config
     special = SpecialTokens(base_vocab, with_eos=args.objective == "seq2seq")
+    if init_from is not None:  # the model's sizes are the saved weights'
+        return _fits_the_data(GoHConfig.from_dict(model_kwargs), init_from, special, train_config, args.objective), \
+            train_config
     model_kwargs["vocab_size"] = special.vocab_size
     model_kwargs["max_seq_len"] = max(model_kwargs.get("max_seq_len", 0), train_config.seq_len)
     if args.objective == "seq2seq":
@@ -65,39 +82,82 @@ def build_objective_configs(args: argparse.Namespace, base_vocab: int):
     return GoHConfig.from_dict(model_kwargs), train_config
 
 
+def continued_model_config(directory: Path, objective: str, preset: dict) -> dict:
+    """The config of the ``save_pretrained`` model at ``directory`` as the start of an ``objective``
+    run: an encoder for mlm/classify (classify adds the preset's head to a model without one), an
+    encoder-decoder for seq2seq."""
+    model_kwargs = read_config(directory).to_dict()
+    wanted = "seq2seq" if objective == "seq2seq" else "encoder"
+    if model_kwargs["model_type"] != wanted:
+        raise ValueError(f"--init-from {directory} holds a model_type={model_kwargs['model_type']!r} model; "
+                         f"--objective {objective} continues {wanted} models")
+    if objective == "classify" and not model_kwargs["n_labels"]:  # e.g. an MLM-pretrained encoder
+        model_kwargs.update(n_labels=preset["n_labels"], classifier_pooling=preset["classifier_pooling"])
+    return model_kwargs
+
+
+def _fits_the_data(cfg: GoHConfig, directory: Path, special: SpecialTokens, tc: TrainConfig,
+                   objective: str) -> GoHConfig:
+    """``cfg`` of an ``--init-from`` model, if the objective's byte tokens and lengths fit it."""
+    if cfg.vocab_size != special.vocab_size:
+        raise ValueError(f"--init-from {directory} has vocab_size {cfg.vocab_size}; --objective {objective} reads "
+                         f"byte tokens and its special tokens ({special.vocab_size} ids), so it continues models "
+                         "trained by gohgraph's objectives")
+    longest = tc.seq_len + 1 if objective == "seq2seq" else tc.seq_len  # + the decoder's start token
+    if longest > cfg.max_seq_len:
+        raise ValueError(f"--seq-len {tc.seq_len} is longer than the --init-from model's max_seq_len "
+                         f"{cfg.max_seq_len}")
+    return cfg
+
+
 def run_train(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs") / (args.name or args.objective)
-    if getattr(args, "resume", False):
-        raise ValueError(f"--resume continues --objective lm runs; an --objective {args.objective} run trains "
-                         "in one go (start it again with --overwrite)")
-    if (run_dir / "final").exists():
-        if not args.overwrite:
-            raise ValueError(f"run dir {run_dir} already holds a trained model; pass --overwrite to start again, "
-                             "or --name/--run-dir for a new run")
-        shutil.rmtree(run_dir / "final")
-    data_path = one_data_path(args.data)
+    resume = bool(getattr(args, "resume", False))
+    saved = _resumed_settings(run_dir, args.objective) if resume else None
+    has_run = (run_dir / FINAL_DIR).exists() or (run_dir / CHECKPOINTS_DIR).exists()
+    if has_run and not resume and not args.overwrite:
+        raise ValueError(f"run dir {run_dir} already holds a trained model or checkpoints; pass --resume to "
+                         "continue it, --overwrite to start again, or --name/--run-dir for a new run")
+    data_path = one_data_path(args.data) if args.data or saved is None else saved["data"]
+    tokenizer = args.tokenizer or (saved["tokenizer"] if saved is not None else None)
     if args.objective == "mlm":
-        data = load_corpus(data_path, args.cache_dir, args.tokenizer or "byte")
+        data = load_corpus(data_path, args.cache_dir, tokenizer or "byte")
         base_vocab, source = data.vocab_size, data.source
     elif args.objective == "seq2seq":
         base_vocab = 256
-        _, tc_probe = build_objective_configs(args, base_vocab)
-        data = pair_data(data_path, args.tokenizer, tc_probe.seq_len, SpecialTokens(base_vocab, with_eos=True))
+        _, tc_probe = build_objective_configs(args, base_vocab, saved)
+        data = pair_data(data_path, tokenizer, tc_probe.seq_len, SpecialTokens(base_vocab, with_eos=True))
         source = data.source
     else:
         base_vocab = 256
-        cfg_probe, tc_probe = build_objective_configs(args, base_vocab)
-        data = classification_data(data_path, args.tokenizer, tc_probe.seq_len, SpecialTokens(base_vocab),
+        cfg_probe, tc_probe = build_objective_configs(args, base_vocab, saved)
+        data = classification_data(data_path, tokenizer, tc_probe.seq_len, SpecialTokens(base_vocab),
                                    cfg_probe.n_labels)
         source = data.source
-    cfg, tc = build_objective_configs(args, base_vocab)
-    if args.objective == "classify" and data_path is not None:  # the classes are the file's labels
+    cfg, tc = build_objective_configs(args, base_vocab, saved)
+    if args.objective == "classify" and data_path is not None and saved is None:  # the file's labels
         cfg = cfg.replace(n_labels=len(data.labels))
-    result = train_objective(args.objective, cfg, tc, data, run_dir, data_path=data_path)
+    if saved is not None and saved["labels"] is not None and getattr(data, "labels", None) != saved["labels"]:
+        raise ValueError(f"the data's labels {data.labels[:8]} are not the ones the run in {run_dir} was trained "
+                         f"on ({saved['labels'][:8]})")
+    if cfg.vocab_size != SpecialTokens(base_vocab, with_eos=args.objective == "seq2seq").vocab_size:
+        raise ValueError(f"the data's tokenizer ({tokenizer or 'byte'}, {base_vocab} tokens) does not fit the model "
+                         f"of {run_dir} (vocab_size {cfg.vocab_size}); pass the --tokenizer it was trained with")
+    if has_run and not resume:  # --overwrite, once the data and configs have been checked
+        for folder in (FINAL_DIR, CHECKPOINTS_DIR):
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
+    result = train_objective(args.objective, cfg, tc, data, run_dir, data_path=data_path,
+                             tokenizer=tokenizer or "byte", resume=resume,
+                             progress=not getattr(args, "no_progress", True))
     print(f"data: {source}")
     print(f"model: {type(result.model).__name__}, {result.model.num_parameters():,} parameters, "
           f"router={cfg.router}, ffn={cfg.ffn}")
-    print(f"steps: {tc.max_steps} in {result.seconds:.0f} s")
+    print(f"steps: {result.steps} of {tc.max_steps} in {result.seconds:.0f} s")
+    if result.interrupted:
+        print(f"interrupted at step {result.steps}; continue with: gohgraph train --objective {args.objective} "
+              f"--resume --run-dir {run_dir}")
+        print(f"checkpoint: {result.checkpoint_path}")
+        return 130
     if args.objective == "mlm":
         entropy = unigram_entropy(data.train, base_vocab)
         print(f"validation MLM loss: {result.metrics['loss']:.4f} nats/token at {result.metrics['examples']:,.0f} "
@@ -114,6 +174,20 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resumed_settings(run_dir: Path, objective: str) -> dict:
+    """What a resumed run continues: its latest checkpoint's model and train configs, and the data
+    and labels of its ``objective.json``."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint; drop --resume to start a new run")
+    settings = read_json(run_dir / OBJECTIVE_FILE)
+    if settings.get("objective") != objective:
+        raise ValueError(f"{run_dir} is an --objective {settings.get('objective')} run; resume it with that objective")
+    state = read_json(checkpoint / STATE_NAME)
+    return {"model": read_config(checkpoint).to_dict(), "train": state["train_config"],
+            "data": settings.get("data"), "labels": settings.get("labels"), "tokenizer": settings.get("tokenizer")}
+
+
 def run_eval(args: argparse.Namespace, model, directory: Path, run_dir: Path) -> int:
     """``gohgraph eval`` of a run trained with ``--objective mlm|classify``."""
     settings = read_json(run_dir / OBJECTIVE_FILE)
@@ -121,7 +195,7 @@ def run_eval(args: argparse.Namespace, model, directory: Path, run_dir: Path) ->
     special = SpecialTokens.of_model(model.config)
     data_path = one_data_path(args.data) or settings.get("data")
     if objective == "mlm":
-        data = load_corpus(data_path, args.cache_dir, args.tokenizer or "byte")
+        data = load_corpus(data_path, args.cache_dir, args.tokenizer or settings.get("tokenizer") or "byte")
     elif objective == "seq2seq":
         data = pair_data(data_path, args.tokenizer, seq_len, special)
     else:

@@ -181,6 +181,14 @@ def load_checkpoint(directory: Path, map_location: str = "cpu"
     return config, model_state, optimizer_state, training_state
 
 
+def check_same_config(saved: GoHConfig, given: GoHConfig, checkpoint: Path) -> None:
+    """Refuse to resume ``checkpoint`` (saved with ``saved``) as a model of another config."""
+    differing = {k: (v, getattr(given, k)) for k, v in saved.to_dict().items() if getattr(given, k) != v}
+    if differing:
+        listed = ", ".join(f"{k}: checkpoint {a!r} vs given {b!r}" for k, (a, b) in sorted(differing.items()))
+        raise CheckpointError(f"cannot resume from {checkpoint}: the model config differs ({listed})")
+
+
 # ---------------------------------------------------------------------- optimizer state
 def optimizer_state_to_flat(state_dict: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
     """``optimizer.state_dict()`` -> (tensors named ``state/<key>/<field>``, JSON for the rest).

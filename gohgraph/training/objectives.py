@@ -2,20 +2,33 @@
 
 The causal-LM trainer (:mod:`.trainer`) stays as it is; this loop serves ``--objective mlm``,
 ``--objective classify`` (a :class:`~gohgraph.models.encoder.GoHEncoder`) and ``--objective
-seq2seq`` (a :class:`~gohgraph.models.seq2seq.GoHSeq2Seq`) (DESIGN.md §13) on one process: AdamW with warmup + cosine, the routing
-losses, auxiliary-loss-free bias updates, and at the end ``final/`` (``save_pretrained``),
-``objective.json`` (what the model was trained on) and ``metrics.json`` (every evaluation).
+seq2seq`` (a :class:`~gohgraph.models.seq2seq.GoHSeq2Seq`) (DESIGN.md §13) on one process: AdamW
+with warmup + cosine, the routing losses, auxiliary-loss-free bias updates, and at the end
+``final/`` (``save_pretrained``) and ``metrics.json`` (every evaluation); ``objective.json`` (what
+the model is trained on) is written first, so a run stopped early can still be evaluated.
+
+Faults, as in the LM trainer (DESIGN.md §15): checkpoints every ``save_every`` steps in the same
+format (:mod:`.checkpoint`); SIGINT/SIGTERM finish the step, save and return
+(``ObjectiveResult.interrupted``), a second Ctrl-C during the save waits for it; a non-finite loss
+or gradient raises :class:`~gohgraph.training.trainer.TrainingDivergedError` before anything is
+saved. ``resume=True`` continues ``run_dir/checkpoints/latest``: every training batch is a function
+of the step (:class:`EpochBatches`), so on CPU the resumed run equals the uninterrupted one bit for bit.
+``tc.init_from`` starts a new run from a saved model (:func:`initialise_from`): an MLM-pretrained
+encoder fine-tuned as a classifier, its classification head new.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import GoHConfig
 from ..data.objectives import SpecialTokens
@@ -24,11 +37,15 @@ from ..data.objectives.mlm import mlm_eval_batches, mlm_train_batch
 from ..data.objectives.seq2seq import seq2seq_batches
 from ..models.encoder import GoHEncoder
 from ..models.seq2seq import GoHSeq2Seq
-from ..storage import atomic_write_text
+from ..storage import WEIGHTS_NAME, CheckpointError, atomic_write_text, load_state_strict, read_config, read_tensors
+from .checkpoint import (FINAL_DIR, check_same_config, latest_checkpoint, load_checkpoint, remove_stale_staging,
+                         restore_rng_state, save_checkpoint)
 from .config import TrainConfig
+from .interrupts import stop_signals
 from .optim import build_optimizer
 from .schedules import learning_rate, set_learning_rate
 from .seq2seq_metrics import evaluate_seq2seq
+from .trainer import TrainingDivergedError
 
 OBJECTIVE_FILE = "objective.json"
 
@@ -57,75 +74,208 @@ OBJECTIVE_PRESETS: Dict[str, Tuple[Dict, Dict]] = {
 }
 
 
+# tensors of GoHEncoder's classification head: what a fine-tuning run may add or replace
+_HEAD_PREFIXES = ("classifier.", "pooler.")
+
+
 @dataclass
 class ObjectiveResult:
     model: torch.nn.Module  # GoHEncoder, or GoHSeq2Seq for "seq2seq"
-    metrics: Dict[str, float]  # the final evaluation (tc.eval_batches validation batches)
+    metrics: Dict[str, float]  # the last evaluation (tc.eval_batches validation batches); {} if none yet
     history: List[Dict[str, float]] = field(default_factory=list)
-    final_path: Optional[Path] = None
+    final_path: Optional[Path] = None  # None when interrupted
     metrics_path: Optional[Path] = None
     seconds: float = 0.0
+    steps: int = 0  # optimizer steps taken, counting those of the run it resumed
+    checkpoint_path: Optional[Path] = None  # the latest checkpoint written (or resumed from)
+    interrupted: bool = False
+
+
+class EpochBatches:
+    """The training batch of step ``s`` for the epoch-based objectives (classify, seq2seq).
+
+    An epoch is ``n // batch_size`` full batches; epoch ``e`` reads the examples in the order seeded
+    ``seed + e * batches_per_epoch`` (the step at which it starts) and drops its short last batch.
+    So a batch depends on the step alone: a resumed run reads exactly what the uninterrupted run
+    read. ``make_order(seed)`` yields one epoch's batches in that seed's order.
+    """
+
+    def __init__(self, make_order: Callable[[int], Iterator], n_examples: int, batch_size: int, seed: int,
+                 what: str = "training examples"):
+        if n_examples < batch_size:
+            raise ValueError(f"{n_examples} {what} cannot fill one batch of batch_size={batch_size}")
+        self.batches_per_epoch = n_examples // batch_size
+        self._make_order, self._seed = make_order, seed
+        self._epoch, self._next_offset, self._batches = None, 0, iter(())
+
+    def __call__(self, step: int):
+        epoch, offset = divmod(step, self.batches_per_epoch)
+        if epoch != self._epoch or offset != self._next_offset:  # a new epoch, or a jump (resume)
+            order = self._make_order(self._seed + epoch * self.batches_per_epoch)
+            self._batches = itertools.islice(order, offset, None)
+            self._epoch = epoch
+        self._next_offset = offset + 1
+        return next(self._batches)
 
 
 def train_objective(objective: str, cfg: GoHConfig, tc: TrainConfig, data, run_dir: Path,
-                    log=print, data_path: Optional[str] = None) -> ObjectiveResult:
+                    log=print, data_path: Optional[str] = None, tokenizer: str = "byte", resume: bool = False,
+                    progress: bool = False) -> ObjectiveResult:
     """Train ``GoHEncoder(cfg)`` on ``data`` (a :class:`~gohgraph.data.corpus.Corpus` for ``"mlm"``, a
     :class:`~gohgraph.data.objectives.classify.ClassificationData` for ``"classify"``), or
-    ``GoHSeq2Seq(cfg)`` for ``"seq2seq"`` (an :class:`~gohgraph.data.objectives.seq2seq.EncodedPairs`), for
-    ``tc.max_steps`` steps; writes under ``run_dir``, with ``data_path`` (the user data it was read
-    from, ``None`` for the default corpus) in ``objective.json``."""
+    ``GoHSeq2Seq(cfg)`` for ``"seq2seq"`` (an :class:`~gohgraph.data.objectives.seq2seq.EncodedPairs`), up
+    to ``tc.max_steps`` steps; writes under ``run_dir``, with ``data_path`` (the user data it was read
+    from, ``None`` for the default corpus) and ``tokenizer`` (its spec) in ``objective.json``.
+    ``resume``: continue the run's latest checkpoint (its model config must equal ``cfg``)."""
+    run_dir = Path(run_dir)
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint; start a new run without --resume")
+    started = time.perf_counter()
     torch.manual_seed(tc.seed)
     model = (GoHSeq2Seq if objective == "seq2seq" else GoHEncoder)(cfg).train()
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
-    special = SpecialTokens.of_model(cfg)
-    history, started = [], time.perf_counter()
-    train_order = None
-    for step in range(tc.max_steps):
-        set_learning_rate(optimizer, learning_rate(step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
-        if objective == "mlm":
-            inputs, labels = mlm_train_batch(data.train, tc.batch_size, tc.seq_len, tc.seed, step,
-                                             special.mask, special.base)
-            out = model(inputs, labels=labels)
-        elif objective == "seq2seq":
-            batch = next(train_order, None) if train_order is not None else None
-            if batch is None or len(batch["labels"]) < tc.batch_size:  # a new epoch, in a new order
-                if len(data.train) < tc.batch_size:
-                    raise ValueError(f"{len(data.train)} training pairs cannot fill one batch of "
-                                     f"batch_size={tc.batch_size}")
-                train_order = seq2seq_batches(data.train, tc.batch_size, data.pad_id, seed=tc.seed + step)
-                batch = next(train_order)
-            out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
-        else:
-            if train_order is None:
-                train_order = classification_batches(data.train_x, data.train_mask, data.train_y,
-                                                     tc.batch_size, seed=tc.seed + step)
-            batch = next(train_order, None)
-            if batch is None or len(batch[2]) < tc.batch_size:
-                train_order = classification_batches(data.train_x, data.train_mask, data.train_y,
-                                                     tc.batch_size, seed=tc.seed + step)
-                batch = next(train_order)
-            ids, mask, y = batch
-            out = model(ids, mask, class_labels=y)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        model.update_routing_biases()
-        if (step + 1) % tc.eval_every == 0 and step + 1 < tc.max_steps:
-            metrics = evaluate_objective(model, objective, data, tc.batch_size, tc.seq_len, tc.eval_batches)
-            history.append({"step": step + 1, **metrics})
-            log(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    final = evaluate_objective(model, objective, data, tc.batch_size, tc.seq_len, tc.eval_batches)
-    history.append({"step": tc.max_steps, **final})
-    run_dir = Path(run_dir)
-    final_path = model.save_pretrained(run_dir / "final")
+    start_step, tokens_seen, history = 0, 0, []
+    if checkpoint is not None:
+        start_step, tokens_seen, history = _restore(checkpoint, objective, cfg, model, optimizer)
+    elif tc.init_from is not None:
+        fresh = initialise_from(model, Path(tc.init_from))
+        log(f"initialised from {tc.init_from}" + (f"; new head: {', '.join(fresh)}" if fresh else ""))
+    next_batch = _training_batches(objective, data, tc, SpecialTokens.of_model(cfg))
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in remove_stale_staging(run_dir):
+        log(f"removed {leftover}, left by a save that was killed before it completed")
     atomic_write_text(run_dir / OBJECTIVE_FILE, json.dumps({"objective": objective, "seq_len": tc.seq_len,
                                                             "labels": getattr(data, "labels", None),
-                                                            "data": data_path}, indent=2) + "\n")
+                                                            "data": data_path, "tokenizer": tokenizer},
+                                                           indent=2) + "\n")
     atomic_write_text(run_dir / "train_config.json", tc.to_json() + "\n")
-    metrics_path = atomic_write_text(run_dir / "metrics.json", json.dumps(history, indent=2) + "\n")
-    return ObjectiveResult(model, final, history, final_path, metrics_path, time.perf_counter() - started)
+    metrics_path = run_dir / "metrics.json"
+    last_checkpoint, step, interrupted = checkpoint, start_step, False
+
+    def save(at_step: int) -> Path:
+        state = {"objective": objective, "tokens_seen": tokens_seen, "val_history": history,
+                 "train_config": tc.to_dict(), "data": data_path, "optimizer_param_names": optimizer.param_names}
+        with stop.saving():
+            return save_checkpoint(run_dir, at_step, cfg, model.state_dict(), optimizer.state_dict(), state,
+                                   tc.keep_last)
+
+    bar = tqdm(total=tc.max_steps, initial=start_step, disable=not progress, desc=objective, dynamic_ncols=True)
+    with stop_signals() as stop:
+        try:
+            while step < tc.max_steps:
+                set_learning_rate(optimizer, learning_rate(step, tc.lr, tc.warmup_steps, tc.max_steps,
+                                                           tc.min_lr_ratio))
+                inputs = next_batch(step)
+                loss = _objective_loss(objective, model, inputs)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf))
+                loss_value = float(loss.detach())
+                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                    raise TrainingDivergedError(
+                        f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} at step "
+                        f"{step + 1} (loss={loss_value}, grad_norm={grad_norm}); stopped without saving. Last "
+                        f"good checkpoint: {last_checkpoint or 'none yet'}. Lower the learning rate or raise "
+                        "warmup_steps, then resume.")
+                optimizer.step()
+                model.update_routing_biases()
+                step += 1
+                tokens_seen += _token_count(inputs)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+                if step % tc.eval_every == 0 or step == tc.max_steps:
+                    metrics = evaluate_objective(model, objective, data, tc.batch_size, tc.seq_len,
+                                                 tc.eval_batches)
+                    history.append({"step": step, **metrics})
+                    atomic_write_text(metrics_path, json.dumps(history, indent=2) + "\n")
+                    if step < tc.max_steps:
+                        log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                interrupted = stop.requested
+                if interrupted or step % tc.save_every == 0 or step == tc.max_steps:
+                    last_checkpoint = save(step)
+                if interrupted:
+                    log(f"interrupted: checkpoint saved at step {step} to {last_checkpoint}; continue with "
+                        "resume=True (--resume)")
+                    return ObjectiveResult(model, history[-1] if history else {}, history, None,
+                                           metrics_path if history else None, time.perf_counter() - started,
+                                           step, last_checkpoint, interrupted=True)
+        finally:
+            bar.close()
+        if not history or history[-1]["step"] != step:  # a resumed run that had already finished
+            history.append({"step": step, **evaluate_objective(model, objective, data, tc.batch_size, tc.seq_len,
+                                                               tc.eval_batches)})
+        final = {k: v for k, v in history[-1].items() if k != "step"}
+        with stop.saving():
+            final_path = model.save_pretrained(run_dir / FINAL_DIR)
+            atomic_write_text(metrics_path, json.dumps(history, indent=2) + "\n")
+    return ObjectiveResult(model, final, history, final_path, metrics_path, time.perf_counter() - started,
+                           step, last_checkpoint)
+
+
+def initialise_from(model: torch.nn.Module, directory: Path) -> List[str]:
+    """Load the ``save_pretrained`` model at ``directory`` into ``model``; returns the names of the
+    classification-head tensors that start fresh instead (the model had no head, or one for other
+    labels). Every other tensor must be there with its shape."""
+    read_config(directory)  # a clear error for a missing or foreign directory
+    source = read_tensors(directory / WEIGHTS_NAME)
+    own = model.state_dict()
+    fresh = [name for name in own if name.startswith(_HEAD_PREFIXES)
+             and (name not in source or source[name].shape != own[name].shape)]
+    kept = {name: tensor for name, tensor in source.items()
+            if not (name.startswith(_HEAD_PREFIXES) and (name not in own or name in fresh))}
+    load_state_strict(model, {**kept, **{name: own[name] for name in fresh}}, directory / WEIGHTS_NAME)
+    return fresh
+
+
+def _restore(checkpoint: Path, objective: str, cfg: GoHConfig, model: torch.nn.Module, optimizer
+             ) -> Tuple[int, int, List[Dict[str, float]]]:
+    """Load ``checkpoint`` into ``model``, ``optimizer`` and the RNGs: ``(step, tokens_seen, history)``."""
+    saved_config, model_state, optimizer_state, saved = load_checkpoint(checkpoint)
+    if saved.get("objective") != objective:
+        raise CheckpointError(f"cannot resume from {checkpoint}: it was trained with objective "
+                              f"{saved.get('objective', 'lm')!r}, not {objective!r}")
+    check_same_config(saved_config, cfg, checkpoint)
+    if saved.get("optimizer_param_names") != optimizer.param_names:
+        raise CheckpointError(f"{checkpoint}: the optimizer state is for other parameters")
+    load_state_strict(model, model_state, checkpoint)
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{checkpoint}/optimizer.json does not fit this model's optimizer: {err}") from None
+    restore_rng_state(saved["rng_tensors"], saved["rng"])
+    return saved["step"], saved["tokens_seen"], list(saved["val_history"])
+
+
+def _training_batches(objective: str, data, tc: TrainConfig, special: SpecialTokens) -> Callable[[int], object]:
+    """``step -> batch``: MLM windows are drawn from ``(seed, step)``; classify and seq2seq read
+    epochs (:class:`EpochBatches`)."""
+    if objective == "mlm":
+        return lambda step: mlm_train_batch(data.train, tc.batch_size, tc.seq_len, tc.seed, step,
+                                            special.mask, special.base)
+    if objective == "seq2seq":
+        return EpochBatches(lambda seed: seq2seq_batches(data.train, tc.batch_size, data.pad_id, seed=seed),
+                            len(data.train), tc.batch_size, tc.seed, "training pairs")
+    return EpochBatches(lambda seed: classification_batches(data.train_x, data.train_mask, data.train_y,
+                                                            tc.batch_size, seed=seed),
+                        len(data.train_y), tc.batch_size, tc.seed, "training texts")
+
+
+def _objective_loss(objective: str, model: torch.nn.Module, batch) -> torch.Tensor:
+    """The training loss (the objective's plus the routing losses) of one batch."""
+    if objective == "mlm":
+        inputs, labels = batch
+        return model(inputs, labels=labels).loss
+    if objective == "seq2seq":
+        return model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
+    ids, mask, y = batch
+    return model(ids, mask, class_labels=y).loss
+
+
+def _token_count(batch) -> int:
+    """Input tokens of one training batch (padding included)."""
+    return int(batch["input_ids"].numel() if isinstance(batch, dict) else batch[0].numel())
 
 
 @torch.no_grad()

@@ -37,8 +37,8 @@ from ..parallel import expert_parallel as EP
 from ..parallel import tensor_parallel as TP
 from ..storage import (WEIGHTS_NAME, CheckpointError, atomic_write_text, load_state_strict, read_config, read_tensors,
                        upgrade_legacy_names)
-from .checkpoint import (FINAL_DIR, latest_checkpoint, load_checkpoint, remove_stale_staging, restore_rng_state,
-                         save_checkpoint)
+from .checkpoint import (FINAL_DIR, check_same_config, latest_checkpoint, load_checkpoint, remove_stale_staging,
+                         restore_rng_state, save_checkpoint)
 from .compile import TrainingForward
 from .config import TrainConfig
 from .interrupts import stop_signals
@@ -187,7 +187,7 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
     saved_optimizer = None
     if checkpoint is not None:
         saved_config, model_state, saved_optimizer, saved = load_checkpoint(checkpoint)
-        _check_same_config(saved_config, model_config, checkpoint)
+        check_same_config(saved_config, model_config, checkpoint)
         load_state_strict(model, model_state, checkpoint)
         start_step, tokens_seen = saved["step"], saved["tokens_seen"]
         history = [tuple(entry) for entry in saved["val_history"]]
@@ -370,13 +370,6 @@ def _initialise_from(model: GoHTransformer, directory: Path) -> None:
     ``top_k_heads`` may differ from the saved config, tensor names and shapes may not."""
     read_config(directory)  # a clear error for a missing or foreign directory
     load_state_strict(model, read_tensors(directory / WEIGHTS_NAME), directory / WEIGHTS_NAME)
-
-
-def _check_same_config(saved: GoHConfig, given: GoHConfig, checkpoint: Path) -> None:
-    differing = {k: (v, getattr(given, k)) for k, v in saved.to_dict().items() if getattr(given, k) != v}
-    if differing:
-        listed = ", ".join(f"{k}: checkpoint {a!r} vs given {b!r}" for k, (a, b) in sorted(differing.items()))
-        raise CheckpointError(f"cannot resume from {checkpoint}: the model config differs ({listed})")
 
 
 def _clip_gradients(model: torch.nn.Module, max_norm: float) -> float:

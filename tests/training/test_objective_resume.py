@@ -1,0 +1,173 @@
+"""The encoder objectives' runs survive faults as the LM's do (DESIGN.md §15): exact resume,
+Ctrl-C, non-finite losses, and the CLI's --resume / --overwrite."""
+
+import json
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+
+from gohgraph import CheckpointError, GoHConfig
+from gohgraph.cli.main import main
+from gohgraph.cli.objectives import classification_data, pair_data
+from gohgraph.data.objectives import SpecialTokens
+from gohgraph.data.objectives.classify import classification_batches
+from gohgraph.training import objectives as objectives_module
+from gohgraph.training.checkpoint import latest_checkpoint, load_checkpoint
+from gohgraph.training.config import TrainConfig
+from gohgraph.training.objectives import EpochBatches, train_objective
+from gohgraph.training.trainer import TrainingDivergedError
+
+from tests.helpers import make_corpus
+
+SMALL = dict(d_model=32, n_layers=1, n_heads=4, n_shared_heads=1, top_k_heads=2, router="graph", router_rounds=1,
+             router_dim=8, head_graph="complete", inter_head_flow=True, position_embedding="rope",
+             mlp="gelu-exact", norm="layer", max_seq_len=32, dropout=0.1)  # dropout: the RNG must resume too
+
+
+def _train_config(**changes):
+    values = dict(batch_size=4, seq_len=24, max_steps=6, lr=5e-3, warmup_steps=2, eval_every=3, eval_batches=1,
+                  save_every=3, keep_last=5, weight_decay=0.01)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def _labelled(tmp_path):
+    lines = [f"{'loud' if i % 2 else 'quiet'}\t{('HELLO THERE' if i % 2 else 'hello there')} {i}" for i in range(22)]
+    path = tmp_path / "labelled.tsv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return classification_data(str(path), None, 24, SpecialTokens(256), 2)
+
+
+def _pairs(tmp_path):
+    path = tmp_path / "reverse.tsv"
+    path.write_text("".join(f"reverse w{i:02d}\t{f'w{i:02d}'[::-1]}\n" for i in range(22)), encoding="utf-8")
+    return pair_data(str(path), None, 24, SpecialTokens(256, with_eos=True))
+
+
+def _objective_setup(objective, tmp_path):
+    """(GoHConfig, data) of a tiny run of ``objective``."""
+    if objective == "mlm":
+        return GoHConfig(**SMALL, model_type="encoder", vocab_size=SpecialTokens(256).vocab_size), make_corpus()
+    if objective == "classify":
+        return GoHConfig(**SMALL, model_type="encoder", vocab_size=SpecialTokens(256).vocab_size, n_labels=2,
+                         classifier_pooling="mean"), _labelled(tmp_path)
+    special = SpecialTokens(256, with_eos=True)
+    return GoHConfig(**SMALL, model_type="seq2seq", n_decoder_layers=1, vocab_size=special.vocab_size,
+                     pad_token_id=special.pad, decoder_start_token_id=special.pad), _pairs(tmp_path)
+
+
+@pytest.mark.parametrize("objective", ["mlm", "classify", "seq2seq"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, objective):
+    cfg, data = _objective_setup(objective, tmp_path)
+    # about 20 training texts/pairs, batches of 4: the 6 steps cross an epoch (classify, seq2seq)
+    straight = train_objective(objective, cfg, _train_config(), data, tmp_path / "straight", log=lambda _: None)
+    assert straight.steps == 6 and not straight.interrupted
+
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight", resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "step_000006")
+    shutil.rmtree(resumed_dir / "final")
+    (resumed_dir / "checkpoints" / "latest").write_text("step_000003\n")
+    resumed = train_objective(objective, cfg, _train_config(), data, resumed_dir, log=lambda _: None, resume=True)
+
+    assert resumed.steps == 6 and resumed.history == straight.history
+    for key, tensor in straight.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[key]), key
+
+
+def test_epoch_batches_are_the_loop_that_restarts_an_order_whenever_one_runs_short():
+    x, mask, y = torch.arange(11 * 3).view(11, 3), torch.ones(11, 3), torch.arange(11)
+    # the reference: the loop the trainer had, a new order (seeded by the step) when one ends short
+    reference, order = [], None
+    for step in range(9):
+        batch = next(order, None) if order is not None else None
+        if batch is None or len(batch[2]) < 4:
+            order = classification_batches(x, mask, y, 4, seed=7 + step)
+            batch = next(order)
+        reference.append(batch[2])
+    batches = EpochBatches(lambda seed: classification_batches(x, mask, y, 4, seed=seed), 11, 4, seed=7)
+    assert [batches(step)[2].tolist() for step in range(9)] == [b.tolist() for b in reference]
+    jumped = EpochBatches(lambda seed: classification_batches(x, mask, y, 4, seed=seed), 11, 4, seed=7)
+    assert [jumped(step)[2].tolist() for step in (5, 6, 1)] == [reference[s].tolist() for s in (5, 6, 1)]
+    with pytest.raises(ValueError, match="3 training texts cannot fill one batch of batch_size=4"):
+        EpochBatches(lambda seed: iter(()), 3, 4, seed=0, what="training texts")
+
+
+def test_sigint_finishes_the_step_then_saves_and_returns(tmp_path, monkeypatch):
+    cfg, data = _objective_setup("mlm", tmp_path)
+    real_loss, calls = objectives_module._objective_loss, []
+
+    def loss_then_ctrl_c(objective, model, batch):
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C arrives in the middle of step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(objective, model, batch)
+
+    monkeypatch.setattr(objectives_module, "_objective_loss", loss_then_ctrl_c)
+    previous_handler = signal.getsignal(signal.SIGINT)
+    result = train_objective("mlm", cfg, _train_config(max_steps=50, save_every=100), data, tmp_path,
+                             log=lambda _: None)
+    assert result.interrupted and result.steps == 3 and result.final_path is None
+    assert signal.getsignal(signal.SIGINT) is previous_handler
+    assert latest_checkpoint(tmp_path) == result.checkpoint_path == tmp_path / "checkpoints" / "step_000003"
+    _, state, _, training_state = load_checkpoint(result.checkpoint_path)
+    assert training_state["step"] == 3 and training_state["objective"] == "mlm"
+    for name, tensor in result.model.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+
+
+def test_a_non_finite_loss_stops_before_saving(tmp_path, monkeypatch):
+    cfg, data = _objective_setup("classify", tmp_path)
+    real_loss, calls = objectives_module._objective_loss, []
+
+    def nan_at_step_5(objective, model, batch):
+        calls.append(1)
+        loss = real_loss(objective, model, batch)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(objectives_module, "_objective_loss", nan_at_step_5)
+    with pytest.raises(TrainingDivergedError, match="non-finite loss at step 5.*Last good checkpoint: .*step_000003"):
+        train_objective("classify", cfg, _train_config(), data, tmp_path, log=lambda _: None)
+    assert latest_checkpoint(tmp_path).name == "step_000003" and not (tmp_path / "final").exists()
+
+
+def test_resume_refuses_another_model_or_objective(tmp_path):
+    cfg, data = _objective_setup("mlm", tmp_path)
+    train_objective("mlm", cfg, _train_config(max_steps=3), data, tmp_path, log=lambda _: None)
+    with pytest.raises(CheckpointError, match=r"model config differs \(d_model: checkpoint 32 vs given 64"):
+        train_objective("mlm", cfg.replace(d_model=64), _train_config(max_steps=4), data, tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="trained with objective 'mlm', not 'classify'"):
+        train_objective("classify", cfg, _train_config(max_steps=4), data, tmp_path, resume=True)
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train_objective("mlm", cfg, _train_config(), data, tmp_path / "empty", resume=True)
+
+
+def test_cli_resume_continues_with_the_runs_data_and_config(tmp_path, capsys):
+    lines = [f"{'loud' if i % 2 else 'quiet'}\t{('HELLO THERE' if i % 2 else 'hello there')} {i}" for i in range(44)]
+    data = tmp_path / "labelled.tsv"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    run_dir = tmp_path / "cls"
+    common = ["train", "--objective", "classify", "--run-dir", str(run_dir), "--no-progress"]
+    assert main([*common, "--data", str(data), "--max-steps", "4", "--seq-len", "24", "--batch-size", "4",
+                 "--set", "d_model=32", "--set", "eval_batches=1", "--set", "save_every=2"]) == 0
+    capsys.readouterr()
+
+    # the same command again would replace the run: refused in one line
+    assert main([*common, "--data", str(data), "--max-steps", "4"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "already holds a trained model or checkpoints; pass --resume" in err and "\n" not in err
+
+    # --resume needs only the run: data, labels, model and batch size come from it; --max-steps extends
+    assert main([*common, "--resume", "--max-steps", "6"]) == 0
+    assert "steps: 6 of 6" in capsys.readouterr().out
+    history = json.loads((run_dir / "metrics.json").read_text())
+    assert [entry["step"] for entry in history] == [4, 6]
+    assert latest_checkpoint(run_dir).name == "step_000006"
+    _, _, _, state = load_checkpoint(latest_checkpoint(run_dir))
+    assert state["train_config"]["batch_size"] == 4 and state["data"] == str(data)
+
+    assert main(["train", "--objective", "mlm", "--run-dir", str(run_dir), "--resume"]) == 1
+    assert "is an --objective classify run; resume it with that objective" in capsys.readouterr().err
