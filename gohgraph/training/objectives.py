@@ -174,11 +174,7 @@ def train_objective(objective: str, cfg: GoHConfig, tc: TrainConfig, data, run_d
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf))
                 loss_value = float(loss.detach())
                 if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                    raise TrainingDivergedError(
-                        f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} at step "
-                        f"{step + 1} (loss={loss_value}, grad_norm={grad_norm}); stopped without saving. Last "
-                        f"good checkpoint: {last_checkpoint or 'none yet'}. Lower the learning rate or raise "
-                        "warmup_steps, then resume.")
+                    raise TrainingDivergedError.at(step + 1, loss_value, grad_norm, last_checkpoint)
                 optimizer.step()
                 model.update_routing_biases()
                 step += 1

@@ -56,6 +56,13 @@ RANK_SEED_STRIDE = 1_000_003
 class TrainingDivergedError(ValueError):
     """The loss or gradient became NaN/inf; the run stopped without saving the bad state."""
 
+    @classmethod
+    def at(cls, step: int, loss: float, grad_norm: float, last_checkpoint: Optional[Path]) -> "TrainingDivergedError":
+        """The error of optimizer step ``step`` (1-based), naming the checkpoint to resume from."""
+        return cls(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step} "
+                   f"(loss={loss}, grad_norm={grad_norm}); stopped without saving. Last good checkpoint: "
+                   f"{last_checkpoint or 'none yet'}. Lower the learning rate or raise warmup_steps, then resume.")
+
 
 @dataclass
 class TrainResult:
@@ -298,11 +305,7 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
             grad_norm = (EP.clip_grad_norm_(model, tc.grad_clip) if expert_parallel or tensor_parallel
                          else _clip_gradients(model, tc.grad_clip))
             if not (math.isfinite(float(parts[0])) and math.isfinite(grad_norm)):
-                raise TrainingDivergedError(
-                    f"non-finite {'loss' if not math.isfinite(float(parts[0])) else 'gradient norm'} "
-                    f"at step {step + 1} (loss={float(parts[0])}, grad_norm={grad_norm}); stopped without "
-                    f"saving. Last good checkpoint: {last_checkpoint or 'none yet'}. Lower the learning "
-                    "rate or raise warmup_steps, then resume.")
+                raise TrainingDivergedError.at(step + 1, float(parts[0]), grad_norm, last_checkpoint)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if not tensor_parallel:  # tensor-parallel ranks count the same (replicated) routing loads
