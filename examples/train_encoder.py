@@ -1,6 +1,6 @@
 """Train a graph-routed BERT-style encoder with masked-LM on the default corpus (no download).
 
-    python examples/train_encoder.py                 # 300 steps: a few minutes on 2 CPU cores
+    python examples/train_encoder.py                 # 300 steps: about 40 s on 2 quiet CPU cores
     python examples/train_encoder.py --max-steps 1000 --router linear
 
 Same as ``gohgraph train --objective mlm``: a GoHEncoder (bidirectional self-attention, graph
