@@ -42,6 +42,7 @@ from .checkpoint import (FINAL_DIR, check_same_config, latest_checkpoint, load_c
                          restore_rng_state, save_checkpoint)
 from .config import TrainConfig
 from .interrupts import stop_signals
+from .metrics import MetricsLogger, routing_summary
 from .optim import build_optimizer
 from .schedules import learning_rate, set_learning_rate
 from .seq2seq_metrics import evaluate_seq2seq
@@ -74,6 +75,16 @@ OBJECTIVE_PRESETS: Dict[str, Tuple[Dict, Dict]] = {
 }
 
 
+# evaluation scores (besides the loss, logged as val_loss) -> their metrics.csv columns
+_EVAL_SCORES: Dict[str, Dict[str, str]] = {
+    "mlm": {}, "classify": {"accuracy": "val_accuracy"},
+    "seq2seq": {"token_accuracy": "val_token_accuracy", "exact_match": "val_exact_match"}}
+# objective -> (metrics.csv column, output field) of its own training loss
+_OWN_LOSS = {"mlm": ("lm_loss", "mlm_loss"), "classify": ("class_loss", "class_loss"), "seq2seq": ("lm_loss", "lm_loss")}
+# the columns metrics.csv adds to the LM's (gohgraph.training.metrics.COLUMNS) for each objective
+_EXTRA_COLUMNS: Dict[str, List[str]] = {
+    objective: (["class_loss"] if objective == "classify" else []) + list(scores.values())
+    for objective, scores in _EVAL_SCORES.items()}
 # tensors of GoHEncoder's classification head: what a fine-tuning run may add or replace
 _HEAD_PREFIXES = ("classifier.", "pooler.")
 
@@ -162,13 +173,17 @@ def train_objective(objective: str, cfg: GoHConfig, tc: TrainConfig, data, run_d
                                    tc.keep_last)
 
     bar = tqdm(total=tc.max_steps, initial=start_step, disable=not progress, desc=objective, dynamic_ncols=True)
+    step_log = MetricsLogger(run_dir, start_step, tensorboard=tc.tensorboard, extra_columns=_EXTRA_COLUMNS[objective])
+    train_seconds, timed_tokens = 0.0, 0  # optimizer steps only: evaluation and saving excluded
     with stop_signals() as stop:
         try:
             while step < tc.max_steps:
-                set_learning_rate(optimizer, learning_rate(step, tc.lr, tc.warmup_steps, tc.max_steps,
-                                                           tc.min_lr_ratio))
+                step_started = time.perf_counter()
+                lr = learning_rate(step, tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+                set_learning_rate(optimizer, lr)
                 inputs = next_batch(step)
-                loss = _objective_loss(objective, model, inputs)
+                out = _forward(objective, model, inputs)
+                loss = out.loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf))
@@ -177,10 +192,13 @@ def train_objective(objective: str, cfg: GoHConfig, tc: TrainConfig, data, run_d
                     raise TrainingDivergedError.at(step + 1, loss_value, grad_norm, last_checkpoint)
                 optimizer.step()
                 model.update_routing_biases()
+                train_seconds += time.perf_counter() - step_started
                 step += 1
                 tokens_seen += _token_count(inputs)
+                timed_tokens += _token_count(inputs)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}")
+                metrics = None
                 if step % tc.eval_every == 0 or step == tc.max_steps:
                     metrics = evaluate_objective(model, objective, data, tc.batch_size, tc.seq_len,
                                                  tc.eval_batches)
@@ -188,6 +206,10 @@ def train_objective(objective: str, cfg: GoHConfig, tc: TrainConfig, data, run_d
                     atomic_write_text(metrics_path, json.dumps(history, indent=2) + "\n")
                     if step < tc.max_steps:
                         log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                if step % tc.log_every == 0 or metrics is not None or step == start_step + 1:
+                    step_log.log(step=step, tokens=tokens_seen, lr=lr, loss=loss_value, grad_norm=grad_norm,
+                                 tokens_per_s=timed_tokens / max(1e-9, train_seconds),
+                                 **_step_columns(objective, out, cfg), **_eval_columns(objective, metrics))
                 interrupted = stop.requested
                 if interrupted or step % tc.save_every == 0 or step == tc.max_steps:
                     last_checkpoint = save(step)
@@ -199,6 +221,7 @@ def train_objective(objective: str, cfg: GoHConfig, tc: TrainConfig, data, run_d
                                            step, last_checkpoint, interrupted=True)
         finally:
             bar.close()
+            step_log.close()
         if not history or history[-1]["step"] != step:  # a resumed run that had already finished
             history.append({"step": step, **evaluate_objective(model, objective, data, tc.batch_size, tc.seq_len,
                                                                tc.eval_batches)})
@@ -258,15 +281,32 @@ def _training_batches(objective: str, data, tc: TrainConfig, special: SpecialTok
                         len(data.train_y), tc.batch_size, tc.seed, "training texts")
 
 
-def _objective_loss(objective: str, model: torch.nn.Module, batch) -> torch.Tensor:
-    """The training loss (the objective's plus the routing losses) of one batch."""
+def _forward(objective: str, model: torch.nn.Module, batch):
+    """The model's output on one training batch; ``.loss`` is the objective's plus the routing losses."""
     if objective == "mlm":
         inputs, labels = batch
-        return model(inputs, labels=labels).loss
+        return model(inputs, labels=labels)
     if objective == "seq2seq":
-        return model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
+        return model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
     ids, mask, y = batch
-    return model(ids, mask, class_labels=y).loss
+    return model(ids, mask, class_labels=y)
+
+
+def _step_columns(objective: str, out, cfg: GoHConfig) -> Dict[str, Optional[float]]:
+    """``metrics.csv`` cells of one training step: the objective's own loss, the routing loss and
+    the routing summary (over every attention kind of a seq2seq model)."""
+    column, field_name = _OWN_LOSS[objective]
+    routing = [layer for layers in out.routing.values() for layer in layers] if isinstance(out.routing, dict) \
+        else out.routing
+    return {column: float(getattr(out, field_name).detach()), "aux_loss": float(out.aux_loss.detach()),
+            **routing_summary(routing, cfg)}
+
+
+def _eval_columns(objective: str, metrics: Optional[Dict[str, float]]) -> Dict[str, Optional[float]]:
+    """``metrics.csv`` cells of an evaluation (``val_loss`` and the objective's scores), if one ran."""
+    if metrics is None:
+        return {}
+    return {"val_loss": metrics["loss"], **{column: metrics[key] for key, column in _EVAL_SCORES[objective].items()}}
 
 
 def _token_count(batch) -> int:

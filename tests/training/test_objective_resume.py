@@ -17,6 +17,7 @@ from gohgraph.data.objectives.classify import classification_batches
 from gohgraph.training import objectives as objectives_module
 from gohgraph.training.checkpoint import latest_checkpoint, load_checkpoint
 from gohgraph.training.config import TrainConfig
+from gohgraph.training.metrics import read_metrics
 from gohgraph.training.objectives import EpochBatches, train_objective
 from gohgraph.training.trainer import TrainingDivergedError
 
@@ -29,7 +30,7 @@ SMALL = dict(d_model=32, n_layers=1, n_heads=4, n_shared_heads=1, top_k_heads=2,
 
 def _train_config(**changes):
     values = dict(batch_size=4, seq_len=24, max_steps=6, lr=5e-3, warmup_steps=2, eval_every=3, eval_batches=1,
-                  save_every=3, keep_last=5, weight_decay=0.01)
+                  save_every=3, keep_last=5, weight_decay=0.01, log_every=1)
     values.update(changes)
     return TrainConfig(**values)
 
@@ -76,6 +77,29 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, objective):
     assert resumed.steps == 6 and resumed.history == straight.history
     for key, tensor in straight.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[key]), key
+    without_timing = lambda path: [{k: v for k, v in row.items() if k != "tokens_per_s"}  # noqa: E731
+                                   for row in read_metrics(path)]
+    assert without_timing(resumed_dir / "metrics.csv") == without_timing(tmp_path / "straight" / "metrics.csv")
+
+
+@pytest.mark.parametrize("objective", ["mlm", "classify", "seq2seq"])
+def test_metrics_csv_logs_every_step_and_the_evaluations(tmp_path, objective):
+    cfg, data = _objective_setup(objective, tmp_path)
+    result = train_objective(objective, cfg, _train_config(), data, tmp_path, log=lambda _: None)
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    own = "class_loss" if objective == "classify" else "lm_loss"
+    for row in rows:  # the logged loss is the objective's plus the routing loss
+        assert row["loss"] == pytest.approx(row[own] + row["aux_loss"], rel=1e-4)
+        assert 0 <= row["head_load_cv"] and row["active_heads"] == pytest.approx(3.0)  # 1 shared + top-2
+    evaluated = {int(row["step"]): row for row in rows if "val_loss" in row}
+    assert sorted(evaluated) == [3, 6]
+    for entry in result.history:  # the CSV's validation cells are metrics.json's numbers
+        assert evaluated[entry["step"]]["val_loss"] == pytest.approx(entry["loss"], rel=1e-5)
+        if objective == "classify":
+            assert evaluated[entry["step"]]["val_accuracy"] == pytest.approx(entry["accuracy"], rel=1e-5)
+        if objective == "seq2seq":
+            assert evaluated[entry["step"]]["val_token_accuracy"] == pytest.approx(entry["token_accuracy"], rel=1e-5)
 
 
 def test_epoch_batches_are_the_loop_that_restarts_an_order_whenever_one_runs_short():
@@ -98,15 +122,15 @@ def test_epoch_batches_are_the_loop_that_restarts_an_order_whenever_one_runs_sho
 
 def test_sigint_finishes_the_step_then_saves_and_returns(tmp_path, monkeypatch):
     cfg, data = _objective_setup("mlm", tmp_path)
-    real_loss, calls = objectives_module._objective_loss, []
+    real_forward, calls = objectives_module._forward, []
 
-    def loss_then_ctrl_c(objective, model, batch):
+    def forward_then_ctrl_c(objective, model, batch):
         calls.append(1)
         if len(calls) == 3:  # Ctrl-C arrives in the middle of step 3
             os.kill(os.getpid(), signal.SIGINT)
-        return real_loss(objective, model, batch)
+        return real_forward(objective, model, batch)
 
-    monkeypatch.setattr(objectives_module, "_objective_loss", loss_then_ctrl_c)
+    monkeypatch.setattr(objectives_module, "_forward", forward_then_ctrl_c)
     previous_handler = signal.getsignal(signal.SIGINT)
     result = train_objective("mlm", cfg, _train_config(max_steps=50, save_every=100), data, tmp_path,
                              log=lambda _: None)
@@ -121,14 +145,16 @@ def test_sigint_finishes_the_step_then_saves_and_returns(tmp_path, monkeypatch):
 
 def test_a_non_finite_loss_stops_before_saving(tmp_path, monkeypatch):
     cfg, data = _objective_setup("classify", tmp_path)
-    real_loss, calls = objectives_module._objective_loss, []
+    real_forward, calls = objectives_module._forward, []
 
     def nan_at_step_5(objective, model, batch):
         calls.append(1)
-        loss = real_loss(objective, model, batch)
-        return loss * float("nan") if len(calls) == 5 else loss
+        out = real_forward(objective, model, batch)
+        if len(calls) == 5:
+            out.loss = out.loss * float("nan")
+        return out
 
-    monkeypatch.setattr(objectives_module, "_objective_loss", nan_at_step_5)
+    monkeypatch.setattr(objectives_module, "_forward", nan_at_step_5)
     with pytest.raises(TrainingDivergedError, match="non-finite loss at step 5.*Last good checkpoint: .*step_000003"):
         train_objective("classify", cfg, _train_config(), data, tmp_path, log=lambda _: None)
     assert latest_checkpoint(tmp_path).name == "step_000003" and not (tmp_path / "final").exists()
