@@ -13,6 +13,9 @@ machine without network. Sections:
   experts it was sent to with their weights (from the model's routing records, see
   :func:`~gohgraph.viz.token_trace.token_routing`).
 
+A seq2seq model's page has the routing sections once per attention kind (encoder self, decoder
+self, cross), each titled with it, and its text box reads the text as a source (encoder routing).
+
 The interactivity is ~80 lines of hand-written JavaScript (``report.js``) over SVG that Python
 writes; no library was needed for tooltips and one hover table, and none then has to be vendored.
 """
@@ -27,9 +30,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from ..data.objectives import SpecialTokens
 from ..data.tokenizers import byte_decode, byte_encode
 from .curves import training_curves
-from .figures import as_report
+from .figures import KIND_TITLES, has_experts
+from .kinds import kind_reports
 from .html_svg import diverging_colour, heatmap_svg, routing_graph_svg, sequential_colour
 from .token_trace import VISIBLE_WHITESPACE, token_pieces, token_routing
 
@@ -41,35 +46,26 @@ def html_report(model: torch.nn.Module, stats: Any, text: Optional[str] = None,
                 metrics_csv: Optional[Union[str, Path]] = None,
                 encode: Optional[Callable[[str], Sequence[int]]] = None,
                 decode: Optional[Callable[[Sequence[int]], str]] = None, title: str = "gohgraph routing report") -> str:
-    """The report page as a string (see the module docstring). ``stats``: a ``RoutingStats`` or its report."""
-    report = as_report(stats)
+    """The report page as a string (see the module docstring). ``stats``: a ``RoutingStats`` or its
+    report; for a seq2seq model a ``KindRoutingStats`` (or its report), whose attention kinds
+    (encoder self, decoder self, cross) each get their routing sections, and whose text box shows
+    the encoder's routing of the text as a source."""
+    kinds = kind_reports(stats)
     encode, decode = encode or byte_encode, decode or byte_decode
-    cfg = report["config"]
-    label = lambda token_id: _visible(decode([int(token_id)]))  # noqa: E731
-    sections = [_header(report, title)]
+    label = _token_labeller(model, decode)
+    sections = [_header(kinds, title)]
     if metrics_csv is not None and Path(metrics_csv).is_file():
         sections.append(_section("Training curves", f'<div class="curves">{_curves_svg(metrics_csv)}</div>'))
-    graphs = "".join(
-        f'<figure>{routing_graph_svg(layer, report["head_edges"], cfg["n_shared_heads"], label)}'
-        f'<figcaption>layer {layer["layer"]}</figcaption></figure>' for layer in report["layers"])
-    sections.append(_section("Routing graph per layer", f'<div class="row">{graphs}</div>',
-                             "node size: how often a head is active (experts: utilisation); "
-                             "arrow width: mean effective inter-head flow. Hover for the numbers and top tokens."))
-    sections.append(_section("Load heatmaps", f'<div class="row">{_load_heatmaps(report)}</div>'))
-    if report.get("cross_layer"):
-        sections.append(_section("Across layers", f'<div class="row">{_cross_layer(report)}</div>',
-                                 "P(next-layer choice | this-layer choice), counting every top-k assignment."))
-    if "by_source" in report:
-        sections.append(_section("Specialisation by source", f'<div class="row">{_by_source(report)}</div>',
-                                 "(share of the node's tokens from the source) / (the source's share of all "
-                                 "tokens): 1 = no preference, red = prefers, blue = avoids."))
+    for kind, report in kinds.items():
+        sections += _routing_sections(report, label, KIND_TITLES[kind] if len(kinds) > 1 else None)
     tokens: List[Dict[str, Any]] = []
     if text:
         box, tokens = _token_box(model, text, encode, decode)
-        sections.append(_section("Routing of each token", box,
-                                 "Hover a token: the heads each layer activated (gate) and the experts it chose "
-                                 "(weight, summed over sub-tokens and divided by their number)."))
-    data = {"tokens": tokens, "has_experts": any("experts" in layer for layer in report["layers"])}
+        seq2seq = len(kinds) > 1
+        sections.append(_section("Routing of each token" + (" (encoder, the text as a source)" if seq2seq else ""),
+                                 box, "Hover a token: the heads each layer activated (gate) and the experts it "
+                                      "chose (weight, summed over sub-tokens and divided by their number)."))
+    data = {"tokens": tokens, "has_experts": any(has_experts(report) for report in kinds.values())}
     return _page(title, "".join(sections), data)
 
 
@@ -82,15 +78,43 @@ def write_html_report(path: Union[str, Path], model: torch.nn.Module, stats: Any
 
 
 # ---------------------------------------------------------------------- sections
-def _header(report: Dict[str, Any], title: str) -> str:
-    cfg = report["config"]
+def _header(kinds: Dict[str, Dict[str, Any]], title: str) -> str:
+    first = next(iter(kinds.values()))
+    cfg = first["config"]
     experts = (f", ffn={cfg['ffn']} with {cfg['n_experts']} experts ({cfg['n_shared_experts']} shared), "
                f"top-{cfg['top_k_experts']} per sub-token, {cfg['n_subtokens']} sub-token(s)"
                if cfg["ffn"] != "dense" else ", dense feed-forward")
-    return (f"<h1>{html.escape(title)}</h1><p class=\"meta\">{cfg['n_layers']} layers, {cfg['n_heads']} heads "
+    if len(kinds) > 1:  # seq2seq: the decoder's two attentions count the same target positions
+        depth = "; ".join(f"{KIND_TITLES[kind]}: {len(report['layers'])} layers" for kind, report in kinds.items())
+        counted = f"{kinds['encoder']['tokens']:,} source and {kinds['decoder_self']['tokens']:,} target tokens"
+    else:
+        depth, counted = f"{cfg['n_layers']} layers", f"{first['tokens']:,} tokens"
+    return (f"<h1>{html.escape(title)}</h1><p class=\"meta\">{depth}, {cfg['n_heads']} heads "
             f"({cfg['n_shared_heads']} shared, top-{cfg['top_k_heads']} routed), router={cfg['router']}"
-            f"{experts}. Statistics over {report['tokens']:,} tokens ({report['batches']} batches), padding "
+            f"{experts}. Statistics over {counted} ({first['batches']} batches), padding "
             "excluded.</p>")
+
+
+def _routing_sections(report: Dict[str, Any], label: Callable[[int], str], kind_title: Optional[str]) -> List[str]:
+    """The routing graphs, load heatmaps, cross-layer transitions and specialisation by source of
+    one report; ``kind_title`` (e.g. ``"cross-attention"``) names the attention kind in each title."""
+    cfg = report["config"]
+    named = lambda name: f"{name} ({kind_title})" if kind_title else name  # noqa: E731
+    graphs = "".join(
+        f'<figure>{routing_graph_svg(layer, report["head_edges"], cfg["n_shared_heads"], label)}'
+        f'<figcaption>layer {layer["layer"]}</figcaption></figure>' for layer in report["layers"])
+    sections = [_section(named("Routing graph per layer"), f'<div class="row">{graphs}</div>',
+                         "node size: how often a head is active (experts: utilisation); "
+                         "arrow width: mean effective inter-head flow. Hover for the numbers and top tokens."),
+                _section(named("Load heatmaps"), f'<div class="row">{_load_heatmaps(report)}</div>')]
+    if report.get("cross_layer"):
+        sections.append(_section(named("Across layers"), f'<div class="row">{_cross_layer(report)}</div>',
+                                 "P(next-layer choice | this-layer choice), counting every top-k assignment."))
+    if "by_source" in report:
+        sections.append(_section(named("Specialisation by source"), f'<div class="row">{_by_source(report)}</div>',
+                                 "(share of the node's tokens from the source) / (the source's share of all "
+                                 "tokens): 1 = no preference, red = prefers, blue = avoids."))
+    return sections
 
 
 def _section(title: str, body: str, hint: str = "") -> str:
@@ -202,6 +226,25 @@ def _page(title: str, body: str, data: Dict[str, Any]) -> str:
             f'<div id="tooltip" hidden></div>'
             f'<script type="application/json" id="report-data">{payload}</script>'
             f"<script>{script}</script></body></html>\n")
+
+
+def _token_labeller(model: torch.nn.Module, decode: Callable[[Sequence[int]], str]) -> Callable[[int], str]:
+    """``token id -> label`` for the hover texts: the decoded piece; for an id the tokenizer cannot
+    decode, the name of the special token a gohgraph objective puts there (``[PAD]``, ...), else ``[id]``."""
+    special_names: Dict[int, str] = {}
+    if model.config.model_type != "decoder":  # the objectives' layout: specials after the tokenizer's ids
+        special = SpecialTokens.of_model(model.config)
+        special_names = {special.mask: "[MASK]", special.cls: "[CLS]", special.pad: "[PAD]"}
+        if special.with_eos:
+            special_names[special.eos] = "[EOS]"
+
+    def label(token_id: int) -> str:
+        try:
+            return _visible(decode([int(token_id)]))
+        except (ValueError, KeyError, IndexError):
+            return special_names.get(int(token_id), f"[{int(token_id)}]")
+
+    return label
 
 
 def _visible(piece: str) -> str:

@@ -35,17 +35,21 @@ def token_routing(model: torch.nn.Module, input_ids: torch.Tensor) -> List[Dict[
     "label": "L<i>", "depth": None}``; for Mixture-of-Recursions per block application, labelled
     ``"B<block> R<recursion>"``, with the skipped tokens' columns zeroed and ``"depth": [seq]``.
 
-    ``input_ids``: ``[seq]`` or ``[1, seq]``. The model runs in eval mode; its mode is restored.
+    ``input_ids``: ``[seq]`` or ``[1, seq]``. The model runs in eval mode; its mode is restored. A
+    seq2seq model's routing here is its encoder's, with the ids as the source.
     """
     ids = input_ids.reshape(1, -1).to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     try:
-        out = model(ids)
+        if model.config.model_type == "seq2seq":
+            routing, recursion = model.encode(ids)[1], None
+        else:
+            out = model(ids)
+            # an encoder's output has no recursion field (only the decoder-only model recurses)
+            routing, recursion = out.routing, getattr(out, "recursion", None)
     finally:
         model.train(was_training)
-    # an encoder's output has no recursion field (only the decoder-only model recurses)
-    routing, recursion = out.routing, getattr(out, "recursion", None)
     n_experts = model.config.n_routed_experts
     depth = None if recursion is None else recursion.depth[0].cpu().numpy()
     layers = []

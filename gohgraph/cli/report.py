@@ -7,7 +7,8 @@ Collects the routing statistics over validation data (by source when the run was
 several ``--data NAME=PATH`` sources or they are given here), then writes the page of
 :func:`gohgraph.viz.html_report.html_report`: training curves, a routing graph per layer, load
 heatmaps, cross-layer transitions, specialisation by source and a text box whose tokens show their
-routing on hover.
+routing on hover. A seq2seq run gets the routing sections per attention kind, statistics over its
+``--data`` pairs (default: the run's), and its first validation source in the text box.
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_overwrite_argument(parser)
 
 
+def first_text_ids(batch) -> list:
+    """Token ids of a batch's first text: a ``[batch, seq]`` row, or a seq2seq batch's first source
+    without its padding."""
+    if isinstance(batch, dict):
+        ids, mask = batch["input_ids"][0], batch["attention_mask"][0]
+        return ids[mask.bool()].tolist()
+    return batch[0].tolist()
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import viz
     from ..analysis.stats.collect import collect_routing_stats, collect_routing_stats_by_source
@@ -46,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--metrics {metrics} does not exist")
     stats, batches, tokenizer = collect_stats(args, model, checkpoint, collect_routing_stats,
                                               collect_routing_stats_by_source)
-    text = args.text if args.text is not None else tokenizer.decode(batches[0][0, :DEFAULT_TRACE_TOKENS].tolist())
+    text = args.text if args.text is not None else tokenizer.decode(first_text_ids(batches[0])[:DEFAULT_TRACE_TOKENS])
     viz.write_html_report(out, model, stats, text=text, metrics_csv=metrics, encode=tokenizer.encode,
                           decode=tokenizer.decode, title=args.title or f"gohgraph routing report: {checkpoint}")
     print(f"wrote {out}" + ("" if metrics else " (no metrics.csv found near the checkpoint: no training curves)"))

@@ -6,6 +6,7 @@ no browser download is needed. Without either the browser tests skip, saying why
 """
 
 import io
+import json
 import re
 import shutil
 from pathlib import Path
@@ -146,3 +147,51 @@ def test_report_command_on_a_run(tmp_path, capsys):
     assert main(["report", "--checkpoint", str(tmp_path / "model"), "--out", str(tmp_path / "r.txt")]) == 1
     assert "must end in .html" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "model")
+
+
+def test_a_seq2seq_report_has_the_routing_sections_of_each_attention_kind(tmp_path):
+    from gohgraph import GoHSeq2Seq
+    from gohgraph.analysis.stats.kinds import collect_routing_stats_by_kind
+
+    torch.manual_seed(0)
+    # an objective's byte model: 256 bytes, then [MASK] 256, [CLS] 257, [PAD] 258, [EOS] 259
+    cfg = GoHConfig(vocab_size=260, d_model=32, n_layers=2, n_decoder_layers=3, n_heads=4, n_shared_heads=1,
+                    top_k_heads=2, router="graph", router_rounds=1, router_dim=8, max_seq_len=32,
+                    model_type="seq2seq", pad_token_id=258, decoder_start_token_id=258, ffn="moe", n_experts=4,
+                    top_k_experts=2)
+    model = GoHSeq2Seq(cfg).eval()
+    source, target = list(b"reverse abc"), list(b"cba") + [259]
+    batch = {"input_ids": torch.tensor([source]), "attention_mask": torch.ones(1, len(source), dtype=torch.long),
+             "labels": torch.tensor([target])}
+    stats = collect_routing_stats_by_kind(model, [batch], progress=False)
+    page = viz.html_report(model, stats, text="reverse abc")
+
+    for kind in ("encoder self-attention", "decoder self-attention", "cross-attention"):
+        for section in ("Routing graph per layer", "Load heatmaps"):
+            assert f"<h2>{section} ({kind})</h2>" in page
+    assert page.count('class="routing-graph"') == 2 + 3 + 3  # encoder layers + decoder layers x 2 kinds
+    assert f"Statistics over {len(source)} source and {len(target)} target tokens" in page
+    assert "[PAD]" in page  # the decoder's start token, among decoder self-attention's top tokens
+    # the text box shows the encoder's routing of the text as a source
+    data = json.loads(re.search(r'id="report-data">(.*?)</script>', page).group(1).replace("<\\/", "</"))
+    assert [token["id"] for token in data["tokens"]] == source
+    with torch.no_grad():
+        encoder_routing = model.encode(torch.tensor([source]))[1]
+    for t, token in enumerate(data["tokens"]):
+        gates = encoder_routing[1].head_gates[0, t]
+        assert {h for h, _ in token["layers"][1]["heads"]} == {h for h in range(4) if gates[h] > 0}
+
+
+@pytest.mark.slow
+def test_report_command_on_a_seq2seq_run_draws_its_curves(tmp_path, capsys):
+    pairs = tmp_path / "reverse.tsv"
+    pairs.write_text("".join(f"reverse w{i:02d}\t{f'w{i:02d}'[::-1]}\n" for i in range(40)), encoding="utf-8")
+    run_dir = tmp_path / "s2s"
+    assert main(["train", "--objective", "seq2seq", "--data", str(pairs), "--run-dir", str(run_dir), "--max-steps",
+                 "3", "--seq-len", "16", "--batch-size", "4", "--set", "d_model=32", "--set", "n_layers=1",
+                 "--set", "n_decoder_layers=1", "--set", "eval_batches=1", "--no-progress"]) == 0
+    out = tmp_path / "report.html"
+    assert main(["report", "--checkpoint", str(run_dir), "--out", str(out), "--batches", "2", "--no-progress"]) == 0
+    page = out.read_text()
+    assert "<h2>Training curves</h2>" in page and "<h2>Routing graph per layer (cross-attention)</h2>" in page
+    assert "Routing of each token (encoder, the text as a source)" in page
