@@ -5,6 +5,9 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -197,3 +200,32 @@ def test_cli_resume_continues_with_the_runs_data_and_config(tmp_path, capsys):
 
     assert main(["train", "--objective", "mlm", "--run-dir", str(run_dir), "--resume"]) == 1
     assert "is an --objective classify run; resume it with that objective" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_command_exits_130_and_the_run_resumes(tmp_path):
+    run_dir = tmp_path / "mlm"
+    command = [sys.executable, "-m", "gohgraph", "train", "--objective", "mlm", "--run-dir", str(run_dir),
+               "--max-steps", "100000", "--batch-size", "2", "--seq-len", "16", "--no-progress",
+               "--set", "d_model=32", "--set", "n_layers=1", "--set", "log_every=1", "--set", "eval_every=100000",
+               "--set", "save_every=100000", "--set", "eval_batches=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    deadline, metrics = time.time() + 120, run_dir / "metrics.csv"
+    while time.time() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 4:  # header + 3 steps
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted at step" in stdout and "--resume" in stdout
+    stopped = load_checkpoint(latest_checkpoint(run_dir))[3]["step"]
+    assert stopped >= 3
+
+    # the continued run starts where the interrupted one stopped, with its settings
+    assert main(["train", "--objective", "mlm", "--run-dir", str(run_dir), "--resume", "--no-progress",
+                 "--max-steps", str(stopped + 2)]) == 0
+    assert load_checkpoint(latest_checkpoint(run_dir))[3]["step"] == stopped + 2
+    assert (run_dir / "final" / "model.safetensors").is_file()
