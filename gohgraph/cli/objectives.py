@@ -34,13 +34,10 @@ from ..data.tokenizers import ByteTokenizer
 from ..storage import read_config, read_json
 from ..training.checkpoint import CHECKPOINTS_DIR, FINAL_DIR, STATE_NAME, latest_checkpoint
 from ..training.config import TrainConfig
-from ..training.objectives import OBJECTIVE_FILE, OBJECTIVE_PRESETS, evaluate_objective, train_objective
+from ..training.objectives import (OBJECTIVE_FILE, OBJECTIVE_PRESETS, check_objective_settings,
+                                   evaluate_objective, train_objective)
 from ..training.presets import split_fields
-from .common import parse_overrides
-
-TRAIN_FLAGS = {"max_steps": "max_steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr",
-               "warmup_steps": "warmup_steps", "eval_every": "eval_every", "seed": "seed"}
-
+from .common import TRAIN_FLAGS, parse_overrides
 
 def build_objective_configs(args: argparse.Namespace, base_vocab: int, saved: Optional[dict] = None):
     """(GoHConfig, TrainConfig) of ``args.objective``: preset (or, on resume, the ``saved`` run's
@@ -63,10 +60,11 @@ def build_objective_configs(args: argparse.Namespace, base_vocab: int, saved: Op
     for flag, name in TRAIN_FLAGS.items():
         if getattr(args, flag, None) is not None:
             train_kwargs[name] = getattr(args, flag)
+    for flag in ("fsdp", "compile"):  # given, they must reach the check below, not vanish
+        if getattr(args, flag, False):
+            train_kwargs[flag] = True
     train_config = TrainConfig.from_dict(train_kwargs)
-    if train_config.compile or getattr(args, "compile", False):
-        raise ValueError(f"--compile (TrainConfig.compile) compiles the language-model training step; "
-                         f"--objective {args.objective} trains eagerly")
+    check_objective_settings(train_config, args.objective)
     if saved is not None:  # the checkpoint's model as it is; the trainer refuses a changed one
         return GoHConfig.from_dict(model_kwargs), train_config
     special = SpecialTokens(base_vocab, with_eos=args.objective == "seq2seq")
@@ -148,7 +146,8 @@ def run_train(args: argparse.Namespace) -> int:
             shutil.rmtree(run_dir / folder, ignore_errors=True)
     result = train_objective(args.objective, cfg, tc, data, run_dir, data_path=data_path,
                              tokenizer=tokenizer or "byte", resume=resume,
-                             progress=not getattr(args, "no_progress", True))
+                             progress=not getattr(args, "no_progress", True),
+                             check_memory=not getattr(args, "force", False))
     print(f"data: {source}")
     print(f"model: {type(result.model).__name__}, {result.model.num_parameters():,} parameters, "
           f"router={cfg.router}, ffn={cfg.ffn}")

@@ -27,15 +27,9 @@ from ..training.config import TrainConfig
 from ..training.presets import PRESETS, get_preset, read_config_file, split_fields
 from ..training.trainer import evaluate, evaluate_sources, train
 from ..data.objectives import OBJECTIVES
-from .common import check_device, parse_overrides
+from .common import TRAIN_FLAGS, check_device, parse_overrides
 from .objectives import run_train as run_objective_training
 
-# flag name -> TrainConfig field (None = not given, keep the base value)
-TRAIN_FLAGS = {"max_steps": "max_steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr",
-               "grad_accum": "grad_accum_steps", "warmup_steps": "warmup_steps", "eval_every": "eval_every",
-               "save_every": "save_every", "seed": "seed", "device": "device", "dtype": "dtype",
-               "dense_anneal_steps": "dense_anneal_steps", "expert_parallel": "expert_parallel",
-               "tensor_parallel": "tensor_parallel"}
 DATA_FILE = "data.json"
 
 

@@ -43,18 +43,27 @@ class StepMemory:
 
 def estimate_step_memory(model_config: GoHConfig, train_config: TrainConfig,
                          build_model: Callable[[GoHConfig], torch.nn.Module], world_size: int = 1) -> StepMemory:
-    """The memory one process needs for a step of ``train_config`` on ``build_model(model_config)``."""
+    """The memory one process needs for a step of ``train_config`` on ``build_model(model_config)``.
+
+    A seq2seq model's decoder layers hold two attentions (self and cross) and an FFN each, over
+    targets of up to ``seq_len`` tokens, beside the encoder's ``n_layers`` over the sources.
+    """
     with torch.device("meta"):
         parameters = sum(p.numel() for p in build_model(model_config).parameters())
     cfg = model_config
     tokens = max(1, train_config.batch_size // world_size) * train_config.seq_len
-    per_layer = ATTENTION_FLOATS_PER_D_MODEL * cfg.d_model + FFN_FLOATS_PER_HIDDEN * cfg.hidden_dim
+    attention = ATTENTION_FLOATS_PER_D_MODEL * cfg.d_model
     if cfg.router == "graph":  # node features per round, edge attention and the head-mixing matrix
-        per_layer += cfg.n_heads * cfg.router_dim * (4 * cfg.router_rounds + 2) + 3 * cfg.n_heads ** 2
-    activations = BYTES_PER_FLOAT * tokens * (cfg.n_layers * per_layer + LOGIT_COPIES * cfg.vocab_size)
+        attention += cfg.n_heads * cfg.router_dim * (4 * cfg.router_rounds + 2) + 3 * cfg.n_heads ** 2
+    ffn = FFN_FLOATS_PER_HIDDEN * cfg.hidden_dim
+    attention_layers, per_token = cfg.n_layers, cfg.n_layers * (attention + ffn)
+    if cfg.model_type == "seq2seq":
+        attention_layers += 2 * cfg.decoder_layers
+        per_token += cfg.decoder_layers * (2 * attention + ffn)
+    activations = BYTES_PER_FLOAT * tokens * (per_token + LOGIT_COPIES * cfg.vocab_size)
     if cfg.dropout > 0:  # attention dropout takes SDPA's math path, which keeps the [seq, seq] scores
         batch = max(1, train_config.batch_size // world_size)
-        activations += BYTES_PER_FLOAT * 2 * batch * cfg.n_heads * train_config.seq_len ** 2 * cfg.n_layers
+        activations += BYTES_PER_FLOAT * 2 * batch * cfg.n_heads * train_config.seq_len ** 2 * attention_layers
     return StepMemory(parameters=parameters, state=TRAINING_BYTES_PER_PARAMETER * parameters,
                       activations=activations)
 

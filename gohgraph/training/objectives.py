@@ -42,6 +42,7 @@ from .checkpoint import (FINAL_DIR, check_same_config, latest_checkpoint, load_c
                          restore_rng_state, save_checkpoint)
 from .config import TrainConfig
 from .interrupts import stop_signals
+from .memory import available_memory, check_step_fits, estimate_step_memory
 from .metrics import MetricsLogger, routing_summary
 from .optim import build_optimizer
 from .schedules import learning_rate, set_learning_rate
@@ -75,6 +76,9 @@ OBJECTIVE_PRESETS: Dict[str, Tuple[Dict, Dict]] = {
 }
 
 
+# the LM trainer's settings this loop does not implement, at the values that leave them off
+_LM_ONLY_SETTINGS = {"grad_accum_steps": 1, "fsdp": False, "expert_parallel": 1, "tensor_parallel": 1,
+                     "compile": False, "dense_anneal_steps": 0, "recursion_warmup_steps": 0}
 # evaluation scores (besides the loss, logged as val_loss) -> their metrics.csv columns
 _EVAL_SCORES: Dict[str, Dict[str, str]] = {
     "mlm": {}, "classify": {"accuracy": "val_accuracy"},
@@ -129,22 +133,40 @@ class EpochBatches:
         return next(self._batches)
 
 
+def check_objective_settings(tc: TrainConfig, objective: str) -> None:
+    """Refuse, in one line, the LM trainer's settings this loop does not implement: it trains on one
+    CPU process, in float32, eagerly, one batch per step."""
+    changed = [f"{name}={getattr(tc, name)!r}" for name, off in _LM_ONLY_SETTINGS.items() if getattr(tc, name) != off]
+    if tc.device not in ("auto", "cpu"):
+        changed.append(f"device={tc.device!r}")
+    if tc.dtype == "bfloat16":
+        changed.append("dtype='bfloat16'")
+    if changed:
+        raise ValueError(f"--objective {objective} trains eagerly on one CPU process in float32, one batch per "
+                         f"step; {', '.join(changed)} (settings of the language-model trainer) cannot apply")
+
+
 def train_objective(objective: str, cfg: GoHConfig, tc: TrainConfig, data, run_dir: Path,
                     log=print, data_path: Optional[str] = None, tokenizer: str = "byte", resume: bool = False,
-                    progress: bool = False) -> ObjectiveResult:
+                    progress: bool = False, check_memory: bool = True) -> ObjectiveResult:
     """Train ``GoHEncoder(cfg)`` on ``data`` (a :class:`~gohgraph.data.corpus.Corpus` for ``"mlm"``, a
     :class:`~gohgraph.data.objectives.classify.ClassificationData` for ``"classify"``), or
     ``GoHSeq2Seq(cfg)`` for ``"seq2seq"`` (an :class:`~gohgraph.data.objectives.seq2seq.EncodedPairs`), up
     to ``tc.max_steps`` steps; writes under ``run_dir``, with ``data_path`` (the user data it was read
     from, ``None`` for the default corpus) and ``tokenizer`` (its spec) in ``objective.json``.
-    ``resume``: continue the run's latest checkpoint (its model config must equal ``cfg``)."""
+    ``resume``: continue the run's latest checkpoint (its model config must equal ``cfg``).
+    ``check_memory`` refuses, before anything is allocated, a step that cannot fit in memory."""
+    check_objective_settings(tc, objective)
     run_dir = Path(run_dir)
+    model_class = GoHSeq2Seq if objective == "seq2seq" else GoHEncoder
+    if check_memory:
+        check_step_fits(estimate_step_memory(cfg, tc, model_class), available_memory(torch.device("cpu")), tc, cfg)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint; start a new run without --resume")
     started = time.perf_counter()
     torch.manual_seed(tc.seed)
-    model = (GoHSeq2Seq if objective == "seq2seq" else GoHEncoder)(cfg).train()
+    model = model_class(cfg).train()
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
     start_step, tokens_seen, history = 0, 0, []
     if checkpoint is not None:

@@ -61,3 +61,20 @@ def test_objective_data_errors_are_one_line(tmp_path, capsys):
     code = main(["train", "--objective", "mlm", "--data", f"a={bad}", "--run-dir", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "reads one --data path" in err
+
+
+def test_the_lm_trainers_flags_are_refused_or_applied_never_dropped(tmp_path, capsys):
+    run_dir = tmp_path / "mlm"
+    base = ["train", "--objective", "mlm", "--run-dir", str(run_dir), "--seq-len", "16", "--batch-size", "2",
+            "--set", "d_model=32", "--set", "eval_batches=1", "--no-progress"]
+    for flags, named in ((["--grad-accum", "2"], "grad_accum_steps=2"), (["--device", "cuda"], "device='cuda'"),
+                         (["--dtype", "bfloat16"], "dtype='bfloat16'"), (["--fsdp"], "fsdp=True"),
+                         (["--tensor-parallel", "2"], "tensor_parallel=2")):
+        assert main([*base, "--max-steps", "2", *flags]) == 1
+        err = capsys.readouterr().err.strip()
+        assert f"trains eagerly on one CPU process in float32, one batch per step; {named}" in err, err
+        assert "\n" not in err and not run_dir.exists()
+    # --save-every applies: checkpoints at steps 2 and 4 (and the last)
+    assert main([*base, "--max-steps", "5", "--save-every", "2"]) == 0
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "latest", "step_000002", "step_000004", "step_000005"]

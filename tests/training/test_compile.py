@@ -118,7 +118,7 @@ def test_cli_train_compile_falls_back_in_one_line(tmp_path, monkeypatch, capsys)
         "compiler); training stays eager"]
     assert '"compile": true' in (run_dir / "train_config.json").read_text()
     assert main(["train", "--objective", "mlm", "--run-dir", str(tmp_path / "mlm"), "--compile"]) == 1
-    assert "--objective mlm trains eagerly" in capsys.readouterr().err
+    assert "--objective mlm trains eagerly on one CPU process" in capsys.readouterr().err
 
 
 def test_the_training_loop_runs_compiled_steps_like_eager_ones(tmp_path, monkeypatch):

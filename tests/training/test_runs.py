@@ -6,6 +6,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from gohgraph import GoHConfig, GoHTransformer
 from gohgraph.analysis.timing import saved_tensor_bytes
@@ -89,6 +90,39 @@ def test_memory_estimate_covers_what_a_step_holds(changes):
     check_step_fits(memory, memory.total, tc, cfg)  # fits exactly
     with pytest.raises(ValueError, match=r"a training step needs about .* GiB .* lower batch_size"):
         check_step_fits(memory, memory.total - 1, tc, cfg)
+
+
+@pytest.mark.parametrize("objective", ["mlm", "classify", "seq2seq"])
+def test_memory_estimate_covers_an_objective_step(objective):
+    from gohgraph import GoHEncoder, GoHSeq2Seq
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=260, d_model=32, n_layers=2, n_heads=4, n_shared_heads=1, top_k_heads=2,
+                 router="graph", router_dim=8, max_seq_len=65)
+    batch_size, seq_len = 8, 64
+    tokens = torch.randint(0, 256, (batch_size, seq_len))
+    if objective == "seq2seq":
+        cfg = GoHConfig(**shape, model_type="seq2seq", n_decoder_layers=3, pad_token_id=258)
+        model = GoHSeq2Seq(cfg).train()
+        step = lambda: model(tokens, torch.ones_like(tokens), labels=tokens.flip(1)).loss.backward()  # noqa: E731
+    else:
+        cfg = GoHConfig(**shape, model_type="encoder", n_labels=3 if objective == "classify" else 0)
+        model = GoHEncoder(cfg).train()
+        step = (lambda: model(tokens, class_labels=torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])).loss.backward()) \
+            if objective == "classify" else (lambda: model(tokens, labels=tokens).loss.backward())
+    memory = estimate_step_memory(cfg, small_run(seq_len=seq_len, batch_size=batch_size), type(model))
+    assert memory.parameters == sum(p.numel() for p in model.parameters())
+    measured = saved_tensor_bytes(step, exclude=model.parameters())
+    assert measured <= memory.activations <= 4 * measured  # generous, not absurd
+
+
+def test_objective_training_refuses_a_step_that_cannot_fit_before_allocating(tmp_path):
+    from gohgraph.training.objectives import train_objective
+
+    cfg = GoHConfig(vocab_size=259, d_model=32, n_layers=1, n_heads=4, model_type="encoder", max_seq_len=200_001)
+    with pytest.raises(ValueError, match="a training step needs about"):
+        train_objective("mlm", cfg, small_run(seq_len=200_000, batch_size=512), make_corpus(), tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 def test_training_refuses_a_step_that_cannot_fit_before_allocating(tmp_path):
