@@ -91,7 +91,9 @@ def read_tensors(path: Union[str, Path], map_location: str = "cpu") -> Dict[str,
 def read_config(directory: Union[str, Path]) -> GoHConfig:
     path = Path(directory) / CONFIG_NAME
     if not Path(directory).is_dir():
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+        state = "is a file" if Path(directory).exists() else "does not exist"
+        raise CheckpointError(f"checkpoint directory {directory} {state}; expected the directory holding "
+                              f"{CONFIG_NAME} and {WEIGHTS_NAME}")
     values = read_json(path)
     if isinstance(values, dict):  # a config.json from before a field existed keeps its old behaviour
         values = {**LEGACY_FIELD_VALUES, **values}

@@ -74,3 +74,14 @@ def test_nothing_loads_pickles():
                 if re.search(r"\b(import pickle|from pickle|cPickle|dill|allow_pickle\s*=\s*True)\b", code):
                     offending.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
     assert not offending, "\n".join(offending)
+
+
+def test_read_config_says_whether_the_directory_is_missing_or_a_file(tmp_path):
+    from gohgraph.storage import read_config
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"model.safetensors is a file; expected the directory holding config"):
+        read_config(weights)
+    with pytest.raises(CheckpointError, match=r"nowhere does not exist; expected the directory"):
+        read_config(tmp_path / "nowhere")
