@@ -31,7 +31,7 @@ import torch
 
 from ..config import GoHConfig
 from ..storage import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_save_tensors, atomic_write_text,
-                       read_config, read_json, read_tensors)
+                       load_state_strict, read_config, read_json, read_tensors)
 
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
@@ -187,6 +187,26 @@ def check_same_config(saved: GoHConfig, given: GoHConfig, checkpoint: Path) -> N
     if differing:
         listed = ", ".join(f"{k}: checkpoint {a!r} vs given {b!r}" for k, (a, b) in sorted(differing.items()))
         raise CheckpointError(f"cannot resume from {checkpoint}: the model config differs ({listed})")
+
+
+# tensors of GoHEncoder's classification head: what a fine-tuning run may add or replace
+_HEAD_PREFIXES = ("classifier.", "pooler.")
+
+
+def initialise_from(model: torch.nn.Module, directory: Path) -> List[str]:
+    """Load the ``save_pretrained`` model at ``directory`` into ``model`` (a run's ``init_from``);
+    returns the names of the classification-head tensors that start fresh instead (an encoder
+    fine-tuned as a classifier: the model had no head, or one for other labels). Every other tensor
+    must be there with its shape; routing settings such as ``top_k_heads`` may differ."""
+    read_config(directory)  # a clear error for a missing or foreign directory
+    source = read_tensors(directory / WEIGHTS_NAME)
+    own = model.state_dict()
+    fresh = [name for name in own if name.startswith(_HEAD_PREFIXES)
+             and (name not in source or source[name].shape != own[name].shape)]
+    kept = {name: tensor for name, tensor in source.items()
+            if not (name.startswith(_HEAD_PREFIXES) and (name not in own or name in fresh))}
+    load_state_strict(model, {**kept, **{name: own[name] for name in fresh}}, directory / WEIGHTS_NAME)
+    return fresh
 
 
 # ---------------------------------------------------------------------- optimizer state

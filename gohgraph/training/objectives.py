@@ -13,7 +13,7 @@ format (:mod:`.checkpoint`); SIGINT/SIGTERM finish the step, save and return
 or gradient raises :class:`~gohgraph.training.trainer.TrainingDivergedError` before anything is
 saved. ``resume=True`` continues ``run_dir/checkpoints/latest``: every training batch is a function
 of the step (:class:`EpochBatches`), so on CPU the resumed run equals the uninterrupted one bit for bit.
-``tc.init_from`` starts a new run from a saved model (:func:`initialise_from`): an MLM-pretrained
+``tc.init_from`` starts a new run from a saved model (:func:`~.checkpoint.initialise_from`): an MLM-pretrained
 encoder fine-tuned as a classifier, its classification head new.
 """
 
@@ -37,9 +37,9 @@ from ..data.objectives.mlm import mlm_eval_batches, mlm_train_batch
 from ..data.objectives.seq2seq import seq2seq_batches
 from ..models.encoder import GoHEncoder
 from ..models.seq2seq import GoHSeq2Seq
-from ..storage import WEIGHTS_NAME, CheckpointError, atomic_write_text, load_state_strict, read_config, read_tensors
-from .checkpoint import (FINAL_DIR, check_same_config, latest_checkpoint, load_checkpoint, remove_stale_staging,
-                         restore_rng_state, save_checkpoint)
+from ..storage import CheckpointError, atomic_write_text, load_state_strict
+from .checkpoint import (FINAL_DIR, check_same_config, initialise_from, latest_checkpoint, load_checkpoint,
+                         remove_stale_staging, restore_rng_state, save_checkpoint)
 from .config import TrainConfig
 from .interrupts import stop_signals
 from .memory import available_memory, check_step_fits, estimate_step_memory
@@ -89,10 +89,6 @@ _OWN_LOSS = {"mlm": ("lm_loss", "mlm_loss"), "classify": ("class_loss", "class_l
 _EXTRA_COLUMNS: Dict[str, List[str]] = {
     objective: (["class_loss"] if objective == "classify" else []) + list(scores.values())
     for objective, scores in _EVAL_SCORES.items()}
-# tensors of GoHEncoder's classification head: what a fine-tuning run may add or replace
-_HEAD_PREFIXES = ("classifier.", "pooler.")
-
-
 @dataclass
 class ObjectiveResult:
     model: torch.nn.Module  # GoHEncoder, or GoHSeq2Seq for "seq2seq"
@@ -253,21 +249,6 @@ def train_objective(objective: str, cfg: GoHConfig, tc: TrainConfig, data, run_d
             atomic_write_text(metrics_path, json.dumps(history, indent=2) + "\n")
     return ObjectiveResult(model, final, history, final_path, metrics_path, time.perf_counter() - started,
                            step, last_checkpoint)
-
-
-def initialise_from(model: torch.nn.Module, directory: Path) -> List[str]:
-    """Load the ``save_pretrained`` model at ``directory`` into ``model``; returns the names of the
-    classification-head tensors that start fresh instead (the model had no head, or one for other
-    labels). Every other tensor must be there with its shape."""
-    read_config(directory)  # a clear error for a missing or foreign directory
-    source = read_tensors(directory / WEIGHTS_NAME)
-    own = model.state_dict()
-    fresh = [name for name in own if name.startswith(_HEAD_PREFIXES)
-             and (name not in source or source[name].shape != own[name].shape)]
-    kept = {name: tensor for name, tensor in source.items()
-            if not (name.startswith(_HEAD_PREFIXES) and (name not in own or name in fresh))}
-    load_state_strict(model, {**kept, **{name: own[name] for name in fresh}}, directory / WEIGHTS_NAME)
-    return fresh
 
 
 def _restore(checkpoint: Path, objective: str, cfg: GoHConfig, model: torch.nn.Module, optimizer

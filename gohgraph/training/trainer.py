@@ -35,10 +35,9 @@ from ..models.decoder import GoHOutput, GoHTransformer
 from ..parallel import data_parallel as D
 from ..parallel import expert_parallel as EP
 from ..parallel import tensor_parallel as TP
-from ..storage import (WEIGHTS_NAME, CheckpointError, atomic_write_text, load_state_strict, read_config, read_tensors,
-                       upgrade_legacy_names)
-from .checkpoint import (FINAL_DIR, check_same_config, latest_checkpoint, load_checkpoint, remove_stale_staging,
-                         restore_rng_state, save_checkpoint)
+from ..storage import CheckpointError, atomic_write_text, load_state_strict, upgrade_legacy_names
+from .checkpoint import (FINAL_DIR, check_same_config, initialise_from, latest_checkpoint, load_checkpoint,
+                         remove_stale_staging, restore_rng_state, save_checkpoint)
 from .compile import TrainingForward
 from .config import TrainConfig
 from .interrupts import stop_signals
@@ -204,7 +203,7 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
             torch.manual_seed(tc.seed + RANK_SEED_STRIDE * data_rank + start_step)
     else:
         if tc.init_from is not None:
-            _initialise_from(model, Path(tc.init_from))
+            initialise_from(model, Path(tc.init_from))
         torch.manual_seed(tc.seed + RANK_SEED_STRIDE * data_rank)  # dropout differs per data rank
     model.to(ctx.device).train()
     expert_parallel = tc.expert_parallel > 1
@@ -368,13 +367,6 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
 
 
 # ---------------------------------------------------------------------- helpers
-def _initialise_from(model: GoHTransformer, directory: Path) -> None:
-    """Load a ``save_pretrained`` directory's weights into ``model``; routing settings such as
-    ``top_k_heads`` may differ from the saved config, tensor names and shapes may not."""
-    read_config(directory)  # a clear error for a missing or foreign directory
-    load_state_strict(model, read_tensors(directory / WEIGHTS_NAME), directory / WEIGHTS_NAME)
-
-
 def _clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
     """Clip to ``max_norm`` (0 = measure only) and return the total gradient norm."""
     params = [p for p in model.parameters() if p.grad is not None]

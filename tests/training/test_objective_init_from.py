@@ -4,7 +4,7 @@ import torch
 
 from gohgraph import GoHConfig, GoHEncoder, GoHTransformer, from_pretrained
 from gohgraph.cli.main import main
-from gohgraph.training.objectives import initialise_from
+from gohgraph.training.checkpoint import initialise_from
 
 ENCODER = dict(model_type="encoder", vocab_size=259, d_model=32, n_layers=1, n_heads=4, n_shared_heads=1,
                top_k_heads=2, router="graph", router_dim=8, position_embedding="rope", max_seq_len=32)
