@@ -1,5 +1,10 @@
 """Small shared settings of the tests: a tiny graph-routed model and a learnable synthetic corpus."""
 
+import os
+import signal
+import subprocess
+import time
+
 import numpy as np
 
 from gohgraph.data.corpus import Corpus
@@ -22,3 +27,19 @@ def make_corpus(n_train=20_000, n_val=2_000, seed=0):
         return tokens
     return Corpus(train=stream(n_train), val=stream(n_val), vocab_size=256, source="synthetic",
                   tokenizer=ByteTokenizer())
+
+
+def ctrl_c_after_logged_steps(command, metrics_csv, steps=3, timeout=120):
+    """Run ``command`` (a training CLI), send it one SIGINT once ``metrics_csv`` holds ``steps`` rows,
+    and return ``(returncode, stdout, stderr)``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if metrics_csv.is_file() and len(metrics_csv.read_text().splitlines()) >= steps + 1:  # + the header
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=timeout)
+    return process.returncode, stdout, stderr

@@ -4,9 +4,7 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from gohgraph.training.trainer import TrainingDivergedError, train
 from gohgraph.training.metrics import read_metrics
 from gohgraph.training.checkpoint import latest_checkpoint, load_checkpoint, optimizer_state_from_flat, optimizer_state_to_flat
 
-from tests.helpers import TINY, make_corpus
+from tests.helpers import TINY, ctrl_c_after_logged_steps, make_corpus
 
 MODELS = {
     "graph_aux_free": TINY,  # graph router, shared + top-k heads, flow, aux-loss-free bias
@@ -161,18 +159,8 @@ def test_sigint_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path):
                "--run-dir", str(run_dir), "--max-steps", "100000", "--batch-size", "2", "--seq-len", "16",
                "--save-every", "100000", "--eval-every", "100000", "--no-progress", "--device", "cpu",
                "--set", "d_model=32", "--set", "n_layers=1", "--set", "log_every=1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    deadline = time.time() + 60
-    metrics = run_dir / "metrics.csv"
-    while time.time() < deadline and process.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 4:  # header + 3 steps
-            break
-        time.sleep(0.2)
-    assert process.poll() is None, process.communicate()
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    returncode, stdout, stderr = ctrl_c_after_logged_steps(command, run_dir / "metrics.csv", timeout=60)
+    assert returncode == 130, stderr
     assert "Traceback" not in stderr and "interrupted at step" in stdout
     checkpoint = latest_checkpoint(run_dir)
     config, state, _, training_state = load_checkpoint(checkpoint)

@@ -5,9 +5,7 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -24,7 +22,7 @@ from gohgraph.training.metrics import read_metrics
 from gohgraph.training.objectives import EpochBatches, train_objective
 from gohgraph.training.trainer import TrainingDivergedError
 
-from tests.helpers import make_corpus
+from tests.helpers import ctrl_c_after_logged_steps, make_corpus
 
 SMALL = dict(d_model=32, n_layers=1, n_heads=4, n_shared_heads=1, top_k_heads=2, router="graph", router_rounds=1,
              router_dim=8, head_graph="complete", inter_head_flow=True, position_embedding="rope",
@@ -209,17 +207,8 @@ def test_ctrl_c_on_the_command_exits_130_and_the_run_resumes(tmp_path):
                "--max-steps", "100000", "--batch-size", "2", "--seq-len", "16", "--no-progress",
                "--set", "d_model=32", "--set", "n_layers=1", "--set", "log_every=1", "--set", "eval_every=100000",
                "--set", "save_every=100000", "--set", "eval_batches=1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    deadline, metrics = time.time() + 120, run_dir / "metrics.csv"
-    while time.time() < deadline and process.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 4:  # header + 3 steps
-            break
-        time.sleep(0.2)
-    assert process.poll() is None, process.communicate()
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    returncode, stdout, stderr = ctrl_c_after_logged_steps(command, run_dir / "metrics.csv")
+    assert returncode == 130, stderr
     assert "Traceback" not in stderr and "interrupted at step" in stdout and "--resume" in stdout
     stopped = load_checkpoint(latest_checkpoint(run_dir))[3]["step"]
     assert stopped >= 3
