@@ -1,4 +1,5 @@
-"""Small shared settings of the tests: a tiny graph-routed model and a learnable synthetic corpus."""
+"""Small shared settings of the tests: a tiny graph-routed model, a learnable synthetic corpus, and a
+Ctrl-C driver for training commands."""
 
 import os
 import signal
