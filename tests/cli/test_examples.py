@@ -1,4 +1,5 @@
-"""The README's main command: examples/train_lm.py trains, then writes stats and every picture."""
+"""The examples: train_lm.py (the README's main command), train_encoder.py and train_seq2seq.py each train,
+then write statistics and pictures."""
 
 import json
 import os
@@ -35,3 +36,19 @@ def test_train_seq2seq_example_writes_checkpoint_stats_and_pictures(tmp_path):
     assert set(json.loads((run / "stats" / "stats.json").read_text())["kinds"]) == {"encoder", "decoder_self", "cross"}
     assert (run / "pictures" / "routing_graphs_cross.png").is_file()
     assert "copy baseline" in done.stdout and str(run / "pictures") in done.stdout
+
+
+def test_train_encoder_example_pretrains_draws_and_fine_tunes(tmp_path):
+    run = tmp_path / "mlm"
+    done = subprocess.run([sys.executable, str(EXAMPLES / "train_encoder.py"), "--max-steps", "2", "--classify-steps",
+                           "2", "--run-dir", str(run), "--stats-batches", "1", "--set", "d_model=32",
+                           "--set", "eval_batches=1", "--set", "batch_size=4", "--set", "seq_len=32"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (run / "final" / "model.safetensors").is_file() and (run / "metrics.csv").is_file()
+    assert (run / "stats" / "stats.json").is_file()
+    assert (run / "pictures" / "routing_graphs.png").is_file() and (run / "pictures" / "training_curves.png").is_file()
+    classifier = json.loads((tmp_path / "mlm-classify" / "final" / "config.json").read_text())
+    assert classifier["n_labels"] == 8 and classifier["d_model"] == 32  # the MLM encoder with a package head
+    assert "classifier after 2 steps from the MLM encoder: accuracy" in done.stdout
