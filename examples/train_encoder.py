@@ -1,6 +1,6 @@
 """Pretrain a graph-routed BERT-style encoder with masked LM, draw its routing, fine-tune it as a classifier.
 
-    python examples/train_encoder.py                 # 300 MLM + 300 classifier steps: about 80 s on 2 CPU cores
+    python examples/train_encoder.py                 # 300 MLM + 300 classifier steps: about 65 s on 2 CPU cores
     python examples/train_encoder.py --max-steps 1000 --router linear
     python examples/train_encoder.py --classify-steps 0 --data my_texts/   # MLM only, on your own text files
 
