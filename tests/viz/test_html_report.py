@@ -149,7 +149,11 @@ def test_report_command_on_a_run(tmp_path, capsys):
     shutil.rmtree(tmp_path / "model")
 
 
-def test_a_seq2seq_report_has_the_routing_sections_of_each_attention_kind(tmp_path):
+SEQ2SEQ_SOURCE, SEQ2SEQ_TARGET = list(b"reverse abc"), list(b"cba") + [259]
+
+
+@pytest.fixture(scope="module")
+def seq2seq_model_and_stats():
     from gohgraph import GoHSeq2Seq
     from gohgraph.analysis.stats.kinds import collect_routing_stats_by_kind
 
@@ -160,10 +164,15 @@ def test_a_seq2seq_report_has_the_routing_sections_of_each_attention_kind(tmp_pa
                     model_type="seq2seq", pad_token_id=258, decoder_start_token_id=258, ffn="moe", n_experts=4,
                     top_k_experts=2)
     model = GoHSeq2Seq(cfg).eval()
-    source, target = list(b"reverse abc"), list(b"cba") + [259]
-    batch = {"input_ids": torch.tensor([source]), "attention_mask": torch.ones(1, len(source), dtype=torch.long),
-             "labels": torch.tensor([target])}
-    stats = collect_routing_stats_by_kind(model, [batch], progress=False)
+    batch = {"input_ids": torch.tensor([SEQ2SEQ_SOURCE]),
+             "attention_mask": torch.ones(1, len(SEQ2SEQ_SOURCE), dtype=torch.long),
+             "labels": torch.tensor([SEQ2SEQ_TARGET])}
+    return model, collect_routing_stats_by_kind(model, [batch], progress=False)
+
+
+def test_a_seq2seq_report_has_the_routing_sections_of_each_attention_kind(seq2seq_model_and_stats):
+    model, stats = seq2seq_model_and_stats
+    source, target = SEQ2SEQ_SOURCE, SEQ2SEQ_TARGET
     page = viz.html_report(model, stats, text="reverse abc")
 
     for kind in ("encoder self-attention", "decoder self-attention", "cross-attention"):
@@ -180,6 +189,28 @@ def test_a_seq2seq_report_has_the_routing_sections_of_each_attention_kind(tmp_pa
     for t, token in enumerate(data["tokens"]):
         gates = encoder_routing[1].head_gates[0, t]
         assert {h for h, _ in token["layers"][1]["heads"]} == {h for h in range(4) if gates[h] > 0}
+
+
+def test_seq2seq_report_in_chromium_hover_shows_the_encoder_routing(seq2seq_model_and_stats, tmp_path,
+                                                                     browser_context):
+    model, stats = seq2seq_model_and_stats
+    path = viz.write_html_report(tmp_path / "report.html", model, stats, text="reverse abc")
+    page = browser_context.new_page()
+    errors = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(path.resolve().as_uri())
+    page.wait_for_load_state("load")
+    with torch.no_grad():
+        encoder_routing = model.encode(torch.tensor([SEQ2SEQ_SOURCE]))[1]
+    page.hover('#text-box .token[data-index="3"]')
+    shown = {int(h) for h in re.findall(r"h(\d+)", page.inner_text('#token-detail tr[data-layer="1"] td.heads'))}
+    assert shown == {h for h in range(4) if encoder_routing[1].head_gates[0, 3, h] > 0}
+    cross_graph = page.locator("section", has_text="Routing graph per layer (cross-attention)").locator(
+        ".routing-graph .node.head").first
+    cross_graph.hover()
+    assert "active for" in page.inner_text("#tooltip") and page.is_visible("#tooltip")
+    assert errors == []
 
 
 @pytest.mark.slow
