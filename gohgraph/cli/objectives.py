@@ -39,6 +39,7 @@ from ..training.objectives import (OBJECTIVE_FILE, OBJECTIVE_PRESETS, check_obje
 from ..training.presets import split_fields
 from .common import TRAIN_FLAGS, parse_overrides
 
+
 def build_objective_configs(args: argparse.Namespace, base_vocab: int, saved: Optional[dict] = None):
     """(GoHConfig, TrainConfig) of ``args.objective``: preset (or, on resume, the ``saved`` run's
     ``{"model": ..., "train": ...}`` configs; with ``--init-from``, that model's config), then
@@ -148,9 +149,16 @@ def run_train(args: argparse.Namespace) -> int:
                              tokenizer=tokenizer or "byte", resume=resume,
                              progress=not getattr(args, "no_progress", True),
                              check_memory=not getattr(args, "force", False))
+    return _print_summary(args, result, data, source, base_vocab, tc, run_dir)
+
+
+def _print_summary(args: argparse.Namespace, result, data, source: str, base_vocab: int, tc: TrainConfig,
+                   run_dir: Path) -> int:
+    """What the run did, its objective's final metric beside a baseline, where it wrote; the exit
+    code (130 when interrupted)."""
     print(f"data: {source}")
     print(f"model: {type(result.model).__name__}, {result.model.num_parameters():,} parameters, "
-          f"router={cfg.router}, ffn={cfg.ffn}")
+          f"router={result.model.config.router}, ffn={result.model.config.ffn}")
     print(f"steps: {result.steps} of {tc.max_steps} in {result.seconds:.0f} s")
     if result.interrupted:
         print(f"interrupted at step {result.steps}; continue with: gohgraph train --objective {args.objective} "
@@ -166,8 +174,8 @@ def run_train(args: argparse.Namespace) -> int:
         print(seq2seq_summary(result.metrics))
     else:
         print(f"validation accuracy: {result.metrics['accuracy']:.4f} over {result.metrics['examples']:,.0f} "
-              f"validation texts of "
-              f"{len(data.labels)} classes ({', '.join(data.labels[:20])}); majority class: {data.majority_accuracy():.4f}")
+              f"validation texts of {len(data.labels)} classes ({', '.join(data.labels[:20])}); "
+              f"majority class: {data.majority_accuracy():.4f}")
     print(f"final model: {result.final_path}")
     print(f"metrics: {result.metrics_path}")
     return 0
