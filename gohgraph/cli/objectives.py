@@ -196,9 +196,15 @@ def _resumed_settings(run_dir: Path, objective: str) -> dict:
 
 
 def run_eval(args: argparse.Namespace, model, directory: Path, run_dir: Path) -> int:
-    """``gohgraph eval`` of a run trained with ``--objective mlm|classify``."""
+    """``gohgraph eval`` of a run trained with ``--objective mlm|classify|seq2seq``: its validation
+    split, on CPU, as the run evaluated itself."""
     settings = read_json(run_dir / OBJECTIVE_FILE)
     objective, seq_len = settings["objective"], args.seq_len or settings["seq_len"]
+    if getattr(args, "split", "val") != "val":
+        raise ValueError(f"--split {args.split}: an --objective {objective} run is scored on its validation split")
+    if str(getattr(args, "device", "cpu")) != "cpu":
+        raise ValueError(f"--device {args.device}: an --objective {objective} run is evaluated on CPU, "
+                         "where it trained")
     special = SpecialTokens.of_model(model.config)
     data_path = one_data_path(args.data) or settings.get("data")
     if objective == "mlm":

@@ -1,9 +1,13 @@
 """``gohgraph train --objective mlm|classify`` and ``gohgraph eval`` of those runs, end to end (tiny)."""
 
+import argparse
 import json
+
+import pytest
 
 from gohgraph import GoHEncoder, from_pretrained
 from gohgraph.cli.main import main
+from gohgraph.cli.objectives import run_eval
 
 
 def test_train_mlm_then_eval(tmp_path, capsys):
@@ -78,3 +82,17 @@ def test_the_lm_trainers_flags_are_refused_or_applied_never_dropped(tmp_path, ca
     assert main([*base, "--max-steps", "5", "--save-every", "2"]) == 0
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
         "latest", "step_000002", "step_000004", "step_000005"]
+
+
+def test_eval_of_an_objective_run_refuses_what_it_cannot_do(tmp_path, capsys):
+    run_dir = tmp_path / "mlm"
+    assert main(["train", "--objective", "mlm", "--run-dir", str(run_dir), "--max-steps", "1", "--seq-len", "16",
+                 "--batch-size", "2", "--set", "d_model=32", "--set", "eval_batches=1", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run_dir), "--split", "train"]) == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("checkpoint: ")]
+    assert len(err) == 1 and "scored on its validation split" in err[0], err
+    # on a CUDA machine load_model accepts --device cuda; the objective's evaluation still refuses it
+    args = argparse.Namespace(split="val", device="cuda", seq_len=None, data=None)
+    with pytest.raises(ValueError, match="evaluated on CPU, where it trained"):
+        run_eval(args, from_pretrained(run_dir / "final"), run_dir / "final", run_dir)
