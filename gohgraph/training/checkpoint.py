@@ -31,7 +31,7 @@ import torch
 
 from ..config import GoHConfig
 from ..storage import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_save_tensors, atomic_write_text,
-                       load_state_strict, read_config, read_json, read_tensors)
+                       load_state_strict, read_config, read_json, read_tensors, upgrade_legacy_names)
 
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
@@ -187,6 +187,18 @@ def check_same_config(saved: GoHConfig, given: GoHConfig, checkpoint: Path) -> N
     if differing:
         listed = ", ".join(f"{k}: checkpoint {a!r} vs given {b!r}" for k, (a, b) in sorted(differing.items()))
         raise CheckpointError(f"cannot resume from {checkpoint}: the model config differs ({listed})")
+
+
+def check_optimizer_parameters(saved_names: Optional[List[str]], names: List[str], checkpoint: Path) -> None:
+    """Refuse optimizer state saved for other parameters (``saved_names``: the checkpoint's
+    ``optimizer_param_names``, ``None`` in checkpoints that predate them), naming the first difference."""
+    if saved_names is None:
+        return
+    saved_names = upgrade_legacy_names(saved_names)
+    if saved_names != names:
+        first = next((a, b) for a, b in zip(saved_names + [None], names + [None]) if a != b)
+        raise CheckpointError(f"{checkpoint}: the optimizer state is for other parameters (first difference: "
+                              f"checkpoint {first[0]!r} vs model {first[1]!r})")
 
 
 # tensors of GoHEncoder's classification head: what a fine-tuning run may add or replace

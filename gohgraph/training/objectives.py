@@ -38,12 +38,13 @@ from ..data.objectives.seq2seq import seq2seq_batches
 from ..models.encoder import GoHEncoder
 from ..models.seq2seq import GoHSeq2Seq
 from ..storage import CheckpointError, atomic_write_text, load_state_strict
-from .checkpoint import (FINAL_DIR, check_same_config, initialise_from, latest_checkpoint, load_checkpoint,
-                         remove_stale_staging, restore_rng_state, save_checkpoint)
+from .checkpoint import (FINAL_DIR, check_optimizer_parameters, check_same_config, initialise_from,
+                         latest_checkpoint, load_checkpoint, remove_stale_staging, restore_rng_state,
+                         save_checkpoint)
 from .config import TrainConfig
 from .interrupts import stop_signals
 from .memory import available_memory, check_step_fits, estimate_step_memory
-from .metrics import MetricsLogger, routing_summary
+from .metrics import COLUMNS, MetricsLogger, routing_summary
 from .optim import build_optimizer
 from .schedules import learning_rate, set_learning_rate
 from .seq2seq_metrics import evaluate_seq2seq
@@ -84,10 +85,11 @@ _EVAL_SCORES: Dict[str, Dict[str, str]] = {
     "mlm": {}, "classify": {"accuracy": "val_accuracy"},
     "seq2seq": {"token_accuracy": "val_token_accuracy", "exact_match": "val_exact_match"}}
 # objective -> (metrics.csv column, output field) of its own training loss
-_OWN_LOSS = {"mlm": ("lm_loss", "mlm_loss"), "classify": ("class_loss", "class_loss"), "seq2seq": ("lm_loss", "lm_loss")}
+_OWN_LOSS = {"mlm": ("lm_loss", "mlm_loss"), "classify": ("class_loss", "class_loss"),
+             "seq2seq": ("lm_loss", "lm_loss")}
 # the columns metrics.csv adds to the LM's (gohgraph.training.metrics.COLUMNS) for each objective
 _EXTRA_COLUMNS: Dict[str, List[str]] = {
-    objective: (["class_loss"] if objective == "classify" else []) + list(scores.values())
+    objective: [column for column in (_OWN_LOSS[objective][0], *scores.values()) if column not in COLUMNS]
     for objective, scores in _EVAL_SCORES.items()}
 @dataclass
 class ObjectiveResult:
@@ -212,8 +214,8 @@ def train_objective(objective: str, cfg: GoHConfig, tc: TrainConfig, data, run_d
                 model.update_routing_biases()
                 train_seconds += time.perf_counter() - step_started
                 step += 1
-                tokens_seen += _token_count(inputs)
-                timed_tokens += _token_count(inputs)
+                n_tokens = _token_count(inputs)
+                tokens_seen, timed_tokens = tokens_seen + n_tokens, timed_tokens + n_tokens
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}")
                 metrics = None
@@ -259,8 +261,9 @@ def _restore(checkpoint: Path, objective: str, cfg: GoHConfig, model: torch.nn.M
         raise CheckpointError(f"cannot resume from {checkpoint}: it was trained with objective "
                               f"{saved.get('objective', 'lm')!r}, not {objective!r}")
     check_same_config(saved_config, cfg, checkpoint)
-    if saved.get("optimizer_param_names") != optimizer.param_names:
-        raise CheckpointError(f"{checkpoint}: the optimizer state is for other parameters")
+    if saved.get("optimizer_param_names") is None:  # every objective checkpoint records them
+        raise CheckpointError(f"{checkpoint}: training_state.json lacks optimizer_param_names (damaged)")
+    check_optimizer_parameters(saved["optimizer_param_names"], optimizer.param_names, checkpoint)
     load_state_strict(model, model_state, checkpoint)
     try:
         optimizer.load_state_dict(optimizer_state)

@@ -35,9 +35,10 @@ from ..models.decoder import GoHOutput, GoHTransformer
 from ..parallel import data_parallel as D
 from ..parallel import expert_parallel as EP
 from ..parallel import tensor_parallel as TP
-from ..storage import CheckpointError, atomic_write_text, load_state_strict, upgrade_legacy_names
-from .checkpoint import (FINAL_DIR, check_same_config, initialise_from, latest_checkpoint, load_checkpoint,
-                         remove_stale_staging, restore_rng_state, save_checkpoint)
+from ..storage import CheckpointError, atomic_write_text, load_state_strict
+from .checkpoint import (FINAL_DIR, check_optimizer_parameters, check_same_config, initialise_from,
+                         latest_checkpoint, load_checkpoint, remove_stale_staging, restore_rng_state,
+                         save_checkpoint)
 from .compile import TrainingForward
 from .config import TrainConfig
 from .interrupts import stop_signals
@@ -217,13 +218,7 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
     forward = TrainingForward(wrapped, tc.compile)  # eager unless tc.compile (and compiling works)
     if saved_optimizer is not None:
-        saved_names = saved.get("optimizer_param_names")
-        if saved_names is not None:
-            saved_names = upgrade_legacy_names(saved_names)
-        if saved_names is not None and saved_names != optimizer.param_names:
-            first = next((a, b) for a, b in zip(saved_names + [None], optimizer.param_names + [None]) if a != b)
-            raise CheckpointError(f"{checkpoint}: the optimizer state is for other parameters (first difference: "
-                                  f"checkpoint {first[0]!r} vs model {first[1]!r})")
+        check_optimizer_parameters(saved.get("optimizer_param_names"), optimizer.param_names, checkpoint)
         if expert_parallel:
             saved_optimizer = EP.local_optimizer_state(model, optimizer, saved_optimizer)
         if tensor_parallel:

@@ -170,6 +170,12 @@ def test_resume_refuses_another_model_or_objective(tmp_path):
         train_objective("classify", cfg, _train_config(max_steps=4), data, tmp_path, resume=True)
     with pytest.raises(ValueError, match="nothing to resume"):
         train_objective("mlm", cfg, _train_config(), data, tmp_path / "empty", resume=True)
+    state_file = latest_checkpoint(tmp_path) / "training_state.json"
+    state = json.loads(state_file.read_text())
+    state["optimizer_param_names"] = state["optimizer_param_names"][::-1]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="optimizer state is for other parameters \\(first difference"):
+        train_objective("mlm", cfg, _train_config(max_steps=4), data, tmp_path, resume=True)
 
 
 def test_cli_resume_continues_with_the_runs_data_and_config(tmp_path, capsys):
