@@ -41,6 +41,8 @@ RECURSION_ROUTERS = ("expert-choice", "token-choice")
 RECURSION_KV = ("recursion", "shared")
 RECURSION_INFERENCE = ("aux-router", "router-bce")
 RECURSION_SCORERS = ("linear", "graph")
+EXECUTIONS = ("auto", "masked", "sparse")
+RECURSION_EXECUTIONS = ("auto", "masked", "gather")  # DESIGN.md §17: skip the work routing rules out, or compute all
 
 GATE_NORMALISATIONS = ("moh", "mha")
 EXPERT_SCORES = ("softmax", "sigmoid")
@@ -169,6 +171,10 @@ class GoHConfig:
     # H_s + k, so all heads on with uniform gates is exactly MHA (gohgraph's gating before 2026-12;
     # not MoH's unless n_shared_heads == top_k_heads)
     head_gate_normalisation: str = _in("head routing", "moh")
+    # DESIGN.md §17: "sparse" attends only for the (token, head) pairs with a non-zero gate, "masked"
+    # computes every head and zeroes the inactive ones (the reference), "auto" picks per call
+    # (gohgraph.layers.head_sparse.picks_head_sparse). How it runs, not what: no weight depends on it
+    head_execution: str = _in("head routing", "auto")
 
     # ---- routing losses and balancing (heads and experts)
     balance_loss_coef: float = _in("routing losses", 0.01)
@@ -215,6 +221,10 @@ class GoHConfig:
     # "linear" (theta^T h) or "graph" (the token's heads as nodes of head_graph, router_rounds of the
     # GoH head router's message passing with router_dim features, mean of the node scores)
     recursion_scorer: str = _in("recursion", "linear")
+    # DESIGN.md §17: "gather" runs each recursion only on the tokens that take it, "masked" runs it
+    # on every token and discards the rest (the reference), "auto" gathers where it can
+    # (gohgraph.models.recursion.gathers_recursions). How it runs, not what: no weight depends on it
+    recursion_execution: str = _in("recursion", "auto")
 
     # ---- feed-forward experts
     ffn: str = _in("experts", "dense")
@@ -351,6 +361,7 @@ class GoHConfig:
     def _validate(self) -> None:
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "router_dim")
         _choice(self, "router", ROUTERS)
+        _choice(self, "head_execution", EXECUTIONS)
         _choice(self, "ffn", FFN_KINDS)
         _choice(self, "norm", NORMS)
         _choice(self, "expert_activation", EXPERT_ACTIVATIONS)
@@ -466,6 +477,7 @@ class GoHConfig:
         _choice(self, "recursion_kv", RECURSION_KV)
         _choice(self, "recursion_inference", RECURSION_INFERENCE)
         _choice(self, "recursion_scorer", RECURSION_SCORERS)
+        _choice(self, "recursion_execution", RECURSION_EXECUTIONS)
         _positive(self, "max_recursions")
         if self.recursion == "mor" and self.recursion_scorer == "graph" and self.router_rounds < 1:
             raise ValueError(f"recursion_scorer='graph' needs router_rounds >= 1 (its message-passing rounds), "

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config import GoHConfig
 from ..routing import LayerRouting
+from .head_sparse import head_sparse_attention, picks_head_sparse
 from .kv_cache import KVCache
 from .linear import make_linear
 from .positions import build_query_key_positions, build_score_positions
@@ -91,6 +92,8 @@ class GoHAttention(nn.Module):
         self.sliding_window = cfg.sliding_window
         self.scale = None if cfg.attention_scale == "sqrt" else 1.0  # None: SDPA's 1/sqrt(head_dim)
         self.head_routing = build_head_routing(cfg) if build_head_routing is not None else None
+        # DESIGN.md §17: shared heads are active for every token; the others only where routed
+        self.n_shared_heads, self.head_execution = cfg.n_shared_heads, cfg.head_execution
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, causal: bool = True,
                 mask: Optional[torch.Tensor] = None, memory: Optional[torch.Tensor] = None,
@@ -122,11 +125,20 @@ class GoHAttention(nn.Module):
             v = v.view(batch, v.shape[1], kv_heads, head_dim).transpose(1, 2)
             if cache is not None:
                 k, v = cache.append(self.layer_idx, k, v)
-        if cache is not None and cache.returns_all_slots:  # the mask alone says which slots are seen
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                                  enable_gqa=self.n_kv_heads != self.n_heads)
+        all_slots = cache is not None and cache.returns_all_slots  # the mask alone says which slots are seen
+        if all_slots:
+            attn_mask, is_causal = mask, False
         else:
-            attn = self._attend(q, k, v, causal, mask, self_attention=not cross, bias=bias)  # [batch, heads, seq, head_dim]
+            attn_mask, is_causal = attention_mask(q, k.shape[2], causal, mask, not cross, self.sliding_window,
+                                                  self.score_bias if not cross else None, bias)
+        if self.head_routing is not None and self._skips_heads(head_gates, q.shape[2], k.shape[2]):
+            attn = head_sparse_attention(q, k, v, head_gates != 0, self.n_shared_heads, attn_mask, is_causal,
+                                         causal_keys=causal and not cross and not all_slots, scale=self.scale)
+        else:  # the reference: every head attends, the gates zero the inactive ones
+            attn = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_heads != self.n_heads)  # [batch, heads, seq, head_dim]
 
         attn = attn.transpose(1, 2)  # [batch, seq, heads, head_dim]
         if self.head_routing is not None:
@@ -164,15 +176,11 @@ class GoHAttention(nn.Module):
         k, v = kv.split([kv_width, kv_width], dim=-1)
         return q, k, v
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                mask: Optional[torch.Tensor], self_attention: bool,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        attn_mask, is_causal = attention_mask(q, k.shape[2], causal, mask, self_attention,
-                                              self.sliding_window, self.score_bias, bias)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads)
+    def _skips_heads(self, head_gates: torch.Tensor, q_len: int, k_len: int) -> bool:
+        """Whether this call runs head-sparse (:func:`~gohgraph.layers.head_sparse.picks_head_sparse`)."""
+        return picks_head_sparse(self.head_execution, head_gates, q_len, k_len,
+                                 dropout=self.dropout if self.training else 0.0,
+                                 sharded=self.n_heads != self.record_heads)
 
 
 def mix_heads(attn: torch.Tensor, head_gates: Optional[torch.Tensor],

@@ -35,6 +35,7 @@ from torch import nn
 from ..config import GoHConfig
 from ..routing import LayerRouting
 from .attention import attention_mask
+from .head_sparse import head_sparse_attention, picks_head_sparse
 from .kv_cache import KVCache
 from .linear import make_linear
 from .positions import build_query_key_positions
@@ -86,6 +87,7 @@ class LatentAttention(nn.Module):
                 nn.init.zeros_(linear.bias)
         self.rotary = build_query_key_positions(cfg)
         self.head_routing = build_head_routing(cfg) if build_head_routing is not None else None
+        self.n_shared_heads, self.head_execution = cfg.n_shared_heads, cfg.head_execution
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, causal: bool = True,
                 mask: Optional[torch.Tensor] = None, memory: Optional[torch.Tensor] = None,
@@ -113,7 +115,12 @@ class LatentAttention(nn.Module):
                                               bias=bias)
         absorb = self.absorb if self.absorb is not None else (cache is not None and not self.training)
         attend = self._attend_absorbed if absorb else self._attend_expanded
-        attn = attend(q_nope, q_rope, latent, key_rope, attn_mask, is_causal)  # [batch, heads, seq, d_v]
+        active = None
+        if self.head_routing is not None and picks_head_sparse(
+                self.head_execution, head_gates, seq, latent.shape[2], dropout=self.dropout if self.training else 0.0):
+            active = head_gates != 0
+        causal_keys = causal and not (cache is not None and cache.returns_all_slots)
+        attn = attend(q_nope, q_rope, latent, key_rope, attn_mask, is_causal, active, causal_keys)  # [batch, heads, seq, d_v]
 
         attn = attn.transpose(1, 2)
         if self.head_routing is not None:
@@ -127,24 +134,33 @@ class LatentAttention(nn.Module):
         return self.q_up(self.q_norm(self.q_down(x)))
 
     def _attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
-                         key_rope: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+                         key_rope: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
+                         active: Optional[torch.Tensor] = None, causal_keys: bool = True) -> torch.Tensor:
         """Expand every cached latent into per-head keys and values, then attend (training path)."""
         batch, _, length, _ = latent.shape
         kv = self.kv_up(latent.squeeze(1)).view(batch, length, self.n_heads, self.nope_dim + self.value_dim)
         key_nope, value = kv.transpose(1, 2).split([self.nope_dim, self.value_dim], dim=-1)
         key = torch.cat([key_nope, key_rope.expand(-1, self.n_heads, -1, -1)], dim=-1)
         query = torch.cat([q_nope, q_rope], dim=-1)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
-                                              dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
+        return self._sdpa(query, key, value, attn_mask, is_causal, active, causal_keys)
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
-                         key_rope: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+                         key_rope: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
+                         active: Optional[torch.Tensor] = None, causal_keys: bool = True) -> torch.Tensor:
         """Attend in the latent space: ``W^UK`` folded into the queries, ``W^UV`` applied after."""
         up = self.kv_up.weight.view(self.n_heads, self.nope_dim + self.value_dim, self.rank)
         up_key, up_value = up.split([self.nope_dim, self.value_dim], dim=1)  # [heads, d_C | d_v, r]
         query = torch.cat([torch.matmul(q_nope, up_key), q_rope], dim=-1)  # [batch, heads, seq, r + d_R]
         key = torch.cat([latent, key_rope], dim=-1)  # [batch, 1, len, r + d_R]: one "kv head"
-        out = F.scaled_dot_product_attention(query, key, latent, attn_mask=attn_mask, is_causal=is_causal,
-                                             dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
-                                             enable_gqa=True)  # [batch, heads, seq, r]
+        out = self._sdpa(query, key, latent, attn_mask, is_causal, active, causal_keys)  # [batch, heads, seq, r]: one "kv head"
         return torch.matmul(out, up_value.transpose(1, 2))
+
+    def _sdpa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
+              is_causal: bool, active: Optional[torch.Tensor], causal_keys: bool) -> torch.Tensor:
+        """SDPA over every head, or head-sparse over the ``active [batch, seq, heads]`` pairs (DESIGN.md §17)."""
+        if active is not None:
+            return head_sparse_attention(query, key, value, active, self.n_shared_heads, attn_mask, is_causal,
+                                         causal_keys=causal_keys, scale=self.scale)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
+                                              dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
+                                              enable_gqa=key.shape[1] != query.shape[1])

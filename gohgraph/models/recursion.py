@@ -23,13 +23,23 @@ those that took ``r - 1`` and gives each a gate ``g``; selected tokens are updat
   every token; in every later recursion block ``i``'s queries attend to recursion 0's keys and
   values of block ``i`` (the cache holds one recursion's worth).
 
-Compute honesty: the stack runs on every token in every recursion and the unselected tokens'
-results are discarded (a mask, not a gather), so no FLOPs are saved; the routing and the
-function it computes are MoR's. Not built yet: capacity warm-up.
+Execution (``cfg.recursion_execution``, DESIGN.md §17): ``"gather"`` runs recursion ``r >= 1``
+only on the tokens that take it: per row the selected tokens are gathered in position order
+(padded to the busiest row), the stack runs on them at their original positions under an explicit
+mask (recursion-wise KV: causal among the gathered tokens; KV sharing: the gathered queries over
+recursion 0's keys of every token), and the update is scattered back. Expert-choice with
+capacities 1, 2/3, 1/3 then costs about (1 + 2/3 + 1/3) / 3 of the masked stack. ``"masked"`` (the
+reference) runs the stack on every token and discards the unselected results. ``"auto"`` gathers
+where it can: without a KV cache passed in (training, scoring; cached prefill and decoding stay
+masked) and for attention whose mask says everything (not MLA, ALiBi, T5 bias or sliding windows,
+whose masks are written in relative positions). Routed heads or experts inside the stack route
+only the gathered tokens in ``"gather"`` mode (their balance losses count the tokens that take the
+recursion; masked mode counts every token), and their records hold zeros for the tokens that skip.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -102,6 +112,33 @@ class _SharedKeysView(KVCache):
         return self.cache.append(layer, keys[:, :, :0], values[:, :, :0])  # read without writing
 
 
+class _GatheredKeysView(KVCache):
+    """What a block sees in a gathered recursion: the keys it computes (recursion-wise KV) or
+    recursion 0's keys of every token (``shared``, KV sharing), with the caller's mask as the whole
+    truth (``returns_all_slots``: causality by original position is in the mask)."""
+
+    returns_all_slots = True
+
+    def __init__(self, shared: Optional[KVCache] = None) -> None:
+        self.shared = shared
+
+    def length(self, layer: int = 0) -> int:
+        return 0
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.shared is None:
+            return keys, values
+        return self.shared.append(layer, keys, values)
+
+
+def gathers_recursions(cfg: GoHConfig, cache: Optional[KVCache]) -> bool:
+    """The rule ``cfg.recursion_execution`` follows (see the module docstring)."""
+    if cfg.recursion_execution == "masked" or cache is not None:
+        return False
+    return (cfg.attention == "mha" and cfg.sliding_window is None
+            and cfg.position_embedding not in ("alibi", "t5-relative"))
+
+
 class MixtureOfRecursions(nn.Module):
     """The recursion loop and its router; the blocks stay the model's (``model.blocks``).
 
@@ -115,6 +152,7 @@ class MixtureOfRecursions(nn.Module):
         self.middle_cycle = cfg.recursion_sharing == "middle-cycle"
         self.token_choice = cfg.recursion_router == "token-choice"
         self.kv_sharing = cfg.recursion_kv == "shared"
+        self.config = cfg
         # the scores come from the token's heads as nodes of the head graph (routers/recursion.py),
         # one per routed recursion (expert-choice) or per depth (token-choice)
         graph = cfg.recursion_scorer == "graph"
@@ -142,6 +180,7 @@ class MixtureOfRecursions(nn.Module):
             raise ValueError("a Mixture-of-Recursions model decodes with its own cache: model.new_cache()")
         first, stack, last = self.split(blocks)
         records: List[LayerRouting] = []
+        gather = gathers_recursions(self.config, cache)
         batch, seq = x.shape[:2]
         if cache is None and self.kv_sharing:  # recursion 0's keys must be kept for the later ones
             cache = RecursionKVCache(self.n_layers, 1)
@@ -175,17 +214,77 @@ class MixtureOfRecursions(nn.Module):
             else:
                 keys = cache.key_mask(recursion, took) if cache is not None else took
                 attention_mask = keys[:, None, None, :] if mask is None else mask & keys[:, None, None, :]
-            updated = run(stack, x, recursion, attention_mask)
-            gate = gate.to(x.dtype).unsqueeze(-1)
-            x = torch.where(took.unsqueeze(-1), x + gate * (updated - x), x)
+            if gather:
+                x = self._gathered_recursion(stack, x, took, gate, mask, positions, cache, records)
+            else:
+                updated = run(stack, x, recursion, attention_mask)
+                x = torch.where(took.unsqueeze(-1), x + gate.to(x.dtype).unsqueeze(-1) * (updated - x), x)
             taken.append(took)
-            gates.append(torch.where(took, gate.squeeze(-1).float(), 0.0))
+            gates.append(torch.where(took, gate.to(x.dtype).float(), 0.0))
         x = run(last, x, 0, mask)
         selected = torch.stack(taken)
         record = RecursionRouting(selected=selected, depth=selected.sum(0), gates=torch.stack(gates).detach(),
                                   aux_losses=losses)
         return x, records, record
 
+    def _gathered_recursion(self, stack: Sequence[nn.Module], x: torch.Tensor, took: torch.Tensor,
+                            gate: torch.Tensor, mask: Optional[torch.Tensor], positions: Optional[torch.Tensor],
+                            cache: Optional[KVCache], records: List[LayerRouting]) -> torch.Tensor:
+        """One recursion on the tokens that take it: ``x [batch, seq, d]``, ``took [batch, seq]`` bool,
+        ``gate [batch, seq]``; returns ``x`` with ``x_t + g_t (f(x)_t - x_t)`` at the selected tokens."""
+        batch, seq, width = x.shape
+        n = int(took.sum(1).max())
+        if n == 0:
+            return x
+        # per row the selected tokens first, in position order, then unselected ones as padding
+        index = torch.sort((~took).to(torch.uint8), dim=1, stable=True).indices[:, :n]  # [batch, n]
+        valid = took.gather(1, index)
+        if positions is None:
+            positions = torch.arange(seq, device=x.device).expand(batch, seq)
+        query_pos = index[:, :, None]
+        if self.kv_sharing:  # the gathered queries over recursion 0's keys of every token
+            allowed = torch.arange(seq, device=x.device)[None, None, :] <= query_pos
+            if mask is not None:
+                allowed = allowed & mask[:, 0, :, -seq:]
+            view = _GatheredKeysView(_SharedKeysView(cache.slot(0), seq))
+        else:  # attention among the gathered tokens, causal by their original positions
+            allowed = (index[:, None, :] <= query_pos) & valid[:, None, :]
+            if mask is not None:
+                allowed = allowed & mask[:, 0, 0, -seq:].gather(1, index)[:, None, :]
+            view = _GatheredKeysView()
+        # a padding query sees itself, so no row of the mask is empty (its output is dropped)
+        allowed = allowed | (query_pos == (index[:, None, :] if not self.kv_sharing
+                                           else torch.arange(seq, device=x.device)[None, None, :]))
+        h = x.gather(1, index[..., None].expand(batch, n, width))
+        selected, selected_positions = h, positions.gather(1, index)
+        applications = []
+        for block in stack:
+            h, record = block(h, cache=view, causal=False, mask=allowed[:, None], positions=selected_positions)
+            applications.append(record)
+        records.extend(_scatter_record(record, index, valid, seq) for record in applications)
+        gate = gate.gather(1, index).to(x.dtype).unsqueeze(-1) * valid.unsqueeze(-1).to(x.dtype)
+        return x.scatter(1, index[..., None].expand(batch, n, width), selected + gate * (h - selected))
+
     def extra_repr(self) -> str:
         return (f"max_recursions={self.max_recursions}, sharing={'middle-cycle' if self.middle_cycle else 'cycle'}, "
                 f"router={'token-choice' if self.token_choice else 'expert-choice'}")
+
+
+def _scatter_record(record: LayerRouting, index: torch.Tensor, valid: torch.Tensor, seq: int) -> LayerRouting:
+    """A record of a gathered run (``[batch, n, ...]`` per token) laid out over all ``seq`` tokens,
+    zeros at the tokens that skipped the recursion."""
+    batch, n = index.shape
+
+    def spread(value):
+        if not isinstance(value, torch.Tensor) or value.dim() < 2 or tuple(value.shape[:2]) != (batch, n):
+            return value
+        kept = value * valid.view(batch, n, *([1] * (value.dim() - 2))).to(value.dtype)
+        target = value.new_zeros(batch, seq, *value.shape[2:])
+        return target.scatter(1, index.view(batch, n, *([1] * (value.dim() - 2))).expand_as(value), kept)
+
+    for holder in (record, record.experts):
+        if holder is None:
+            continue
+        for item in dataclasses.fields(holder):
+            setattr(holder, item.name, spread(getattr(holder, item.name)))
+    return record

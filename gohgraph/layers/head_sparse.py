@@ -1,0 +1,345 @@
+r"""Head-sparse attention: attend only for the (token, head) pairs the router chose (DESIGN.md §17).
+
+With gates :math:`g_{t,h}` (0 outside token ``t``'s active set :math:`A_t`), a routed layer needs
+
+.. math::
+    o_{t,h} = \mathrm{softmax}\big(q_{t,h} K_h^\top \cdot s + \mathrm{mask}_{t}\big) V_h
+    \quad \text{only for } h \in A_t,
+
+while the keys and values :math:`K_h, V_h` of every token stay computed and cached (a head inactive
+for one token may be active for the next). :func:`head_sparse_attention` returns the same
+``[batch, heads, q_len, d_v]`` tensor as the masked reference (SDPA over every head) on the active
+pairs and zeros elsewhere, so the gates and the head-mixing matrix that follow (whose columns
+outside :math:`A_t` are zero) give the same layer output and the same gradients.
+
+Two kernels, picked by the number of queries:
+
+* **head runs** (decoding, ``q_len <= DECODE_MAX_QUERIES``): per batch row, the heads active for
+  any of its queries form runs of consecutive heads; one SDPA per run on *views* of the cache
+  (copying the active heads' cache rows out first costs more than it saves: DESIGN.md §17), so a
+  step reads only the active heads' keys and values.
+* **query chunks** (training, prefill): the always-on (shared) heads run the fused kernel over every
+  query. For the routed heads the queries are cut into chunks of ``QUERY_CHUNK`` positions; in a
+  chunk each routed head gathers its active queries (padded to the chunk's busiest head, the pads
+  are inactive queries whose output is dropped) and attends to the keys up to the chunk's end with
+  an explicit mask (causality by original position, padding, windows, ALiBi/T5 biases: whatever the
+  reference mask holds). Chunking keeps the fused kernel's causal block skipping up to one chunk,
+  so the routed heads cost about ``(active share) * (1 + chunk / q_len)`` of their dense work.
+
+What stays dense: the query projection (the graph and query-norm routers read every head's query)
+and the output projection (it reads the heads' outputs after the gates and the inter-head flow).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# queries per chunk of the routed heads in training / prefill: measured on 2 CPU cores at 4,096
+# tokens, 512 and 1,024 were within noise of each other and 256 slower (more calls, smaller GEMMs)
+QUERY_CHUNK = 512
+# up to this many queries per call the head-runs kernel is used (a decode step, or a few tokens)
+DECODE_MAX_QUERIES = 4
+# "auto" runs head-sparse from these sizes on (below them the masked reference is as fast or faster:
+# per-call overhead outweighs the skipped work; measured by benchmarks/bench_head_sparse.py)
+MIN_SPARSE_DECODE_KEYS = 1024
+MIN_SPARSE_QUERIES = 1024
+
+
+def picks_head_sparse(mode: str, head_gates: torch.Tensor, q_len: int, k_len: int, dropout: float = 0.0,
+                      sharded: bool = False) -> bool:
+    """The one rule that picks head-sparse or masked execution for a call (``cfg.head_execution``).
+
+    ``"masked"`` never skips; ``"sparse"`` skips whenever it can; ``"auto"`` skips when it can and the
+    shape is large enough to pay (decoding over at least :data:`MIN_SPARSE_DECODE_KEYS` keys, or at
+    least :data:`MIN_SPARSE_QUERIES` queries). It cannot (masked then) while the dense blend anneals
+    (every head carries weight), under attention dropout (the reference draws one mask for all
+    heads), under tensor parallelism (``sharded``: heads split over ranks) and inside
+    ``torch.compile`` (the kernels branch on the routing).
+    """
+    if mode == "masked" or dropout > 0 or sharded or torch.compiler.is_compiling():
+        return False
+    if mode == "auto" and (k_len < MIN_SPARSE_DECODE_KEYS if q_len <= DECODE_MAX_QUERIES else q_len < MIN_SPARSE_QUERIES):
+        return False
+    # a dense blend > 0 leaves no gate at 0: nothing to skip
+    return not bool(head_gates.ne(0).all())
+
+
+def head_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor,
+                          n_always_on: int, attn_mask: Optional[torch.Tensor], is_causal: bool,
+                          causal_keys: bool, scale: Optional[float]) -> torch.Tensor:
+    """Attention of the active (token, head) pairs; zeros elsewhere.
+
+    Args:
+        q: ``[batch, heads, q_len, d]``.
+        k, v: ``[batch, kv_heads, k_len, d]`` and ``[batch, kv_heads, k_len, d_v]`` (GQA/MQA when
+            ``kv_heads < heads``: query head ``h`` reads kv head ``h // (heads / kv_heads)``).
+        active: ``[batch, q_len, heads]`` bool, the pairs that must be computed (more may be).
+        n_always_on: the first heads are active for every token (MoH's shared heads): they run the
+            fused kernel.
+        attn_mask, is_causal: what :func:`~gohgraph.layers.attention.attention_mask` returns for
+            these queries (a bool or additive mask broadcastable to ``[batch, heads, q_len, k_len]``).
+        causal_keys: query ``t`` sees no key after position ``k_len - q_len + t`` (causal
+            self-attention with the queries at the end of the keys), so a chunk's keys end at its last query.
+        scale: SDPA's ``scale``.
+    Returns:
+        ``[batch, heads, q_len, d_v]``.
+    """
+    if q.shape[2] <= DECODE_MAX_QUERIES:
+        out = _attend_by_head_runs(q, k, v, active, attn_mask, is_causal, scale)
+        return out if q.shape[2] == 1 else out * active.transpose(1, 2).unsqueeze(-1).to(out.dtype)
+    return _attend_by_query_chunks(q, k, v, active, n_always_on, attn_mask, is_causal, causal_keys, scale)
+
+
+def _as_4d(attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    while attn_mask is not None and attn_mask.dim() < 4:
+        attn_mask = attn_mask.unsqueeze(0)
+    return attn_mask
+
+
+def _mask_rows(attn_mask: Optional[torch.Tensor], row: int, heads: slice) -> Optional[torch.Tensor]:
+    """``attn_mask [B|1, H|1, q, k]`` for one batch row and a range of heads (broadcast dims kept)."""
+    if attn_mask is None:
+        return None
+    m = attn_mask[row:row + 1] if attn_mask.shape[0] > 1 else attn_mask
+    return m[:, heads] if m.shape[1] > 1 else m
+
+
+def _kv_range(heads: range, group: int) -> Tuple[slice, bool]:
+    """kv heads read by the query heads ``heads`` (a run inside one kv group when ``group > 1``),
+    and whether SDPA must broadcast them (``enable_gqa``)."""
+    if group == 1:
+        return slice(heads.start, heads.stop), False
+    kv = heads.start // group
+    return slice(kv, kv + 1), True
+
+
+def _head_runs(flags: List[bool], group: int) -> List[range]:
+    """Maximal runs of consecutive True heads, split at kv-group boundaries."""
+    runs, start = [], None
+    for h, on in enumerate(flags + [False]):
+        if on and start is not None and group > 1 and h % group == 0:
+            runs.append(range(start, h))
+            start = h
+        elif on and start is None:
+            start = h
+        elif not on and start is not None:
+            runs.append(range(start, h))
+            start = None
+    return runs
+
+
+def _attend_by_head_runs(q, k, v, active, attn_mask, is_causal, scale) -> torch.Tensor:
+    batch, heads, q_len, _ = q.shape
+    group = heads // k.shape[1]
+    attn_mask = _as_4d(attn_mask)
+    on = active.any(dim=1).tolist()  # [batch][heads]: one host sync per call
+    rows = []
+    for b in range(batch):
+        pieces, done = [], 0
+        for run in _head_runs(on[b], group):
+            if run.start > done:
+                pieces.append(q.new_zeros(1, run.start - done, q_len, v.shape[-1]))
+            kv, gqa = _kv_range(run, group)
+            heads_run = slice(run.start, run.stop)
+            pieces.append(F.scaled_dot_product_attention(
+                q[b:b + 1, heads_run], k[b:b + 1, kv], v[b:b + 1, kv],
+                attn_mask=_mask_rows(attn_mask, b, heads_run), is_causal=is_causal, scale=scale,
+                enable_gqa=gqa and run.stop - run.start > 1))
+            done = run.stop
+        if done < heads:
+            pieces.append(q.new_zeros(1, heads - done, q_len, v.shape[-1]))
+        rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
+    return torch.cat(rows, dim=0) if batch > 1 else rows[0]
+
+
+def _attend_by_query_chunks(q, k, v, active, n_always_on, attn_mask, is_causal, causal_keys, scale) -> torch.Tensor:
+    batch, heads, q_len, _ = q.shape
+    kv_heads, k_len, d_v = k.shape[1], k.shape[2], v.shape[-1]
+    group = heads // kv_heads
+    attn_mask = _as_4d(attn_mask)
+    # heads whose kv heads form a whole number of groups can be sliced as views
+    always = n_always_on - n_always_on % group
+    parts = []
+    if always:
+        parts.append(F.scaled_dot_product_attention(
+            q[:, :always], k[:, :always // group], v[:, :always // group], is_causal=is_causal, scale=scale,
+            attn_mask=None if attn_mask is None else attn_mask[:, :always] if attn_mask.shape[1] > 1 else attn_mask,
+            enable_gqa=group > 1))
+    routed = heads - always
+    # the fused CPU kernel takes one head size for q, k and v
+    if routed and is_causal and attn_mask is None and group == 1 and q.device.type == "cpu" \
+            and q.shape[-1] == v.shape[-1]:
+        parts.append(CausalRoutedAttention.apply(q[:, always:], k[:, always:], v[:, always:],
+                                                 active[:, :, always:].transpose(1, 2), scale))
+    elif routed:
+        parts.append(_routed_chunks(q[:, always:], k[:, always // group:], v[:, always // group:],
+                                    active[:, :, always:], _heads_of(attn_mask, always), is_causal, causal_keys,
+                                    scale, group, k_len, d_v))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def _heads_of(attn_mask: Optional[torch.Tensor], first: int) -> Optional[torch.Tensor]:
+    if attn_mask is None or attn_mask.shape[1] == 1:
+        return attn_mask
+    return attn_mask[:, first:]
+
+
+def _routed_chunks(q, k, v, active, attn_mask, is_causal, causal_keys, scale, group, k_len, d_v) -> torch.Tensor:
+    """The routed heads ``q [batch, routed, q_len, d]`` chunk by chunk (see the module docstring)."""
+    batch, routed, q_len, d = q.shape
+    offset = k_len - q_len  # queries sit at the end of the keys
+    head_ids = torch.arange(routed, device=q.device)[:, None]
+    key_pos = torch.arange(k_len, device=q.device)
+    per_head_active = active.transpose(1, 2)  # [batch, routed, q_len]
+    counts = [per_head_active[:, :, c:c + QUERY_CHUNK].sum(-1).amax(-1).tolist()
+              for c in range(0, q_len, QUERY_CHUNK)]  # [chunk][batch]: one host sync per chunk
+    index_b, index_h, index_t, outputs = [], [], [], []
+    for chunk, start in enumerate(range(0, q_len, QUERY_CHUNK)):
+        stop = min(q_len, start + QUERY_CHUNK)
+        keys_end = offset + stop if causal_keys else k_len
+        for b in range(batch):
+            n = int(counts[chunk][b])
+            if n == 0:
+                continue
+            chunk_active = per_head_active[b, :, start:stop]  # [routed, chunk]
+            # each head's active queries first, in position order; the rest pad to n
+            order = torch.sort((~chunk_active).to(torch.uint8), dim=-1, stable=True).indices[:, :n]
+            valid = chunk_active.gather(1, order)
+            pos = order + start  # [routed, n] query indices
+            queries = q[b][head_ids, pos]  # [routed, n, d]
+            keys, values = k[b, :, :keys_end], v[b, :, :keys_end]
+            if attn_mask is not None:
+                rows = attn_mask[b if attn_mask.shape[0] > 1 else 0]
+                rows = rows.expand(routed, q_len, rows.shape[-1])[head_ids, pos][..., :keys_end]
+            elif is_causal:  # additive, not bool: SDPA converts a bool mask in forward and again in backward
+                rows = q.new_zeros(routed, n, keys_end).masked_fill_(key_pos[:keys_end] > (pos + offset)[..., None],
+                                                                     float("-inf"))
+            else:
+                rows = None
+            out = F.scaled_dot_product_attention(queries[None], keys[None], values[None],
+                                                 attn_mask=None if rows is None else rows[None],
+                                                 scale=scale, enable_gqa=group > 1)[0]
+            outputs.append(out * valid.unsqueeze(-1).to(out.dtype))
+            index_b.append(torch.full_like(pos, b))
+            index_h.append(head_ids.expand_as(pos))
+            index_t.append(pos)
+    result = q.new_zeros(batch, routed, q_len, d_v)
+    if not outputs:
+        return result
+    # every (row, head, position) appears at most once: a head's pads are distinct inactive positions
+    return result.index_put((torch.cat([i.flatten() for i in index_b]), torch.cat([i.flatten() for i in index_h]),
+                             torch.cat([i.flatten() for i in index_t])),
+                            torch.cat([o.reshape(-1, d_v) for o in outputs]))
+
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class CausalRoutedAttention(torch.autograd.Function):
+    r"""Plain causal attention of routed heads for their active queries only, on CPU's fused kernel.
+
+    Chunk ``[s, e)`` is split by keys: its active queries attend to the **prefix** ``[0, s)`` without
+    a mask (the fastest kernel), and every query of the chunk attends to the **diagonal** keys
+    ``[s, e)`` under SDPA's own causal kernel (one call for all routed heads; ``chunk / seq`` of the
+    work). The two softmaxes are merged by their log-sum-exps,
+
+    .. math::
+        o = w_p o_p + w_d o_d, \quad w_x = e^{\ell_x - \ell}, \quad \ell = \log(e^{\ell_p} + e^{\ell_d}),
+
+    which is exactly attention over ``[0, e)``. Backward runs the kernel's own backward on each piece
+    with ``grad_out = w_x dO`` and ``out = o`` (the merged output): the kernel's
+    :math:`D = \mathrm{rowsum}(dO \odot o)` is then the merged softmax's, so each piece's gradients are
+    exactly its share of the full attention's.
+
+    The prefix calls take ``torch.get_num_threads()`` heads at a time (the kernel's backward
+    parallelises over heads only), heads of similar load together, each padded to the busiest of
+    its group with inactive queries whose output is dropped and whose gradient is zero.
+
+    Shapes: ``q, k, v [batch, routed, seq, d]`` (keys at the queries' positions), ``active [batch,
+    routed, seq]`` bool -> ``[batch, routed, seq, d]``, zeros at inactive pairs.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, active, scale):
+        batch, routed, seq, _ = q.shape
+        out = q.new_zeros(batch, routed, seq, v.shape[-1])
+        group_size = max(1, torch.get_num_threads())
+        pieces = []
+        for b in range(batch):
+            for start in range(0, seq, QUERY_CHUNK):
+                stop = min(seq, start + QUERY_CHUNK)
+                diag_out, diag_lse = _flash(q[b:b + 1, :, start:stop], k[b:b + 1, :, start:stop],
+                                            v[b:b + 1, :, start:stop], 0.0, True, scale=scale)
+                chunk_active = active[b, :, start:stop]
+                if start == 0:  # no prefix: the diagonal call is the whole attention
+                    out[b, :, start:stop] = diag_out[0] * chunk_active.unsqueeze(-1).to(out.dtype)
+                    pieces.append((b, start, stop, diag_out, diag_lse, []))
+                    continue
+                groups = []
+                for heads, pos, valid in _head_groups(chunk_active, group_size):
+                    rows = start + pos  # [group, n] query positions
+                    prefix_out, prefix_lse = _flash(q[b][heads[:, None], rows][None], k[b:b + 1, heads, :start],
+                                                    v[b:b + 1, heads, :start], 0.0, False, scale=scale)
+                    part_out, part_lse = diag_out[0][heads[:, None], pos], diag_lse[0][heads[:, None], pos]
+                    lse = torch.logaddexp(prefix_lse[0], part_lse)
+                    merged = (torch.exp(prefix_lse[0] - lse).unsqueeze(-1) * prefix_out[0]
+                              + torch.exp(part_lse - lse).unsqueeze(-1) * part_out)
+                    merged = merged * valid.unsqueeze(-1).to(merged.dtype)
+                    out[b][heads[:, None], rows] = merged
+                    groups.append((heads, pos, valid, prefix_lse, lse))
+                pieces.append((b, start, stop, diag_out, diag_lse, groups))
+        ctx.save_for_backward(q, k, v, out, active)
+        ctx.pieces, ctx.scale = pieces, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, active = ctx.saved_tensors
+        scale = ctx.scale
+        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for b, start, stop, diag_out, diag_lse, groups in ctx.pieces:
+            # rows of queries that were not kept get grad 0, so the kernel's D (and their share) is 0
+            chunk_active = active[b, :, start:stop].unsqueeze(-1).to(grad_out.dtype)
+            diag_grad = (grad_out[b, :, start:stop] * chunk_active)[None].contiguous()
+            diag_merged = diag_out.clone()
+            for heads, pos, valid, prefix_lse, lse in groups:
+                rows = start + pos
+                valid = valid.unsqueeze(-1).to(grad_out.dtype)
+                grad_rows, out_rows = grad_out[b][heads[:, None], rows] * valid, out[b][heads[:, None], rows]
+                diag_merged[0][heads[:, None], pos] = out_rows
+                part_lse = diag_lse[0][heads[:, None], pos]
+                diag_grad[0][heads[:, None], pos] = torch.exp(part_lse - lse).unsqueeze(-1) * grad_rows
+                prefix_grad = (torch.exp(prefix_lse[0] - lse).unsqueeze(-1) * grad_rows)[None]
+                dq, dk, dv = _flash_backward(prefix_grad, q[b][heads[:, None], rows][None],
+                                             k[b:b + 1, heads, :start], v[b:b + 1, heads, :start],
+                                             out_rows[None], prefix_lse, 0.0, False, scale=scale)
+                grad_q[b].index_put_((heads[:, None].expand_as(rows), rows), dq[0], accumulate=True)
+                grad_k[b, :, :start].index_add_(0, heads, dk[0])
+                grad_v[b, :, :start].index_add_(0, heads, dv[0])
+            dq, dk, dv = _flash_backward(diag_grad, q[b:b + 1, :, start:stop], k[b:b + 1, :, start:stop],
+                                         v[b:b + 1, :, start:stop], diag_merged, diag_lse, 0.0, True, scale=scale)
+            grad_q[b, :, start:stop] += dq[0]
+            grad_k[b, :, start:stop] += dk[0]
+            grad_v[b, :, start:stop] += dv[0]
+        return grad_q, grad_k, grad_v, None, None
+
+
+def _head_groups(chunk_active: torch.Tensor, group_size: int):
+    """Heads of a chunk in groups of ``group_size`` with similar load, each as ``(heads [g], pos [g, n],
+    valid [g, n])``: per head its active positions first (in order), padded with inactive ones to the
+    group's largest count ``n``. Heads with no active query are left out."""
+    counts = chunk_active.sum(-1)
+    order = torch.argsort(counts, descending=True, stable=True)
+    # each head's active positions first, in position order
+    by_activity = torch.sort((~chunk_active).to(torch.uint8), dim=-1, stable=True).indices
+    counts_list = counts.tolist()
+    ordered = [h for h in order.tolist() if counts_list[h] > 0]
+    for first in range(0, len(ordered), group_size):
+        heads = torch.tensor(ordered[first:first + group_size], device=chunk_active.device)
+        n = counts_list[ordered[first]]
+        pos = by_activity[heads, :n]
+        yield heads, pos, chunk_active[heads[:, None], pos]
