@@ -158,7 +158,10 @@ def stdlib_split_reference(max_bytes):
     files = [p for p in root.rglob("*.py")
              if not {"site-packages", "dist-packages", "__pycache__"} & set(p.relative_to(root).parts)
              and not any(part.startswith(".") for part in p.relative_to(root).parts[:-1])]
-    key = lambda p: int.from_bytes(hashlib.sha1(p.relative_to(root).as_posix().encode()).digest()[:8], "big")
+
+    def key(path):
+        return int.from_bytes(hashlib.sha1(path.relative_to(root).as_posix().encode()).digest()[:8], "big")
+
     files.sort(key=key)
     train, val, total = b"", b"", 0
     for path in files:
