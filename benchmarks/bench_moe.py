@@ -39,6 +39,7 @@ from gohgraph import GoHConfig  # first: it sets THP_MEM_ALLOC_ENABLE before tor
 from gohgraph.layers.mlp import SwiGLU
 from gohgraph.moe.layer import MoEFeedForward
 
+# isort: split
 import torch
 
 
@@ -117,7 +118,7 @@ def main() -> None:
     # HF's blocks have the same shapes and active parameters as the SMoE rows of the same E
     smoe = {cfg.n_experts: label for label, cfg in moe_configs(args.d_model, args.expert_hidden)
             if cfg.ffn == "moe" and cfg.capacity_factor is None}
-    hf_cases = [(label, block, next(w for l, _, w, _ in cases if l == smoe[n]), smoe[n])
+    hf_cases = [(label, block, next(w for name, _, w, _ in cases if name == smoe[n]), smoe[n])
                 for label, block, n in hf_mixtral_blocks(args.d_model, args.expert_hidden)]
 
     dtype = getattr(torch, args.dtype)

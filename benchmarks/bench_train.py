@@ -28,12 +28,12 @@ import time
 import torch
 
 from gohgraph import GoHConfig, GoHTransformer
-from gohgraph.data.corpus import load_corpus
 from gohgraph.data.batches import train_batch
-from gohgraph.training.optim import build_optimizer
-from gohgraph.training.presets import get_preset
+from gohgraph.data.corpus import load_corpus
 from gohgraph.training.compile import TrainingForward
 from gohgraph.training.config import TrainConfig
+from gohgraph.training.optim import build_optimizer
+from gohgraph.training.presets import get_preset
 from gohgraph.training.trainer import training_loss
 
 

@@ -33,6 +33,7 @@ from typing import Callable, Dict, List
 
 import gohgraph  # noqa: F401  (sets THP_MEM_ALLOC_ENABLE before torch allocates, as in bench_moe)
 
+# isort: split
 import torch
 
 

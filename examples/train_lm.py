@@ -21,11 +21,10 @@ from pathlib import Path
 from gohgraph import GoHConfig
 from gohgraph.data.batches import eval_batches
 from gohgraph.data.corpus import load_corpus
-from gohgraph.training.presets import PRESETS, get_preset
-from gohgraph.training.config import TrainConfig
-from gohgraph.training.trainer import evaluate, train
 from gohgraph.training.checkpoint import latest_checkpoint
-
+from gohgraph.training.config import TrainConfig
+from gohgraph.training.presets import PRESETS, get_preset
+from gohgraph.training.trainer import evaluate, train
 
 # validation tokens the token-trace picture draws (one column each; the picture refuses more)
 TRACE_TOKENS = 64

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from gohgraph.interop.convert import convert_hf_model
-from gohgraph.training.schedules import dense_to_sparse_schedule
 from gohgraph.data.batches import eval_batches, train_batch
 from gohgraph.data.corpus import load_corpus
+from gohgraph.interop.convert import convert_hf_model
+from gohgraph.training.schedules import dense_to_sparse_schedule
 
 
 def main() -> None:

@@ -25,7 +25,6 @@ from .routing import ExpertRouting, LayerRouting
 from .storage import CheckpointError
 from .version import __version__
 
-
 __all__ = [
     "CheckpointError", "DynamicKVCache", "EncoderOutput", "ExpertRouting", "GoHAttention", "GoHConfig", "GoHEncoder", "GoHOutput",
     "GoHSeq2Seq", "GoHTransformer", "HeadGate", "HeadRouter", "KVCache", "LayerRouting", "LinearHeadRouter",

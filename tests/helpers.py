@@ -11,7 +11,6 @@ import numpy as np
 from gohgraph.data.corpus import Corpus
 from gohgraph.data.tokenizers import ByteTokenizer
 
-
 TINY = dict(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_shared_heads=1, top_k_heads=2,
             router="graph", router_rounds=1, router_dim=8, max_seq_len=33, aux_free_bias=True,
             bias_update_rate=0.01)

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gohgraph.routers.experts import GraphExpertRouter, LinearExpertRouter
+
 
 def reference_mha(x, qkv_weight, out_weight, heads, kv_heads, theta=10000.0):
     """Plain causal multi-head attention with RoPE, written from scratch for the test."""
@@ -100,7 +102,7 @@ def reference_moe_layer(layer, x):
     batch, seq, d_model = x.shape
     sub = x @ layer.head.weight.t() if layer.has_head_and_merge else x
     sub = sub.reshape(batch * seq, cfg_m, layer.d_sub)
-    logits = layer.router(sub, expert_load=layer.gate.expert_load).masked_fill(~layer.gate.allowed, float("-inf"))
+    logits = reference_expert_logits(layer.router, sub, layer.gate.expert_load)
     chosen = logits.argsort(dim=-1, descending=True)[..., :k]
     weights = torch.softmax(logits.gather(-1, chosen), dim=-1)
 
@@ -121,6 +123,15 @@ def reference_moe_layer(layer, x):
             rows.append(row)
     y = torch.stack(rows).reshape(batch, seq, d_model)
     return (y @ layer.merge.weight.t() if layer.has_head_and_merge else y), chosen
+
+
+def reference_expert_logits(router, sub, expert_load):
+    """Routing logits ``[tokens, subtokens, experts]`` from the router's weights, not its forward:
+    Switch / MH-MoE's ``s = W_r x`` by einsum, GoH-MoE's graph router by :func:`einsum_expert_router`."""
+    if isinstance(router, GraphExpertRouter):
+        return einsum_expert_router(router, sub, expert_load)
+    assert isinstance(router, LinearExpertRouter), type(router)
+    return torch.einsum("nsd,ed->nse", sub.float(), router.proj.weight.float())
 
 
 def shared_experts_one_by_one(layer, v):
@@ -147,7 +158,10 @@ def stdlib_split_reference(max_bytes):
     files = [p for p in root.rglob("*.py")
              if not {"site-packages", "dist-packages", "__pycache__"} & set(p.relative_to(root).parts)
              and not any(part.startswith(".") for part in p.relative_to(root).parts[:-1])]
-    key = lambda p: int.from_bytes(hashlib.sha1(p.relative_to(root).as_posix().encode()).digest()[:8], "big")
+
+    def key(path):
+        return int.from_bytes(hashlib.sha1(path.relative_to(root).as_posix().encode()).digest()[:8], "big")
+
     files.sort(key=key)
     train, val, total = b"", b"", 0
     for path in files:

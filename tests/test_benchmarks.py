@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 

@@ -19,11 +19,16 @@ from .cross_layer import cross_layer_heatmaps, load_percentiles_figure
 from .curves import read_metrics_csv, training_curves
 from .figures import KIND_TITLES, as_report, has_experts, save_figure
 from .heatmap import expert_load_heatmap, head_load_heatmap
-from .kinds import (expert_heatmaps_by_kind, head_heatmaps_by_kind, kind_file, kind_reports, routing_graphs_by_kind,
-                    routing_graphs_of_layer)
 from .html_report import html_report, write_html_report
-from .routing_graph import (draw_routing_graph, draw_routing_graphs, layered_routing_graph, routing_graph,
-                            write_graphml)
+from .kinds import (
+    expert_heatmaps_by_kind,
+    head_heatmaps_by_kind,
+    kind_file,
+    kind_reports,
+    routing_graphs_by_kind,
+    routing_graphs_of_layer,
+)
+from .routing_graph import draw_routing_graph, draw_routing_graphs, layered_routing_graph, routing_graph, write_graphml
 from .specialisation import specialisation_heatmap
 from .token_trace import byte_decode, byte_encode, token_labels, token_routing, token_trace
 

@@ -34,8 +34,8 @@ from ..data.objectives import SpecialTokens
 from ..data.tokenizers import byte_decode, byte_encode
 from .curves import training_curves
 from .figures import KIND_TITLES, has_experts
-from .kinds import kind_reports
 from .html_svg import diverging_colour, heatmap_svg, routing_graph_svg, sequential_colour
+from .kinds import kind_reports
 from .token_trace import VISIBLE_WHITESPACE, token_pieces, token_routing
 
 ASSETS = Path(__file__).resolve().parent
@@ -180,8 +180,8 @@ def _by_source(report: Dict[str, Any]) -> str:
         rows = [scores[source] for source in sources]
         parts.append(heatmap_svg(
             rows, sources, [f"{prefix}{j}" for j in range(len(rows[0]))], diverging_colour(1.0, 4.0),
-            lambda i, j, v, s=sources, p=prefix, l=layer["layer"]: (
-                f"layer {l}, {p}{j}, source {s[i]}: specialisation "
+            lambda i, j, v, s=sources, p=prefix, at=layer["layer"]: (
+                f"layer {at}, {p}{j}, source {s[i]}: specialisation "
                 + ("undefined (never chosen)" if v is None else f"{v:.2f}")),
             f"layer {layer['layer']}: {kind} by source"))
     return "".join(parts)

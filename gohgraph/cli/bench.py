@@ -77,8 +77,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..analysis.compare.run import run_comparison
-    from ..analysis.compare.variants import (BITNET_VARIANT_NAMES, MOR_VARIANT_NAMES, SETTINGS, comparison_variants,
-                                             match_parameters)
+    from ..analysis.compare.variants import (
+        BITNET_VARIANT_NAMES,
+        MOR_VARIANT_NAMES,
+        SETTINGS,
+        comparison_variants,
+        match_parameters,
+    )
     from ..config import GoHConfig
     from ..data.corpus import load_corpus
     from ..training.config import TrainConfig

@@ -16,7 +16,6 @@ from ..data.tokenizers import TOKENIZER_FILE, load_tokenizer
 from ..models.pretrained import from_pretrained
 from ..training.checkpoint import resolve_checkpoint
 
-
 # flag name -> TrainConfig field (None = not given, keep the base value)
 TRAIN_FLAGS = {"max_steps": "max_steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr",
                "grad_accum": "grad_accum_steps", "warmup_steps": "warmup_steps", "eval_every": "eval_every",

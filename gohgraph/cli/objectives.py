@@ -34,8 +34,13 @@ from ..data.tokenizers import ByteTokenizer
 from ..storage import read_config, read_json
 from ..training.checkpoint import CHECKPOINTS_DIR, FINAL_DIR, STATE_NAME, latest_checkpoint
 from ..training.config import TrainConfig
-from ..training.objectives import (OBJECTIVE_FILE, OBJECTIVE_PRESETS, check_objective_settings,
-                                   evaluate_objective, train_objective)
+from ..training.objectives import (
+    OBJECTIVE_FILE,
+    OBJECTIVE_PRESETS,
+    check_objective_settings,
+    evaluate_objective,
+    train_objective,
+)
 from ..training.presets import split_fields
 from .common import TRAIN_FLAGS, parse_overrides
 

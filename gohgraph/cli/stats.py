@@ -22,8 +22,14 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from .common import (add_data_arguments, add_overwrite_argument, load_model, prepare_output, source_validation_batches,
-                     validation_batches)
+from .common import (
+    add_data_arguments,
+    add_overwrite_argument,
+    load_model,
+    prepare_output,
+    source_validation_batches,
+    validation_batches,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

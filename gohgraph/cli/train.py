@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from ..config import ROUTERS, GoHConfig
+from ..data.objectives import OBJECTIVES
 from ..data.sources import load_training_data, parse_data_flags, validation_sets
 from ..data.tokenizers import TOKENIZER_FILE
 from ..models.compile import CompileUnavailableWarning
@@ -26,7 +27,6 @@ from ..training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
 from ..training.config import TrainConfig
 from ..training.presets import PRESETS, get_preset, read_config_file, split_fields
 from ..training.trainer import evaluate, evaluate_sources, train
-from ..data.objectives import OBJECTIVES
 from .common import TRAIN_FLAGS, check_device, parse_overrides
 from .objectives import run_train as run_objective_training
 

@@ -17,8 +17,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import (add_data_arguments, add_overwrite_argument, find_run_file, load_model, prepare_output,
-                     run_sources, source_validation_batches, validation_batches)
+from .common import (
+    add_data_arguments,
+    add_overwrite_argument,
+    find_run_file,
+    load_model,
+    prepare_output,
+    run_sources,
+    source_validation_batches,
+    validation_batches,
+)
 
 DEFAULT_TRACE_TOKENS = 48
 STATS_FILE = "stats.json"

@@ -8,7 +8,8 @@ so per-token recursion (Mixture-of-Recursions) is a change to that loop, not a n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from pathlib import Path
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F

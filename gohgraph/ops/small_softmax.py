@@ -6,7 +6,6 @@ from typing import Tuple
 
 import torch
 
-
 # at most this many elements and no gradient (a decode step: one token) the call is bound by
 # per-op overhead, where torch.softmax's one kernel beats the five ops spelled out below
 SMALL_FORWARD_ELEMENTS = 4096

@@ -29,8 +29,15 @@ from ..layers.attention import mix_heads
 from ..ops.small_softmax import small_softmax
 from ..routing import LayerRouting
 from .gat import GraphAttention
-from .losses import (HEAD_BALANCE, HEAD_Z, BalancedRouting, load_balance_loss, router_z_loss, skips_training_losses,
-                     update_balancing_bias)
+from .losses import (
+    HEAD_BALANCE,
+    HEAD_Z,
+    BalancedRouting,
+    load_balance_loss,
+    router_z_loss,
+    skips_training_losses,
+    update_balancing_bias,
+)
 from .noise import RouterNoise
 
 # A head graph whose edges (self-loops included) fill at most this share of the heads x heads matrix

@@ -30,8 +30,18 @@ import numpy as np
 import torch
 
 from ..config import GoHConfig
-from ..storage import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_save_tensors, atomic_write_text,
-                       load_state_strict, read_config, read_json, read_tensors, upgrade_legacy_names)
+from ..storage import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    atomic_save_tensors,
+    atomic_write_text,
+    load_state_strict,
+    read_config,
+    read_json,
+    read_tensors,
+    upgrade_legacy_names,
+)
 
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"

@@ -38,9 +38,17 @@ from ..data.objectives.seq2seq import seq2seq_batches
 from ..models.encoder import GoHEncoder
 from ..models.seq2seq import GoHSeq2Seq
 from ..storage import CheckpointError, atomic_write_text, load_state_strict
-from .checkpoint import (FINAL_DIR, check_optimizer_parameters, check_same_config, initialise_from,
-                         latest_checkpoint, load_checkpoint, remove_stale_staging, restore_rng_state,
-                         save_checkpoint)
+from .checkpoint import (
+    FINAL_DIR,
+    check_optimizer_parameters,
+    check_same_config,
+    initialise_from,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_stale_staging,
+    restore_rng_state,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .interrupts import stop_signals
 from .memory import available_memory, check_step_fits, estimate_step_memory

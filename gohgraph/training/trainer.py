@@ -36,9 +36,17 @@ from ..parallel import data_parallel as D
 from ..parallel import expert_parallel as EP
 from ..parallel import tensor_parallel as TP
 from ..storage import CheckpointError, atomic_write_text, load_state_strict
-from .checkpoint import (FINAL_DIR, check_optimizer_parameters, check_same_config, initialise_from,
-                         latest_checkpoint, load_checkpoint, remove_stale_staging, restore_rng_state,
-                         save_checkpoint)
+from .checkpoint import (
+    FINAL_DIR,
+    check_optimizer_parameters,
+    check_same_config,
+    initialise_from,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_stale_staging,
+    restore_rng_state,
+    save_checkpoint,
+)
 from .compile import TrainingForward
 from .config import TrainConfig
 from .interrupts import stop_signals
@@ -46,7 +54,6 @@ from .memory import available_memory, check_step_fits, estimate_step_memory
 from .metrics import MetricsLogger, routing_summary, source_loss_column
 from .optim import build_optimizer
 from .schedules import dense_to_sparse_schedule, learning_rate, recursion_capacity_warmup, set_learning_rate
-
 
 # per-rank seeds are seed + stride * rank (+ step on resume): a prime far above any step count, so
 # no two ranks ever draw the same dropout stream

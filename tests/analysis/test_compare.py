@@ -10,12 +10,18 @@ import pytest
 import torch
 
 from gohgraph import GoHConfig, GoHTransformer
-from gohgraph.analysis.compare.variants import SETTINGS, VARIANT_NAMES, MatchedVariant, active_parameters, comparison_variants, match_parameters
 from gohgraph.analysis.compare.records import Comparison, SeedRun, TrainingCost
-from gohgraph.analysis.timing import interleaved_median_seconds, saved_tensor_bytes
-from gohgraph.analysis.compare.report import render_table
+from gohgraph.analysis.compare.report import is_tie, paired_difference, render_table
 from gohgraph.analysis.compare.run import run_comparison
-from gohgraph.analysis.compare.report import is_tie, paired_difference
+from gohgraph.analysis.compare.variants import (
+    SETTINGS,
+    VARIANT_NAMES,
+    MatchedVariant,
+    active_parameters,
+    comparison_variants,
+    match_parameters,
+)
+from gohgraph.analysis.timing import interleaved_median_seconds, saved_tensor_bytes
 from gohgraph.data.corpus import load_corpus
 from gohgraph.training.config import TrainConfig
 

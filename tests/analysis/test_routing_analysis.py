@@ -12,8 +12,12 @@ import pytest
 import torch
 
 from gohgraph import ExpertRouting, GoHConfig, GoHTransformer, LayerRouting
-from gohgraph.analysis.stats.collect import (RoutingStats, collect_routing_stats, collect_routing_stats_by_source,
-                                             routing_by_source)
+from gohgraph.analysis.stats.collect import (
+    RoutingStats,
+    collect_routing_stats,
+    collect_routing_stats_by_source,
+    routing_by_source,
+)
 
 CFG = GoHConfig(vocab_size=16, d_model=32, n_layers=3, n_heads=4, n_shared_heads=1, top_k_heads=2,
                 router="linear", ffn="mh-moe", n_experts=6, n_shared_experts=1, n_subtokens=2, top_k_experts=2)

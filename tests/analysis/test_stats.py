@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from gohgraph import ExpertRouting, GoHConfig, GoHTransformer, LayerRouting
-from gohgraph.graph import head_graph
 from gohgraph.analysis.stats.collect import RoutingStats, collect_routing_stats
-from gohgraph.analysis.stats.metrics import coefficient_of_variation, load_balance_summary, load_entropy
 from gohgraph.analysis.stats.drift import routing_drift
+from gohgraph.analysis.stats.metrics import coefficient_of_variation, load_balance_summary, load_entropy
+from gohgraph.graph import head_graph
 
 MOE_CFG = GoHConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_shared_heads=1, top_k_heads=2,
                     router="linear", ffn="mh-moe", n_experts=6, n_shared_experts=1, n_subtokens=2,

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from gohgraph import __version__
 from gohgraph.cli.main import main
@@ -22,6 +23,9 @@ TEXT = "".join(f"def function_{i}(x, y):\n    return x * {i} + y  # line {i}\n" 
 SMALL = ["--batch-size", "2", "--seq-len", "16", "--no-progress", "--device", "cpu", "--eval-every", "1",
          "--save-every", "1", "--set", "eval_batches=1", "--set", "tensorboard=false"]
 UNWRITABLE = "/sys/gohgraph-cannot-write-here"  # refused even to root (sysfs)
+# a CUDA device this machine cannot run on: plain cuda without a GPU, one past the last GPU with one
+# (both are refused by the same check, in one line that starts "--device cuda")
+NO_SUCH_CUDA = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +88,7 @@ def train_args(workspace, name, *extra):
     (["--set", "max_seq_len=8"], ["seq_len=16 needs max_seq_len >= 17"]),
     (["--seq-len", "100000", "--batch-size", "64"], ["a training step needs about", "GiB", "--force"]),
     (["--set", "heads=4"], ["'heads' is not a field"]),
-    (["--device", "cuda"], ["--device cuda"]),
+    (["--device", NO_SUCH_CUDA], [f"--device {NO_SUCH_CUDA}"]),
     (["--resume"], ["nothing to resume"]),
 ])
 def test_bad_training_requests_are_one_line_errors(workspace, extra, fragments):
@@ -152,7 +156,7 @@ def test_outputs_are_never_overwritten_without_overwrite(workspace):
     (["--max-new-tokens", "-3"], ["--max-new-tokens=-3 must be >= 1"]),
     (["--prompt", ""], ["--prompt must not be empty"]),
     (["--top-p", "1.5"], ["top_p=1.5"]),
-    (["--device", "cuda"], ["--device cuda"]),
+    (["--device", NO_SUCH_CUDA], [f"--device {NO_SUCH_CUDA}"]),
 ])
 def test_bad_generation_requests_are_one_line_errors(workspace, extra, fragments):
     done = run(workspace, "generate", "--checkpoint", str(workspace / "run"), "--max-new-tokens", "4", *extra)
@@ -179,8 +183,8 @@ def test_version_help_and_a_bad_value_in_a_fresh_interpreter(workspace):
     assert "Graph-of-Heads" in done.stdout and "train" in done.stdout and "--version" in done.stdout
     assert_one_line_error(run(workspace, *train_args(workspace, "fresh", "--set", "inter_head_flow=maybe"),
                               subprocess_run=True), "inter_head_flow='maybe'")
-    assert_one_line_error(run(workspace, "generate", "--checkpoint", workspace / "run", "--device", "cuda",
-                              subprocess_run=True), "--device cuda")
+    assert_one_line_error(run(workspace, "generate", "--checkpoint", workspace / "run", "--device", NO_SUCH_CUDA,
+                              subprocess_run=True), f"--device {NO_SUCH_CUDA}")
 
 
 def test_every_flag_of_every_command_has_help():

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from gohgraph import GoHConfig, GoHTransformer
+from gohgraph.analysis.stats.collect import collect_routing_stats
 from gohgraph.cli.main import main
 from gohgraph.data.batches import eval_batches
 from gohgraph.data.corpus import load_corpus
-from gohgraph.analysis.stats.collect import collect_routing_stats
 
 CFG = GoHConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_shared_heads=1, top_k_heads=2,
                 router="graph", router_rounds=1, max_seq_len=64)

@@ -10,9 +10,9 @@ from gohgraph import GoHTransformer
 from gohgraph.cli.main import build_parser, main
 from gohgraph.cli.train import build_configs
 from gohgraph.data.corpus import load_corpus
+from gohgraph.training.metrics import read_metrics
 from gohgraph.training.presets import PRESETS, get_preset
 from gohgraph.training.trainer import evaluate
-from gohgraph.training.metrics import read_metrics
 
 SMALL_RUN = ["--batch-size", "2", "--seq-len", "16", "--no-progress", "--device", "cpu",
              "--set", "d_model=32", "--set", "n_layers=1", "--set", "eval_batches=2"]

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from gohgraph.data.errors import DataError
 from gohgraph.data.batches import eval_batches, train_batch
 from gohgraph.data.corpus import load_corpus
+from gohgraph.data.errors import DataError
 from gohgraph.data.tokenizers import load_tokenizer
 from tests.references import stdlib_split_reference
 

@@ -1,11 +1,18 @@
 """Seq2seq pairs: docstring -> def line extraction, the standard-library split, encoding and batches."""
 
 import pytest
-import torch
 
 from gohgraph.data.objectives.seq2seq import (
-    IGNORE_INDEX, collate_seq2seq, copy_baseline_counts, docstring_def_pairs, encode_pair_data, encode_pairs,
-    load_pair_data, seq2seq_batches, stdlib_docstring_pairs)
+    IGNORE_INDEX,
+    collate_seq2seq,
+    copy_baseline_counts,
+    docstring_def_pairs,
+    encode_pair_data,
+    encode_pairs,
+    load_pair_data,
+    seq2seq_batches,
+    stdlib_docstring_pairs,
+)
 
 SOURCE = '''
 import functools

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gohgraph.data.corpus import load_corpus
-from gohgraph.data.sources import (MixedCorpus, SourceSpec, load_sources, parse_data_flags, parse_source_spec)
+from gohgraph.data.sources import MixedCorpus, SourceSpec, load_sources, parse_data_flags, parse_source_spec
 
 # each source is written in its own alphabet, so a window's letters say which source it came from
 ALPHABETS = {"lower": "abcdefghij", "digits": "0123456789", "upper": "KLMNOPQRST"}

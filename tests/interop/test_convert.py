@@ -17,8 +17,8 @@ import torch
 
 from gohgraph import GoHConfig, GoHTransformer
 from gohgraph.cli.main import main as cli_main
-from gohgraph.interop.source import ConversionError
 from gohgraph.interop.convert import SOURCE_FIELDS, convert_hf_model, load_hf_model, read_hf_config
+from gohgraph.interop.source import ConversionError
 from gohgraph.training.schedules import dense_to_sparse_schedule
 
 TINY = dict(vocab_size=256, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)

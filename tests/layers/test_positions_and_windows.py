@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gohgraph import GoHConfig, GoHTransformer
-from gohgraph.layers.kv_cache import DynamicKVCache, SlidingWindowKVCache, StaticKVCache, StaticSlotWriter
+from gohgraph.layers.kv_cache import SlidingWindowKVCache, StaticKVCache, StaticSlotWriter
 from gohgraph.layers.positions import alibi_slopes, rope_inverse_frequencies
 from gohgraph.models.block import build_attention
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from gohgraph import CheckpointError, GoHConfig, GoHTransformer
-from gohgraph.models.block import build_attention
 from gohgraph.config import ROUTERS
+from gohgraph.models.block import build_attention
 from tests.references import reference_mha
 
 

@@ -11,7 +11,6 @@ from gohgraph.layers.mlp import SwiGLU
 from gohgraph.moe.layer import MoEFeedForward
 from tests.references import reference_moe_layer
 
-
 VARIANTS = {
     "moe": dict(ffn="moe", n_experts=6, n_shared_experts=1, top_k_experts=2),
     "moe-gelu": dict(ffn="moe", n_experts=5, top_k_experts=2, expert_activation="gelu"),

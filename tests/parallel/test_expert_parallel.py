@@ -23,6 +23,7 @@ from gohgraph import GoHConfig, GoHTransformer
 from gohgraph.parallel.expert_parallel import check_expert_parallel_layout, expert_routing_stats
 from gohgraph.training.config import TrainConfig
 from gohgraph.training.trainer import train, training_loss
+from tests.parallel.determined_steps import ADAM_EPS, GRAD_ATOL, conditioned_adamw, weight_atol, weight_rtol
 
 # top-2 of 4 routed experts plus a shared one, a capacity that drops, aux-loss-free bias (global
 # load), z-loss on; the balance loss is off: it is a product of batch statistics, per rank as in DDP
@@ -32,12 +33,19 @@ MOE = dict(vocab_size=256, d_model=32, n_layers=2, n_heads=4, ffn="moe", n_exper
 TRAIN = dict(batch_size=4, seq_len=32, grad_accum_steps=2, max_steps=3, lr=5e-3, warmup_steps=1,
              eval_every=3, eval_batches=2, save_every=3, device="cpu", tensorboard=False)
 BATCH, SEQ, STEPS = 4, 16, 3
+COMPARE_LR, COMPARE_CLIP = 1e-2, 0.05  # the AdamW steps of the worker's side-by-side loop
+ROOT = Path(__file__).resolve().parents[2]  # the worker imports tests.parallel.determined_steps
 
 
 def _text_file(directory: Path) -> Path:
     path = directory / "text.txt"
     path.write_text("".join(f"def f{i}(x):\n    return x * {i} + 1\n\n" for i in range(300)))
     return path
+
+
+def _worker_env() -> dict:
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
 
 
 def _eval_batch() -> torch.Tensor:
@@ -61,10 +69,10 @@ def two_ranks(tmp_path_factory):
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                __file__, str(tmp / "out"), str(data), str(tmp / "cache"), str(tmp / "single_ckpt")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_worker_env())
     assert done.returncode == 0, done.stderr[-4000:]
-    single = train(GoHConfig(**MOE), TrainConfig(**TRAIN), corpus, tmp / "single_run", progress=False)
+    with conditioned_adamw():
+        single = train(GoHConfig(**MOE), TrainConfig(**TRAIN), corpus, tmp / "single_run", progress=False)
     results = [json.loads((tmp / "out" / f"rank{r}.json").read_text()) for r in range(2)]
     return tmp, results, single
 
@@ -76,8 +84,11 @@ def test_forward_losses_gradients_and_three_steps_equal_one_process(two_ranks, f
     for result in results:
         result = result["fsdp"] if fsdp else result
         assert result["steps"] == STEPS
-        for name in ("logits", "lm_loss", "replicated_grads", "expert_grads", "grad_norm", "parameters", "buffers"):
-            assert max(result[name]) < 1e-5, (name, result[name])
+        for name in ("logits", "lm_loss", "replicated_grads", "expert_grads", "grad_norm", "buffers"):
+            assert max(result[name]) < GRAD_ATOL, (name, result[name])
+        # AdamW with eps=1 on those gradients (determined_steps): the bound of its arithmetic
+        tolerance = weight_atol(STEPS, COMPARE_LR, COMPARE_CLIP) + weight_rtol(STEPS) * result["parameter_magnitude"]
+        assert max(result["parameters"]) < tolerance, (result["parameters"], tolerance)
         assert result["expert_grad_tensors"] > 0 and result["replicated_grad_tensors"] > 0
 
 
@@ -115,19 +126,23 @@ def test_checkpoint_from_two_ranks_loads_in_one_process_and_the_reverse(two_rank
 
 @pytest.mark.slow
 def test_train_with_expert_parallel_matches_one_process(two_ranks):
+    """Both train with AdamW at eps=1, where the weights are determined by the gradients; the
+    tolerance is the bound of determined_steps (3 steps, lr, gradients clipped to grad_clip)."""
     tmp, results, single = two_ranks
+    tc = TrainConfig(**TRAIN)
+    atol, rtol = weight_atol(tc.max_steps, tc.lr, tc.grad_clip), weight_rtol(tc.max_steps)
     for key, run in (("train_losses", "run"), ("fsdp_train_losses", "fsdp_run")):  # DDP, FSDP2 for the rest
         assert results[0][key] == results[1][key]
         assert results[0][key] == pytest.approx(single.losses, rel=1e-5)
         trained = GoHTransformer.from_pretrained(tmp / "out" / run / "final").state_dict()
         for name, tensor in single.model.state_dict().items():
-            torch.testing.assert_close(trained[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{run}: {name}")
+            torch.testing.assert_close(trained[name], tensor, rtol=rtol, atol=atol, msg=f"{run}: {name}")
 
 
 @pytest.mark.slow
 def test_expert_parallel_training_checkpoint_resumes_in_one_process(two_ranks):
-    """Weights and AdamW moments are saved full: one process continues the EP=2 run exactly as it
-    continues its own."""
+    """Weights and AdamW moments are saved full: one process continues the EP=2 run as it continues
+    its own (AdamW at eps=1: the bound of determined_steps over all 4 steps)."""
     import shutil
 
     from gohgraph.data.corpus import load_corpus
@@ -137,12 +152,15 @@ def test_expert_parallel_training_checkpoint_resumes_in_one_process(two_ranks):
     continued = {}
     for name, run in (("ep", tmp / "out" / "run"), ("single", tmp / "single_run")):
         shutil.copytree(run, tmp / f"resume_{name}")
-        continued[name] = train(GoHConfig(**MOE), TrainConfig(**{**TRAIN, "max_steps": 4}), corpus,
-                                tmp / f"resume_{name}", resume=True, progress=False)
+        with conditioned_adamw():
+            continued[name] = train(GoHConfig(**MOE), TrainConfig(**{**TRAIN, "max_steps": 4}), corpus,
+                                    tmp / f"resume_{name}", resume=True, progress=False)
     assert continued["ep"].losses == pytest.approx(continued["single"].losses, rel=1e-5)
+    tc = TrainConfig(**TRAIN)
+    atol, rtol = weight_atol(4, tc.lr, tc.grad_clip), weight_rtol(4)
     single_state = continued["single"].model.state_dict()
     for name, tensor in continued["ep"].model.state_dict().items():
-        torch.testing.assert_close(tensor, single_state[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(tensor, single_state[name], rtol=rtol, atol=atol, msg=name)
 
 
 @pytest.mark.slow
@@ -155,8 +173,7 @@ def test_cli_trains_with_expert_parallel_under_torchrun(two_ranks):
                "--run-dir", str(tmp / "cli_run"), "--max-steps", "2", "--batch-size", "4", "--seq-len", "16",
                "--eval-every", "2", "--device", "cpu", "--no-progress", "--set", "max_seq_len=17",
                "--set", "eval_batches=1", "--set", "tensorboard=false", *moe, "--expert-parallel", "2"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_worker_env())
     assert done.returncode == 0, done.stderr[-4000:]
     model = GoHTransformer.from_pretrained(tmp / "cli_run" / "final")
     assert model.blocks[0].ffn.experts.w_in.shape[0] == 4
@@ -206,8 +223,8 @@ def _compare_with_one_process(ctx, fsdp: bool) -> dict:
     wrapped = D.wrap_model(sharded, ctx, fsdp, ignored_params=expert_shard_parameters(sharded))
     mine = slice(rank * BATCH // n_ranks, (rank + 1) * BATCH // n_ranks)
     experts_slice = slice(rank * n_routed // n_ranks, (rank + 1) * n_routed // n_ranks)
-    opt_single = torch.optim.AdamW(single.parameters(), lr=1e-2)
-    opt_sharded = torch.optim.AdamW(sharded.parameters(), lr=1e-2)
+    opt_single = torch.optim.AdamW(single.parameters(), lr=COMPARE_LR, eps=ADAM_EPS)  # see determined_steps
+    opt_sharded = torch.optim.AdamW(sharded.parameters(), lr=COMPARE_LR, eps=ADAM_EPS)
     names = dict(sharded.named_parameters())
     result = {name: [] for name in ("logits", "lm_loss", "replicated_grads", "expert_grads", "grad_norm")}
     result.update(stats=[], single_stats=[])
@@ -229,8 +246,8 @@ def _compare_with_one_process(ctx, fsdp: bool) -> dict:
         result["replicated_grads"].append(_max_diff(replicated))
         result["expert_grads"].append(_max_diff(experts))
         result["replicated_grad_tensors"], result["expert_grad_tensors"] = len(replicated), len(experts)
-        norm_single = float(torch.nn.utils.clip_grad_norm_(single.parameters(), 0.05))
-        result["grad_norm"].append(abs(clip_grad_norm_(sharded, 0.05) - norm_single))
+        norm_single = float(torch.nn.utils.clip_grad_norm_(single.parameters(), COMPARE_CLIP))
+        result["grad_norm"].append(abs(clip_grad_norm_(sharded, COMPARE_CLIP) - norm_single))
         for optimizer in (opt_single, opt_sharded):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -242,6 +259,7 @@ def _compare_with_one_process(ctx, fsdp: bool) -> dict:
     reference = single.state_dict()
     params = {n for n, _ in single.named_parameters()}
     result["parameters"] = [_max_diff([(gathered[n], reference[n])]) for n in sorted(params)]
+    result["parameter_magnitude"] = max(float(reference[n].abs().max()) for n in params)
     result["buffers"] = [_max_diff([(gathered[n], reference[n])]) for n in sorted(set(reference) - params)]
     return result, sharded
 
@@ -292,8 +310,9 @@ def _worker(out_dir: Path, data: str, cache: str, single_checkpoint: str) -> Non
 
     corpus = load_corpus(data, cache_dir=Path(cache))
     for key, fsdp in (("train_losses", False), ("fsdp_train_losses", True)):
-        trained = train(GoHConfig(**MOE), TrainConfig(**TRAIN, expert_parallel=ctx.world_size, fsdp=fsdp), corpus,
-                        out_dir / ("fsdp_run" if fsdp else "run"), progress=False)
+        with conditioned_adamw():
+            trained = train(GoHConfig(**MOE), TrainConfig(**TRAIN, expert_parallel=ctx.world_size, fsdp=fsdp),
+                            corpus, out_dir / ("fsdp_run" if fsdp else "run"), progress=False)
         result[key] = trained.losses
     (out_dir / f"rank{ctx.rank}.json").write_text(json.dumps(result))
     D.shutdown(ctx)

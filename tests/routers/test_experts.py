@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gohgraph import GoHConfig
-from gohgraph.routers.experts import BipartiteAttention, ExpertGate, GraphExpertRouter, LinearExpertRouter
 from gohgraph.graph import bipartite_adjacency, expert_graph, head_graph
+from gohgraph.routers.experts import BipartiteAttention, ExpertGate, GraphExpertRouter, LinearExpertRouter
 from tests.references import einsum_expert_router
 
 # slot 0 reaches experts 0-2, slot 1 reaches 2-4, expert 5 is reached by nobody

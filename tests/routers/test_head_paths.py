@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from gohgraph.graph import head_graph
-from gohgraph.routers.heads import HeadRouter, prefers_fused_path
 from gohgraph.ops.small_softmax import small_softmax
+from gohgraph.routers.heads import HeadRouter, prefers_fused_path
 
 
 def make_router(graph: str, heads: int, seed: int = 0) -> HeadRouter:

@@ -8,10 +8,10 @@ import torch
 from torch_geometric.nn import MessagePassing
 
 from gohgraph import GoHConfig
-from gohgraph.models.block import build_attention
 from gohgraph.graph import head_graph
-from gohgraph.routers.losses import load_balance_loss, router_z_loss
+from gohgraph.models.block import build_attention
 from gohgraph.routers.heads import HeadGate, HeadRouter
+from gohgraph.routers.losses import load_balance_loss, router_z_loss
 from tests.references import einsum_head_router
 
 

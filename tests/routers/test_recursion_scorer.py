@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from gohgraph.graph import head_graph
 from gohgraph.routers.heads import HeadRouter
-from gohgraph.routers.recursion import (ExpertChoiceRecursionRouter, GraphRecursionScorer,
-                                        TokenChoiceRecursionRouter)
+from gohgraph.routers.recursion import ExpertChoiceRecursionRouter, GraphRecursionScorer, TokenChoiceRecursionRouter
 
 
 def einsum_recursion_scores(scorer, h):

@@ -9,15 +9,19 @@ import sys
 import pytest
 import torch
 
-from gohgraph.training import trainer as train_module
 from gohgraph import CheckpointError, GoHConfig, GoHTransformer
 from gohgraph.cli.main import main as cli_main
-from gohgraph.training.optim import build_optimizer
+from gohgraph.training import trainer as train_module
+from gohgraph.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    optimizer_state_from_flat,
+    optimizer_state_to_flat,
+)
 from gohgraph.training.config import TrainConfig
-from gohgraph.training.trainer import TrainingDivergedError, train
 from gohgraph.training.metrics import read_metrics
-from gohgraph.training.checkpoint import latest_checkpoint, load_checkpoint, optimizer_state_from_flat, optimizer_state_to_flat
-
+from gohgraph.training.optim import build_optimizer
+from gohgraph.training.trainer import TrainingDivergedError, train
 from tests.helpers import TINY, ctrl_c_after_logged_steps, make_corpus
 
 MODELS = {

@@ -8,7 +8,6 @@ from gohgraph.cli.main import main as cli_main
 from gohgraph.data.batches import train_batch
 from gohgraph.training.config import TrainConfig
 from gohgraph.training.trainer import train
-
 from tests.helpers import TINY, make_corpus
 
 MODEL = dict(TINY, aux_free_bias=False)

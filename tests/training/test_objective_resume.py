@@ -21,7 +21,6 @@ from gohgraph.training.config import TrainConfig
 from gohgraph.training.metrics import read_metrics
 from gohgraph.training.objectives import EpochBatches, train_objective
 from gohgraph.training.trainer import TrainingDivergedError
-
 from tests.helpers import ctrl_c_after_logged_steps, make_corpus
 
 SMALL = dict(d_model=32, n_layers=1, n_heads=4, n_shared_heads=1, top_k_heads=2, router="graph", router_rounds=1,

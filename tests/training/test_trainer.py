@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 from gohgraph import GoHConfig, GoHTransformer
 from gohgraph.data.batches import eval_batches
+from gohgraph.training.config import TrainConfig
+from gohgraph.training.metrics import COLUMNS
 from gohgraph.training.optim import build_optimizer, parameter_groups
 from gohgraph.training.schedules import learning_rate
-from gohgraph.training.config import TrainConfig
 from gohgraph.training.trainer import evaluate, train
-from gohgraph.training.metrics import COLUMNS
 from tests.helpers import TINY, make_corpus
 
 

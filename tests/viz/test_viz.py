@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from gohgraph import viz
-from gohgraph import GoHConfig, GoHTransformer
-from gohgraph.graph import expert_graph, head_graph
+from gohgraph import GoHConfig, GoHTransformer, viz
 from gohgraph.analysis.stats.collect import collect_routing_stats
+from gohgraph.graph import expert_graph, head_graph
 
 GRAPH_MOE_CFG = GoHConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_shared_heads=1, top_k_heads=2,
                           router="graph", router_rounds=1, head_graph="ring", ffn="mh-moe", n_experts=5,

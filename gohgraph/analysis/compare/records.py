@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Tuple
 from ...training.config import TrainConfig
 from .variants import MatchedVariant
 
+
 @dataclass
 class SeedRun:
     """One trained (variant, seed): final validation loss (nats/token), its curve, routing balance."""
