@@ -17,7 +17,10 @@ outside anchor.
    one-token steps; median over ``--repeats`` interleaved rounds.
 2. **train**: forward + backward of a ``--train-layers``-layer model on one sequence of 1,024 /
    2,048 / 4,096 tokens (loss with the routing losses), median of interleaved rounds.
-3. **flops**: train FLOPs / token and decode FLOPs / token, counted with
+3. **mor**: Mixture-of-Recursions (3 recursions of the ``--train-layers`` blocks, expert-choice with
+   capacities 1, 2/3, 1/3, and token-choice), forward + backward on ``max(--train-tokens)`` tokens,
+   gathered (``recursion_execution="auto"``) against masked, beside dense of the same blocks.
+4. **flops**: train FLOPs / token and decode FLOPs / token, counted with
    ``torch.utils.flop_counter.FlopCounterMode`` on the real step (:mod:`gohgraph.analysis.flops`
    registers CPU SDPA and grouped-mm formulas), next to the time ratios.
 
@@ -51,13 +54,6 @@ def model_configs(args, n_layers: int, max_len: int) -> Dict[str, GoHConfig]:
         configs[f"MoH {label}"] = GoHConfig(**base, router="linear", **active)
         configs[f"GoH {label}"] = GoHConfig(**base, router="graph", router_rounds=2, inter_head_flow=True, **active)
     return configs
-
-
-def set_execution(model: torch.nn.Module, mode: str) -> None:
-    """Switch a built model between head-sparse and masked execution (no weight changes)."""
-    for module in model.modules():
-        if hasattr(module, "head_execution"):
-            module.head_execution = mode
 
 
 def hugging_face_llama(cfg: GoHConfig):
@@ -125,7 +121,7 @@ def decode_table(args) -> None:
 
 def decode_run(model, cache, first, context: int, steps: int, mode: str) -> Callable[[], float]:
     def run() -> float:
-        set_execution(model, mode)
+        model.set_execution(head_execution=mode)
         cache.lengths = [context] * len(cache.lengths)  # rewind to the prompt
         ids = first
         with torch.inference_mode():
@@ -186,7 +182,7 @@ def train_table(args) -> None:
 
 def train_run(model, ids, mode: str) -> Callable[[], float]:
     def run() -> float:
-        set_execution(model, mode)
+        model.set_execution(head_execution=mode)
         start = time.perf_counter()
         out = model(ids, labels=ids)
         out.loss.backward()
@@ -206,6 +202,52 @@ def hf_train_run(hf, ids) -> Callable[[], float]:
     return run
 
 
+# ------------------------------------------------------------------------------------------- mor
+def mor_table(args) -> None:
+    tokens = max(args.train_tokens)
+    base = dict(vocab_size=VOCAB, d_model=args.d_model, n_layers=args.train_layers, n_heads=args.heads,
+                max_seq_len=tokens)
+    configs = {"dense": GoHConfig(**base)}
+    for label, extra in (("expert-choice, recursion KV", {}), ("expert-choice, shared KV", dict(recursion_kv="shared")),
+                         ("token-choice, recursion KV", dict(recursion_router="token-choice"))):
+        configs[f"MoR {label}"] = GoHConfig(**base, recursion="mor", max_recursions=3, **extra)
+    torch.manual_seed(0)
+    ids = torch.randint(0, VOCAB, (1, tokens))
+    runs, kept = {}, {}
+    for name, cfg in configs.items():
+        model = GoHTransformer(cfg).train()
+        modes = [("", "masked")] if name == "dense" else [(" gathered", "auto"), (" masked", "masked")]
+        for suffix, mode in modes:
+            runs[name + suffix] = mor_run(model, ids, mode)
+        if name != "dense":
+            with torch.no_grad():
+                kept[name] = model(ids).recursion.selected.float().mean(dim=(1, 2)).tolist()
+    for run in runs.values():
+        run()
+    seconds = interleaved(runs, args.repeats)
+    print(f"\n### Mixture-of-Recursions, 3 recursions of {args.train_layers} shared blocks, forward + backward on "
+          f"{tokens} tokens, d_model {args.d_model}, float32, {torch.get_num_threads()} threads; median of "
+          f"{args.repeats}\n")
+    print("| model | step (s) | x dense | gathered / masked time | share of tokens per recursion |")
+    print("|---|---|---|---|---|")
+    for row, secs in seconds.items():
+        name = row.rsplit(" ", 1)[0] if row != "dense" else row
+        ratio = f"{secs / seconds[name + ' masked']:.2f}" if row.endswith("gathered") else ""
+        share = " / ".join(f"{k:.2f}" for k in kept.get(name, []))
+        print(f"| {row} | {secs:.3f} | {seconds['dense'] / secs:.2f}x | {ratio} | {share} |")
+
+
+def mor_run(model, ids, mode: str) -> Callable[[], float]:
+    def run() -> float:
+        model.set_execution(recursion_execution=mode)
+        start = time.perf_counter()
+        model(ids, labels=ids).loss.backward()
+        seconds = time.perf_counter() - start
+        model.zero_grad(set_to_none=True)
+        return seconds
+    return run
+
+
 # ----------------------------------------------------------------------------------------- flops
 def flops_table(args) -> None:
     tokens, context = max(args.train_tokens), max(args.contexts)
@@ -219,13 +261,13 @@ def flops_table(args) -> None:
     for row, name, mode in rows(train_configs):
         torch.manual_seed(0)
         model = GoHTransformer(train_configs[name]).train()
-        set_execution(model, mode)
+        model.set_execution(head_execution=mode)
         ids = torch.randint(0, VOCAB, (1, tokens))
         train, per_op = count_flops(lambda: model(ids, labels=ids).loss.backward())
         core = sum(n for op, n in per_op.items() if "scaled_dot_product" in op)
         torch.manual_seed(0)
         model = GoHTransformer(decode_configs[name]).eval()
-        set_execution(model, mode)
+        model.set_execution(head_execution=mode)
         cache = make_decode_cache(model.config, "static", context + 1)
         with torch.inference_mode():
             model._set_decoding(True)
@@ -240,7 +282,8 @@ def flops_table(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tables", nargs="+", choices=["decode", "train", "flops"], default=["decode", "train", "flops"])
+    parser.add_argument("--tables", nargs="+", choices=["decode", "train", "mor", "flops"],
+                        default=["decode", "train", "mor", "flops"])
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--decode-layers", type=int, default=4)
@@ -255,7 +298,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for table in args.tables:
-        {"decode": decode_table, "train": train_table, "flops": flops_table}[table](args)
+        {"decode": decode_table, "train": train_table, "mor": mor_table, "flops": flops_table}[table](args)
 
 
 if __name__ == "__main__":

@@ -478,6 +478,11 @@ class GoHConfig:
         _choice(self, "recursion_inference", RECURSION_INFERENCE)
         _choice(self, "recursion_scorer", RECURSION_SCORERS)
         _choice(self, "recursion_execution", RECURSION_EXECUTIONS)
+        if self.recursion == "mor" and self.recursion_execution == "gather" and (
+                self.attention != "mha" or self.sliding_window is not None
+                or self.position_embedding in ("alibi", "t5-relative")):
+            raise ValueError("recursion_execution='gather' needs attention='mha' without sliding_window, ALiBi or "
+                             "T5 bias (their masks are written in relative positions); use 'auto' or 'masked'")
         _positive(self, "max_recursions")
         if self.recursion == "mor" and self.recursion_scorer == "graph" and self.router_rounds < 1:
             raise ValueError(f"recursion_scorer='graph' needs router_rounds >= 1 (its message-passing rounds), "

@@ -91,3 +91,15 @@ def test_bench_scaling_quick_prints_every_sweep_and_draws_the_plot(tmp_path):
 def test_decode_before_after_prints_every_variant():
     out = run_benchmark("decode_before_after.py", "--new", "4", "--repeats", "1", "--d-model", "32")
     assert [line.split(":")[0] for line in out.splitlines()[1:]] == ["dense", "MoH", "GoH"]
+
+
+def test_bench_head_sparse_prints_every_table_and_row():
+    out = run_benchmark("bench_head_sparse.py", "--d-model", "48", "--heads", "12", "--contexts", "40",
+                        "--batch", "2", "--steps", "2", "--train-tokens", "40", "--repeats", "1",
+                        "--decode-layers", "1", "--train-layers", "1")
+    assert out.count("### Decode") == 2 and "### Training step" in out and "### Mixture-of-Recursions" in out
+    for row in ("| dense |", "| MoH 8/12 sparse |", "| MoH 8/12 masked |", "| GoH 4/12 sparse |", "| HF Llama |",
+                "| MoR expert-choice, recursion KV gathered |", "| MoR token-choice, recursion KV masked |"):
+        assert row in out
+    flops = [line for line in out.splitlines() if line.startswith("| MoH 4/12 ")]
+    assert len(flops) >= 2

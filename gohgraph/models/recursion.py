@@ -131,10 +131,9 @@ class _GatheredKeysView(KVCache):
         return self.shared.append(layer, keys, values)
 
 
-def gathers_recursions(cfg: GoHConfig, cache: Optional[KVCache]) -> bool:
-    """The rule ``cfg.recursion_execution`` follows (see the module docstring)."""
-    if cfg.recursion_execution == "masked" or cache is not None:
-        return False
+def can_gather_recursions(cfg: GoHConfig) -> bool:
+    """Whether the stack's attention takes a gathered run's mask as the whole truth: not MLA, ALiBi, T5
+    bias or sliding windows, whose masks are written in relative positions."""
     return (cfg.attention == "mha" and cfg.sliding_window is None
             and cfg.position_embedding not in ("alibi", "t5-relative"))
 
@@ -152,7 +151,9 @@ class MixtureOfRecursions(nn.Module):
         self.middle_cycle = cfg.recursion_sharing == "middle-cycle"
         self.token_choice = cfg.recursion_router == "token-choice"
         self.kv_sharing = cfg.recursion_kv == "shared"
-        self.config = cfg
+        # DESIGN.md §17: gather the tokens a recursion keeps ("auto"/"gather": where the attention
+        # allows it and no KV cache is passed in) or run every token and mask ("masked")
+        self.recursion_execution, self.gatherable = cfg.recursion_execution, can_gather_recursions(cfg)
         # the scores come from the token's heads as nodes of the head graph (routers/recursion.py),
         # one per routed recursion (expert-choice) or per depth (token-choice)
         graph = cfg.recursion_scorer == "graph"
@@ -180,7 +181,7 @@ class MixtureOfRecursions(nn.Module):
             raise ValueError("a Mixture-of-Recursions model decodes with its own cache: model.new_cache()")
         first, stack, last = self.split(blocks)
         records: List[LayerRouting] = []
-        gather = gathers_recursions(self.config, cache)
+        gather = self.recursion_execution != "masked" and self.gatherable and cache is None
         batch, seq = x.shape[:2]
         if cache is None and self.kv_sharing:  # recursion 0's keys must be kept for the later ones
             cache = RecursionKVCache(self.n_layers, 1)

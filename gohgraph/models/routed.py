@@ -6,6 +6,7 @@ and :class:`~gohgraph.GoHSeq2Seq`; each holds ``self.config`` and returns its la
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import List, Optional, Union
 
@@ -62,6 +63,19 @@ class RoutedModel:
         for module in self.modules():
             if isinstance(module, HeadGate):
                 module.dense_blend.fill_(float(value))
+
+    def set_execution(self, head_execution: Optional[str] = None, recursion_execution: Optional[str] = None) -> None:
+        """Switch how routing runs (DESIGN.md §17) without touching a weight: ``head_execution`` in
+        ``"auto" | "masked" | "sparse"``, ``recursion_execution`` in ``"auto" | "masked" | "gather"``.
+        The config records the choice, so a saved model keeps it."""
+        for name, value in (("head_execution", head_execution), ("recursion_execution", recursion_execution)):
+            if value is None:
+                continue
+            # validated by the config's own check, so the message names the field and the choices
+            self.config = dataclasses.replace(self.config, **{name: value})
+            for module in self.modules():
+                if module is not self and hasattr(module, name):
+                    setattr(module, name, value)
 
     def _set_decoding(self, decoding: bool) -> None:
         """Tell balanced routers a decoding loop runs (they skip their training losses and tallies)."""
