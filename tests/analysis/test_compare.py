@@ -98,7 +98,8 @@ def test_table_computes_mean_spread_bits_per_byte_and_ratios_from_given_numbers(
                 for name in losses}
     runs = [SeedRun(name, seed, loss, [(1, 64, loss)], 100.0, head_load_cv=0.5 if name != "dense" else None)
             for name, values in losses.items() for seed, loss in enumerate(values)]
-    costs = {"dense": TrainingCost(1000.0, 2 ** 20, 2 ** 20), "GoH": TrainingCost(900.0, 3 * 2 ** 20, 2 ** 20),
+    costs = {"dense": TrainingCost(1000.0, 2 ** 20, 2 ** 20, 2.0e6, 1.0e6),
+             "GoH": TrainingCost(900.0, 3 * 2 ** 20, 2 ** 20, 1.8e6, 0.5e6),
              "MoH": TrainingCost(1250.0, 2 ** 20, 2 ** 20)}
     table = render_table(Comparison(variants, runs, costs, TrainConfig(max_steps=10)))
 
@@ -116,7 +117,9 @@ def test_table_computes_mean_spread_bits_per_byte_and_ratios_from_given_numbers(
     assert goh[1] == "1,010 (+1.00%)" and goh[2] == "900" and goh[3] == "3/4"
     assert dense[8] == "1.00x" and goh[8] == "0.90x" and moh[8] == "1.25x"
     assert dense[9] == "2.0" and goh[9] == "4.0"  # (activations + 16 B/param state) in MiB
-    assert goh[10] == "0.50 / -" and dense[10] == "- / -"
+    assert dense[10] == "2.00 (1.00x)" and goh[10] == "1.80 (0.90x)" and goh[11] == "0.50 (0.50x)"
+    assert moh[10] == "-" and moh[11] == "-"  # not measured: shown as missing, never as 0
+    assert goh[12] == "0.50 / -" and dense[12] == "- / -"
     assert "3 seed(s) [0, 1, 2]" in table
 
 

@@ -30,12 +30,16 @@ class TrainingCost:
     ``tokens_per_s``: median over interleaved repeats. ``activation_bytes``: bytes of the distinct
     tensors autograd saves for backward in one step (``saved_tensors_hooks``; parameters excluded).
     ``state_bytes``: weights, gradients and AdamW moments, 16 bytes per float32 parameter.
-    The memory is counted, not sampled, so it is the same on every run and machine.
+    The memory and the FLOPs are counted, not sampled, so they are the same on every run and machine.
     """
 
     tokens_per_s: float
     activation_bytes: int
     state_bytes: int
+    # FLOPs counted by FlopCounterMode on the real step (gohgraph.analysis.flops): the training
+    # step per token, and one cached decode step after a ``seq_len`` prompt per generated token
+    train_flops_per_token: Optional[float] = None
+    decode_flops_per_token: Optional[float] = None
 
     @property
     def memory_mb(self) -> float:

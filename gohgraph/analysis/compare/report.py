@@ -74,8 +74,8 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
     lines = [
         f"| variant | params | active params / token | heads active | experts active "
         f"| val loss (nats) | bits / byte | vs {reference} | train tok/s vs {reference} | train step memory (MB) "
-        "| load CV heads / experts |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| train MFLOPs / token | decode MFLOPs / token | load CV heads / experts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, variant in comparison.variants.items():
         runs = comparison.runs_of(name)
@@ -97,6 +97,7 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
             f"| {name} | {total} | {active} "
             f"| {variant.heads_active} | {variant.experts_active} | {mean:.3f}{spread_text} "
             f"| {bits_per_byte(mean):.3f}{bpb_spread} | {versus} | {speed} | {memory} "
+            f"| {_flops(cost, 'train', reference_cost)} | {_flops(cost, 'decode', reference_cost)} "
             f"| {_mean_or_dash(r.head_load_cv for r in runs)} / {_mean_or_dash(r.expert_load_cv for r in runs)} |")
     pairs = [(a, b) for a, b in TARGET_PAIRS if a in comparison.variants and b in comparison.variants]
     if pairs:
@@ -115,7 +116,9 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
            if tc.dense_anneal_steps else "") + ". "
         "Validation loss: mean over seeds ± sample std; bits/byte = loss / ln 2 (byte tokens); differences "
         "are per-seed (paired) means ± std, a tie when a paired t-test at 95% cannot tell them from 0. "
-        "Throughput: median of interleaved AdamW steps in one process. Memory: tensors saved for "
+        "Throughput: median of interleaved AdamW steps in one process. FLOPs: counted by "
+        "torch.utils.flop_counter on one training step and on one cached decode step after a full-length "
+        "prompt (gohgraph.analysis.flops), with the ratio to the reference. Memory: tensors saved for "
         "backward + 16 B/parameter (weights, grads, AdamW moments), counted. Load CV: coefficient of "
         "variation of routed-head / routed-expert load (gohgraph.analysis.stats), mean over layers and seeds.",
     ]
@@ -145,6 +148,15 @@ def _verdict(comparison: Comparison, better: str, worse: str) -> str:
     if is_tie(losses_a, losses_b):
         return "tie (not significant)"
     return "holds" if paired_difference(losses_a, losses_b)[0] < 0 else "reversed"
+
+
+def _flops(cost, kind: str, reference_cost) -> str:
+    """``"12.3 (0.87x)"``: MFLOPs per token of ``kind`` ("train" or "decode") and the ratio to the reference."""
+    value = getattr(cost, f"{kind}_flops_per_token", None) if cost else None
+    if value is None:
+        return "-"
+    reference = getattr(reference_cost, f"{kind}_flops_per_token", None) if reference_cost else None
+    return f"{value / 1e6:.2f}" + (f" ({value / reference:.2f}x)" if reference else "")
 
 
 def _mean_or_dash(values: Iterable[Optional[float]]) -> str:

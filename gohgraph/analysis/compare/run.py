@@ -35,6 +35,7 @@ from ...data.corpus import Corpus
 from ...models.decoder import GoHTransformer
 from ...training.config import TrainConfig
 from ...training.trainer import evaluate, train
+from ..flops import count_flops
 from ..stats.collect import collect_routing_stats
 from ..timing import interleaved_median_seconds, saved_tensor_bytes
 from .records import Comparison, SeedRun, TrainingCost
@@ -123,8 +124,26 @@ def measure_training_cost(configs: Dict[str, GoHConfig], corpus: Corpus, batch_s
 
     seconds = interleaved_median_seconds({name: step(name) for name in models}, repeats, warmup)
     return {name: TrainingCost(batch_size * seq_len / seconds[name], activation[name],
-                               ADAMW_BYTES_PER_PARAM * models[name].num_parameters())
-            for name in models}
+                               ADAMW_BYTES_PER_PARAM * models[name].num_parameters(),
+                               count_flops(lambda m=model: loss_of(m).backward())[0] / (batch_size * seq_len),
+                               decode_flops_per_token(model, batch[:1]))
+            for name, model in models.items()}
+
+
+def decode_flops_per_token(model: GoHTransformer, prompt: torch.Tensor) -> float:
+    """FLOPs of one cached greedy decode step after ``prompt [1, seq]`` (what generation pays per token)."""
+    was_training = model.training
+    model.eval()
+    model._set_decoding(True)
+    try:
+        with torch.inference_mode():
+            cache = model.new_cache("static", prompt.shape[1] + 1)
+            next_id = model(prompt, cache=cache).logits[:, -1:].argmax(-1)
+            flops, _ = count_flops(lambda: model(next_id, cache=cache))
+    finally:
+        model._set_decoding(False)
+        model.train(was_training)
+    return float(flops)
 
 
 def _to_json(comparison: Comparison) -> dict:
