@@ -9,6 +9,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from ..config import did_you_mean
 from ..data.batches import eval_batches
 from ..data.corpus import load_corpus
 from ..data.sources import load_sources, parse_data_flags
@@ -43,9 +44,12 @@ def parse_overrides(pairs: List[str], fields: Iterable[str], protected: Iterable
         if not sep or not name:
             raise ValueError(f"--set {pair!r} must look like FIELD=VALUE")
         if name not in allowed:
-            raise ValueError(f"--set {pair!r}: {name!r} is not a field; allowed: {sorted(allowed)}")
+            raise ValueError(f"--set {pair!r}: {name!r} is not a field{did_you_mean(name, allowed)}")
         if name in protected:
             raise ValueError(f"--set {pair!r}: " + why_protected.format(name=name))
+        if name in overrides:  # the last one would win without a word
+            raise ValueError(f"--set {name} is given twice ({overrides[name]!r}, then {text.strip()!r}); "
+                             "give each field once")
         overrides[name] = text.strip()
     return overrides
 

@@ -1,0 +1,133 @@
+"""The bad-input contract, round two (DESIGN.md §15, issue 32): every case a new user's probe broke
+ends in one line on stderr naming the flag, field or file (exit 1; 2 for what argparse cannot
+read), or in a printed notice where a value is legitimately adjusted; never a traceback, and never
+after expensive work that the check did not need.
+
+The models are tiny ``save_pretrained`` directories of each family, built without training.
+"""
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gohgraph import GoHConfig, GoHEncoder, GoHSeq2Seq, GoHTransformer
+from gohgraph.cli.main import main
+
+FAMILY_CONFIGS = {
+    "decoder": dict(vocab_size=256, d_model=32, n_layers=1, n_heads=4, n_shared_heads=1, top_k_heads=2,
+                    router="graph", router_rounds=1, router_dim=8, max_seq_len=64),
+    "encoder": dict(vocab_size=256, d_model=32, n_layers=1, n_heads=4, n_shared_heads=1, top_k_heads=2,
+                    router="linear", max_seq_len=64, model_type="encoder", position_embedding="sinusoidal"),
+    "seq2seq": dict(vocab_size=256, d_model=32, n_layers=1, n_decoder_layers=1, n_heads=4, n_shared_heads=1,
+                    top_k_heads=2, router="graph", router_rounds=1, router_dim=8, max_seq_len=64,
+                    model_type="seq2seq", position_embedding="t5-relative", attention_scale="none"),
+}
+MODEL_CLASSES = {"decoder": GoHTransformer, "encoder": GoHEncoder, "seq2seq": GoHSeq2Seq}
+TEXT = "".join(f"def function_{i}(x, y):\n    return x * {i} + y  # line {i}\n" for i in range(60))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """``{family: save_pretrained directory}``, a text file and a pair file, in one folder."""
+    root = tmp_path_factory.mktemp("bad-input")
+    torch.manual_seed(0)
+    paths = {}
+    for family, values in FAMILY_CONFIGS.items():
+        MODEL_CLASSES[family](GoHConfig(**values)).save_pretrained(root / family)
+        paths[family] = root / family
+    (root / "code.txt").write_text(TEXT, encoding="utf-8")
+    (root / "pairs.tsv").write_text("".join(f"reverse w{i}\t{i}w\n" for i in range(20)), encoding="utf-8")
+    return SimpleNamespace(root=root, **paths)
+
+
+def cli(*argv, cwd=None):
+    """Exit code, stdout and stderr of the CLI run in this process (argparse's exit included)."""
+    out, err = io.StringIO(), io.StringIO()
+    previous = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(arg) for arg in argv])
+            except SystemExit as stop:  # argparse
+                code = stop.code
+    finally:
+        os.chdir(previous)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def assert_one_line_error(done, *fragments, code=1):
+    assert done.returncode == code, (done.returncode, done.stdout[-500:], done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def assert_refused_before_model_work(monkeypatch):
+    """Make building or loading a model fail the test: a refusal must come before it."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr("gohgraph.cli.common.from_pretrained", fail)
+
+
+# ---------------------------------------------------------------------- fields: --set, config files, saved configs
+def test_a_mistyped_set_field_suggests_the_close_one_in_a_short_line(tmp_path):
+    line = assert_one_line_error(cli("train", "--run-dir", tmp_path / "r", "--set", "n_haeds=4"),
+                                 "'n_haeds' is not a field", "did you mean 'n_heads'?")
+    assert len(line) < 200
+    line = assert_one_line_error(cli("train", "--run-dir", tmp_path / "r", "--set", "zzzzqqq=4"), "'zzzzqqq'")
+    assert len(line) < 200
+
+
+def test_a_field_set_twice_is_refused(tmp_path):
+    assert_one_line_error(cli("train", "--run-dir", tmp_path / "r", "--set", "n_heads=4", "--set", "n_heads=8"),
+                          "--set n_heads is given twice", "'4'", "'8'")
+    assert not (tmp_path / "r").exists()
+    assert_one_line_error(cli("bench", "--out", tmp_path / "b", "--variants", "GoH",
+                              "--set", "dropout=0.1", "dropout=0.2"), "--set dropout is given twice")
+
+
+@pytest.mark.parametrize("content", [{"n_haeds": 4}, {"model": {"n_haeds": 4}}, {"train": {"n_haeds": 4}}])
+def test_a_mistyped_config_file_field_suggests_the_close_one(tmp_path, content):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(content), encoding="utf-8")
+    line = assert_one_line_error(cli("train", "--run-dir", tmp_path / "r", "--config", config),
+                                 str(config), "'n_haeds'", "did you mean 'n_heads'?")
+    assert len(line) < 300
+
+
+def test_a_mistyped_saved_config_field_names_the_file_and_suggests(models, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(models.decoder, broken)
+    values = json.loads((broken / "config.json").read_text())
+    values["n_haeds"] = values.pop("n_heads")
+    (broken / "config.json").write_text(json.dumps(values))
+    line = assert_one_line_error(cli("generate", "--checkpoint", broken),
+                                 str(broken / "config.json"), "'n_haeds'", "did you mean 'n_heads'?")
+    assert len(line) < 300
+
+
+# ---------------------------------------------------------------------- argparse: exit 2, one line
+@pytest.mark.parametrize("argv,fragment", [
+    (["train", "--objective", "foo"], "--objective"),
+    (["train", "--max-steps", "abc"], "--max-steps"),
+    (["eval"], "--checkpoint"),
+    (["stats", "--checkpoint", "x", "--out", "y", "--no-such-flag"], "--no-such-flag"),
+])
+def test_argparse_mistakes_exit_2_with_one_line(argv, fragment):
+    done = cli(*argv)
+    line = assert_one_line_error(done, fragment, "--help", code=2)
+    assert done.stderr.strip() == line  # no usage block
