@@ -15,6 +15,7 @@ from ..data.corpus import load_corpus
 from ..data.sources import load_sources, parse_data_flags
 from ..data.tokenizers import TOKENIZER_FILE, load_tokenizer
 from ..models.pretrained import from_pretrained
+from ..storage import read_config
 from ..training.checkpoint import resolve_checkpoint
 
 
@@ -54,15 +55,23 @@ def parse_overrides(pairs: List[str], fields: Iterable[str], protected: Iterable
     return overrides
 
 
-def load_model(checkpoint: Path, device: str = "cpu") -> Tuple[torch.nn.Module, Path]:
+def load_model(checkpoint: Path, device: str = "cpu", families: Optional[Iterable[str]] = None,
+               purpose: str = "") -> Tuple[torch.nn.Module, Path]:
     """The model a run directory or checkpoint holds, on ``device``, and the checkpoint used.
 
     Says on stderr which checkpoint it used (stdout stays the command's output): in a run
-    directory the newest complete one, ``final/`` or ``checkpoints/latest``.
+    directory the newest complete one, ``final/`` or ``checkpoints/latest``. With ``families``
+    (``model_type`` values), a model of another family is refused from its config, before its
+    weights are read, in one line saying that it cannot ``purpose``.
     """
     torch_device = check_device(device)
     directory = resolve_checkpoint(Path(checkpoint))
     print(f"checkpoint: {directory}", file=sys.stderr)
+    if families is not None:
+        model_type = read_config(directory).model_type
+        if model_type not in families:
+            raise ValueError(f"{directory} holds a model_type={model_type!r} model, which cannot {purpose}; "
+                             f"only {' and '.join(families)} models can")
     return from_pretrained(directory, map_location=str(torch_device)), directory
 
 

@@ -131,3 +131,21 @@ def test_argparse_mistakes_exit_2_with_one_line(argv, fragment):
     done = cli(*argv)
     line = assert_one_line_error(done, fragment, "--help", code=2)
     assert done.stderr.strip() == line  # no usage block
+
+
+# ---------------------------------------------------------------------- generate
+def test_generate_on_an_encoder_says_the_family_cannot_generate(models, monkeypatch):
+    assert_refused_before_model_work(monkeypatch)  # refused from config.json, before the weights are read
+    assert_one_line_error(cli("generate", "--checkpoint", models.encoder), str(models.encoder),
+                          "model_type='encoder'", "cannot generate text")
+
+
+@pytest.mark.parametrize("family,asked,room", [("decoder", 1_000_000_000, 64 - 4), ("seq2seq", 100_000, 64 - 1)])
+def test_generate_says_when_max_new_tokens_is_capped(models, family, asked, room):
+    done = cli("generate", "--checkpoint", getattr(models, family), "--prompt", "def ", "--max-new-tokens", asked,
+               "--temperature", "0")
+    assert done.returncode == 0, done.stderr
+    assert f"--max-new-tokens {asked} is more than the model's max_seq_len=64" in done.stderr
+    assert f"generating at most {room} tokens" in done.stderr
+    done = cli("generate", "--checkpoint", getattr(models, family), "--max-new-tokens", "3")
+    assert done.returncode == 0 and "--max-new-tokens" not in done.stderr
