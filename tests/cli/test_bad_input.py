@@ -149,3 +149,100 @@ def test_generate_says_when_max_new_tokens_is_capped(models, family, asked, room
     assert f"generating at most {room} tokens" in done.stderr
     done = cli("generate", "--checkpoint", getattr(models, family), "--max-new-tokens", "3")
     assert done.returncode == 0 and "--max-new-tokens" not in done.stderr
+
+
+# ---------------------------------------------------------------------- convert: the source is checked before it is loaded
+LLAMA_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 16, "hidden_size": 8,
+                "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 12}
+
+
+@pytest.fixture()
+def no_model_loading(monkeypatch):
+    """A ``transformers`` whose model classes fail the test when asked to load: every refusal below
+    must come from the checks of the files, before a model is built."""
+    class Refuse:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            raise AssertionError("the model was loaded before the source was checked")
+
+    fake = SimpleNamespace(LlamaForCausalLM=Refuse, GPT2LMHeadModel=Refuse, BertForMaskedLM=Refuse,
+                           T5ForConditionalGeneration=Refuse,
+                           logging=SimpleNamespace(get_verbosity=lambda: 30, set_verbosity_error=lambda: None,
+                                                   set_verbosity=lambda level: None))
+    monkeypatch.setitem(__import__("sys").modules, "transformers", fake)
+
+
+def hf_source(directory, config=LLAMA_CONFIG, shards=None):
+    """A source directory: ``config.json`` and one ``model.safetensors`` (or ``shards``: ``{file: names}``
+    with an index)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    if shards is None:
+        save_file({"model.embed_tokens.weight": torch.zeros(16, 8), "lm_head.weight": torch.zeros(16, 8)},
+                  str(directory / "model.safetensors"))
+        return directory
+    weight_map = {}
+    for file, names in shards.items():
+        save_file({name: torch.zeros(4, 4) for name in names}, str(directory / file))
+        weight_map.update({name: file for name in names})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
+def test_convert_of_a_truncated_safetensors_names_the_file(tmp_path, no_model_loading):
+    source = hf_source(tmp_path / "hf")
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    assert_one_line_error(cli("convert", "--from", source, "--out", tmp_path / "out"), str(weights), "truncated")
+    weights.write_bytes(b"\xff" * 20)
+    assert_one_line_error(cli("convert", "--from", source, "--out", tmp_path / "out"), str(weights))
+    weights.write_bytes(b"abc")
+    assert_one_line_error(cli("convert", "--from", source, "--out", tmp_path / "out"), str(weights), "too short")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("missing", [["hidden_size"], ["hidden_size", "num_attention_heads"], ["vocab_size"]])
+def test_convert_of_a_config_missing_sizes_names_the_key(tmp_path, no_model_loading, missing):
+    config = {key: value for key, value in LLAMA_CONFIG.items() if key not in missing}
+    source = hf_source(tmp_path / "hf", config=config)
+    assert_one_line_error(cli("convert", "--from", source, "--out", tmp_path / "out"),
+                          str(source / "config.json"), *(repr(key) for key in missing))
+
+
+def test_convert_of_a_gpt2_config_accepts_either_name_of_a_size(tmp_path, no_model_loading):
+    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 16, "n_embd": 8,
+              "num_hidden_layers": 1, "n_head": 2}
+    source = hf_source(tmp_path / "hf", config=config)
+    assert_one_line_error(cli("convert", "--from", source, "--out", tmp_path / "out"), "'n_positions|max_position")
+    config["n_positions"] = 32
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AssertionError, match="loaded before the source was checked"):  # the checks pass
+        cli("convert", "--from", source, "--out", tmp_path / "out")
+
+
+def test_convert_of_sharded_weights_checks_every_shard(tmp_path, no_model_loading):
+    source = hf_source(tmp_path / "hf", shards={"model-1.safetensors": ["a"], "model-2.safetensors": ["b"]})
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    index["weight_map"]["c"] = "model-2.safetensors"
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert_one_line_error(cli("convert", "--from", source, "--out", tmp_path / "out"),
+                          str(source / "model-2.safetensors"), "'c'")
+    (source / "model-2.safetensors").unlink()
+    assert_one_line_error(cli("convert", "--from", source, "--out", tmp_path / "out"),
+                          "model.safetensors.index.json", "model-2.safetensors", "missing")
+    (source / "model.safetensors.index.json").write_text("{not json")
+    assert_one_line_error(cli("convert", "--from", source, "--out", tmp_path / "out"), "model.safetensors.index.json")
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--n-experts", "4"], "--n-experts 4"),
+    (["--top-k-experts", "2"], "--top-k-experts 2"),
+    (["--ffn", "dense", "--n-experts", "4"], "--n-experts 4"),
+    (["--router", "dense", "--top-k-heads", "2"], "--router dense"),
+    (["--router", "linear", "--router-rounds", "2"], "--router-rounds 2"),
+])
+def test_convert_refuses_flags_its_other_flags_make_unused(tmp_path, no_model_loading, flags, fragment):
+    source = hf_source(tmp_path / "hf")
+    assert_one_line_error(cli("convert", "--from", source, "--out", tmp_path / "out", *flags), fragment)
