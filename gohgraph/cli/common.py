@@ -55,6 +55,16 @@ def parse_overrides(pairs: List[str], fields: Iterable[str], protected: Iterable
     return overrides
 
 
+def note_missing_tensorboard(train_config) -> None:
+    """One line when ``TrainConfig.tensorboard`` is on but TensorBoard is not installed (the run
+    logs to ``metrics.csv`` only), instead of skipping the TensorBoard logs without a word."""
+    import importlib.util
+
+    if train_config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        print("note: tensorboard=true but the tensorboard package is not installed: metrics go to metrics.csv only "
+              "(pip install 'gohgraph[tensorboard]', or --set tensorboard=false to silence this)", file=sys.stderr)
+
+
 def load_model(checkpoint: Path, device: str = "cpu", families: Optional[Iterable[str]] = None,
                purpose: str = "") -> Tuple[torch.nn.Module, Path]:
     """The model a run directory or checkpoint holds, on ``device``, and the checkpoint used.

@@ -246,3 +246,82 @@ def test_convert_of_sharded_weights_checks_every_shard(tmp_path, no_model_loadin
 def test_convert_refuses_flags_its_other_flags_make_unused(tmp_path, no_model_loading, flags, fragment):
     source = hf_source(tmp_path / "hf")
     assert_one_line_error(cli("convert", "--from", source, "--out", tmp_path / "out", *flags), fragment)
+
+
+# ---------------------------------------------------------------------- train and eval: flags that would be dropped
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    """A one-step language-model run to resume."""
+    root = tmp_path_factory.mktemp("lm-run")
+    (root / "code.txt").write_text(TEXT, encoding="utf-8")
+    done = cli("train", "--run-dir", root / "run", "--data", root / "code.txt", "--max-steps", "1", "--set",
+               "d_model=32", "--set", "n_heads=4", "--batch-size", "2", "--seq-len", "16", "--no-progress",
+               "--device", "cpu", "--set", "eval_batches=1", "--set", "tensorboard=false")
+    assert done.returncode == 0, done.stderr
+    return root / "run"
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--preset", "small"], "--preset"), (["--config", "c.json"], "--config"), (["--init-from", "x"], "--init-from")])
+def test_resume_refuses_what_only_starts_a_new_run(lm_run, flags, fragment, monkeypatch):
+    monkeypatch.setattr("gohgraph.cli.train.train", lambda *a, **k: pytest.fail("training started"))
+    before = sorted(p.name for p in (lm_run / "checkpoints").iterdir())
+    assert_one_line_error(cli("train", "--run-dir", lm_run, "--resume", "--max-steps", "2", *flags),
+                          fragment, "--resume")
+    assert sorted(p.name for p in (lm_run / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize("objective,flags,fragment", [
+    ("mlm", ["--preset", "small"], "--preset small"),
+    ("seq2seq", ["--cache-dir", "/nonexistent"], "--cache-dir"),
+    ("classify", ["--cache-dir", "/nonexistent"], "--cache-dir"),
+    ("classify", ["--tokenizer", "bpe"], "--tokenizer bpe"),
+])
+def test_objective_training_refuses_flags_it_cannot_use(tmp_path, objective, flags, fragment, monkeypatch):
+    monkeypatch.setattr("gohgraph.cli.objectives.train_objective", lambda *a, **k: pytest.fail("training started"))
+    assert_one_line_error(cli("train", "--objective", objective, "--run-dir", tmp_path / "r", *flags), fragment)
+    assert not (tmp_path / "r").exists()
+
+
+def test_objective_training_applies_a_config_file(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_train(objective, cfg, tc, *args, **kwargs):
+        seen.update(d_model=cfg.d_model, lr=tc.lr)
+        raise KeyboardInterrupt  # stop here: the configs are what is checked
+
+    monkeypatch.setattr("gohgraph.cli.objectives.train_objective", fake_train)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"d_model": 48, "lr": 0.002}))
+    assert cli("train", "--objective", "mlm", "--config", config, "--run-dir", tmp_path / "r").returncode == 130
+    assert seen == {"d_model": 48, "lr": 0.002}
+    config.write_text(json.dumps({"preset": "small"}))
+    assert_one_line_error(cli("train", "--objective", "mlm", "--config", config, "--run-dir", tmp_path / "r2"),
+                          str(config), "'preset'")
+
+
+def test_training_without_tensorboard_says_so(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    monkeypatch.setattr("gohgraph.cli.objectives.train_objective", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    done = cli("train", "--objective", "mlm", "--run-dir", tmp_path / "r")
+    assert "tensorboard=true but the tensorboard package is not installed" in done.stderr
+    done = cli("train", "--objective", "mlm", "--run-dir", tmp_path / "r2", "--set", "tensorboard=false")
+    assert "tensorboard" not in done.stderr
+
+
+def test_eval_refuses_cache_dir_where_no_cache_is_read(tmp_path):
+    run_dir = tmp_path / "s2s"
+    (tmp_path / "pairs.tsv").write_text("".join(f"reverse w{i}\tw{i}\n" for i in range(20)), encoding="utf-8")
+    assert cli("train", "--objective", "seq2seq", "--data", tmp_path / "pairs.tsv", "--run-dir", run_dir,
+               "--max-steps", "1", "--set", "d_model=32", "--set", "n_layers=1", "--set", "n_decoder_layers=1",
+               "--seq-len", "16", "--batch-size", "2", "--set", "eval_batches=1", "--no-progress",
+               "--set", "tensorboard=false").returncode == 0
+    assert_one_line_error(cli("eval", "--checkpoint", run_dir, "--cache-dir", "/nonexistent"), "--cache-dir")
+
+
+@pytest.mark.parametrize("family", ["encoder", "seq2seq"])
+def test_eval_of_a_bare_encoder_or_seq2seq_checkpoint_is_refused(models, family):
+    assert_one_line_error(cli("eval", "--checkpoint", getattr(models, family)), f"model_type='{family}'")
