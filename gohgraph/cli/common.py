@@ -13,7 +13,7 @@ from ..config import did_you_mean
 from ..data.batches import eval_batches
 from ..data.corpus import load_corpus
 from ..data.sources import load_sources, parse_data_flags
-from ..data.tokenizers import TOKENIZER_FILE, load_tokenizer
+from ..data.tokenizers import TOKENIZER_FILE, ByteTokenizer, load_tokenizer
 from ..models.pretrained import from_pretrained
 from ..storage import read_config
 from ..training.checkpoint import resolve_checkpoint
@@ -127,6 +127,35 @@ def prepare_output(path: Path, overwrite: bool, is_directory: bool, replaces: It
             raise ValueError(f"{parent} is a file, so {path} cannot be created below it")
     (path if is_directory else path.parent).mkdir(parents=True, exist_ok=True)
     return path
+
+
+def check_utf8(text: Optional[str], flag: str) -> None:
+    """A command-line text that is not UTF-8 (bytes Python kept as surrogates) refused, naming ``flag``."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{flag} is not UTF-8 text: character {err.start + 1} of {len(text)} is an undecodable "
+                         "byte; pass UTF-8 text") from None
+
+
+def check_text_tokens(text: str, flag: str, checkpoint: Path, limit: int, why: str) -> List[int]:
+    """The ids of ``flag``'s ``text`` in the run's tokenizer (:func:`run_tokenizer`), checked before the
+    (slow) statistics: not empty, at most ``limit`` tokens (``why`` says whose limit)."""
+    check_utf8(text, flag)
+    ids = run_tokenizer(checkpoint).encode(text)
+    if not ids:
+        raise ValueError(f"{flag} is empty")
+    if len(ids) > limit:
+        raise ValueError(f"{flag} is {len(ids)} tokens ({len(text)} characters); {why} at most {limit}: shorten it")
+    return ids
+
+
+def run_tokenizer(checkpoint: Path):
+    """The tokenizer a command reads a checkpoint's text with: the run's ``tokenizer.json``, else bytes."""
+    found = find_run_file(checkpoint, TOKENIZER_FILE)
+    return load_tokenizer(found.parent) if found is not None else ByteTokenizer()
 
 
 def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:

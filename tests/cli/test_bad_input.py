@@ -325,3 +325,79 @@ def test_eval_refuses_cache_dir_where_no_cache_is_read(tmp_path):
 @pytest.mark.parametrize("family", ["encoder", "seq2seq"])
 def test_eval_of_a_bare_encoder_or_seq2seq_checkpoint_is_refused(models, family):
     assert_one_line_error(cli("eval", "--checkpoint", getattr(models, family)), f"model_type='{family}'")
+
+
+# ---------------------------------------------------------------------- viz and report: checked before the statistics
+@pytest.fixture()
+def no_statistics(monkeypatch):
+    """Collecting routing statistics (the slow part of viz and report) fails the test."""
+    monkeypatch.setattr("gohgraph.cli.viz.collect_stats", lambda *a, **k: pytest.fail("statistics were collected"))
+    monkeypatch.setattr("gohgraph.cli.report.collect_stats", lambda *a, **k: pytest.fail("statistics were collected"))
+
+
+NOT_UTF8 = b"def \xff\xfe f():".decode("utf-8", "surrogateescape")  # what Python makes of such bytes in argv
+
+
+@pytest.mark.parametrize("command,out", [("report", "r.html"), ("viz", "pictures")])
+def test_text_that_is_not_utf8_or_too_long_is_refused_before_the_statistics(models, tmp_path, no_statistics,
+                                                                            command, out):
+    base = [command, "--checkpoint", models.decoder, "--out", tmp_path / out]
+    assert_one_line_error(cli(*base, "--text", NOT_UTF8), "--text is not UTF-8")
+    line = assert_one_line_error(cli(*base, "--text", "x" * 10_000), "--text is 10000 tokens")
+    assert "at most 64" in line  # the model's max_seq_len (viz: the trace's default limit, also 64)
+
+
+def test_viz_trace_tokens_is_bounded_by_the_model(models, tmp_path, no_statistics):
+    assert_one_line_error(cli("viz", "--checkpoint", models.decoder, "--out", tmp_path / "p", "--trace-tokens",
+                              "100000"), "--trace-tokens 100000 must be in [1, 64]")
+    assert_one_line_error(cli("viz", "--checkpoint", models.decoder, "--out", tmp_path / "p", "--trace-tokens", "0"),
+                          "--trace-tokens 0")
+    assert_one_line_error(cli("viz", "--checkpoint", models.decoder, "--out", tmp_path / "p", "--trace-tokens", "4",
+                              "--text", "def function(x): return x"), "--text is", "at most 4")
+
+
+@pytest.mark.parametrize("flags", [["--text", "hello"], ["--trace-tokens", "8"]])
+def test_viz_of_a_seq2seq_checkpoint_refuses_the_token_trace_flags(models, tmp_path, no_statistics, flags):
+    assert_one_line_error(cli("viz", "--checkpoint", models.seq2seq, "--out", tmp_path / "p", *flags),
+                          flags[0], "seq2seq")
+
+
+def test_viz_trace_tokens_sets_the_default_traces_length(models, tmp_path, monkeypatch):
+    drawn = {}
+
+    def fake_pictures(model, stats, out, text=None, trace_tokens=None, encode=None, **kwargs):
+        drawn.update(tokens=len(encode(text)), limit=trace_tokens)
+        return []
+
+    monkeypatch.setattr("gohgraph.viz.write_all_pictures", fake_pictures)
+    done = cli("viz", "--checkpoint", models.decoder, "--data", models.root / "code.txt", "--out", tmp_path / "p",
+               "--batches", "1", "--batch-size", "1", "--seq-len", "32", "--trace-tokens", "20", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert drawn == {"tokens": 20, "limit": 20}
+
+
+@pytest.mark.parametrize("content,expected", [
+    ("step,loss,val_loss\n1,2.0,\n2,1.9,1.8\n3,1.", "1 of 3 rows are malformed (line 4: 2 cells, the header has 3)"),
+    ("step,loss\n1,2.0\n2,abc\n", "1 of 2 rows are malformed (line 3: a cell that is not a number)"),
+])
+def test_viz_says_how_many_metrics_rows_are_bad(models, tmp_path, monkeypatch, content, expected):
+    monkeypatch.setattr("gohgraph.viz.write_all_pictures", lambda *a, **k: [])
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text(content, encoding="utf-8")
+    done = cli("viz", "--checkpoint", models.decoder, "--data", models.root / "code.txt", "--out", tmp_path / "p",
+               "--metrics", metrics, "--batches", "1", "--batch-size", "1", "--seq-len", "16", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert f"note: {metrics}: {expected}" in done.stderr
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (b"step,loss\n1,abc\n2,\x00\n", "none of its 2 rows is readable"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xd8garbage", "not a readable UTF-8 CSV"),
+    (b"step,loss\nabc,def\n", "none of its 1 rows is readable"),
+])
+def test_report_refuses_a_garbage_metrics_csv_before_the_statistics(models, tmp_path, no_statistics, content,
+                                                                    fragment):
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_bytes(content)
+    assert_one_line_error(cli("report", "--checkpoint", models.decoder, "--out", tmp_path / "r.html",
+                              "--metrics", metrics), str(metrics), fragment)
