@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_data_arguments, add_overwrite_argument, check_text_tokens, check_utf8, load_model, prepare_output
+from .common import (add_data_arguments, add_overwrite_argument, check_text_tokens, check_utf8, load_model,
+                     prepare_output)
 from .viz import DEFAULT_TRACE_TOKENS, collect_stats, metrics_file
 
 

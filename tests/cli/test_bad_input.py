@@ -401,3 +401,28 @@ def test_report_refuses_a_garbage_metrics_csv_before_the_statistics(models, tmp_
     metrics.write_bytes(content)
     assert_one_line_error(cli("report", "--checkpoint", models.decoder, "--out", tmp_path / "r.html",
                               "--metrics", metrics), str(metrics), fragment)
+
+
+# ---------------------------------------------------------------------- --data messages
+@pytest.mark.parametrize("values,fragments", [
+    (["a={code}:abc"], ["weight 'abc' is not a number"]),
+    (["my:src={code}"], ["--data 'my:src=", "source name 'my:src'"]),
+    (["my:src={code}", "b={code}"], ["source name 'my:src'"]),
+    ([r"C:\Users\me\code.txt"], [r"'C:\Users\me\code.txt'"]),  # shown as typed, backslashes not doubled
+    ([r"a=C:\Users\me\code.txt", "b={code}"], [r"'C:\Users\me\code.txt'"]),
+    ([r"a=C:\Users\me\code.txt:x", "b={code}"], ["weight 'x' is not a number"]),
+])
+def test_data_flag_messages_name_the_actual_problem(models, tmp_path, values, fragments, monkeypatch):
+    monkeypatch.setattr("gohgraph.cli.train.train", lambda *a, **k: pytest.fail("training started"))
+    data = [arg for value in values for arg in ("--data", value.format(code=models.root / "code.txt"))]
+    line = assert_one_line_error(cli("train", "--run-dir", tmp_path / "r", *data), *fragments)
+    assert "\\\\" not in line
+
+
+def test_a_weighted_source_whose_path_holds_a_colon_still_reads(tmp_path, monkeypatch):
+    from gohgraph.data.sources import parse_data_flags
+
+    odd = tmp_path / "a:b.txt"
+    odd.write_text(TEXT, encoding="utf-8")
+    assert parse_data_flags([f"x={odd}", f"y={odd}:2"])["sources"] == [
+        {"name": "x", "path": str(odd), "weight": 1.0}, {"name": "y", "path": str(odd), "weight": 2.0}]
