@@ -426,3 +426,10 @@ def test_a_weighted_source_whose_path_holds_a_colon_still_reads(tmp_path, monkey
     odd.write_text(TEXT, encoding="utf-8")
     assert parse_data_flags([f"x={odd}", f"y={odd}:2"])["sources"] == [
         {"name": "x", "path": str(odd), "weight": 1.0}, {"name": "y", "path": str(odd), "weight": 2.0}]
+
+
+def test_stats_compare_with_a_model_of_another_family_is_refused_before_the_statistics(models, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.setattr("gohgraph.cli.stats.validation_batches", lambda *a, **k: pytest.fail("statistics collected"))
+    assert_one_line_error(cli("stats", "--checkpoint", models.decoder, "--out", tmp_path / "s.json", "--compare",
+                              models.encoder), "--compare", "model_type='encoder'")
