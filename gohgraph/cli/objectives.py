@@ -156,7 +156,6 @@ def run_train(args: argparse.Namespace) -> int:
     if cfg.vocab_size != SpecialTokens(base_vocab, with_eos=args.objective == "seq2seq").vocab_size:
         raise ValueError(f"the data's tokenizer ({tokenizer or 'byte'}, {base_vocab} tokens) does not fit the model "
                          f"of {run_dir} (vocab_size {cfg.vocab_size}); pass the --tokenizer it was trained with")
-    note_missing_tensorboard(tc)
     if has_run and not resume:  # --overwrite, once the data and configs have been checked
         for folder in (FINAL_DIR, CHECKPOINTS_DIR):
             shutil.rmtree(run_dir / folder, ignore_errors=True)
@@ -164,6 +163,7 @@ def run_train(args: argparse.Namespace) -> int:
                              tokenizer=tokenizer or "byte", resume=resume,
                              progress=not getattr(args, "no_progress", True),
                              check_memory=not getattr(args, "force", False))
+    note_missing_tensorboard(tc)
     return _print_summary(args, result, data, source, base_vocab, tc, run_dir)
 
 

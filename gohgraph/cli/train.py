@@ -111,8 +111,6 @@ def run(args: argparse.Namespace) -> int:
                                   train_config.init_from)
     _note_dense_anneal(model_config, train_config)
     if rank == 0:
-        note_missing_tensorboard(train_config)
-    if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / DATA_FILE, json.dumps(data_settings, indent=2) + "\n")
     with warnings.catch_warnings():
@@ -135,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         if result.final_path is not None:
             print(f"final model: {result.final_path}")
         print(f"metrics: {result.metrics_path}")
+        note_missing_tensorboard(train_config)
     return 130 if result.interrupted else 0
 
 
