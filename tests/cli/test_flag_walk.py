@@ -17,10 +17,9 @@ from typing import Dict, Tuple
 import pytest
 import torch
 
-from gohgraph import GoHConfig
 from gohgraph.cli.common import TRAIN_FLAGS
 from gohgraph.cli.main import build_parser
-from tests.cli.test_bad_input import FAMILY_CONFIGS, MODEL_CLASSES, TEXT, assert_one_line_error, cli, models  # noqa: F401
+from tests.cli.test_bad_input import assert_one_line_error, cli, save_family_models, save_objective_run
 
 FAMILIES = ("decoder", "encoder", "seq2seq")
 APPLIED = "applied"
@@ -112,18 +111,12 @@ def test_every_flag_of_every_command_is_classified_for_every_family():
 
 # ---------------------------------------------------------------------- every refusal, run
 @pytest.fixture(scope="module")
-def workspace(models, tmp_path_factory):
+def workspace(tmp_path_factory):
     """The bare models, two objective runs (for eval) and the files the commands read."""
     root = tmp_path_factory.mktemp("flag-walk")
-    for objective, family, vocab in (("mlm", "encoder", 259), ("seq2seq", "seq2seq", 260)):
-        run_dir = root / f"{objective}-run"
-        values = dict(FAMILY_CONFIGS[family], vocab_size=vocab)
-        if family == "seq2seq":
-            values.update(pad_token_id=258, decoder_start_token_id=258)
-        torch.manual_seed(0)
-        MODEL_CLASSES[family](GoHConfig(**values)).save_pretrained(run_dir / "final")
-        (run_dir / "train_config.json").write_text("{}")
-        (run_dir / "objective.json").write_text(json.dumps({"objective": objective, "seq_len": 16, "data": None}))
+    models = save_family_models(root / "models")
+    for objective in ("mlm", "seq2seq"):
+        save_objective_run(root / f"{objective}-run", objective)
     (root / "labels.tsv").write_text("".join(f"{'ab'[i % 2]}\ttext {i}\n" for i in range(20)), encoding="utf-8")
     (root / "llama").mkdir()
     (root / "llama" / "config.json").write_text(json.dumps(
