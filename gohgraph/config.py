@@ -9,6 +9,7 @@ allowed values.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -569,8 +570,17 @@ def dataclass_from_dict(cls, values: dict):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; allowed: {sorted(known)}")
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}{did_you_mean(unknown[0], known)}")
     return cls(**values)
+
+
+def did_you_mean(name: str, known) -> str:
+    """``"; did you mean 'n_heads'?"`` for the name of ``known`` closest to a mistyped ``name``
+    (the whole list would make the error line thousands of characters long)."""
+    close = difflib.get_close_matches(str(name), sorted(known), n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; no close match among the {len(known)} known names"
 
 
 def _positive(cfg: GoHConfig, *names: str) -> None:

@@ -23,6 +23,7 @@ from .config import LEGACY_FIELD_VALUES, MIN_EXPERT_HIDDEN, GoHConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+SAFETENSORS_PREFIX_BYTES = 8  # a little-endian u64: the length of the JSON header that follows
 
 
 class CheckpointError(ValueError):
@@ -86,6 +87,42 @@ def read_tensors(path: Union[str, Path], map_location: str = "cpu") -> Dict[str,
         return load_file(str(path), device=map_location)
     except Exception as err:  # safetensors raises its own error types for every kind of damage
         raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated): {err}") from None
+
+
+def safetensors_header(path: Union[str, Path]) -> Dict[str, Any]:
+    """The tensor table of a safetensors file (``{name: {"dtype", "shape", "data_offsets"}}``), read
+    without loading a tensor, after checking that the file holds every byte the table points to.
+
+    Raises :class:`CheckpointError` naming the file: too short for a header, a header that is not
+    JSON, or tensor data cut off (the file was truncated, e.g. by an interrupted download).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(SAFETENSORS_PREFIX_BYTES)
+        if len(prefix) < SAFETENSORS_PREFIX_BYTES:
+            raise CheckpointError(f"{path} is {size} bytes, too short for a safetensors header (truncated?)")
+        header_bytes = int.from_bytes(prefix, "little")
+        if header_bytes > size - SAFETENSORS_PREFIX_BYTES:
+            raise CheckpointError(f"{path}: its safetensors header says {header_bytes:,} bytes but the file holds "
+                                  f"{size:,} (truncated, or not a safetensors file)")
+        try:
+            table = json.loads(handle.read(header_bytes))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path} has no readable safetensors header (corrupt, or not a safetensors file)") \
+                from None
+    if not isinstance(table, dict):
+        raise CheckpointError(f"{path} has no readable safetensors header (corrupt, or not a safetensors file)")
+    table.pop("__metadata__", None)
+    try:
+        data_bytes = max((int(entry["data_offsets"][1]) for entry in table.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise CheckpointError(f"{path}: its safetensors header has a tensor without data_offsets (corrupt)") from None
+    needed = SAFETENSORS_PREFIX_BYTES + header_bytes + data_bytes
+    if size < needed:
+        raise CheckpointError(f"{path} is truncated: its header lists {len(table)} tensors ending at byte {needed:,} "
+                              f"but the file has {size:,} bytes")
+    return table
 
 
 def read_config(directory: Union[str, Path]) -> GoHConfig:

@@ -9,11 +9,13 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from ..config import did_you_mean
 from ..data.batches import eval_batches
 from ..data.corpus import load_corpus
 from ..data.sources import load_sources, parse_data_flags
-from ..data.tokenizers import TOKENIZER_FILE, load_tokenizer
+from ..data.tokenizers import TOKENIZER_FILE, ByteTokenizer, load_tokenizer
 from ..models.pretrained import from_pretrained
+from ..storage import read_config
 from ..training.checkpoint import resolve_checkpoint
 
 # flag name -> TrainConfig field (None = not given, keep the base value)
@@ -42,22 +44,43 @@ def parse_overrides(pairs: List[str], fields: Iterable[str], protected: Iterable
         if not sep or not name:
             raise ValueError(f"--set {pair!r} must look like FIELD=VALUE")
         if name not in allowed:
-            raise ValueError(f"--set {pair!r}: {name!r} is not a field; allowed: {sorted(allowed)}")
+            raise ValueError(f"--set {pair!r}: {name!r} is not a field{did_you_mean(name, allowed)}")
         if name in protected:
             raise ValueError(f"--set {pair!r}: " + why_protected.format(name=name))
+        if name in overrides:  # the last one would win without a word
+            raise ValueError(f"--set {name} is given twice ({overrides[name]!r}, then {text.strip()!r}); "
+                             "give each field once")
         overrides[name] = text.strip()
     return overrides
 
 
-def load_model(checkpoint: Path, device: str = "cpu") -> Tuple[torch.nn.Module, Path]:
+def note_missing_tensorboard(train_config) -> None:
+    """One line when ``TrainConfig.tensorboard`` is on but TensorBoard is not installed (the run
+    logs to ``metrics.csv`` only), instead of skipping the TensorBoard logs without a word."""
+    import importlib.util
+
+    if train_config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        print("note: tensorboard=true but the tensorboard package is not installed: metrics go to metrics.csv only "
+              "(pip install 'gohgraph[tensorboard]', or --set tensorboard=false to silence this)", file=sys.stderr)
+
+
+def load_model(checkpoint: Path, device: str = "cpu", families: Optional[Iterable[str]] = None,
+               purpose: str = "") -> Tuple[torch.nn.Module, Path]:
     """The model a run directory or checkpoint holds, on ``device``, and the checkpoint used.
 
     Says on stderr which checkpoint it used (stdout stays the command's output): in a run
-    directory the newest complete one, ``final/`` or ``checkpoints/latest``.
+    directory the newest complete one, ``final/`` or ``checkpoints/latest``. With ``families``
+    (``model_type`` values), a model of another family is refused from its config, before its
+    weights are read, in one line saying that it cannot ``purpose``.
     """
     torch_device = check_device(device)
     directory = resolve_checkpoint(Path(checkpoint))
     print(f"checkpoint: {directory}", file=sys.stderr)
+    if families is not None:
+        model_type = read_config(directory).model_type
+        if model_type not in families:
+            raise ValueError(f"{directory} holds a model_type={model_type!r} model, which cannot {purpose}; "
+                             f"only {' and '.join(families)} models can")
     return from_pretrained(directory, map_location=str(torch_device)), directory
 
 
@@ -103,6 +126,35 @@ def prepare_output(path: Path, overwrite: bool, is_directory: bool, replaces: It
             raise ValueError(f"{parent} is a file, so {path} cannot be created below it")
     (path if is_directory else path.parent).mkdir(parents=True, exist_ok=True)
     return path
+
+
+def check_utf8(text: Optional[str], flag: str) -> None:
+    """A command-line text that is not UTF-8 (bytes Python kept as surrogates) refused, naming ``flag``."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{flag} is not UTF-8 text: character {err.start + 1} of {len(text)} is an undecodable "
+                         "byte; pass UTF-8 text") from None
+
+
+def check_text_tokens(text: str, flag: str, checkpoint: Path, limit: int, why: str) -> List[int]:
+    """The ids of ``flag``'s ``text`` in the run's tokenizer (:func:`run_tokenizer`), checked before the
+    (slow) statistics: not empty, at most ``limit`` tokens (``why`` says whose limit)."""
+    check_utf8(text, flag)
+    ids = run_tokenizer(checkpoint).encode(text)
+    if not ids:
+        raise ValueError(f"{flag} is empty")
+    if len(ids) > limit:
+        raise ValueError(f"{flag} is {len(ids)} tokens ({len(text)} characters); {why} at most {limit}: shorten it")
+    return ids
+
+
+def run_tokenizer(checkpoint: Path):
+    """The tokenizer a command reads a checkpoint's text with: the run's ``tokenizer.json``, else bytes."""
+    found = find_run_file(checkpoint, TOKENIZER_FILE)
+    return load_tokenizer(found.parent) if found is not None else ByteTokenizer()
 
 
 def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:

@@ -46,6 +46,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out} is the source directory; choose another so the source is kept")
     if Path(args.out).exists() and not args.overwrite:  # checked before the (slow) conversion
         prepare_output(Path(args.out), overwrite=False, is_directory=True)
+    for flag in ("n_experts", "top_k_experts"):  # they size the experts --ffn moe makes; nothing else reads them
+        if getattr(args, flag) is not None and args.ffn != "moe":
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} sizes the experts of --ffn moe; "
+                             "add --ffn moe to upcycle a dense source (a Mixtral or Qwen2-MoE source keeps its own)")
+    if args.router == "dense" and (args.top_k_heads is not None or args.n_shared_heads):
+        raise ValueError("--top-k-heads and --n-shared-heads choose routed heads; --router dense keeps every head on")
+    if args.router_rounds is not None and args.router != "graph":
+        raise ValueError(f"--router-rounds {args.router_rounds} are the graph router's message-passing rounds; "
+                         f"--router {args.router} has none")
     overrides = {"router": args.router, "n_shared_heads": args.n_shared_heads, "top_k_heads": args.top_k_heads}
     optional = {"router_rounds": args.router_rounds, "n_experts": args.n_experts,
                 "top_k_experts": args.top_k_experts, "ffn": args.ffn}

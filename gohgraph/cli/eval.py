@@ -40,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     run_dir = run_dir_of(directory)
     if run_dir is not None and (run_dir / OBJECTIVE_FILE).is_file():  # an encoder objective's run
         return run_objective_eval(args, model, directory, run_dir)
+    if model.config.model_type != "decoder":  # the next-token loss below is a decoder's
+        raise ValueError(f"{directory} holds a model_type={model.config.model_type!r} model outside a gohgraph train "
+                         "--objective run (no objective.json beside it); eval scores a decoder's next-token loss, "
+                         "or an objective run's own metric")
     data_settings = _read_json(run_dir / "data.json") if run_dir else {}
     train_settings = _read_json(run_dir / "train_config.json") if run_dir else {}
     settings = parse_data_flags(args.data) if args.data else data_settings

@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, directory = load_model(args.checkpoint, args.device)
+    model, directory = load_model(args.checkpoint, args.device, families=("decoder", "seq2seq"),
+                                  purpose="generate text (an encoder scores or classifies; try gohgraph eval)")
     tokenizer_home = directory if (directory / TOKENIZER_FILE).is_file() else (run_dir_of(directory) or directory)
     tokenizer = load_tokenizer(tokenizer_home)
     prompt_ids = tokenizer.encode(args.prompt)
@@ -52,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
     room = model.config.max_seq_len - (1 if model.config.model_type == "seq2seq" else len(prompt_ids))
     if room < 1 or (model.config.model_type == "seq2seq" and len(prompt_ids) > model.config.max_seq_len):
         raise ValueError(f"--prompt is {len(prompt_ids)} tokens; the model's max_seq_len is {model.config.max_seq_len}")
+    if args.max_new_tokens > room:  # the model has no positions beyond max_seq_len: said, not silently cut
+        after = "the decoder's start token" if model.config.model_type == "seq2seq" else "the prompt"
+        print(f"note: --max-new-tokens {args.max_new_tokens} is more than the model's max_seq_len="
+              f"{model.config.max_seq_len} leaves after {after}; generating at most {room} tokens", file=sys.stderr)
     eos = None
     if args.stop is not None:
         stop_ids = tokenizer.encode(args.stop)

@@ -3,7 +3,9 @@
 Each command module defines ``add_arguments(parser)`` and ``run(args) -> int`` and calls library
 functions that the tests cover; nothing here holds logic of its own. Every error a user can cause
 (a bad value, a missing or unwritable path, a file where a folder should be, no CUDA) ends the
-command with one line on stderr and exit code 1, never a traceback; Ctrl-C ends it with 130.
+command with one line on stderr and exit code 1, never a traceback; Ctrl-C ends it with 130. A
+command line argparse cannot read (an unknown flag, a choice not offered, ``abc`` for a number)
+exits 2, argparse's convention, also with one line (:class:`OneLineParser`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 130
+EXIT_USER_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 COMMANDS = {
     "train": "train a graph-routed language model (checkpoints, metrics, resumable)",
@@ -35,11 +37,19 @@ Then:        gohgraph viz --checkpoint runs/default --out pictures
 Every command takes --help. Commands that read a model accept a run directory or a checkpoint."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr, exit code 2 (argparse's), naming
+    the command's ``--help`` instead of printing its whole usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..version import __version__
 
-    parser = argparse.ArgumentParser(prog="gohgraph", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="gohgraph", description=DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"gohgraph {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, help_text in COMMANDS.items():

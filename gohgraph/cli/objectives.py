@@ -1,6 +1,6 @@
 """``gohgraph train --objective mlm|classify|seq2seq`` and ``gohgraph eval`` of such a run (DESIGN.md §13).
 
-The objective's preset (:data:`~gohgraph.training.objectives.OBJECTIVE_PRESETS`), then ``--set``
+The objective's preset (:data:`~gohgraph.training.objectives.OBJECTIVE_PRESETS`), then ``--config``, ``--set``
 and the training flags; the model's vocabulary is the data tokenizer's plus the three special
 tokens (four for seq2seq: its targets end with ``eos``; ``pad`` pads and starts the decoder, as
 in T5). One process; writes ``final/``, ``objective.json``, ``metrics.json`` in the run dir.
@@ -41,8 +41,8 @@ from ..training.objectives import (
     evaluate_objective,
     train_objective,
 )
-from ..training.presets import split_fields
-from .common import TRAIN_FLAGS, parse_overrides
+from ..training.presets import read_config_file, split_fields
+from .common import TRAIN_FLAGS, note_missing_tensorboard, parse_overrides
 
 
 def build_objective_configs(args: argparse.Namespace, base_vocab: int, saved: Optional[dict] = None):
@@ -57,6 +57,14 @@ def build_objective_configs(args: argparse.Namespace, base_vocab: int, saved: Op
         if init_from is not None:
             model_kwargs = continued_model_config(init_from, args.objective, model_kwargs)
             train_kwargs["init_from"] = str(init_from)
+        if getattr(args, "config", None) is not None:  # a config file's fields, over the objective's preset
+            file_values = read_config_file(args.config)
+            if "preset" in file_values:
+                raise ValueError(f"{args.config}: 'preset' names a language-model preset; --objective "
+                                 f"{args.objective} starts from its own (drop 'preset', keep the fields)")
+            file_model, file_train = split_fields(file_values, str(args.config))
+            model_kwargs.update(file_model)
+            train_kwargs.update(file_train)
     known = [f.name for config in (GoHConfig, TrainConfig) for f in dataclasses.fields(config)]
     set_model, set_train = split_fields(parse_overrides(args.set, known), "--set")
     model_kwargs.update(set_model)
@@ -115,6 +123,12 @@ def _fits_the_data(cfg: GoHConfig, directory: Path, special: SpecialTokens, tc: 
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if getattr(args, "preset", None) is not None:
+        raise ValueError(f"--preset {args.preset} is a language-model preset; --objective {args.objective} starts "
+                         "from its own (change its values with --config or --set)")
+    if getattr(args, "cache_dir", None) is not None and args.objective != "mlm":
+        raise ValueError(f"--cache-dir: --objective {args.objective} reads its texts as bytes and keeps no token "
+                         "cache; only --objective mlm and lm use one")
     run_dir = args.run_dir or Path("runs") / (args.name or args.objective)
     resume = bool(getattr(args, "resume", False))
     saved = _resumed_settings(run_dir, args.objective) if resume else None
@@ -154,6 +168,7 @@ def run_train(args: argparse.Namespace) -> int:
                              tokenizer=tokenizer or "byte", resume=resume,
                              progress=not getattr(args, "no_progress", True),
                              check_memory=not getattr(args, "force", False))
+    note_missing_tensorboard(tc)
     return _print_summary(args, result, data, source, base_vocab, tc, run_dir)
 
 
@@ -210,6 +225,9 @@ def run_eval(args: argparse.Namespace, model, directory: Path, run_dir: Path) ->
     if str(getattr(args, "device", "cpu")) != "cpu":
         raise ValueError(f"--device {args.device}: an --objective {objective} run is evaluated on CPU, "
                          "where it trained")
+    if getattr(args, "cache_dir", None) is not None and objective != "mlm":
+        raise ValueError(f"--cache-dir: an --objective {objective} run reads its texts as bytes and keeps no token "
+                         "cache")
     special = SpecialTokens.of_model(model.config)
     data_path = one_data_path(args.data) or settings.get("data")
     if objective == "mlm":
@@ -261,9 +279,9 @@ def one_data_path(values) -> Optional[str]:
 def classification_data(data_path: Optional[str], tokenizer: Optional[str], seq_len: int, special: SpecialTokens,
                         n_labels: int):
     """Labelled files at ``data_path`` (byte tokens), else the standard library's package snippets."""
-    if data_path is None:
-        return stdlib_package_snippets(seq_len, special.cls, special.pad, n_labels)
     if tokenizer not in (None, "byte"):
         raise ValueError(f"--tokenizer {tokenizer} is not supported with --objective classify; its texts are "
                          "byte tokens")
+    if data_path is None:
+        return stdlib_package_snippets(seq_len, special.cls, special.pad, n_labels)
     return labelled_file_data(data_path, seq_len, special.cls, special.pad, ByteTokenizer().encode)

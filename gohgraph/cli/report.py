@@ -16,8 +16,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_data_arguments, add_overwrite_argument, find_run_file, load_model, prepare_output
-from .viz import DEFAULT_TRACE_TOKENS, collect_stats
+from .common import (
+    add_data_arguments,
+    add_overwrite_argument,
+    check_text_tokens,
+    check_utf8,
+    load_model,
+    prepare_output,
+)
+from .viz import DEFAULT_TRACE_TOKENS, collect_stats, metrics_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,15 +52,18 @@ def first_text_ids(batch) -> list:
 def run(args: argparse.Namespace) -> int:
     from .. import viz
     from ..analysis.stats.collect import collect_routing_stats, collect_routing_stats_by_source
+    from ..viz.html_report import MAX_REPORT_TOKENS
 
     out = Path(args.out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise ValueError(f"--out {out} must end in .html")
+    check_utf8(args.text, "--text")
     prepare_output(out, args.overwrite, is_directory=False)
     model, checkpoint = load_model(args.checkpoint)
-    metrics = Path(args.metrics) if args.metrics else find_run_file(checkpoint, "metrics.csv")
-    if metrics is not None and not metrics.is_file():
-        raise FileNotFoundError(f"--metrics {metrics} does not exist")
+    if args.text is not None:  # before the statistics, which take most of the time
+        check_text_tokens(args.text, "--text", checkpoint, min(MAX_REPORT_TOKENS, model.config.max_seq_len),
+                          f"the report's text box shows (min of {MAX_REPORT_TOKENS} and the model's max_seq_len)")
+    metrics = metrics_file(args, checkpoint)
     stats, batches, tokenizer = collect_stats(args, model, checkpoint, collect_routing_stats,
                                               collect_routing_stats_by_source)
     text = args.text if args.text is not None else tokenizer.decode(first_text_ids(batches[0])[:DEFAULT_TRACE_TOKENS])

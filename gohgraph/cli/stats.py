@@ -54,9 +54,14 @@ def run(args: argparse.Namespace) -> int:
     if args.csv:
         prepare_output(Path(args.csv), args.overwrite, is_directory=False)
     model, checkpoint = load_model(args.checkpoint)
-    if model.config.model_type == "seq2seq":
-        if args.by_source or args.compare:
-            raise ValueError("--by-source and --compare are not available for a seq2seq checkpoint yet")
+    family = model.config.model_type
+    if family == "seq2seq" and (args.by_source or args.compare):
+        raise ValueError("--by-source and --compare are not available for a seq2seq checkpoint yet")
+    other = None
+    if args.compare:  # read, and its family checked, before the statistics
+        other, _ = load_model(args.compare, families=(family,),
+                              purpose=f"be compared with the {family} model of --checkpoint (--compare)")
+    if family == "seq2seq":
         stats = collect_seq2seq_stats(args, model, checkpoint)
         batches = None
     elif args.by_source:
@@ -67,8 +72,7 @@ def run(args: argparse.Namespace) -> int:
         batches, _ = validation_batches(args, model, checkpoint)
         stats = collect_routing_stats(model, batches, progress=not args.no_progress)
     report = stats.report()
-    if args.compare:
-        other, _ = load_model(args.compare)
+    if other is not None:
         report["drift"] = {"against": str(args.compare), **routing_drift(model, other, batches)}
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.csv:

@@ -27,7 +27,7 @@ from ..training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
 from ..training.config import TrainConfig
 from ..training.presets import PRESETS, get_preset, read_config_file, split_fields
 from ..training.trainer import evaluate, evaluate_sources, train
-from .common import TRAIN_FLAGS, check_device, parse_overrides
+from .common import TRAIN_FLAGS, check_device, note_missing_tensorboard, parse_overrides
 from .objectives import run_train as run_objective_training
 
 DATA_FILE = "data.json"
@@ -87,6 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_resume_flags(args)
     if args.objective != "lm":
         return run_objective_training(args)
     run_dir = args.run_dir or Path("runs") / (args.name or "default")
@@ -132,7 +133,19 @@ def run(args: argparse.Namespace) -> int:
         if result.final_path is not None:
             print(f"final model: {result.final_path}")
         print(f"metrics: {result.metrics_path}")
+        note_missing_tensorboard(train_config)
     return 130 if result.interrupted else 0
+
+
+def check_resume_flags(args: argparse.Namespace) -> None:
+    """``--resume`` continues the run's saved configs: the flags that choose a new run's starting
+    point would be ignored, so they are refused (single values still change with flags and ``--set``)."""
+    if not args.resume:
+        return
+    for flag in ("preset", "config", "init_from"):
+        if getattr(args, flag, None) is not None:
+            raise ValueError(f"--resume continues the run's saved model and train configs; --{flag.replace('_', '-')} "
+                             "only starts a new run (change single values with flags or --set, or drop --resume)")
 
 
 def _compile_fallback_in_one_line(show):

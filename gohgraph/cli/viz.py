@@ -15,11 +15,15 @@ routing graph and the statistics JSON. A seq2seq checkpoint reads ``--data`` as 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import Optional
 
 from .common import (
     add_data_arguments,
     add_overwrite_argument,
+    check_text_tokens,
+    check_utf8,
     find_run_file,
     load_model,
     prepare_output,
@@ -28,7 +32,9 @@ from .common import (
     validation_batches,
 )
 
-DEFAULT_TRACE_TOKENS = 48
+DEFAULT_TRACE_TOKENS = 48  # of the validation text, without --text
+DEFAULT_TEXT_LIMIT = 64  # the most tokens of a --text, without --trace-tokens
+MAX_TRACE_TOKENS = 512  # one labelled column per token: wider pictures cannot be read
 STATS_FILE = "stats.json"
 
 
@@ -40,8 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "(default: the start of the validation text)")
     parser.add_argument("--metrics", default=None,
                         help="metrics CSV for the training curves (default: metrics.csv near the checkpoint)")
-    parser.add_argument("--trace-tokens", type=int, default=64,
-                        help="most tokens the token trace draws; a longer --text is refused (default: %(default)s)")
+    parser.add_argument("--trace-tokens", type=int, default=None,
+                        help=f"most tokens the token trace draws; a longer --text is refused (default: "
+                             f"{DEFAULT_TEXT_LIMIT} for --text, else the first {DEFAULT_TRACE_TOKENS} validation "
+                             f"tokens; at most {MAX_TRACE_TOKENS} and the model's max_seq_len)")
     add_data_arguments(parser, default_batches=10)
     add_overwrite_argument(parser)
 
@@ -50,25 +58,61 @@ def run(args: argparse.Namespace) -> int:
     from .. import viz
     from ..analysis.stats.collect import collect_routing_stats, collect_routing_stats_by_source
 
+    check_utf8(args.text, "--text")
     out = prepare_output(Path(args.out), args.overwrite, is_directory=True,
                          replaces=(*viz.PICTURE_FILES, STATS_FILE))
     model, checkpoint = load_model(args.checkpoint)
-    metrics = Path(args.metrics) if args.metrics else find_run_file(checkpoint, "metrics.csv")
-    if metrics is not None and not metrics.is_file():
-        raise FileNotFoundError(f"--metrics {metrics} does not exist")
+    trace_tokens = check_trace_flags(args, model, checkpoint)
+    metrics = metrics_file(args, checkpoint)
     stats, batches, tokenizer = collect_stats(args, model, checkpoint, collect_routing_stats,
                                               collect_routing_stats_by_source)
     text = args.text
     if text is None and model.config.model_type != "seq2seq":
-        text = tokenizer.decode(batches[0][0, :DEFAULT_TRACE_TOKENS].tolist())
+        text = tokenizer.decode(batches[0][0, :args.trace_tokens or DEFAULT_TRACE_TOKENS].tolist())
     written = viz.write_all_pictures(model, stats, out, text=text, metrics_csv=metrics,
-                                     encode=tokenizer.encode, decode=tokenizer.decode, trace_tokens=args.trace_tokens)
+                                     encode=tokenizer.encode, decode=tokenizer.decode, trace_tokens=trace_tokens)
     written.append(stats.to_json(out / STATS_FILE))
     for path in written:
         print(f"wrote {path}")
     if metrics is None:
         print("no metrics.csv found near the checkpoint: training curves skipped")
     return 0
+
+
+def check_trace_flags(args: argparse.Namespace, model, checkpoint: Path) -> int:
+    """The token trace's ``--trace-tokens`` limit, after checking it and ``--text`` against the model,
+    before the statistics are collected."""
+    cfg = model.config
+    if cfg.model_type == "seq2seq":
+        given = [flag for flag, value in (("--text", args.text), ("--trace-tokens", args.trace_tokens))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)}: a seq2seq checkpoint's pictures have no token trace (the "
+                             "routing of its three attention kinds is drawn per kind); drop the flag")
+        return DEFAULT_TEXT_LIMIT
+    most = min(MAX_TRACE_TOKENS, cfg.max_seq_len)
+    if args.trace_tokens is not None and not 1 <= args.trace_tokens <= most:
+        raise ValueError(f"--trace-tokens {args.trace_tokens} must be in [1, {most}] (min of {MAX_TRACE_TOKENS}, "
+                         f"the widest readable trace, and the model's max_seq_len={cfg.max_seq_len})")
+    limit = min(args.trace_tokens or DEFAULT_TEXT_LIMIT, cfg.max_seq_len)
+    if args.text is not None:
+        check_text_tokens(args.text, "--text", checkpoint, limit, "the token trace draws (--trace-tokens)")
+    return limit
+
+
+def metrics_file(args: argparse.Namespace, checkpoint: Path) -> Optional[Path]:
+    """``--metrics``, else the run's ``metrics.csv``, checked (:func:`check_metrics_csv`); ``None`` without one."""
+    from ..training.metrics import check_metrics_csv
+
+    metrics = Path(args.metrics) if args.metrics else find_run_file(checkpoint, "metrics.csv")
+    if metrics is None:
+        return None
+    if not metrics.is_file():
+        raise FileNotFoundError(f"--metrics {metrics} does not exist")
+    bad = check_metrics_csv(metrics)
+    if bad:
+        print(f"note: {metrics}: {bad}; the training curves leave out what cannot be read", file=sys.stderr)
+    return metrics
 
 
 def collect_stats(args: argparse.Namespace, model, checkpoint, collect, collect_by_source):

@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..storage import atomic_write, atomic_write_text
-from .errors import DataError
+from .errors import DataError, quoted
 from .tokenizers import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, parse_tokenizer, read_tokenizer_file
 
 TRAINED_OR_GIVEN = ("bpe", "file")  # tokenizers kept as tokenizer.json in the cache
@@ -128,7 +128,7 @@ def _user_files(data: str) -> Tuple[Path, List[Path]]:
     if any(ch in data for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
-            raise FileNotFoundError(f"data={data!r}: the glob matches no files")
+            raise FileNotFoundError(f"data={quoted(data)}: the glob matches no files")
         return Path(os.path.commonpath([str(f.parent) for f in files])), files
     if path.is_file():
         return path.parent, [path]
@@ -136,9 +136,9 @@ def _user_files(data: str) -> Tuple[Path, List[Path]]:
         files = sorted(p for p in path.rglob("*") if p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
-            raise DataError(f"data={data!r}: the directory holds no files")
+            raise DataError(f"data={quoted(data)}: the directory holds no files")
         return path, files
-    raise FileNotFoundError(f"data={data!r}: no such file or directory")
+    raise FileNotFoundError(f"data={quoted(data)}: no such file or directory")
 
 
 def _path_hash(relative: str) -> int:

@@ -35,11 +35,11 @@ import torch
 
 from .batches import train_batch
 from .corpus import Corpus, load_corpus
-from .errors import DataError
+from .errors import DataError, quoted
 from .tokenizers import parse_tokenizer
 
 SOURCE_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")  # safe as a CSV column / TensorBoard tag suffix
-SPEC_PREFIX = re.compile(r"[A-Za-z0-9_-]{1,40}=")
+PATH_SEPARATORS = ("/", "\\")
 WEIGHT_TEXT = re.compile(r"[0-9.eE+-]+")
 SPEC_FORM = "NAME=PATH[:WEIGHT] (e.g. code=src/:3 or prose=books/*.txt)"
 
@@ -57,11 +57,15 @@ class SourceSpec:
 
 
 def is_source_spec(text: str) -> bool:
-    """Whether ``text`` names a source (``NAME=...``) rather than a bare path.
+    """Whether ``text`` names a source (``NAME=...``) rather than a bare path: a ``=`` with no path
+    separator before it (a bad name, such as ``my:src=``, is then refused by name, not looked up as a
+    file).
 
     An existing path that happens to contain ``=`` stays a path, so old commands keep working.
     """
-    return bool(SPEC_PREFIX.match(text)) and not Path(text).expanduser().exists()
+    name, sep, _ = text.partition("=")
+    return bool(sep and name) and not any(mark in name for mark in PATH_SEPARATORS) \
+        and not Path(text).expanduser().exists()
 
 
 def parse_source_spec(text: str) -> SourceSpec:
@@ -71,23 +75,29 @@ def parse_source_spec(text: str) -> SourceSpec:
     finite number > 0. Errors name the flag value and what is allowed.
     """
     if not isinstance(text, str):
-        raise ValueError(f"--data {text!r} must be a string of the form {SPEC_FORM}")
+        raise ValueError(f"--data {quoted(text)} must be a string of the form {SPEC_FORM}")
     name, sep, rest = text.partition("=")
     if not sep or not SOURCE_NAME.fullmatch(name):
-        raise ValueError(f"--data {text!r}: the source name must be 1-40 letters, digits, '_' or '-', "
+        raise ValueError(f"--data {quoted(text)}: the source name {quoted(name)} must be 1-40 letters, digits, "
+                         "'_' or '-', "
                          f"given as {SPEC_FORM}")
     path, weight = rest, 1.0
     head, colon, tail = rest.rpartition(":")
+    # ":abc" ends a weight, not the path, unless the path holds it (C:\\data, dir/a:b.txt)
+    meant_as_weight = colon and head and tail and not any(mark in tail for mark in PATH_SEPARATORS) \
+        and not Path(rest).expanduser().exists()
+    if meant_as_weight and not WEIGHT_TEXT.fullmatch(tail):
+        raise ValueError(f"--data {quoted(text)}: weight {quoted(tail)} is not a number; expected {SPEC_FORM}")
     if colon and WEIGHT_TEXT.fullmatch(tail):
         try:
             weight = float(tail)
         except ValueError:
-            raise ValueError(f"--data {text!r}: weight {tail!r} is not a number") from None
+            raise ValueError(f"--data {quoted(text)}: weight {quoted(tail)} is not a number") from None
         path = head
         if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"--data {text!r}: weight {tail} must be a finite number > 0")
+            raise ValueError(f"--data {quoted(text)}: weight {tail} must be a finite number > 0")
     if not path:
-        raise ValueError(f"--data {text!r}: no path after '{name}='; expected {SPEC_FORM}")
+        raise ValueError(f"--data {quoted(text)}: no path after '{name}='; expected {SPEC_FORM}")
     return SourceSpec(name, path, weight)
 
 
@@ -106,7 +116,7 @@ def parse_data_flags(values: Union[None, str, Path, Sequence[str]]) -> Dict[str,
         return {"data": values[0]}
     if not all(named):
         bare = values[named.index(False)]
-        raise ValueError(f"--data {bare!r} has no name while other --data values do; name every source as "
+        raise ValueError(f"--data {quoted(bare)} has no name while other --data values do; name every source as "
                          f"{SPEC_FORM}")
     specs = [parse_source_spec(value) for value in values]
     names = [spec.name for spec in specs]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import GoHConfig
-from .source import ConversionError, SourceFamily, put_linear
+from .source import LLAMA_STYLE_KEYS, ConversionError, SourceFamily, put_linear
 
 # problem types whose logits a cross-entropy classifier reads as BERT does
 CLASSIFICATION_PROBLEMS = (None, "single_label_classification")
@@ -111,6 +111,7 @@ def classifier_weights(hf_model: nn.Module, cfg: GoHConfig) -> Dict[str, torch.T
     return state
 
 
-BERT_MLM = SourceFamily(hf_class="BertForMaskedLM", source_config=source_config, weights=weights)
-BERT_CLASSIFIER = SourceFamily(hf_class="BertForSequenceClassification",
-                               source_config=classifier_source_config, weights=classifier_weights)
+BERT_KEYS = (*LLAMA_STYLE_KEYS, "max_position_embeddings")
+BERT_MLM = SourceFamily(hf_class="BertForMaskedLM", source_config=source_config, weights=weights, config_keys=BERT_KEYS)
+BERT_CLASSIFIER = SourceFamily(hf_class="BertForSequenceClassification", source_config=classifier_source_config,
+                               weights=classifier_weights, config_keys=BERT_KEYS)

@@ -33,6 +33,7 @@ from torch import nn
 from ..config import GoHConfig
 from ..models.pretrained import MODEL_TYPES
 from ..models.routed import RoutedModel
+from ..storage import CheckpointError, safetensors_header
 from .bert import BERT_CLASSIFIER, BERT_MLM
 from .deepseek_v3 import DEEPSEEK_V3
 from .gpt2 import GPT2
@@ -150,13 +151,66 @@ def load_hf_model(directory: Union[str, Path]) -> nn.Module:
     except ImportError:
         raise ImportError("converting Hugging Face checkpoints needs transformers: "
                           "pip install 'gohgraph[hf]'") from None
+    check_source_files(directory, values, FAMILIES_BY_CLASS[class_name])  # before transformers reads a byte
     model_class = getattr(transformers, class_name)
-    hf_model, info = model_class.from_pretrained(str(directory), local_files_only=True, use_safetensors=True,
-                                                 output_loading_info=True)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report table; the mismatches are our one line below
+    try:  # mismatched sizes are loaded (and re-initialised) so that the loading info can name them
+        hf_model, info = model_class.from_pretrained(str(directory), local_files_only=True, use_safetensors=True,
+                                                     output_loading_info=True, ignore_mismatched_sizes=True)
+    except (RuntimeError, ValueError, OSError) as err:  # what the checks above cannot foresee
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ConversionError(f"{directory}: transformers cannot load {class_name} from it: {first[:300]}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if info.get("mismatched_keys"):
+        name, saved, expected = sorted(info["mismatched_keys"])[0]
+        raise ConversionError(f"{directory}: config.json does not fit the weights: {name} is {list(saved)} in the "
+                              f"safetensors but {list(expected)} by config.json "
+                              f"({len(info['mismatched_keys'])} tensor(s) differ)")
     if info.get("missing_keys"):
         raise ConversionError(f"{directory}: the checkpoint lacks tensors {sorted(info['missing_keys'])[:8]} "
                               f"of {model_class.__name__}")
     return hf_model.eval()
+
+
+def check_source_files(directory: Union[str, Path], values: dict, family: SourceFamily) -> None:
+    """Check a local checkpoint before it is loaded: ``config.json`` states the sizes ``family``
+    needs (:attr:`SourceFamily.config_keys`), and every safetensors file, one or the shards its
+    index lists, is present, whole, and holds the tensors the index says. Raises
+    :class:`ConversionError` naming the file and the key or tensor.
+    """
+    directory = Path(directory)
+    missing = [names for names in family.config_keys if not any(name in values for name in names.split("|"))]
+    if missing:
+        raise ConversionError(f"{directory / 'config.json'} lacks {', '.join(repr(k) for k in missing)}, which "
+                              f"{family.hf_class} needs (transformers would fill in its defaults, e.g. a 4096-wide "
+                              "model, that do not fit the weights)")
+    single = directory / WEIGHT_FILES[0]
+    if single.is_file():
+        _header(single)
+        return
+    index_path = directory / WEIGHT_FILES[1]
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        shards = {name: str(shard) for name, shard in weight_map.items()}
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise ConversionError(f"{index_path} is not a safetensors index (JSON with a weight_map of tensor -> shard)") \
+            from None
+    for shard in sorted(set(shards.values())):
+        if not (directory / shard).is_file():
+            raise ConversionError(f"{index_path} lists shard {shard}, which is missing from {directory}")
+        listed = [name for name, file in shards.items() if file == shard]
+        absent = sorted(set(listed) - set(_header(directory / shard)))
+        if absent:
+            raise ConversionError(f"{directory / shard} lacks tensor(s) {absent[:4]} that {index_path.name} puts there")
+
+
+def _header(path: Path) -> dict:
+    try:
+        return safetensors_header(path)
+    except CheckpointError as err:
+        raise ConversionError(str(err)) from None
 
 
 # ---------------------------------------------------------------------- configuration

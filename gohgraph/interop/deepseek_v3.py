@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import GoHConfig
 from .llama import hf_rope_parameters, rope_scaling_fields
-from .source import ConversionError, SourceFamily, put_stacked_experts
+from .source import LLAMA_STYLE_KEYS, ConversionError, SourceFamily, put_stacked_experts
 
 
 def source_config(hf_config: Any) -> Dict[str, Any]:
@@ -109,4 +109,5 @@ def _put_latent_attention(state: Dict[str, torch.Tensor], prefix: str, attn: nn.
         state[prefix + "out.bias"] = attn.o_proj.bias
 
 
-DEEPSEEK_V3 = SourceFamily(hf_class="DeepseekV3ForCausalLM", source_config=source_config, weights=weights)
+DEEPSEEK_V3 = SourceFamily(hf_class="DeepseekV3ForCausalLM", source_config=source_config, weights=weights,
+                           config_keys=(*LLAMA_STYLE_KEYS, "n_routed_experts", "moe_intermediate_size"))

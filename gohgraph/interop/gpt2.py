@@ -52,4 +52,6 @@ def weights(hf_model: nn.Module, cfg: GoHConfig) -> Dict[str, torch.Tensor]:
     return state
 
 
-GPT2 = SourceFamily(hf_class="GPT2LMHeadModel", source_config=source_config, weights=weights)
+GPT2 = SourceFamily(hf_class="GPT2LMHeadModel", source_config=source_config, weights=weights,
+                    config_keys=("vocab_size", "n_embd|hidden_size", "n_layer|num_hidden_layers",
+                                 "n_head|num_attention_heads", "n_positions|max_position_embeddings"))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import GoHConfig
-from .source import ConversionError, SourceFamily, put_linear
+from .source import LLAMA_STYLE_KEYS, ConversionError, SourceFamily, put_linear
 
 
 def source_config(hf_config: Any) -> Dict[str, Any]:
@@ -87,7 +87,8 @@ def embeddings_and_attention(hf_model: nn.Module, cfg: GoHConfig) -> Dict[str, t
     return state
 
 
-LLAMA = SourceFamily(hf_class="LlamaForCausalLM", source_config=source_config, weights=weights)
+LLAMA = SourceFamily(hf_class="LlamaForCausalLM", source_config=source_config, weights=weights,
+                     config_keys=LLAMA_STYLE_KEYS)
 
 
 def mistral_source_config(hf_config: Any) -> Dict[str, Any]:
@@ -99,4 +100,5 @@ def mistral_source_config(hf_config: Any) -> Dict[str, Any]:
     return values
 
 
-MISTRAL = SourceFamily(hf_class="MistralForCausalLM", source_config=mistral_source_config, weights=weights)
+MISTRAL = SourceFamily(hf_class="MistralForCausalLM", source_config=mistral_source_config, weights=weights,
+                       config_keys=LLAMA_STYLE_KEYS)

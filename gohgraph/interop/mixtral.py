@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import GoHConfig
 from . import llama
-from .source import SourceFamily, put_stacked_experts
+from .source import LLAMA_STYLE_KEYS, SourceFamily, put_stacked_experts
 
 
 def source_config(hf_config: Any) -> Dict[str, Any]:
@@ -32,4 +32,5 @@ def weights(hf_model: nn.Module, cfg: GoHConfig) -> Dict[str, torch.Tensor]:
     return state
 
 
-MIXTRAL = SourceFamily(hf_class="MixtralForCausalLM", source_config=source_config, weights=weights)
+MIXTRAL = SourceFamily(hf_class="MixtralForCausalLM", source_config=source_config, weights=weights,
+                       config_keys=(*LLAMA_STYLE_KEYS, "num_local_experts"))

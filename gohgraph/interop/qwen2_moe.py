@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import GoHConfig
 from . import llama
-from .source import ConversionError, SourceFamily, put_stacked_experts
+from .source import LLAMA_STYLE_KEYS, ConversionError, SourceFamily, put_stacked_experts
 
 
 def source_config(hf_config: Any) -> Dict[str, Any]:
@@ -50,4 +50,5 @@ def weights(hf_model: nn.Module, cfg: GoHConfig) -> Dict[str, torch.Tensor]:
     return state
 
 
-QWEN2_MOE = SourceFamily(hf_class="Qwen2MoeForCausalLM", source_config=source_config, weights=weights)
+QWEN2_MOE = SourceFamily(hf_class="Qwen2MoeForCausalLM", source_config=source_config, weights=weights,
+                         config_keys=(*LLAMA_STYLE_KEYS, "num_experts", "moe_intermediate_size"))

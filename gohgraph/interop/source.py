@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,13 +23,20 @@ class SourceFamily:
     the GoHConfig fields the pretrained weights fix (``model_type`` among them picks the GoH class;
     decoder-only without it); ``weights(hf_model, cfg)``: GoH state-dict entries (dense FFN)
     holding every pretrained tensor; ``model_fields(hf_model)``: fields only the loaded model
-    tells (T5: whether its ``lm_head`` is the embedding), or ``None``.
+    tells (T5: whether its ``lm_head`` is the embedding), or ``None``. ``config_keys``: the sizes
+    ``config.json`` must state (``"n_embd|hidden_size"`` accepts either name); a missing one would
+    be filled by ``transformers``' default (a 4096-wide model) and fail on the weights.
     """
 
     hf_class: str
     source_config: Callable[[Any], Dict[str, Any]]
     weights: Callable[[nn.Module, GoHConfig], Dict[str, torch.Tensor]]
     model_fields: Optional[Callable[[nn.Module], Dict[str, Any]]] = None
+    config_keys: Tuple[str, ...] = ()
+
+
+# the sizes of a Llama-style config.json (Llama, Mistral, Mixtral, Qwen2-MoE, DeepSeek-V3, BERT)
+LLAMA_STYLE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
 def put_linear(state: Dict[str, torch.Tensor], name: str, cfg: GoHConfig, *linears: nn.Linear) -> None:

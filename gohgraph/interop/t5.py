@@ -99,4 +99,6 @@ def _put_feed_forward(state: Dict[str, torch.Tensor], name: str, cfg: GoHConfig,
 
 
 T5 = SourceFamily(hf_class="T5ForConditionalGeneration", source_config=source_config, weights=weights,
-                  model_fields=model_fields)
+                  model_fields=model_fields,
+                  config_keys=("vocab_size", "d_model|hidden_size", "d_kv", "d_ff", "num_layers|num_hidden_layers",
+                               "num_heads|num_attention_heads"))

@@ -90,19 +90,56 @@ def read_metrics(path: Path) -> List[Dict[str, float]]:
 
 def read_metrics_columns(path: Path) -> Dict[str, List[float]]:
     """Columns of a metrics CSV (any, not only the trainer's) as float lists, ``nan`` for empty or
-    non-numeric cells; ``FileNotFoundError`` / ``ValueError`` naming the file when it is unusable."""
+    non-numeric cells; a row with another number of cells than the header (cut short) is left out
+    (:func:`check_metrics_csv` counts them). ``FileNotFoundError`` / ``ValueError`` naming the file
+    when it is unusable."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metrics CSV {path} does not exist")
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames:
-            raise ValueError(f"metrics CSV {path} has no header row")
-        columns: Dict[str, List[float]] = {name: [] for name in reader.fieldnames if name}
-        for row in reader:
-            for name in columns:
-                columns[name].append(_number(row.get(name)))
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames:
+                raise ValueError(f"metrics CSV {path} has no header row")
+            columns: Dict[str, List[float]] = {name: [] for name in reader.fieldnames if name}
+            for row in reader:
+                if None in row or None in row.values():  # more or fewer cells than the header
+                    continue
+                for name in columns:
+                    columns[name].append(_number(row.get(name)))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"metrics CSV {path} is not a readable UTF-8 CSV file ({err})") from None
     return columns
+
+
+def check_metrics_csv(path: Path) -> str:
+    """What is wrong with rows of a metrics CSV, in words (``""`` when every row is whole): rows
+    with another number of cells than the header (a file cut mid-row) or a cell that is not a
+    number. ``ValueError`` naming the file when it is not UTF-8 CSV or no row is usable."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if not header or not any(header):
+                raise ValueError(f"metrics CSV {path} has no header row")
+            rows, bad = 0, []
+            for row in reader:
+                if not row:
+                    continue
+                rows += 1
+                cells = [cell for cell in row if cell != ""]
+                if len(row) != len(header):
+                    bad.append(f"line {reader.line_num}: {len(row)} cells, the header has {len(header)}")
+                elif any(math.isnan(_number(cell)) and cell.lower() != "nan" for cell in cells):
+                    bad.append(f"line {reader.line_num}: a cell that is not a number")
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"metrics CSV {path} is not a readable UTF-8 CSV file ({err})") from None
+    if rows and len(bad) == rows:
+        raise ValueError(f"metrics CSV {path}: none of its {rows} rows is readable ({bad[0]})")
+    if not bad:
+        return ""
+    return f"{len(bad)} of {rows} rows are malformed ({bad[0]}{', ...' if len(bad) > 1 else ''})"
 
 
 def _number(cell: Optional[str]) -> float:

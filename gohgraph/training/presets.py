@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Dict, Tuple
 
-from ..config import GoHConfig
+from ..config import GoHConfig, did_you_mean
 from .config import TrainConfig
 
 PresetPair = Tuple[Dict, Dict]
@@ -91,6 +91,13 @@ def split_fields(values: dict, source: str) -> Tuple[Dict, Dict]:
     model_fields = {f.name for f in dataclasses.fields(GoHConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     model_kwargs, train_kwargs = dict(values.get("model", {})), dict(values.get("train", {}))
+    for section, kwargs, known in (("model", model_kwargs, model_fields), ("train", train_kwargs, train_fields)):
+        for key in kwargs:
+            if key not in known:
+                other = "a TrainConfig field" if key in train_fields else "a GoHConfig field"
+                hint = f" ({other}: move it)" if key in model_fields | train_fields else did_you_mean(
+                    key, model_fields | train_fields)
+                raise ValueError(f"{source}: unknown field {key!r} in its {section} section{hint}")
     for key, value in values.items():
         if key in ("model", "train", "preset"):
             continue
@@ -99,6 +106,7 @@ def split_fields(values: dict, source: str) -> Tuple[Dict, Dict]:
         elif key in train_fields:
             train_kwargs[key] = value
         else:
-            raise ValueError(f"{source}: unknown field {key!r}; allowed: model/train sections, 'preset', "
-                             f"GoHConfig fields {sorted(model_fields)} or TrainConfig fields {sorted(train_fields)}")
+            raise ValueError(f"{source}: unknown field {key!r}"
+                             f"{did_you_mean(key, model_fields | train_fields | {'model', 'train', 'preset'})} "
+                             "(a config holds GoHConfig and TrainConfig fields, flat or in model/train sections)")
     return model_kwargs, train_kwargs

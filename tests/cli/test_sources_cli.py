@@ -61,8 +61,8 @@ def test_train_on_two_sources_then_eval_each(tmp_path, two_sources, capsys):
 def test_bad_source_flags_are_one_line_errors(tmp_path, two_sources, capsys):
     code, _ = two_sources
     assert main(["train", *RUN, "--run-dir", str(tmp_path / "r"), "--data", f"code={code}:zero"]) == 1
-    # "zero" is not a weight, so it stays part of the path, which does not exist
-    assert "source 'code'" in capsys.readouterr().err
+    # "zero" after the path's last ':' is meant as a weight (no such path holds it), and is not a number
+    assert "weight 'zero' is not a number" in capsys.readouterr().err
     assert main(["train", *RUN, "--run-dir", str(tmp_path / "r"), "--data", f"a={code}:-2"]) == 1
     assert "must be a finite number > 0" in capsys.readouterr().err
     assert main(["train", *RUN, "--run-dir", str(tmp_path / "r"), "--data", f"a={code}",

@@ -519,3 +519,14 @@ def test_deepseek_v3_conversion_reproduces_logits_and_greedy_decoding(source):
     with torch.no_grad():
         reference = hf_model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(model.eval().generate(prompt, max_new_tokens=12, temperature=0.0), reference)
+
+
+def test_config_that_does_not_fit_the_weights_names_a_tensor_in_one_line(tmp_path, capsys):
+    _llama(seed=3).save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["intermediate_size"] = 64  # the saved MLP is 48 wide
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match=r"config.json does not fit the weights: model.layers.0.mlp.\w+.weight "
+                                              r"is \[\d+, \d+\] in the safetensors but \[\d+, \d+\] by config.json"):
+        convert_hf_model(tmp_path / "hf")
+    assert "MISMATCH" not in capsys.readouterr().err  # transformers' load report stays quiet

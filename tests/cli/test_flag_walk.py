@@ -1,0 +1,222 @@
+"""Applied or refused, never ignored (STYLE.md habit 20, issue 32): a walk over every flag of every
+command's parser, for each model family (decoder, encoder, seq2seq).
+
+:data:`FLAG_TABLE` says, per command and family, what each flag does: ``APPLIED`` (it changes the
+run), or :func:`refused` with the arguments that are refused and the flag or field the one-line
+error names. The walk fails when a parser grows a flag the table does not list, so a new flag has
+to be classified for every family before it ships. Every refusal is run (on tiny
+``save_pretrained`` models, with training and statistics mocked out: a refusal must come before
+them); the training flags that end in ``TrainConfig`` are checked to arrive there for each family.
+Which flag is applied where, beyond that, is covered by the command's own tests.
+"""
+
+import dataclasses
+import json
+from typing import Dict, Tuple
+
+import pytest
+import torch
+
+from gohgraph.cli.common import TRAIN_FLAGS
+from gohgraph.cli.main import build_parser
+from tests.cli.test_bad_input import assert_one_line_error, cli, save_family_models, save_objective_run
+
+FAMILIES = ("decoder", "encoder", "seq2seq")
+APPLIED = "applied"
+NOT_A_FAMILY = "not-a-family"  # the command has no model of this family (bench compares decoders)
+
+
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    argv: Tuple[str, ...]  # the flag and the value that is refused (others may be accepted: see the comment)
+    says: str  # what the one-line error names: the flag, or the config field it sets
+
+
+def refused(*argv: str, says: str = None) -> Refused:
+    return Refused(argv, says or argv[0])
+
+
+def family_refused(says: str) -> Refused:
+    """The whole command refuses the family, whatever the flags."""
+    return Refused((), says)
+
+
+def flags_of(command: str) -> Tuple[str, ...]:
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    return tuple(action.option_strings[-1] for action in sub._actions if action.option_strings and action.dest != "help")
+
+
+def table(command: str, **exceptions) -> Dict[str, object]:
+    """Every flag of ``command`` applied, but the ``exceptions`` (``--flag-name`` as ``flag_name``)."""
+    names = {f"--{name.replace('_', '-')}": verdict for name, verdict in exceptions.items()}
+    return {flag: names.pop(flag, APPLIED) for flag in ALL_FLAGS[command]} | names
+
+
+ALL_FLAGS = {command: flags_of(command) for command in
+             ("train", "eval", "generate", "stats", "viz", "report", "bench", "convert")}
+# the encoder objectives' loop trains eagerly on one CPU process in float32, one batch per step
+OBJECTIVE_LOOP = dict(
+    preset=refused("--preset", "small"), grad_accum=refused("--grad-accum", "2", says="grad_accum_steps=2"),
+    device=refused("--device", "cuda", says="device='cuda'"),  # cpu and auto are applied
+    dtype=refused("--dtype", "bfloat16", says="dtype='bfloat16'"),  # float32 and auto are applied
+    fsdp=refused("--fsdp", says="fsdp=True"), compile=refused("--compile", says="compile=True"),
+    expert_parallel=refused("--expert-parallel", "2", says="expert_parallel=2"),
+    tensor_parallel=refused("--tensor-parallel", "2", says="tensor_parallel=2"),
+    dense_anneal_steps=refused("--dense-anneal-steps", "5", says="dense_anneal_steps=5"))
+BYTE_TEXTS = dict(tokenizer=refused("--tokenizer", "bpe"),  # byte is applied
+                  cache_dir=refused("--cache-dir", "/nonexistent"))
+FLAG_TABLE = {
+    # train: the family is the objective's (lm: decoder, mlm: encoder, seq2seq); --resume refuses
+    # --preset/--config/--init-from in every family (tests/cli/test_bad_input.py)
+    "train": {"decoder": table("train"), "encoder": table("train", **OBJECTIVE_LOOP),
+              "seq2seq": table("train", **OBJECTIVE_LOOP, **BYTE_TEXTS)},
+    # eval: a decoder checkpoint, an --objective mlm run, an --objective seq2seq run
+    "eval": {"decoder": table("eval"),
+             "encoder": table("eval", split=refused("--split", "train"), device=refused("--device", "cuda")),
+             "seq2seq": table("eval", split=refused("--split", "train"), device=refused("--device", "cuda"),
+                              **BYTE_TEXTS)},
+    "generate": {"decoder": table("generate"), "encoder": family_refused("model_type='encoder'"),
+                 "seq2seq": table("generate", compile=refused("--compile"))},
+    "stats": {"decoder": table("stats"), "encoder": table("stats"),
+              "seq2seq": table("stats", by_source=refused("--by-source"), compare=refused("--compare", "x"))},
+    "viz": {"decoder": table("viz"), "encoder": table("viz"),
+            "seq2seq": table("viz", text=refused("--text", "hello"), trace_tokens=refused("--trace-tokens", "8"))},
+    "report": {"decoder": table("report"), "encoder": table("report"), "seq2seq": table("report")},
+    "bench": {"decoder": table("bench"), "encoder": NOT_A_FAMILY, "seq2seq": NOT_A_FAMILY},
+    # convert: the family is the source's (Llama, BERT, T5); --n-experts and --top-k-experts size
+    # the experts of --ffn moe (applied with it), which only a decoder source can be upcycled into
+    # (T5 and BERT refuse it after loading: tests/interop/test_t5.py)
+    "convert": {"decoder": table("convert", n_experts=refused("--n-experts", "4"),
+                                 top_k_experts=refused("--top-k-experts", "2")),
+                "encoder": table("convert", ffn=refused("--ffn", "moe", says="ffn='moe'"),
+                                 n_experts=refused("--n-experts", "4"), top_k_experts=refused("--top-k-experts", "2")),
+                "seq2seq": table("convert", ffn=refused("--ffn", "moe", says="ffn='moe'"),
+                                 n_experts=refused("--n-experts", "4"), top_k_experts=refused("--top-k-experts", "2"))},
+}
+
+
+def test_every_flag_of_every_command_is_classified_for_every_family():
+    assert sorted(FLAG_TABLE) == sorted(ALL_FLAGS)
+    for command, families in FLAG_TABLE.items():
+        assert sorted(families) == sorted(FAMILIES), command
+        for family, verdicts in families.items():
+            if not isinstance(verdicts, dict):  # the family as a whole is refused or not offered
+                continue
+            unlisted = sorted(set(ALL_FLAGS[command]) - set(verdicts))
+            assert not unlisted, f"gohgraph {command} ({family}): classify {unlisted} in FLAG_TABLE"
+            stale = sorted(set(verdicts) - set(ALL_FLAGS[command]))
+            assert not stale, f"gohgraph {command} ({family}): {stale} are no longer flags"
+
+
+# ---------------------------------------------------------------------- every refusal, run
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """The bare models, two objective runs (for eval) and the files the commands read."""
+    root = tmp_path_factory.mktemp("flag-walk")
+    models = save_family_models(root / "models")
+    for objective in ("mlm", "seq2seq"):
+        save_objective_run(root / f"{objective}-run", objective)
+    (root / "labels.tsv").write_text("".join(f"{'ab'[i % 2]}\ttext {i}\n" for i in range(20)), encoding="utf-8")
+    (root / "llama").mkdir()
+    (root / "llama" / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 16, "hidden_size": 8,
+         "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 12}))
+    from safetensors.torch import save_file
+
+    save_file({"lm_head.weight": torch.zeros(16, 8)}, str(root / "llama" / "model.safetensors"))
+    return root, models
+
+
+def base_argv(command: str, family: str, workspace, tmp_path) -> list:
+    """A command line of ``command`` on a model of ``family`` that runs (training and statistics mocked)."""
+    root, models = workspace
+    checkpoint = getattr(models, family)
+    if command == "train":
+        data = {"decoder": models.root / "code.txt", "encoder": models.root / "code.txt",
+                "seq2seq": models.root / "pairs.tsv"}[family]
+        objective = {"decoder": "lm", "encoder": "mlm", "seq2seq": "seq2seq"}[family]
+        return ["train", "--objective", objective, "--data", data, "--run-dir", tmp_path / "run", "--seq-len", "16",
+                "--batch-size", "2", "--set", "d_model=32", "--no-progress"]
+    if command == "eval":
+        run = {"decoder": models.decoder, "encoder": root / "mlm-run", "seq2seq": root / "seq2seq-run"}[family]
+        return ["eval", "--checkpoint", run, "--max-batches", "1", "--batch-size", "2"]
+    if command == "generate":
+        return ["generate", "--checkpoint", checkpoint, "--max-new-tokens", "2"]
+    if command in ("stats", "viz", "report"):
+        out = {"stats": "stats.json", "viz": "pictures", "report": "report.html"}[command]
+        return [command, "--checkpoint", checkpoint, "--out", tmp_path / out, "--batches", "1", "--batch-size", "1",
+                "--seq-len", "16", "--no-progress"]
+    if command == "convert":
+        return ["convert", "--from", root / "llama", "--out", tmp_path / "converted"]
+    raise AssertionError(command)
+
+
+REFUSALS = [(command, family, verdict) for command, families in FLAG_TABLE.items()
+            for family, verdicts in families.items()
+            for verdict in ([verdicts] if isinstance(verdicts, Refused) else
+                            verdicts.values() if isinstance(verdicts, dict) else [])
+            if isinstance(verdict, Refused) and not (command == "convert" and family != "decoder")]
+
+
+@pytest.fixture()
+def no_expensive_work(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the command went on to expensive work instead of refusing")
+
+    for target in ("gohgraph.cli.train.train", "gohgraph.cli.objectives.train_objective",
+                   "gohgraph.cli.objectives.evaluate_objective", "gohgraph.cli.viz.collect_stats",
+                   "gohgraph.cli.report.collect_stats", "gohgraph.cli.stats.collect_seq2seq_stats",
+                   "gohgraph.cli.eval.evaluate"):
+        monkeypatch.setattr(target, fail)
+
+    class Refuse:  # convert: a transformers that must not be asked to load
+        from_pretrained = staticmethod(fail)
+
+    import sys
+    from types import SimpleNamespace
+
+    monkeypatch.setitem(sys.modules, "transformers", SimpleNamespace(LlamaForCausalLM=Refuse))
+
+
+@pytest.mark.parametrize("command,family,verdict", REFUSALS,
+                         ids=[f"{c}-{f}-{' '.join(v.argv) or 'any'}" for c, f, v in REFUSALS])
+def test_each_refused_flag_ends_in_one_line_naming_it(workspace, tmp_path, no_expensive_work, command, family,
+                                                      verdict):
+    argv = base_argv(command, family, workspace, tmp_path)
+    done = cli(*argv, *verdict.argv)
+    assert_one_line_error(done, verdict.says)
+
+
+# ---------------------------------------------------------------------- the training flags reach TrainConfig
+TRAIN_VALUES = {"max_steps": "7", "batch_size": "4", "seq_len": "12", "lr": "0.0042", "warmup_steps": "3",
+                "eval_every": "5", "save_every": "6", "seed": "11"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_training_flags_a_family_applies_arrive_in_its_train_config(workspace, tmp_path, monkeypatch, family):
+    """Every TRAIN_FLAGS flag the table calls applied is set to a distinctive value and read back
+    from the TrainConfig the (mocked) trainer receives."""
+    seen = {}
+
+    def capture(*args, **kwargs):
+        configs = [arg for arg in args if type(arg).__name__ in ("GoHConfig", "TrainConfig")]
+        seen.update(model=configs[0], train=configs[1])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("gohgraph.cli.train.train", capture)
+    monkeypatch.setattr("gohgraph.cli.objectives.train_objective",
+                        lambda objective, cfg, tc, *a, **k: capture(cfg, tc))
+    verdicts = FLAG_TABLE["train"][family]
+    applied = {flag: field for flag, field in TRAIN_FLAGS.items() if flag in TRAIN_VALUES
+               and verdicts[f"--{flag.replace('_', '-')}"] == APPLIED}
+    assert set(applied) == set(TRAIN_VALUES)
+    argv = base_argv("train", family, workspace, tmp_path)
+    argv = [arg for arg in argv if arg not in ("--seq-len", "16", "--batch-size", "2")]
+    for flag in applied:
+        argv += [f"--{flag.replace('_', '-')}", TRAIN_VALUES[flag]]
+    done = cli(*argv, "--router", "linear")
+    assert done.returncode == 130, done.stderr
+    for flag, field in applied.items():
+        assert str(getattr(seen["train"], field)) == TRAIN_VALUES[flag], (flag, field)
+    assert seen["model"].router == "linear"
