@@ -13,9 +13,12 @@ widths from ``n_heads``/``n_kv_heads``, which count the heads *this module compu
 parallelism (:mod:`gohgraph.parallel.tensor_parallel`) shards the projections from outside and sets
 them to the local counts, torchtitan style.
 
-Compute honesty: every head's attention is computed and inactive heads are multiplied by a zero
-gate. Head sparsity saves no FLOPs in this implementation; what it changes is the function the
-layer computes (and what a kernel that skips heads could save later, DESIGN.md §16).
+Compute (DESIGN.md §17): with ``cfg.head_execution="sparse"`` (or ``"auto"`` at sizes where it pays,
+:func:`~gohgraph.layers.head_sparse.picks_head_sparse`) the attention scores and values run only for
+the (token, head) pairs with a non-zero gate (:mod:`gohgraph.layers.head_sparse`); keys and values
+are computed and cached for every head. ``"masked"``, the reference, computes every head and lets
+the zero gates remove the inactive ones. The query and output projections run for every head in
+both modes (the graph and query-norm routers read every head's query).
 """
 
 from __future__ import annotations

@@ -289,7 +289,7 @@ class CausalRoutedAttention(torch.autograd.Function):
                     merged = (torch.exp(prefix_lse[0] - lse).unsqueeze(-1) * prefix_out[0]
                               + torch.exp(part_lse - lse).unsqueeze(-1) * part_out)
                     merged = merged * valid.unsqueeze(-1).to(merged.dtype)
-                    out[b][heads[:, None], rows] = merged
+                    out[b][heads[:, None], rows] = merged.to(out.dtype)
                     groups.append((heads, pos, valid, prefix_lse, lse))
                 pieces.append((b, start, stop, diag_out, diag_lse, groups))
         ctx.save_for_backward(q, k, v, out, active)
@@ -312,8 +312,8 @@ class CausalRoutedAttention(torch.autograd.Function):
                 grad_rows, out_rows = grad_out[b][heads[:, None], rows] * valid, out[b][heads[:, None], rows]
                 diag_merged[0][heads[:, None], pos] = out_rows
                 part_lse = diag_lse[0][heads[:, None], pos]
-                diag_grad[0][heads[:, None], pos] = torch.exp(part_lse - lse).unsqueeze(-1) * grad_rows
-                prefix_grad = (torch.exp(prefix_lse[0] - lse).unsqueeze(-1) * grad_rows)[None]
+                diag_grad[0][heads[:, None], pos] = (torch.exp(part_lse - lse).unsqueeze(-1) * grad_rows).to(q.dtype)
+                prefix_grad = (torch.exp(prefix_lse[0] - lse).unsqueeze(-1) * grad_rows)[None].to(q.dtype)
                 dq, dk, dv = _flash_backward(prefix_grad, q[b][heads[:, None], rows][None],
                                              k[b:b + 1, heads, :start], v[b:b + 1, heads, :start],
                                              out_rows[None], prefix_lse, 0.0, False, scale=scale)
