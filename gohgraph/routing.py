@@ -91,7 +91,7 @@ class RecursionRouting:
 
     Attributes:
         selected: ``[recursions, batch, seq]`` bool, which tokens took each recursion (the first
-            holds every token; later ones are nested subsets).
+            holds every real token, padding excluded; later ones are nested subsets).
         depth: ``[batch, seq]`` number of recursions each token took (1..max_recursions).
         gates: ``[recursions, batch, seq]`` the gate ``g`` of each token's update (1 for the
             first recursion, 0 where a token did not take the recursion).

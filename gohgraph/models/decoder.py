@@ -101,7 +101,8 @@ class GoHTransformer(RoutedModel, nn.Module):
         x = self.dropout(x)
         routing, recursion = [], None
         if self.recursion is not None:
-            x, routing, recursion = self.recursion(self.blocks, x, cache=cache, mask=mask, positions=positions)
+            x, routing, recursion = self.recursion(self.blocks, x, cache=cache, mask=mask, positions=positions,
+                                                   token_mask=token_mask)
         else:
             for block in self.blocks:
                 x, layer_routing = block(x, cache=cache, causal=True, mask=mask, positions=positions,

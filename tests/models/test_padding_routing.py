@@ -17,6 +17,7 @@ from gohgraph import GoHConfig, GoHEncoder, GoHSeq2Seq, GoHTransformer
 from gohgraph.moe.layer import MoEFeedForward
 from gohgraph.routers.heads import HeadRouting
 from gohgraph.routers.losses import BalancedRouting, load_balance_loss, router_z_loss
+from gohgraph.routers.recursion import ExpertChoiceRecursionRouter
 
 VOCAB = 64
 FFNS = ("moe", "mh-moe", "graph-moe")
@@ -253,4 +254,45 @@ def test_seq2seq_source_and_target_padding_change_no_routing(router, ffn):
     check_padded_equals_unpadded(out, out_ref, target_mask.bool())
     for kind, keep in (("encoder", source_mask.bool()), ("decoder_self", target_mask.bool())):
         assert torch.equal(expert_drops(out.routing[kind], keep), expert_drops(out_ref.routing[kind]))
+    assert_same_balancing(model, reference)
+
+
+# ----------------------------------------------------------------------- Mixture-of-Recursions
+def test_expert_choice_capacity_counts_each_rows_real_tokens():
+    router = ExpertChoiceRecursionRouter(8, max_recursions=3, gate_scale=1.0).train()
+    torch.manual_seed(0)
+    scores = torch.randn(*TOKEN_MASK.shape)
+    picked = router.top_tokens(scores, 1, TOKEN_MASK, TOKEN_MASK)
+    for b, real in enumerate(TOKEN_MASK):
+        alone = router.top_tokens(scores[b, real][None], 1, torch.ones(1, int(real.sum()), dtype=torch.bool))
+        assert torch.equal(picked[b, real], alone[0])
+        assert not picked[b, ~real].any()
+
+
+@pytest.mark.parametrize("execution", ("masked", "gather"))
+@pytest.mark.parametrize("recursion_router", ("expert-choice", "token-choice"))
+def test_recursion_left_padding_changes_no_routing(recursion_router, execution):
+    torch.manual_seed(0)
+    cfg = config("graph", "moe", n_layers=2, recursion="mor", max_recursions=3, recursion_router=recursion_router,
+                 recursion_execution=execution)
+    model = sharpen(GoHTransformer(cfg))
+    with torch.no_grad():
+        for param in model.recursion.router.parameters():
+            param.mul_(200.0)  # separated recursion scores: every recursion keeps some tokens, drops others
+    model.train()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(1, VOCAB, (2, 9))
+    pad = 4
+    padded = torch.cat([torch.zeros(2, pad, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(2, pad, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    keep = mask.bool()
+
+    out = model(padded, attention_mask=mask)
+    out_ref = reference(ids)
+    check_padded_equals_unpadded(out, out_ref, keep)
+    assert out_ref.recursion.depth.min() < out_ref.recursion.depth.max()
+    assert torch.equal(out.recursion.selected[:, keep], out_ref.recursion.selected.flatten(1))
+    assert not out.recursion.selected[:, ~keep].any()
+    for name, value in out.recursion.aux_losses.items():
+        torch.testing.assert_close(value, out_ref.recursion.aux_losses[name], rtol=0, atol=1e-6)
     assert_same_balancing(model, reference)
