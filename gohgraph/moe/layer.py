@@ -78,13 +78,15 @@ class DenseFeedForward(nn.Module):
 class MoEFeedForward(nn.Module):
     """Sparse expert FFN for every ``cfg.ffn`` other than ``"dense"``.
 
-    Shapes: ``x [batch, seq, d_model]`` -> ``(y [batch, seq, d_model], ExpertRouting)`` with
+    Shapes: ``x [batch, seq, d_model]``, ``token_mask [batch, seq]`` bool or ``None`` (``False``:
+    padding, dispatched nowhere) -> ``(y [batch, seq, d_model], ExpertRouting)`` with
     ``expert_indices`` / ``expert_weights`` ``[batch, seq, subtokens, top_k_experts]`` (routed ids
     ``0..n_routed_experts-1``), ``dropped [batch, seq, subtokens]`` and ``expert_drops
     [batch, seq, subtokens, top_k_experts]`` (capacity overflow in training, see
     :mod:`gohgraph.moe.dispatch`; all ``False`` in eval mode, which is dropless).
 
-    Auxiliary losses (unweighted): ``expert_balance`` and ``expert_z``. Balancing state lives in
+    Auxiliary losses (unweighted, real tokens only): ``expert_balance`` and ``expert_z`` (not
+    computed when ``cfg.z_loss_coef`` is 0). Balancing state lives in
     :attr:`gate`, whose ``update_bias()`` :meth:`GoHTransformer.update_routing_biases` calls after
     the optimizer step.
     """

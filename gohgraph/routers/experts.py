@@ -194,7 +194,8 @@ class ExpertChoice:
     """Output of :class:`ExpertGate` for ``tokens`` tokens of ``subtokens`` sub-tokens each.
 
     ``indices [tokens, subtokens, k]`` routed expert ids (best first); ``weights`` the same shape,
-    float32, summing to 1 per sub-token; ``aux_losses`` ``expert_balance`` and ``expert_z``.
+    float32, summing to 1 per sub-token; ``aux_losses`` ``expert_balance`` and ``expert_z`` (not
+    computed when ``cfg.z_loss_coef`` is 0).
     """
 
     indices: torch.Tensor
@@ -226,9 +227,10 @@ class ExpertGate(BalancedRouting):
     be chosen from. Weights are finally multiplied by ``routed_scaling_factor``. In training,
     ``cfg.expert_router_noise`` makes the selection stochastic (:mod:`~gohgraph.routers.noise`).
 
-    Losses over the ``tokens * subtokens`` rows: ``expert_balance`` =
-    :func:`~gohgraph.routers.losses.load_balance_loss` (1 at uniform load) and ``expert_z`` =
-    :func:`~gohgraph.routers.losses.router_z_loss`.
+    Losses over the ``tokens * subtokens`` rows of real tokens (padding excluded by ``valid``):
+    ``expert_balance`` = :func:`~gohgraph.routers.losses.load_balance_loss` (1 at uniform load) and
+    ``expert_z`` = :func:`~gohgraph.routers.losses.router_z_loss` (only when ``cfg.z_loss_coef`` is
+    not 0).
 
     Buffers: ``selection_bias [E]`` (persistent), ``expert_load [E]`` (persistent; running load
     relative to the ideal, 1 = uniform, an exponential moving average with momentum

@@ -241,6 +241,11 @@ class HeadGate(BalancedRouting):
     * ``router="query-norm"`` (MoH-LLaMA3): 0/1 gates, 1 on shared and selected routed heads; no
       stage weights, no losses (nothing in the router is trained).
 
+    Losses (routed heads, training only): ``head_balance``
+    (:func:`~gohgraph.routers.losses.load_balance_loss`) and ``head_z``
+    (:func:`~gohgraph.routers.losses.router_z_loss`, not computed when ``cfg.z_loss_coef`` is 0),
+    over the real tokens only, as are the load counts behind the selection bias.
+
     Routing runs in float32 whatever the autocast dtype (bf16 ties change the selected set).
     In training, ``cfg.head_router_noise`` makes the selection stochastic (:mod:`~gohgraph.routers.noise`).
 
