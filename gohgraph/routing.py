@@ -25,7 +25,8 @@ class ExpertRouting:
             capacity, or ``None``.
         expert_drops: ``[batch, seq, subtokens, top_k_experts]`` bool, which (sub-token, expert)
             assignments overflowed capacity, or ``None``.
-        aux_losses: ``expert_balance`` and ``expert_z``, unweighted scalars with gradients.
+        aux_losses: ``expert_balance`` and ``expert_z`` (absent when its weight is 0), unweighted
+            scalars with gradients, over real tokens only (padding adds no term).
         balance: the counts and probability sums behind ``expert_balance`` (a
             :class:`~gohgraph.routers.losses.BalanceTally`), for pooling the loss over layers.
     """
@@ -47,7 +48,8 @@ class LayerRouting:
         head_logits: ``[batch, seq, heads]`` router logits, or ``None`` for the dense router.
         flow: ``[batch, seq, n_head_edges]`` inter-head flow weight on each head-graph edge
             (edge order of the layer's ``edge_index``), or ``None`` without flow.
-        head_losses: ``head_balance`` and ``head_z`` of the head router, unweighted.
+        head_losses: ``head_balance`` and ``head_z`` (absent when its weight is 0) of the head
+            router, unweighted, over real tokens only.
         experts: the expert feed-forward layer's :class:`ExpertRouting`, or ``None`` (dense FFN).
 
     The expert fields read through: ``record.expert_indices`` is ``record.experts.expert_indices``
@@ -91,7 +93,7 @@ class RecursionRouting:
 
     Attributes:
         selected: ``[recursions, batch, seq]`` bool, which tokens took each recursion (the first
-            holds every token; later ones are nested subsets).
+            holds every real token, padding excluded; later ones are nested subsets).
         depth: ``[batch, seq]`` number of recursions each token took (1..max_recursions).
         gates: ``[recursions, batch, seq]`` the gate ``g`` of each token's update (1 for the
             first recursion, 0 where a token did not take the recursion).

@@ -62,7 +62,9 @@ class GoHAttention(nn.Module):
     * ``memory_kv``: cross-attention keys and values already projected by :meth:`project_memory`
       (``[batch, kv_heads, mem_len, head_dim]`` each), so a decoding loop projects the memory once;
     * ``bias``: float, broadcastable to ``[batch, heads, q_len, k_len]``, added to the scores
-      (T5's relative-position bias).
+      (T5's relative-position bias);
+    * ``token_mask``: bool ``[batch, seq]``, ``False`` at this call's padded queries: handed to the
+      head routing, where padding adds no routing loss and no balancing count.
 
     ``cfg.attention_scale="none"`` drops the ``1/sqrt(head_dim)`` of the scores (T5).
 
@@ -102,7 +104,8 @@ class GoHAttention(nn.Module):
                 mask: Optional[torch.Tensor] = None, memory: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None,
                 memory_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
+                bias: Optional[torch.Tensor] = None,
+                token_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
         batch, seq, _ = x.shape
         heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
         if memory_kv is not None:
@@ -111,7 +114,7 @@ class GoHAttention(nn.Module):
             q, k, v = self._project(x, memory)
         q = q.view(batch, seq, heads, head_dim)  # heads: this module's (local under tensor parallelism)
         if self.head_routing is not None:
-            head_gates, head_mixing, routing = self.head_routing(x, q)
+            head_gates, head_mixing, routing = self.head_routing(x, q, token_mask)
         else:
             head_gates = head_mixing = None
             routing = LayerRouting(head_gates=x.new_ones(batch, seq, self.record_heads))

@@ -93,13 +93,14 @@ class LatentAttention(nn.Module):
                 mask: Optional[torch.Tensor] = None, memory: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None,
                 memory_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
+                bias: Optional[torch.Tensor] = None,
+                token_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
         if memory is not None or memory_kv is not None:
             raise ValueError("attention='mla' is self-attention only: its keys come from the latent of x")
         batch, seq, _ = x.shape
         q = self._queries(x).view(batch, seq, self.n_heads, self.query_dim)
         if self.head_routing is not None:
-            head_gates, head_mixing, routing = self.head_routing(x, q)
+            head_gates, head_mixing, routing = self.head_routing(x, q, token_mask)
         else:
             head_gates = head_mixing = None
             routing = LayerRouting(head_gates=x.new_ones(batch, seq, self.n_heads))

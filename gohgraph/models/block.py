@@ -32,7 +32,9 @@ class GoHBlock(nn.Module):
     :func:`build_attention` builds the head routing (none for ``router="dense"``) and hands it to
     the attention; an expert FFN's :class:`~gohgraph.routing.ExpertRouting` is attached to the
     attention's record as ``record.experts``. Causality and masks are arguments of the call, not
-    part of the block, so encoders reuse it.
+    part of the block, so encoders reuse it. ``token_mask [batch, seq]`` bool (``False``: padding)
+    reaches every router of the block: padding then takes no expert compute or capacity and adds
+    nothing to a routing loss or a balancing count (``None``: every token is real).
     """
 
     def __init__(self, cfg: GoHConfig, layer_idx: int) -> None:
@@ -54,8 +56,9 @@ class GoHBlock(nn.Module):
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, causal: bool = True,
                 mask: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None,
-                bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
+                bias: Optional[torch.Tensor] = None,
+                token_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
         x, routing = self.residual(x, self.attn_norm, lambda h: self.attn(
-            h, cache=cache, causal=causal, mask=mask, positions=positions, bias=bias))
-        x, routing.experts = self.residual(x, self.ffn_norm, self.ffn)
+            h, cache=cache, causal=causal, mask=mask, positions=positions, bias=bias, token_mask=token_mask))
+        x, routing.experts = self.residual(x, self.ffn_norm, lambda h: self.ffn(h, token_mask))
         return x, routing

@@ -82,27 +82,31 @@ class GoHTransformer(RoutedModel, nn.Module):
         """``input_ids [batch, seq]``; ``attention_mask [batch, cached + seq]`` (1 = token, 0 =
         left padding) covers the cached positions too, so a padded batch decodes step by step.
         Padding is invisible to every real token: it is masked out of attention, and positions
-        count from each row's first real token."""
+        count from each row's first real token. Padding is routed nowhere that counts: no expert
+        compute or capacity, no routing-loss term, no balancing count."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
         offset = cache.length() if cache is not None else 0
-        positions = mask = None
+        positions = mask = token_mask = None
         if attention_mask is not None:
             if attention_mask.shape != (input_ids.shape[0], offset + input_ids.shape[1]):
                 raise ValueError(f"attention_mask has shape {list(attention_mask.shape)}; expected "
                                  f"[batch, cached + seq] = {[input_ids.shape[0], offset + input_ids.shape[1]]}")
             positions = positions_from_mask(attention_mask)[:, offset:]
             mask = attention_mask.bool()[:, None, None, :]  # [batch, 1, 1, keys]
+            token_mask = mask[:, 0, 0, offset:]  # [batch, seq]: this call's tokens, for the routers
         x = self.embed(input_ids)
         if self.position_embed is not None:
             x = self.position_embed(x, offset if positions is None else positions)
         x = self.dropout(x)
         routing, recursion = [], None
         if self.recursion is not None:
-            x, routing, recursion = self.recursion(self.blocks, x, cache=cache, mask=mask, positions=positions)
+            x, routing, recursion = self.recursion(self.blocks, x, cache=cache, mask=mask, positions=positions,
+                                                   token_mask=token_mask)
         else:
             for block in self.blocks:
-                x, layer_routing = block(x, cache=cache, causal=True, mask=mask, positions=positions)
+                x, layer_routing = block(x, cache=cache, causal=True, mask=mask, positions=positions,
+                                         token_mask=token_mask)
                 routing.append(layer_routing)
         x = self.final_norm(x)
         logits = F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)

@@ -25,7 +25,8 @@ class DecoderBlock(GoHBlock):
     given already projected (``memory_kv``: :meth:`GoHAttention.project_memory` of this block's
     ``cross_attn``, each ``[batch, kv_heads, src, head_dim]``) so that a decoding loop projects
     them once; its heads are routed by its own router reading the decoder token and query, as in
-    self-attention. ``memory_mask`` (bool ``[batch, 1, 1, src]``) hides encoder padding.
+    self-attention. ``memory_mask`` (bool ``[batch, 1, 1, src]``) hides encoder padding;
+    ``token_mask [batch, tgt]`` bool marks target padding (``False``) for every router of the block.
 
     Returns ``(x [batch, tgt, d_model], self_routing, cross_routing)``; an expert FFN's record is
     attached to ``self_routing.experts``, as :class:`GoHBlock` does.
@@ -38,12 +39,12 @@ class DecoderBlock(GoHBlock):
 
     def forward(self, x: torch.Tensor, memory_kv: Tuple[torch.Tensor, torch.Tensor],
                 memory_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                mask: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None
-                ) -> Tuple[torch.Tensor, LayerRouting, LayerRouting]:
+                mask: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                token_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting, LayerRouting]:
         x, self_routing = self.residual(x, self.attn_norm, lambda h: self.attn(
-            h, cache=cache, causal=True, mask=mask, bias=bias))
+            h, cache=cache, causal=True, mask=mask, bias=bias, token_mask=token_mask))
         # T5's cross-attention has no position bias; the memory's keys carry no rotary positions
         x, cross_routing = self.residual(x, self.cross_norm, lambda h: self.cross_attn(
-            h, causal=False, mask=memory_mask, memory_kv=memory_kv))
-        x, self_routing.experts = self.residual(x, self.ffn_norm, self.ffn)
+            h, causal=False, mask=memory_mask, memory_kv=memory_kv, token_mask=token_mask))
+        x, self_routing.experts = self.residual(x, self.ffn_norm, lambda h: self.ffn(h, token_mask))
         return x, self_routing, cross_routing

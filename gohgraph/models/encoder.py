@@ -42,7 +42,9 @@ class EncoderStack(nn.Module):
     ``forward(x [batch, seq, d_model], attention_mask [batch, seq] | None)`` ->
     ``(hidden [batch, seq, d_model], routing: one LayerRouting per layer)``. Every token sees
     every real token on both sides; padded keys are invisible, so a padded position's content
-    never reaches a real token's output. Positions count from 0 in every row (right padding).
+    never reaches a real token's output, and padding is routed nowhere that counts (no expert
+    compute or capacity, no routing-loss term, no balancing count). Positions count from 0 in
+    every row (right padding).
     """
 
     def __init__(self, cfg: GoHConfig) -> None:
@@ -67,7 +69,8 @@ class EncoderStack(nn.Module):
         bias = self.relative_bias(x.shape[1], x.shape[1]) if self.relative_bias is not None else None
         routing = []
         for block in self.blocks:
-            x, layer_routing = block(x, causal=False, mask=mask, bias=bias)
+            x, layer_routing = block(x, causal=False, mask=mask, bias=bias,
+                                     token_mask=None if mask is None else mask[:, 0, 0])
             routing.append(layer_routing)
         if self.final_norm is not None:
             x = self.final_norm(x)

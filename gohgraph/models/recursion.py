@@ -141,8 +141,10 @@ def can_gather_recursions(cfg: GoHConfig) -> bool:
 class MixtureOfRecursions(nn.Module):
     """The recursion loop and its router; the blocks stay the model's (``model.blocks``).
 
-    ``forward(blocks, x [batch, seq, d_model], cache, mask [batch, 1, 1, keys] | None, positions)``
-    -> ``(x, one LayerRouting per block application, RecursionRouting)``.
+    ``forward(blocks, x [batch, seq, d_model], cache, mask [batch, 1, 1, keys] | None, positions,
+    token_mask [batch, seq] | None)`` -> ``(x, one LayerRouting per block application,
+    RecursionRouting)``. Padding (``token_mask`` ``False``) takes no recursion after the first, has
+    no share of a recursion's capacity and adds no recursion loss; the blocks' routers see it too.
     """
 
     def __init__(self, cfg: GoHConfig) -> None:
@@ -175,8 +177,8 @@ class MixtureOfRecursions(nn.Module):
         return [], blocks, []
 
     def forward(self, blocks: Sequence[nn.Module], x: torch.Tensor, cache: Optional[KVCache] = None,
-                mask: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None
-                ) -> Tuple[torch.Tensor, List[LayerRouting], RecursionRouting]:
+                mask: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,
+                token_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, List[LayerRouting], RecursionRouting]:
         if cache is not None and not isinstance(cache, RecursionKVCache):
             raise ValueError("a Mixture-of-Recursions model decodes with its own cache: model.new_cache()")
         first, stack, last = self.split(blocks)
@@ -191,23 +193,24 @@ class MixtureOfRecursions(nn.Module):
             if cache is not None:
                 view = _SharedKeysView(cache.slot(0), seq) if self.kv_sharing and recursion else cache.slot(recursion)
             for block in group:
-                h, record = block(h, cache=view, causal=True, mask=attention_mask, positions=positions)
+                h, record = block(h, cache=view, causal=True, mask=attention_mask, positions=positions,
+                                  token_mask=token_mask)
                 records.append(record)
             return h
 
         x = run(first, x, 0, mask)
-        took = torch.ones(batch, seq, dtype=torch.bool, device=x.device)
+        took = torch.ones(batch, seq, dtype=torch.bool, device=x.device) if token_mask is None else token_mask
         depth_choice = gate_choice = None
         losses: Dict[str, torch.Tensor] = {}
         if self.token_choice:  # every token's depth is decided once, before its first recursion
-            depth_choice, gate_choice, losses = self.router(x)
+            depth_choice, gate_choice, losses = self.router(x, token_mask)
         taken, gates = [took], [x.new_ones(batch, seq, dtype=torch.float32)]
         x = run(stack, x, 0, mask)
         for recursion in range(1, self.max_recursions):
             if self.token_choice:
-                took, gate = depth_choice > recursion, gate_choice
+                took, gate = (depth_choice > recursion) & taken[0], gate_choice
             else:
-                took, gate, step_losses = self.router(x, recursion, took)
+                took, gate, step_losses = self.router(x, recursion, took, token_mask)
                 for name, value in step_losses.items():
                     losses[name] = losses.get(name, 0.0) + value
             if self.kv_sharing:  # every token's recursion-0 keys stay visible
@@ -260,7 +263,8 @@ class MixtureOfRecursions(nn.Module):
         selected, selected_positions = h, positions.gather(1, index)
         applications = []
         for block in stack:
-            h, record = block(h, cache=view, causal=False, mask=allowed[:, None], positions=selected_positions)
+            h, record = block(h, cache=view, causal=False, mask=allowed[:, None], positions=selected_positions,
+                              token_mask=valid)  # the fillers of short rows are not tokens
             applications.append(record)
         records.extend(_scatter_record(record, index, valid, seq) for record in applications)
         gate = gate.gather(1, index).to(x.dtype).unsqueeze(-1) * valid.unsqueeze(-1).to(x.dtype)

@@ -42,7 +42,8 @@ class DecoderStack(nn.Module):
     ``(hidden [batch, tgt, d_model], self_routing, cross_routing)`` (one record per block each).
     ``memory_kv``: per block, the cross-attention keys and values of the encoder output
     (:meth:`project_memory`); ``cache``: the self-attention KV cache (new tokens then sit at
-    ``cache.length() + t``); ``mask``: bool ``[batch, 1, 1, tgt]`` target padding.
+    ``cache.length() + t``); ``mask``: bool ``[batch, 1, 1, tgt]`` target padding, also what
+    tells the routers which target positions are padding.
     """
 
     def __init__(self, cfg: GoHConfig) -> None:
@@ -73,7 +74,8 @@ class DecoderStack(nn.Module):
         bias = self.relative_bias(seq, offset + seq, offset) if self.relative_bias is not None else None
         self_routing, cross_routing = [], []
         for block, kv in zip(self.blocks, memory_kv):
-            x, self_record, cross_record = block(x, kv, memory_mask, cache=cache, mask=mask, bias=bias)
+            x, self_record, cross_record = block(x, kv, memory_mask, cache=cache, mask=mask, bias=bias,
+                                                 token_mask=None if mask is None else mask[:, 0, 0, -seq:])
             self_routing.append(self_record)
             cross_routing.append(cross_record)
         if self.final_norm is not None:

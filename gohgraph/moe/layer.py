@@ -70,20 +70,23 @@ class DenseFeedForward(nn.Module):
         super().__init__()
         self.mlp = build_mlp(cfg)
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[ExpertRouting]]:
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, Optional[ExpertRouting]]:
         return self.mlp(x), None
 
 
 class MoEFeedForward(nn.Module):
     """Sparse expert FFN for every ``cfg.ffn`` other than ``"dense"``.
 
-    Shapes: ``x [batch, seq, d_model]`` -> ``(y [batch, seq, d_model], ExpertRouting)`` with
+    Shapes: ``x [batch, seq, d_model]``, ``token_mask [batch, seq]`` bool or ``None`` (``False``:
+    padding, dispatched nowhere) -> ``(y [batch, seq, d_model], ExpertRouting)`` with
     ``expert_indices`` / ``expert_weights`` ``[batch, seq, subtokens, top_k_experts]`` (routed ids
     ``0..n_routed_experts-1``), ``dropped [batch, seq, subtokens]`` and ``expert_drops
     [batch, seq, subtokens, top_k_experts]`` (capacity overflow in training, see
     :mod:`gohgraph.moe.dispatch`; all ``False`` in eval mode, which is dropless).
 
-    Auxiliary losses (unweighted): ``expert_balance`` and ``expert_z``. Balancing state lives in
+    Auxiliary losses (unweighted, real tokens only): ``expert_balance`` and ``expert_z`` (not
+    computed when ``cfg.z_loss_coef`` is 0). Balancing state lives in
     :attr:`gate`, whose ``update_bias()`` :meth:`GoHTransformer.update_routing_biases` calls after
     the optimizer step.
     """
@@ -124,20 +127,24 @@ class MoEFeedForward(nn.Module):
             self.shared_experts = SharedExperts(cfg, self.d_sub, hidden)
         self.dispatcher: Dispatcher = LocalDispatcher(self.n_routed)
 
-    def forward(self, x: torch.Tensor, fused: bool = True) -> Tuple[torch.Tensor, ExpertRouting]:
-        """``fused=False`` runs the graph router's PyG reference path (same result, slower)."""
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
+                fused: bool = True) -> Tuple[torch.Tensor, ExpertRouting]:
+        """``token_mask [batch, seq]`` bool (``False``: padding) or ``None`` (every token real):
+        padding's sub-tokens are routed for the record but dispatched nowhere (no expert compute,
+        no capacity, no loss term, no load count; their routed output is 0, their drops ``False``),
+        so the real tokens see exactly the batch without the padding.
+        ``fused=False`` runs the graph router's PyG reference path (same result, slower)."""
         batch, seq, d_model = x.shape
         n_tokens, m, k = batch * seq, self.n_subtokens, self.top_k
         n_sub = n_tokens * m
         sub = self.head(x) if self.has_head_and_merge else x
         sub = sub.reshape(n_tokens, m, self.d_sub)
 
-        choice = self.gate(self.router(sub, expert_load=self.gate.expert_load, fused=fused), sub)
+        valid = None if token_mask is None else token_mask.reshape(n_tokens).bool()
+        choice = self.gate(self.router(sub, expert_load=self.gate.expert_load, fused=fused), sub, valid)
         flat_sub = sub.reshape(n_sub, self.d_sub)
-        capacity_factor = self.capacity_factor if self.training else None
-        grouped, group_offsets, plan = self.dispatcher.dispatch(flat_sub, choice.indices.reshape(n_sub, k),
-                                                                capacity_factor)
-        out = self.dispatcher.combine(self.experts(grouped, group_offsets), plan, choice.weights.reshape(n_sub, k))
+        out, assignment_dropped = self._routed_experts(flat_sub, choice.indices.reshape(n_sub, k),
+                                                       choice.weights.reshape(n_sub, k), valid)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat_sub)
 
@@ -147,12 +154,32 @@ class MoEFeedForward(nn.Module):
         routing = ExpertRouting(
             expert_indices=choice.indices.reshape(batch, seq, m, k).detach(),
             expert_weights=choice.weights.reshape(batch, seq, m, k).detach(),
-            dropped=plan.subtoken_dropped.reshape(batch, seq, m),
-            expert_drops=plan.assignment_dropped.reshape(batch, seq, m, k),
+            dropped=assignment_dropped.all(dim=-1).reshape(batch, seq, m),
+            expert_drops=assignment_dropped.reshape(batch, seq, m, k),
             aux_losses=choice.aux_losses,
             balance=choice.balance,
         )
         return y, routing
+
+    def _routed_experts(self, flat_sub: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                        valid: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Dispatch, grouped expert compute and combine: ``flat_sub [n_sub, d_sub]``, ``expert_ids``
+        and ``weights [n_sub, k]``, ``valid [tokens]`` -> (routed output ``[n_sub, d_sub]``,
+        ``assignment_dropped [n_sub, k]``). With ``valid``, only the real tokens' sub-tokens are
+        dispatched (in their flat order, so capacity and its priority are the unpadded batch's)."""
+        capacity_factor = self.capacity_factor if self.training else None
+        if valid is None:
+            grouped, group_offsets, plan = self.dispatcher.dispatch(flat_sub, expert_ids, capacity_factor)
+            out = self.dispatcher.combine(self.experts(grouped, group_offsets), plan, weights)
+            return out, plan.assignment_dropped
+        # a data-dependent size: one host sync, and a graph break under torch.compile
+        rows = valid.repeat_interleave(self.n_subtokens).nonzero().squeeze(-1)
+        grouped, group_offsets, plan = self.dispatcher.dispatch(flat_sub.index_select(0, rows),
+                                                                expert_ids.index_select(0, rows), capacity_factor)
+        kept = self.dispatcher.combine(self.experts(grouped, group_offsets), plan, weights.index_select(0, rows))
+        out = kept.new_zeros(flat_sub.shape[0], kept.shape[-1]).index_copy(0, rows, kept)
+        dropped = plan.assignment_dropped.new_zeros(expert_ids.shape).index_copy(0, rows, plan.assignment_dropped)
+        return out, dropped
 
     def extra_repr(self) -> str:
         return (f"subtokens={self.n_subtokens}, d_sub={self.d_sub}, routed={self.n_routed}, "

@@ -329,12 +329,12 @@ class TensorParallelHeadRouting(HeadRouting):
         self.training = full.training
         self.plan = plan
 
-    def forward(self, x: torch.Tensor, q: torch.Tensor
+    def forward(self, x: torch.Tensor, q: torch.Tensor, token_mask: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], "object"]:
         plan = self.plan
         if self.router_kind in QUERY_READING_ROUTERS:
             q = _GatherForReplicated.apply(q, 2, plan)
-        gates, mixing, routing = super().forward(x, q)
+        gates, mixing, routing = super().forward(x, q, token_mask)
         gates = _SliceLocal.apply(gates, 2, plan)
         if mixing is not None:
             mixing = _SliceLocal.apply(mixing, 2, plan)  # the destination rows of this rank's heads

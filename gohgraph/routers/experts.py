@@ -194,7 +194,8 @@ class ExpertChoice:
     """Output of :class:`ExpertGate` for ``tokens`` tokens of ``subtokens`` sub-tokens each.
 
     ``indices [tokens, subtokens, k]`` routed expert ids (best first); ``weights`` the same shape,
-    float32, summing to 1 per sub-token; ``aux_losses`` ``expert_balance`` and ``expert_z``.
+    float32, summing to 1 per sub-token; ``aux_losses`` ``expert_balance`` and ``expert_z`` (not
+    computed when ``cfg.z_loss_coef`` is 0).
     """
 
     indices: torch.Tensor
@@ -226,9 +227,10 @@ class ExpertGate(BalancedRouting):
     be chosen from. Weights are finally multiplied by ``routed_scaling_factor``. In training,
     ``cfg.expert_router_noise`` makes the selection stochastic (:mod:`~gohgraph.routers.noise`).
 
-    Losses over the ``tokens * subtokens`` rows: ``expert_balance`` =
-    :func:`~gohgraph.routers.losses.load_balance_loss` (1 at uniform load) and ``expert_z`` =
-    :func:`~gohgraph.routers.losses.router_z_loss`.
+    Losses over the ``tokens * subtokens`` rows of real tokens (padding excluded by ``valid``):
+    ``expert_balance`` = :func:`~gohgraph.routers.losses.load_balance_loss` (1 at uniform load) and
+    ``expert_z`` = :func:`~gohgraph.routers.losses.router_z_loss` (only when ``cfg.z_loss_coef`` is
+    not 0).
 
     Buffers: ``selection_bias [E]`` (persistent), ``expert_load [E]`` (persistent; running load
     relative to the ideal, 1 = uniform, an exponential moving average with momentum
@@ -247,6 +249,7 @@ class ExpertGate(BalancedRouting):
         self.n_groups, self.top_groups = cfg.n_expert_groups, cfg.top_k_expert_groups
         self.scaling = cfg.routed_scaling_factor
         self.balance_top1 = cfg.expert_balance_top1
+        self.z_loss_coef = cfg.z_loss_coef
         reachable = allowed.sum(dim=-1)
         for slot, count in enumerate(reachable.tolist()):
             if count < self.top_k:
@@ -261,9 +264,12 @@ class ExpertGate(BalancedRouting):
         self.noise = RouterNoise(cfg.expert_router_noise, cfg.d_model // cfg.n_subtokens, self.n_experts,
                                  cfg.router_jitter_eps)
 
-    def forward(self, logits: torch.Tensor, inputs: Optional[torch.Tensor] = None) -> ExpertChoice:
+    def forward(self, logits: torch.Tensor, inputs: Optional[torch.Tensor] = None,
+                valid: Optional[torch.Tensor] = None) -> ExpertChoice:
         """``logits [tokens, subtokens, E]`` -> :class:`ExpertChoice`; ``inputs [tokens, subtokens,
-        d_sub]`` (the router's input) feed ``"noisy-top-k"``'s learned noise scale."""
+        d_sub]`` (the router's input) feed ``"noisy-top-k"``'s learned noise scale. ``valid
+        [tokens]`` bool marks real tokens: the sub-tokens of padding (``False``) are routed (the
+        record shows where they would go) but add nothing to the losses or the load counts."""
         logits = logits.float()
         if self.restricted:
             logits = logits.masked_fill(~self.allowed, float("-inf"))
@@ -292,13 +298,16 @@ class ExpertGate(BalancedRouting):
         if self.decoding:  # generation: no losses, no counts
             return ExpertChoice(indices=selected, weights=weights, aux_losses={})
         flat_selected = selected.reshape(-1, self.top_k)
+        if valid is not None:  # one entry per sub-token
+            valid = valid.reshape(-1, 1).expand(-1, logits.shape[1]).reshape(-1)
         if self.training:
-            ids = flat_selected.reshape(-1)  # index_add_, not bincount: no graph break under torch.compile
-            self.load_since_update.index_add_(0, ids, self.load_since_update.new_ones(ids.shape))
+            self.count_load(flat_selected, valid)
         flat_logits = logits.reshape(-1, self.n_experts)
         counted = flat_selected[:, :1] if self.balance_top1 else flat_selected  # selected is best first
-        balance = BalanceTally.of(torch.softmax(flat_logits, dim=-1), counted, self.n_experts)
-        aux = {EXPERT_BALANCE: balance.loss(), EXPERT_Z: router_z_loss(flat_logits)}
+        balance = BalanceTally.of(torch.softmax(flat_logits, dim=-1), counted, self.n_experts, valid)
+        aux = {EXPERT_BALANCE: balance.loss()}
+        if self.z_loss_coef:  # a loss with weight 0 is not computed at all
+            aux[EXPERT_Z] = router_z_loss(flat_logits, valid)
         return ExpertChoice(indices=selected, weights=weights, aux_losses=aux, balance=balance)
 
     def _limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:

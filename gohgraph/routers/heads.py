@@ -241,6 +241,11 @@ class HeadGate(BalancedRouting):
     * ``router="query-norm"`` (MoH-LLaMA3): 0/1 gates, 1 on shared and selected routed heads; no
       stage weights, no losses (nothing in the router is trained).
 
+    Losses (routed heads, training only): ``head_balance``
+    (:func:`~gohgraph.routers.losses.load_balance_loss`) and ``head_z``
+    (:func:`~gohgraph.routers.losses.router_z_loss`, not computed when ``cfg.z_loss_coef`` is 0),
+    over the real tokens only, as are the load counts behind the selection bias.
+
     Routing runs in float32 whatever the autocast dtype (bf16 ties change the selected set).
     In training, ``cfg.head_router_noise`` makes the selection stochastic (:mod:`~gohgraph.routers.noise`).
 
@@ -255,6 +260,7 @@ class HeadGate(BalancedRouting):
         super().__init__()
         self.n_shared, self.n_routed, self.top_k = cfg.n_shared_heads, cfg.n_routed_heads, cfg.active_routed_heads
         self.aux_free_bias, self.bias_update_rate = cfg.aux_free_bias, cfg.bias_update_rate
+        self.z_loss_coef = cfg.z_loss_coef
         self.binary = cfg.router == "query-norm"
         self.two_stage = self.n_shared > 0 and self.n_routed > 0 and not self.binary
         self.moh_scale = cfg.head_gate_normalisation == "moh"
@@ -274,15 +280,18 @@ class HeadGate(BalancedRouting):
         self.decoding = False
         self.decoding_blend: Optional[float] = None
 
-    def forward(self, x: torch.Tensor, logits: torch.Tensor) -> HeadGating:
-        """``x [tokens, d_model]``, ``logits [tokens, heads]`` -> gates ``[tokens, heads]`` + losses."""
+    def forward(self, x: torch.Tensor, logits: torch.Tensor, valid: Optional[torch.Tensor] = None) -> HeadGating:
+        """``x [tokens, d_model]``, ``logits [tokens, heads]`` -> gates ``[tokens, heads]`` + losses.
+
+        ``valid [tokens]`` bool marks real tokens (``False``: padding): padding is gated like any
+        token (its output is never seen) but adds nothing to the losses or the load counts."""
         logits = logits.float()
         shared_logits, routed_logits = logits[:, :self.n_shared], logits[:, self.n_shared:]
         parts, aux = [], {}
         if self.n_shared:
             parts.append(small_softmax(shared_logits, dim=-1))
         if self.n_routed:
-            routed_gates, selected, aux = self._route(routed_logits, x)
+            routed_gates, selected, aux = self._route(routed_logits, x, valid)
             parts.append(routed_gates)
         if self.binary:
             gates = logits.new_ones(logits.shape)
@@ -315,7 +324,7 @@ class HeadGate(BalancedRouting):
         stage = 2.0 * small_softmax(self.stage_mix(x).float(), dim=-1)
         return torch.cat([stage[:, :1] * parts[0] * self.n_shared, stage[:, 1:] * routed], dim=-1)
 
-    def _route(self, routed_logits: torch.Tensor, x: torch.Tensor
+    def _route(self, routed_logits: torch.Tensor, x: torch.Tensor, valid: Optional[torch.Tensor] = None
                ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         """-> (routed gates ``[tokens, routed]``, selected ids ``[tokens, k]``, losses)."""
         noisy_logits, weight_logits = self.noise(routed_logits, x)  # both routed_logits at eval
@@ -324,14 +333,12 @@ class HeadGate(BalancedRouting):
         kept = small_softmax(weight_logits.gather(-1, selected), dim=-1)
         gates = torch.zeros_like(routed_logits).scatter(-1, selected, kept)
         if self.training and self.aux_free_bias:
-            ids = selected.reshape(-1)  # index_add_, not bincount: no graph break under torch.compile
-            self.load_since_update.index_add_(0, ids, self.load_since_update.new_ones(ids.shape))
+            self.count_load(selected, valid)
         if self.binary or self.decoding or skips_training_losses():  # no training signal needed
             return gates, selected, {}
-        aux = {
-            HEAD_BALANCE: load_balance_loss(small_softmax(routed_logits, dim=-1), selected, self.n_routed),
-            HEAD_Z: router_z_loss(routed_logits),
-        }
+        aux = {HEAD_BALANCE: load_balance_loss(small_softmax(routed_logits, dim=-1), selected, self.n_routed, valid)}
+        if self.z_loss_coef:  # a loss with weight 0 is not computed at all
+            aux[HEAD_Z] = router_z_loss(routed_logits, valid)
         return gates, selected, aux
 
     def set_decoding(self, decoding: bool) -> None:
@@ -361,7 +368,9 @@ class HeadRouting(nn.Module):
     applies gates and flow together. Without flow the gates are a plain multiply.
 
     Shapes: ``x [batch, seq, d_model]`` (what the linear routers and the stage mix read),
-    ``q [batch, seq, heads, head_dim]`` (pre-RoPE queries, what the graph router reads) ->
+    ``q [batch, seq, heads, head_dim]`` (pre-RoPE queries, what the graph router reads),
+    ``token_mask [batch, seq]`` bool or ``None`` (``False``: padding, which adds nothing to the
+    routing losses or the balancing counts) ->
     ``(gates [batch, seq, heads], mixing [batch, seq, heads, heads] or None, LayerRouting)``.
     """
 
@@ -389,11 +398,11 @@ class HeadRouting(nn.Module):
         # attribute, not a submodule, so checkpoints never see it
         self.compiled_route: Optional[Callable] = None
 
-    def forward(self, x: torch.Tensor, q: torch.Tensor
+    def forward(self, x: torch.Tensor, q: torch.Tensor, token_mask: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], LayerRouting]:
         if self.compiled_route is not None and self.gate.decoding and q.shape[1] == 1:
-            return self.compiled_route(x, q)
-        return self.route(x, q)
+            return self.compiled_route(x, q)  # decoding computes no losses and counts nothing
+        return self.route(x, q, token_mask)
 
     def mix(self, attn: torch.Tensor, gates: torch.Tensor, mixing: Optional[torch.Tensor]) -> torch.Tensor:
         """Apply what :meth:`forward` returned to the heads' outputs ``attn [batch, seq, heads, d_v]``
@@ -407,7 +416,7 @@ class HeadRouting(nn.Module):
         Outputs equal the eager path's (tests/models/test_compile.py)."""
         self.compiled_route = torch.compile(self.route, fullgraph=True, dynamic=False) if enabled else None
 
-    def route(self, x: torch.Tensor, q: torch.Tensor
+    def route(self, x: torch.Tensor, q: torch.Tensor, token_mask: Optional[torch.Tensor] = None
               ) -> Tuple[torch.Tensor, Optional[torch.Tensor], LayerRouting]:
         """See the class docstring; :meth:`forward` calls this eagerly or compiled."""
         (batch, seq), heads = q.shape[:2], self.n_heads
@@ -422,7 +431,7 @@ class HeadRouting(nn.Module):
             logits = self.router(q.reshape(batch * seq, heads, -1))
         else:
             logits = self.router(tokens_x)
-        gating = self.gate(tokens_x, logits)
+        gating = self.gate(tokens_x, logits, None if token_mask is None else token_mask.reshape(batch * seq))
         gates = gating.gates.to(x.dtype)  # [tokens, heads]
 
         mixing = flow = None

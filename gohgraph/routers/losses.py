@@ -7,7 +7,7 @@ for any number of nodes ``E`` and any ``k``, so its coefficient means the same i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -27,20 +27,23 @@ def loss_coefficients(cfg: GoHConfig) -> Dict[str, float]:
             RECURSION_BALANCE: cfg.balance_loss_coef, RECURSION_AUX: cfg.recursion_aux_loss_coef}
 
 
-def load_balance_loss(router_probs: torch.Tensor, selected: torch.Tensor, n_nodes: int) -> torch.Tensor:
+def load_balance_loss(router_probs: torch.Tensor, selected: torch.Tensor, n_nodes: int,
+                      valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""Switch-style balance loss :math:`L_b = E \sum_i f_i P_i`.
 
     Args:
         router_probs: ``[tokens, E]`` softmax over all ``E`` routed nodes (heads or experts).
         selected: ``[tokens, k]`` ids of the nodes each token selected.
         n_nodes: ``E``.
+        valid: ``[tokens]`` bool, ``False`` for padding, which then counts nowhere (``None``: all
+            rows count); the loss equals that of the valid rows alone.
 
     :math:`f_i` is the fraction of the ``tokens * k`` selections that went to node ``i`` and
     :math:`P_i` the mean router probability of node ``i``; both sum to 1, so uniform routing gives
     ``E * E * (1/E) * (1/E) = 1``. Only ``P`` carries gradient (``f`` is a hard count).
     MoH's ``l_aux`` and Hugging Face's ``load_balancing_loss_func`` are ``k`` times this.
     """
-    return BalanceTally.of(router_probs, selected, n_nodes).loss()
+    return BalanceTally.of(router_probs, selected, n_nodes, valid).loss()
 
 
 @dataclass
@@ -48,21 +51,32 @@ class BalanceTally:
     """The parts of a balance loss, kept so that several layers can be pooled before the product.
 
     ``counts [E]``: selections per node (hard counts); ``prob_sum [E]``: summed router
-    probabilities (with gradient); ``rows``: how many rows (sub-tokens) were routed; ``top_k``.
+    probabilities (with gradient); ``rows``: how many rows (sub-tokens) were routed (a 0-dim
+    tensor when a token mask decided it); ``top_k``.
     """
 
     counts: torch.Tensor
     prob_sum: torch.Tensor
-    rows: int
+    rows: Union[int, torch.Tensor]
     top_k: int
 
     @classmethod
-    def of(cls, router_probs: torch.Tensor, selected: torch.Tensor, n_nodes: int) -> "BalanceTally":
+    def of(cls, router_probs: torch.Tensor, selected: torch.Tensor, n_nodes: int,
+           valid: Optional[torch.Tensor] = None) -> "BalanceTally":
+        """The tally of ``router_probs [rows, E]`` and ``selected [rows, k]``; rows where ``valid
+        [rows]`` is ``False`` (padding) add nothing (their values are never read, so a padded row
+        that is not finite changes nothing either)."""
         # a scatter-add, not bincount: its output size is known without reading the ids, so
         # torch.compile traces it without a graph break
         flat = selected.reshape(-1)
-        counts = router_probs.new_zeros(n_nodes).scatter_add_(0, flat, router_probs.new_ones(flat.shape))
-        return cls(counts, router_probs.sum(dim=0), router_probs.shape[0], selected.shape[-1])
+        if valid is None:
+            counts = router_probs.new_zeros(n_nodes).scatter_add_(0, flat, router_probs.new_ones(flat.shape))
+            return cls(counts, router_probs.sum(dim=0), router_probs.shape[0], selected.shape[-1])
+        weight = valid.to(router_probs.dtype)
+        counts = router_probs.new_zeros(n_nodes).scatter_add_(
+            0, flat, weight.unsqueeze(-1).expand(selected.shape).reshape(-1))
+        prob_sum = torch.where(valid.unsqueeze(-1), router_probs, 0.0).sum(dim=0)
+        return cls(counts, prob_sum, weight.sum(), selected.shape[-1])
 
     def loss(self) -> torch.Tensor:
         r""":math:`E \sum_i f_i P_i` of these rows (1 at uniform load)."""
@@ -76,6 +90,8 @@ def pooled_balance_loss(tallies: List[BalanceTally]) -> torch.Tensor:
     counts = sum(t.counts for t in tallies)
     prob_sum = sum(t.prob_sum for t in tallies)
     rows = sum(t.rows for t in tallies)
+    if isinstance(rows, torch.Tensor):  # counted under a token mask: an all-padding batch gives 0, not NaN
+        rows = rows.clamp(min=1)
     n_nodes, top_k = counts.shape[0], tallies[0].top_k
     return n_nodes * (counts / (rows * top_k) * (prob_sum / rows)).sum()
 
@@ -87,13 +103,18 @@ def skips_training_losses() -> bool:
     return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
 
 
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+def router_z_loss(logits: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ST-MoE router z-loss ``mean(logsumexp(logits)^2)``; ``(ln E)^2`` for all-zero logits.
 
     Args:
         logits: ``[tokens, E]``.
+        valid: ``[tokens]`` bool; the mean is then over the valid rows only (0 when there are
+            none), i.e. padding adds no term.
     """
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+    squared = torch.logsumexp(logits.float(), dim=-1).square()
+    if valid is None:
+        return squared.mean()
+    return torch.where(valid, squared, 0.0).sum() / valid.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -124,6 +145,16 @@ class BalancedRouting(nn.Module):
 
     def update_bias(self) -> None:
         raise NotImplementedError
+
+    def count_load(self, selected: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
+        """Add the selections ``selected [rows, k]`` to ``load_since_update``; rows where ``valid
+        [rows]`` is ``False`` (padding) add nothing, so they move no bias and no running load."""
+        ids = selected.reshape(-1)  # index_add_, not bincount: no graph break under torch.compile
+        if valid is None:
+            ones = self.load_since_update.new_ones(ids.shape)
+        else:
+            ones = valid.to(self.load_since_update.dtype).unsqueeze(-1).expand(selected.shape).reshape(-1)
+        self.load_since_update.index_add_(0, ids, ones)
 
     def set_decoding(self, decoding: bool) -> None:
         """Enter (or leave) decoding, where the routing losses are not computed."""

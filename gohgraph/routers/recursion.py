@@ -46,19 +46,27 @@ from .losses import RECURSION_AUX, RECURSION_BALANCE, load_balance_loss, skips_t
 def expert_choice_capacity(recursion: int, max_recursions: int, seq_len: int, warmup: float = 0.0) -> int:
     r"""Tokens per sequence that recursion ``r`` keeps: :math:`\lceil (\beta_r + (1 - \beta_r) w) T \rceil`
     with :math:`\beta_r = (N_r - r) / N_r` and warm-up share :math:`w` (0 after the warm-up)."""
+    return math.ceil(kept_share(recursion, max_recursions, warmup) * seq_len)
+
+
+def kept_share(recursion: int, max_recursions: int, warmup: float = 0.0) -> float:
+    r""":math:`\beta_r + (1 - \beta_r) w`, the share of a sequence's tokens recursion ``r`` keeps."""
     share = (max_recursions - recursion) / max_recursions
-    return math.ceil((share + (1.0 - share) * warmup) * seq_len)
+    return share + (1.0 - share) * warmup
 
 
 class ExpertChoiceRecursionRouter(nn.Module):
-    """Expert-choice recursion router (module docstring); one score and one auxiliary router per
+    r"""Expert-choice recursion router (module docstring); one score and one auxiliary router per
     routed recursion ``1 .. N_r - 1``.
 
     ``graph_scorer``: a :class:`GraphRecursionScorer` with ``N_r - 1`` outputs whose output
     ``r - 1`` is :math:`s_r`, in place of the linear scores (``self.scores`` is then empty).
 
-    Shapes: ``h [batch, seq, d_model]``, ``previous [batch, seq]`` bool (who took ``r - 1``) ->
-    ``(selected [batch, seq] bool, gate [batch, seq] float32, losses)``.
+    Shapes: ``h [batch, seq, d_model]``, ``previous [batch, seq]`` bool (who took ``r - 1``),
+    ``valid [batch, seq]`` bool or ``None`` (``False``: padding; a row's capacity is then
+    :math:`\lceil \beta_r T_b \rceil` of its ``T_b`` real tokens) ->
+    ``(selected [batch, seq] bool, gate [batch, seq] float32, losses)``. Padding must not be in
+    ``previous``; it is then never selected and adds no loss term.
     """
 
     def __init__(self, d_model: int, max_recursions: int, gate_scale: float, init_std: float = 0.02,
@@ -78,7 +86,7 @@ class ExpertChoiceRecursionRouter(nn.Module):
         for linear in self.aux_routers:
             nn.init.zeros_(linear.bias)
 
-    def forward(self, h: torch.Tensor, recursion: int, previous: torch.Tensor
+    def forward(self, h: torch.Tensor, recursion: int, previous: torch.Tensor, valid: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         with torch.autocast(device_type=h.device.type, enabled=False):
             scores = self.score(h, recursion)  # [batch, seq]
@@ -86,7 +94,7 @@ class ExpertChoiceRecursionRouter(nn.Module):
             if not self.training:
                 decisive = _float_linear(self.aux_routers[recursion - 1], h).squeeze(-1) if self.aux_routers else scores
                 return previous & (decisive > 0), gate, {}
-            selected = self.top_tokens(scores, recursion, previous)
+            selected = self.top_tokens(scores, recursion, previous, valid)
             if self.aux_routers:
                 # the auxiliary router learns to predict the choice from the token alone (detached:
                 # it must not shape the hidden states it reads)
@@ -102,12 +110,22 @@ class ExpertChoiceRecursionRouter(nn.Module):
             return self.graph_scorer(h)[..., recursion - 1]
         return _float_linear(self.scores[recursion - 1], h).squeeze(-1)
 
-    def top_tokens(self, scores: torch.Tensor, recursion: int, previous: torch.Tensor) -> torch.Tensor:
-        """``[batch, seq]`` bool: per sequence the top ``capacity`` scores among ``previous``."""
-        capacity = expert_choice_capacity(recursion, self.max_recursions, scores.shape[1], self.capacity_warmup)
+    def top_tokens(self, scores: torch.Tensor, recursion: int, previous: torch.Tensor,
+                   valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[batch, seq]`` bool: per sequence the top ``capacity`` scores among ``previous``; with
+        ``valid``, each row's capacity counts its real tokens only."""
         ranked = scores.detach().masked_fill(~previous, float("-inf"))
-        top = ranked.topk(capacity, dim=-1).indices
-        return torch.zeros_like(previous).scatter(-1, top, True) & previous
+        if valid is None:
+            capacity = expert_choice_capacity(recursion, self.max_recursions, scores.shape[1], self.capacity_warmup)
+            top = ranked.topk(capacity, dim=-1).indices
+            return torch.zeros_like(previous).scatter(-1, top, True) & previous
+        # float64, as expert_choice_capacity's Python arithmetic, so a row equals itself unpadded
+        share = kept_share(recursion, self.max_recursions, self.capacity_warmup)
+        capacity = torch.ceil(share * valid.sum(-1, dtype=torch.float64)).long()  # [batch]
+        order = ranked.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
+                                                .expand_as(order))
+        return (rank < capacity[:, None]) & previous
 
 
 class TokenChoiceRecursionRouter(nn.Module):
@@ -116,8 +134,9 @@ class TokenChoiceRecursionRouter(nn.Module):
     ``graph_scorer``: a :class:`GraphRecursionScorer` with ``N_r`` outputs, the depth logits in
     place of :math:`W h` (``self.proj`` is then ``None``).
 
-    Shapes: ``h [batch, seq, d_model]`` -> ``(depth [batch, seq] long in 1..N_r, gate [batch, seq]
-    float32, losses)``.
+    Shapes: ``h [batch, seq, d_model]``, ``valid [batch, seq]`` bool or ``None`` (``False``:
+    padding, which adds nothing to the balance loss) -> ``(depth [batch, seq] long in 1..N_r,
+    gate [batch, seq] float32, losses)``.
     """
 
     def __init__(self, d_model: int, max_recursions: int, init_std: float = 0.02,
@@ -133,7 +152,8 @@ class TokenChoiceRecursionRouter(nn.Module):
             self.proj = nn.Linear(d_model, max_recursions, bias=False)
             nn.init.normal_(self.proj.weight, std=init_std)
 
-    def forward(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+    def forward(self, h: torch.Tensor, valid: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         with torch.autocast(device_type=h.device.type, enabled=False):
             logits = self.graph_scorer(h) if self.graph_scorer is not None else _float_linear(self.proj, h)
             probs = torch.softmax(logits, dim=-1)  # [batch, seq, N_r]
@@ -142,7 +162,8 @@ class TokenChoiceRecursionRouter(nn.Module):
         losses = {}
         if not skips_training_losses():
             losses[RECURSION_BALANCE] = load_balance_loss(probs.reshape(-1, self.max_recursions),
-                                                          choice.reshape(-1, 1), self.max_recursions)
+                                                          choice.reshape(-1, 1), self.max_recursions,
+                                                          None if valid is None else valid.reshape(-1))
         return choice + 1, gate, losses
 
 

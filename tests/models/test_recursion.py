@@ -168,7 +168,7 @@ def test_a_later_recursion_attends_to_the_keys_its_kv_option_names(kv):
     model = GoHTransformer(cfg).eval()
     depth = torch.tensor([[1, 2, 1, 2, 2, 2]])  # tokens 0 and 2 stop after recursion 0
     gate = torch.full((1, 6), 0.7)
-    model.recursion.router.forward = lambda h: (depth, gate, {})  # a router with fixed choices
+    model.recursion.router.forward = lambda h, valid=None: (depth, gate, {})  # a router with fixed choices
     ids = torch.randint(0, 64, (1, 6))
     block, took = model.blocks[0], depth > 1
     with torch.no_grad():
