@@ -40,6 +40,8 @@ import torch.nn.functional as F
 # queries per chunk of the routed heads in training / prefill: measured on 2 CPU cores at 4,096
 # tokens, 512 and 1,024 were within noise of each other and 256 slower (more calls, smaller GEMMs)
 QUERY_CHUNK = 512
+# heads per prefix call in training (None: one per thread, the kernel's backward parallelises over heads)
+PREFIX_GROUP = None
 # up to this many queries per call the head-runs kernel is used (a decode step, or a few tokens)
 DECODE_MAX_QUERIES = 4
 # "auto" runs head-sparse from these sizes on (below them the masked reference is as fast or faster:
@@ -267,7 +269,7 @@ class CausalRoutedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, active, scale):
         batch, routed, seq, _ = q.shape
         out = q.new_zeros(batch, routed, seq, v.shape[-1])
-        group_size = max(1, torch.get_num_threads())
+        group_size = PREFIX_GROUP or max(1, torch.get_num_threads())
         pieces = []
         for b in range(batch):
             for start in range(0, seq, QUERY_CHUNK):
