@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..training.run_dir import RunDir
 from .common import add_data_arguments, add_overwrite_argument, find_run_file, load_model, prepare_output
 from .viz import DEFAULT_TRACE_TOKENS, collect_stats
 
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} must end in .html")
     prepare_output(out, args.overwrite, is_directory=False)
     model, checkpoint = load_model(args.checkpoint)
-    metrics = Path(args.metrics) if args.metrics else find_run_file(checkpoint, "metrics.csv")
+    metrics = Path(args.metrics) if args.metrics else find_run_file(checkpoint, RunDir.METRICS)
     if metrics is not None and not metrics.is_file():
         raise FileNotFoundError(f"--metrics {metrics} does not exist")
     stats, batches, tokenizer = collect_stats(args, model, checkpoint, collect_routing_stats,

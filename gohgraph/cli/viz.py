@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..training.run_dir import RunDir
 from .common import (
     add_data_arguments,
     add_overwrite_argument,
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     out = prepare_output(Path(args.out), args.overwrite, is_directory=True,
                          replaces=(*viz.PICTURE_FILES, STATS_FILE))
     model, checkpoint = load_model(args.checkpoint)
-    metrics = Path(args.metrics) if args.metrics else find_run_file(checkpoint, "metrics.csv")
+    metrics = Path(args.metrics) if args.metrics else find_run_file(checkpoint, RunDir.METRICS)
     if metrics is not None and not metrics.is_file():
         raise FileNotFoundError(f"--metrics {metrics} does not exist")
     stats, batches, tokenizer = collect_stats(args, model, checkpoint, collect_routing_stats,
