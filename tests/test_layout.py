@@ -24,7 +24,7 @@ LAYERS = [
     ("gohgraph.data",),
     ("gohgraph.analysis", "gohgraph.analysis.stats", "gohgraph.analysis.timing", "gohgraph.analysis.student_t"),
     ("gohgraph.training",),
-    ("gohgraph.analysis.compare",),
+    ("gohgraph.experiments",),
     ("gohgraph.viz",),
     ("gohgraph.cli",),
     ("gohgraph.__main__",),
