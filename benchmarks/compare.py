@@ -1,5 +1,5 @@
 """The comparison table in one command: dense MHA, MoH, GoH, SMoE, fine-grained SMoE, MH-MoE and
-GoH-MoE at matched total parameters, same tokens, seeds and schedule (logic: gohgraph/compare.py).
+GoH-MoE at matched total parameters, same tokens, seeds and schedule (logic: gohgraph/experiments/).
 
     python benchmarks/compare.py --quick --out benchmarks/results     # < 10 min on 2 CPU cores
     python benchmarks/compare.py --out benchmarks/results/full        # the full setting: 43 min on 2 CPU cores

@@ -18,9 +18,9 @@ from typing import List
 import torch
 
 from gohgraph import GoHTransformer
-from gohgraph.analysis.compare.variants import SETTINGS, comparison_variants, match_parameters
 from gohgraph.data.batches import eval_batches
 from gohgraph.data.corpus import load_corpus
+from gohgraph.experiments.variants import SETTINGS, comparison_variants, match_parameters
 
 
 def most_common_set_share(head_gates: torch.Tensor) -> float:

@@ -334,6 +334,13 @@ class GoHConfig:
         return 8 * math.ceil(8 * self.d_model / 3 / 8)
 
     @property
+    def is_encoder_decoder(self) -> bool:
+        """Whether the model has a decoder stack beside its encoder (``model_type='seq2seq'``): the
+        one place outside ``models/`` that tells the families apart by name, as Hugging Face's
+        ``PretrainedConfig.is_encoder_decoder``."""
+        return self.model_type == "seq2seq"
+
+    @property
     def decoder_layers(self) -> int:
         """Depth of a seq2seq model's decoder stack."""
         return self.n_layers if self.n_decoder_layers is None else self.n_decoder_layers

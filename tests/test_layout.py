@@ -1,7 +1,13 @@
 """The package layout of DESIGN.md §7: no import cycles, and imports only flow down the layers.
 
 Every ``import`` and ``from ... import`` in the package (function-level ones too) is read with
-``ast``; the repository's ``viz/`` folder counts as ``gohgraph.viz``, where it installs.
+``ast``; the repository's ``viz/`` folder counts as ``gohgraph.viz``, where it installs. The order
+is §7's data flow, ops -> layers -> routers/moe -> models -> training -> experiments -> cli, with
+``analysis/`` (everything below training: the trainer logs stats) under ``training/``.
+
+Also: model families are told apart in ``models/`` and ``config.py`` only (DESIGN.md §7's families
+registry); no other module compares ``model_type``, except the sites listed in
+:data:`MODEL_TYPE_SWITCHES`, which are still to move and may only go.
 """
 
 import ast
@@ -24,7 +30,7 @@ LAYERS = [
     ("gohgraph.data",),
     ("gohgraph.analysis", "gohgraph.analysis.stats", "gohgraph.analysis.timing", "gohgraph.analysis.student_t"),
     ("gohgraph.training",),
-    ("gohgraph.analysis.compare",),
+    ("gohgraph.experiments",),
     ("gohgraph.viz",),
     ("gohgraph.cli",),
     ("gohgraph.__main__",),
@@ -145,3 +151,77 @@ def test_the_checks_catch_an_upward_import(tmp_path, monkeypatch, planted, expec
     level, _ = layer_of("gohgraph.layers.fake")
     upward = [f"gohgraph.layers.fake -> {t}" for t in imports if layer_of(t)[0] > level]
     assert expected in upward
+
+
+def test_no_folder_imports_a_folder_that_imports_it():
+    """A folder that straddles another (as ``analysis/`` did ``training/`` while it held the
+    comparison of variants) shows as two folders importing each other."""
+    folder_of = lambda module: ".".join(module.split(".")[:2])  # noqa: E731
+    edges = {(folder_of(m), folder_of(t)) for m, ts in import_graph().items() if m != PUBLIC_API
+             for t in ts if folder_of(m) != folder_of(t)}
+    both_ways = sorted(f"{a} <-> {b}" for a, b in edges if (b, a) in edges and a < b)
+    assert not both_ways, "folders importing each other:\n" + "\n".join(both_ways)
+
+
+# ---------------------------------------------------------------------- model_type switches
+# where a model family may be named: the models themselves and the config that declares the field
+MODEL_TYPE_HOME = ("gohgraph.models", "gohgraph.config")
+# comparisons of model_type outside MODEL_TYPE_HOME that are still to be replaced by the families
+# registry (issue 28): module -> how many. A new one fails the test; a removed one must be removed here.
+MODEL_TYPE_SWITCHES = {
+    "gohgraph.analysis.stats.collect": 1,
+    "gohgraph.cli.convert": 1,
+    "gohgraph.cli.eval": 1,
+    "gohgraph.cli.generate": 6,
+    "gohgraph.cli.objectives": 1,
+    "gohgraph.cli.stats": 1,
+    "gohgraph.cli.train": 1,
+    "gohgraph.cli.viz": 3,
+    "gohgraph.parallel.tensor_parallel": 1,
+    "gohgraph.viz.html_report": 1,
+    "gohgraph.viz.token_trace": 1,
+}
+
+
+def model_type_comparisons(path):
+    """Line numbers of ``==`` / ``!=`` / ``in`` comparisons with ``model_type`` (an attribute
+    ``x.model_type`` or a key ``x["model_type"]``) on either side."""
+    def names_model_type(node):
+        if isinstance(node, ast.Attribute):
+            return node.attr == "model_type"
+        if isinstance(node, ast.Subscript):
+            key = node.slice
+            return isinstance(key, ast.Constant) and key.value == "model_type"
+        return False
+
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn))
+                                                 for op in node.ops):
+            if any(names_model_type(side) for side in [node.left, *node.comparators]):
+                lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_model_type_is_compared_only_in_models_and_config():
+    found = {}
+    for module, path in source_files().items():
+        if module == PUBLIC_API or any(module == home or module.startswith(home + ".") for home in MODEL_TYPE_HOME):
+            continue
+        lines = model_type_comparisons(path)
+        if lines:
+            found[module] = lines
+    new = [f"{module}:{','.join(map(str, lines))}" for module, lines in sorted(found.items())
+           if len(lines) > MODEL_TYPE_SWITCHES.get(module, 0)]
+    assert not new, ("model_type compared outside models/ and config.py (ask the model, or a families "
+                     "registry, instead):\n" + "\n".join(new))
+    gone = [f"{module}: {count} listed, {len(found.get(module, []))} found" for module, count in
+            sorted(MODEL_TYPE_SWITCHES.items()) if len(found.get(module, [])) < count]
+    assert not gone, "model_type switches removed: lower MODEL_TYPE_SWITCHES to match:\n" + "\n".join(gone)
+
+
+def test_the_model_type_check_sees_attributes_and_keys(tmp_path):
+    source = tmp_path / "planted.py"
+    source.write_text('if cfg.model_type == "seq2seq":\n    pass\nok = kwargs["model_type"] != "decoder"\n'
+                      'fine = cfg.model_type\n')
+    assert model_type_comparisons(source) == [1, 3]

@@ -1,5 +1,5 @@
 """``gohgraph bench``: the comparison table of dense, MoH, GoH, SMoE, fine-grained SMoE, MH-MoE and
-GoH-MoE at matched total parameters (:mod:`gohgraph.analysis.compare`).
+GoH-MoE at matched total parameters (:mod:`gohgraph.experiments`).
 
     gohgraph bench --quick                      # tiny models, 3 seeds, < 10 minutes on 2 CPU cores
     gohgraph bench --seeds 3 --out runs/bench   # the full setting (43 min on 2 CPU cores)
@@ -34,7 +34,7 @@ WHY_PROTECTED = ("the comparison sets {name} itself (a variant's kind, the width
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..analysis.compare.variants import ALL_VARIANT_NAMES, BITNET_VARIANT_NAMES, MOR_VARIANT_NAMES, VARIANT_NAMES
+    from ..experiments.variants import ALL_VARIANT_NAMES, BITNET_VARIANT_NAMES, MOR_VARIANT_NAMES, VARIANT_NAMES
 
     parser.add_argument("--quick", action="store_true", help="the quick setting (tiny models, short runs)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant")
@@ -76,16 +76,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..analysis.compare.run import run_comparison
-    from ..analysis.compare.variants import (
+    from ..config import GoHConfig
+    from ..data.corpus import load_corpus
+    from ..experiments.run import run_comparison
+    from ..experiments.variants import (
         BITNET_VARIANT_NAMES,
         MOR_VARIANT_NAMES,
         SETTINGS,
         comparison_variants,
         match_parameters,
     )
-    from ..config import GoHConfig
-    from ..data.corpus import load_corpus
     from ..training.config import TrainConfig
 
     if args.seeds < 1:

@@ -17,6 +17,8 @@ from ..data.tokenizers import TOKENIZER_FILE, ByteTokenizer, load_tokenizer
 from ..models.pretrained import from_pretrained
 from ..storage import read_config
 from ..training.checkpoint import resolve_checkpoint
+from ..training.run_dir import RunDir
+from ..training.run_dir import find_run_file as _find_run_file
 
 # flag name -> TrainConfig field (None = not given, keep the base value)
 TRAIN_FLAGS = {"max_steps": "max_steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr",
@@ -163,10 +165,8 @@ def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
 
 def run_dir_of(directory: Path) -> Optional[Path]:
     """The run directory a checkpoint lives in (``run/final`` or ``run/checkpoints/step_N``), if any."""
-    for candidate in (directory, directory.parent, directory.parent.parent):
-        if (candidate / "train_config.json").is_file():
-            return candidate
-    return None
+    run = RunDir.of_checkpoint(directory)
+    return run.path if run is not None else None
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, default_batches: int) -> None:
@@ -193,7 +193,7 @@ def validation_batches(args: argparse.Namespace, model, checkpoint: Path) -> Tup
         by_source, tokenizer = source_validation_batches(args, model, checkpoint)
         return [batch for batches in by_source.values() for batch in batches], tokenizer
     corpus = load_corpus(settings.get("data"))
-    tokenizer_dir = find_run_file(checkpoint, "tokenizer.json")
+    tokenizer_dir = find_run_file(checkpoint, TOKENIZER_FILE)
     tokenizer = load_tokenizer(tokenizer_dir.parent) if tokenizer_dir else corpus.tokenizer
     tokens = corpus.val
     if tokenizer_dir is not None:
@@ -224,7 +224,7 @@ def run_sources(args: argparse.Namespace, checkpoint: Path) -> Optional[list]:
         return settings["sources"]
     if settings:  # one bare --data path: no sources
         return None
-    data_file = find_run_file(checkpoint, "data.json")
+    data_file = find_run_file(checkpoint, RunDir.DATA)
     if data_file is None:
         return None
     import json
@@ -255,8 +255,4 @@ def source_validation_batches(args: argparse.Namespace, model, checkpoint: Path)
 
 def find_run_file(checkpoint: str, name: str) -> Optional[Path]:
     """``name`` in the checkpoint directory or up to two parents (``runs/<run>/checkpoints/step_N``)."""
-    directory = Path(checkpoint).resolve()
-    for candidate in [directory, *directory.parents][:SEARCH_LEVELS + 1]:
-        if (candidate / name).is_file():
-            return candidate / name
-    return None
+    return _find_run_file(checkpoint, name, SEARCH_LEVELS)

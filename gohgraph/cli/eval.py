@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from ..data.sources import MixedCorpus, load_training_data, parse_data_flags
-from ..training.objectives import OBJECTIVE_FILE
+from ..training.run_dir import RunDir
 from ..training.trainer import evaluate, evaluate_sources
 from .common import load_model, run_dir_of
 from .objectives import run_eval as run_objective_eval
@@ -38,14 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     model, directory = load_model(args.checkpoint, args.device)
     run_dir = run_dir_of(directory)
-    if run_dir is not None and (run_dir / OBJECTIVE_FILE).is_file():  # an encoder objective's run
+    run = RunDir(run_dir) if run_dir is not None else None
+    if run is not None and run.is_objective_run():  # an encoder objective's run
         return run_objective_eval(args, model, directory, run_dir)
     if model.config.model_type != "decoder":  # the next-token loss below is a decoder's
         raise ValueError(f"{directory} holds a model_type={model.config.model_type!r} model outside a gohgraph train "
                          "--objective run (no objective.json beside it); eval scores a decoder's next-token loss, "
                          "or an objective run's own metric")
-    data_settings = _read_json(run_dir / "data.json") if run_dir else {}
-    train_settings = _read_json(run_dir / "train_config.json") if run_dir else {}
+    data_settings = run.read_data_settings() if run else {}
+    train_settings = run.read_train_config() if run else {}
     settings = parse_data_flags(args.data) if args.data else data_settings
     settings = {**settings, "tokenizer": args.tokenizer or data_settings.get("tokenizer", "byte")}
     corpus = load_training_data(settings, args.cache_dir)
@@ -72,7 +73,3 @@ def run(args: argparse.Namespace) -> int:
         for name, value in per_source.items():
             print(f"  {name}: {args.split} loss {value:.4f} nats/token")
     return 0
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -32,16 +32,10 @@ from ..data.objectives.seq2seq import EncodedPairs, encode_pair_data, load_pair_
 from ..data.sources import parse_data_flags
 from ..data.tokenizers import ByteTokenizer
 from ..storage import read_config, read_json
-from ..training.checkpoint import CHECKPOINTS_DIR, FINAL_DIR, STATE_NAME, latest_checkpoint
 from ..training.config import TrainConfig
-from ..training.objectives import (
-    OBJECTIVE_FILE,
-    OBJECTIVE_PRESETS,
-    check_objective_settings,
-    evaluate_objective,
-    train_objective,
-)
+from ..training.objectives import OBJECTIVE_PRESETS, check_objective_settings, evaluate_objective, train_objective
 from ..training.presets import read_config_file, split_fields
+from ..training.run_dir import TRAINING_STATE, RunDir
 from .common import TRAIN_FLAGS, note_missing_tensorboard, parse_overrides
 
 
@@ -129,10 +123,16 @@ def run_train(args: argparse.Namespace) -> int:
     if getattr(args, "cache_dir", None) is not None and args.objective != "mlm":
         raise ValueError(f"--cache-dir: --objective {args.objective} reads its texts as bytes and keeps no token "
                          "cache; only --objective mlm and lm use one")
-    run_dir = args.run_dir or Path("runs") / (args.name or args.objective)
+    run = RunDir(args.run_dir or Path("runs") / (args.name or args.objective))
+    with run.lock():  # one writer from here (train_objective takes it again, re-entrantly)
+        return _run_train_locked(args, run)
+
+
+def _run_train_locked(args: argparse.Namespace, run: RunDir) -> int:
+    run_dir = run.path
     resume = bool(getattr(args, "resume", False))
-    saved = _resumed_settings(run_dir, args.objective) if resume else None
-    has_run = (run_dir / FINAL_DIR).exists() or (run_dir / CHECKPOINTS_DIR).exists()
+    saved = _resumed_settings(run, args.objective) if resume else None
+    has_run = run.final_dir.exists() or run.checkpoints_dir.exists()
     if has_run and not resume and not args.overwrite:
         raise ValueError(f"run dir {run_dir} already holds a trained model or checkpoints; pass --resume to "
                          "continue it, --overwrite to start again, or --name/--run-dir for a new run")
@@ -162,8 +162,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise ValueError(f"the data's tokenizer ({tokenizer or 'byte'}, {base_vocab} tokens) does not fit the model "
                          f"of {run_dir} (vocab_size {cfg.vocab_size}); pass the --tokenizer it was trained with")
     if has_run and not resume:  # --overwrite, once the data and configs have been checked
-        for folder in (FINAL_DIR, CHECKPOINTS_DIR):
-            shutil.rmtree(run_dir / folder, ignore_errors=True)
+        for folder in (run.final_dir, run.checkpoints_dir):
+            shutil.rmtree(folder, ignore_errors=True)
     result = train_objective(args.objective, cfg, tc, data, run_dir, data_path=data_path,
                              tokenizer=tokenizer or "byte", resume=resume,
                              progress=not getattr(args, "no_progress", True),
@@ -201,16 +201,16 @@ def _print_summary(args: argparse.Namespace, result, data, source: str, base_voc
     return 0
 
 
-def _resumed_settings(run_dir: Path, objective: str) -> dict:
+def _resumed_settings(run: RunDir, objective: str) -> dict:
     """What a resumed run continues: its latest checkpoint's model and train configs, and the data
     and labels of its ``objective.json``."""
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = run.latest_checkpoint()
     if checkpoint is None:
-        raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint; drop --resume to start a new run")
-    settings = read_json(run_dir / OBJECTIVE_FILE)
+        raise ValueError(f"nothing to resume: {run.path} holds no checkpoint; drop --resume to start a new run")
+    settings = read_json(run.objective_file)
     if settings.get("objective") != objective:
-        raise ValueError(f"{run_dir} is an --objective {settings.get('objective')} run; resume it with that objective")
-    state = read_json(checkpoint / STATE_NAME)
+        raise ValueError(f"{run.path} is an --objective {settings.get('objective')} run; resume it with that objective")
+    state = read_json(checkpoint / TRAINING_STATE)
     return {"model": read_config(checkpoint).to_dict(), "train": state["train_config"],
             "data": settings.get("data"), "labels": settings.get("labels"), "tokenizer": settings.get("tokenizer")}
 
@@ -218,7 +218,7 @@ def _resumed_settings(run_dir: Path, objective: str) -> dict:
 def run_eval(args: argparse.Namespace, model, directory: Path, run_dir: Path) -> int:
     """``gohgraph eval`` of a run trained with ``--objective mlm|classify|seq2seq``: its validation
     split, on CPU, as the run evaluated itself."""
-    settings = read_json(run_dir / OBJECTIVE_FILE)
+    settings = read_json(RunDir(run_dir).objective_file)
     objective, seq_len = settings["objective"], args.seq_len or settings["seq_len"]
     if getattr(args, "split", "val") != "val":
         raise ValueError(f"--split {args.split}: an --objective {objective} run is scored on its validation split")

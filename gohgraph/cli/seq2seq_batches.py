@@ -27,9 +27,8 @@ import torch
 from ..data.objectives import SpecialTokens
 from ..data.objectives.seq2seq import encode_pairs, load_pair_data, pair_file_data, seq2seq_batches
 from ..data.tokenizers import TOKENIZER_FILE, ByteTokenizer, load_tokenizer
-from ..storage import read_json
-from ..training.objectives import OBJECTIVE_FILE
-from .common import _batch_shape, find_run_file, run_dir_of
+from ..training.run_dir import RunDir
+from .common import _batch_shape, find_run_file
 
 Seq2SeqBatch = Dict[str, torch.Tensor]
 
@@ -64,6 +63,5 @@ def seq2seq_validation_batches(args: argparse.Namespace, model, checkpoint: Path
 
 def run_objective(checkpoint: Path) -> dict:
     """The ``objective.json`` of the run ``checkpoint`` belongs to (``{}`` outside such a run)."""
-    run_dir = run_dir_of(Path(checkpoint))
-    path = run_dir / OBJECTIVE_FILE if run_dir is not None else None
-    return read_json(path) if path is not None and path.is_file() else {}
+    run = RunDir.of_checkpoint(checkpoint)
+    return run.read_objective() if run is not None else {}

@@ -9,8 +9,8 @@ With ``--resume`` the run's own saved configs are the base and only explicit fla
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -22,15 +22,13 @@ from ..data.objectives import OBJECTIVES
 from ..data.sources import load_training_data, parse_data_flags, validation_sets
 from ..data.tokenizers import TOKENIZER_FILE
 from ..models.compile import CompileUnavailableWarning
-from ..storage import atomic_write_text, read_config
-from ..training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
+from ..storage import read_config
 from ..training.config import TrainConfig
 from ..training.presets import PRESETS, get_preset, read_config_file, split_fields
+from ..training.run_dir import RunDir
 from ..training.trainer import evaluate, evaluate_sources, train
 from .common import TRAIN_FLAGS, check_device, note_missing_tensorboard, parse_overrides
 from .objectives import run_train as run_objective_training
-
-DATA_FILE = "data.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,26 +91,32 @@ def run(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs") / (args.name or "default")
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run dir {run_dir} is a file; choose another --run-dir or --name")
-    if args.resume and latest_checkpoint(run_dir) is None:  # before anything of the run is rewritten
+    if args.resume and RunDir(run_dir).latest_checkpoint() is None:  # before anything of the run is rewritten
         raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint; drop --resume to start a new run")
     model_config, train_config, data_settings = build_configs(args, run_dir)
     if train_config.device != "auto":
         check_device(train_config.device)
-    rank = int(os.environ.get("RANK", "0"))
-    has_checkpoint = (run_dir / CHECKPOINTS_DIR).is_dir() and any((run_dir / CHECKPOINTS_DIR).iterdir())
-    if has_checkpoint and not args.resume:
+    rank, run = int(os.environ.get("RANK", "0")), RunDir(run_dir)
+    # one writer: rank 0 holds the run's lock from here (the trainer takes it again, re-entrantly)
+    with run.lock() if rank == 0 else contextlib.nullcontext():
+        return _run_locked(args, run, model_config, train_config, data_settings, rank)
+
+
+def _run_locked(args: argparse.Namespace, run: RunDir, model_config: GoHConfig, train_config: TrainConfig,
+                data_settings: dict, rank: int) -> int:
+    run_dir = run.path
+    if run.has_checkpoints() and not args.resume:
         if not args.overwrite:
             raise ValueError(f"run dir {run_dir} already holds checkpoints; pass --resume to continue it, "
                              "--overwrite to start again, or --name/--run-dir for a new run")
         if rank == 0:
-            shutil.rmtree(run_dir / CHECKPOINTS_DIR)
+            shutil.rmtree(run.checkpoints_dir)
     corpus = load_training_data(data_settings, args.cache_dir)
     model_config = fit_vocabulary(model_config, corpus.vocab_size, explicit_model_fields(args),
                                   train_config.init_from)
     _note_dense_anneal(model_config, train_config)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / DATA_FILE, json.dumps(data_settings, indent=2) + "\n")
+        run.write_data_settings(data_settings)
     with warnings.catch_warnings():
         warnings.showwarning = _compile_fallback_in_one_line(warnings.showwarning)
         result = train(model_config, train_config, corpus, run_dir, resume=args.resume,
@@ -163,13 +167,12 @@ def _compile_fallback_in_one_line(show):
 
 def build_configs(args: argparse.Namespace, run_dir: Path):
     """(GoHConfig, TrainConfig, data settings) from the run (on resume) or preset, file and flags."""
-    saved = latest_checkpoint(run_dir) if args.resume else None
+    run = RunDir(run_dir)
+    saved = run.latest_checkpoint() if args.resume else None
     if saved is not None:
         model_kwargs = read_config(saved).to_dict()
-        train_kwargs = json.loads((run_dir / "train_config.json").read_text(encoding="utf-8")) \
-            if (run_dir / "train_config.json").is_file() else {}
-        data_settings = json.loads((run_dir / DATA_FILE).read_text(encoding="utf-8")) \
-            if (run_dir / DATA_FILE).is_file() else {"data": None, "tokenizer": "byte"}
+        train_kwargs = run.read_train_config()
+        data_settings = run.read_data_settings(default={"data": None, "tokenizer": "byte"})
     else:
         file_values = read_config_file(args.config) if args.config else {}
         model_kwargs, train_kwargs = get_preset(args.preset or file_values.get("preset", "tiny"))

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..training.run_dir import RunDir
 from .common import (
     add_data_arguments,
     add_overwrite_argument,
@@ -104,7 +105,7 @@ def metrics_file(args: argparse.Namespace, checkpoint: Path) -> Optional[Path]:
     """``--metrics``, else the run's ``metrics.csv``, checked (:func:`check_metrics_csv`); ``None`` without one."""
     from ..training.metrics import check_metrics_csv
 
-    metrics = Path(args.metrics) if args.metrics else find_run_file(checkpoint, "metrics.csv")
+    metrics = Path(args.metrics) if args.metrics else find_run_file(checkpoint, RunDir.METRICS)
     if metrics is None:
         return None
     if not metrics.is_file():

@@ -1,6 +1,7 @@
 """Training checkpoints that survive faults: model, optimizer, step, data position and RNG.
 
-Layout of one checkpoint, ``run_dir/checkpoints/step_000100/``::
+Layout of one checkpoint, ``run_dir/checkpoints/step_000100/`` (the names are
+:mod:`gohgraph.training.run_dir`'s, which owns every file of a run directory)::
 
     config.json, model.safetensors      the save_pretrained format (loadable by from_pretrained)
     optimizer.safetensors               every optimizer state tensor, flattened by name
@@ -20,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,14 +42,10 @@ from ..storage import (
     read_tensors,
     upgrade_legacy_names,
 )
+from .run_dir import OPTIMIZER_STATE, OPTIMIZER_TENSORS, RNG_TENSORS, TRAINING_STATE, RunDir
 
-CHECKPOINTS_DIR = "checkpoints"
-FINAL_DIR = "final"
-LATEST_POINTER = "latest"
-STATE_NAME = "training_state.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-_STAGING_DIR = re.compile(r"^\.step_\d+\..+")  # save_checkpoint's tempfile.mkdtemp prefix
-_STAGING_FILE = re.compile(r"^\..+\.tmp$")  # storage.atomic_write's temp files
+# the run directory's names under their former names here (scripts import them)
+CHECKPOINTS_DIR, FINAL_DIR, LATEST_POINTER, STATE_NAME = RunDir.CHECKPOINTS, RunDir.FINAL, RunDir.LATEST, TRAINING_STATE
 
 
 # ---------------------------------------------------------------------- save
@@ -60,84 +56,49 @@ def save_checkpoint(run_dir: Path, step: int, model_config: GoHConfig, model_sta
     ``training_state`` is any JSON-serialisable dict (step, tokens, config, history); the RNG
     states of this process are added to it here.
     """
-    root = Path(run_dir) / CHECKPOINTS_DIR
+    run = RunDir(run_dir)
+    root = run.checkpoints_dir
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
+    final = run.checkpoint_dir(step)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         atomic_save_tensors(staging / WEIGHTS_NAME, model_state, metadata={"format": "pt"})
         atomic_write_text(staging / CONFIG_NAME, model_config.to_json() + "\n")
         tensors, meta = optimizer_state_to_flat(optimizer_state)
-        atomic_save_tensors(staging / "optimizer.safetensors", tensors)
-        atomic_write_text(staging / "optimizer.json", json.dumps(meta, indent=1) + "\n")
+        atomic_save_tensors(staging / OPTIMIZER_TENSORS, tensors)
+        atomic_write_text(staging / OPTIMIZER_STATE, json.dumps(meta, indent=1) + "\n")
         rng_tensors, rng_json = capture_rng_state()
-        atomic_save_tensors(staging / "rng.safetensors", rng_tensors)
+        atomic_save_tensors(staging / RNG_TENSORS, rng_tensors)
         state = {**training_state, "step": step, "rng": rng_json}
-        atomic_write_text(staging / STATE_NAME, json.dumps(state, indent=1) + "\n")
+        atomic_write_text(staging / TRAINING_STATE, json.dumps(state, indent=1) + "\n")
         if final.exists():  # the same step saved twice (e.g. interrupted right after a periodic save)
             shutil.rmtree(final)
         os.replace(staging, final)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    atomic_write_text(root / LATEST_POINTER, final.name + "\n")
-    _prune(root, keep_last, keep=final)
+    atomic_write_text(run.latest_pointer, final.name + "\n")
+    _prune(run, keep_last, keep=final)
     return final
 
 
-def _prune(root: Path, keep_last: int, keep: Path) -> None:
-    steps = sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+def _prune(run: RunDir, keep_last: int, keep: Path) -> None:
+    steps = run.step_dirs()
     for old in steps[:max(0, len(steps) - keep_last)]:
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale_staging(run_dir: Path) -> List[Path]:
-    """Delete what saves killed mid-write (SIGKILL, power loss) left in ``run_dir``: staging folders
-    of checkpoints and temp files of atomic writes. Returns what was removed.
-
-    Only called when a run starts, by its one writing process, so nothing removed is in use.
-    """
-    run_dir = Path(run_dir)
-    removed = []
-    root = run_dir / CHECKPOINTS_DIR
-    folders = [run_dir, root, run_dir / FINAL_DIR]
-    if root.is_dir():
-        folders += [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-        for staging in root.iterdir():
-            if staging.is_dir() and _STAGING_DIR.match(staging.name):
-                shutil.rmtree(staging, ignore_errors=True)
-                removed.append(staging)
-    for folder in folders:
-        if folder.is_dir():
-            for leftover in folder.iterdir():
-                if leftover.is_file() and _STAGING_FILE.match(leftover.name):
-                    leftover.unlink(missing_ok=True)
-                    removed.append(leftover)
-    return removed
+    """:meth:`RunDir.remove_stale_staging` of ``run_dir``."""
+    return RunDir(run_dir).remove_stale_staging()
 
 
 # ---------------------------------------------------------------------- find and load
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The checkpoint ``run_dir/checkpoints/latest`` names; ``None`` if the run has none yet.
-
-    Without a pointer (a crash between the rename and the pointer write of the very first
-    checkpoint) the highest complete ``step_*`` directory is used.
-    """
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    pointer = root / LATEST_POINTER
-    if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8").strip()
-        if not _STEP_DIR.match(name):
-            raise CheckpointError(f"{pointer} is corrupt: {name[:40]!r} is not a step_NNNNNN directory name")
-        target = root / name
-        if not target.is_dir():
-            raise CheckpointError(f"{pointer} names {name}, which does not exist")
-        return target
-    if not root.is_dir():
-        return None
-    complete = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE_NAME).is_file())
-    return complete[-1] if complete else None
+    """The checkpoint ``run_dir/checkpoints/latest`` names; ``None`` if the run has none yet
+    (:meth:`RunDir.latest_checkpoint`)."""
+    return RunDir(run_dir).latest_checkpoint()
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -146,8 +107,8 @@ def resolve_checkpoint(path: Path) -> Path:
 
     In a run directory the newest complete model wins: ``final/`` (written when a run finishes) or
     ``checkpoints/latest`` (written every ``save_every`` steps and on interrupt), whichever was
-    completed last; so a resumed run that was interrupted is read at its latest step, not at the
-    older ``final/`` of the run it continued.
+    completed last (:meth:`RunDir.newest_model`); so a resumed run that was interrupted is read at
+    its latest step, not at the older ``final/`` of the run it continued.
     """
     path = Path(path)
     if not path.exists():
@@ -156,18 +117,12 @@ def resolve_checkpoint(path: Path) -> Path:
         raise ValueError(f"checkpoint {path} is a file; expected a run or checkpoint directory")
     if (path / CONFIG_NAME).is_file():
         return path
-    candidates = []
-    if (path / FINAL_DIR / CONFIG_NAME).is_file():
-        candidates.append((path / FINAL_DIR / CONFIG_NAME, path / FINAL_DIR))
-    for run_dir in (path, path.parent):
-        found = latest_checkpoint(run_dir) if (run_dir / CHECKPOINTS_DIR).is_dir() else None
-        if found is not None:
-            candidates.append((found / STATE_NAME, found))
-            break
-    if not candidates:
+    found = RunDir(path).newest_model()
+    if found is None:  # the checkpoints folder of a run
+        found = RunDir(path.parent).latest_checkpoint()
+    if found is None:
         raise CheckpointError(f"{path} holds no checkpoint (no config.json, checkpoints/latest or final/)")
-    # each model's completion marker is the file written last, so its time is when it was complete
-    return max(candidates, key=lambda marker_and_dir: marker_and_dir[0].stat().st_mtime_ns)[1]
+    return found
 
 
 def load_checkpoint(directory: Path, map_location: str = "cpu"
@@ -178,16 +133,16 @@ def load_checkpoint(directory: Path, map_location: str = "cpu"
     restored here (see :func:`restore_rng_state`), so a caller can read a checkpoint to inspect it.
     """
     directory = Path(directory)
-    training_state = read_json(directory / STATE_NAME)
+    training_state = read_json(directory / TRAINING_STATE)
     missing = [key for key in ("step", "tokens_seen", "val_history", "rng") if key not in training_state]
     if missing:
-        raise CheckpointError(f"{directory / STATE_NAME} lacks {missing} (not a training checkpoint, or damaged)")
+        raise CheckpointError(f"{directory / TRAINING_STATE} lacks {missing} (not a training checkpoint, or damaged)")
     config = read_config(directory)
     model_state = read_tensors(directory / WEIGHTS_NAME, map_location)
-    optimizer_state = optimizer_state_from_flat(read_tensors(directory / "optimizer.safetensors", map_location),
-                                                read_json(directory / "optimizer.json"),
-                                                directory / "optimizer.json")
-    training_state["rng_tensors"] = read_tensors(directory / "rng.safetensors")
+    optimizer_state = optimizer_state_from_flat(read_tensors(directory / OPTIMIZER_TENSORS, map_location),
+                                                read_json(directory / OPTIMIZER_STATE),
+                                                directory / OPTIMIZER_STATE)
+    training_state["rng_tensors"] = read_tensors(directory / RNG_TENSORS)
     return config, model_state, optimizer_state, training_state
 
 
@@ -262,7 +217,7 @@ def optimizer_state_from_flat(tensors: Dict[str, torch.Tensor], meta: dict, sour
             state[key] = fields
         groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else dict(g) for g in meta["param_groups"]]
     except (KeyError, TypeError) as err:
-        raise CheckpointError(f"{source} does not match its optimizer.safetensors (missing {err})") from None
+        raise CheckpointError(f"{source} does not match its {OPTIMIZER_TENSORS} (missing {err})") from None
     return {"state": state, "param_groups": groups}
 
 

@@ -57,7 +57,7 @@ def estimate_step_memory(model_config: GoHConfig, train_config: TrainConfig,
         attention += cfg.n_heads * cfg.router_dim * (4 * cfg.router_rounds + 2) + 3 * cfg.n_heads ** 2
     ffn = FFN_FLOATS_PER_HIDDEN * cfg.hidden_dim
     attention_layers, per_token = cfg.n_layers, cfg.n_layers * (attention + ffn)
-    if cfg.model_type == "seq2seq":
+    if cfg.is_encoder_decoder:
         attention_layers += 2 * cfg.decoder_layers
         per_token += cfg.decoder_layers * (2 * attention + ffn)
     activations = BYTES_PER_FLOAT * tokens * (per_token + LOGIT_COPIES * cfg.vocab_size)

@@ -17,6 +17,7 @@ import torch
 
 from ..analysis.stats.metrics import coefficient_of_variation
 from ..config import GoHConfig
+from .run_dir import RunDir
 
 COLUMNS = ["step", "tokens", "lr", "loss", "lm_loss", "aux_loss", "aux_scale", "grad_norm", "val_loss",
            "tokens_per_s", "head_load_cv", "expert_load_cv", "active_heads"]
@@ -26,10 +27,10 @@ SOURCE_LOSS_PREFIX = "val_loss/"  # + source name: one validation loss per --dat
 class MetricsLogger:
     """Append metric rows to ``metrics.csv`` (only where ``enabled``, i.e. on rank 0)."""
 
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool = True, tensorboard: bool = True,
+    def __init__(self, run: RunDir, start_step: int, enabled: bool = True, tensorboard: bool = True,
                  extra_columns: Sequence[str] = ()) -> None:
         """``extra_columns`` (e.g. ``val_loss/<source>`` of a multi-source run) follow ``val_loss``."""
-        self.enabled, self.path, self._file, self._tb = enabled, Path(run_dir) / "metrics.csv", None, None
+        self.enabled, self.path, self._file, self._tb = enabled, run.metrics_file, None, None
         at = COLUMNS.index("val_loss") + 1
         self.columns = COLUMNS[:at] + [c for c in extra_columns if c not in COLUMNS] + COLUMNS[at:]
         if not enabled:
@@ -43,7 +44,7 @@ class MetricsLogger:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+                self._tb = SummaryWriter(log_dir=str(run.tensorboard_dir))
             except ImportError:  # optional extra: pip install gohgraph[tensorboard]
                 self._tb = None
 

@@ -20,7 +20,6 @@ encoder fine-tuned as a classifier, its classification head new.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,15 +36,12 @@ from ..data.objectives.mlm import mlm_eval_batches, mlm_train_batch
 from ..data.objectives.seq2seq import seq2seq_batches
 from ..models.encoder import GoHEncoder
 from ..models.seq2seq import GoHSeq2Seq
-from ..storage import CheckpointError, atomic_write_text, load_state_strict
+from ..storage import CheckpointError, load_state_strict
 from .checkpoint import (
-    FINAL_DIR,
     check_optimizer_parameters,
     check_same_config,
     initialise_from,
-    latest_checkpoint,
     load_checkpoint,
-    remove_stale_staging,
     restore_rng_state,
     save_checkpoint,
 )
@@ -54,11 +50,12 @@ from .interrupts import stop_signals
 from .memory import available_memory, check_step_fits, estimate_step_memory
 from .metrics import COLUMNS, MetricsLogger, routing_summary
 from .optim import build_optimizer
+from .run_dir import TRAINING_STATE, RunDir
 from .schedules import learning_rate, set_learning_rate
 from .seq2seq_metrics import evaluate_seq2seq
 from .trainer import TrainingDivergedError
 
-OBJECTIVE_FILE = "objective.json"
+OBJECTIVE_FILE = RunDir.OBJECTIVE  # its former name here
 
 # RoPE, not sinusoids: Vaswani's table has amplitude 1 against token embeddings of std init_std
 # (0.02), so without his sqrt(d_model) embedding scale the positions swamp token identity; the
@@ -161,15 +158,23 @@ def train_objective(objective: str, cfg: GoHConfig, tc: TrainConfig, data, run_d
     to ``tc.max_steps`` steps; writes under ``run_dir``, with ``data_path`` (the user data it was read
     from, ``None`` for the default corpus) and ``tokenizer`` (its spec) in ``objective.json``.
     ``resume``: continue the run's latest checkpoint (its model config must equal ``cfg``).
-    ``check_memory`` refuses, before anything is allocated, a step that cannot fit in memory."""
+    ``check_memory`` refuses, before anything is allocated, a step that cannot fit in memory.
+    The run directory's lock is held throughout (:meth:`RunDir.lock`): a second writer is refused."""
     check_objective_settings(tc, objective)
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     model_class = GoHSeq2Seq if objective == "seq2seq" else GoHEncoder
     if check_memory:
         check_step_fits(estimate_step_memory(cfg, tc, model_class), available_memory(torch.device("cpu")), tc, cfg)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint; start a new run without --resume")
+    if resume and run.latest_checkpoint() is None:
+        raise ValueError(f"nothing to resume: {run.path} holds no checkpoint; start a new run without --resume")
+    with run.lock(notice=log):  # before the checkpoint is read and anything written
+        return _train_objective(objective, model_class, cfg, tc, data, run, log, data_path, tokenizer, resume,
+                                progress)
+
+
+def _train_objective(objective: str, model_class, cfg: GoHConfig, tc: TrainConfig, data, run: RunDir, log,
+                     data_path: Optional[str], tokenizer: str, resume: bool, progress: bool) -> ObjectiveResult:
+    checkpoint = run.latest_checkpoint() if resume else None
     started = time.perf_counter()
     torch.manual_seed(tc.seed)
     model = model_class(cfg).train()
@@ -182,26 +187,24 @@ def train_objective(objective: str, cfg: GoHConfig, tc: TrainConfig, data, run_d
         log(f"initialised from {tc.init_from}" + (f"; new head: {', '.join(fresh)}" if fresh else ""))
     next_batch = _training_batches(objective, data, tc, SpecialTokens.of_model(cfg))
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in remove_stale_staging(run_dir):
+    run.path.mkdir(parents=True, exist_ok=True)
+    for leftover in run.remove_stale_staging():
         log(f"removed {leftover}, left by a save that was killed before it completed")
-    atomic_write_text(run_dir / OBJECTIVE_FILE, json.dumps({"objective": objective, "seq_len": tc.seq_len,
-                                                            "labels": getattr(data, "labels", None),
-                                                            "data": data_path, "tokenizer": tokenizer},
-                                                           indent=2) + "\n")
-    atomic_write_text(run_dir / "train_config.json", tc.to_json() + "\n")
-    metrics_path = run_dir / "metrics.json"
+    run.write_objective({"objective": objective, "seq_len": tc.seq_len, "labels": getattr(data, "labels", None),
+                         "data": data_path, "tokenizer": tokenizer})
+    run.write_train_config(tc)
+    metrics_path = run.evaluations_file
     last_checkpoint, step, interrupted = checkpoint, start_step, False
 
     def save(at_step: int) -> Path:
         state = {"objective": objective, "tokens_seen": tokens_seen, "val_history": history,
                  "train_config": tc.to_dict(), "data": data_path, "optimizer_param_names": optimizer.param_names}
         with stop.saving():
-            return save_checkpoint(run_dir, at_step, cfg, model.state_dict(), optimizer.state_dict(), state,
+            return save_checkpoint(run.path, at_step, cfg, model.state_dict(), optimizer.state_dict(), state,
                                    tc.keep_last)
 
     bar = tqdm(total=tc.max_steps, initial=start_step, disable=not progress, desc=objective, dynamic_ncols=True)
-    step_log = MetricsLogger(run_dir, start_step, tensorboard=tc.tensorboard, extra_columns=_EXTRA_COLUMNS[objective])
+    step_log = MetricsLogger(run, start_step, tensorboard=tc.tensorboard, extra_columns=_EXTRA_COLUMNS[objective])
     train_seconds, timed_tokens = 0.0, 0  # optimizer steps only: evaluation and saving excluded
     with stop_signals() as stop:
         try:
@@ -231,7 +234,7 @@ def train_objective(objective: str, cfg: GoHConfig, tc: TrainConfig, data, run_d
                     metrics = evaluate_objective(model, objective, data, tc.batch_size, tc.seq_len,
                                                  tc.eval_batches)
                     history.append({"step": step, **metrics})
-                    atomic_write_text(metrics_path, json.dumps(history, indent=2) + "\n")
+                    run.write_evaluations(history)
                     if step < tc.max_steps:
                         log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 if step % tc.log_every == 0 or metrics is not None or step == start_step + 1:
@@ -255,8 +258,8 @@ def train_objective(objective: str, cfg: GoHConfig, tc: TrainConfig, data, run_d
                                                                tc.eval_batches)})
         final = {k: v for k, v in history[-1].items() if k != "step"}
         with stop.saving():
-            final_path = model.save_pretrained(run_dir / FINAL_DIR)
-            atomic_write_text(metrics_path, json.dumps(history, indent=2) + "\n")
+            final_path = model.save_pretrained(run.final_dir)
+            run.write_evaluations(history)
     return ObjectiveResult(model, final, history, final_path, metrics_path, time.perf_counter() - started,
                            step, last_checkpoint)
 
@@ -270,7 +273,7 @@ def _restore(checkpoint: Path, objective: str, cfg: GoHConfig, model: torch.nn.M
                               f"{saved.get('objective', 'lm')!r}, not {objective!r}")
     check_same_config(saved_config, cfg, checkpoint)
     if saved.get("optimizer_param_names") is None:  # every objective checkpoint records them
-        raise CheckpointError(f"{checkpoint}: training_state.json lacks optimizer_param_names (damaged)")
+        raise CheckpointError(f"{checkpoint}: {TRAINING_STATE} lacks optimizer_param_names (damaged)")
     check_optimizer_parameters(saved["optimizer_param_names"], optimizer.param_names, checkpoint)
     load_state_strict(model, model_state, checkpoint)
     try:

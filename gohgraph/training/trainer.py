@@ -35,15 +35,12 @@ from ..models.decoder import GoHOutput, GoHTransformer
 from ..parallel import data_parallel as D
 from ..parallel import expert_parallel as EP
 from ..parallel import tensor_parallel as TP
-from ..storage import CheckpointError, atomic_write_text, load_state_strict
+from ..storage import CheckpointError, load_state_strict
 from .checkpoint import (
-    FINAL_DIR,
     check_optimizer_parameters,
     check_same_config,
     initialise_from,
-    latest_checkpoint,
     load_checkpoint,
-    remove_stale_staging,
     restore_rng_state,
     save_checkpoint,
 )
@@ -53,6 +50,7 @@ from .interrupts import stop_signals
 from .memory import available_memory, check_step_fits, estimate_step_memory
 from .metrics import MetricsLogger, routing_summary, source_loss_column
 from .optim import build_optimizer
+from .run_dir import RunDir
 from .schedules import dense_to_sparse_schedule, learning_rate, recursion_capacity_warmup, set_learning_rate
 
 # per-rank seeds are seed + stride * rank (+ step on resume): a prime far above any step count, so
@@ -145,9 +143,11 @@ def train(model_config: GoHConfig, train_config: TrainConfig, corpus: Union[Corp
     ``resume`` continues ``run_dir``'s latest checkpoint (an error when it has none: starting
     afresh would overwrite the run's saved configs). ``check_memory`` refuses, before anything is
     allocated, a step that cannot fit in this machine's memory (:mod:`gohgraph.training.memory`).
+    The main process holds ``run_dir``'s lock while it trains (:meth:`RunDir.lock`): a second
+    writer is refused with :class:`~gohgraph.training.run_dir.RunDirLockedError`.
     """
     tc, run_dir = train_config, Path(run_dir)
-    if resume and latest_checkpoint(run_dir) is None:
+    if resume and RunDir(run_dir).latest_checkpoint() is None:
         raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint; start a new run without "
                          "--resume (resume=False)")
     if tc.seq_len + 1 > model_config.max_seq_len:
@@ -177,6 +177,8 @@ def train(model_config: GoHConfig, train_config: TrainConfig, corpus: Union[Corp
         check_step_fits(memory, available_memory(ctx.device), tc, model_config)
     try:
         with contextlib.ExitStack() as exits:
+            if ctx.is_main:  # before the checkpoint is read and anything written
+                exits.enter_context(RunDir(run_dir).lock(notice=lambda line: _log(True, line)))
             return _train(model_config, tc, corpus, run_dir, resume, progress, ctx, exits)
     finally:
         D.shutdown(ctx)
@@ -194,10 +196,11 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
     # under tensor parallelism the ranks are one data rank: same batch, same dropout and router noise
     data_ranks = _data_ranks(tc, ctx)
     data_rank = ctx.rank if data_ranks > 1 else 0
+    run = RunDir(run_dir)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     model = GoHTransformer(model_config)
     start_step, tokens_seen, history = 0, 0, []
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    checkpoint = run.latest_checkpoint() if resume else None
     saved_optimizer = None
     if checkpoint is not None:
         saved_config, model_state, saved_optimizer, saved = load_checkpoint(checkpoint)
@@ -237,13 +240,13 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in remove_stale_staging(run_dir):
+        for leftover in run.remove_stale_staging():
             _log(progress, f"removed {leftover}, left by a save that was killed before it completed")
-        atomic_write_text(run_dir / "train_config.json", tc.to_json() + "\n")
-        atomic_write_text(run_dir / "model_config.json", model_config.to_json() + "\n")
+        run.write_train_config(tc)
+        run.write_model_config(model_config)
         corpus.save_tokenizer(run_dir)
     val_sets = validation_sets(corpus)  # {} for a single corpus: one val_loss, as always
-    metrics = MetricsLogger(run_dir, start_step, enabled=ctx.is_main, tensorboard=tc.tensorboard,
+    metrics = MetricsLogger(run, start_step, enabled=ctx.is_main, tensorboard=tc.tensorboard,
                             extra_columns=[source_loss_column(name) for name in val_sets])
     val_by_source: Dict[str, float] = {}
     autocast = _autocast(ctx.device, tc.dtype)
@@ -272,7 +275,7 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
             path = save_checkpoint(run_dir, at_step, model_config, model_state, optimizer_state,
                                    state, tc.keep_last)
         D.barrier(ctx)
-        return path or run_dir / "checkpoints" / f"step_{at_step:06d}"
+        return path or run.checkpoint_dir(at_step)
 
     bar = _progress_bar(progress and ctx.is_main, start_step, tc.max_steps)
     train_seconds, timed_tokens = 0.0, 0  # optimizer steps only: evaluation and saving excluded
@@ -356,13 +359,13 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
     final_path = None
     if not interrupted and ctx.is_main:
         with stop.saving():
-            final_path = model.save_pretrained(run_dir / FINAL_DIR)
+            final_path = model.save_pretrained(run.final_dir)
             corpus.save_tokenizer(final_path)
     return TrainResult(
         final_val_loss=history[-1][2] if history else float("nan"), val_history=history,
         tokens_per_s=timed_tokens / train_seconds if train_seconds > 0 else 0.0, model=model,
         checkpoint_path=last_checkpoint, final_path=final_path, steps=step, tokens_seen=tokens_seen,
-        interrupted=interrupted, metrics_path=run_dir / "metrics.csv", losses=losses,
+        interrupted=interrupted, metrics_path=run.metrics_file, losses=losses,
         val_tokens=sum(eval_windows(len(tokens), tc.batch_size, tc.seq_len, tc.eval_batches) * tc.seq_len
                        for tokens in (val_sets or {"": corpus.val}).values()),
         val_by_source=val_by_source, compiled=forward.compiled)

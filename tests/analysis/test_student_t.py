@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from gohgraph.analysis.compare.report import is_tie
 from gohgraph.analysis.student_t import regularized_incomplete_beta, student_t_cdf, student_t_quantile
+from gohgraph.experiments.report import is_tie
 
 # two-sided 95% critical values (the 0.975 quantile), as printed in every statistics table
 TABLE_975 = {1: 12.706, 2: 4.303, 3: 3.182, 5: 2.571, 10: 2.228, 11: 2.201, 12: 2.179, 20: 2.086, 30: 2.042,

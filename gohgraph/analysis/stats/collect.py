@@ -232,7 +232,7 @@ def collect_routing_stats(model: torch.nn.Module, batches: Iterable[Batch],
     ``(input_ids, attention_mask)`` pairs (padding is then masked in the model and left out of
     every statistic). The model's training mode is restored afterwards. ``progress`` shows a tqdm bar.
     """
-    if model.config.model_type == "seq2seq":
+    if model.config.is_encoder_decoder:
         raise ValueError("a seq2seq model routes three attention kinds: use "
                          "gohgraph.analysis.stats.kinds.collect_routing_stats_by_kind")
     stats = RoutingStats(model.config)

@@ -45,7 +45,7 @@ __all__ = ["SEQ2SEQ_KINDS", "KindRoutingStats", "collect_routing_stats_by_kind",
 
 def kind_layers(config: GoHConfig) -> Dict[str, int]:
     """``{kind: number of layer records}`` of a seq2seq model."""
-    if config.model_type != "seq2seq":
+    if not config.is_encoder_decoder:
         raise ValueError(f"routing per attention kind needs model_type='seq2seq', got {config.model_type!r}")
     depth = {"encoder": config.n_layers, "decoder_self": config.decoder_layers, "cross": config.decoder_layers}
     return {kind: depth[kind] for kind in SEQ2SEQ_KINDS}

@@ -21,7 +21,7 @@ class SpecialTokens:
     @classmethod
     def of_model(cls, config) -> "SpecialTokens":
         """The specials of a model trained by an objective: ``eos`` for ``model_type='seq2seq'``."""
-        with_eos = config.model_type == "seq2seq"
+        with_eos = config.is_encoder_decoder
         return cls(config.vocab_size - 3 - int(with_eos), with_eos)
 
     @property

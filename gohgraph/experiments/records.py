@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from ...training.config import TrainConfig
+from ..training.config import TrainConfig
 from .variants import MatchedVariant
 
 

@@ -16,9 +16,9 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
-from ...config import GoHConfig
-from ...models.decoder import GoHTransformer
-from ...moe.layer import MoEFeedForward
+from ..config import GoHConfig
+from ..models.decoder import GoHTransformer
+from ..moe.layer import MoEFeedForward
 
 VARIANT_NAMES = ("dense", "MoH", "GoH", "SMoE", "fine-grained SMoE", "MH-MoE", "GoH-MoE")
 # one row per FFN kind with linear="bitnet" (MH-MoE's Table 3: dense, SMoE, fine-grained SMoE and

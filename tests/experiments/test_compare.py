@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from gohgraph import GoHConfig, GoHTransformer
-from gohgraph.analysis.compare.records import Comparison, SeedRun, TrainingCost
-from gohgraph.analysis.compare.report import is_tie, paired_difference, render_table
-from gohgraph.analysis.compare.run import run_comparison
-from gohgraph.analysis.compare.variants import (
+from gohgraph.analysis.timing import interleaved_median_seconds, saved_tensor_bytes
+from gohgraph.data.corpus import load_corpus
+from gohgraph.experiments.records import Comparison, SeedRun, TrainingCost
+from gohgraph.experiments.report import is_tie, paired_difference, render_table
+from gohgraph.experiments.run import run_comparison
+from gohgraph.experiments.variants import (
     SETTINGS,
     VARIANT_NAMES,
     MatchedVariant,
@@ -21,8 +23,6 @@ from gohgraph.analysis.compare.variants import (
     comparison_variants,
     match_parameters,
 )
-from gohgraph.analysis.timing import interleaved_median_seconds, saved_tensor_bytes
-from gohgraph.data.corpus import load_corpus
 from gohgraph.training.config import TrainConfig
 
 
@@ -269,7 +269,7 @@ def test_matching_on_active_parameters_grows_the_expert_models():
 
 
 def test_every_row_names_the_released_code_it_computes():
-    from gohgraph.analysis.compare.variants import reference_of
+    from gohgraph.experiments.variants import reference_of
 
     rows = {name: reference_of(cfg) for name, cfg in comparison_variants(**SETTINGS["quick"][0]).items()}
     assert "SkyworkAI/MoH's gating" in rows["MoH"] and "MoH gating" in rows["GoH"]
@@ -284,7 +284,7 @@ def test_every_row_names_the_released_code_it_computes():
 def test_loss_figure_says_which_batches_each_panel_saw(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from gohgraph.analysis.compare.report import plot_loss_curves
+    from gohgraph.experiments.report import plot_loss_curves
 
     saved = {}
     monkeypatch.setattr(plt.Figure, "savefig", lambda self, *args, **kwargs: saved.setdefault("figure", self))
@@ -302,7 +302,7 @@ def test_loss_figure_says_which_batches_each_panel_saw(tmp_path, monkeypatch):
     dots = sorted(float(y) for points in final.collections for y in points.get_offsets()[:, 1])
     assert dots == pytest.approx(sorted(finals["dense"] + finals["GoH"]))
 def test_bitnet_rows_are_their_full_precision_rows_with_bitnet_and_match_the_same():
-    from gohgraph.analysis.compare.variants import BITNET_OF, BITNET_VARIANT_NAMES, reference_of
+    from gohgraph.experiments.variants import BITNET_OF, BITNET_VARIANT_NAMES, reference_of
 
     names = ["dense", *BITNET_OF[1:], *BITNET_VARIANT_NAMES]
     variants = comparison_variants(**SETTINGS["quick"][0], names=names)
@@ -314,8 +314,8 @@ def test_bitnet_rows_are_their_full_precision_rows_with_bitnet_and_match_the_sam
 
 
 def test_bench_bitnet_runs_table_3_in_one_command(tmp_path, capsys, bench_data):
-    from gohgraph.analysis.compare.variants import BITNET_VARIANT_NAMES
     from gohgraph.cli.main import main
+    from gohgraph.experiments.variants import BITNET_VARIANT_NAMES
 
     out = tmp_path / "bench"
     code = main(["bench", "--quick", "--bitnet", "--steps", "1", "--seeds", "1", "--data", str(bench_data),
@@ -329,7 +329,7 @@ def test_bench_bitnet_runs_table_3_in_one_command(tmp_path, capsys, bench_data):
 
 
 def test_mor_rows_match_parameters_or_depth():
-    from gohgraph.analysis.compare.variants import MOR_VARIANT_NAMES, reference_of
+    from gohgraph.experiments.variants import MOR_VARIANT_NAMES, reference_of
 
     variants = comparison_variants(**SETTINGS["quick"][0], names=["dense", *MOR_VARIANT_NAMES])
     shape = SETTINGS["quick"][0]

@@ -4,9 +4,9 @@ matched total parameters, trained on the same tokens with the same seeds and sch
 Every variant is a :class:`~gohgraph.GoHConfig` (DESIGN.md §1), so the comparison only changes
 config fields. The steps, in the order :func:`run_comparison` runs them:
 
-1. :func:`~gohgraph.analysis.compare.variants.comparison_variants` - the seven configurations of
+1. :func:`~gohgraph.experiments.variants.comparison_variants` - the seven configurations of
    one model shape, each changing one thing against dense.
-2. :func:`~gohgraph.analysis.compare.variants.match_parameters` - every variant resized to the
+2. :func:`~gohgraph.experiments.variants.match_parameters` - every variant resized to the
    dense model's parameter count, the mismatch recorded.
 3. :func:`gohgraph.training.trainer.train` per (seed, variant), seed-major so machine noise spreads over all
    variants; the final validation loss over a fixed validation set; routing statistics from
@@ -14,8 +14,8 @@ config fields. The steps, in the order :func:`run_comparison` runs them:
 4. :func:`measure_training_cost` - training throughput of every variant, timed interleaved
    (dense, MoH, ..., dense, MoH, ...) and reduced by the median, plus the memory one training step
    holds (deterministic: see :class:`TrainingCost`).
-5. :func:`~gohgraph.analysis.compare.report.render_table` (Markdown, ``compare.md``) and
-   :func:`~gohgraph.analysis.compare.report.plot_loss_curves` (``compare_loss.png``).
+5. :func:`~gohgraph.experiments.report.render_table` (Markdown, ``compare.md``) and
+   :func:`~gohgraph.experiments.report.plot_loss_curves` (``compare_loss.png``).
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ...config import GoHConfig
-from ...data.batches import eval_batches, train_batch
-from ...data.corpus import Corpus
-from ...models.decoder import GoHTransformer
-from ...training.config import TrainConfig
-from ...training.trainer import evaluate, train
-from ..flops import count_flops
-from ..stats.collect import collect_routing_stats
-from ..timing import interleaved_median_seconds, saved_tensor_bytes
+from ..analysis.flops import count_flops
+from ..analysis.stats.collect import collect_routing_stats
+from ..analysis.timing import interleaved_median_seconds, saved_tensor_bytes
+from ..config import GoHConfig
+from ..data.batches import eval_batches, train_batch
+from ..data.corpus import Corpus
+from ..models.decoder import GoHTransformer
+from ..training.config import TrainConfig
+from ..training.trainer import evaluate, train
 from .records import Comparison, SeedRun, TrainingCost
 from .report import plot_loss_curves, render_table
 from .variants import MatchedVariant

@@ -1,4 +1,4 @@
-"""The comparison table and plot from a :class:`~gohgraph.analysis.compare.records.Comparison`: Markdown
+"""The comparison table and plot from a :class:`~gohgraph.experiments.records.Comparison`: Markdown
 (:func:`render_table`) and matplotlib (:func:`plot_loss_curves`); the arithmetic of the table
 (:func:`loss_summary`, :func:`bits_per_byte`, :func:`is_tie`) lives here so tests can check it alone.
 """
@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..student_t import student_t_quantile
+from ..analysis.student_t import student_t_quantile
 from .records import Comparison
 from .variants import reference_of
 
