@@ -174,7 +174,6 @@ MODEL_TYPE_SWITCHES = {
     "gohgraph.cli.eval": 1,
     "gohgraph.cli.generate": 6,
     "gohgraph.cli.objectives": 1,
-    "gohgraph.cli.stats": 1,
     "gohgraph.cli.train": 1,
     "gohgraph.cli.viz": 3,
     "gohgraph.parallel.tensor_parallel": 1,
