@@ -224,7 +224,7 @@ class GoHConfig:
     recursion_scorer: str = _in("recursion", "linear")
     # DESIGN.md §17: "gather" runs each recursion only on the tokens that take it, "masked" runs it
     # on every token and discards the rest (the reference), "auto" gathers where it can
-    # (gohgraph.models.recursion.gathers_recursions). How it runs, not what: no weight depends on it
+    # (gohgraph.models.recursion.can_gather_recursions). How it runs, not what: no weight depends on it
     recursion_execution: str = _in("recursion", "auto")
 
     # ---- feed-forward experts

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import GoHConfig
 from ..routing import LayerRouting
-from .head_sparse import head_sparse_attention, picks_head_sparse
+from .head_sparse import DECODE_MAX_QUERIES, head_sparse_attention, picks_head_sparse, project_active_heads
 from .kv_cache import KVCache
 from .linear import make_linear
 from .positions import build_query_key_positions, build_score_positions
@@ -137,7 +137,8 @@ class GoHAttention(nn.Module):
         else:
             attn_mask, is_causal = attention_mask(q, k.shape[2], causal, mask, not cross, self.sliding_window,
                                                   self.score_bias if not cross else None, bias)
-        if self.head_routing is not None and self._skips_heads(head_gates, q.shape[2], k.shape[2]):
+        sparse = self.head_routing is not None and self._skips_heads(head_gates, q.shape[2], k.shape[2])
+        if sparse:
             attn = head_sparse_attention(q, k, v, head_gates != 0, self.n_shared_heads, attn_mask, is_causal,
                                          causal_keys=causal and not cross and not all_slots, scale=self.scale)
         else:  # the reference: every head attends, the gates zero the inactive ones
@@ -149,6 +150,9 @@ class GoHAttention(nn.Module):
         attn = attn.transpose(1, 2)  # [batch, seq, heads, head_dim]
         if self.head_routing is not None:
             attn = self.head_routing.mix(attn, head_gates, head_mixing)
+        if sparse and seq <= DECODE_MAX_QUERIES and type(self.out) is nn.Linear:
+            # a decode step reads only the active heads' columns of W_O (rows of inactive heads are 0)
+            return project_active_heads(attn, head_gates != 0, self.out.weight, self.out.bias), routing
         y = self.out(attn.reshape(batch, seq, heads * head_dim))
         return y, routing
 

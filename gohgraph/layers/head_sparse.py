@@ -15,9 +15,10 @@ outside :math:`A_t` are zero) give the same layer output and the same gradients.
 Two kernels, picked by the number of queries:
 
 * **head runs** (decoding, ``q_len <= DECODE_MAX_QUERIES``): per batch row, the heads active for
-  any of its queries form runs of consecutive heads; one SDPA per run on *views* of the cache
-  (copying the active heads' cache rows out first costs more than it saves: DESIGN.md §17), so a
-  step reads only the active heads' keys and values.
+  any of its queries form runs of consecutive heads; each run attends by two matmuls on *views* of
+  the cache (copying the active heads' cache rows out first costs more than it saves, and CPU's fused
+  kernel gives a one-query head a single thread), so a step reads only the active heads' keys and
+  values.
 * **query chunks** (training, prefill): the always-on (shared) heads run the fused kernel over every
   query. For the routed heads the queries are cut into chunks of ``QUERY_CHUNK`` positions; in a
   chunk each routed head gathers its active queries (padded to the chunk's busiest head, the pads
@@ -44,27 +45,34 @@ QUERY_CHUNK = 512
 PREFIX_GROUP = None
 # up to this many queries per call the head-runs kernel is used (a decode step, or a few tokens)
 DECODE_MAX_QUERIES = 4
-# "auto" runs head-sparse from these sizes on (below them the masked reference is as fast or faster:
-# per-call overhead outweighs the skipped work; measured by benchmarks/bench_head_sparse.py)
-MIN_SPARSE_DECODE_KEYS = 1024
-MIN_SPARSE_QUERIES = 1024
+# "auto" decodes head-sparse from this many keys on (below, the masked reference is as fast: the
+# per-run calls cost what the skipped cache reads save; benchmarks/bench_head_sparse.py)
+MIN_SPARSE_DECODE_KEYS = 2048
+# ... and runs the query-chunk kernel (training, prefill) from this many queries on: None = never.
+# Measured on 2 CPU cores (benchmarks/results/head_sparse_user_shapes_run2.md, head_sparse_train_8k.md):
+# it cuts the step's FLOPs by 10% at 8 of 12 heads but not its time (1,024-8,192 tokens: 0.96-1.01x
+# of masked), since the gathers and the prefix-gradient sums eat what the kernels save
+MIN_SPARSE_QUERIES: Optional[int] = None
 
 
 def picks_head_sparse(mode: str, head_gates: torch.Tensor, q_len: int, k_len: int, dropout: float = 0.0,
                       sharded: bool = False) -> bool:
     """The one rule that picks head-sparse or masked execution for a call (``cfg.head_execution``).
 
-    ``"masked"`` never skips; ``"sparse"`` skips whenever it can; ``"auto"`` skips when it can and the
-    shape is large enough to pay (decoding over at least :data:`MIN_SPARSE_DECODE_KEYS` keys, or at
-    least :data:`MIN_SPARSE_QUERIES` queries). It cannot (masked then) while the dense blend anneals
+    ``"masked"`` never skips; ``"sparse"`` skips whenever it can; ``"auto"`` skips when it can and
+    where it was measured to pay: decoding over at least :data:`MIN_SPARSE_DECODE_KEYS` keys (and
+    calls of at least :data:`MIN_SPARSE_QUERIES` queries, never by default on CPU). It cannot (masked then) while the dense blend anneals
     (every head carries weight), under attention dropout (the reference draws one mask for all
     heads), under tensor parallelism (``sharded``: heads split over ranks) and inside
     ``torch.compile`` (the kernels branch on the routing).
     """
     if mode == "masked" or dropout > 0 or sharded or torch.compiler.is_compiling():
         return False
-    if mode == "auto" and (k_len < MIN_SPARSE_DECODE_KEYS if q_len <= DECODE_MAX_QUERIES else q_len < MIN_SPARSE_QUERIES):
-        return False
+    if mode == "auto":
+        if q_len <= DECODE_MAX_QUERIES and k_len < MIN_SPARSE_DECODE_KEYS:
+            return False
+        if q_len > DECODE_MAX_QUERIES and (MIN_SPARSE_QUERIES is None or q_len < MIN_SPARSE_QUERIES):
+            return False
     # a dense blend > 0 leaves no gate at 0: nothing to skip
     return not bool(head_gates.ne(0).all())
 
@@ -146,15 +154,65 @@ def _attend_by_head_runs(q, k, v, active, attn_mask, is_causal, scale) -> torch.
                 pieces.append(q.new_zeros(1, run.start - done, q_len, v.shape[-1]))
             kv, gqa = _kv_range(run, group)
             heads_run = slice(run.start, run.stop)
-            pieces.append(F.scaled_dot_product_attention(
-                q[b:b + 1, heads_run], k[b:b + 1, kv], v[b:b + 1, kv],
-                attn_mask=_mask_rows(attn_mask, b, heads_run), is_causal=is_causal, scale=scale,
-                enable_gqa=gqa and run.stop - run.start > 1))
+            pieces.append(RUN_ATTENTION(q[b:b + 1, heads_run], k[b:b + 1, kv], v[b:b + 1, kv],
+                                        _mask_rows(attn_mask, b, heads_run), is_causal, scale,
+                                        gqa and run.stop - run.start > 1))
             done = run.stop
         if done < heads:
             pieces.append(q.new_zeros(1, heads - done, q_len, v.shape[-1]))
         rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
     return torch.cat(rows, dim=0) if batch > 1 else rows[0]
+
+
+def project_active_heads(heads_out: torch.Tensor, active: torch.Tensor, weight: torch.Tensor,
+                         bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The output projection ``y = W_O o + b`` of a few queries reading only the active heads'
+    columns of ``W_O``: ``heads_out [batch, q_len, heads, d_v]`` (zero on inactive heads, whose
+    columns therefore add nothing), ``active [batch, q_len, heads]``, ``weight [d_model, heads * d_v]``
+    -> ``[batch, q_len, d_model]``. Each run of active heads is one matmul on a column view of
+    ``W_O`` (no copy): a decode step is bound by reading weights, so a third of the heads off
+    is a third of ``W_O`` not read."""
+    batch, q_len, heads, d_v = heads_out.shape
+    on = active.any(dim=1).tolist()
+    rows = []
+    for b in range(batch):
+        y = None
+        for run in _head_runs(on[b], 1):
+            part = torch.matmul(heads_out[b, :, run.start:run.stop].reshape(q_len, -1),
+                                weight[:, run.start * d_v:run.stop * d_v].t())
+            y = part if y is None else y + part
+        if y is None:
+            y = heads_out.new_zeros(q_len, weight.shape[0])
+        rows.append(y if bias is None else y + bias)
+    return torch.stack(rows)
+
+
+def _fused_run_attention(q, k, v, attn_mask, is_causal, scale, gqa) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=gqa)
+
+
+def _matmul_run_attention(q, k, v, attn_mask, is_causal, scale, gqa) -> torch.Tensor:
+    """``softmax(q k^T s + mask) v`` by two matmuls, for a run of heads with a few queries each.
+
+    With one query per head, CPU's fused kernel gives each head one thread, so a run of one head
+    leaves the other threads idle; the matmuls split the keys over every thread instead. Scores
+    and softmax in float32 (as the fused kernel accumulates). ``gqa``: ``k, v`` hold one kv head
+    that every query head of the run reads (broadcast by the matmul)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-1, -2))  # [1, run, q_len, k_len]
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
+    if is_causal:
+        scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1),
+                                    float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+            else scores + attn_mask.to(scores.dtype)
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+
+
+# how a run of heads attends at decode: measured by benchmarks/bench_head_sparse.py
+RUN_ATTENTION = _matmul_run_attention
 
 
 def _attend_by_query_chunks(q, k, v, active, n_always_on, attn_mask, is_causal, causal_keys, scale) -> torch.Tensor:
