@@ -45,9 +45,11 @@ QUERY_CHUNK = 512
 PREFIX_GROUP = None
 # up to this many queries per call the head-runs kernel is used (a decode step, or a few tokens)
 DECODE_MAX_QUERIES = 4
-# "auto" decodes head-sparse from this many keys on (below, the masked reference is as fast: the
-# per-run calls cost what the skipped cache reads save; benchmarks/bench_head_sparse.py)
-MIN_SPARSE_DECODE_KEYS = 2048
+# "auto" decodes head-sparse when the cache rows it skips, keys x share of (query, head) pairs off,
+# reach this many (below, the per-run calls cost what the skipped reads save). Measured on 2 CPU cores
+# (benchmarks/results/head_sparse_user_shapes_*.md): 8 of 12 heads after 2,048 keys (683 skipped)
+# was a wash, 4 of 12 after 2,048 (1,365) and 8 of 12 after 8,192 (2,731) paid
+MIN_SKIPPED_DECODE_KEYS = 1024
 # ... and runs the query-chunk kernel (training, prefill) from this many queries on: None = never.
 # Measured on 2 CPU cores (benchmarks/results/head_sparse_user_shapes_run2.md, head_sparse_train_8k.md):
 # it cuts the step's FLOPs by 10% at 8 of 12 heads but not its time (1,024-8,192 tokens: 0.96-1.01x
@@ -60,21 +62,23 @@ def picks_head_sparse(mode: str, head_gates: torch.Tensor, q_len: int, k_len: in
     """The one rule that picks head-sparse or masked execution for a call (``cfg.head_execution``).
 
     ``"masked"`` never skips; ``"sparse"`` skips whenever it can; ``"auto"`` skips when it can and
-    where it was measured to pay: decoding over at least :data:`MIN_SPARSE_DECODE_KEYS` keys (and
-    calls of at least :data:`MIN_SPARSE_QUERIES` queries, never by default on CPU). It cannot (masked then) while the dense blend anneals
+    where it was measured to pay: a decode step whose skipped cache rows (keys x share of pairs off)
+    reach :data:`MIN_SKIPPED_DECODE_KEYS` (and calls of at least :data:`MIN_SPARSE_QUERIES` queries,
+    never by default on CPU). It cannot (masked then) while the dense blend anneals
     (every head carries weight), under attention dropout (the reference draws one mask for all
     heads), under tensor parallelism (``sharded``: heads split over ranks) and inside
     ``torch.compile`` (the kernels branch on the routing).
     """
     if mode == "masked" or dropout > 0 or sharded or torch.compiler.is_compiling():
         return False
+    off = float(head_gates.eq(0).float().mean())  # one host sync; a dense blend > 0 leaves no gate at 0
+    if off == 0.0:
+        return False
     if mode == "auto":
-        if q_len <= DECODE_MAX_QUERIES and k_len < MIN_SPARSE_DECODE_KEYS:
-            return False
-        if q_len > DECODE_MAX_QUERIES and (MIN_SPARSE_QUERIES is None or q_len < MIN_SPARSE_QUERIES):
-            return False
-    # a dense blend > 0 leaves no gate at 0: nothing to skip
-    return not bool(head_gates.ne(0).all())
+        if q_len <= DECODE_MAX_QUERIES:
+            return k_len * off >= MIN_SKIPPED_DECODE_KEYS
+        return MIN_SPARSE_QUERIES is not None and q_len >= MIN_SPARSE_QUERIES
+    return True
 
 
 def head_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor,

@@ -117,8 +117,9 @@ def test_the_rule_picks_sparse_only_when_something_can_be_skipped():
     assert not picks_head_sparse("masked", gates, q_len=4096, k_len=4096)
     assert not picks_head_sparse("auto", gates, q_len=16, k_len=16)  # tiny shapes stay masked
     assert not picks_head_sparse("auto", gates, q_len=8192, k_len=8192)  # training: measured no faster on CPU
-    assert picks_head_sparse("auto", gates, q_len=1, k_len=head_sparse.MIN_SPARSE_DECODE_KEYS)
-    assert not picks_head_sparse("auto", gates, q_len=1, k_len=head_sparse.MIN_SPARSE_DECODE_KEYS - 1)
+    # decoding: sparse once the skipped cache rows (keys x share of pairs off, here 1/3) pay
+    assert picks_head_sparse("auto", gates, q_len=1, k_len=3 * head_sparse.MIN_SKIPPED_DECODE_KEYS)
+    assert not picks_head_sparse("auto", gates, q_len=1, k_len=3 * head_sparse.MIN_SKIPPED_DECODE_KEYS - 3)
     assert not picks_head_sparse("sparse", torch.ones(1, 1, 3), q_len=4, k_len=4)  # dense blend: nothing off
     assert not picks_head_sparse("sparse", gates, q_len=4, k_len=4, dropout=0.1)
     assert not picks_head_sparse("sparse", gates, q_len=4, k_len=4, sharded=True)
