@@ -20,8 +20,8 @@ One run of ``gohgraph train`` (any ``--objective``) writes one directory::
 Saves killed mid-write leave staging folders (``checkpoints/.step_000100.<random>``) and temp files
 (``.<name>.<random>.tmp``); :meth:`RunDir.remove_stale_staging` deletes them when a run starts.
 
-The lock makes one process the writer of a run. It is created atomically (``O_CREAT | O_EXCL``)
-and holds JSON ``{"pid", "host", "started", ...}``. A second writer is refused with a
+The lock makes one process the writer of a run. It is created atomically, already holding its
+content (a private file hard-linked into place, which fails if the lock exists), and holds JSON ``{"pid", "host", "started", ...}``. A second writer is refused with a
 :class:`RunDirLockedError` (a ``ValueError``: the CLI prints it in one line) naming the directory
 and the pid holding it. A lock whose pid is no longer alive on this host (a run that was killed)
 is stale: it is taken over with a one-line notice. A lock from another host cannot be checked
@@ -37,6 +37,7 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Union
@@ -299,9 +300,10 @@ _HELD: Dict[str, int] = {}  # locks this process holds -> how many nested holds
 
 def _acquire(run: RunDir, notice: Notice) -> None:
     path = run.lock_file
+    path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(_LOCK_TRIES):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            _create_with_content(path, json.dumps(_this_process()) + "\n")
         except FileExistsError:
             holder = _read_holder(path)
             if holder is None:  # released between our create and our read
@@ -312,13 +314,24 @@ def _acquire(run: RunDir, notice: Notice) -> None:
             if _take_over(path, holder):
                 notice(f"note: took over {path}: {why}")
             continue
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(_this_process()) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
         return
     raise RunDirLockedError(f"run dir {run.path}: could not take {path} in {_LOCK_TRIES} attempts (other "
                             "processes keep taking it); wait for them, or choose another --name/--run-dir")
+
+
+def _create_with_content(path: Path, text: str) -> None:
+    """Create ``path`` holding ``text`` in one atomic step, or raise ``FileExistsError``: the content
+    is written to a private file first and hard-linked into place, so no other process ever reads
+    the lock empty (a holder paused between creating and writing it would look dead)."""
+    fd, private = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(private, path)
+    finally:
+        os.unlink(private)
 
 
 def _this_process() -> dict:

@@ -150,3 +150,17 @@ def test_remove_stale_staging_leaves_the_lock_and_the_run(tmp_path):
     with run.lock():
         assert sorted(run.remove_stale_staging()) == sorted([staging, temp])
         assert run.lock_file.exists() and run.checkpoint_dir(2).is_dir()
+
+
+def test_the_lock_appears_with_its_content_or_not_at_all(tmp_path):
+    """A holder paused right after taking the lock must not look dead: the file is linked into
+    place already holding its JSON, and a second create fails."""
+    from gohgraph.training.run_dir import _create_with_content
+
+    path = tmp_path / "run.lock"
+    _create_with_content(path, '{"pid": 1}\n')
+    assert path.read_text() == '{"pid": 1}\n'
+    with pytest.raises(FileExistsError):
+        _create_with_content(path, '{"pid": 2}\n')
+    assert path.read_text() == '{"pid": 1}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]  # no private file left behind
