@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import numpy as np
 from matplotlib.figure import Figure
 
-from .figures import as_report, new_figure, save_figure
+from .figures import as_report, fitted_suptitle, new_figure, save_figure
 
 
 def cross_layer_heatmaps(stats: Any, kind: str = "auto", path: Optional[Union[str, Path]] = None) -> Figure:
@@ -51,8 +51,8 @@ def cross_layer_heatmaps(stats: Any, kind: str = "auto", path: Optional[Union[st
         ax.axis("off")
     figure.colorbar(image, ax=axes, shrink=0.9).set_label(f"P({kind[:-1]} in next layer | {kind[:-1]} in this layer)",
                                                           fontsize=7)
-    figure.suptitle(f"{kind[:-1]} co-occurrence across consecutive layers (every top-k assignment counted)",
-                    fontsize=9)
+    fitted_suptitle(figure, f"{kind[:-1]} co-occurrence across consecutive layers (every top-k assignment counted)",
+                            fontsize=9)
     save_figure(figure, path)
     return figure
 
@@ -85,6 +85,7 @@ def load_percentiles_figure(stats: Any, path: Optional[Union[str, Path]] = None)
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=6, frameon=False)
         ax.grid(alpha=0.3)
-    figure.suptitle(f"load percentiles per layer ({report['tokens']:,} tokens, padding excluded)", fontsize=9)
+    fitted_suptitle(figure, f"load percentiles per layer ({report['tokens']:,} tokens, padding excluded)",
+                            fontsize=9)
     save_figure(figure, path)
     return figure

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from ..training.metrics import SOURCE_LOSS_PREFIX
 from ..training.metrics import read_metrics_columns as read_metrics_csv
-from .figures import new_figure, save_figure
+from .figures import fitted_suptitle, new_figure, save_figure
 
 X_COLUMNS = ("step", "iter", "iteration", "tokens")
 PANELS: List[Tuple[str, Callable[[str], bool]]] = [
@@ -63,7 +63,7 @@ def training_curves(metrics_csv: Union[str, Path], path: Optional[Union[str, Pat
             ax.legend(fontsize=7, frameon=False)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    figure.suptitle(f"training curves ({Path(metrics_csv).name})", fontsize=10)
+    fitted_suptitle(figure, f"training curves ({Path(metrics_csv).name})", fontsize=10)
     save_figure(figure, path)
     return figure
 

@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional, Union
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 COLOURS = {
     "shared head": "#4C72B0",
@@ -28,6 +29,8 @@ KIND_TITLES = {
     "cross": "cross-attention",
 }
 DPI = 120
+# room a suptitle leaves at each side of the figure, in inches (constrained layout's own pad is ~0.04)
+TITLE_SIDE_MARGIN = 0.1
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -47,6 +50,37 @@ def save_figure(figure: Figure, path: Optional[Union[str, Path]]) -> Optional[Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=DPI)
     return path
+
+
+def fitted_suptitle(figure: Figure, text: str, fontsize: float) -> Text:
+    """Set ``figure``'s suptitle to ``text``, each line wrapped at spaces where it would run past the figure's edges.
+
+    A suptitle is centred and constrained layout never wraps it, so a line wider than the figure is cut off at
+    both edges. Each line is measured as drawn (same font and size, the figure's own renderer) and broken at the
+    last space that keeps it within the figure's width less :data:`TITLE_SIDE_MARGIN` at each side; a title that
+    already fits is left exactly as given. A single word wider than that stays whole.
+    """
+    room = (figure.get_figwidth() - 2 * TITLE_SIDE_MARGIN) * figure.dpi
+    renderer = figure.canvas.get_renderer()
+    probe = figure.text(0, 0, "", fontsize=fontsize)
+
+    def fits(line: str) -> bool:
+        probe.set_text(line)
+        return probe.get_window_extent(renderer).width <= room
+
+    wrapped = []
+    for line in text.split("\n"):
+        current = ""
+        for word in line.split(" "):
+            candidate = f"{current} {word}" if current else word
+            if current and not fits(candidate):
+                wrapped.append(current)
+                current = word
+            else:
+                current = candidate
+        wrapped.append(current)
+    probe.remove()
+    return figure.suptitle("\n".join(wrapped), fontsize=fontsize)
 
 
 def as_report(stats: Any) -> Dict[str, Any]:

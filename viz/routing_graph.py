@@ -30,7 +30,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .figures import COLOURS, as_report, has_experts, kind_prefix, new_figure, save_figure
+from .figures import COLOURS, as_report, fitted_suptitle, has_experts, kind_prefix, new_figure, save_figure
 
 HEAD_RADIUS = 1.0
 SUBTOKEN_X, EXPERT_X = 1.9, 3.0
@@ -145,11 +145,11 @@ def draw_routing_graphs(stats: Any, path: Optional[Union[str, Path]] = None, col
     handles = _legend_handles(routing_graph(report, 0))
     figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     lines = [f"{kind_prefix(kind)}routing graphs: {report['config']['router']} router, {report['tokens']} tokens",
-             "heads: size = activation frequency, arrow width = mean effective flow (relative to the widest, "
-             "whose value is printed under each layer)"]
+             "heads: size = activation frequency, arrow width = mean effective flow",
+             "(relative to the widest arrow, whose value is printed under each layer)"]
     if has_experts(report):
         lines.append("experts: size = utilisation, arrow width = share of the sub-token's assignments")
-    figure.suptitle("\n".join(lines), fontsize=9)
+    fitted_suptitle(figure, "\n".join(lines), fontsize=9)
     save_figure(figure, path)
     return figure
 

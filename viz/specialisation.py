@@ -16,7 +16,7 @@ from matplotlib import colormaps
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from .figures import as_report, new_figure, save_figure
+from .figures import as_report, fitted_suptitle, new_figure, save_figure
 
 SCORE_RANGE = 4.0  # colours saturate at 1/4 and 4x
 ANNOTATE_MAX_CELLS = 160
@@ -68,7 +68,7 @@ def specialisation_heatmap(stats: Any, kind: str = "auto", path: Optional[Union[
     bar.ax.minorticks_off()
     bar.set_label("specialisation (1 = no preference)", fontsize=7)
     tokens = ", ".join(f"{s} {n:,}" for s, n in report["by_source"]["tokens"].items())
-    figure.suptitle(f"{kind[:-1]} specialisation by source (tokens: {tokens})\n(share of the {kind[:-1]}'s "
-                    "tokens from the source) / (the source's share of all tokens)", fontsize=9)
+    fitted_suptitle(figure, f"{kind[:-1]} specialisation by source (tokens: {tokens})\n(share of the {kind[:-1]}'s "
+                            "tokens from the source) / (the source's share of all tokens)", fontsize=9)
     save_figure(figure, path)
     return figure

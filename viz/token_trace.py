@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from ..data.tokenizers import byte_decode, byte_encode
 from ..models.recursion import block_applications
-from .figures import new_figure, save_figure
+from .figures import fitted_suptitle, new_figure, save_figure
 
 VISIBLE_WHITESPACE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
 MAX_LABEL_CHARS = 16  # BPE tokens are drawn whole (rotated); only pathological ones are cut
@@ -156,7 +156,7 @@ def token_trace(model: torch.nn.Module, text: str, encode: Optional[Callable[[st
     top = axes[0].secondary_xaxis("top")
     top.set_xticks(range(len(ids)), labels=labels, fontsize=7, rotation=rotation)
     with_experts = any(kind == "experts" for _, kind, _ in panels)
-    figure.suptitle("token trace: head gates and expert weights per token (white = inactive / not chosen)"
-                    if with_experts else "token trace: head gates per token (white = inactive head)", fontsize=9)
+    fitted_suptitle(figure, "token trace: head gates and expert weights per token (white = inactive / not chosen)"
+                            if with_experts else "token trace: head gates per token (white = inactive head)", fontsize=9)
     save_figure(figure, path)
     return figure

@@ -92,3 +92,35 @@ def test_bpe_pieces_are_drawn_whole():
     figure = viz.token_trace(GoHTransformer(HEADS_ONLY), "", encode=lambda _: [1, 2, 3], decode=decode)
     shown = [[t.get_text() for t in ax.get_xticklabels()] for ax in figure.axes]
     assert ["def", "\u2423return", "_value"] in shown
+
+
+def inside_figure(figure, text):
+    """``text`` (drawn) lies within the figure's width: a centred title wider than that is cut at both edges."""
+    renderer = figure.canvas.get_renderer()
+    box = text.get_window_extent(renderer)
+    return box.x0 >= 0 and box.x1 <= figure.bbox.width
+
+
+def test_the_default_models_routing_graphs_subtitle_is_wrapped_inside_the_figure(tmp_path):
+    # HEADS_ONLY has the default preset's shape (2 layers, graph router, no experts): the narrowest
+    # routing-graph figure, whose one-line explanation of the arrows used to run past both edges
+    torch.manual_seed(0)
+    stats = collect_routing_stats(GoHTransformer(HEADS_ONLY), [torch.randint(0, 256, (2, 16))], progress=False)
+    figure = viz.draw_routing_graphs(stats, path=tmp_path / "g.png")
+    title = figure.get_suptitle()
+    assert title.startswith("routing graphs: graph router") and "mean effective flow" in title
+    assert inside_figure(figure, figure._suptitle)
+
+
+@pytest.mark.parametrize("width", [2.0, 4.0, 8.0])
+def test_fitted_suptitle_wraps_only_what_does_not_fit(width):
+    from gohgraph.viz.figures import fitted_suptitle, new_figure
+
+    figure = new_figure(width, 2.0)
+    words = "routing graphs: size = activation frequency, arrow width = mean effective flow of the widest arrow"
+    title = fitted_suptitle(figure, f"short\n{words}", fontsize=9)
+    lines = title.get_text().split("\n")
+    assert lines[0] == "short" and " ".join(lines[1:]) == words  # only spaces became line breaks
+    assert (len(lines) > 2) == (width < 8.0)  # the 8-inch figure holds the long line whole
+    assert inside_figure(figure, title)
+    assert fitted_suptitle(figure, "a b", fontsize=9).get_text() == "a b"
