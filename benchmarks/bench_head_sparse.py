@@ -163,7 +163,7 @@ def train_table(args) -> None:
         ids = torch.randint(0, VOCAB, (1, tokens))
         runs = {}
         for row, name, mode in rows(configs):
-            runs[row] = train_run(models[name], ids, mode)
+            runs[row] = train_run(models[name], ids, head_execution=mode)
         hf = hugging_face_llama(configs["dense"]) if not args.no_hf else None
         if hf is not None:
             hf.train()
@@ -180,9 +180,11 @@ def train_table(args) -> None:
             print(f"| {row} | {secs:.3f} | {seconds['dense'] / secs:.2f}x |")
 
 
-def train_run(model, ids, mode: str) -> Callable[[], float]:
+def train_run(model, ids, **execution: str) -> Callable[[], float]:
+    """Seconds of one forward + backward in the execution mode given (``head_execution=`` or
+    ``recursion_execution=``, as ``set_execution`` takes them)."""
     def run() -> float:
-        model.set_execution(head_execution=mode)
+        model.set_execution(**execution)
         start = time.perf_counter()
         out = model(ids, labels=ids)
         out.loss.backward()
@@ -218,7 +220,7 @@ def mor_table(args) -> None:
         model = GoHTransformer(cfg).train()
         modes = [("", "masked")] if name == "dense" else [(" gathered", "auto"), (" masked", "masked")]
         for suffix, mode in modes:
-            runs[name + suffix] = mor_run(model, ids, mode)
+            runs[name + suffix] = train_run(model, ids, recursion_execution=mode)
         if name != "dense":
             with torch.no_grad():
                 kept[name] = model(ids).recursion.selected.float().mean(dim=(1, 2)).tolist()
@@ -235,17 +237,6 @@ def mor_table(args) -> None:
         ratio = f"{secs / seconds[name + ' masked']:.2f}" if row.endswith("gathered") else ""
         share = " / ".join(f"{k:.2f}" for k in kept.get(name, []))
         print(f"| {row} | {secs:.3f} | {seconds['dense'] / secs:.2f}x | {ratio} | {share} |")
-
-
-def mor_run(model, ids, mode: str) -> Callable[[], float]:
-    def run() -> float:
-        model.set_execution(recursion_execution=mode)
-        start = time.perf_counter()
-        model(ids, labels=ids).loss.backward()
-        seconds = time.perf_counter() - start
-        model.zero_grad(set_to_none=True)
-        return seconds
-    return run
 
 
 # ----------------------------------------------------------------------------------------- flops
