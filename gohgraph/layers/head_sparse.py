@@ -71,14 +71,14 @@ def picks_head_sparse(mode: str, head_gates: torch.Tensor, q_len: int, k_len: in
     """
     if mode == "masked" or dropout > 0 or sharded or torch.compiler.is_compiling():
         return False
+    decoding = q_len <= DECODE_MAX_QUERIES
+    if mode == "auto" and (k_len < MIN_SKIPPED_DECODE_KEYS if decoding else
+                           MIN_SPARSE_QUERIES is None or q_len < MIN_SPARSE_QUERIES):
+        return False  # decided by the shapes alone: no op, no host sync (small decode steps are op-bound)
     off = float(head_gates.eq(0).float().mean())  # one host sync; a dense blend > 0 leaves no gate at 0
     if off == 0.0:
         return False
-    if mode == "auto":
-        if q_len <= DECODE_MAX_QUERIES:
-            return k_len * off >= MIN_SKIPPED_DECODE_KEYS
-        return MIN_SPARSE_QUERIES is not None and q_len >= MIN_SPARSE_QUERIES
-    return True
+    return mode == "sparse" or not decoding or k_len * off >= MIN_SKIPPED_DECODE_KEYS
 
 
 def head_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor,
