@@ -222,3 +222,28 @@ def test_masks_reach_the_mixed_logits():
     out = talking_heads_attention(q, q, torch.eye(5, 8, dtype=torch.float64).expand(1, 4, 5, 8),
                                   torch.ones(4, 4, dtype=torch.float64), torch.eye(4, dtype=torch.float64), mask)
     assert torch.all(out[0, :, 0, 1:] == 0)  # the first query's weights: only on the first key
+
+
+def test_tensor_parallel_refuses_talking_heads():
+    from gohgraph.parallel.tensor_parallel import check_tensor_parallel_layout
+
+    with pytest.raises(ValueError, match=r"^tensor_parallel=2 does not shard talking_heads=True \(layer 0\)"):
+        check_tensor_parallel_layout(GoHTransformer(GoHConfig(**TINY, talking_heads=True)), 2)
+
+
+def test_talking_heads_row_of_the_comparison():
+    from gohgraph.experiments.variants import (
+        SETTINGS,
+        TALKING_HEADS,
+        comparison_variants,
+        match_parameters,
+        reference_of,
+    )
+
+    variants = comparison_variants(**SETTINGS["quick"][0], names=["dense", TALKING_HEADS])
+    row = variants[TALKING_HEADS]
+    assert row.talking_heads and row.router == "dense" and row.ffn == "dense"
+    assert "Shazeer et al. 2020" in reference_of(row) and "Shazeer" not in reference_of(variants["dense"])
+    matched = match_parameters(variants)
+    assert abs(matched[TALKING_HEADS].mismatch) <= 0.02
+    assert matched[TALKING_HEADS].config.ffn_hidden is not None  # resized to pay for its 2 H^2 per layer
