@@ -247,3 +247,22 @@ def test_talking_heads_row_of_the_comparison():
     matched = match_parameters(variants)
     assert abs(matched[TALKING_HEADS].mismatch) <= 0.02
     assert matched[TALKING_HEADS].config.ffn_hidden is not None  # resized to pay for its 2 H^2 per layer
+
+
+@pytest.mark.parametrize("model_type", ["encoder", "seq2seq"])
+def test_identity_mixing_is_dense_attention_in_encoders_and_cross_attention(model_type):
+    from gohgraph import GoHEncoder, GoHSeq2Seq
+
+    family = {"encoder": (GoHEncoder, dict()), "seq2seq": (GoHSeq2Seq, dict(position_embedding="t5-relative"))}
+    model_class, extra = family[model_type]
+    cfg = GoHConfig(**{**TINY, "model_type": model_type, **extra})
+    torch.manual_seed(0)
+    plain = model_class(cfg).eval()
+    talking = model_class(cfg.replace(talking_heads=True)).eval()
+    talking.load_state_dict(plain.state_dict(), strict=False)
+    ids = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(9))
+    padding = torch.ones(2, 9, dtype=torch.long)
+    padding[0, 6:] = 0
+    kwargs = dict(attention_mask=padding) if model_type == "encoder" else dict(attention_mask=padding, labels=ids)
+    with torch.no_grad():
+        torch.testing.assert_close(talking(ids, **kwargs).logits, plain(ids, **kwargs).logits, rtol=0, atol=1e-6)
