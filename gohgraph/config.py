@@ -154,6 +154,11 @@ class GoHConfig:
     attention_scale: str = _in("attention", "sqrt")
     relative_buckets: int = _in("attention", 32)  # position_embedding="t5-relative": T5's bucket count
     relative_max_distance: int = _in("attention", 128)  # ... and the distance the log buckets reach
+    # talking-heads attention (Shazeer et al. 2020): the attention logits are mixed across heads by
+    # a learned [n_heads, n_heads] matrix before the softmax and the weights by another after it
+    # (gohgraph.layers.attention.talking_heads_attention); both start at the identity, so a fresh
+    # layer is dense attention. Every head then feeds every other: no head is ever skipped
+    talking_heads: bool = _in("attention", False)
 
     # ---- head routing
     router: str = _in("head routing", "dense")
@@ -379,6 +384,8 @@ class GoHConfig:
         _choice(self, "attention", ATTENTION_KINDS)
         if self.attention == "mla":
             self._validate_latent_attention()
+        if self.talking_heads:
+            self._validate_talking_heads()
         self._validate_positions()
         _choice(self, "head_gate_normalisation", GATE_NORMALISATIONS)
         _choice(self, "expert_score", EXPERT_SCORES)
@@ -418,6 +425,14 @@ class GoHConfig:
         _check_graph_nodes(self.head_graph, "head_graph", self.n_heads)
         if self.ffn != "dense":
             self._validate_experts()
+
+    def _validate_talking_heads(self) -> None:
+        if self.attention != "mha":
+            raise ValueError(f"talking_heads=True needs attention='mha', got attention={self.attention!r} "
+                             "(MLA's absorbed decode path has no per-head score tensor to mix)")
+        if self.head_execution == "sparse":
+            raise ValueError("talking_heads=True cannot run head_execution='sparse': every head's logits mix into "
+                             "every other head, so no (token, head) pair can be skipped; use 'auto' or 'masked'")
 
     def _validate_latent_attention(self) -> None:
         _positive(self, "kv_lora_rank", "qk_rope_head_dim")

@@ -4,7 +4,8 @@
    attention variants keep the dense FFN, expert variants keep dense attention, so each row changes
    one thing. On request, each FFN kind also with BitNet b1.58 projections and experts
    (:data:`BITNET_VARIANT_NAMES`, the MH-MoE paper's Table 3 setting), and Mixture-of-Recursions
-   rows (:data:`MOR_VARIANT_NAMES`) at matched parameters and at matched depth.
+   rows (:data:`MOR_VARIANT_NAMES`) at matched parameters and at matched depth, and a talking-heads
+   row (:data:`TALKING_HEADS`).
 2. :func:`match_parameters` - every variant is resized to the dense model's total (or active)
    parameter count (``ffn_hidden`` for dense FFNs; ``expert_hidden`` and, where its step is too
    coarse, ``n_experts`` for expert FFNs) and the relative mismatch is recorded.
@@ -36,7 +37,10 @@ MOR_ROUTERS = {"expert-choice": "MoR expert-choice", "token-choice": "MoR token-
 MATCHED_DEPTH = " (matched depth)"
 MOR_VARIANT_NAMES = tuple(MOR_ROUTERS.values()) + tuple(name + MATCHED_DEPTH for name in MOR_ROUTERS.values())
 KEEPS_ITS_SIZE = frozenset(name + MATCHED_DEPTH for name in MOR_ROUTERS.values())
-ALL_VARIANT_NAMES = VARIANT_NAMES + BITNET_VARIANT_NAMES + MOR_VARIANT_NAMES
+# talking-heads attention (Shazeer et al. 2020) on dense heads and FFN, built only when named: the dense
+# "heads talk, nobody routes" control for GoH's inter-head flow (DESIGN.md §18); matched as dense is
+TALKING_HEADS = "talking heads"
+ALL_VARIANT_NAMES = VARIANT_NAMES + BITNET_VARIANT_NAMES + MOR_VARIANT_NAMES + (TALKING_HEADS,)
 MATCH_TOLERANCE = 0.02
 
 # Model shape and schedule of the two settings; ``gohgraph bench --quick`` runs the first.
@@ -64,7 +68,8 @@ def comparison_variants(d_model: int, n_layers: int, n_heads: int, n_shared_head
                         n_subtokens: int, fine_grained: int, max_seq_len: int,
                         names: Optional[Sequence[str]] = None) -> Dict[str, GoHConfig]:
     """The unmatched configurations by name: :data:`VARIANT_NAMES` by default; ``names`` may also
-    pick from :data:`BITNET_VARIANT_NAMES` (the same configuration with ``linear="bitnet"``).
+    pick from :data:`BITNET_VARIANT_NAMES` (the same configuration with ``linear="bitnet"``),
+    :data:`MOR_VARIANT_NAMES` and :data:`TALKING_HEADS` (dense with ``talking_heads=True``).
 
     MoH and GoH activate ``n_shared_heads + top_k_heads`` of ``n_heads`` heads per token; GoH routes
     with ``router_rounds`` of message passing over the complete head graph, inter-head flow on.
@@ -102,6 +107,7 @@ def comparison_variants(d_model: int, n_layers: int, n_heads: int, n_shared_head
         variants[name] = mor
         if n_layers % MOR_RECURSIONS == 0:
             variants[name + MATCHED_DEPTH] = mor.replace(n_layers=n_layers // MOR_RECURSIONS)
+    variants[TALKING_HEADS] = base.replace(talking_heads=True)
     unknown = [name for name in names if name not in variants]
     if unknown:
         raise ValueError(f"variants {unknown} are not among {list(ALL_VARIANT_NAMES)}")
@@ -242,6 +248,9 @@ def reference_of(config: GoHConfig) -> str:
         heads = "MoH-LLaMA3's parameter-free router (tests/routers/test_moh_reference.py)"
     else:
         heads = f"gohgraph's graph router with {'MoH' if config.head_gate_normalisation == 'moh' else 'H_s + k'} gating"
+    if config.talking_heads:
+        talking = "talking-heads attention, Shazeer et al. 2020 (tests/layers/test_talking_heads.py: the paper's equations)"
+        heads = talking if config.router == "dense" else f"{heads}, on {talking}"
     bitnet = "; BitNet b1.58 projections and experts (tests/layers/test_bitlinear.py)" if config.linear == "bitnet" else ""
     if config.recursion == "mor":
         bitnet += (f"; Mixture-of-Recursions, {config.recursion_router}, {config.n_layers} shared block(s) x "

@@ -19,6 +19,11 @@ the (token, head) pairs with a non-zero gate (:mod:`gohgraph.layers.head_sparse`
 are computed and cached for every head. ``"masked"``, the reference, computes every head and lets
 the zero gates remove the inactive ones. The query and output projections run for every head in
 both modes (the graph and query-norm routers read every head's query).
+
+``cfg.talking_heads`` (Shazeer et al. 2020) mixes the heads' attention logits and weights with two
+learned ``[heads, heads]`` matrices (:func:`talking_heads_attention`): an explicit score tensor
+instead of SDPA, always the masked mode (every head feeds every other, nothing can be skipped),
+and the routing's gates and flow applied to its outputs as to SDPA's.
 """
 
 from __future__ import annotations
@@ -99,6 +104,12 @@ class GoHAttention(nn.Module):
         self.head_routing = build_head_routing(cfg) if build_head_routing is not None else None
         # DESIGN.md §17: shared heads are active for every token; the others only where routed
         self.n_shared_heads, self.head_execution = cfg.n_shared_heads, cfg.head_execution
+        # talking heads: P_l and P_w, registered only when on so that every other checkpoint loads
+        # unchanged; the identity makes a fresh layer dense attention
+        self.talking_heads = cfg.talking_heads
+        if cfg.talking_heads:
+            self.talking_logit_mixing = nn.Parameter(torch.eye(cfg.n_heads))
+            self.talking_weight_mixing = nn.Parameter(torch.eye(cfg.n_heads))
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, causal: bool = True,
                 mask: Optional[torch.Tensor] = None, memory: Optional[torch.Tensor] = None,
@@ -141,6 +152,10 @@ class GoHAttention(nn.Module):
         if sparse:
             attn = head_sparse_attention(q, k, v, head_gates != 0, self.n_shared_heads, attn_mask, is_causal,
                                          causal_keys=causal and not cross and not all_slots, scale=self.scale)
+        elif self.talking_heads:
+            attn = talking_heads_attention(q, k, v, self.talking_logit_mixing, self.talking_weight_mixing,
+                                           attn_mask, is_causal, scale=self.scale,
+                                           dropout=self.dropout if self.training else 0.0)
         else:  # the reference: every head attends, the gates zero the inactive ones
             attn = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
@@ -190,7 +205,58 @@ class GoHAttention(nn.Module):
         """Whether this call runs head-sparse (:func:`~gohgraph.layers.head_sparse.picks_head_sparse`)."""
         return picks_head_sparse(self.head_execution, head_gates, q_len, k_len,
                                  dropout=self.dropout if self.training else 0.0,
-                                 sharded=self.n_heads != self.record_heads)
+                                 sharded=self.n_heads != self.record_heads, mixes_heads=self.talking_heads)
+
+
+def talking_heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_mixing: torch.Tensor,
+                            weight_mixing: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                            is_causal: bool = False, scale: Optional[float] = None,
+                            dropout: float = 0.0) -> torch.Tensor:
+    r"""Talking-heads attention (Shazeer et al. 2020, arXiv 2003.02436), with the heads' logits and
+    weights mixed by :math:`P_\ell` (``logit_mixing``) and :math:`P_w` (``weight_mixing``):
+
+    .. math::
+        L_h = s\, Q_h K_h^\top, \quad
+        L'_h = \sum_j P_\ell[h, j]\, L_j + \mathrm{mask}_h, \quad
+        W = \mathrm{softmax}(L'), \quad
+        W'_h = \sum_j P_w[h, j]\, W_j, \quad
+        o_h = W'_h V_h
+
+    (:math:`s = 1/\sqrt{d}` unless ``scale`` is given). The mask (causality, padding, windows,
+    ALiBi or T5 biases: what :func:`attention_mask` returns) is applied to the mixed logits
+    :math:`L'`, so a masked key gets no weight in any head. With both matrices the identity this is
+    SDPA; unlike it, the ``[batch, heads, q_len, k_len]`` scores are materialised (and attention
+    dropout, as SDPA's, falls on the weights that reach the values, :math:`W'`).
+
+    Args:
+        q: ``[batch, heads, q_len, d]``.
+        k, v: ``[batch, kv_heads, k_len, d]`` and ``[batch, kv_heads, k_len, d_v]`` (GQA/MQA when
+            ``kv_heads < heads``: query head ``h`` reads kv head ``h // (heads / kv_heads)``).
+        logit_mixing, weight_mixing: ``[heads, heads]``.
+        attn_mask: bool (``True`` where a query may attend) or additive, broadcastable to
+            ``[batch, heads, q_len, k_len]``.
+        is_causal: SDPA's flag: query ``i`` sees keys ``j <= i`` (``q_len == k_len``).
+    Returns:
+        ``[batch, heads, q_len, d_v]``.
+    """
+    heads, q_len, k_len = q.shape[1], q.shape[2], k.shape[2]
+    if k.shape[1] != heads:  # GQA: every query head reads its group's key/value head
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+        v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # L [batch, heads, q_len, k_len]
+    logits = torch.einsum("hj,bjqk->bhqk", logit_mixing.to(logits.dtype), logits)
+    if is_causal:
+        attn_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    if attn_mask is not None:
+        logits = (logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                  else logits + attn_mask.to(logits.dtype))
+    # the softmax in at least float32 (bf16/fp16 logits), as the fused kernels do
+    weights = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
+    weights = torch.einsum("hj,bjqk->bhqk", weight_mixing.to(weights.dtype), weights)
+    if dropout > 0:
+        weights = F.dropout(weights, p=dropout)
+    return torch.matmul(weights, v)
 
 
 def mix_heads(attn: torch.Tensor, head_gates: Optional[torch.Tensor],

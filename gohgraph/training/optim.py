@@ -12,8 +12,10 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-# parameters whose names contain one of these never decay, whatever their shape
-NO_DECAY_NAME_PARTS = ("embed", "bias", "norm", "head_embedding", "flow_scale", "att_src", "att_dst")
+# parameters whose names contain one of these never decay, whatever their shape ("talking_": the
+# talking-heads mixing matrices start at the identity; decay would pull them toward 0, flattening
+# every head's attention, rather than toward their dense start)
+NO_DECAY_NAME_PARTS = ("embed", "bias", "norm", "head_embedding", "flow_scale", "att_src", "att_dst", "talking_")
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
