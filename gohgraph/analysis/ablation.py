@@ -41,6 +41,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import torch
 from torch import nn
 
+from ..models.decoder import GoHTransformer
 from ..moe.layer import MoEFeedForward
 from ..routers.heads import MESSAGE_ABLATIONS, HeadRouter, HeadRouting
 
@@ -64,8 +65,8 @@ def expert_layers(model: nn.Module) -> List[Optional[MoEFeedForward]]:
 def check_ablatable(model: nn.Module) -> None:
     """A one-line ``ValueError`` unless ``model`` is a decoder with routed heads or experts."""
     cfg = model.config
-    if cfg.model_type != "decoder" or not hasattr(model, "blocks"):
-        raise ValueError(f"ablate needs a decoder checkpoint (model_type='decoder'), not model_type={cfg.model_type!r}")
+    if not isinstance(model, GoHTransformer):
+        raise ValueError(f"ablate needs a decoder (GoHTransformer), not a {type(model).__name__}")
     if cfg.recursion != "none":
         raise ValueError(f"ablate needs a decoder without recursion; this one has recursion={cfg.recursion!r}")
     if not any(head_routings(model)) and not any(expert_layers(model)):

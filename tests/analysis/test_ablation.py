@@ -221,3 +221,11 @@ def test_changed_share_counts_rows_whose_set_differs():
 def test_a_model_with_nothing_routed_is_refused_in_one_line():
     with pytest.raises(ValueError, match="ablate needs routed heads"):
         check_ablatable(GoHTransformer(GoHConfig(**{**TINY, "router": "dense"})))
+
+
+def test_a_model_of_another_family_is_refused_in_one_line():
+    from gohgraph.models.encoder import GoHEncoder
+
+    encoder = GoHEncoder(GoHConfig(**{**TINY, "model_type": "encoder", "position_embedding": "sinusoidal"}))
+    with pytest.raises(ValueError, match="ablate needs a decoder"):
+        check_ablatable(encoder)
