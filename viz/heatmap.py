@@ -94,7 +94,7 @@ def ablation_heatmap(ablation: Any, path: Optional[Union[str, Path]] = None, kin
     image = ax.imshow(values, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit), aspect="auto")
     _annotate(ax, image, values, "{:+.3f}")
     _axes_labels(ax, values.shape, kind.split("_")[0])
-    figure.colorbar(image, ax=ax, label="Δ validation loss (nats/token)")
+    figure.colorbar(image, ax=ax, label="Δ loss (nats/token)")
     ax.set_title(f"Δ loss, {ABLATION_TITLES[kind]} (baseline {report['baseline_loss']:.4f} nats/token)", fontsize=9)
     save_figure(figure, path)
     return figure
