@@ -18,7 +18,7 @@ from ..analysis.stats.kinds import SEQ2SEQ_KINDS
 from .cross_layer import cross_layer_heatmaps, load_percentiles_figure
 from .curves import read_metrics_csv, training_curves
 from .figures import KIND_TITLES, as_report, has_experts, save_figure
-from .heatmap import expert_load_heatmap, head_load_heatmap
+from .heatmap import ablation_heatmap, expert_load_heatmap, head_load_heatmap
 from .html_report import html_report, write_html_report
 from .kinds import (
     expert_heatmaps_by_kind,
@@ -45,7 +45,7 @@ PICTURE_FILES = (ROUTING_GRAPHS, HEAD_HEATMAP, EXPERT_HEATMAP, TOKEN_TRACE, TRAI
 __all__ = [
     "as_report", "byte_decode", "byte_encode", "cross_layer_heatmaps", "draw_routing_graph", "draw_routing_graphs",
     "load_percentiles_figure", "specialisation_heatmap", "html_report", "write_html_report",
-    "expert_load_heatmap", "head_load_heatmap", "layered_routing_graph", "read_metrics_csv",
+    "ablation_heatmap", "expert_load_heatmap", "head_load_heatmap", "layered_routing_graph", "read_metrics_csv",
     "routing_graph", "save_figure", "token_labels", "token_routing", "token_trace", "training_curves",
     "write_all_pictures", "write_graphml", "kind_reports", "kind_file", "routing_graphs_by_kind",
     "head_heatmaps_by_kind", "expert_heatmaps_by_kind", "routing_graphs_of_layer", "KIND_TITLES", "SEQ2SEQ_KINDS",

@@ -70,10 +70,42 @@ def expert_load_heatmap(stats: Any, path: Optional[Union[str, Path]] = None, kin
     return figure
 
 
+ABLATION_TITLES = {"head_off": "head forced off", "head_on": "head forced on", "expert_off": "expert forced off"}
+
+
+def ablation_heatmap(ablation: Any, path: Optional[Union[str, Path]] = None, kind: str = "head_off") -> Figure:
+    """``[layers, units]`` heatmap of the Δ validation loss of ``kind`` (``head_off``, ``head_on`` or
+    ``expert_off``) from an :class:`~gohgraph.analysis.ablation.AblationReport` (or its ``to_dict()``):
+    red cells are units the model needs (the loss rises without them), blue ones it does better
+    without; blank cells were not measured (a dense layer, a shared head never forced on)."""
+    if kind not in ABLATION_TITLES:
+        raise ValueError(f"kind={kind!r} is not one of {list(ABLATION_TITLES)}")
+    report = ablation if isinstance(ablation, dict) else ablation.to_dict()
+    rows = [row for row in report["interventions"] if row["kind"] == kind]
+    if not rows:
+        raise ValueError(f"this ablation has no {kind} interventions to draw")
+    n_units = max(int(row["unit"]) for row in rows) + 1
+    values = np.full((report["n_layers"], n_units), np.nan)
+    for row in rows:
+        values[row["layer"], int(row["unit"])] = row["delta_loss"]
+    figure = new_figure(max(5.0, 1.8 + 0.5 * n_units), 1.4 + 0.4 * values.shape[0])
+    ax = figure.add_subplot()
+    limit = max(float(np.nanmax(np.abs(values))), 1e-9)
+    image = ax.imshow(values, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit), aspect="auto")
+    _annotate(ax, image, values, "{:+.3f}")
+    _axes_labels(ax, values.shape, kind.split("_")[0])
+    figure.colorbar(image, ax=ax, label="Δ loss (nats/token)")
+    ax.set_title(f"Δ loss, {ABLATION_TITLES[kind]} (baseline {report['baseline_loss']:.4f} nats/token)", fontsize=9)
+    save_figure(figure, path)
+    return figure
+
+
 def _annotate(ax: Axes, image: AxesImage, values: np.ndarray, fmt: str, zero_label: Optional[str] = None) -> None:
     if values.size > ANNOTATE_MAX_CELLS:
         return
     for (row, col), value in np.ndenumerate(values):
+        if np.isnan(value):  # not measured: a blank cell
+            continue
         red, green, blue, _ = image.cmap(image.norm(value))
         light_cell = 0.299 * red + 0.587 * green + 0.114 * blue > 0.5
         text = zero_label if zero_label is not None and value == 0 else fmt.format(value)

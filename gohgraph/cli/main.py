@@ -22,6 +22,7 @@ COMMANDS = {
     "eval": "loss of a checkpoint or run on validation data",
     "generate": "sample text from a checkpoint or run",
     "stats": "routing statistics of a checkpoint or run over data (JSON, CSV)",
+    "ablate": "Δ validation loss with each head / expert forced off or on, top-k cut, the router's messages removed",
     "viz": "routing graphs, load heatmaps, token traces and training curves of a checkpoint or run",
     "report": "one self-contained HTML file of a run: curves, routing graphs, heatmaps, sources, token routing",
     "bench": "compare dense, MoH, GoH and expert variants at matched size",

@@ -263,6 +263,9 @@ class ExpertGate(BalancedRouting):
         # stochastic selection in training (routers/noise.py); the noiseless logits at eval
         self.noise = RouterNoise(cfg.expert_router_noise, cfg.d_model // cfg.n_subtokens, self.n_experts,
                                  cfg.router_jitter_eps)
+        # an analysis intervention (gohgraph.analysis.ablation), never saved: [E] bool mask of experts
+        # never selected (their sub-tokens take their next choice), or None
+        self.forced_off: Optional[torch.Tensor] = None
 
     def forward(self, logits: torch.Tensor, inputs: Optional[torch.Tensor] = None,
                 valid: Optional[torch.Tensor] = None) -> ExpertChoice:
@@ -282,6 +285,8 @@ class ExpertGate(BalancedRouting):
                 choice = choice.masked_fill(~self.allowed, float("-inf"))
         else:
             choice = noisy_logits + self.selection_bias if self.aux_free_bias else noisy_logits
+        if self.forced_off is not None:  # before the groups: a group is scored by the experts it may use
+            choice = choice.masked_fill(self.forced_off.to(choice.device), float("-inf"))
         if self.n_groups > 1:
             choice = self._limit_to_groups(choice)
         selected = choice.topk(self.top_k, dim=-1).indices

@@ -45,6 +45,8 @@ from .noise import RouterNoise
 # heads^2. Measured on 2 CPU cores (benchmarks/bench_scaling.py): ring graphs of 64 heads (4.7%)
 # are faster on propagate, of 32 heads (9.4%) still faster fused.
 SPARSE_GRAPH_FRACTION = 1 / 16
+# HeadRouter.message_ablation's values (an analysis intervention: gohgraph.analysis.ablation)
+MESSAGE_ABLATIONS = ("no-messages", "empty-graph")
 
 
 def prefers_fused_path(n_edges: int, n_heads: int) -> bool:
@@ -111,6 +113,9 @@ class HeadRouter(GraphAttention):
         # position of each edge in a flattened [dst, src] matrix, and the graph without self-loops
         self.register_buffer("edge_slots", edge_index[1] * n_heads + edge_index[0], persistent=False)
         self.register_buffer("graph_mask", dense_adjacency(edge_index, n_heads).float(), persistent=False)
+        # an intervention for analysis (gohgraph.analysis.ablation), never saved: None, or one of
+        # MESSAGE_ABLATIONS (see forward)
+        self.message_ablation: Optional[str] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -134,9 +139,21 @@ class HeadRouter(GraphAttention):
         that is zero off the graph and on the diagonal (what inter-head flow multiplies by; the
         fused path has it already, so it skips a gather and its scatter-backward).
         ``fused=None`` uses ``self.fused``.
+
+        ``self.message_ablation`` (an analysis intervention, :mod:`gohgraph.analysis.ablation`):
+        ``"no-messages"`` computes the logits with every node aggregating only itself
+        (:math:`\alpha = I`, so a head's logit depends on its own query alone) while the edge
+        weights (the inter-head flow) stay those of the full graph; ``"empty-graph"`` does the
+        same and also zeroes the edge weights, as a graph without edges would.
         """
         fused = self.fused if fused is None else fused
         logits, alpha = self.node_logits(q, fused)
+        if self.message_ablation is not None:
+            if self.message_ablation not in MESSAGE_ABLATIONS:
+                raise ValueError(f"message_ablation={self.message_ablation!r} must be one of {MESSAGE_ABLATIONS}")
+            logits = self.node_logits(q, fused, self_only=True)[0]
+            if self.message_ablation == "empty-graph":
+                alpha = torch.zeros_like(alpha)
         if fused:
             edge_weights = alpha * self.graph_mask if dense_weights else alpha.flatten(1)[:, self.edge_slots]
         else:
@@ -145,14 +162,22 @@ class HeadRouter(GraphAttention):
                             .view(-1, self.n_heads, self.n_heads)) if dense_weights else alpha
         return logits, edge_weights
 
-    def node_logits(self, q: torch.Tensor, fused: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def node_logits(self, q: torch.Tensor, fused: Optional[bool] = None,
+                    self_only: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The ``R`` rounds and the per-node logits: ``q [tokens, heads, head_dim]`` -> (logits
         ``[tokens, heads]`` or ``[tokens, heads, n_outputs]``, the last round's attention ``alpha`` as
-        :meth:`~gohgraph.routers.gat.GraphAttention.attend` returns it on that path)."""
+        :meth:`~gohgraph.routers.gat.GraphAttention.attend` returns it on that path).
+
+        ``self_only``: no messages between nodes, each aggregates only itself (the softmax over a
+        lone self-loop is 1, so the aggregate is ``h_i``); ``alpha`` is then ``None``."""
         fused = self.fused if fused is None else fused
         z = self.node_in(q) + self.head_embedding
+        alpha = None
         for r in range(self.rounds):
             h = self.round_lin[r](z)
+            if self_only:
+                z = z + F.gelu(h + self.round_bias[r])
+                continue
             score_src = (h * self.att_src[r]).sum(-1, keepdim=True)  # [tokens, heads, 1]
             score_dst = (h * self.att_dst[r]).sum(-1, keepdim=True)
             aggregated, alpha = self.attend(h, score_src, score_dst, fused=fused)
@@ -279,6 +304,10 @@ class HeadGate(BalancedRouting):
         # set by GoHTransformer.generate for its duration: no losses, and the blend read once
         self.decoding = False
         self.decoding_blend: Optional[float] = None
+        # analysis interventions (gohgraph.analysis.ablation), never saved: [heads] bool masks of the
+        # heads forced off (gate 0) and forced on (gate 1), or None
+        self.forced_off: Optional[torch.Tensor] = None
+        self.forced_on: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor, logits: torch.Tensor, valid: Optional[torch.Tensor] = None) -> HeadGating:
         """``x [tokens, d_model]``, ``logits [tokens, heads]`` -> gates ``[tokens, heads]`` + losses.
@@ -306,13 +335,23 @@ class HeadGate(BalancedRouting):
                 parts = [mix[:, :1] * parts[0], mix[:, 1:] * parts[1]]
             gates = torch.cat(parts, dim=-1) * (self.n_shared + self.top_k)
         active = (gates > 0).float()
-        if self.decoding_blend == 0.0:  # read once per generate call; the common case skips the blend
-            return HeadGating(gates=gates, aux_losses=aux, active=active)
-        # no branch on the blend (that would sync the device); at blend 0 this is exactly 0 + 1 * gates
-        blend = self.dense_blend.float().clamp(0.0, 1.0)
-        gates = blend + (1.0 - blend) * gates
-        active = blend + (1.0 - blend) * active
+        if self.decoding_blend != 0.0:  # read once per generate call; the common case skips the blend
+            # no branch on the blend (that would sync the device); at blend 0 this is exactly 0 + 1 * gates
+            blend = self.dense_blend.float().clamp(0.0, 1.0)
+            gates = blend + (1.0 - blend) * gates
+            active = blend + (1.0 - blend) * active
+        if self.forced_off is not None or self.forced_on is not None:
+            gates, active = self._force(gates), self._force(active)
         return HeadGating(gates=gates, aux_losses=aux, active=active)
+
+    def _force(self, values: torch.Tensor) -> torch.Tensor:
+        """``values [tokens, heads]`` with the forced-off heads at 0 and the forced-on ones at 1 (a
+        knock-out keeps the other heads' gates as they are: nothing is renormalised or re-routed)."""
+        if self.forced_on is not None:
+            values = values.masked_fill(self.forced_on.to(values.device), 1.0)
+        if self.forced_off is not None:
+            values = values.masked_fill(self.forced_off.to(values.device), 0.0)
+        return values
 
     def _moh_gates(self, x: torch.Tensor, parts: list) -> torch.Tensor:
         """MoH's released scaling: shared x H_s, routed x k, stages by 2 softmax(W_0 x)."""

@@ -54,7 +54,7 @@ def table(command: str, **exceptions) -> Dict[str, object]:
 
 
 ALL_FLAGS = {command: flags_of(command) for command in
-             ("train", "eval", "generate", "stats", "viz", "report", "bench", "convert")}
+             ("train", "eval", "generate", "stats", "ablate", "viz", "report", "bench", "convert")}
 # the encoder objectives' loop trains eagerly on one CPU process in float32, one batch per step
 OBJECTIVE_LOOP = dict(
     preset=refused("--preset", "small"), grad_accum=refused("--grad-accum", "2", says="grad_accum_steps=2"),
@@ -80,6 +80,9 @@ FLAG_TABLE = {
                  "seq2seq": table("generate", compile=refused("--compile"))},
     "stats": {"decoder": table("stats"), "encoder": table("stats"),
               "seq2seq": table("stats", by_source=refused("--by-source"), compare=refused("--compare", "x"))},
+    # ablate: a decoder's next-token loss under knock-outs; other families are refused from their config
+    "ablate": {"decoder": table("ablate"), "encoder": family_refused("model_type='encoder'"),
+               "seq2seq": family_refused("model_type='seq2seq'")},
     "viz": {"decoder": table("viz"), "encoder": table("viz"),
             "seq2seq": table("viz", text=refused("--text", "hello"), trace_tokens=refused("--trace-tokens", "8"))},
     "report": {"decoder": table("report"), "encoder": table("report"), "seq2seq": table("report")},
@@ -143,8 +146,8 @@ def base_argv(command: str, family: str, workspace, tmp_path) -> list:
         return ["eval", "--checkpoint", run, "--max-batches", "1", "--batch-size", "2"]
     if command == "generate":
         return ["generate", "--checkpoint", checkpoint, "--max-new-tokens", "2"]
-    if command in ("stats", "viz", "report"):
-        out = {"stats": "stats.json", "viz": "pictures", "report": "report.html"}[command]
+    if command in ("stats", "ablate", "viz", "report"):
+        out = {"stats": "stats.json", "ablate": "ablation", "viz": "pictures", "report": "report.html"}[command]
         return [command, "--checkpoint", checkpoint, "--out", tmp_path / out, "--batches", "1", "--batch-size", "1",
                 "--seq-len", "16", "--no-progress"]
     if command == "convert":
@@ -167,7 +170,7 @@ def no_expensive_work(monkeypatch):
     for target in ("gohgraph.cli.train.train", "gohgraph.cli.objectives.train_objective",
                    "gohgraph.cli.objectives.evaluate_objective", "gohgraph.cli.viz.collect_stats",
                    "gohgraph.cli.report.collect_stats", "gohgraph.cli.stats.collect_seq2seq_stats",
-                   "gohgraph.cli.eval.evaluate"):
+                   "gohgraph.cli.eval.evaluate", "gohgraph.analysis.ablation.ablate"):
         monkeypatch.setattr(target, fail)
 
     class Refuse:  # convert: a transformers that must not be asked to load
