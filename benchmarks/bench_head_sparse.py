@@ -1,4 +1,4 @@
-"""Routing that skips work (DESIGN.md §17), at the shapes users run: head-sparse against masked
+"""Routing that skips work (docs/skipping-work.md), at the shapes users run: head-sparse against masked
 execution, against dense and against Hugging Face Llama, in one interleaved run.
 
     python benchmarks/bench_head_sparse.py                       # everything (about 30 min on 2 cores)

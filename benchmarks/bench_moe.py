@@ -11,7 +11,7 @@ layer, the usual estimate of its cost on a shared machine, and the medians are p
     python benchmarks/bench_moe.py --quick    # a smoke run
     python benchmarks/bench_moe.py --dtype bfloat16   # bf16 weights and inputs (no autocast)
 
-Targets (DESIGN.md §10 / issue 3): E=8 top-2 <= 1.3x dense; E=64 <= 1.2x the E=8 time.
+Targets (issue 3): E=8 top-2 <= 1.3x dense; E=64 <= 1.2x the E=8 time.
 Issue 20: gohgraph <= Hugging Face's ``MixtralSparseMoeBlock`` (its ``grouped_mm`` experts, the
 fastest of its implementations here) at every E, timed in the same interleaved rounds when
 ``transformers`` is installed, with the same dense baseline, so both ratios come from one run.

@@ -1,7 +1,7 @@
 """One configuration object for every GoH model variant.
 
 Dense MHA, MoH, GoH attention, SMoE, fine-grained SMoE, MH-MoE and GoH-MoE are all values of this
-dataclass (DESIGN.md §1), so a comparison between them changes fields here and nothing else.
+dataclass (docs/index.md), so a comparison between them changes fields here and nothing else.
 Every field is checked at construction; a bad value raises ``ValueError`` naming the field and the
 allowed values.
 """
@@ -30,7 +30,7 @@ POSITION_EMBEDDINGS = ("rope", "learned", "alibi", "sinusoidal", "t5-relative")
 ROPE_SCALINGS = ("none", "linear", "ntk", "llama3")
 ATTENTION_KINDS = ("mha", "mla")
 MLP_KINDS = ("swiglu", "gelu", "gelu-exact", "relu", "geglu")
-MODEL_TYPES = ("decoder", "encoder", "seq2seq")  # DESIGN.md §13: the three members of the family
+MODEL_TYPES = ("decoder", "encoder", "seq2seq")  # the three members of the family
 NORM_POSITIONS = ("pre", "post")
 CLASSIFIER_POOLINGS = ("first", "mean", "first-tanh")
 ATTENTION_SCALES = ("sqrt", "none")
@@ -43,7 +43,7 @@ RECURSION_KV = ("recursion", "shared")
 RECURSION_INFERENCE = ("aux-router", "router-bce")
 RECURSION_SCORERS = ("linear", "graph")
 EXECUTIONS = ("auto", "masked", "sparse")
-RECURSION_EXECUTIONS = ("auto", "masked", "gather")  # DESIGN.md §17: skip the work routing rules out, or compute all
+RECURSION_EXECUTIONS = ("auto", "masked", "gather")  # docs/skipping-work.md: skip the work routing rules out, or compute all
 
 GATE_NORMALISATIONS = ("moh", "mha")
 EXPERT_SCORES = ("softmax", "sigmoid")
@@ -100,7 +100,7 @@ class GoHConfig:
     dropout: float = _in("shape", 0.0)
     tie_embeddings: bool = _in("shape", True)
     init_std: float = _in("shape", 0.02)
-    # the transformer family (DESIGN.md §13): "decoder" (GoHTransformer), "encoder" (GoHEncoder,
+    # the transformer family: "decoder" (GoHTransformer), "encoder" (GoHEncoder,
     # BERT) or "seq2seq" (GoHSeq2Seq, T5 / Vaswani); from_pretrained builds the class it names
     model_type: str = _in("shape", "decoder")
     # "pre": x + f(norm(x)) and a final norm (GPT-2, LLaMA, T5); "post": norm(x + f(x)) and no final
@@ -141,7 +141,7 @@ class GoHConfig:
     # Mistral's sliding window: a query sees the last W positions (itself included); the decode
     # cache then keeps only W - 1 positions per layer, flat in the generated length
     sliding_window: Optional[int] = _in("attention", None)
-    # "mla": DeepSeek's multi-head latent attention (DESIGN.md §13): keys and values from a latent
+    # "mla": DeepSeek's multi-head latent attention (docs/decoding.md): keys and values from a latent
     # c = RMSNorm(W_DKV x) of width kv_lora_rank plus one shared RoPE key of width qk_rope_head_dim;
     # queries optionally low-rank (q_lora_rank); the decode cache holds only c and the RoPE key
     attention: str = _in("attention", "mha")
@@ -177,7 +177,7 @@ class GoHConfig:
     # H_s + k, so all heads on with uniform gates is exactly MHA (gohgraph's gating before 2026-12;
     # not MoH's unless n_shared_heads == top_k_heads)
     head_gate_normalisation: str = _in("head routing", "moh")
-    # DESIGN.md §17: "sparse" attends only for the (token, head) pairs with a non-zero gate, "masked"
+    # docs/skipping-work.md: "sparse" attends only for the (token, head) pairs with a non-zero gate, "masked"
     # computes every head and zeroes the inactive ones (the reference), "auto" picks per call
     # (gohgraph.layers.head_sparse.picks_head_sparse). How it runs, not what: no weight depends on it
     head_execution: str = _in("head routing", "auto")
@@ -227,7 +227,7 @@ class GoHConfig:
     # "linear" (theta^T h) or "graph" (the token's heads as nodes of head_graph, router_rounds of the
     # GoH head router's message passing with router_dim features, mean of the node scores)
     recursion_scorer: str = _in("recursion", "linear")
-    # DESIGN.md §17: "gather" runs each recursion only on the tokens that take it, "masked" runs it
+    # docs/skipping-work.md: "gather" runs each recursion only on the tokens that take it, "masked" runs it
     # on every token and discards the rest (the reference), "auto" gathers where it can
     # (gohgraph.models.recursion.can_gather_recursions). How it runs, not what: no weight depends on it
     recursion_execution: str = _in("recursion", "auto")
@@ -251,7 +251,7 @@ class GoHConfig:
     expert_peer_graph: Any = _in("experts", "none")
     # the first this many layers keep the dense FFN (DeepSeek-V3's first_k_dense_replace)
     n_dense_layers: int = _in("experts", 0)
-    # how selected experts are weighted (DESIGN.md §12): "softmax" with renormalisation is Mixtral's,
+    # how selected experts are weighted (docs/experts.md): "softmax" with renormalisation is Mixtral's,
     # softmax without it Qwen2-MoE's default; "sigmoid" scores with the selection bias added to the
     # scores, group-limited top-k and a scaling factor are DeepSeek-V3's
     expert_score: str = _in("experts", "softmax")

@@ -1,4 +1,4 @@
-"""What a layer reports about its routing (DESIGN.md §5): one record, with an experts part.
+"""What a layer reports about its routing (docs/routing.md): one record, with an experts part.
 
 The model returns data, never prints or plots: statistics (:mod:`gohgraph.analysis.stats`) and
 pictures (:mod:`gohgraph.viz`) consume these records. The attention fills the head fields; an

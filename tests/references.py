@@ -1,6 +1,6 @@
 """Independent references the tests compare the fast paths with: slow, written from scratch, obviously right.
 
-Each one restates the math of DESIGN.md in the plainest code (loops, einsum, explicit masks) and
+Each one restates the math of the docs in the plainest code (loops, einsum, explicit masks) and
 shares no code with the package beyond reading a module's weights.
 """
 
@@ -218,7 +218,7 @@ def moh_attention(x, qkv_weight, proj_weight, wg, wg_0, wg_1, num_heads, shared_
 
 
 def moh_llama3_head_mask(q, n_shared, top_k):
-    """MoH-LLaMA3's parameter-free head selection (DESIGN.md §12), restated for the tests.
+    """MoH-LLaMA3's parameter-free head selection (docs/routing.md), restated for the tests.
 
     ``q [batch, seq, heads, head_dim]``: a head's score is its query's L2 norm over the std of the
     norms across heads; softmax; the top-``top_k`` routed heads (after the ``n_shared`` always-on
@@ -233,7 +233,7 @@ def moh_llama3_head_mask(q, n_shared, top_k):
 
 
 def einsum_expert_router(router, sub, expert_load=None):
-    """GraphExpertRouter's math (DESIGN.md §4, GMoE's expert <-> expert step) written independently:
+    """GraphExpertRouter's math (docs/experts.md, GMoE's expert <-> expert step) written independently:
     dense adjacency matrices, einsum, masked softmax. ``sub [tokens, subtokens, d_sub]`` ->
     logits ``[tokens, subtokens, experts]`` with ``-inf`` off the bipartite graph."""
     n_sub, n_exp = router.n_subtokens, router.n_experts

@@ -1,11 +1,11 @@
-"""The package layout of DESIGN.md §7: no import cycles, and imports only flow down the layers.
+"""The package layout of docs/layout.md: no import cycles, and imports only flow down the layers.
 
 Every ``import`` and ``from ... import`` in the package (function-level ones too) is read with
 ``ast``; the repository's ``viz/`` folder counts as ``gohgraph.viz``, where it installs. The order
-is §7's data flow, ops -> layers -> routers/moe -> models -> training -> experiments -> cli, with
+is the layout's data flow, ops -> layers -> routers/moe -> models -> training -> experiments -> cli, with
 ``analysis/`` (everything below training: the trainer logs stats) under ``training/``.
 
-Also: model families are told apart in ``models/`` and ``config.py`` only (DESIGN.md §7's families
+Also: model families are told apart in ``models/`` and ``config.py`` only (the families
 registry); no other module compares ``model_type``, except the sites listed in
 :data:`MODEL_TYPE_SWITCHES`, which are still to move and may only go.
 """
@@ -35,7 +35,7 @@ LAYERS = [
     ("gohgraph.cli",),
     ("gohgraph.__main__",),
 ]
-# the package's __init__ is the public API (DESIGN.md §6): it may re-export from any layer
+# the package's __init__ is the public API: it may re-export from any layer
 PUBLIC_API = "gohgraph"
 ROOT_LEVEL = LAYERS[0]
 
@@ -81,7 +81,7 @@ def layer_of(module):
     matches = [(len(group), level, group) for level, groups in enumerate(LAYERS) for group in groups
                if module == group or module.startswith(group + ".")]
     if not matches:
-        raise AssertionError(f"{module} is in no layer of DESIGN.md §7: add its folder to LAYERS")
+        raise AssertionError(f"{module} is in no layer of docs/layout.md: add its folder to LAYERS")
     _, level, group = max(matches)
     return level, group
 
@@ -113,7 +113,7 @@ def test_no_import_goes_up_or_sideways():
             sideways = target_level == level and target_group != group and group not in ROOT_LEVEL
             if upward or sideways:
                 offending.append(f"{module} -> {target}")
-    assert not offending, "imports against DESIGN.md §7's order:\n" + "\n".join(sorted(offending))
+    assert not offending, "imports against docs/layout.md's order:\n" + "\n".join(sorted(offending))
 
 
 def test_no_import_cycles():

@@ -1,4 +1,4 @@
-r"""Causal routing analyses (DESIGN.md §19): what a head, an expert or the router's messages are worth.
+r"""Causal routing analyses (docs/analysis.md): what a head, an expert or the router's messages are worth.
 
 Every analysis is the change of the validation loss under one intervention,
 :math:`\Delta = L_{\text{intervened}} - L_{\text{baseline}}` (nats per token, positive: the model

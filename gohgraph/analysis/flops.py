@@ -1,4 +1,4 @@
-"""FLOPs of a real step, counted by ``torch.utils.flop_counter.FlopCounterMode`` (DESIGN.md §17).
+"""FLOPs of a real step, counted by ``torch.utils.flop_counter.FlopCounterMode`` (docs/skipping-work.md).
 
 The counter has no formula for two kernels this package runs on CPU, so it would count them as 0:
 

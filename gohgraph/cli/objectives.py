@@ -1,4 +1,4 @@
-"""``gohgraph train --objective mlm|classify|seq2seq`` and ``gohgraph eval`` of such a run (DESIGN.md §13).
+"""``gohgraph train --objective mlm|classify|seq2seq`` and ``gohgraph eval`` of such a run (docs/encoder.md, docs/seq2seq.md).
 
 The objective's preset (:data:`~gohgraph.training.objectives.OBJECTIVE_PRESETS`), then ``--config``, ``--set``
 and the training flags; the model's vocabulary is the data tokenizer's plus the three special

@@ -1,6 +1,6 @@
 """Training data: the default corpus, user text and a token cache.
 
-The default corpus needs no download (DESIGN.md §8): the ``.py`` files of the running
+The default corpus needs no download (docs/getting-started.md): the ``.py`` files of the running
 interpreter's standard library (site-packages skipped), capped at a few MB, byte-level tokens.
 Files are split into train and validation by a hash of their relative path, so the split is the
 same on every machine with the same Python. Tokens are cached as ``uint16``/``uint32`` files

@@ -7,7 +7,7 @@ skipped, UTF-8:
 * labelled texts: ``label<TAB>text``, or ``{"text": "...", "label": "..." | 7}``.
 
 A TSV line holds exactly one tab (texts with tabs or newlines go in JSONL). A malformed line stops
-the load with one line naming the file, the line number and what is wrong (DESIGN.md §15), e.g.
+the load with one line naming the file, the line number and what is wrong (docs/contract.md), e.g.
 ``pairs.tsv:12: expected 'source<TAB>target', found no tab``. Sizes are bounded so that a wrong
 file cannot exhaust memory: :data:`MAX_RECORD_FILE_BYTES` per file, :data:`MAX_TEXT_CHARS` per text,
 :data:`MAX_LABELS` distinct labels.

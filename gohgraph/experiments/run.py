@@ -1,7 +1,7 @@
 """The comparison table: dense MHA, MoH, GoH, SMoE, fine-grained SMoE, MH-MoE and GoH-MoE at
 matched total parameters, trained on the same tokens with the same seeds and schedule.
 
-Every variant is a :class:`~gohgraph.GoHConfig` (DESIGN.md §1), so the comparison only changes
+Every variant is a :class:`~gohgraph.GoHConfig` (docs/index.md), so the comparison only changes
 config fields. The steps, in the order :func:`run_comparison` runs them:
 
 1. :func:`~gohgraph.experiments.variants.comparison_variants` - the seven configurations of

@@ -38,7 +38,7 @@ MATCHED_DEPTH = " (matched depth)"
 MOR_VARIANT_NAMES = tuple(MOR_ROUTERS.values()) + tuple(name + MATCHED_DEPTH for name in MOR_ROUTERS.values())
 KEEPS_ITS_SIZE = frozenset(name + MATCHED_DEPTH for name in MOR_ROUTERS.values())
 # talking-heads attention (Shazeer et al. 2020) on dense heads and FFN, built only when named: the dense
-# "heads talk, nobody routes" control for GoH's inter-head flow (DESIGN.md §18); matched as dense is
+# "heads talk, nobody routes" control for GoH's inter-head flow; matched as dense is
 TALKING_HEADS = "talking heads"
 ALL_VARIANT_NAMES = VARIANT_NAMES + BITNET_VARIANT_NAMES + MOR_VARIANT_NAMES + (TALKING_HEADS,)
 MATCH_TOLERANCE = 0.02
@@ -177,7 +177,7 @@ def active_parameters(model: GoHTransformer) -> int:
     """Parameters one token's computation uses: everything except the routed experts it skips.
 
     Every attention head counts as active: this implementation computes every head and zeroes the
-    unselected ones (DESIGN.md §10, compute honesty). A token with ``m`` sub-tokens and top-``k``
+    unselected ones (compute honesty). A token with ``m`` sub-tokens and top-``k``
     routing uses at most ``m * k`` routed experts.
     """
     total = model.num_parameters()
@@ -237,7 +237,7 @@ def _fit_knob(config: GoHConfig, knob: str, target: int,
 
 
 def reference_of(config: GoHConfig) -> str:
-    """What released code a configuration computes (DESIGN.md §12), and the test that checks it."""
+    """What released code a configuration computes, and the test that checks it."""
     if config.router == "dense":
         heads = "multi-head attention as in HF Llama (tests/interop: converted logits equal)"
     elif config.router == "linear":

@@ -1,6 +1,6 @@
 """Hugging Face ``BertForMaskedLM`` and ``BertForSequenceClassification`` -> :class:`~gohgraph.GoHEncoder`.
 
-BERT (Devlin et al. 2019) is the encoder of DESIGN.md §13 with these values: post-norm blocks
+BERT (Devlin et al. 2019) is the encoder of docs/encoder.md with these values: post-norm blocks
 ``LN(x + f(x))``, LayerNorm with BERT's ``layer_norm_eps`` (1e-12), learned absolute positions, a
 LayerNorm after the embeddings, exact (erf) GELU MLP, biases on every projection. Its MLM head is
 ``W_E^T LN(GELU(W h + b)) + b_vocab`` (``mlm_transform``, tied to the embedding); its classifier

@@ -56,7 +56,7 @@ SUPPORTED_ARCHITECTURES: Dict[str, Tuple[str, ...]] = {
 # Hugging Face class -> its family
 FAMILIES_BY_CLASS: Dict[str, SourceFamily] = {
     f.hf_class: f for model_type, family in SOURCE_FAMILIES.items() for f in (family, *HEAD_VARIANTS.get(model_type, ()))}
-# safetensors only, one file or shards listed by an index: nothing here loads a pickle (DESIGN.md §15)
+# safetensors only, one file or shards listed by an index: nothing here loads a pickle
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # GoHConfig fields the pretrained weights fix; everything else (routing, experts, dropout) may be overridden

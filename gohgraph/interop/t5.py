@@ -1,4 +1,4 @@
-"""Hugging Face ``T5ForConditionalGeneration`` -> GoHSeq2Seq (DESIGN.md §13).
+"""Hugging Face ``T5ForConditionalGeneration`` -> GoHSeq2Seq (docs/conversion.md).
 
 What T5 fixes in the target: RMSNorm without mean subtraction or bias (``T5LayerNorm``), pre-norm
 blocks, no biases anywhere, unscaled attention scores (``attention_scale="none"``; T5's init

@@ -1,7 +1,7 @@
 """GoH attention: multi-head attention whose heads are routed per token over a head graph.
 
 ``router="dense"`` is exactly standard MHA/GQA/MQA, ``router="linear"`` is MoH and
-``router="graph"`` is GoH (DESIGN.md §3): one class, three configurations. The attention does
+``router="graph"`` is GoH (docs/routing.md): one class, three configurations. The attention does
 not know how heads are routed: it receives a builder of the head-routing module
 (:class:`gohgraph.routers.heads.HeadRouting`, chosen by the block), builds it after its own
 projections (so parameters are initialised in the order of every earlier checkpoint) and calls it
@@ -13,7 +13,7 @@ widths from ``n_heads``/``n_kv_heads``, which count the heads *this module compu
 parallelism (:mod:`gohgraph.parallel.tensor_parallel`) shards the projections from outside and sets
 them to the local counts, torchtitan style.
 
-Compute (DESIGN.md §17): with ``cfg.head_execution="sparse"`` (or ``"auto"`` at sizes where it pays,
+Compute (docs/skipping-work.md): with ``cfg.head_execution="sparse"`` (or ``"auto"`` at sizes where it pays,
 :func:`~gohgraph.layers.head_sparse.picks_head_sparse`) the attention scores and values run only for
 the (token, head) pairs with a non-zero gate (:mod:`gohgraph.layers.head_sparse`); keys and values
 are computed and cached for every head. ``"masked"``, the reference, computes every head and lets
@@ -45,7 +45,7 @@ from .positions import build_query_key_positions, build_score_positions
 class GoHAttention(nn.Module):
     """Self- or cross-attention with routed heads and inter-head flow.
 
-    Steps (DESIGN.md §3): q/k/v projections (GQA when ``n_kv_heads < n_heads``); ``head_routing``
+    Steps (docs/routing.md): q/k/v projections (GQA when ``n_kv_heads < n_heads``); ``head_routing``
     (built by ``build_head_routing(cfg)``; none for dense attention) reads the token and the pre-RoPE per-head queries and returns gates ``g [batch, seq, heads]``
     and, with inter-head flow, a head-mixing matrix ``M [batch, seq, heads, heads]``; positions
     (RoPE) and SDPA per head; output ``y = W_O (M o)`` (or ``W_O (g ⊙ o)`` without flow).
@@ -102,7 +102,7 @@ class GoHAttention(nn.Module):
         self.sliding_window = cfg.sliding_window
         self.scale = None if cfg.attention_scale == "sqrt" else 1.0  # None: SDPA's 1/sqrt(head_dim)
         self.head_routing = build_head_routing(cfg) if build_head_routing is not None else None
-        # DESIGN.md §17: shared heads are active for every token; the others only where routed
+        # docs/skipping-work.md: shared heads are active for every token; the others only where routed
         self.n_shared_heads, self.head_execution = cfg.n_shared_heads, cfg.head_execution
         # talking heads: P_l and P_w, registered only when on so that every other checkpoint loads
         # unchanged; the identity makes a fresh layer dense attention

@@ -1,4 +1,4 @@
-r"""Head-sparse attention: attend only for the (token, head) pairs the router chose (DESIGN.md §17).
+r"""Head-sparse attention: attend only for the (token, head) pairs the router chose (docs/skipping-work.md).
 
 With gates :math:`g_{t,h}` (0 outside token ``t``'s active set :math:`A_t`), a routed layer needs
 

@@ -1,4 +1,4 @@
-r"""Multi-head latent attention (MLA, DeepSeek-V2/V3; DESIGN.md §13) with routed heads.
+r"""Multi-head latent attention (MLA, DeepSeek-V2/V3; docs/decoding.md) with routed heads.
 
 Keys and values of every head come from one small latent per token, and one RoPE key is shared by
 all heads:
@@ -158,7 +158,7 @@ class LatentAttention(nn.Module):
 
     def _sdpa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
               is_causal: bool, active: Optional[torch.Tensor], causal_keys: bool) -> torch.Tensor:
-        """SDPA over every head, or head-sparse over the ``active [batch, seq, heads]`` pairs (DESIGN.md §17)."""
+        """SDPA over every head, or head-sparse over the ``active [batch, seq, heads]`` pairs (docs/skipping-work.md)."""
         if active is not None:
             return head_sparse_attention(query, key, value, active, self.n_shared_heads, attn_mask, is_causal,
                                          causal_keys=causal_keys, scale=self.scale)

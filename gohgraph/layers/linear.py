@@ -1,10 +1,10 @@
 """Every projection of the model comes from :func:`make_linear`: the one place to swap its kind.
 
 Attention, dense FFNs, MH-MoE's head and merge layers and the shared experts are built here, so ``cfg.linear`` swaps all of them: ``"standard"`` is ``nn.Linear``, ``"bitnet"``
-BitNet b1.58's ternary :class:`~gohgraph.layers.bitlinear.BitLinear` (DESIGN.md §13). The routed
+BitNet b1.58's ternary :class:`~gohgraph.layers.bitlinear.BitLinear` (docs/bitnet.md). The routed
 experts hold stacked weights and are not built here; :func:`ternary_experts` tells them to quantise
 per expert. Routers (and the shared-expert gate) stay plain ``nn.Linear``: they route in float32
-(DESIGN.md §10) and are never quantised. Embeddings and the output head are not projections built
+(docs/routing.md) and are never quantised. Embeddings and the output head are not projections built
 here either, so they stay full precision, as in BitNet.
 """
 

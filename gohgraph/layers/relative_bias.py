@@ -1,4 +1,4 @@
-r"""Position schemes of the encoder–decoder family (DESIGN.md §13): Vaswani's sinusoids and T5's
+r"""Position schemes of the encoder–decoder family (docs/decoding.md): Vaswani's sinusoids and T5's
 bucketed relative-position bias.
 
 * :class:`SinusoidalPositionEmbedding` is added once to the token embeddings (``"embedding"``

@@ -1,4 +1,4 @@
-"""GoHEncoder: the encoder-only member of the family (BERT; DESIGN.md §13).
+"""GoHEncoder: the encoder-only member of the family (BERT; docs/encoder.md).
 
 Token embedding (+ learned or sinusoidal positions, or T5's relative bias in the attention) ->
 ``n_layers`` blocks with **bidirectional** routed self-attention under a padding mask, and a dense

@@ -1,4 +1,4 @@
-r"""Mixture-of-Recursions (Bae et al. 2025; DESIGN.md §13): a shared stack of blocks, applied up to
+r"""Mixture-of-Recursions (Bae et al. 2025; docs/recursion.md): a shared stack of blocks, applied up to
 ``max_recursions`` times, with a router choosing which tokens take each recursion.
 
 Parameter sharing (``cfg.recursion_sharing``): ``"cycle"`` shares all ``n_layers`` blocks as the
@@ -23,7 +23,7 @@ those that took ``r - 1`` and gives each a gate ``g``; selected tokens are updat
   every token; in every later recursion block ``i``'s queries attend to recursion 0's keys and
   values of block ``i`` (the cache holds one recursion's worth).
 
-Execution (``cfg.recursion_execution``, DESIGN.md §17): ``"gather"`` runs recursion ``r >= 1``
+Execution (``cfg.recursion_execution``, docs/skipping-work.md): ``"gather"`` runs recursion ``r >= 1``
 only on the tokens that take it: per row the selected tokens are gathered in position order
 (padded to the busiest row), the stack runs on them at their original positions under an explicit
 mask (recursion-wise KV: causal among the gathered tokens; KV sharing: the gathered queries over
@@ -153,7 +153,7 @@ class MixtureOfRecursions(nn.Module):
         self.middle_cycle = cfg.recursion_sharing == "middle-cycle"
         self.token_choice = cfg.recursion_router == "token-choice"
         self.kv_sharing = cfg.recursion_kv == "shared"
-        # DESIGN.md §17: gather the tokens a recursion keeps ("auto"/"gather": where the attention
+        # docs/skipping-work.md: gather the tokens a recursion keeps ("auto"/"gather": where the attention
         # allows it and no KV cache is passed in) or run every token and mask ("masked")
         self.recursion_execution, self.gatherable = cfg.recursion_execution, can_gather_recursions(cfg)
         # the scores come from the token's heads as nodes of the head graph (routers/recursion.py),

@@ -65,7 +65,7 @@ class RoutedModel:
                 module.dense_blend.fill_(float(value))
 
     def set_execution(self, head_execution: Optional[str] = None, recursion_execution: Optional[str] = None) -> None:
-        """Switch how routing runs (DESIGN.md §17) without touching a weight: ``head_execution`` in
+        """Switch how routing runs (docs/skipping-work.md) without touching a weight: ``head_execution`` in
         ``"auto" | "masked" | "sparse"``, ``recursion_execution`` in ``"auto" | "masked" | "gather"``.
         The config records the choice, so a saved model keeps it."""
         for name, value in (("head_execution", head_execution), ("recursion_execution", recursion_execution)):

@@ -1,4 +1,4 @@
-"""GoHSeq2Seq: the encoder–decoder member of the family (Vaswani; T5; DESIGN.md §13).
+"""GoHSeq2Seq: the encoder–decoder member of the family (Vaswani; T5; docs/seq2seq.md).
 
 One token embedding shared by both stacks -> :class:`~gohgraph.models.encoder.EncoderStack`
 (bidirectional, padding mask) over the source -> :class:`DecoderStack` over the target:

@@ -16,7 +16,7 @@ The expert layer talks to dispatch only through a :class:`Dispatcher` (``dispatc
 dispatcher (tokens exchanged with ``all_to_all_single`` between steps 2 and 3, and back before 4)
 replaces it without touching the layer.
 
-Capacity (DESIGN.md §4): ``capacity = ceil(C * subtokens * k / E)`` assignments per expert.
+Capacity (docs/experts.md): ``capacity = ceil(C * subtokens * k / E)`` assignments per expert.
 **Priority** among the assignments competing for an expert is their flat order in
 ``expert_ids [subtokens, k]``: by sub-token position (batch, then sequence, then sub-token slot),
 then by choice rank. An earlier position therefore never loses its place to a later one, so in a

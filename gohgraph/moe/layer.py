@@ -1,7 +1,7 @@
 r"""Feed-forward layers: :func:`build_feed_forward` picks the dense MLP or the expert layer, which
 covers SMoE, fine-grained SMoE, MH-MoE and GoH-MoE as one module.
 
-DESIGN.md §4: experts are nodes of the routing graph. A token ``x [d_model]`` becomes ``m``
+docs/experts.md: experts are nodes of the routing graph. A token ``x [d_model]`` becomes ``m``
 sub-tokens (MH-MoE's head layer ``W_head``, then a split into ``m`` slices of width ``d/m``; for
 ``ffn="moe"`` there is no head layer and ``m = 1``); a router picks ``k`` routed experts per
 sub-token; dispatch sorts the sub-tokens by expert and the experts run one grouped matmul; the

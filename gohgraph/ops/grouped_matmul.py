@@ -2,7 +2,7 @@
 
 ``torch.nn.functional.grouped_mm`` runs it as one kernel (forward and backward, CPU float32 and CUDA
 bf16 in torch 2.13). Where it cannot run (float64, widths whose rows are not 16-byte aligned) a loop
-over per-expert views (``split`` + ``unbind``: no full-size gradient per expert, DESIGN.md §10)
+over per-expert views (``split`` + ``unbind``: no full-size gradient per expert)
 computes the same thing; :func:`looped_matmul` is also the reference the tests compare with.
 """
 
@@ -25,7 +25,7 @@ def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, group_offsets: tor
     weights = weights.to(rows.dtype)  # under autocast the rows may already be bf16
     if _grouped_mm_supported(rows, weights):
         out = F.grouped_mm(rows.contiguous(), weights, offs=group_offsets)
-        # grouped_mm's backward rejects non-contiguous incoming gradients (DESIGN.md §10)
+        # grouped_mm's backward rejects non-contiguous incoming gradients
         return _ContiguousGrad.apply(out)
     return looped_matmul(rows, weights, group_offsets)
 

@@ -59,7 +59,7 @@ def prefers_fused_path(n_edges: int, n_heads: int) -> bool:
 class HeadRouter(GraphAttention):
     r"""GAT-style message passing over the heads of one layer, for every token at once.
 
-    Node features (one node per head, DESIGN.md §3):
+    Node features (one node per head, docs/routing.md):
     :math:`z^0_i = W_z q_i + e_i`. Each of the ``R`` rounds computes
 
     .. math::
@@ -213,7 +213,7 @@ QUERY_NORM_STD_EPS = 1e-6
 
 
 class QueryNormHeadRouter(nn.Module):
-    r"""MoH-LLaMA3's parameter-free router (continue-tuning a dense model, DESIGN.md §12).
+    r"""MoH-LLaMA3's parameter-free router (continue-tuning a dense model, docs/routing.md).
 
     A head's logit is the L2 norm of its query, normalised by the spread of those norms over the
     token's heads:
@@ -253,7 +253,7 @@ class HeadGate(BalancedRouting):
     selection), shared heads get :math:`p^s = \mathrm{softmax}` over the shared logits. Then, by
     ``cfg.head_gate_normalisation``:
 
-    * ``"moh"`` (SkyworkAI/MoH's released code, DESIGN.md §12): :math:`[w_s, w_r] = 2\,\mathrm{softmax}(W_0 x)`
+    * ``"moh"`` (SkyworkAI/MoH's released code, docs/routing.md): :math:`[w_s, w_r] = 2\,\mathrm{softmax}(W_0 x)`
       (no bias), :math:`g_i = w_s H_s p^s_i` (shared) and :math:`w_r k\, p^r_i` (kept routed), else 0.
       The total gate mass varies per token, between :math:`2\min(H_s, k)` and :math:`2\max(H_s, k)`.
       Without routed heads MoH computes no gates: every head gets 1. :math:`W_0` starts at 0, so

@@ -1,6 +1,6 @@
 """Routing losses and auxiliary-loss-free balancing, shared by head and expert routers.
 
-Convention (DESIGN.md §10): the load-balance loss equals exactly 1 at perfectly uniform routing,
+Convention (docs/routing.md): the load-balance loss equals exactly 1 at perfectly uniform routing,
 for any number of nodes ``E`` and any ``k``, so its coefficient means the same in every layer.
 """
 

@@ -183,7 +183,7 @@ class GraphRecursionScorer(nn.Module):
 
     one scalar per token per output: per routed recursion for expert-choice, per depth for
     token-choice. The scores are computed from each token alone, so routing by them stays causal.
-    Runs in float32 when the weights are float32, whatever the autocast dtype (DESIGN.md §10).
+    Runs in float32 when the weights are float32, whatever the autocast dtype (docs/routing.md).
 
     Args:
         d_model: token width (a multiple of ``n_heads``).
@@ -222,6 +222,6 @@ class GraphRecursionScorer(nn.Module):
 
 
 def _float_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)`` in float32 whatever the dtype of the model (routing runs in float32, DESIGN.md §10)."""
+    """``linear(x)`` in float32 whatever the dtype of the model (routing runs in float32)."""
     bias = None if linear.bias is None else linear.bias.float()
     return F.linear(x.float(), linear.weight.float(), bias)

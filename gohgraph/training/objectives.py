@@ -2,12 +2,12 @@
 
 The causal-LM trainer (:mod:`.trainer`) stays as it is; this loop serves ``--objective mlm``,
 ``--objective classify`` (a :class:`~gohgraph.models.encoder.GoHEncoder`) and ``--objective
-seq2seq`` (a :class:`~gohgraph.models.seq2seq.GoHSeq2Seq`) (DESIGN.md §13) on one process: AdamW
+seq2seq`` (a :class:`~gohgraph.models.seq2seq.GoHSeq2Seq`) (docs/encoder.md, docs/seq2seq.md) on one process: AdamW
 with warmup + cosine, the routing losses, auxiliary-loss-free bias updates, and at the end
 ``final/`` (``save_pretrained``) and ``metrics.json`` (every evaluation); ``objective.json`` (what
 the model is trained on) is written first, so a run stopped early can still be evaluated.
 
-Faults, as in the LM trainer (DESIGN.md §15): checkpoints every ``save_every`` steps in the same
+Faults, as in the LM trainer (docs/contract.md): checkpoints every ``save_every`` steps in the same
 format (:mod:`.checkpoint`); SIGINT/SIGTERM finish the step, save and return
 (``ObjectiveResult.interrupted``), a second Ctrl-C during the save waits for it; a non-finite loss
 or gradient raises :class:`~gohgraph.training.trainer.TrainingDivergedError` before anything is

@@ -1,4 +1,4 @@
-"""Validation metrics of a seq2seq model (DESIGN.md §13): loss, token accuracy, exact match, copy baseline.
+"""Validation metrics of a seq2seq model (docs/seq2seq.md): loss, token accuracy, exact match, copy baseline.
 
 Over ``max_batches`` batches of validation pairs in a fixed random order (the pairs are stored
 file by file, so a bounded evaluation in storage order would see only the first few files):

@@ -1,4 +1,4 @@
-"""FLOPs counted, not assumed (DESIGN.md §17): the counter's formulas for CPU SDPA and grouped mm,
+"""FLOPs counted, not assumed (docs/skipping-work.md): the counter's formulas for CPU SDPA and grouped mm,
 a dense step against its closed form, head-sparse attention in proportion to the active (token,
 head) pairs, and a gathered Mixture-of-Recursions step in proportion to the tokens it keeps."""
 

@@ -1,4 +1,4 @@
-"""The bad-input contract, round two (DESIGN.md §15, issue 32): every case a new user's probe broke
+"""The bad-input contract, round two (docs/contract.md, issue 32): every case a new user's probe broke
 ends in one line on stderr naming the flag, field or file (exit 1; 2 for what argparse cannot
 read), or in a printed notice where a value is legitimately adjusted; never a traceback, and never
 after expensive work that the check did not need.

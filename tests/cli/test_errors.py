@@ -1,5 +1,5 @@
 """Every mistake a user of the command line can make ends in one line on stderr, never a traceback,
-and loses nothing (DESIGN.md §15). Most cases call the CLI's ``main`` in this process (an exception
+and loses nothing (docs/contract.md). Most cases call the CLI's ``main`` in this process (an exception
 escaping it would fail the test, as a traceback would reach the user); a few run it in a fresh
 interpreter, as ``python -m gohgraph`` and the example script."""
 

@@ -1,4 +1,4 @@
-"""Head-sparse execution (DESIGN.md §17) equals the masked reference: the kernel against SDPA over
+"""Head-sparse execution (docs/skipping-work.md) equals the masked reference: the kernel against SDPA over
 every head times the active mask, and whole models (every head router, GQA/MQA, MLA, windows,
 ALiBi, T5 bias, padding, encoder, cross-attention) in outputs, gradients and generated tokens."""
 

@@ -1,4 +1,4 @@
-"""Padding never routes (DESIGN.md §19): a padded batch routes its real tokens exactly as the same
+"""Padding never routes (docs/decoder.md): a padded batch routes its real tokens exactly as the same
 tokens without the padding do.
 
 The references are independent of the masking code: the batch with its padding positions cut out

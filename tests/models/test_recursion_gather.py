@@ -1,4 +1,4 @@
-"""Mixture-of-Recursions that gathers (DESIGN.md §17) equals the masked reference: outputs and
+"""Mixture-of-Recursions that gathers (docs/skipping-work.md) equals the masked reference: outputs and
 gradients for both routers, both KV options, both sharings, left padding and routed heads inside the
 stack; generation is unchanged."""
 

@@ -1,4 +1,4 @@
-"""Expert scoring against the released implementations, with copied weights (DESIGN.md §12):
+"""Expert scoring against the released implementations, with copied weights (docs/experts.md):
 Hugging Face's Mixtral block (softmax, renormalised top-k) and DeepSeek-V3 MoE (sigmoid scores,
 selection bias on the scores, group-limited top-k, normalisation, routed scaling factor)."""
 

@@ -28,7 +28,7 @@ def test_linear_router_equals_moh_released_attention(heads, shared, top_k):
     y_moh, gates_moh, l_aux = moh_attention(x, attn.qkv.weight, attn.out.weight, wg, wg_0, wg_1, heads, shared, top_k)
     torch.testing.assert_close(record.head_gates, gates_moh, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y, y_moh, rtol=1e-5, atol=1e-5)
-    # our balance loss is MoH's l_aux / k: 1 at uniform load for any k (DESIGN.md §10)
+    # our balance loss is MoH's l_aux / k: 1 at uniform load for any k (docs/routing.md)
     assert record.aux_losses["head_balance"].item() == pytest.approx(l_aux.item() / top_k, rel=1e-5)
     if shared and shared != top_k:  # MoH's gate mass varies per token; "mha" would always give H_s + k
         mass = record.head_gates.sum(-1)

@@ -1,4 +1,4 @@
-"""The encoder objectives' runs survive faults as the LM's do (DESIGN.md §15): exact resume,
+"""The encoder objectives' runs survive faults as the LM's do (docs/contract.md): exact resume,
 Ctrl-C, non-finite losses, and the CLI's --resume / --overwrite."""
 
 import json

@@ -2,7 +2,7 @@
 
 A *load* is a vector ``[nodes]`` of non-negative shares that sum to 1 (for experts: the fraction
 of routed sub-token assignments each expert received; for heads: the fraction of routed-head
-selections). The metrics below are the ones MoE users ask for (DESIGN.md §10): normalised entropy,
+selections). The metrics below are the ones MoE users ask for (docs/analysis.md): normalised entropy,
 coefficient of variation, max/mean and min/mean load, the share taken by the busiest and the
 idlest 20% of nodes, and the nodes that were never chosen.
 """

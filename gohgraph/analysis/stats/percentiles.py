@@ -1,4 +1,4 @@
-"""Percentiles of load, per layer and across layers (DESIGN.md §14; NeMo / Megatron report them).
+"""Percentiles of load, per layer and across layers (docs/analysis.md; NeMo / Megatron report them).
 
 Loads are counts: assignments per routed expert (every top-k assignment of every real sub-token)
 and activations per routed head; utilisation is an expert's load over the ideal equal load.

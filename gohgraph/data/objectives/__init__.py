@@ -1,4 +1,4 @@
-"""Training objectives beyond next-token LM, on data that needs no download (DESIGN.md §13).
+"""Training objectives beyond next-token LM, on data that needs no download (docs/encoder.md, docs/seq2seq.md).
 
 * :mod:`.mlm`: masked-LM inputs and labels (BERT's 15%, 80/10/10) from token windows;
 * :mod:`.classify`: snippets of the standard library labelled by the package they come from, or

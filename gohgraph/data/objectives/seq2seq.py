@@ -1,4 +1,4 @@
-"""Sequence-to-sequence pairs and their batches (DESIGN.md §13): a function's docstring -> its ``def`` line.
+"""Sequence-to-sequence pairs and their batches (docs/seq2seq.md): a function's docstring -> its ``def`` line.
 
 The default task needs no download: every function and method of the standard-library files the
 default corpus reads (:func:`~gohgraph.data.corpus.load_corpus`, same files, same cap) that has a
