@@ -172,3 +172,13 @@ def test_tensor_parallel_refuses_switch_head():
 
     with pytest.raises(ValueError, match=r"^tensor_parallel=2 does not shard n_attention_experts"):
         check_tensor_parallel_layout(switch_model(), 2)
+
+
+def test_switch_head_row_of_the_comparison():
+    from gohgraph.experiments.variants import SETTINGS, SWITCH_HEAD, comparison_variants, match_parameters, reference_of
+
+    variants = comparison_variants(**SETTINGS["quick"][0], names=["dense", SWITCH_HEAD])
+    row = variants[SWITCH_HEAD]
+    assert row.n_attention_experts >= 2 and row.router == "dense" and row.ffn == "dense"
+    assert "SwitchHead" in reference_of(row) and "SwitchHead" not in reference_of(variants["dense"])
+    assert abs(match_parameters(variants)[SWITCH_HEAD].mismatch) <= 0.02
