@@ -159,6 +159,13 @@ class GoHConfig:
     # (gohgraph.layers.attention.talking_heads_attention); both start at the identity, so a fresh
     # layer is dense attention. Every head then feeds every other: no head is ever skipped
     talking_heads: bool = _in("attention", False)
+    # SwitchHead (Csordás et al. 2024; DESIGN.md §18): with n_attention_experts = E >= 2, every
+    # head's value and output projections are E experts, top_k_attention_experts of them chosen per
+    # token by a non-competitive sigmoid (no softmax, no balance loss): the value side by the token
+    # the value is read from, the output side by the token being written
+    # (gohgraph.layers.attention.SwitchHeadProjections). 0 = single projections (every other row)
+    n_attention_experts: int = _in("attention", 0)
+    top_k_attention_experts: int = _in("attention", 2)
 
     # ---- head routing
     router: str = _in("head routing", "dense")
@@ -386,6 +393,8 @@ class GoHConfig:
             self._validate_latent_attention()
         if self.talking_heads:
             self._validate_talking_heads()
+        if self.n_attention_experts:
+            self._validate_attention_experts()
         self._validate_positions()
         _choice(self, "head_gate_normalisation", GATE_NORMALISATIONS)
         _choice(self, "expert_score", EXPERT_SCORES)
@@ -433,6 +442,18 @@ class GoHConfig:
         if self.head_execution == "sparse":
             raise ValueError("talking_heads=True cannot run head_execution='sparse': every head's logits mix into "
                              "every other head, so no (token, head) pair can be skipped; use 'auto' or 'masked'")
+
+    def _validate_attention_experts(self) -> None:
+        if self.n_attention_experts < 2:
+            raise ValueError(f"n_attention_experts={self.n_attention_experts} must be 0 (off) or >= 2")
+        if not 1 <= self.top_k_attention_experts <= self.n_attention_experts:
+            raise ValueError(f"top_k_attention_experts={self.top_k_attention_experts} must be in "
+                             f"[1, n_attention_experts={self.n_attention_experts}]")
+        for name, allowed in (("attention", "mha"), ("linear", "standard"), ("talking_heads", False),
+                              ("linear_bias", False)):
+            if getattr(self, name) != allowed:
+                raise ValueError(f"n_attention_experts={self.n_attention_experts} needs {name}={allowed!r}, "
+                                 f"got {name}={getattr(self, name)!r}")
 
     def _validate_latent_attention(self) -> None:
         _positive(self, "kv_lora_rank", "qk_rope_head_dim")

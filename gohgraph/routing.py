@@ -51,6 +51,11 @@ class LayerRouting:
         head_losses: ``head_balance`` and ``head_z`` (absent when its weight is 0) of the head
             router, unweighted, over real tokens only.
         experts: the expert feed-forward layer's :class:`ExpertRouting`, or ``None`` (dense FFN).
+        value_experts, output_experts: SwitchHead's choices (``n_attention_experts > 0``), else
+            ``None``: :class:`ExpertRouting` with ``expert_indices [batch, len, heads, k]`` (each
+            head's own experts, ``0..E-1``; value side over kv heads and the key/value tokens,
+            output side over the query heads and tokens) and ``expert_weights`` their sigmoid
+            scores (non-competitive: they do not sum to 1); no losses.
 
     The expert fields read through: ``record.expert_indices`` is ``record.experts.expert_indices``
     (``None`` without experts), and :attr:`aux_losses` holds the head and the expert losses.
@@ -62,6 +67,8 @@ class LayerRouting:
     flow: Optional[torch.Tensor] = None
     head_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     experts: Optional[ExpertRouting] = None
+    value_experts: Optional[ExpertRouting] = None
+    output_experts: Optional[ExpertRouting] = None
 
     @property
     def aux_losses(self) -> Dict[str, torch.Tensor]:

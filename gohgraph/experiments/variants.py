@@ -40,7 +40,11 @@ KEEPS_ITS_SIZE = frozenset(name + MATCHED_DEPTH for name in MOR_ROUTERS.values()
 # talking-heads attention (Shazeer et al. 2020) on dense heads and FFN, built only when named: the dense
 # "heads talk, nobody routes" control for GoH's inter-head flow; matched as dense is
 TALKING_HEADS = "talking heads"
-ALL_VARIANT_NAMES = VARIANT_NAMES + BITNET_VARIANT_NAMES + MOR_VARIANT_NAMES + (TALKING_HEADS,)
+# SwitchHead (Csordás et al. 2024) on dense heads and FFN, built only when named: per-head value and
+# output experts, sigmoid top-k (DESIGN.md §18); matched as the others are
+SWITCH_HEAD = "switchhead"
+SWITCH_HEAD_EXPERTS, SWITCH_HEAD_TOP_K = 4, 2
+ALL_VARIANT_NAMES = VARIANT_NAMES + BITNET_VARIANT_NAMES + MOR_VARIANT_NAMES + (TALKING_HEADS, SWITCH_HEAD)
 MATCH_TOLERANCE = 0.02
 
 # Model shape and schedule of the two settings; ``gohgraph bench --quick`` runs the first.
@@ -108,6 +112,7 @@ def comparison_variants(d_model: int, n_layers: int, n_heads: int, n_shared_head
         if n_layers % MOR_RECURSIONS == 0:
             variants[name + MATCHED_DEPTH] = mor.replace(n_layers=n_layers // MOR_RECURSIONS)
     variants[TALKING_HEADS] = base.replace(talking_heads=True)
+    variants[SWITCH_HEAD] = base.replace(n_attention_experts=SWITCH_HEAD_EXPERTS, top_k_attention_experts=SWITCH_HEAD_TOP_K)
     unknown = [name for name in names if name not in variants]
     if unknown:
         raise ValueError(f"variants {unknown} are not among {list(ALL_VARIANT_NAMES)}")
@@ -251,6 +256,10 @@ def reference_of(config: GoHConfig) -> str:
     if config.talking_heads:
         talking = "talking-heads attention, Shazeer et al. 2020 (tests/layers/test_talking_heads.py: the paper's equations)"
         heads = talking if config.router == "dense" else f"{heads}, on {talking}"
+    if config.n_attention_experts:
+        switch = (f"SwitchHead, Csordás et al. 2024, {config.n_attention_experts} value/output experts per head, "
+                  f"top-{config.top_k_attention_experts} (tests/layers/test_switch_head.py: the released module)")
+        heads = switch if config.router == "dense" else f"{heads}, on {switch}"
     bitnet = "; BitNet b1.58 projections and experts (tests/layers/test_bitlinear.py)" if config.linear == "bitnet" else ""
     if config.recursion == "mor":
         bitnet += (f"; Mixture-of-Recursions, {config.recursion_router}, {config.n_layers} shared block(s) x "

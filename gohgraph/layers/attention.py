@@ -24,6 +24,11 @@ both modes (the graph and query-norm routers read every head's query).
 learned ``[heads, heads]`` matrices (:func:`talking_heads_attention`): an explicit score tensor
 instead of SDPA, always the masked mode (every head feeds every other, nothing can be skipped),
 and the routing's gates and flow applied to its outputs as to SDPA's.
+
+``cfg.n_attention_experts`` (SwitchHead, Csordás et al. 2024) replaces the value and output
+projections by per-head experts chosen per token by a sigmoid top-k
+(:class:`~gohgraph.layers.switch_head.SwitchHeadProjections`); ``qkv`` then projects only queries
+and keys, and the record's ``value_experts``/``output_experts`` hold the choices.
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import GoHConfig
-from ..routing import LayerRouting
+from ..routing import ExpertRouting, LayerRouting
 from .head_sparse import DECODE_MAX_QUERIES, head_sparse_attention, picks_head_sparse, project_active_heads
 from .kv_cache import KVCache
 from .linear import make_linear
 from .positions import build_query_key_positions, build_score_positions
+from .switch_head import SwitchHeadProjections
 
 
 class GoHAttention(nn.Module):
@@ -88,12 +94,16 @@ class GoHAttention(nn.Module):
         # the heads a routing record covers: all of them, also when this module computes a share
         self.record_heads = cfg.n_heads
         self.dropout = cfg.dropout
-        self.qkv = make_linear(cfg, cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.linear_bias)
-        self.out = make_linear(cfg, cfg.d_model, cfg.d_model, bias=cfg.linear_bias)
+        # SwitchHead: values and output come from experts, so qkv projects queries and keys only
+        self.switch_head = SwitchHeadProjections(cfg) if cfg.n_attention_experts else None
+        projected_heads = cfg.n_heads + (1 if self.switch_head is not None else 2) * cfg.kv_heads
+        self.qkv = make_linear(cfg, cfg.d_model, projected_heads * cfg.head_dim, bias=cfg.linear_bias)
+        self.out = make_linear(cfg, cfg.d_model, cfg.d_model, bias=cfg.linear_bias) if self.switch_head is None else None
         nn.init.normal_(self.qkv.weight, std=cfg.init_std)
-        nn.init.normal_(self.out.weight, std=cfg.output_init_std)
+        if self.out is not None:
+            nn.init.normal_(self.out.weight, std=cfg.output_init_std)
         for linear in (self.qkv, self.out):
-            if linear.bias is not None:
+            if linear is not None and linear.bias is not None:
                 nn.init.zeros_(linear.bias)
         # RoPE rotates q and k here, ALiBi biases the scores; absolute positions (GPT-2) are added
         # to the embedding by the model
@@ -119,10 +129,11 @@ class GoHAttention(nn.Module):
                 token_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LayerRouting]:
         batch, seq, _ = x.shape
         heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
+        value_record = None
         if memory_kv is not None:
             q, k, v = self._project_queries(x), None, None
         else:
-            q, k, v = self._project(x, memory)
+            q, k, v, value_record = self._project(x, memory)
         q = q.view(batch, seq, heads, head_dim)  # heads: this module's (local under tensor parallelism)
         if self.head_routing is not None:
             head_gates, head_mixing, routing = self.head_routing(x, q, token_mask)
@@ -165,6 +176,10 @@ class GoHAttention(nn.Module):
         attn = attn.transpose(1, 2)  # [batch, seq, heads, head_dim]
         if self.head_routing is not None:
             attn = self.head_routing.mix(attn, head_gates, head_mixing)
+        if self.switch_head is not None:
+            routing.value_experts = value_record
+            y, routing.output_experts = self.switch_head.output(attn, x)
+            return y, routing
         if sparse and seq <= DECODE_MAX_QUERIES and type(self.out) is nn.Linear:
             # a decode step reads only the active heads' columns of W_O (rows of inactive heads are 0)
             return project_active_heads(attn, head_gates != 0, self.out.weight, self.out.bias), routing
@@ -178,10 +193,9 @@ class GoHAttention(nn.Module):
     def project_memory(self, memory: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys and values of ``memory [batch, mem_len, d_model]``, each
         ``[batch, kv_heads, mem_len, head_dim]``: what ``forward(..., memory_kv=)`` takes."""
-        kv_width = self.n_kv_heads * self.head_dim
         weight, bias = self.qkv.weight, self.qkv.bias
         kv = F.linear(memory, weight[self.q_width:], None if bias is None else bias[self.q_width:])
-        k, v = kv.split([kv_width, kv_width], dim=-1)
+        k, v, _ = self._split_keys_values(kv, memory)
         shape = (memory.shape[0], memory.shape[1], self.n_kv_heads, self.head_dim)
         return k.reshape(shape).transpose(1, 2), v.reshape(shape).transpose(1, 2)
 
@@ -190,16 +204,26 @@ class GoHAttention(nn.Module):
         return F.linear(x, weight[:self.q_width], None if bias is None else bias[:self.q_width])
 
     def _project(self, x: torch.Tensor, memory: Optional[torch.Tensor]
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``q [batch, seq, H*d_h]`` from ``x``; ``k, v [batch, len, H_kv*d_h]`` from ``memory`` or ``x``."""
-        kv_width = self.n_kv_heads * self.head_dim
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[ExpertRouting]]:
+        """``q [batch, seq, H*d_h]`` from ``x``; ``k, v [batch, len, H_kv*d_h]`` from ``memory`` or
+        ``x``; SwitchHead's value choices (``None`` without it)."""
         if memory is None:
-            return self.qkv(x).split([self.q_width, kv_width, kv_width], dim=-1)
+            qkv = self.qkv(x)
+            return (qkv[..., :self.q_width], *self._split_keys_values(qkv[..., self.q_width:], x))
         weight, bias = self.qkv.weight, self.qkv.bias
         q = F.linear(x, weight[:self.q_width], None if bias is None else bias[:self.q_width])
         kv = F.linear(memory, weight[self.q_width:], None if bias is None else bias[self.q_width:])
-        k, v = kv.split([kv_width, kv_width], dim=-1)
-        return q, k, v
+        return (q, *self._split_keys_values(kv, memory))
+
+    def _split_keys_values(self, kv: torch.Tensor, source: torch.Tensor
+                           ) -> Tuple[torch.Tensor, torch.Tensor, Optional[ExpertRouting]]:
+        """Keys and values from the projected ``kv`` of ``source``: with SwitchHead ``kv`` holds the
+        keys only and the value experts read ``source``."""
+        if self.switch_head is None:
+            k, v = kv.chunk(2, dim=-1)
+            return k, v, None
+        v, record = self.switch_head.values(source)
+        return kv, v, record
 
     def _skips_heads(self, head_gates: torch.Tensor, q_len: int, k_len: int) -> bool:
         """Whether this call runs head-sparse (:func:`~gohgraph.layers.head_sparse.picks_head_sparse`)."""

@@ -53,3 +53,29 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad.contiguous()
+
+
+def routed_matmul(rows: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor,
+                  row_index: torch.Tensor, out_index: torch.Tensor, n_out: int) -> torch.Tensor:
+    r"""Dropless sort -> grouped matmul -> gate-weighted scatter-add, for ``A`` assignments:
+
+    .. math:: \mathrm{out}[o_a] \mathrel{+}= g_a \, \mathrm{rows}[r_a] \, W_{e_a}
+
+    Only the chosen ``(row, expert)`` products are computed (DESIGN.md §4; the MoE layer's dispatch
+    adds capacity and expert parallelism on top of the same three steps).
+
+    Args:
+        rows: ``[R, d_in]``.
+        weights: ``[E, d_in, d_out]``.
+        expert_ids, gates, row_index, out_index: ``[A]`` each: the expert of every assignment, its
+            gate, the row it reads and the output row it adds into.
+        n_out: rows of the result.
+    Returns:
+        ``[n_out, d_out]``.
+    """
+    order = torch.argsort(expert_ids, stable=True)
+    group_sizes = torch.bincount(expert_ids, minlength=weights.shape[0])
+    grouped = rows.index_select(0, row_index.index_select(0, order))
+    out = grouped_matmul(grouped, weights, torch.cumsum(group_sizes, dim=0).to(torch.int32))
+    out = out * gates.index_select(0, order).to(out.dtype).unsqueeze(-1)
+    return out.new_zeros(n_out, out.shape[-1]).index_add_(0, out_index.index_select(0, order), out)

@@ -114,6 +114,9 @@ def check_tensor_parallel_layout(model: nn.Module, n_ranks: int,
             if count % n_ranks:
                 raise ValueError(f"{name}={count} (layer {attention.layer_idx}) is not divisible by "
                                  f"tensor_parallel={n_ranks}: every rank must hold the same number of heads")
+        if attention.switch_head is not None:
+            raise ValueError(f"tensor_parallel={n_ranks} does not shard n_attention_experts (SwitchHead; layer "
+                             f"{attention.layer_idx})")
         if attention.talking_heads:
             raise ValueError(f"tensor_parallel={n_ranks} does not shard talking_heads=True (layer "
                              f"{attention.layer_idx}): its [heads, heads] mixing reads every rank's heads")
