@@ -181,9 +181,11 @@ def count_active_parameters(config: GoHConfig) -> int:
 def active_parameters(model: GoHTransformer) -> int:
     """Parameters one token's computation uses: everything except the routed experts it skips.
 
-    Every attention head counts as active: this implementation computes every head and zeroes the
-    unselected ones (compute honesty). A token with ``m`` sub-tokens and top-``k``
-    routing uses at most ``m * k`` routed experts.
+    Every attention head's parameters count as active: the query projection runs for every head in
+    both execution modes, and head-sparse decoding still reads every head's keys and values (what
+    routing saves is attention work and output columns, counted in FLOPs by the comparison table,
+    not parameters). A token with ``m`` sub-tokens and top-``k`` routing uses at most ``m * k``
+    routed experts.
     """
     total = model.num_parameters()
     for module in model.modules():
