@@ -159,7 +159,7 @@ class GoHConfig:
     # (gohgraph.layers.attention.talking_heads_attention); both start at the identity, so a fresh
     # layer is dense attention. Every head then feeds every other: no head is ever skipped
     talking_heads: bool = _in("attention", False)
-    # SwitchHead (Csordás et al. 2024; DESIGN.md §18): with n_attention_experts = E >= 2, every
+    # SwitchHead (Csordás et al. 2024, NeurIPS): with n_attention_experts = E >= 2, every
     # head's value and output projections are E experts, top_k_attention_experts of them chosen per
     # token by a non-competitive sigmoid (no softmax, no balance loss): the value side by the token
     # the value is read from, the output side by the token being written

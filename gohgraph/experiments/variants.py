@@ -41,7 +41,7 @@ KEEPS_ITS_SIZE = frozenset(name + MATCHED_DEPTH for name in MOR_ROUTERS.values()
 # "heads talk, nobody routes" control for GoH's inter-head flow; matched as dense is
 TALKING_HEADS = "talking heads"
 # SwitchHead (Csordás et al. 2024) on dense heads and FFN, built only when named: per-head value and
-# output experts, sigmoid top-k (DESIGN.md §18); matched as the others are
+# output experts, sigmoid top-k (layers/switch_head.py); matched as the others are
 SWITCH_HEAD = "switchhead"
 SWITCH_HEAD_EXPERTS, SWITCH_HEAD_TOP_K = 4, 2
 ALL_VARIANT_NAMES = VARIANT_NAMES + BITNET_VARIANT_NAMES + MOR_VARIANT_NAMES + (TALKING_HEADS, SWITCH_HEAD)

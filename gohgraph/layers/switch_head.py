@@ -1,7 +1,7 @@
 r"""SwitchHead's value and output projections (Csordás, Piękos, Irie, Schmidhuber, NeurIPS 2024).
 
 With ``cfg.n_attention_experts = E >= 2`` the attention keeps its single per-head query and key
-projections and takes its values and output from this module (DESIGN.md §18): per head, ``E``
+projections and takes its values and output from this module: per head, ``E``
 value experts and ``E`` output experts, ``k = cfg.top_k_attention_experts`` of each chosen per token
 by a non-competitive sigmoid (no softmax, no renormalisation, no balance loss), as the released
 ``SwitchHeadCore`` (RobertCsordas/switchhead) does:

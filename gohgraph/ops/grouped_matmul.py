@@ -61,7 +61,7 @@ def routed_matmul(rows: torch.Tensor, weights: torch.Tensor, expert_ids: torch.T
 
     .. math:: \mathrm{out}[o_a] \mathrel{+}= g_a \, \mathrm{rows}[r_a] \, W_{e_a}
 
-    Only the chosen ``(row, expert)`` products are computed (DESIGN.md §4; the MoE layer's dispatch
+    Only the chosen ``(row, expert)`` products are computed (docs/experts.md; the MoE layer's dispatch
     adds capacity and expert parallelism on top of the same three steps).
 
     Args:
