@@ -51,6 +51,8 @@ class LayerRouting:
         head_losses: ``head_balance`` and ``head_z`` (absent when its weight is 0) of the head
             router, unweighted, over real tokens only.
         experts: the expert feed-forward layer's :class:`ExpertRouting`, or ``None`` (dense FFN).
+        head_balance: the counts and probability sums behind ``head_balance`` (a
+            :class:`~gohgraph.routers.losses.BalanceTally`), for global-batch pooling, or ``None``.
 
     The expert fields read through: ``record.expert_indices`` is ``record.experts.expert_indices``
     (``None`` without experts), and :attr:`aux_losses` holds the head and the expert losses.
@@ -62,6 +64,7 @@ class LayerRouting:
     flow: Optional[torch.Tensor] = None
     head_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     experts: Optional[ExpertRouting] = None
+    head_balance: Optional[Any] = None
 
     @property
     def aux_losses(self) -> Dict[str, torch.Tensor]:
