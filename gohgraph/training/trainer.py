@@ -4,7 +4,9 @@ Per optimizer step: learning rate from the step (warmup + cosine), ``grad_accum_
 micro-batches of random windows (seeded by the step, sharded by rank), loss
 ``lm_loss + aux_scale * aux_loss`` with ``aux_scale`` warming up from 0, a finite-loss check,
 gradient clipping, AdamW, then the auxiliary-loss-free bias update (after the step, never inside
-``forward``; DESIGN.md §10). Periodic validation, metrics to ``metrics.csv`` (and TensorBoard if
+``forward``; DESIGN.md §10). With ``"global-batch"`` balance pooling the step's micro-batch graphs are
+held and backpropagated once, after the balance counts of all of them (and of every rank) are known,
+which makes the balance loss that of one big batch (docs/routing.md). Periodic validation, metrics to ``metrics.csv`` (and TensorBoard if
 installed), checkpoints every ``save_every`` steps (see :mod:`gohgraph.training.checkpoint`).
 With ``compile=True`` the forward and backward run through ``torch.compile``, or eagerly where it
 cannot compile (:mod:`gohgraph.training.compile`).
