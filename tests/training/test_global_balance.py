@@ -1,6 +1,8 @@
 """Global-batch balance (DESIGN.md §19): counts pooled over micro-batches and ranks before the
 product equal the balance loss, and its gradient, of one batch as large as all of them."""
 
+import functools
+
 import pytest
 import torch
 
@@ -90,9 +92,9 @@ def test_model_records_pool_to_the_balance_loss_of_the_concatenated_batch():
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
-def _accumulated_gradients(tmp_path, cfg: GoHConfig, monkeypatch) -> tuple:
-    """One training step of grad_accum_steps=2 x 4 sequences: its loss and its gradients (read
-    before the optimizer step)."""
+def _accumulated_gradients(tmp_path, cfg: GoHConfig, monkeypatch, accum: int = 2, compile: bool = False) -> tuple:
+    """One training step of ``accum`` micro-batches of ``8 / accum`` sequences: its loss and its
+    gradients (read before the optimizer step), and whether it ran compiled."""
     captured = {}
     clip = trainer_module._clip_gradients
 
@@ -101,21 +103,22 @@ def _accumulated_gradients(tmp_path, cfg: GoHConfig, monkeypatch) -> tuple:
         return clip(model, max_norm)
 
     monkeypatch.setattr(trainer_module, "_clip_gradients", spy)
-    tc = TrainConfig(batch_size=4, seq_len=32, grad_accum_steps=2, max_steps=1, warmup_steps=0,
-                     grad_clip=0.0, lr=1e-3, device="cpu")
+    tc = TrainConfig(batch_size=8 // accum, seq_len=32, grad_accum_steps=accum, max_steps=1, warmup_steps=0,
+                     grad_clip=0.0, lr=1e-3, device="cpu", compile=compile)
     result = train(cfg, tc, make_corpus(), tmp_path, progress=False)
-    return result.losses[0], captured
+    return result.losses[0], captured, result.compiled
 
 
-def test_grad_accum_with_global_batch_balance_equals_one_batch_twice_as_large(tmp_path, monkeypatch):
+@pytest.mark.parametrize("accum", [2, 4])
+def test_grad_accum_with_global_batch_balance_equals_one_batch_as_large(tmp_path, monkeypatch, accum):
     from gohgraph.data.batches import train_batch
 
     cfg = GoHConfig(**GLOBAL)
-    loss, grads = _accumulated_gradients(tmp_path / "global", cfg, monkeypatch)
+    loss, grads, _ = _accumulated_gradients(tmp_path / "global", cfg, monkeypatch, accum)
     torch.manual_seed(0)
     reference = GoHTransformer(cfg.replace(head_balance_pooling="layer", expert_balance_pooling="layer")).train()
     torch.manual_seed(0)  # the trainer's rank seed: the same router draws (none here: no noise)
-    batch = torch.cat([train_batch(make_corpus().train, 4, 32, 0, 0, micro) for micro in range(2)])
+    batch = torch.cat([train_batch(make_corpus().train, 8 // accum, 32, 0, 0, micro) for micro in range(accum)])
     out = reference(batch, labels=batch)
     (out.lm_loss + out.aux_loss).backward()
     assert loss == pytest.approx(float((out.lm_loss + out.aux_loss).detach()), rel=1e-6)
@@ -124,8 +127,24 @@ def test_grad_accum_with_global_batch_balance_equals_one_batch_twice_as_large(tm
     for name, grad in expected.items():
         torch.testing.assert_close(grads[name], grad, rtol=0, atol=1e-6, msg=name)
     # per micro-batch pooling ("layer") gives other router gradients: the comparison can fail
-    _, layer_grads = _accumulated_gradients(tmp_path / "layer", reference.config, monkeypatch)
+    _, layer_grads, _ = _accumulated_gradients(tmp_path / "layer", reference.config, monkeypatch, accum)
     assert max(float((layer_grads[name] - grad).abs().max()) for name, grad in expected.items()) > 1e-5
+
+
+def test_compiled_global_batch_step_equals_eager(tmp_path, monkeypatch):
+    """aot_eager (tests/training/test_compile.py says why): the compiled forwards, the eager pooled
+    product and the one backward through the compiled graphs give the eager step's gradients."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    # head routing only: the expert layer's grouped matmul does not trace on CPU (it falls back)
+    cfg = GoHConfig(**dict(GLOBAL, n_layers=1, ffn="dense"))
+    eager_loss, eager, _ = _accumulated_gradients(tmp_path / "eager", cfg, monkeypatch)
+    loss, grads, compiled = _accumulated_gradients(tmp_path / "compiled", cfg, monkeypatch, compile=True)
+    assert compiled
+    assert loss == pytest.approx(eager_loss, rel=1e-5)
+    assert grads.keys() == eager.keys()
+    for name, grad in eager.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_balance_pooling_is_validated_in_one_line():
