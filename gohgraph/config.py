@@ -47,7 +47,8 @@ RECURSION_EXECUTIONS = ("auto", "masked", "gather")  # docs/skipping-work.md: sk
 
 GATE_NORMALISATIONS = ("moh", "mha")
 EXPERT_SCORES = ("softmax", "sigmoid")
-BALANCE_POOLINGS = ("layer", "model")
+BALANCE_POOLINGS = ("layer", "model", "global-batch")
+HEAD_BALANCE_POOLINGS = ("layer", "global-batch")
 HeadGraphSpec = Union[str, list]  # a name, or a list of [src, dst] head pairs
 # fields added after checkpoints were written, with the value that reproduces those checkpoints;
 # applied to a saved config.json that lacks them (storage.read_config), never to new configs
@@ -197,7 +198,13 @@ class GoHConfig:
     # "layer": the expert balance loss is summed over layers, each its own product of load and
     # probability (the coefficient then means the same per layer); "model": counts and
     # probabilities are pooled over all layers first, as Hugging Face's load_balancing_loss_func
+    # "global-batch" (Qwen's global-batch balance): each layer's counts and probabilities are
+    # summed over the micro-batches of gradient accumulation and the data-parallel ranks of an
+    # optimizer step before the product, as one big batch would. A forward alone counts its own
+    # batch (as "layer"); the LM trainer pools (gohgraph.models.routed.global_batch_balance_loss)
     expert_balance_pooling: str = _in("routing losses", "layer")
+    # the same for the head balance loss: "layer" (each micro-batch's own product) or "global-batch"
+    head_balance_pooling: str = _in("routing losses", "layer")
     # the load f_i counts every one of a sub-token's top-k choices (default), or only its first
     # (GShard, and MH-MoE's released code); both are 1 at uniform load
     expert_balance_top1: bool = _in("routing losses", False)
@@ -399,6 +406,7 @@ class GoHConfig:
         _choice(self, "head_gate_normalisation", GATE_NORMALISATIONS)
         _choice(self, "expert_score", EXPERT_SCORES)
         _choice(self, "expert_balance_pooling", BALANCE_POOLINGS)
+        _choice(self, "head_balance_pooling", HEAD_BALANCE_POOLINGS)
         self._validate_family()
         _choice(self, "linear", LINEAR_KINDS)
         _choice(self, "head_router_noise", ROUTER_NOISES)

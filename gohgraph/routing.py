@@ -56,6 +56,8 @@ class LayerRouting:
             head's own experts, ``0..E-1``; value side over kv heads and the key/value tokens,
             output side over the query heads and tokens) and ``expert_weights`` their sigmoid
             scores (non-competitive: they do not sum to 1); no losses.
+        head_balance: the counts and probability sums behind ``head_balance`` (a
+            :class:`~gohgraph.routers.losses.BalanceTally`), for global-batch pooling, or ``None``.
 
     The expert fields read through: ``record.expert_indices`` is ``record.experts.expert_indices``
     (``None`` without experts), and :attr:`aux_losses` holds the head and the expert losses.
@@ -69,6 +71,7 @@ class LayerRouting:
     experts: Optional[ExpertRouting] = None
     value_experts: Optional[ExpertRouting] = None
     output_experts: Optional[ExpertRouting] = None
+    head_balance: Optional[Any] = None
 
     @property
     def aux_losses(self) -> Dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ import contextlib
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, Optional
+from typing import Callable, Dict, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -136,6 +136,32 @@ def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= ctx.world_size
     return value
+
+
+def all_reduce_sum_fn(ctx: DistContext) -> Optional[Callable[[torch.Tensor], None]]:
+    """A function that sums a tensor over ranks in place (``None`` for one process)."""
+    if not ctx.enabled:
+        return None
+    return lambda tensor: dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def all_reduce_gradients_mean(model: nn.Module, ctx: DistContext) -> None:
+    """Average every gradient over ranks, as DDP's reducer would (for a backward run under
+    ``no_sync``, such as the global-batch balance step's single backward over held graphs). A
+    parameter without gradient on some rank counts as zero there; one without gradient on every
+    rank keeps none, as one process would."""
+    if not ctx.enabled:
+        return
+    params = [param for param in model.parameters() if param.requires_grad]
+    has_grad = torch.tensor([param.grad is not None for param in params], dtype=torch.float32, device=ctx.device)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
+    for param, used in zip(params, has_grad.tolist()):
+        if not used:
+            continue
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+        param.grad /= ctx.world_size
 
 
 def any_rank(flag: bool, ctx: DistContext) -> bool:

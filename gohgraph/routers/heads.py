@@ -33,7 +33,7 @@ from .losses import (
     HEAD_BALANCE,
     HEAD_Z,
     BalancedRouting,
-    load_balance_loss,
+    BalanceTally,
     router_z_loss,
     skips_training_losses,
     update_balancing_bias,
@@ -242,6 +242,8 @@ class HeadGating:
     aux_losses: Dict[str, torch.Tensor]
     # [tokens, heads] in [0, 1]: 1 for selected heads, 0 for unselected, dense_blend in between
     active: Optional[torch.Tensor] = None
+    # the counts and probability sums behind head_balance (BalanceTally), for global-batch pooling
+    balance: Optional[BalanceTally] = None
 
 
 class HeadGate(BalancedRouting):
@@ -316,17 +318,17 @@ class HeadGate(BalancedRouting):
         token (its output is never seen) but adds nothing to the losses or the load counts."""
         logits = logits.float()
         shared_logits, routed_logits = logits[:, :self.n_shared], logits[:, self.n_shared:]
-        parts, aux = [], {}
+        parts, aux, balance = [], {}, None
         if self.n_shared:
             parts.append(small_softmax(shared_logits, dim=-1))
         if self.n_routed:
-            routed_gates, selected, aux = self._route(routed_logits, x, valid)
+            routed_gates, selected, aux, balance = self._route(routed_logits, x, valid)
             parts.append(routed_gates)
         if self.binary:
             gates = logits.new_ones(logits.shape)
             if self.n_routed:
                 gates[:, self.n_shared:] = torch.zeros_like(routed_logits).scatter(-1, selected, 1.0)
-            aux = {}  # a parameter-free router has nothing to balance by gradient
+            aux, balance = {}, None  # a parameter-free router has nothing to balance by gradient
         elif self.moh_scale:
             gates = self._moh_gates(x, parts)
         else:
@@ -342,7 +344,7 @@ class HeadGate(BalancedRouting):
             active = blend + (1.0 - blend) * active
         if self.forced_off is not None or self.forced_on is not None:
             gates, active = self._force(gates), self._force(active)
-        return HeadGating(gates=gates, aux_losses=aux, active=active)
+        return HeadGating(gates=gates, aux_losses=aux, active=active, balance=balance)
 
     def _force(self, values: torch.Tensor) -> torch.Tensor:
         """``values [tokens, heads]`` with the forced-off heads at 0 and the forced-on ones at 1 (a
@@ -364,8 +366,9 @@ class HeadGate(BalancedRouting):
         return torch.cat([stage[:, :1] * parts[0] * self.n_shared, stage[:, 1:] * routed], dim=-1)
 
     def _route(self, routed_logits: torch.Tensor, x: torch.Tensor, valid: Optional[torch.Tensor] = None
-               ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
-        """-> (routed gates ``[tokens, routed]``, selected ids ``[tokens, k]``, losses)."""
+               ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor], Optional[BalanceTally]]:
+        """-> (routed gates ``[tokens, routed]``, selected ids ``[tokens, k]``, losses, the balance
+        tally behind ``head_balance``)."""
         noisy_logits, weight_logits = self.noise(routed_logits, x)  # both routed_logits at eval
         selection_logits = noisy_logits + self.selection_bias if self.aux_free_bias else noisy_logits
         selected = selection_logits.topk(self.top_k, dim=-1).indices  # [tokens, k]
@@ -374,11 +377,12 @@ class HeadGate(BalancedRouting):
         if self.training and self.aux_free_bias:
             self.count_load(selected, valid)
         if self.binary or self.decoding or skips_training_losses():  # no training signal needed
-            return gates, selected, {}
-        aux = {HEAD_BALANCE: load_balance_loss(small_softmax(routed_logits, dim=-1), selected, self.n_routed, valid)}
+            return gates, selected, {}, None
+        balance = BalanceTally.of(small_softmax(routed_logits, dim=-1), selected, self.n_routed, valid)
+        aux = {HEAD_BALANCE: balance.loss()}
         if self.z_loss_coef:  # a loss with weight 0 is not computed at all
             aux[HEAD_Z] = router_z_loss(routed_logits, valid)
-        return gates, selected, aux
+        return gates, selected, aux, balance
 
     def set_decoding(self, decoding: bool) -> None:
         """Enter (or leave) decoding: losses are skipped and the blend is read once, here, so a
@@ -487,6 +491,7 @@ class HeadRouting(nn.Module):
             head_logits=logits.detach().view(batch, seq, heads),
             flow=None if flow is None else flow.view(batch, seq, -1),  # computed under no_grad
             head_losses=gating.aux_losses,
+            head_balance=gating.balance,
         )
         return gates.view(batch, seq, heads), mixing, routing
 

@@ -7,7 +7,7 @@ for any number of nodes ``E`` and any ``k``, so its coefficient means the same i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -94,6 +94,34 @@ def pooled_balance_loss(tallies: List[BalanceTally]) -> torch.Tensor:
         rows = rows.clamp(min=1)
     n_nodes, top_k = counts.shape[0], tallies[0].top_k
     return n_nodes * (counts / (rows * top_k) * (prob_sum / rows)).sum()
+
+
+def global_balance_loss(tallies: List[BalanceTally], all_reduce: Optional[Callable[[torch.Tensor], None]] = None,
+                        world_size: int = 1) -> torch.Tensor:
+    r"""One layer's balance loss over a global batch (Qwen's global-batch balance), this rank's share.
+
+    ``tallies``: the layer's tallies of every micro-batch of an optimizer step on this rank;
+    ``all_reduce`` sums a tensor in place over the ``world_size`` data-parallel ranks (``None``:
+    one process). The hard counts and row counts are summed over micro-batches and ranks; the
+    probability sums only over this rank's micro-batches, since each rank differentiates its own:
+
+    .. math:: L_r = W \cdot E \sum_i \frac{C_i}{N k} \frac{S^{(r)}_i}{N}
+
+    with ``C`` and ``N`` the global counts and rows, ``S^{(r)}`` this rank's probability sum and
+    ``W`` the world size. The mean of :math:`L_r` over ranks (what data parallelism averages, for
+    the value and the gradient) is :math:`E \sum_i f_i P_i` of the one big batch, exactly: only
+    ``P`` carries gradient, and it is linear in the per-rank sums.
+    """
+    pooled = BalanceTally(counts=sum(t.counts for t in tallies).detach(),
+                          prob_sum=sum(t.prob_sum for t in tallies), top_k=tallies[0].top_k,
+                          rows=sum(torch.as_tensor(t.rows, dtype=t.counts.dtype, device=t.counts.device)
+                                   for t in tallies))
+    counts_rows = torch.cat([pooled.counts, pooled.rows.detach().reshape(1).to(pooled.counts.dtype)])
+    if all_reduce is not None and world_size > 1:
+        all_reduce(counts_rows)
+    counts, rows = counts_rows[:-1], counts_rows[-1].clamp(min=1)
+    n_nodes = counts.shape[0]
+    return world_size * n_nodes * (counts / (rows * pooled.top_k) * (pooled.prob_sum / rows)).sum()
 
 
 def skips_training_losses() -> bool:

@@ -4,7 +4,10 @@ Per optimizer step: learning rate from the step (warmup + cosine), ``grad_accum_
 micro-batches of random windows (seeded by the step, sharded by rank), loss
 ``lm_loss + aux_scale * aux_loss`` with ``aux_scale`` warming up from 0, a finite-loss check,
 gradient clipping, AdamW, then the auxiliary-loss-free bias update (after the step, never inside
-``forward``; docs/routing.md). Periodic validation, metrics to ``metrics.csv`` (and TensorBoard if
+``forward``; docs/routing.md). With ``"global-batch"`` balance pooling the step's micro-batch graphs are
+held and backpropagated once, after the balance counts of all of them (and of every rank) are known,
+which makes the balance loss that of one big batch (docs/routing.md). Periodic validation, metrics to
+``metrics.csv`` (and TensorBoard if
 installed), checkpoints every ``save_every`` steps (see :mod:`gohgraph.training.checkpoint`).
 With ``compile=True`` the forward and backward run through ``torch.compile``, or eagerly where it
 cannot compile (:mod:`gohgraph.training.compile`).
@@ -32,6 +35,7 @@ from ..data.batches import eval_batches, eval_windows
 from ..data.corpus import Corpus
 from ..data.sources import MixedCorpus, corpus_train_batch, validation_sets
 from ..models.decoder import GoHOutput, GoHTransformer
+from ..models.routed import global_batch_balance_loss, global_batch_kinds, weighted_aux_loss
 from ..parallel import data_parallel as D
 from ..parallel import expert_parallel as EP
 from ..parallel import tensor_parallel as TP
@@ -160,6 +164,10 @@ def train(model_config: GoHConfig, train_config: TrainConfig, corpus: Union[Corp
         raise ValueError(f"TrainConfig.tensor_parallel={tc.tensor_parallel} with "
                          f"{f'expert_parallel={tc.expert_parallel}' if tc.expert_parallel > 1 else 'fsdp=True'} "
                          "is not supported: tensor parallel spans every process alone")
+    pooled_kinds = global_batch_kinds(model_config)
+    if pooled_kinds and (tc.fsdp or tc.expert_parallel > 1 or tc.tensor_parallel > 1):
+        raise ValueError(f"{pooled_kinds[0].split('_')[0]}_balance_pooling='global-batch' works with plain data "
+                         "parallelism only (not fsdp, expert_parallel or tensor_parallel)")
     ctx = D.init_distributed(tc.device)
     if tc.tensor_parallel > 1 and tc.tensor_parallel != ctx.world_size:
         raise ValueError(f"TrainConfig.tensor_parallel={tc.tensor_parallel} must equal the number of processes "
@@ -253,6 +261,11 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
     tokens_per_step = tc.batch_size * tc.grad_accum_steps * tc.seq_len
     last_checkpoint, interrupted, losses = checkpoint, False, []
     step = start_step
+    # global-batch balance (docs/routing.md): the step's forwards are held and backpropagated once
+    global_batch = bool(global_batch_kinds(model_config))
+
+    def global_balance_aux(out: GoHOutput) -> torch.Tensor:
+        return weighted_aux_loss(model_config, out.routing, out.logits, out.recursion, leave_out_global=True)
 
     stop = exits.enter_context(stop_signals())  # until the final model is written too
 
@@ -290,6 +303,7 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
             if tc.recursion_warmup_steps:
                 model.set_recursion_capacity_warmup(recursion_capacity_warmup(step, tc.recursion_warmup_steps))
             parts = torch.zeros(3, device=ctx.device)  # loss, lm_loss, aux_loss
+            held, held_loss = [], 0.0  # global-batch balance: the step's records and local losses
             for micro in range(tc.grad_accum_steps):
                 batch = corpus_train_batch(corpus, tc.batch_size, tc.seq_len, tc.seed, step, micro,
                                            data_rank, data_ranks).to(ctx.device)
@@ -298,13 +312,25 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
                 def micro_step(call):
                     with autocast:
                         out = call(batch, labels=batch)
-                        loss = training_loss(out, aux_scale)
-                    (loss / tc.grad_accum_steps).backward()
-                    return out, loss
+                        aux = global_balance_aux(out) if global_batch else out.aux_loss
+                        loss = out.lm_loss + aux_scale * aux
+                    if not global_batch:
+                        (loss / tc.grad_accum_steps).backward()
+                    return out, loss, aux
 
-                with D.gradient_sync(wrapped, last_micro):
-                    out, loss = forward.run(micro_step)
-                parts += torch.stack([loss.detach(), out.lm_loss.detach(), out.aux_loss.detach()]).float()
+                with D.gradient_sync(wrapped, last_micro and not global_batch):
+                    out, loss, aux = forward.run(micro_step)
+                if global_batch:
+                    held.append(out.routing)
+                    held_loss = held_loss + loss / tc.grad_accum_steps
+                parts += torch.stack([loss.detach(), out.lm_loss.detach(), aux.detach()]).float()
+            if global_batch:  # one backward over the step's graphs, after the counts are known
+                pooled = global_batch_balance_loss(model_config, held, D.all_reduce_sum_fn(ctx), ctx.world_size)
+                (held_loss + aux_scale * pooled).backward()
+                D.all_reduce_gradients_mean(model, ctx)
+                pooled = pooled.detach().to(parts.device) * tc.grad_accum_steps
+                parts += torch.stack([aux_scale * pooled, torch.zeros_like(pooled), pooled]).float()
+                del held, held_loss
             parts = D.all_reduce_mean(parts / tc.grad_accum_steps, ctx)
             grad_norm = (EP.clip_grad_norm_(model, tc.grad_clip) if expert_parallel or tensor_parallel
                          else _clip_gradients(model, tc.grad_clip))

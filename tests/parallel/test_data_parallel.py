@@ -46,26 +46,34 @@ def test_heads_always_get_gradients_so_attention_routing_needs_no_unused_search(
 
 
 MOE = dict(MODEL, ffn="moe", n_experts=4, top_k_experts=1)  # experts can get no token: unused parameters
+# global-batch balance: counts all-reduced over ranks before the product, so the balance loss is on
+GLOBAL_BALANCE = dict(MOE, balance_loss_coef=0.01, head_balance_pooling="global-batch",
+                      expert_balance_pooling="global-batch")
+
+
+def _model(experts: bool, global_balance: bool = False) -> dict:
+    return GLOBAL_BALANCE if global_balance else MOE if experts else MODEL
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp, experts", [(False, False), (True, False), (False, True)],
-                         ids=["ddp", "fsdp2", "ddp-moe"])
-def test_two_gloo_ranks_match_one_process(tmp_path, fsdp, experts):
+@pytest.mark.parametrize("fsdp, experts, global_balance",
+                         [(False, False, False), (True, False, False), (False, True, False), (False, True, True)],
+                         ids=["ddp", "fsdp2", "ddp-moe", "ddp-global-balance"])
+def test_two_gloo_ranks_match_one_process(tmp_path, fsdp, experts, global_balance):
     from gohgraph.data.corpus import load_corpus
 
     data = _text_file(tmp_path)
     corpus = load_corpus(str(data), cache_dir=tmp_path / "cache")  # built once, before the ranks start
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                __file__, str(tmp_path / "ddp"), str(data), str(tmp_path / "cache")]
-    command += (["--fsdp"] if fsdp else []) + (["--moe"] if experts else [])
+    command += (["--fsdp"] if fsdp else []) + (["--moe"] if experts else []) + (["--global"] if global_balance else [])
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
 
     with conditioned_adamw():
-        single = train(GoHConfig(**(MOE if experts else MODEL)), TrainConfig(**TRAIN), corpus, tmp_path / "single",
+        single = train(GoHConfig(**_model(experts, global_balance)), TrainConfig(**TRAIN), corpus, tmp_path / "single",
                        progress=False)
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in range(2)]
     states = [GoHTransformer.from_pretrained(tmp_path / "ddp" / f"rank{r}").state_dict() for r in range(2)]
@@ -84,13 +92,13 @@ def test_two_gloo_ranks_match_one_process(tmp_path, fsdp, experts):
     assert (tmp_path / "ddp" / "run" / "final" / "model.safetensors").is_file()
 
 
-def _worker(out_dir: str, data: str, cache: str, fsdp: bool, experts: bool) -> None:
+def _worker(out_dir: str, data: str, cache: str, fsdp: bool, experts: bool, global_balance: bool) -> None:
     from gohgraph.data.corpus import load_corpus
 
     torch.set_num_threads(1)
     corpus = load_corpus(data, cache_dir=Path(cache))
     with conditioned_adamw():
-        result = train(GoHConfig(**(MOE if experts else MODEL)), TrainConfig(**TRAIN, fsdp=fsdp), corpus,
+        result = train(GoHConfig(**_model(experts, global_balance)), TrainConfig(**TRAIN, fsdp=fsdp), corpus,
                        Path(out_dir) / "run", progress=False)
     rank = int(os.environ["RANK"])
     result.model.save_pretrained(Path(out_dir) / f"rank{rank}")
@@ -99,4 +107,5 @@ def _worker(out_dir: str, data: str, cache: str, fsdp: bool, experts: bool) -> N
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2], sys.argv[3], "--fsdp" in sys.argv[4:], "--moe" in sys.argv[4:])
+    _worker(sys.argv[1], sys.argv[2], sys.argv[3], "--fsdp" in sys.argv[4:], "--moe" in sys.argv[4:],
+            "--global" in sys.argv[4:])
