@@ -312,8 +312,11 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
                 def micro_step(call):
                     with autocast:
                         out = call(batch, labels=batch)
-                        aux = global_balance_aux(out) if global_batch else out.aux_loss
-                        loss = out.lm_loss + aux_scale * aux
+                        if global_batch:
+                            aux = global_balance_aux(out)
+                            loss = out.lm_loss + aux_scale * aux
+                        else:
+                            aux, loss = out.aux_loss, training_loss(out, aux_scale)
                     if not global_batch:
                         (loss / tc.grad_accum_steps).backward()
                     return out, loss, aux
