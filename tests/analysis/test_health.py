@@ -118,3 +118,12 @@ def test_csv_columns_do_not_depend_on_the_number_of_experts(tmp_path):
         assert all(row[column] != "" for column in HEALTH_COLUMNS
                    if not column.endswith(("experts/margin", "experts/input_rms"))), row
     assert float(row16["health/heads/input_rms"]) > 0
+
+
+def test_training_curves_draw_health_scalars_in_one_panel_per_kind():
+    from gohgraph.viz.curves import _group
+
+    panels = dict(_group(["loss", *HEALTH_COLUMNS, "lr"]))
+    assert panels["routing health: heads"] == [c for c in HEALTH_COLUMNS if c.startswith("health/heads/")]
+    assert panels["routing health: experts"] == [c for c in HEALTH_COLUMNS if c.startswith("health/experts/")]
+    assert len(panels) == 4
