@@ -58,6 +58,8 @@ class LayerRouting:
             scores (non-competitive: they do not sum to 1); no losses.
         head_balance: the counts and probability sums behind ``head_balance`` (a
             :class:`~gohgraph.routers.losses.BalanceTally`), for global-batch pooling, or ``None``.
+        router_input_rms: 0-dim RMS of the head router's input over real tokens (detached), for
+            the health scalars (:mod:`gohgraph.analysis.health`), or ``None``.
 
     The expert fields read through: ``record.expert_indices`` is ``record.experts.expert_indices``
     (``None`` without experts), and :attr:`aux_losses` holds the head and the expert losses.
@@ -72,6 +74,7 @@ class LayerRouting:
     value_experts: Optional[ExpertRouting] = None
     output_experts: Optional[ExpertRouting] = None
     head_balance: Optional[Any] = None
+    router_input_rms: Optional[torch.Tensor] = None
 
     @property
     def aux_losses(self) -> Dict[str, torch.Tensor]:

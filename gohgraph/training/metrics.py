@@ -15,12 +15,15 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..analysis.health import HEALTH_COLUMNS, routing_health
 from ..analysis.stats.metrics import coefficient_of_variation
 from ..config import GoHConfig
 from .run_dir import RunDir
 
 COLUMNS = ["step", "tokens", "lr", "loss", "lm_loss", "aux_loss", "aux_scale", "grad_norm", "val_loss",
-           "tokens_per_s", "head_load_cv", "expert_load_cv", "active_heads"]
+           "tokens_per_s", "head_load_cv", "expert_load_cv", "active_heads", *HEALTH_COLUMNS]
+# HEALTH_COLUMNS: the bounded routing-health scalars (gohgraph.analysis.health), the same for any
+# number of heads or experts; empty cells for a kind the model does not route
 SOURCE_LOSS_PREFIX = "val_loss/"  # + source name: one validation loss per --data source
 
 
@@ -154,7 +157,8 @@ def _number(cell: Optional[str]) -> float:
 def routing_summary(routing: list, cfg: GoHConfig) -> Dict[str, Optional[float]]:
     """Mean over layers of the head-load and expert-load coefficient of variation (std / mean of
     how many tokens chose each *routed* node; 0 = perfectly even; shared heads and experts are
-    always on and not counted) and the mean active heads per token."""
+    always on and not counted), the mean active heads per token and the routing-health scalars
+    (:func:`~gohgraph.analysis.health.routing_health`; ``None`` where not defined)."""
     head_cvs, expert_cvs, active = [], [], []
     for layer in routing:
         active_heads = layer.head_gates > 0  # [batch, seq, heads]
@@ -168,4 +172,9 @@ def routing_summary(routing: list, cfg: GoHConfig) -> Dict[str, Optional[float]]
             expert_cvs.append(coefficient_of_variation(
                 torch.bincount(layer.expert_indices.reshape(-1), minlength=cfg.n_routed_experts)))
     mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
-    return {"head_load_cv": mean(head_cvs), "expert_load_cv": mean(expert_cvs), "active_heads": mean(active)}
+    health = routing_health(routing, n_shared_heads=cfg.n_shared_heads,
+                            n_routed_experts=cfg.n_routed_experts if cfg.n_routed_experts > 0 else None)
+    if cfg.router == "dense":  # the dense router's logits route nothing
+        health.update({column: math.nan for column in HEALTH_COLUMNS if column.startswith("health/heads/")})
+    return {"head_load_cv": mean(head_cvs), "expert_load_cv": mean(expert_cvs), "active_heads": mean(active),
+            **{column: None if math.isnan(value) else value for column, value in health.items()}}
