@@ -49,8 +49,9 @@ Batch = Union[torch.Tensor, Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 def lens_supported(model: nn.Module) -> bool:
     """Whether :class:`LogitLens` covers ``model`` (see the module docstring's scope)."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or cfg.model_type != "decoder" or cfg.is_encoder_decoder or cfg.recursion != "none":
+    from ..models.decoder import GoHTransformer
+
+    if not isinstance(model, GoHTransformer) or model.config.recursion != "none":
         return False
     return all(getattr(block.attn, "out", None) is not None for block in model.blocks)
 
