@@ -12,7 +12,9 @@ the sources the run was trained on) and adds the ``by_source`` section: head act
 expert load and the specialisation of every head and expert, per source and layer. A seq2seq
 checkpoint reads ``--data`` as a file of ``source<TAB>target`` pairs
 (:mod:`gohgraph.cli.seq2seq_batches`) and reports each attention kind (encoder, decoder_self,
-cross) in its own section, ``report["kinds"]``.
+cross) in its own section, ``report["kinds"]``. A decoder's report adds ``logit_lens``: per layer
+and head, the :data:`LENS_TOP_K` tokens its output promotes through the unembedding (direct logit
+attribution, :mod:`gohgraph.analysis.logit_lens`; a second pass over the same batches).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from .common import (
     validation_batches,
 )
 
+# tokens listed per head in the report's ``logit_lens`` section (gohgraph.analysis.logit_lens)
+LENS_TOP_K = 10
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
@@ -47,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..analysis.logit_lens import collect_logit_lens, lens_supported
     from ..analysis.stats.collect import collect_routing_stats, collect_routing_stats_by_source
     from ..analysis.stats.drift import routing_drift
 
@@ -65,13 +71,15 @@ def run(args: argparse.Namespace) -> int:
         stats = collect_seq2seq_stats(args, model, checkpoint)
         batches = None
     elif args.by_source:
-        by_source, _ = source_validation_batches(args, model, checkpoint)
+        by_source, tokenizer = source_validation_batches(args, model, checkpoint)
         stats = collect_routing_stats_by_source(model, by_source, progress=not args.no_progress)
         batches = [batch for source_batches in by_source.values() for batch in source_batches]
     else:
-        batches, _ = validation_batches(args, model, checkpoint)
+        batches, tokenizer = validation_batches(args, model, checkpoint)
         stats = collect_routing_stats(model, batches, progress=not args.no_progress)
     report = stats.report()
+    if batches is not None and lens_supported(model):
+        report["logit_lens"] = collect_logit_lens(model, batches, top_k=LENS_TOP_K, tokenizer=tokenizer)
     if other is not None:
         report["drift"] = {"against": str(args.compare), **routing_drift(model, other, batches)}
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from gohgraph import GoHConfig, GoHTransformer
+from gohgraph.analysis.logit_lens import collect_logit_lens
 from gohgraph.analysis.stats.collect import collect_routing_stats
 from gohgraph.cli.main import main
 from gohgraph.data.batches import eval_batches
 from gohgraph.data.corpus import load_corpus
+from gohgraph.data.tokenizers import ByteTokenizer
 
 CFG = GoHConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_shared_heads=1, top_k_heads=2,
                 router="graph", router_rounds=1, max_seq_len=64)
@@ -52,7 +54,11 @@ def test_stats_command_matches_the_library_on_the_same_batches(run_dir, tmp_path
     model = GoHTransformer.from_pretrained(run_dir / "final")
     batches = list(eval_batches(load_corpus(str(data)).val, 2, 16, max_batches=2))
     expected = json.loads(json.dumps(collect_routing_stats(model, batches, progress=False).report()))
+    lens = report.pop("logit_lens")  # per layer and head, the top tokens (tests/analysis/test_logit_lens.py)
     assert report == expected
+    assert lens == json.loads(json.dumps(collect_logit_lens(model, batches, top_k=10, tokenizer=ByteTokenizer())))
+    assert sorted(lens) == ["0", "1"] and all(len(heads) == CFG.n_heads for heads in lens.values())
+    assert len(lens["0"]["0"]) == 10 and len(lens["0"]["0"][0]) == 3  # the shared head: [id, score, text]
     assert report["layers"][0]["heads"]["activation_frequency"][0] == 1.0  # the shared head
     assert "experts" not in report["layers"][0]
     assert (tmp_path / "stats.csv").read_text().startswith("layer,group,item,metric,value")
