@@ -59,7 +59,7 @@ class LayerRouting:
         head_balance: the counts and probability sums behind ``head_balance`` (a
             :class:`~gohgraph.routers.losses.BalanceTally`), for global-batch pooling, or ``None``.
         router_input_rms: 0-dim RMS of the head router's input over real tokens (detached), for
-            the health scalars (:mod:`gohgraph.analysis.health`), or ``None``.
+            the health scalars (:mod:`gohgraph.analysis.stats.health`), or ``None``.
 
     The expert fields read through: ``record.expert_indices`` is ``record.experts.expert_indices``
     (``None`` without experts), and :attr:`aux_losses` holds the head and the expert losses.

@@ -25,7 +25,7 @@ PANELS: List[Tuple[str, Callable[[str], bool]]] = [
      and not name.startswith(SOURCE_LOSS_PREFIX)),
     ("validation loss per source (nats/token)", lambda name: name.startswith(SOURCE_LOSS_PREFIX)),
     ("routing aux loss", lambda name: "aux" in name and name.endswith("loss")),
-    # the bounded routing-health scalars (gohgraph.analysis.health): one panel per routed kind
+    # the bounded routing-health scalars (gohgraph.analysis.stats.health): one panel per routed kind
     ("routing health: heads", lambda name: name.startswith("health/heads/")),
     ("routing health: experts", lambda name: name.startswith("health/experts/")),
     ("load balance (CV, 0 = even)", lambda name: name.endswith("_cv") or "entropy" in name or "drop" in name),

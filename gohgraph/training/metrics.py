@@ -15,14 +15,14 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..analysis.health import HEALTH_COLUMNS, routing_health
+from ..analysis.stats.health import HEALTH_COLUMNS, routing_health
 from ..analysis.stats.metrics import coefficient_of_variation
 from ..config import GoHConfig
 from .run_dir import RunDir
 
 COLUMNS = ["step", "tokens", "lr", "loss", "lm_loss", "aux_loss", "aux_scale", "grad_norm", "val_loss",
            "tokens_per_s", "head_load_cv", "expert_load_cv", "active_heads", *HEALTH_COLUMNS]
-# HEALTH_COLUMNS: the bounded routing-health scalars (gohgraph.analysis.health), the same for any
+# HEALTH_COLUMNS: the bounded routing-health scalars (gohgraph.analysis.stats.health), the same for any
 # number of heads or experts; empty cells for a kind the model does not route
 SOURCE_LOSS_PREFIX = "val_loss/"  # + source name: one validation loss per --data source
 
@@ -158,7 +158,7 @@ def routing_summary(routing: list, cfg: GoHConfig) -> Dict[str, Optional[float]]
     """Mean over layers of the head-load and expert-load coefficient of variation (std / mean of
     how many tokens chose each *routed* node; 0 = perfectly even; shared heads and experts are
     always on and not counted), the mean active heads per token and the routing-health scalars
-    (:func:`~gohgraph.analysis.health.routing_health`; ``None`` where not defined)."""
+    (:func:`~gohgraph.analysis.stats.health.routing_health`; ``None`` where not defined)."""
     head_cvs, expert_cvs, active = [], [], []
     for layer in routing:
         active_heads = layer.head_gates > 0  # [batch, seq, heads]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gohgraph import GoHConfig, GoHTransformer
-from gohgraph.analysis.health import HEALTH_COLUMNS, routing_health
+from gohgraph.analysis.stats.health import HEALTH_COLUMNS, routing_health
 from gohgraph.routing import ExpertRouting, LayerRouting
 from gohgraph.training.metrics import COLUMNS, MetricsLogger, routing_summary
 from gohgraph.training.run_dir import RunDir

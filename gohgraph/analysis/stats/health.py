@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .stats.metrics import load_entropy
+from .metrics import load_entropy
 
 KINDS = ("heads", "experts")
 STATS = ("util_min", "util_max", "dead", "entropy", "max_share", "gate_gap", "margin", "input_rms")
