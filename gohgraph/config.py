@@ -243,7 +243,7 @@ class GoHConfig:
     recursion_scorer: str = _in("recursion", "linear")
     # docs/skipping-work.md: "gather" runs each recursion only on the tokens that take it, "masked" runs it
     # on every token and discards the rest (the reference), "auto" gathers where it can
-    # (gohgraph.models.recursion.can_gather_recursions). How it runs, not what: no weight depends on it
+    # (GoHConfig.can_gather_recursions). How it runs, not what: no weight depends on it
     recursion_execution: str = _in("recursion", "auto")
 
     # ---- feed-forward experts
@@ -351,6 +351,14 @@ class GoHConfig:
         if self.mlp in ("gelu", "gelu-exact", "relu"):  # two-layer MLPs: Vaswani's and BERT's 4 d_model
             return 4 * self.d_model
         return 8 * math.ceil(8 * self.d_model / 3 / 8)
+
+    @property
+    def can_gather_recursions(self) -> bool:
+        """Whether a Mixture-of-Recursions stack's attention takes a gathered run's mask as the whole
+        truth (``recursion_execution``): not MLA, ALiBi, T5 bias or sliding windows, whose masks are
+        written in relative positions."""
+        return (self.attention == "mha" and self.sliding_window is None
+                and self.position_embedding not in ("alibi", "t5-relative"))
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -530,9 +538,7 @@ class GoHConfig:
         _choice(self, "recursion_inference", RECURSION_INFERENCE)
         _choice(self, "recursion_scorer", RECURSION_SCORERS)
         _choice(self, "recursion_execution", RECURSION_EXECUTIONS)
-        if self.recursion == "mor" and self.recursion_execution == "gather" and (
-                self.attention != "mha" or self.sliding_window is not None
-                or self.position_embedding in ("alibi", "t5-relative")):
+        if self.recursion == "mor" and self.recursion_execution == "gather" and not self.can_gather_recursions:
             raise ValueError("recursion_execution='gather' needs attention='mha' without sliding_window, ALiBi or "
                              "T5 bias (their masks are written in relative positions); use 'auto' or 'masked'")
         _positive(self, "max_recursions")

@@ -160,8 +160,9 @@ class GoHAttention(nn.Module):
             attn_mask, is_causal = attention_mask(q, k.shape[2], causal, mask, not cross, self.sliding_window,
                                                   self.score_bias if not cross else None, bias)
         sparse = self.head_routing is not None and self._skips_heads(head_gates, q.shape[2], k.shape[2])
+        active = head_gates != 0 if sparse else None  # [batch, seq, heads]: the pairs to compute
         if sparse:
-            attn = head_sparse_attention(q, k, v, head_gates != 0, self.n_shared_heads, attn_mask, is_causal,
+            attn = head_sparse_attention(q, k, v, active, self.n_shared_heads, attn_mask, is_causal,
                                          causal_keys=causal and not cross and not all_slots, scale=self.scale)
         elif self.talking_heads:
             attn = talking_heads_attention(q, k, v, self.talking_logit_mixing, self.talking_weight_mixing,
@@ -182,7 +183,7 @@ class GoHAttention(nn.Module):
             return y, routing
         if sparse and seq <= DECODE_MAX_QUERIES and type(self.out) is nn.Linear:
             # a decode step reads only the active heads' columns of W_O (rows of inactive heads are 0)
-            return project_active_heads(attn, head_gates != 0, self.out.weight, self.out.bias), routing
+            return project_active_heads(attn, active, self.out.weight, self.out.bias), routing
         y = self.out(attn.reshape(batch, seq, heads * head_dim))
         return y, routing
 

@@ -131,13 +131,6 @@ class _GatheredKeysView(KVCache):
         return self.shared.append(layer, keys, values)
 
 
-def can_gather_recursions(cfg: GoHConfig) -> bool:
-    """Whether the stack's attention takes a gathered run's mask as the whole truth: not MLA, ALiBi, T5
-    bias or sliding windows, whose masks are written in relative positions."""
-    return (cfg.attention == "mha" and cfg.sliding_window is None
-            and cfg.position_embedding not in ("alibi", "t5-relative"))
-
-
 class MixtureOfRecursions(nn.Module):
     """The recursion loop and its router; the blocks stay the model's (``model.blocks``).
 
@@ -155,7 +148,7 @@ class MixtureOfRecursions(nn.Module):
         self.kv_sharing = cfg.recursion_kv == "shared"
         # docs/skipping-work.md: gather the tokens a recursion keeps ("auto"/"gather": where the attention
         # allows it and no KV cache is passed in) or run every token and mask ("masked")
-        self.recursion_execution, self.gatherable = cfg.recursion_execution, can_gather_recursions(cfg)
+        self.recursion_execution, self.gatherable = cfg.recursion_execution, cfg.can_gather_recursions
         # the scores come from the token's heads as nodes of the head graph (routers/recursion.py),
         # one per routed recursion (expert-choice) or per depth (token-choice)
         graph = cfg.recursion_scorer == "graph"
