@@ -57,3 +57,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"NOT ALLOWED: {nodeid}: {reason}")
     if refused:
         terminalreporter.write_line(f"the session fails: unset {NO_SKIPS_ENV} to allow skips locally")
+
+
+@pytest.fixture
+def other_process():
+    """A live process that is not this one (its pid holds locks in the tests)."""
+    from tests.helpers import live_process
+
+    process = live_process()
+    yield process
+    process.kill()
+    process.wait()

@@ -1,12 +1,16 @@
-"""Small shared settings of the tests: a tiny graph-routed model, a learnable synthetic corpus, and a
-Ctrl-C driver for training commands."""
+"""Small shared settings of the tests: a tiny graph-routed model, a learnable synthetic corpus, a
+Ctrl-C driver for training commands, a causality check, and planted run-directory locks."""
 
+import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 
 import numpy as np
+import torch
 
 from gohgraph.data.corpus import Corpus
 from gohgraph.data.tokenizers import ByteTokenizer
@@ -43,3 +47,36 @@ def ctrl_c_after_logged_steps(command, metrics_csv, steps=3, timeout=120):
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=timeout)
     return process.returncode, stdout, stderr
+
+
+def assert_later_tokens_change_no_earlier_logit(model, vocab_size, seq=12, split=7, seed=5):
+    """Causality: changing the tokens from ``split`` on leaves every earlier logit as it was (to 1e-6)
+    and does change the later ones."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (2, seq), generator=generator)
+    changed = ids.clone()
+    changed[:, split:] = torch.randint(0, vocab_size, (2, seq - split), generator=generator)
+    with torch.no_grad():
+        before, after = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(after[:, :split], before[:, :split], rtol=0, atol=1e-6)
+    assert not torch.allclose(after[:, split:], before[:, split:])
+
+
+def live_process():
+    """A live process that is not this one (its pid holds planted locks); kill it when done."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def plant_lock(run, pid: int, host: str = None) -> dict:
+    """Write ``run``'s (a :class:`~gohgraph.training.run_dir.RunDir`) lock file as a holder with ``pid`` would."""
+    holder = {"pid": pid, "host": host or socket.gethostname(), "started": "2026-12-01T00:00:00+0000"}
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.lock_file.write_text(json.dumps(holder) + "\n")
+    return holder

@@ -7,7 +7,6 @@ lock left by a killed run (its pid gone) is taken over with a one-line notice.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from gohgraph.models.pretrained import from_pretrained
 from gohgraph.storage import read_tensors
 from gohgraph.training.metrics import read_metrics
 from gohgraph.training.run_dir import RunDir
-from tests.helpers import ctrl_c_after_logged_steps
+from tests.helpers import ctrl_c_after_logged_steps, dead_pid, plant_lock
 
 STEPS = 12
 FAST = ["--batch-size", "4", "--seq-len", "64", "--eval-every", "10", "--save-every", "10", "--no-progress",
@@ -32,26 +31,6 @@ def text_file(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text("".join(f"def f{i}(x):\n    return x * {i} + 1\n\n" for i in range(200)))
     return path
-
-
-@pytest.fixture
-def other_process():
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield process
-    process.kill()
-    process.wait()
-
-
-def plant_lock(run_dir, pid):
-    run_dir.mkdir(parents=True, exist_ok=True)
-    RunDir(run_dir).lock_file.write_text(json.dumps({"pid": pid, "host": socket.gethostname(),
-                                                     "started": "2026-12-01T00:00:00+0000"}))
-
-
-def dead_pid():
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
 
 
 def train_command(run_dir, text_file, seed):
@@ -102,7 +81,7 @@ def test_a_second_train_on_one_run_dir_is_refused_and_the_first_finishes_intact(
 def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path, text_file, capsys):
     run = RunDir(tmp_path / "run")
     pid = dead_pid()
-    plant_lock(run.path, pid)
+    plant_lock(run, pid)
     assert main(["train", "--preset", "tiny", "--run-dir", str(run.path), "--data", str(text_file),
                  "--cache-dir", str(tmp_path / "cache"), "--max-steps", "2", *FAST]) == 0
     err = capsys.readouterr().err
@@ -115,7 +94,7 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path, text_file, capsys)
 def test_objective_runs_are_refused_while_another_writer_holds_the_run(tmp_path, objective, other_process,
                                                                        capsys):
     run_dir = tmp_path / "run"
-    plant_lock(run_dir, other_process.pid)
+    plant_lock(RunDir(run_dir), other_process.pid)
     assert main(["train", "--objective", objective, "--run-dir", str(run_dir), "--max-steps", "1",
                  "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -125,7 +104,7 @@ def test_objective_runs_are_refused_while_another_writer_holds_the_run(tmp_path,
 
 def test_an_objective_run_takes_over_a_stale_lock(tmp_path, capsys):
     run = RunDir(tmp_path / "run")
-    plant_lock(run.path, dead_pid())
+    plant_lock(run, dead_pid())
     assert main(["train", "--objective", "mlm", "--run-dir", str(run.path), "--max-steps", "2", "--batch-size", "4",
                  "--seq-len", "32", "--set", "eval_batches=1", "--set", "tensorboard=false", "--no-progress",
                  "--cache-dir", str(tmp_path / "cache")]) == 0

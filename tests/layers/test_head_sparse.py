@@ -163,8 +163,11 @@ def outputs_and_gradients(model, mode, forward, calls):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_same(masked, sparse, real=None):
-    (logits_m, grads_m), (logits_s, grads_s) = masked, sparse
+def assert_sparse_equals_masked(model, forward, calls, real=None):
+    """``forward(model) -> (loss, outputs)`` in both modes: outputs (at ``real`` positions) and the
+    gradient of every parameter agree to 1e-5."""
+    (logits_m, grads_m) = outputs_and_gradients(model, "masked", forward, calls)
+    (logits_s, grads_s) = outputs_and_gradients(model, "sparse", forward, calls)
     if real is not None:
         logits_m, logits_s = logits_m[real], logits_s[real]
     torch.testing.assert_close(logits_s, logits_m, rtol=1e-5, atol=1e-5)
@@ -182,8 +185,7 @@ def test_decoder_sparse_equals_masked(case, small_chunks):
     def forward(m):
         out = m(ids, labels=ids)
         return out.loss, out.logits
-    assert_same(outputs_and_gradients(model, "masked", forward, small_chunks),
-                outputs_and_gradients(model, "sparse", forward, small_chunks))
+    assert_sparse_equals_masked(model, forward, small_chunks)
 
 
 def test_decoder_sparse_equals_masked_with_left_padding(small_chunks):
@@ -196,9 +198,7 @@ def test_decoder_sparse_equals_masked_with_left_padding(small_chunks):
     def forward(m):
         out = m(ids, attention_mask=mask)
         return (out.logits.log_softmax(-1)[..., 0] * mask).sum() + out.aux_loss, out.logits
-    assert_same(outputs_and_gradients(model, "masked", forward, small_chunks),
-                outputs_and_gradients(model, "sparse", forward, small_chunks),
-                real=mask.bool())
+    assert_sparse_equals_masked(model, forward, small_chunks, real=mask.bool())
 
 
 @pytest.mark.parametrize("router", ["linear", "graph"])
@@ -214,9 +214,7 @@ def test_encoder_sparse_equals_masked(router, small_chunks):
     def forward(m):
         hidden = m(ids, mask).hidden
         return (hidden * mask[..., None]).square().sum(), hidden
-    assert_same(outputs_and_gradients(model, "masked", forward, small_chunks),
-                outputs_and_gradients(model, "sparse", forward, small_chunks),
-                real=mask.bool())
+    assert_sparse_equals_masked(model, forward, small_chunks, real=mask.bool())
 
 
 @pytest.mark.parametrize("position_embedding", ["t5-relative", "sinusoidal"])
@@ -233,8 +231,7 @@ def test_seq2seq_self_and_cross_attention_sparse_equals_masked(position_embeddin
     def forward(m):
         out = m(source, attention_mask=source_mask, labels=target)
         return out.loss, out.logits
-    assert_same(outputs_and_gradients(model, "masked", forward, small_chunks),
-                outputs_and_gradients(model, "sparse", forward, small_chunks))
+    assert_sparse_equals_masked(model, forward, small_chunks)
 
 
 @pytest.mark.parametrize("cache", ["static", "dynamic"])

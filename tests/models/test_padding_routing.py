@@ -171,6 +171,13 @@ def check_padded_equals_unpadded(out, out_ref, keep):
     torch.testing.assert_close(out.aux_loss, out_ref.aux_loss, rtol=0, atol=1e-6)
 
 
+def left_padded(ids, pad):
+    """``ids [batch, seq]`` behind ``pad`` padding tokens: (padded ids, attention mask, real positions)."""
+    padding = torch.zeros(ids.shape[0], pad, dtype=torch.long)
+    mask = torch.cat([padding, torch.ones_like(ids)], dim=1)
+    return torch.cat([padding, ids], dim=1), mask, mask.bool()
+
+
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("ffn", FFNS)
 def test_decoder_left_padding_changes_no_routing(router, ffn):
@@ -178,10 +185,7 @@ def test_decoder_left_padding_changes_no_routing(router, ffn):
     model = sharpen(GoHTransformer(config(router, ffn))).train()
     reference = copy.deepcopy(model)
     ids = torch.randint(1, VOCAB, (3, 8))
-    pad = 5
-    padded = torch.cat([torch.zeros(3, pad, dtype=torch.long), ids], dim=1)
-    mask = torch.cat([torch.zeros(3, pad, dtype=torch.long), torch.ones_like(ids)], dim=1)
-    keep = mask.bool()
+    padded, mask, keep = left_padded(ids, 5)
 
     out = model(padded, attention_mask=mask)
     out_ref = reference(ids)
@@ -282,10 +286,7 @@ def test_recursion_left_padding_changes_no_routing(recursion_router, execution):
     model.train()
     reference = copy.deepcopy(model)
     ids = torch.randint(1, VOCAB, (2, 9))
-    pad = 4
-    padded = torch.cat([torch.zeros(2, pad, dtype=torch.long), ids], dim=1)
-    mask = torch.cat([torch.zeros(2, pad, dtype=torch.long), torch.ones_like(ids)], dim=1)
-    keep = mask.bool()
+    padded, mask, keep = left_padded(ids, 4)
 
     out = model(padded, attention_mask=mask)
     out_ref = reference(ids)

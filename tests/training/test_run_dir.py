@@ -3,34 +3,11 @@
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
 
 from gohgraph.training.run_dir import RunDir, RunDirLockedError
-
-
-@pytest.fixture
-def other_process():
-    """A live process that is not this one (its pid holds locks in the tests)."""
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield process
-    process.kill()
-    process.wait()
-
-
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-def plant_lock(run: RunDir, pid: int, host: str = None) -> dict:
-    holder = {"pid": pid, "host": host or socket.gethostname(), "started": "2026-12-01T00:00:00+0000"}
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.lock_file.write_text(json.dumps(holder) + "\n")
-    return holder
+from tests.helpers import dead_pid, plant_lock
 
 
 def test_the_names_are_the_files_runs_have_always_had(tmp_path):
