@@ -206,14 +206,14 @@ class MixtureOfRecursions(nn.Module):
                 took, gate, step_losses = self.router(x, recursion, took, token_mask)
                 for name, value in step_losses.items():
                     losses[name] = losses.get(name, 0.0) + value
-            if self.kv_sharing:  # every token's recursion-0 keys stay visible
-                attention_mask = mask
-            else:
-                keys = cache.key_mask(recursion, took) if cache is not None else took
-                attention_mask = keys[:, None, None, :] if mask is None else mask & keys[:, None, None, :]
             if gather:
                 x = self._gathered_recursion(stack, x, took, gate, mask, positions, cache, records)
             else:
+                if self.kv_sharing:  # every token's recursion-0 keys stay visible
+                    attention_mask = mask
+                else:
+                    keys = cache.key_mask(recursion, took) if cache is not None else took
+                    attention_mask = keys[:, None, None, :] if mask is None else mask & keys[:, None, None, :]
                 updated = run(stack, x, recursion, attention_mask)
                 x = torch.where(took.unsqueeze(-1), x + gate.to(x.dtype).unsqueeze(-1) * (updated - x), x)
             taken.append(took)
