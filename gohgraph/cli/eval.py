@@ -1,7 +1,9 @@
-"""``gohgraph eval``: mean next-token loss of a checkpoint on validation (or training) data.
+"""``gohgraph eval``: a checkpoint's loss and scores on validation (or, for ``lm``, training) data.
 
-Defaults come from the run the checkpoint belongs to (its data, tokenizer and ``seq_len``), so
-``gohgraph eval --checkpoint runs/tiny`` evaluates on the data it was trained on.
+Defaults come from the run the checkpoint belongs to (its task, data, tokenizer and ``seq_len``),
+so ``gohgraph eval --checkpoint runs/tiny`` evaluates on the data it was trained on, by its task's
+own evaluation (:meth:`~gohgraph.training.tasks.base.Task.evaluate`): next-token loss for ``lm``,
+masked-LM loss, accuracy, or the seq2seq scores.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import math
 from pathlib import Path
 
 from ..data.sources import MixedCorpus, load_training_data, parse_data_flags
+from ..training.config import TrainConfig
 from ..training.run_dir import RunDir
-from ..training.trainer import evaluate, evaluate_sources
+from ..training.tasks import get_task
+from ..training.tasks.lm import evaluate, evaluate_sources
+from ..training.tasks.seq2seq import seq2seq_summary
 from .common import load_model, run_dir_of
-from .objectives import run_eval as run_objective_eval
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
     model, directory = load_model(args.checkpoint, args.device)
     run_dir = run_dir_of(directory)
     run = RunDir(run_dir) if run_dir is not None else None
-    if run is not None and run.is_objective_run():  # an encoder objective's run
-        return run_objective_eval(args, model, directory, run_dir)
+    if run is not None and run.is_objective_run():  # a run of another task than lm
+        return run_task_eval(args, model, directory, run)
     if model.config.model_type != "decoder":  # the next-token loss below is a decoder's
         raise ValueError(f"{directory} holds a model_type={model.config.model_type!r} model outside a gohgraph train "
                          "--objective run (no objective.json beside it); eval scores a decoder's next-token loss, "
@@ -72,4 +76,35 @@ def run(args: argparse.Namespace) -> int:
               f"{loss / math.log(2):.3f} bits/token ({corpus.source})")
         for name, value in per_source.items():
             print(f"  {name}: {args.split} loss {value:.4f} nats/token")
+    return 0
+
+
+def run_task_eval(args: argparse.Namespace, model, directory: Path, run: RunDir) -> int:
+    """``gohgraph eval`` of a run trained with ``--objective mlm|classify|seq2seq``: its task's
+    evaluation on the validation split, as the run evaluated itself."""
+    settings = run.read_objective()
+    task = get_task(settings["objective"])
+    if args.split != "val":
+        raise ValueError(f"--split {args.split}: an --objective {task.name} run is scored on its validation split")
+    data_settings = run.read_data_settings(default={"data": settings.get("data"),
+                                                    "tokenizer": settings.get("tokenizer") or "byte"})
+    if args.data:
+        data_settings = {**parse_data_flags(args.data), "tokenizer": data_settings.get("tokenizer", "byte")}
+    if args.tokenizer is not None:
+        data_settings["tokenizer"] = args.tokenizer
+    tc = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len or settings["seq_len"], device=args.device)
+    data = task.load_data(data_settings, args.cache_dir, tc, model.config)
+    task.check_model_fits(model.config, data, tc)
+    for key, value in task.run_settings(data).items():
+        if key in settings and settings[key] != value:
+            raise ValueError(f"the data's {key} {value[:8]} are not the ones {directory} was trained on "
+                             f"({settings[key][:8]})")
+    metrics = task.evaluate(model, data, tc, args.max_batches)
+    result = {"checkpoint": str(directory), "objective": task.name, **metrics}
+    if args.json:
+        print(json.dumps(result))
+    elif task.name == "seq2seq":
+        print(f"{directory}: seq2seq {seq2seq_summary(metrics)}")
+    else:
+        print(f"{directory}: {task.name} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0

@@ -1,15 +1,19 @@
-"""``gohgraph train``: train a graph-routed LM from a preset, a config file and flags.
+"""``gohgraph train``: train any task (``--objective lm|mlm|classify|seq2seq``) from a preset, a
+config file and flags, through the one training loop (:mod:`gohgraph.training.trainer`).
 
-Precedence for a new run: preset, then ``--config`` (JSON or YAML), then flags and ``--set``.
-With ``--resume`` the run's own saved configs are the base and only explicit flags change them
-(e.g. ``--max-steps`` to train longer). Works the same under
-``torchrun --nproc_per_node=N -m gohgraph train ...``.
+Precedence for a new run: the task's preset (``--preset``, default ``tiny``), then ``--config``
+(JSON or YAML), then flags and ``--set``; the same for every task. With ``--resume`` the run's own
+saved configs are the base and only explicit flags change them (e.g. ``--max-steps`` to train
+longer). Works the same under ``torchrun --nproc_per_node=N -m gohgraph train ...``.
+The run directory holds ``data.json`` (the data settings, read again on resume) and
+``objective.json`` (the task, which ``gohgraph eval`` scores the run by).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import os
 import shutil
@@ -18,21 +22,24 @@ import warnings
 from pathlib import Path
 
 from ..config import ROUTERS, GoHConfig
-from ..data.objectives import OBJECTIVES
-from ..data.sources import load_training_data, parse_data_flags, validation_sets
+from ..data.sources import parse_data_flags, validation_sets
 from ..data.tokenizers import TOKENIZER_FILE
 from ..models.compile import CompileUnavailableWarning
 from ..storage import read_config
 from ..training.config import TrainConfig
-from ..training.presets import PRESETS, get_preset, read_config_file, split_fields
+from ..training.presets import PRESETS, read_config_file, split_fields
 from ..training.run_dir import RunDir
-from ..training.trainer import evaluate, evaluate_sources, train
+from ..training.tasks import TASKS, Task, get_task
+from ..training.trainer import TrainResult, evaluate, evaluate_sources, train
 from .common import TRAIN_FLAGS, check_device, note_missing_tensorboard, parse_overrides
-from .objectives import run_train as run_objective_training
+
+# the tasks whose data is tokenized text kept in a token cache (the others encode bytes as they read)
+TOKEN_CACHE_TASKS = ("lm", "mlm")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="named model + training preset (default tiny)")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="the task's named model + training preset (default tiny)")
     parser.add_argument("--config", type=Path, help="JSON or YAML file of GoHConfig/TrainConfig fields")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any GoHConfig or TrainConfig field (repeatable); values are parsed "
@@ -78,67 +85,96 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run's checkpoints first")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="lm",
+    parser.add_argument("--objective", choices=list(TASKS), default="lm",
                         help="lm (default: decoder, next token), mlm (encoder, masked LM), classify "
                              "(encoder, which standard-library package a snippet is from) or seq2seq "
                              "(encoder-decoder, docstring -> def line, or --data pair files)")
 
 
 def run(args: argparse.Namespace) -> int:
+    task = get_task(args.objective)
     check_resume_flags(args)
-    if args.objective != "lm":
-        return run_objective_training(args)
-    run_dir = args.run_dir or Path("runs") / (args.name or "default")
+    run_dir = args.run_dir or Path("runs") / (args.name or ("default" if task.name == "lm" else task.name))
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run dir {run_dir} is a file; choose another --run-dir or --name")
     if args.resume and RunDir(run_dir).latest_checkpoint() is None:  # before anything of the run is rewritten
         raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint; drop --resume to start a new run")
-    model_config, train_config, data_settings = build_configs(args, run_dir)
+    if args.cache_dir is not None and task.name not in TOKEN_CACHE_TASKS:
+        raise ValueError(f"--cache-dir: --objective {task.name} reads its texts as bytes and keeps no token cache; "
+                         f"only --objective {' and '.join(TOKEN_CACHE_TASKS)} use one")
+    model_config, train_config, data_settings = build_configs(args, run_dir, task)
     if train_config.device != "auto":
         check_device(train_config.device)
     rank, run = int(os.environ.get("RANK", "0")), RunDir(run_dir)
     # one writer: rank 0 holds the run's lock from here (the trainer takes it again, re-entrantly)
     with run.lock() if rank == 0 else contextlib.nullcontext():
-        return _run_locked(args, run, model_config, train_config, data_settings, rank)
+        return _run_locked(args, task, run, model_config, train_config, data_settings, rank)
 
 
-def _run_locked(args: argparse.Namespace, run: RunDir, model_config: GoHConfig, train_config: TrainConfig,
-                data_settings: dict, rank: int) -> int:
+def _run_locked(args: argparse.Namespace, task: Task, run: RunDir, model_config: GoHConfig,
+                train_config: TrainConfig, data_settings: dict, rank: int) -> int:
     run_dir = run.path
-    if run.has_checkpoints() and not args.resume:
-        if not args.overwrite:
-            raise ValueError(f"run dir {run_dir} already holds checkpoints; pass --resume to continue it, "
-                             "--overwrite to start again, or --name/--run-dir for a new run")
-        if rank == 0:
-            shutil.rmtree(run.checkpoints_dir)
-    corpus = load_training_data(data_settings, args.cache_dir)
-    model_config = fit_vocabulary(model_config, corpus.vocab_size, explicit_model_fields(args),
-                                  train_config.init_from)
+    has_run = run.has_checkpoints() or run.final_dir.exists()
+    if has_run and not args.resume and not args.overwrite:
+        raise ValueError(f"run dir {run_dir} already holds a trained model or checkpoints; pass --resume to "
+                         "continue it, --overwrite to start again, or --name/--run-dir for a new run")
+    data = task.load_data(data_settings, args.cache_dir, train_config, model_config)
+    if args.resume:
+        _check_resumed_data(run, task, data)
+    else:
+        model_config = task.fit_model_config(model_config, data, train_config, explicit_model_fields(args),
+                                             args.init_from)
+    task.check_model_fits(model_config, data, train_config)
     _note_dense_anneal(model_config, train_config)
+    if has_run and not args.resume and rank == 0:  # --overwrite, once the data and configs have been checked
+        for folder in (run.final_dir, run.checkpoints_dir):
+            shutil.rmtree(folder, ignore_errors=True)
     if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
         run.write_data_settings(data_settings)
     with warnings.catch_warnings():
         warnings.showwarning = _compile_fallback_in_one_line(warnings.showwarning)
-        result = train(model_config, train_config, corpus, run_dir, resume=args.resume,
-                       progress=not args.no_progress, check_memory=not args.force)
+        result = train(model_config, train_config, data, run_dir, resume=args.resume, progress=not args.no_progress,
+                       check_memory=not args.force, task=task, data_settings=data_settings)
     if rank == 0:
-        params = result.model.num_parameters()
-        print(f"data: {corpus.source} ({len(corpus.train):,} train / {len(corpus.val):,} val tokens)")
-        print(f"model: {params:,} parameters, router={model_config.router}, ffn={model_config.ffn}")
-        print(f"steps: {result.steps}, tokens: {result.tokens_seen:,}, {result.tokens_per_s:,.0f} tokens/s")
-        if result.val_history:
-            print(f"validation loss: {result.final_val_loss:.4f} nats/token over the first "
-                  f"{result.val_tokens:,} validation tokens (eval_batches={train_config.eval_batches})")
-        if not result.interrupted:
-            _print_full_validation(result.model, corpus, train_config)
-        if result.interrupted:
-            print(f"interrupted at step {result.steps}; continue with: gohgraph train --resume --run-dir {run_dir}")
-        print(f"checkpoint: {result.checkpoint_path}")
-        if result.final_path is not None:
-            print(f"final model: {result.final_path}")
-        print(f"metrics: {result.metrics_path}")
+        _print_summary(args, task, result, data, train_config, run_dir)
         note_missing_tensorboard(train_config)
     return 130 if result.interrupted else 0
+
+
+def _print_summary(args: argparse.Namespace, task: Task, result: TrainResult, data, tc: TrainConfig,
+                   run_dir: Path) -> None:
+    """What the run did, its task's final scores, where it wrote."""
+    cfg = result.model.config
+    print(f"data: {task.describe_data(data)}")
+    print(f"model: {type(result.model).__name__}, {result.model.num_parameters():,} parameters, router={cfg.router}, "
+          f"ffn={cfg.ffn}")
+    print(f"steps: {result.steps} of {tc.max_steps}, tokens: {result.tokens_seen:,}, {result.tokens_per_s:,.0f} "
+          f"tokens/s, {result.seconds:.0f} s")
+    if result.history:
+        for line in task.summary(result.metrics, data, cfg):
+            print(line + f" (eval_batches={tc.eval_batches})")
+    if result.interrupted:
+        print(f"interrupted at step {result.steps}; continue with: gohgraph train --objective {task.name} --resume "
+              f"--run-dir {run_dir}")
+    elif task.name == "lm":
+        _print_full_validation(result.model, data, tc)
+    print(f"checkpoint: {result.checkpoint_path}")
+    if result.final_path is not None:
+        print(f"final model: {result.final_path}")
+    print(f"metrics: {result.metrics_path}")
+
+
+def _check_resumed_data(run: RunDir, task: Task, data) -> None:
+    """The data of a resumed run must be what it was trained on where the model depends on it (labels)."""
+    saved = run.read_objective()
+    if saved.get("objective", "lm") != task.name:
+        raise ValueError(f"{run.path} is an --objective {saved.get('objective', 'lm')} run; resume it with that "
+                         "objective")
+    for key, value in task.run_settings(data).items():
+        if key in saved and saved[key] != value:
+            raise ValueError(f"the data's {key} {value[:8]} are not the ones the run in {run.path} was trained on "
+                             f"({saved[key][:8]})")
 
 
 def check_resume_flags(args: argparse.Namespace) -> None:
@@ -165,22 +201,21 @@ def _compile_fallback_in_one_line(show):
     return showwarning
 
 
-def build_configs(args: argparse.Namespace, run_dir: Path):
-    """(GoHConfig, TrainConfig, data settings) from the run (on resume) or preset, file and flags."""
+def build_configs(args: argparse.Namespace, run_dir: Path, task: Task):
+    """(GoHConfig, TrainConfig, data settings) from the run (on resume) or the task's preset, file and flags."""
     run = RunDir(run_dir)
     saved = run.latest_checkpoint() if args.resume else None
     if saved is not None:
         model_kwargs = read_config(saved).to_dict()
         train_kwargs = run.read_train_config()
-        data_settings = run.read_data_settings(default={"data": None, "tokenizer": "byte"})
+        objective = run.read_objective()  # runs of the objectives' former loop kept their data there
+        data_settings = run.read_data_settings(default={"data": objective.get("data"),
+                                                        "tokenizer": objective.get("tokenizer") or "byte"})
     else:
         file_values = read_config_file(args.config) if args.config else {}
-        model_kwargs, train_kwargs = get_preset(args.preset or file_values.get("preset", "tiny"))
+        model_kwargs, train_kwargs = task_preset(task, args.preset or file_values.get("preset", "tiny"))
         if args.init_from is not None:  # the model is the one being continued, not the preset's
-            model_kwargs = read_config(args.init_from).to_dict()
-            if model_kwargs["model_type"] != "decoder":  # the LM loop trains GoHTransformer only
-                raise ValueError(f"--init-from {args.init_from} holds a model_type={model_kwargs['model_type']!r} "
-                                 "model; the causal-LM trainer continues decoder models only")
+            model_kwargs = task.continued_model_config(read_config(args.init_from).to_dict(), args.init_from)
             train_kwargs["init_from"] = str(args.init_from)
         file_model, file_train = split_fields(file_values, str(args.config))
         model_kwargs.update(file_model)
@@ -204,13 +239,18 @@ def build_configs(args: argparse.Namespace, run_dir: Path):
         data_settings.update(parse_data_flags(args.data))
     if args.tokenizer is not None:
         data_settings["tokenizer"] = args.tokenizer
-    if args.init_from is not None and args.tokenizer is None and (args.init_from / TOKENIZER_FILE).is_file():
+    if (args.init_from is not None and args.tokenizer is None and task.name in TOKEN_CACHE_TASKS
+            and (args.init_from / TOKENIZER_FILE).is_file()):
         data_settings["tokenizer"] = f"file:{args.init_from / TOKENIZER_FILE}"  # the model's own tokenizer
-    train_config = TrainConfig.from_dict(train_kwargs)
-    model_kwargs["max_seq_len"] = fit_max_seq_len(GoHConfig.from_dict(model_kwargs), train_config.seq_len,
-                                                  explicit="max_seq_len" in explicit_model_fields(args),
-                                                  init_from=args.init_from)
-    return GoHConfig.from_dict(model_kwargs), train_config, data_settings
+    return GoHConfig.from_dict(model_kwargs), TrainConfig.from_dict(train_kwargs), data_settings
+
+
+def task_preset(task: Task, name: str):
+    """A deep copy of ``task``'s preset ``name``: ``(GoHConfig kwargs, TrainConfig kwargs)``."""
+    if name not in task.presets:
+        raise ValueError(f"preset={name!r} is not one of --objective {task.name}'s presets {sorted(task.presets)}")
+    model_kwargs, train_kwargs = task.presets[name]
+    return copy.deepcopy(model_kwargs), copy.deepcopy(train_kwargs)
 
 
 def _print_full_validation(model, corpus, train_config: TrainConfig) -> None:
@@ -234,41 +274,6 @@ def explicit_model_fields(args: argparse.Namespace) -> set:
     if args.config is not None:
         names |= set(split_fields(read_config_file(args.config), str(args.config))[0])
     return names
-
-
-def fit_max_seq_len(cfg: GoHConfig, seq_len: int, explicit: bool, init_from) -> int:
-    """``max_seq_len`` large enough for training windows of ``seq_len + 1`` tokens.
-
-    A preset's value grows to fit (positions are cheap; the memory check guards the step itself);
-    a value the user set, or a learned position table the model was trained with, is never
-    changed: too small is an error naming both numbers.
-    """
-    needed = seq_len + 1  # windows hold seq_len + 1 tokens: the inputs and the shifted labels
-    if cfg.max_seq_len >= needed:
-        return cfg.max_seq_len
-    if explicit:
-        raise ValueError(f"seq_len={seq_len} needs max_seq_len >= {needed}, but max_seq_len={cfg.max_seq_len} "
-                         "was set; raise it or lower seq_len")
-    if init_from is not None and cfg.position_embedding == "learned":
-        raise ValueError(f"seq_len={seq_len} needs {needed} positions, but the model at {init_from} has a learned "
-                         f"position table of {cfg.max_seq_len}; use seq_len <= {cfg.max_seq_len - 1}")
-    return needed
-
-
-def fit_vocabulary(cfg: GoHConfig, data_vocab: int, explicit: set, init_from) -> GoHConfig:
-    """The model's ``vocab_size`` against the data tokenizer's: a preset's grows to fit; a value
-    set by the user, or a pretrained model's, must match (a smaller one cannot embed the data, and a
-    pretrained embedding read through another tokenizer would give its rows other meanings)."""
-    if init_from is not None and data_vocab != cfg.vocab_size:
-        raise ValueError(f"the model at {init_from} has vocab_size={cfg.vocab_size} but the data's tokenizer "
-                         f"has {data_vocab} tokens; train with the model's tokenizer (--tokenizer "
-                         f"file:PATH/{TOKENIZER_FILE}, which convert saves beside the model)")
-    if data_vocab <= cfg.vocab_size:
-        return cfg
-    if "vocab_size" in explicit:
-        raise ValueError(f"vocab_size={cfg.vocab_size} is smaller than the data's tokenizer ({data_vocab} "
-                         f"tokens); set vocab_size >= {data_vocab} or leave it out")
-    return cfg.replace(vocab_size=data_vocab)
 
 
 def _note_dense_anneal(cfg: GoHConfig, train_config: TrainConfig) -> None:

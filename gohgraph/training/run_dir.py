@@ -4,12 +4,12 @@ One run of ``gohgraph train`` (any ``--objective``) writes one directory::
 
     run.lock                 who is writing the run now (pid, host, start time); gone when it ends
     train_config.json        the TrainConfig, written when the run starts
-    model_config.json        the GoHConfig of an LM run
-    data.json                the data settings of an LM run (``--data``, ``--tokenizer``)
-    objective.json           what an mlm/classify/seq2seq run trains on (objective, data, labels, ...)
+    model_config.json        the GoHConfig
+    data.json                the data settings (``--data``, ``--tokenizer``), read again on resume
+    objective.json           the task (``--objective``) and what it trains on (data, labels, seq_len)
     tokenizer.json           the BPE tokenizer, when the data has one
     metrics.csv              one row per logged step
-    metrics.json             every evaluation of an objective run
+    metrics.json             every evaluation (loss and the task's scores)
     tensorboard/             TensorBoard scalars, when tensorboard is installed
     checkpoints/latest       a one-line text file naming the newest checkpoint
     checkpoints/step_000100/ one training checkpoint (:mod:`gohgraph.training.checkpoint` writes it):
@@ -225,8 +225,13 @@ class RunDir:
         """The objective run's ``objective.json`` (``{}`` outside such a run)."""
         return read_json(self.objective_file) if self.objective_file.is_file() else {}
 
+    def task_name(self) -> str:
+        """The ``--objective`` the run trains (``lm`` for runs from before ``objective.json``)."""
+        return self.read_objective().get("objective", "lm")
+
     def is_objective_run(self) -> bool:
-        return self.objective_file.is_file()
+        """Whether the run trains another task than ``lm`` (an encoder or encoder-decoder objective)."""
+        return self.task_name() != "lm"
 
     def write_evaluations(self, history: List[Dict[str, float]]) -> Path:
         return write_json(self.evaluations_file, history)

@@ -35,6 +35,8 @@ def evaluate_seq2seq(model, data: EncodedPairs, batch_size: int, max_batches: Op
         for index, batch in enumerate(seq2seq_batches(data.val, batch_size, data.pad_id, seed=0)):
             if max_batches is not None and index >= max_batches:
                 break
+            device = next(model.parameters()).device
+            batch = {name: value.to(device) for name, value in batch.items()}
             labels = batch["labels"]
             scored = labels != IGNORE_INDEX
             n = int(scored.sum())

@@ -1,21 +1,28 @@
-"""Train a GoH language model: one flat loop, callable from Python, the CLI and torchrun.
+"""Train any gohgraph model: one flat loop for every task, callable from Python, the CLI and torchrun.
+
+What differs between tasks (model family, presets, data, batches, loss, evaluation) comes from a
+registered :class:`~gohgraph.training.tasks.base.Task` (``lm``, ``mlm``, ``classify``,
+``seq2seq``); everything else is this loop's, the same for all of them.
 
 Per optimizer step: learning rate from the step (warmup + cosine), ``grad_accum_steps``
-micro-batches of random windows (seeded by the step, sharded by rank), loss
-``lm_loss + aux_scale * aux_loss`` with ``aux_scale`` warming up from 0, a finite-loss check,
-gradient clipping, AdamW, then the auxiliary-loss-free bias update (after the step, never inside
-``forward``; docs/routing.md). With ``"global-batch"`` balance pooling the step's micro-batch graphs are
-held and backpropagated once, after the balance counts of all of them (and of every rank) are known,
-which makes the balance loss that of one big batch (docs/routing.md). Periodic validation, metrics to
-``metrics.csv`` (and TensorBoard if
-installed), checkpoints every ``save_every`` steps (see :mod:`gohgraph.training.checkpoint`).
-With ``compile=True`` the forward and backward run through ``torch.compile``, or eagerly where it
-cannot compile (:mod:`gohgraph.training.compile`).
+micro-batches (a function of the step, sharded by rank), loss ``task_loss + aux_scale * aux_loss``
+with ``aux_scale`` warming up from 0, a finite-loss check, gradient clipping, AdamW, then the
+auxiliary-loss-free bias update (after the step, never inside ``forward``; docs/routing.md).
+Micro-batch ``i`` is weighted ``n_i R / N`` (its loss terms over the step's, times the ``R`` data
+ranks whose gradients DDP averages), so a step's gradient is that of the mean over all its terms,
+as one batch ``grad_accum_steps * R`` times as large would give. With ``"global-batch"`` balance
+pooling the step's micro-batch graphs are held and backpropagated once, after the balance counts of
+all of them (and of every rank) are known, which makes the balance loss that of one big batch
+(docs/routing.md). Periodic validation, metrics to ``metrics.csv`` (and TensorBoard if installed),
+every evaluation to ``metrics.json``, checkpoints every ``save_every`` steps (see
+:mod:`gohgraph.training.checkpoint`). With ``compile=True`` the forward and backward run through
+``torch.compile``, or eagerly where it cannot compile (:mod:`gohgraph.training.compile`).
 
 Faults: SIGINT/SIGTERM finish the current step, save a checkpoint and return
-(``TrainResult.interrupted``); a non-finite loss or gradient raises :class:`TrainingDivergedError`
-before anything is saved, so the last good checkpoint stays the latest. ``resume=True`` continues
-from ``run_dir/checkpoints/latest`` and, on CPU, reproduces the uninterrupted run bit for bit.
+(``TrainResult.interrupted``); a second one during the save waits for it. A non-finite loss or
+gradient raises :class:`TrainingDivergedError` before anything is saved, so the last good
+checkpoint stays the latest. ``resume=True`` continues from ``run_dir/checkpoints/latest`` and, on
+CPU, reproduces the uninterrupted run bit for bit.
 """
 
 from __future__ import annotations
@@ -25,16 +32,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-import numpy as np
 import torch
 
 from ..config import GoHConfig
-from ..data.batches import eval_batches, eval_windows
-from ..data.corpus import Corpus
-from ..data.sources import MixedCorpus, corpus_train_batch, validation_sets
-from ..models.decoder import GoHOutput, GoHTransformer
+from ..models.pretrained import MODEL_TYPES
 from ..models.routed import global_batch_balance_loss, global_batch_kinds, weighted_aux_loss
 from ..parallel import data_parallel as D
 from ..parallel import expert_parallel as EP
@@ -52,10 +55,13 @@ from .compile import TrainingForward
 from .config import TrainConfig
 from .interrupts import stop_signals
 from .memory import available_memory, check_step_fits, estimate_step_memory
-from .metrics import MetricsLogger, routing_summary, source_loss_column
+from .metrics import SOURCE_LOSS_PREFIX, MetricsLogger, routing_summary
 from .optim import build_optimizer
 from .run_dir import RunDir
 from .schedules import dense_to_sparse_schedule, learning_rate, recursion_capacity_warmup, set_learning_rate
+from .tasks import Task, get_task
+from .tasks.base import batch_to
+from .tasks.lm import evaluate, evaluate_sources  # noqa: F401  (the LM's validation loss, public here since v0)
 
 # per-rank seeds are seed + stride * rank (+ step on resume): a prime far above any step count, so
 # no two ranks ever draw the same dropout stream
@@ -75,91 +81,85 @@ class TrainingDivergedError(ValueError):
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns; ``val_history`` holds ``(step, tokens_seen, val_loss)``;
-    ``tokens_per_s`` counts the optimizer steps of this call (evaluation and saving excluded)."""
+    """What :func:`train` returns. ``history`` holds every evaluation, ``{"step", "tokens_seen", "loss",
+    ...the task's scores}``; ``tokens_per_s`` counts the optimizer steps of this call (evaluation
+    and saving excluded); ``seconds`` is the call's wall-clock time."""
 
-    final_val_loss: float
-    val_history: List[Tuple[int, int, float]]
-    tokens_per_s: float
-    model: GoHTransformer
-    checkpoint_path: Optional[Path]
-    final_path: Optional[Path]
+    model: torch.nn.Module
+    history: List[Dict[str, float]]
     steps: int
     tokens_seen: int
-    interrupted: bool = False
+    tokens_per_s: float
+    checkpoint_path: Optional[Path]
+    final_path: Optional[Path]
     metrics_path: Optional[Path] = None
-    val_tokens: int = 0  # tokens the periodic validation covers: the first eval_batches windows
+    interrupted: bool = False
     losses: List[float] = field(default_factory=list)  # training loss of every step run here
-    val_by_source: Dict[str, float] = field(default_factory=dict)  # last per-source losses (several --data)
+    seconds: float = 0.0
     compiled: bool = False  # the training steps ran through torch.compile (TrainConfig.compile, no fallback)
 
+    @property
+    def metrics(self) -> Dict[str, float]:
+        """The last evaluation's values (``{}`` before the first)."""
+        return {k: v for k, v in self.history[-1].items() if k not in ("step", "tokens_seen")} if self.history else {}
 
-def training_loss(out: GoHOutput, aux_scale: float) -> torch.Tensor:
-    """The optimised objective: next-token loss plus the (warming-up) routing losses."""
-    return out.lm_loss + aux_scale * out.aux_loss
+    @property
+    def final_val_loss(self) -> float:
+        return self.history[-1]["loss"] if self.history else float("nan")
 
+    @property
+    def val_history(self) -> List[Tuple[int, int, float]]:
+        """``(step, tokens_seen, val_loss)`` of every evaluation."""
+        return [(int(e["step"]), int(e.get("tokens_seen", 0)), e["loss"]) for e in self.history]
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, tokens, batch_size: int, seq_len: int,
-             max_batches: Optional[int] = None) -> float:
-    """Mean next-token cross-entropy (nats) over :func:`~gohgraph.data.batches.eval_batches` windows,
-    weighted by the number of predicted tokens."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    try:
-        for batch in eval_batches(tokens, batch_size, seq_len, max_batches):
-            batch = batch.to(device)
-            out = model(batch, labels=batch)
-            predicted = batch.shape[0] * (batch.shape[1] - 1)
-            total += float(out.lm_loss) * predicted
-            count += predicted
-    finally:
-        model.train(was_training)
-    return total / count
+    @property
+    def val_by_source(self) -> Dict[str, float]:
+        """The last per-source validation losses of an LM run on several ``--data`` sources."""
+        return {k[len(SOURCE_LOSS_PREFIX):]: v for k, v in self.metrics.items() if k.startswith(SOURCE_LOSS_PREFIX)}
+
+    @property
+    def val_tokens(self) -> int:
+        """Tokens the LM's periodic validation covers: the first ``eval_batches`` windows."""
+        return int(self.metrics.get("val_tokens", 0))
 
 
-def evaluate_sources(model: torch.nn.Module, val_sets: Dict[str, np.ndarray], batch_size: int, seq_len: int,
-                     max_batches: Optional[int] = None) -> Tuple[float, Dict[str, float]]:
-    r""":func:`evaluate` on each source alone, and their combination.
-
-    Returns ``(overall, {source: loss})``; ``overall = \sum_s n_s L_s / \sum_s n_s`` with ``n_s`` the
-    tokens predicted in source ``s``'s windows, i.e. the mean loss over the union of all windows.
-    """
-    per_source, total, count = {}, 0.0, 0
-    for name, tokens in val_sets.items():
-        per_source[name] = evaluate(model, tokens, batch_size, seq_len, max_batches)
-        predicted = eval_windows(len(tokens), batch_size, seq_len, max_batches) * (seq_len - 1)
-        total += per_source[name] * predicted
-        count += predicted
-    return total / count, per_source
+def training_loss(out, aux_scale: float, loss_field: str = "lm_loss") -> torch.Tensor:
+    """The optimised objective: the task's loss (output field ``loss_field``) plus the
+    (warming-up) routing losses."""
+    return getattr(out, loss_field) + aux_scale * out.aux_loss
 
 
-def train(model_config: GoHConfig, train_config: TrainConfig, corpus: Union[Corpus, MixedCorpus], run_dir: Path,
-          resume: bool = False, progress: bool = True, check_memory: bool = True) -> TrainResult:
-    """Train ``GoHTransformer(model_config)`` on ``corpus``; everything is written under ``run_dir``.
+def train(model_config: GoHConfig, train_config: TrainConfig, data, run_dir: Path, resume: bool = False,
+          progress: bool = True, check_memory: bool = True, task: Union[str, Task] = "lm",
+          data_settings: Optional[Dict[str, Any]] = None, log: Optional[Callable[[str], None]] = None) -> TrainResult:
+    """Train a fresh ``model_config`` model on ``data`` for ``task``; everything is written under ``run_dir``.
 
-    ``corpus`` is one :class:`~gohgraph.data.corpus.Corpus` or a
-    :class:`~gohgraph.data.sources.MixedCorpus` of several sources sampled by weight; then every
-    validation also scores each source alone (``val_loss/<source>`` columns of ``metrics.csv``).
+    ``data`` is what the task's :meth:`~gohgraph.training.tasks.base.Task.load_data` returns: for
+    ``"lm"`` one :class:`~gohgraph.data.corpus.Corpus` or a
+    :class:`~gohgraph.data.sources.MixedCorpus` of several sources sampled by weight (then every
+    validation also scores each source alone, the ``val_loss/<source>`` columns of
+    ``metrics.csv``). ``data_settings`` (``{"data", "tokenizer", ...}``) are recorded in
+    ``objective.json`` so that ``gohgraph eval`` reads the same data.
 
     ``resume`` continues ``run_dir``'s latest checkpoint (an error when it has none: starting
     afresh would overwrite the run's saved configs). ``check_memory`` refuses, before anything is
     allocated, a step that cannot fit in this machine's memory (:mod:`gohgraph.training.memory`).
     The main process holds ``run_dir``'s lock while it trains (:meth:`RunDir.lock`): a second
-    writer is refused with :class:`~gohgraph.training.run_dir.RunDirLockedError`.
+    writer is refused with :class:`~gohgraph.training.run_dir.RunDirLockedError`. ``log`` receives
+    the run's one-line notices (default: above the progress bar).
     """
+    task = get_task(task) if isinstance(task, str) else task
     tc, run_dir = train_config, Path(run_dir)
+    if model_config.model_type != task.model_type:
+        raise ValueError(f"--objective {task.name} trains model_type={task.model_type!r} models, not "
+                         f"model_type={model_config.model_type!r}")
     if resume and RunDir(run_dir).latest_checkpoint() is None:
         raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint; start a new run without "
                          "--resume (resume=False)")
-    if tc.seq_len + 1 > model_config.max_seq_len:
-        raise ValueError(f"TrainConfig.seq_len={tc.seq_len} + 1 exceeds the model's max_seq_len="
-                         f"{model_config.max_seq_len} (training windows hold seq_len + 1 tokens)")
-    if corpus.vocab_size > model_config.vocab_size:
-        raise ValueError(f"the corpus tokenizer has {corpus.vocab_size} tokens but the model's "
-                         f"vocab_size={model_config.vocab_size}")
+    task.check_model_fits(model_config, data, tc)
+    if tc.recursion_warmup_steps and model_config.model_type != "decoder":
+        raise ValueError(f"recursion_warmup_steps={tc.recursion_warmup_steps}: only decoders recurse "
+                         f"(Mixture-of-Recursions); --objective {task.name} trains {task.model_type} models")
     if tc.tensor_parallel > 1 and (tc.expert_parallel > 1 or tc.fsdp):
         raise ValueError(f"TrainConfig.tensor_parallel={tc.tensor_parallel} with "
                          f"{f'expert_parallel={tc.expert_parallel}' if tc.expert_parallel > 1 else 'fsdp=True'} "
@@ -181,13 +181,15 @@ def train(model_config: GoHConfig, train_config: TrainConfig, corpus: Union[Corp
                          f"({ctx.world_size}): run under torchrun --nproc_per_node={tc.expert_parallel}")
     if check_memory:
         # a rank of tensor parallelism runs the whole batch (an over-estimate: it holds a share of the weights)
-        memory = estimate_step_memory(model_config, tc, GoHTransformer, _data_ranks(tc, ctx))
+        memory = estimate_step_memory(model_config, tc, MODEL_TYPES[model_config.model_type], _data_ranks(tc, ctx))
         check_step_fits(memory, available_memory(ctx.device), tc, model_config)
+    notice = log or (lambda line: _log(progress and ctx.is_main, line))
     try:
         with contextlib.ExitStack() as exits:
             if ctx.is_main:  # before the checkpoint is read and anything written
-                exits.enter_context(RunDir(run_dir).lock(notice=lambda line: _log(True, line)))
-            return _train(model_config, tc, corpus, run_dir, resume, progress, ctx, exits)
+                exits.enter_context(RunDir(run_dir).lock(notice=notice))
+            return _train(task, model_config, tc, data, run_dir, resume, progress, ctx, exits,
+                          dict(data_settings or {}), notice)
     finally:
         D.shutdown(ctx)
 
@@ -198,34 +200,41 @@ def _data_ranks(tc: TrainConfig, ctx: D.DistContext) -> int:
     return 1 if tc.tensor_parallel > 1 else ctx.world_size
 
 
-def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, MixedCorpus], run_dir: Path, resume: bool,
-           progress: bool, ctx: D.DistContext, exits: contextlib.ExitStack) -> TrainResult:
-    tensor_parallel = tc.tensor_parallel > 1
+def _train(task: Task, model_config: GoHConfig, tc: TrainConfig, data, run_dir: Path, resume: bool,
+           progress: bool, ctx: D.DistContext, exits: contextlib.ExitStack, data_settings: Dict[str, Any],
+           notice: Callable[[str], None]) -> TrainResult:
+    started = time.perf_counter()
+    tensor_parallel, expert_parallel = tc.tensor_parallel > 1, tc.expert_parallel > 1
     # under tensor parallelism the ranks are one data rank: same batch, same dropout and router noise
     data_ranks = _data_ranks(tc, ctx)
     data_rank = ctx.rank if data_ranks > 1 else 0
     run = RunDir(run_dir)
+    model_class = MODEL_TYPES[model_config.model_type]
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
-    model = GoHTransformer(model_config)
+    model = model_class(model_config)
     start_step, tokens_seen, history = 0, 0, []
     checkpoint = run.latest_checkpoint() if resume else None
     saved_optimizer = None
     if checkpoint is not None:
         saved_config, model_state, saved_optimizer, saved = load_checkpoint(checkpoint)
+        if saved.get("objective", "lm") != task.name:
+            raise CheckpointError(f"cannot resume from {checkpoint}: it was trained with --objective "
+                                  f"{saved.get('objective', 'lm')}, not {task.name}")
         check_same_config(saved_config, model_config, checkpoint)
         load_state_strict(model, model_state, checkpoint)
         start_step, tokens_seen = saved["step"], saved["tokens_seen"]
-        history = [tuple(entry) for entry in saved["val_history"]]
+        history = [_history_entry(entry) for entry in saved["val_history"]]
         if data_rank == 0:
             restore_rng_state(saved["rng_tensors"], saved["rng"])
         else:
             torch.manual_seed(tc.seed + RANK_SEED_STRIDE * data_rank + start_step)
     else:
         if tc.init_from is not None:
-            initialise_from(model, Path(tc.init_from))
+            fresh = initialise_from(model, Path(tc.init_from))
+            if fresh:
+                notice(f"initialised from {tc.init_from}; new: {', '.join(fresh)}")
         torch.manual_seed(tc.seed + RANK_SEED_STRIDE * data_rank)  # dropout differs per data rank
     model.to(ctx.device).train()
-    expert_parallel = tc.expert_parallel > 1
     if expert_parallel:  # before DDP, which then leaves the expert shards alone
         EP.apply_expert_parallel(model)
     if tensor_parallel:  # no data parallel beside it: nothing to wrap
@@ -245,27 +254,29 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
             D.load_optimizer_state(model, optimizer, saved_optimizer, tc.fsdp)
         except (ValueError, KeyError, RuntimeError) as err:
             raise CheckpointError(f"{checkpoint}/optimizer.json does not fit this model's optimizer: {err}") from None
+    next_batch = task.training_batches(data, tc)
 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         for leftover in run.remove_stale_staging():
-            _log(progress, f"removed {leftover}, left by a save that was killed before it completed")
+            notice(f"removed {leftover}, left by a save that was killed before it completed")
+        run.write_objective({"objective": task.name, "seq_len": tc.seq_len, "data": data_settings.get("data"),
+                             "tokenizer": data_settings.get("tokenizer", "byte"), **task.run_settings(data)})
         run.write_train_config(tc)
         run.write_model_config(model_config)
-        corpus.save_tokenizer(run_dir)
-    val_sets = validation_sets(corpus)  # {} for a single corpus: one val_loss, as always
+        task.save_data_files(run_dir, data)
+    columns = task.evaluation_columns(data)
     metrics = MetricsLogger(run, start_step, enabled=ctx.is_main, tensorboard=tc.tensorboard,
-                            extra_columns=[source_loss_column(name) for name in val_sets])
-    val_by_source: Dict[str, float] = {}
+                            extra_columns=[task.loss_column, *columns.values()])
     autocast = _autocast(ctx.device, tc.dtype)
-    tokens_per_step = tc.batch_size * tc.grad_accum_steps * tc.seq_len
     last_checkpoint, interrupted, losses = checkpoint, False, []
     step = start_step
     # global-batch balance (docs/routing.md): the step's forwards are held and backpropagated once
     global_batch = bool(global_batch_kinds(model_config))
 
-    def global_balance_aux(out: GoHOutput) -> torch.Tensor:
-        return weighted_aux_loss(model_config, out.routing, out.logits, out.recursion, leave_out_global=True)
+    def global_balance_aux(out) -> torch.Tensor:
+        return weighted_aux_loss(model_config, _records(out.routing), out.aux_loss, getattr(out, "recursion", None),
+                                 leave_out_global=True)
 
     stop = exits.enter_context(stop_signals())  # until the final model is written too
 
@@ -282,15 +293,22 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
             optimizer_state = TP.full_optimizer_state(model, optimizer, optimizer_state)
         path = None
         if ctx.is_main:
-            state = {"tokens_seen": tokens_seen, "val_history": history, "data_position": at_step,
-                     "train_config": tc.to_dict(), "corpus": corpus.source,
+            state = {"objective": task.name, "tokens_seen": tokens_seen, "val_history": history,
+                     "data_position": at_step, "train_config": tc.to_dict(), "data": task.describe_data(data),
                      "optimizer_param_names": optimizer.param_names}
             path = save_checkpoint(run_dir, at_step, model_config, model_state, optimizer_state,
                                    state, tc.keep_last)
         D.barrier(ctx)
         return path or run.checkpoint_dir(at_step)
 
-    bar = _progress_bar(progress and ctx.is_main, start_step, tc.max_steps)
+    def evaluate_now() -> Dict[str, float]:
+        values = task.evaluate(model, data, tc, tc.eval_batches)
+        history.append({"step": step, "tokens_seen": tokens_seen, **values})
+        if ctx.is_main:
+            run.write_evaluations(history)
+        return values
+
+    bar = _progress_bar(progress and ctx.is_main, start_step, tc.max_steps, task.name)
     train_seconds, timed_tokens = 0.0, 0  # optimizer steps only: evaluation and saving excluded
     try:
         while step < tc.max_steps:
@@ -302,39 +320,43 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
                 model.set_dense_blend(dense_to_sparse_schedule(step, tc.dense_anneal_steps))
             if tc.recursion_warmup_steps:
                 model.set_recursion_capacity_warmup(recursion_capacity_warmup(step, tc.recursion_warmup_steps))
-            parts = torch.zeros(3, device=ctx.device)  # loss, lm_loss, aux_loss
+            batches = [next_batch(step, micro, data_rank, data_ranks) for micro in range(tc.grad_accum_steps)]
+            weights, step_tokens = _micro_batch_weights(task, batches, ctx, data_ranks)
+            parts = torch.zeros(3, device=ctx.device)  # loss, task loss, aux_loss
             held, held_loss = [], 0.0  # global-batch balance: the step's records and local losses
-            for micro in range(tc.grad_accum_steps):
-                batch = corpus_train_batch(corpus, tc.batch_size, tc.seq_len, tc.seed, step, micro,
-                                           data_rank, data_ranks).to(ctx.device)
+            for micro, batch in enumerate(batches):
+                batch = batch_to(batch, ctx.device)
+                weight = weights[micro]
                 last_micro = micro == tc.grad_accum_steps - 1
 
                 def micro_step(call):
                     with autocast:
-                        out = call(batch, labels=batch)
-                        if global_batch:
-                            aux = global_balance_aux(out)
-                            loss = out.lm_loss + aux_scale * aux
-                        else:
-                            aux, loss = out.aux_loss, training_loss(out, aux_scale)
+                        out = call(**batch)
+                        own = getattr(out, task.loss_field)
+                        aux = global_balance_aux(out) if global_batch else out.aux_loss
+                        # the task's mean weighted by its share of the step's terms; the routing
+                        # losses are per-micro-batch means, averaged over the micro-batches
+                        loss = own * weight + aux_scale * aux / tc.grad_accum_steps
                     if not global_batch:
-                        (loss / tc.grad_accum_steps).backward()
-                    return out, loss, aux
+                        loss.backward()
+                    return out, own, aux, loss
 
                 with D.gradient_sync(wrapped, last_micro and not global_batch):
-                    out, loss, aux = forward.run(micro_step)
+                    out, own, aux, loss = forward.run(micro_step)
                 if global_batch:
-                    held.append(out.routing)
-                    held_loss = held_loss + loss / tc.grad_accum_steps
-                parts += torch.stack([loss.detach(), out.lm_loss.detach(), aux.detach()]).float()
+                    held.append(_records(out.routing))
+                    held_loss = held_loss + loss
+                parts += torch.stack([loss.detach(), own.detach() * weight,
+                                      aux.detach() / tc.grad_accum_steps]).float()
             if global_batch:  # one backward over the step's graphs, after the counts are known
                 pooled = global_batch_balance_loss(model_config, held, D.all_reduce_sum_fn(ctx), ctx.world_size)
                 (held_loss + aux_scale * pooled).backward()
                 D.all_reduce_gradients_mean(model, ctx)
-                pooled = pooled.detach().to(parts.device) * tc.grad_accum_steps
+                pooled = pooled.detach().to(parts.device)
                 parts += torch.stack([aux_scale * pooled, torch.zeros_like(pooled), pooled]).float()
                 del held, held_loss
-            parts = D.all_reduce_mean(parts / tc.grad_accum_steps, ctx)
+            # task parts are already shares of the step's total (times the data ranks): the mean over ranks sums them
+            parts = D.all_reduce_mean(parts, ctx)
             grad_norm = (EP.clip_grad_norm_(model, tc.grad_clip) if expert_parallel or tensor_parallel
                          else _clip_gradients(model, tc.grad_clip))
             if not (math.isfinite(float(parts[0])) and math.isfinite(grad_norm)):
@@ -347,33 +369,28 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
             train_seconds += time.perf_counter() - step_started
 
             step += 1
-            tokens_seen += tokens_per_step
-            timed_tokens += tokens_per_step
+            tokens_seen += step_tokens
+            timed_tokens += step_tokens
             losses.append(float(parts[0]))
             tokens_per_s = timed_tokens / max(1e-9, train_seconds)
-            val_loss, source_losses = None, {}
+            evaluation = None
             if step % tc.eval_every == 0 or step == tc.max_steps:
-                if val_sets:
-                    val_loss, val_by_source = evaluate_sources(model, val_sets, tc.batch_size, tc.seq_len,
-                                                               tc.eval_batches)
-                    source_losses = {source_loss_column(name): loss for name, loss in val_by_source.items()}
-                else:
-                    val_loss = evaluate(model, corpus.val, tc.batch_size, tc.seq_len, tc.eval_batches)
-                history.append((step, tokens_seen, val_loss))
-            if ctx.is_main and (step % tc.log_every == 0 or val_loss is not None or step == start_step + 1):
+                evaluation = evaluate_now()
+            if ctx.is_main and (step % tc.log_every == 0 or evaluation is not None or step == start_step + 1):
                 metrics.log(step=step, tokens=tokens_seen, lr=lr, loss=float(parts[0]),
-                            lm_loss=float(parts[1]), aux_loss=float(parts[2]), aux_scale=aux_scale,
-                            grad_norm=grad_norm, val_loss=val_loss, tokens_per_s=tokens_per_s,
-                            **routing_summary(out.routing, model_config), **source_losses)
+                            **{task.loss_column: float(parts[1])}, aux_loss=float(parts[2]), aux_scale=aux_scale,
+                            grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+                            **routing_summary(_records(out.routing), model_config),
+                            **_evaluation_cells(evaluation, columns))
             bar.update(1)
             bar.set_postfix(loss=f"{float(parts[0]):.3f}", tok_s=f"{tokens_per_s:.0f}", lr=f"{lr:.2e}",
-                            **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
+                            **({"val": f"{evaluation['loss']:.3f}"} if evaluation is not None else {}))
             interrupted = D.any_rank(stop.requested, ctx)
             if interrupted or step % tc.save_every == 0 or step == tc.max_steps:
                 last_checkpoint = save(step)
             if interrupted:
-                _log(progress and ctx.is_main, f"interrupted: checkpoint saved at step {step} to "
-                     f"{last_checkpoint}; continue with resume=True (--resume)")
+                notice(f"interrupted: checkpoint saved at step {step} to {last_checkpoint}; continue with "
+                       "resume=True (--resume)")
                 break
     finally:
         bar.close()
@@ -382,25 +399,60 @@ def _train(model_config: GoHConfig, tc: TrainConfig, corpus: Union[Corpus, Mixed
     # hand back an ordinary model, not one sharded over a group about to close
     if (tc.fsdp or expert_parallel or tensor_parallel) and ctx.enabled:
         full_state = D.full_model_state(model, fsdp=tc.fsdp)
-        model = GoHTransformer(model_config)
+        model = model_class(model_config)
         model.load_state_dict(full_state)
         model.to(ctx.device)
     final_path = None
-    if not interrupted and ctx.is_main:
-        with stop.saving():
-            final_path = model.save_pretrained(run.final_dir)
-            corpus.save_tokenizer(final_path)
-    return TrainResult(
-        final_val_loss=history[-1][2] if history else float("nan"), val_history=history,
-        tokens_per_s=timed_tokens / train_seconds if train_seconds > 0 else 0.0, model=model,
-        checkpoint_path=last_checkpoint, final_path=final_path, steps=step, tokens_seen=tokens_seen,
-        interrupted=interrupted, metrics_path=run.metrics_file, losses=losses,
-        val_tokens=sum(eval_windows(len(tokens), tc.batch_size, tc.seq_len, tc.eval_batches) * tc.seq_len
-                       for tokens in (val_sets or {"": corpus.val}).values()),
-        val_by_source=val_by_source, compiled=forward.compiled)
+    if not interrupted:
+        if not history or history[-1]["step"] != step:  # a resumed run that had already finished
+            evaluate_now()
+        if ctx.is_main:
+            with stop.saving():
+                final_path = model.save_pretrained(run.final_dir)
+                task.save_data_files(final_path, data)
+    return TrainResult(model=model, history=history, steps=step, tokens_seen=tokens_seen,
+                       tokens_per_s=timed_tokens / train_seconds if train_seconds > 0 else 0.0,
+                       checkpoint_path=last_checkpoint, final_path=final_path, metrics_path=run.metrics_file,
+                       interrupted=interrupted, losses=losses, seconds=time.perf_counter() - started,
+                       compiled=forward.compiled)
 
 
 # ---------------------------------------------------------------------- helpers
+def _micro_batch_weights(task: Task, batches: List[Dict[str, torch.Tensor]], ctx: D.DistContext,
+                         data_ranks: int) -> Tuple[List[float], int]:
+    """Each micro-batch's weight ``n_i R / N`` (module docstring) and the step's input tokens over
+    every data rank (padding included)."""
+    terms = [task.loss_terms(batch) for batch in batches]
+    tokens = sum(next(iter(batch.values())).numel() for batch in batches)
+    counts = torch.tensor([float(sum(terms)), float(tokens)], dtype=torch.float64, device=ctx.device)
+    if data_ranks > 1:
+        D.all_reduce_sum_fn(ctx)(counts)
+    total, step_tokens = float(counts[0]), int(counts[1])
+    if total == 0:
+        raise ValueError(f"optimizer step's batches hold no {task.name} loss terms (e.g. no masked position)")
+    return [n * data_ranks / total for n in terms], step_tokens
+
+
+def _records(routing) -> list:
+    """The routing records of an output, every attention kind's (a seq2seq model keys them by kind)."""
+    return [layer for layers in routing.values() for layer in layers] if isinstance(routing, dict) else routing
+
+
+def _history_entry(entry) -> Dict[str, float]:
+    """An evaluation of a checkpoint's history; LM checkpoints saved ``[step, tokens, loss]``."""
+    if isinstance(entry, dict):
+        return dict(entry)
+    step, tokens_seen, loss = entry
+    return {"step": step, "tokens_seen": tokens_seen, "loss": loss}
+
+
+def _evaluation_cells(evaluation: Optional[Dict[str, float]], columns: Dict[str, str]) -> Dict[str, float]:
+    """``metrics.csv`` cells of an evaluation, if one ran: ``val_loss`` and the task's columns."""
+    if evaluation is None:
+        return {}
+    return {"val_loss": evaluation["loss"], **{column: evaluation[key] for key, column in columns.items()}}
+
+
 def _clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
     """Clip to ``max_norm`` (0 = measure only) and return the total gradient norm."""
     params = [p for p in model.parameters() if p.grad is not None]
@@ -416,10 +468,10 @@ def _autocast(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
-def _progress_bar(enabled: bool, start: int, total: int):
+def _progress_bar(enabled: bool, start: int, total: int, description: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, disable=not enabled, desc="train", dynamic_ncols=True)
+    return tqdm(total=total, initial=start, disable=not enabled, desc=description, dynamic_ncols=True)
 
 
 def _log(enabled: bool, message: str) -> None:

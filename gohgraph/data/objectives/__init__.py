@@ -13,6 +13,4 @@ the seq2seq objective's end-of-sequence token).
 
 from .special import SpecialTokens
 
-OBJECTIVES = ("lm", "mlm", "classify", "seq2seq")
-
-__all__ = ["OBJECTIVES", "SpecialTokens"]
+__all__ = ["SpecialTokens"]

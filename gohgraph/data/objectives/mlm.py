@@ -36,11 +36,14 @@ def mask_tokens(ids: torch.Tensor, mask_id: int, n_random: int, generator: torch
 
 
 def mlm_train_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int,
-                    mask_id: int, n_random: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Random training windows ``[batch, seq_len]`` of ``tokens``, masked; seeded by ``(seed, step)``."""
-    windows = train_batch(tokens, batch_size, seq_len, seed, step)[:, :seq_len]
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return mask_tokens(windows, mask_id, n_random, generator)
+                    mask_id: int, n_random: int, micro_step: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Random training windows ``[batch, seq_len]`` of ``tokens``, masked; seeded by
+    ``(seed, step, micro_step)``."""
+    windows = train_batch(tokens, batch_size, seq_len, seed, step, micro_step)[:, :seq_len]
+    # micro-step 0 keeps the mask seed of the runs trained before gradient accumulation existed
+    mask_seed = seed * 1_000_003 + step if micro_step == 0 else \
+        int(np.random.SeedSequence([seed, step, micro_step]).generate_state(1)[0])
+    return mask_tokens(windows, mask_id, n_random, torch.Generator().manual_seed(mask_seed))
 
 
 def mlm_eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, mask_id: int, n_random: int,
