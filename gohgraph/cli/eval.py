@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     run = RunDir(run_dir) if run_dir is not None else None
     if run is not None and run.is_objective_run():  # a run of another task than lm
         return run_task_eval(args, model, directory, run)
-    if model.config.model_type != "decoder":  # the next-token loss below is a decoder's
+    if not isinstance(model, get_task("lm").model_class):  # the next-token loss below is a decoder's
         raise ValueError(f"{directory} holds a model_type={model.config.model_type!r} model outside a gohgraph train "
                          "--objective run (no objective.json beside it); eval scores a decoder's next-token loss, "
                          "or an objective run's own metric")
@@ -86,6 +86,9 @@ def run_task_eval(args: argparse.Namespace, model, directory: Path, run: RunDir)
     task = get_task(settings["objective"])
     if args.split != "val":
         raise ValueError(f"--split {args.split}: an --objective {task.name} run is scored on its validation split")
+    if args.cache_dir is not None and not task.token_cache:
+        raise ValueError(f"--cache-dir: an --objective {task.name} run reads its texts as bytes and keeps no token "
+                         "cache")
     data_settings = run.read_data_settings(default={"data": settings.get("data"),
                                                     "tokenizer": settings.get("tokenizer") or "byte"})
     if args.data:

@@ -30,11 +30,8 @@ from ..training.config import TrainConfig
 from ..training.presets import PRESETS, read_config_file, split_fields
 from ..training.run_dir import RunDir
 from ..training.tasks import TASKS, Task, get_task
-from ..training.trainer import TrainResult, evaluate, evaluate_sources, train
+from ..training.trainer import TrainResult, check_task_settings, evaluate, evaluate_sources, train
 from .common import TRAIN_FLAGS, check_device, note_missing_tensorboard, parse_overrides
-
-# the tasks whose data is tokenized text kept in a token cache (the others encode bytes as they read)
-TOKEN_CACHE_TASKS = ("lm", "mlm")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,10 +96,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"run dir {run_dir} is a file; choose another --run-dir or --name")
     if args.resume and RunDir(run_dir).latest_checkpoint() is None:  # before anything of the run is rewritten
         raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint; drop --resume to start a new run")
-    if args.cache_dir is not None and task.name not in TOKEN_CACHE_TASKS:
+    if args.cache_dir is not None and not task.token_cache:
         raise ValueError(f"--cache-dir: --objective {task.name} reads its texts as bytes and keeps no token cache; "
-                         f"only --objective {' and '.join(TOKEN_CACHE_TASKS)} use one")
+                         f"only --objective {' and '.join(t.name for t in TASKS.values() if t.token_cache)} use one")
     model_config, train_config, data_settings = build_configs(args, run_dir, task)
+    check_task_settings(task, train_config)
     if train_config.device != "auto":
         check_device(train_config.device)
     rank, run = int(os.environ.get("RANK", "0")), RunDir(run_dir)
@@ -239,7 +237,7 @@ def build_configs(args: argparse.Namespace, run_dir: Path, task: Task):
         data_settings.update(parse_data_flags(args.data))
     if args.tokenizer is not None:
         data_settings["tokenizer"] = args.tokenizer
-    if (args.init_from is not None and args.tokenizer is None and task.name in TOKEN_CACHE_TASKS
+    if (args.init_from is not None and args.tokenizer is None and task.token_cache
             and (args.init_from / TOKENIZER_FILE).is_file()):
         data_settings["tokenizer"] = f"file:{args.init_from / TOKENIZER_FILE}"  # the model's own tokenizer
     return GoHConfig.from_dict(model_kwargs), TrainConfig.from_dict(train_kwargs), data_settings

@@ -150,16 +150,14 @@ def train(model_config: GoHConfig, train_config: TrainConfig, data, run_dir: Pat
     """
     task = get_task(task) if isinstance(task, str) else task
     tc, run_dir = train_config, Path(run_dir)
-    if model_config.model_type != task.model_type:
+    if MODEL_TYPES[model_config.model_type] is not task.model_class:
         raise ValueError(f"--objective {task.name} trains model_type={task.model_type!r} models, not "
                          f"model_type={model_config.model_type!r}")
     if resume and RunDir(run_dir).latest_checkpoint() is None:
         raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint; start a new run without "
                          "--resume (resume=False)")
     task.check_model_fits(model_config, data, tc)
-    if tc.recursion_warmup_steps and model_config.model_type != "decoder":
-        raise ValueError(f"recursion_warmup_steps={tc.recursion_warmup_steps}: only decoders recurse "
-                         f"(Mixture-of-Recursions); --objective {task.name} trains {task.model_type} models")
+    check_task_settings(task, tc)
     if tc.tensor_parallel > 1 and (tc.expert_parallel > 1 or tc.fsdp):
         raise ValueError(f"TrainConfig.tensor_parallel={tc.tensor_parallel} with "
                          f"{f'expert_parallel={tc.expert_parallel}' if tc.expert_parallel > 1 else 'fsdp=True'} "
@@ -181,7 +179,7 @@ def train(model_config: GoHConfig, train_config: TrainConfig, data, run_dir: Pat
                          f"({ctx.world_size}): run under torchrun --nproc_per_node={tc.expert_parallel}")
     if check_memory:
         # a rank of tensor parallelism runs the whole batch (an over-estimate: it holds a share of the weights)
-        memory = estimate_step_memory(model_config, tc, MODEL_TYPES[model_config.model_type], _data_ranks(tc, ctx))
+        memory = estimate_step_memory(model_config, tc, task.model_class, _data_ranks(tc, ctx))
         check_step_fits(memory, available_memory(ctx.device), tc, model_config)
     notice = log or (lambda line: _log(progress and ctx.is_main, line))
     try:
@@ -192,6 +190,17 @@ def train(model_config: GoHConfig, train_config: TrainConfig, data, run_dir: Pat
                           dict(data_settings or {}), notice)
     finally:
         D.shutdown(ctx)
+
+
+def check_task_settings(task: Task, tc: TrainConfig) -> None:
+    """Refuse, in one line, the settings of the loop that cannot apply to ``task``'s models."""
+    if tc.tensor_parallel > 1 and not task.tensor_parallel:
+        raise ValueError(f"--tensor-parallel {tc.tensor_parallel}: tensor parallelism shards decoder models; "
+                         f"--objective {task.name} trains {task.model_type} models (use data parallelism: torchrun "
+                         "without --tensor-parallel)")
+    if tc.recursion_warmup_steps and not task.recursion:
+        raise ValueError(f"recursion_warmup_steps={tc.recursion_warmup_steps}: only decoders recurse "
+                         f"(Mixture-of-Recursions); --objective {task.name} trains {task.model_type} models")
 
 
 def _data_ranks(tc: TrainConfig, ctx: D.DistContext) -> int:
@@ -209,7 +218,7 @@ def _train(task: Task, model_config: GoHConfig, tc: TrainConfig, data, run_dir: 
     data_ranks = _data_ranks(tc, ctx)
     data_rank = ctx.rank if data_ranks > 1 else 0
     run = RunDir(run_dir)
-    model_class = MODEL_TYPES[model_config.model_type]
+    model_class = task.model_class
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     model = model_class(model_config)
     start_step, tokens_seen, history = 0, 0, []
@@ -294,7 +303,8 @@ def _train(task: Task, model_config: GoHConfig, tc: TrainConfig, data, run_dir: 
         path = None
         if ctx.is_main:
             state = {"objective": task.name, "tokens_seen": tokens_seen, "val_history": history,
-                     "data_position": at_step, "train_config": tc.to_dict(), "data": task.describe_data(data),
+                     "data_position": at_step, "train_config": tc.to_dict(), "data": data_settings.get("data"),
+                     "corpus": task.describe_data(data),
                      "optimizer_param_names": optimizer.param_names}
             path = save_checkpoint(run_dir, at_step, model_config, model_state, optimizer_state,
                                    state, tc.keep_last)

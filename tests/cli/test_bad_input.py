@@ -289,32 +289,31 @@ def test_resume_refuses_what_only_starts_a_new_run(lm_run, flags, fragment, monk
 
 
 @pytest.mark.parametrize("objective,flags,fragment", [
-    ("mlm", ["--preset", "small"], "--preset small"),
     ("seq2seq", ["--cache-dir", "/nonexistent"], "--cache-dir"),
     ("classify", ["--cache-dir", "/nonexistent"], "--cache-dir"),
     ("classify", ["--tokenizer", "bpe"], "--tokenizer bpe"),
 ])
 def test_objective_training_refuses_flags_it_cannot_use(tmp_path, objective, flags, fragment, monkeypatch):
-    monkeypatch.setattr("gohgraph.cli.objectives.train_objective", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr("gohgraph.cli.train.train", lambda *a, **k: pytest.fail("training started"))
     assert_one_line_error(cli("train", "--objective", objective, "--run-dir", tmp_path / "r", *flags), fragment)
     assert not (tmp_path / "r").exists()
 
 
-def test_objective_training_applies_a_config_file(tmp_path, monkeypatch):
+def test_objective_training_applies_a_config_file_and_a_preset(tmp_path, monkeypatch):
     seen = {}
 
-    def fake_train(objective, cfg, tc, *args, **kwargs):
-        seen.update(d_model=cfg.d_model, lr=tc.lr)
+    def fake_train(cfg, tc, *args, **kwargs):
+        seen.update(d_model=cfg.d_model, lr=tc.lr, task=kwargs["task"].name)
         raise KeyboardInterrupt  # stop here: the configs are what is checked
 
-    monkeypatch.setattr("gohgraph.cli.objectives.train_objective", fake_train)
+    monkeypatch.setattr("gohgraph.cli.train.train", fake_train)
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"d_model": 48, "lr": 0.002}))
     assert cli("train", "--objective", "mlm", "--config", config, "--run-dir", tmp_path / "r").returncode == 130
-    assert seen == {"d_model": 48, "lr": 0.002}
-    config.write_text(json.dumps({"preset": "small"}))
-    assert_one_line_error(cli("train", "--objective", "mlm", "--config", config, "--run-dir", tmp_path / "r2"),
-                          str(config), "'preset'")
+    assert seen == {"d_model": 48, "lr": 0.002, "task": "mlm"}
+    config.write_text(json.dumps({"preset": "small"}))  # the mlm task's small preset: a 256-wide encoder
+    assert cli("train", "--objective", "mlm", "--config", config, "--run-dir", tmp_path / "r2").returncode == 130
+    assert seen == {"d_model": 256, "lr": 0.0015, "task": "mlm"}
 
 
 @pytest.mark.parametrize("objective", ["lm", "mlm"])
@@ -335,7 +334,8 @@ def test_training_without_tensorboard_says_so(models, tmp_path, monkeypatch, obj
 
 
 def test_eval_refuses_cache_dir_where_no_cache_is_read(tmp_path, monkeypatch):
-    monkeypatch.setattr("gohgraph.cli.objectives.evaluate_objective", lambda *a, **k: pytest.fail("evaluated"))
+    monkeypatch.setattr("gohgraph.training.tasks.seq2seq.SequenceToSequenceTask.evaluate",
+                        lambda *a, **k: pytest.fail("evaluated"))
     run_dir = save_objective_run(tmp_path / "s2s", "seq2seq")
     assert_one_line_error(cli("eval", "--checkpoint", run_dir, "--cache-dir", "/nonexistent"), "--cache-dir")
 

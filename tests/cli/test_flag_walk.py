@@ -55,15 +55,8 @@ def table(command: str, **exceptions) -> Dict[str, object]:
 
 ALL_FLAGS = {command: flags_of(command) for command in
              ("train", "eval", "generate", "stats", "ablate", "viz", "report", "bench", "convert")}
-# the encoder objectives' loop trains eagerly on one CPU process in float32, one batch per step
-OBJECTIVE_LOOP = dict(
-    preset=refused("--preset", "small"), grad_accum=refused("--grad-accum", "2", says="grad_accum_steps=2"),
-    device=refused("--device", "cuda", says="device='cuda'"),  # cpu and auto are applied
-    dtype=refused("--dtype", "bfloat16", says="dtype='bfloat16'"),  # float32 and auto are applied
-    fsdp=refused("--fsdp", says="fsdp=True"), compile=refused("--compile", says="compile=True"),
-    expert_parallel=refused("--expert-parallel", "2", says="expert_parallel=2"),
-    tensor_parallel=refused("--tensor-parallel", "2", says="tensor_parallel=2"),
-    dense_anneal_steps=refused("--dense-anneal-steps", "5", says="dense_anneal_steps=5"))
+# the one loop trains every task; tensor parallelism shards decoders only
+OBJECTIVE_LOOP = dict(tensor_parallel=refused("--tensor-parallel", "2"))
 BYTE_TEXTS = dict(tokenizer=refused("--tokenizer", "bpe"),  # byte is applied
                   cache_dir=refused("--cache-dir", "/nonexistent"))
 FLAG_TABLE = {
@@ -73,9 +66,8 @@ FLAG_TABLE = {
               "seq2seq": table("train", **OBJECTIVE_LOOP, **BYTE_TEXTS)},
     # eval: a decoder checkpoint, an --objective mlm run, an --objective seq2seq run
     "eval": {"decoder": table("eval"),
-             "encoder": table("eval", split=refused("--split", "train"), device=refused("--device", "cuda")),
-             "seq2seq": table("eval", split=refused("--split", "train"), device=refused("--device", "cuda"),
-                              **BYTE_TEXTS)},
+             "encoder": table("eval", split=refused("--split", "train")),
+             "seq2seq": table("eval", split=refused("--split", "train"), **BYTE_TEXTS)},
     "generate": {"decoder": table("generate"), "encoder": family_refused("model_type='encoder'"),
                  "seq2seq": table("generate", compile=refused("--compile"))},
     "stats": {"decoder": table("stats"), "encoder": table("stats"),
@@ -167,8 +159,9 @@ def no_expensive_work(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the command went on to expensive work instead of refusing")
 
-    for target in ("gohgraph.cli.train.train", "gohgraph.cli.objectives.train_objective",
-                   "gohgraph.cli.objectives.evaluate_objective", "gohgraph.cli.viz.collect_stats",
+    for target in ("gohgraph.cli.train.train", "gohgraph.training.tasks.mlm.MaskedLanguageModelTask.evaluate",
+                   "gohgraph.training.tasks.classify.ClassificationTask.evaluate",
+                   "gohgraph.training.tasks.seq2seq.SequenceToSequenceTask.evaluate", "gohgraph.cli.viz.collect_stats",
                    "gohgraph.cli.report.collect_stats", "gohgraph.cli.stats.collect_seq2seq_stats",
                    "gohgraph.cli.eval.evaluate", "gohgraph.analysis.ablation.ablate"):
         monkeypatch.setattr(target, fail)
@@ -208,8 +201,6 @@ def test_the_training_flags_a_family_applies_arrive_in_its_train_config(workspac
         raise KeyboardInterrupt
 
     monkeypatch.setattr("gohgraph.cli.train.train", capture)
-    monkeypatch.setattr("gohgraph.cli.objectives.train_objective",
-                        lambda objective, cfg, tc, *a, **k: capture(cfg, tc))
     verdicts = FLAG_TABLE["train"][family]
     applied = {flag: field for flag, field in TRAIN_FLAGS.items() if flag in TRAIN_VALUES
                and verdicts[f"--{flag.replace('_', '-')}"] == APPLIED}
@@ -223,3 +214,38 @@ def test_the_training_flags_a_family_applies_arrive_in_its_train_config(workspac
     for flag, field in applied.items():
         assert str(getattr(seen["train"], field)) == TRAIN_VALUES[flag], (flag, field)
     assert seen["model"].router == "linear"
+
+
+# the loop's settings every task takes (the walk above runs --objective lm, mlm and seq2seq; classify too here)
+LOOP_VALUES = {"grad_accum": ("2", "grad_accum_steps", 2), "dtype": ("bfloat16", "dtype", "bfloat16"),
+               "device": ("cpu", "device", "cpu"), "dense_anneal_steps": ("5", "dense_anneal_steps", 5),
+               "expert_parallel": ("2", "expert_parallel", 2), "fsdp": (None, "fsdp", True),
+               "compile": (None, "compile", True)}
+
+
+@pytest.mark.parametrize("objective", ["lm", "mlm", "classify", "seq2seq"])
+def test_every_task_takes_the_loops_settings(workspace, tmp_path, monkeypatch, objective):
+    """--grad-accum, --dtype, --device, --dense-anneal-steps, --expert-parallel, --fsdp and --compile
+    reach the TrainConfig of every task (the trainer refuses a setting the run cannot use, e.g.
+    --expert-parallel 2 on one process, in one line: tests/parallel)."""
+    from gohgraph.training.tasks import TASKS
+
+    root, models = workspace
+    seen = {}
+
+    def capture(cfg, tc, *args, **kwargs):
+        seen.update(train=tc, task=kwargs["task"].name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("gohgraph.cli.train.train", capture)
+    data = {"lm": models.root / "code.txt", "mlm": models.root / "code.txt", "classify": root / "labels.tsv",
+            "seq2seq": models.root / "pairs.tsv"}[objective]
+    argv = ["train", "--objective", objective, "--data", data, "--run-dir", tmp_path / "run", "--seq-len", "16",
+            "--batch-size", "2", "--set", "d_model=32", "--no-progress"]
+    for flag, (value, _, _) in LOOP_VALUES.items():
+        argv += [f"--{flag.replace('_', '-')}", *([value] if value is not None else [])]
+    done = cli(*argv)
+    assert done.returncode == 130, done.stderr
+    assert seen["task"] == objective and set(TASKS) == {"lm", "mlm", "classify", "seq2seq"}
+    for flag, (_, field, expected) in LOOP_VALUES.items():
+        assert getattr(seen["train"], field) == expected, flag

@@ -1,13 +1,10 @@
 """``gohgraph train --objective mlm|classify`` and ``gohgraph eval`` of those runs, end to end (tiny)."""
 
-import argparse
 import json
-
-import pytest
 
 from gohgraph import GoHEncoder, from_pretrained
 from gohgraph.cli.main import main
-from gohgraph.cli.objectives import run_eval
+from gohgraph.training.config import TrainConfig
 
 
 def test_train_mlm_then_eval(tmp_path, capsys):
@@ -67,17 +64,24 @@ def test_objective_data_errors_are_one_line(tmp_path, capsys):
     assert code == 1 and "reads one --data path" in err
 
 
-def test_the_lm_trainers_flags_are_refused_or_applied_never_dropped(tmp_path, capsys):
+def test_the_loops_flags_are_applied_to_an_mlm_run_or_refused_in_one_line(tmp_path, capsys):
     run_dir = tmp_path / "mlm"
     base = ["train", "--objective", "mlm", "--run-dir", str(run_dir), "--seq-len", "16", "--batch-size", "2",
             "--set", "d_model=32", "--set", "eval_batches=1", "--no-progress"]
-    for flags, named in ((["--grad-accum", "2"], "grad_accum_steps=2"), (["--device", "cuda"], "device='cuda'"),
-                         (["--dtype", "bfloat16"], "dtype='bfloat16'"), (["--fsdp"], "fsdp=True"),
-                         (["--tensor-parallel", "2"], "tensor_parallel=2")):
-        assert main([*base, "--max-steps", "2", *flags]) == 1
+    assert main([*base, "--max-steps", "2", "--grad-accum", "2", "--dtype", "bfloat16", "--set",
+                 "aux_warmup_steps=2"]) == 0
+    saved = TrainConfig.from_dict(json.loads((run_dir / "train_config.json").read_text()))
+    assert (saved.grad_accum_steps, saved.dtype, saved.aux_warmup_steps) == (2, "bfloat16", 2)
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[1].split(",")[rows[0].split(",").index("aux_scale")] == "0"  # the routing-loss warm-up applies
+    capsys.readouterr()
+    for flags, named in ((["--tensor-parallel", "2"], "tensor parallelism shards decoder models"),
+                         (["--set", "recursion_warmup_steps=2"], "only decoders recurse")):
+        assert main([*base, "--max-steps", "2", "--overwrite", *flags]) == 1
         err = capsys.readouterr().err.strip()
-        assert f"trains eagerly on one CPU process in float32, one batch per step; {named}" in err, err
-        assert "\n" not in err and not run_dir.exists()
+        assert named in err and "\n" not in err, err
+    run_dir = tmp_path / "mlm2"
+    base[base.index(str(tmp_path / "mlm"))] = str(run_dir)
     # --save-every applies: checkpoints at steps 2 and 4 (and the last)
     assert main([*base, "--max-steps", "5", "--save-every", "2"]) == 0
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
@@ -92,7 +96,3 @@ def test_eval_of_an_objective_run_refuses_what_it_cannot_do(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(run_dir), "--split", "train"]) == 1
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("checkpoint: ")]
     assert len(err) == 1 and "scored on its validation split" in err[0], err
-    # on a CUDA machine load_model accepts --device cuda; the objective's evaluation still refuses it
-    args = argparse.Namespace(split="val", device="cuda", seq_len=None, data=None)
-    with pytest.raises(ValueError, match="evaluated on CPU, where it trained"):
-        run_eval(args, from_pretrained(run_dir / "final"), run_dir / "final", run_dir)

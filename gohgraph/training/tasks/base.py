@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from ...config import GoHConfig
+from ...models.pretrained import MODEL_TYPES
 from ..config import TrainConfig
 
 PresetPair = Tuple[Dict[str, Any], Dict[str, Any]]
@@ -45,6 +46,14 @@ class Task:
     loss_field: str = ""  # the output field of the objective's own loss (without the routing losses)
     loss_column: str = "lm_loss"  # its metrics.csv column
     rows: str = "sequences"  # what one row of a batch is, for messages
+    token_cache: bool = False  # its data is tokenized text kept in a token cache (--cache-dir)
+    tensor_parallel: bool = False  # its family's layers have a tensor-parallel plan (--tensor-parallel)
+    recursion: bool = False  # its family can recurse (Mixture-of-Recursions: recursion_warmup_steps)
+
+    @property
+    def model_class(self) -> type:
+        """The model class of the family the task trains."""
+        return MODEL_TYPES[self.model_type]
 
     # ------------------------------------------------------------------ data
     def load_data(self, settings: Dict[str, Any], cache_dir, tc: TrainConfig, cfg: GoHConfig):
@@ -60,7 +69,7 @@ class Task:
     def continued_model_config(self, model_kwargs: Dict[str, Any], directory) -> Dict[str, Any]:
         """The config of the saved model at ``directory`` (``--init-from``) as this task's start;
         a model of another family is refused in one line."""
-        if model_kwargs["model_type"] != self.model_type:
+        if MODEL_TYPES.get(model_kwargs["model_type"]) is not self.model_class:
             raise ValueError(f"--init-from {directory} holds a model_type={model_kwargs['model_type']!r} model; "
                              f"--objective {self.name} continues {self.model_type} models")
         return model_kwargs

@@ -30,6 +30,9 @@ class LanguageModelTask(Task):
     loss_field = "lm_loss"
     loss_column = "lm_loss"
     rows = "windows"
+    token_cache = True
+    tensor_parallel = True
+    recursion = True
 
     def load_data(self, settings, cache_dir, tc: TrainConfig, cfg: GoHConfig):
         return load_training_data(settings, cache_dir)

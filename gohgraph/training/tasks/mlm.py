@@ -33,6 +33,7 @@ class MaskedLanguageModelTask(Task):
     loss_field = "mlm_loss"
     loss_column = "lm_loss"
     rows = "windows"
+    token_cache = True
 
     def load_data(self, settings, cache_dir, tc: TrainConfig, cfg: GoHConfig):
         return load_corpus(one_data_path(settings, self.name), cache_dir, settings.get("tokenizer") or "byte")

@@ -1,7 +1,10 @@
-"""The encoder objectives' runs survive faults as the LM's do (docs/contract.md): exact resume,
-Ctrl-C, non-finite losses, and the CLI's --resume / --overwrite."""
+"""Every task trains through the one loop (gohgraph.training.trainer): the encoder and seq2seq
+tasks survive faults as the LM does (docs/contract.md: exact resume, Ctrl-C, non-finite losses,
+the CLI's --resume / --overwrite), and take the loop's settings: gradient accumulation equal to a
+batch as large, bf16 autocast, torch.compile, two data-parallel ranks equal to one process."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -12,15 +15,15 @@ import torch
 
 from gohgraph import CheckpointError, GoHConfig
 from gohgraph.cli.main import main
-from gohgraph.cli.objectives import classification_data, pair_data
 from gohgraph.data.objectives import SpecialTokens
 from gohgraph.data.objectives.classify import classification_batches
-from gohgraph.training import objectives as objectives_module
+from gohgraph.models.encoder import GoHEncoder
 from gohgraph.training.checkpoint import latest_checkpoint, load_checkpoint
 from gohgraph.training.config import TrainConfig
 from gohgraph.training.metrics import read_metrics
-from gohgraph.training.objectives import EpochBatches, train_objective
-from gohgraph.training.trainer import TrainingDivergedError
+from gohgraph.training.tasks import get_task
+from gohgraph.training.tasks.epochs import EpochBatches
+from gohgraph.training.trainer import TrainingDivergedError, train
 from tests.helpers import ctrl_c_after_logged_steps, make_corpus
 
 SMALL = dict(d_model=32, n_layers=1, n_heads=4, n_shared_heads=1, top_k_heads=2, router="graph", router_rounds=1,
@@ -39,13 +42,19 @@ def _labelled(tmp_path):
     lines = [f"{'loud' if i % 2 else 'quiet'}\t{('HELLO THERE' if i % 2 else 'hello there')} {i}" for i in range(22)]
     path = tmp_path / "labelled.tsv"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return classification_data(str(path), None, 24, SpecialTokens(256), 2)
+    return get_task("classify").load_data({"data": str(path)}, None, _train_config(), None)
 
 
 def _pairs(tmp_path):
     path = tmp_path / "reverse.tsv"
-    path.write_text("".join(f"reverse w{i:02d}\t{f'w{i:02d}'[::-1]}\n" for i in range(22)), encoding="utf-8")
-    return pair_data(str(path), None, 24, SpecialTokens(256, with_eos=True))
+    # targets of 3, 6 or 9 bytes: batches hold different numbers of target tokens
+    path.write_text("".join(f"reverse w{i:02d}\t{f'w{i:02d}'[::-1] * (1 + i % 3)}\n" for i in range(22)),
+                    encoding="utf-8")
+    return get_task("seq2seq").load_data({"data": str(path)}, None, _train_config(), None)
+
+
+def train_objective(objective, cfg, tc, data, run_dir, log=lambda _: None, resume=False):
+    return train(cfg, tc, data, run_dir, resume=resume, progress=False, task=objective, log=log)
 
 
 def _objective_setup(objective, tmp_path):
@@ -64,7 +73,7 @@ def _objective_setup(objective, tmp_path):
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, objective):
     cfg, data = _objective_setup(objective, tmp_path)
     # about 20 training texts/pairs, batches of 4: the 6 steps cross an epoch (classify, seq2seq)
-    straight = train_objective(objective, cfg, _train_config(), data, tmp_path / "straight", log=lambda _: None)
+    straight = train_objective(objective, cfg, _train_config(), data, tmp_path / "straight")
     assert straight.steps == 6 and not straight.interrupted
 
     resumed_dir = tmp_path / "resumed"
@@ -85,7 +94,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, objective):
 @pytest.mark.parametrize("objective", ["mlm", "classify", "seq2seq"])
 def test_metrics_csv_logs_every_step_and_the_evaluations(tmp_path, objective):
     cfg, data = _objective_setup(objective, tmp_path)
-    result = train_objective(objective, cfg, _train_config(), data, tmp_path, log=lambda _: None)
+    result = train_objective(objective, cfg, _train_config(), data, tmp_path)
     rows = read_metrics(tmp_path / "metrics.csv")
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
     own = "class_loss" if objective == "classify" else "lm_loss"
@@ -122,18 +131,18 @@ def test_epoch_batches_are_the_loop_that_restarts_an_order_whenever_one_runs_sho
 
 def test_sigint_finishes_the_step_then_saves_and_returns(tmp_path, monkeypatch):
     cfg, data = _objective_setup("mlm", tmp_path)
-    real_forward, calls = objectives_module._forward, []
+    real_forward, calls = GoHEncoder.forward, []
 
-    def forward_then_ctrl_c(objective, model, batch):
-        calls.append(1)
-        if len(calls) == 3:  # Ctrl-C arrives in the middle of step 3
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_forward(objective, model, batch)
+    def forward_then_ctrl_c(model, *args, **kwargs):
+        if model.training:
+            calls.append(1)
+            if len(calls) == 3:  # Ctrl-C arrives in the middle of step 3
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(model, *args, **kwargs)
 
-    monkeypatch.setattr(objectives_module, "_forward", forward_then_ctrl_c)
+    monkeypatch.setattr(GoHEncoder, "forward", forward_then_ctrl_c)
     previous_handler = signal.getsignal(signal.SIGINT)
-    result = train_objective("mlm", cfg, _train_config(max_steps=50, save_every=100), data, tmp_path,
-                             log=lambda _: None)
+    result = train_objective("mlm", cfg, _train_config(max_steps=50, save_every=100), data, tmp_path)
     assert result.interrupted and result.steps == 3 and result.final_path is None
     assert signal.getsignal(signal.SIGINT) is previous_handler
     assert latest_checkpoint(tmp_path) == result.checkpoint_path == tmp_path / "checkpoints" / "step_000003"
@@ -145,28 +154,31 @@ def test_sigint_finishes_the_step_then_saves_and_returns(tmp_path, monkeypatch):
 
 def test_a_non_finite_loss_stops_before_saving(tmp_path, monkeypatch):
     cfg, data = _objective_setup("classify", tmp_path)
-    real_forward, calls = objectives_module._forward, []
+    real_forward, calls = GoHEncoder.forward, []
 
-    def nan_at_step_5(objective, model, batch):
-        calls.append(1)
-        out = real_forward(objective, model, batch)
-        if len(calls) == 5:
-            out.loss = out.loss * float("nan")
+    def nan_at_step_5(model, *args, **kwargs):
+        out = real_forward(model, *args, **kwargs)
+        if model.training:
+            calls.append(1)
+            if len(calls) == 5:
+                out.class_loss = out.class_loss * float("nan")
         return out
 
-    monkeypatch.setattr(objectives_module, "_forward", nan_at_step_5)
+    monkeypatch.setattr(GoHEncoder, "forward", nan_at_step_5)
     with pytest.raises(TrainingDivergedError, match="non-finite loss at step 5.*Last good checkpoint: .*step_000003"):
-        train_objective("classify", cfg, _train_config(), data, tmp_path, log=lambda _: None)
+        train_objective("classify", cfg, _train_config(), data, tmp_path)
     assert latest_checkpoint(tmp_path).name == "step_000003" and not (tmp_path / "final").exists()
 
 
 def test_resume_refuses_another_model_or_objective(tmp_path):
     cfg, data = _objective_setup("mlm", tmp_path)
-    train_objective("mlm", cfg, _train_config(max_steps=3), data, tmp_path, log=lambda _: None)
+    labelled = _labelled(tmp_path)
+    train_objective("mlm", cfg, _train_config(max_steps=3), data, tmp_path)
     with pytest.raises(CheckpointError, match=r"model config differs \(d_model: checkpoint 32 vs given 64"):
         train_objective("mlm", cfg.replace(d_model=64), _train_config(max_steps=4), data, tmp_path, resume=True)
-    with pytest.raises(CheckpointError, match="trained with objective 'mlm', not 'classify'"):
-        train_objective("classify", cfg, _train_config(max_steps=4), data, tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="trained with --objective mlm, not classify"):
+        train_objective("classify", cfg.replace(n_labels=len(labelled.labels)), _train_config(max_steps=4), labelled,
+                        tmp_path, resume=True)
     with pytest.raises(ValueError, match="nothing to resume"):
         train_objective("mlm", cfg, _train_config(), data, tmp_path / "empty", resume=True)
     state_file = latest_checkpoint(tmp_path) / "training_state.json"
@@ -223,3 +235,95 @@ def test_ctrl_c_on_the_command_exits_130_and_the_run_resumes(tmp_path):
                  "--max-steps", str(stopped + 2)]) == 0
     assert load_checkpoint(latest_checkpoint(run_dir))[3]["step"] == stopped + 2
     assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------- the loop's settings, for every task
+LINEAR = dict(router="dense", n_shared_heads=0, top_k_heads=None, dropout=0.0)  # no routing loss: losses are linear
+
+
+def _linear_setup(objective, tmp_path):
+    cfg, data = _objective_setup(objective, tmp_path)
+    return cfg.replace(**LINEAR), data
+
+
+def _padded_cat(batches, objective, cfg):
+    """The micro-batches as one batch (seq2seq's are padded to their own widths: pad to the widest)."""
+    if objective != "seq2seq":
+        return {name: torch.cat([b[name] for b in batches]) for name in batches[0]}
+    fill = {"input_ids": cfg.pad_token_id, "attention_mask": 0, "labels": -100}
+    joined = {}
+    for name in batches[0]:
+        width = max(b[name].shape[1] for b in batches)
+        joined[name] = torch.cat([torch.nn.functional.pad(b[name], (0, width - b[name].shape[1]), value=fill[name])
+                                  for b in batches])
+    return joined
+
+
+@pytest.mark.parametrize("objective", ["mlm", "classify", "seq2seq"])
+def test_grad_accum_equals_one_batch_twice_as_large(tmp_path, objective):
+    """Two micro-batches of 4 == the same 8 rows in one batch, also where the micro-batches hold
+    different numbers of loss terms (masked positions, target tokens)."""
+    from gohgraph.models.pretrained import MODEL_TYPES
+    from gohgraph.training.optim import build_optimizer
+    from gohgraph.training.schedules import learning_rate
+
+    cfg, data = _linear_setup(objective, tmp_path)
+    tc = _train_config(grad_accum_steps=2, max_steps=1, warmup_steps=0, grad_clip=0.0, lr=1e-3, eval_every=1)
+    task = get_task(objective)
+    micro = [task.training_batches(data, tc)(0, m, 0, 1) for m in range(2)]
+    if objective != "classify":
+        terms = [task.loss_terms(b) for b in micro]
+        assert terms[0] != terms[1], "the check needs micro-batches of different sizes"
+    result = train_objective(objective, cfg, tc, data, tmp_path / "run")
+
+    torch.manual_seed(tc.seed)
+    reference = MODEL_TYPES[cfg.model_type](cfg)
+    optimizer = build_optimizer(reference, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(0, tc.lr, 0, 1)
+    getattr(reference(**_padded_cat(micro, objective, cfg)), task.loss_field).backward()
+    optimizer.step()
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(result.model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("objective", ["lm", "mlm", "classify", "seq2seq"])
+def test_bf16_autocast_trains_every_task_on_cpu(tmp_path, objective, monkeypatch):
+    from gohgraph.models.pretrained import MODEL_TYPES
+
+    if objective == "lm":
+        from tests.helpers import TINY
+        cfg, data = GoHConfig(**{**TINY, "n_layers": 1}), make_corpus(n_train=4_000, n_val=1_000)
+    else:
+        cfg, data = _objective_setup(objective, tmp_path)
+    model_class, seen = MODEL_TYPES[cfg.model_type], []
+    real_forward = model_class.forward
+
+    def forward(model, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real_forward(model, *args, **kwargs)
+
+    monkeypatch.setattr(model_class, "forward", forward)
+    tc = _train_config(dtype="bfloat16", max_steps=3, eval_every=3, seq_len=16 if objective == "lm" else 24)
+    result = train_objective(objective, cfg, tc, data, tmp_path / "run")
+    assert result.steps == 3 and all(map(math.isfinite, result.losses))
+    assert seen[:3] == [True, True, True]  # the training forwards ran under bf16 autocast
+    assert result.model.embed.weight.dtype == torch.float32  # the weights stay float32
+
+
+@pytest.mark.parametrize("objective", ["mlm", "classify", "seq2seq"])
+def test_compile_equals_eager(tmp_path, objective, monkeypatch):
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    cfg, data = _objective_setup(objective, tmp_path)
+    cfg = cfg.replace(dropout=0.0)  # compiled dropout draws other random numbers than eager dropout
+    results = {}
+    for compile in (False, True):
+        tc = _train_config(max_steps=2, eval_every=2, save_every=2, compile=compile, grad_accum_steps=2)
+        results[compile] = train_objective(objective, cfg, tc, data, tmp_path / str(compile))
+    assert results[True].compiled and not results[False].compiled
+    torch.testing.assert_close(results[True].losses, results[False].losses, rtol=1e-5, atol=1e-5)
+    for name, tensor in results[False].model.state_dict().items():
+        torch.testing.assert_close(results[True].model.state_dict()[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
