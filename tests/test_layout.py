@@ -171,10 +171,7 @@ MODEL_TYPE_HOME = ("gohgraph.models", "gohgraph.config")
 MODEL_TYPE_SWITCHES = {
     "gohgraph.analysis.stats.collect": 1,
     "gohgraph.cli.convert": 1,
-    "gohgraph.cli.eval": 1,
     "gohgraph.cli.generate": 6,
-    "gohgraph.cli.objectives": 1,
-    "gohgraph.cli.train": 1,
     "gohgraph.cli.viz": 3,
     "gohgraph.parallel.tensor_parallel": 1,
     "gohgraph.viz.html_report": 1,

@@ -181,7 +181,7 @@ def train(model_config: GoHConfig, train_config: TrainConfig, data, run_dir: Pat
         # a rank of tensor parallelism runs the whole batch (an over-estimate: it holds a share of the weights)
         memory = estimate_step_memory(model_config, tc, task.model_class, _data_ranks(tc, ctx))
         check_step_fits(memory, available_memory(ctx.device), tc, model_config)
-    notice = log or (lambda line: _log(progress and ctx.is_main, line))
+    notice = log or (lambda line: _log(ctx.is_main, line))
     try:
         with contextlib.ExitStack() as exits:
             if ctx.is_main:  # before the checkpoint is read and anything written
@@ -433,7 +433,7 @@ def _micro_batch_weights(task: Task, batches: List[Dict[str, torch.Tensor]], ctx
     """Each micro-batch's weight ``n_i R / N`` (module docstring) and the step's input tokens over
     every data rank (padding included)."""
     terms = [task.loss_terms(batch) for batch in batches]
-    tokens = sum(next(iter(batch.values())).numel() for batch in batches)
+    tokens = sum(task.batch_tokens(batch) for batch in batches)
     counts = torch.tensor([float(sum(terms)), float(tokens)], dtype=torch.float64, device=ctx.device)
     if data_ranks > 1:
         D.all_reduce_sum_fn(ctx)(counts)

@@ -8,7 +8,8 @@ import torch
 
 from gohgraph import GoHTransformer
 from gohgraph.cli.main import build_parser, main
-from gohgraph.cli.train import build_configs
+from gohgraph.cli.train import build_configs as build_task_configs
+from gohgraph.training.tasks import get_task
 from gohgraph.data.corpus import load_corpus
 from gohgraph.training.metrics import read_metrics
 from gohgraph.training.presets import PRESETS, get_preset
@@ -16,6 +17,10 @@ from gohgraph.training.trainer import evaluate
 
 SMALL_RUN = ["--batch-size", "2", "--seq-len", "16", "--no-progress", "--device", "cpu",
              "--set", "d_model=32", "--set", "n_layers=1", "--set", "eval_batches=2"]
+
+
+def build_configs(args, run_dir):
+    return build_task_configs(args, run_dir, get_task("lm"))
 
 
 def _args(*argv):
@@ -93,7 +98,7 @@ def test_train_resume_eval_and_generate(tmp_path, text_file, capsys):
     assert "final model:" in capsys.readouterr().out
     # a second run into the same directory must choose: resume, overwrite or another name
     assert main([*base, "--max-steps", "4"]) == 1
-    assert "already holds checkpoints; pass --resume" in capsys.readouterr().err
+    assert "already holds a trained model or checkpoints; pass --resume" in capsys.readouterr().err
     # resume: configs come from the run, --max-steps extends it
     assert main(["train", "--run-dir", str(run_dir), "--resume", "--max-steps", "6", "--no-progress",
                  "--cache-dir", str(tmp_path / "cache")]) == 0

@@ -11,7 +11,6 @@ import torch
 
 from gohgraph import CheckpointError, GoHConfig, GoHTransformer
 from gohgraph.cli.main import main as cli_main
-from gohgraph.training import trainer as train_module
 from gohgraph.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -79,14 +78,17 @@ def test_optimizer_state_flattens_and_restores_exactly():
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real_loss, calls = train_module.training_loss, []
+    real_forward, calls = GoHTransformer.forward, []
 
-    def loss_that_explodes(out, aux_scale):
-        calls.append(1)
-        loss = real_loss(out, aux_scale)
-        return loss * float("nan") if len(calls) == 5 else loss
+    def forward_that_explodes(model, *args, **kwargs):
+        out = real_forward(model, *args, **kwargs)
+        if model.training:
+            calls.append(1)
+            if len(calls) == 5:
+                out.lm_loss = out.lm_loss * float("nan")
+        return out
 
-    monkeypatch.setattr(train_module, "training_loss", loss_that_explodes)
+    monkeypatch.setattr(GoHTransformer, "forward", forward_that_explodes)
     with pytest.raises(TrainingDivergedError, match=r"non-finite loss at step 5 .*step_000004"):
         train(GoHConfig(**TINY), _config(save_every=2, max_steps=8), make_corpus(), tmp_path, progress=False)
     assert latest_checkpoint(tmp_path).name == "step_000004"
@@ -134,15 +136,16 @@ def test_only_the_last_checkpoints_are_kept(tmp_path):
 
 
 def test_sigint_finishes_the_step_then_saves_and_returns(tmp_path, monkeypatch):
-    real_loss, calls = train_module.training_loss, []
+    real_forward, calls = GoHTransformer.forward, []
 
-    def loss_then_ctrl_c(out, aux_scale):
-        calls.append(1)
-        if len(calls) == 3:  # Ctrl-C arrives in the middle of step 3
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_loss(out, aux_scale)
+    def forward_then_ctrl_c(model, *args, **kwargs):
+        if model.training:
+            calls.append(1)
+            if len(calls) == 3:  # Ctrl-C arrives in the middle of step 3
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(model, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "training_loss", loss_then_ctrl_c)
+    monkeypatch.setattr(GoHTransformer, "forward", forward_then_ctrl_c)
     previous_handler = signal.getsignal(signal.SIGINT)
     result = train(GoHConfig(**TINY), _config(max_steps=50, save_every=100), make_corpus(), tmp_path, progress=False)
     assert result.interrupted and result.steps == 3 and result.final_path is None

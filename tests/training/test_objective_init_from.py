@@ -39,7 +39,7 @@ def test_cli_pretrains_with_mlm_then_fine_tunes_a_classifier(tmp_path, capsys):
     assert main(["train", "--objective", "classify", "--run-dir", str(tmp_path / "cls"), *tiny,
                  "--init-from", str(tmp_path / "mlm" / "final"), "--set", "eval_batches=1"]) == 0
     printed = capsys.readouterr().out
-    assert "initialised from" in printed and "new head: classifier.weight, classifier.bias" in printed
+    assert "initialised from" in printed and "new: classifier.weight, classifier.bias" in printed
     model = from_pretrained(tmp_path / "cls" / "final")
     assert model.config.d_model == 32 and model.config.n_labels == 8  # the MLM model's width, the preset's labels
 
@@ -48,7 +48,7 @@ def test_init_from_refuses_a_model_the_objective_cannot_continue(tmp_path, capsy
     GoHTransformer(GoHConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=4)).save_pretrained(tmp_path / "lm")
     GoHEncoder(GoHConfig(**{**ENCODER, "vocab_size": 300})).save_pretrained(tmp_path / "wide")
     for source, message in (("lm", "holds a model_type='decoder' model; --objective mlm continues encoder models"),
-                            ("wide", "has vocab_size 300; --objective mlm reads byte tokens")):
+                            ("wide", "has vocab_size 300; --objective mlm reads 256 data tokens")):
         code = main(["train", "--objective", "mlm", "--run-dir", str(tmp_path / "run"), "--max-steps", "1",
                      "--seq-len", "16", "--init-from", str(tmp_path / source)])
         err = capsys.readouterr().err.strip()

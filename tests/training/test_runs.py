@@ -117,11 +117,9 @@ def test_memory_estimate_covers_an_objective_step(objective):
 
 
 def test_objective_training_refuses_a_step_that_cannot_fit_before_allocating(tmp_path):
-    from gohgraph.training.objectives import train_objective
-
     cfg = GoHConfig(vocab_size=259, d_model=32, n_layers=1, n_heads=4, model_type="encoder", max_seq_len=200_001)
     with pytest.raises(ValueError, match="a training step needs about"):
-        train_objective("mlm", cfg, small_run(seq_len=200_000, batch_size=512), make_corpus(), tmp_path)
+        train(cfg, small_run(seq_len=200_000, batch_size=512), make_corpus(), tmp_path, task="mlm", progress=False)
     assert not any(tmp_path.iterdir())
 
 

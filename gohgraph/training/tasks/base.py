@@ -101,6 +101,10 @@ class Task:
         """How many terms the batch's loss is the mean of."""
         raise NotImplementedError
 
+    def batch_tokens(self, batch: Batch) -> int:
+        """The tokens a batch trains on, for ``tokens_seen`` and tokens/s: its input ids, padding included."""
+        return int(batch["input_ids"].numel())
+
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: torch.nn.Module, data, tc: TrainConfig, max_batches: Optional[int]) -> Dict[str, float]:
         """``{"loss": nats, ...scores}`` on the validation split, over ``max_batches`` batches

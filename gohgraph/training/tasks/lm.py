@@ -65,6 +65,9 @@ class LanguageModelTask(Task):
         rows, width = batch["labels"].shape
         return rows * (width - 1)
 
+    def batch_tokens(self, batch: Batch) -> int:
+        return self.loss_terms(batch)  # the predicted tokens: a window of seq_len + 1 trains seq_len
+
     def evaluate(self, model, data, tc: TrainConfig, max_batches: Optional[int]) -> Dict[str, float]:
         sources = validation_sets(data)
         if not sources:
