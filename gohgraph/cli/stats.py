@@ -14,7 +14,9 @@ checkpoint reads ``--data`` as a file of ``source<TAB>target`` pairs
 (:mod:`gohgraph.cli.seq2seq_batches`) and reports each attention kind (encoder, decoder_self,
 cross) in its own section, ``report["kinds"]``. A decoder's report adds ``logit_lens``: per layer
 and head, the :data:`LENS_TOP_K` tokens its output promotes through the unembedding (direct logit
-attribution, :mod:`gohgraph.analysis.logit_lens`; a second pass over the same batches).
+attribution, :mod:`gohgraph.analysis.logit_lens`; a second pass over the same batches), and with
+expert layers ``expert_logit_lens``: per layer and routed expert, the tokens its gate-weighted
+output promotes (a third pass).
 """
 
 from __future__ import annotations
@@ -52,7 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis.logit_lens import collect_logit_lens, lens_supported
+    from ..analysis.logit_lens import (
+        collect_expert_logit_lens,
+        collect_logit_lens,
+        expert_lens_supported,
+        lens_supported,
+    )
     from ..analysis.stats.collect import collect_routing_stats, collect_routing_stats_by_source
     from ..analysis.stats.drift import routing_drift
 
@@ -80,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     report = stats.report()
     if batches is not None and lens_supported(model):
         report["logit_lens"] = collect_logit_lens(model, batches, top_k=LENS_TOP_K, tokenizer=tokenizer)
+    if batches is not None and expert_lens_supported(model):
+        report["expert_logit_lens"] = collect_expert_logit_lens(model, batches, top_k=LENS_TOP_K, tokenizer=tokenizer)
     if other is not None:
         report["drift"] = {"against": str(args.compare), **routing_drift(model, other, batches)}
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

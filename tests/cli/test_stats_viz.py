@@ -88,8 +88,8 @@ def test_viz_command_writes_every_picture_and_finds_the_metrics(run_dir, tmp_pat
                    "--text", "def f(x):", "--no-progress")
     assert code == 0
     names = sorted(path.name for path in out.iterdir())
-    assert names == ["cross_layer.png", "head_load_heatmap.png", "load_percentiles.png", "routing_graph.graphml",
-                     "routing_graphs.png", "stats.json", "token_trace.png",
+    assert names == ["cross_layer.png", "head_coactivation.png", "head_load_heatmap.png", "load_percentiles.png",
+                     "routing_graph.graphml", "routing_graphs.png", "stats.json", "token_trace.png",
                      "training_curves.png"]  # metrics.csv found two levels up
     for name in names:
         if name.endswith(".png"):
