@@ -30,6 +30,7 @@ from .kinds import (
     routing_graphs_of_layer,
 )
 from .routing_graph import draw_routing_graph, draw_routing_graphs, layered_routing_graph, routing_graph, write_graphml
+from .saturation import saturation_figure
 from .specialisation import specialisation_heatmap
 from .token_trace import byte_decode, byte_encode, token_labels, token_routing, token_trace
 
@@ -48,7 +49,7 @@ PICTURE_FILES = (ROUTING_GRAPHS, HEAD_HEATMAP, EXPERT_HEATMAP, TOKEN_TRACE, TRAI
 __all__ = [
     "as_report", "byte_decode", "byte_encode", "coactivation_heatmaps", "cross_layer_heatmaps", "draw_routing_graph",
     "draw_routing_graphs",
-    "load_percentiles_figure", "specialisation_heatmap", "html_report", "write_html_report",
+    "load_percentiles_figure", "saturation_figure", "specialisation_heatmap", "html_report", "write_html_report",
     "ablation_heatmap", "expert_load_heatmap", "head_load_heatmap", "layered_routing_graph", "read_metrics_csv",
     "routing_graph", "save_figure", "token_labels", "token_routing", "token_trace", "training_curves",
     "write_all_pictures", "write_graphml", "kind_reports", "kind_file", "routing_graphs_by_kind",

@@ -158,3 +158,41 @@ def test_a_saved_bpe_tokenizer_encodes_the_validation_text(run_dir, tmp_path):
     assert len(ids) == 2 * 2 * 16 and max(ids) >= 256  # merged tokens, not bytes
     byte_val_text = load_corpus(str(data)).decode(load_corpus(str(data)).val.tolist())
     assert byte_val_text.startswith(tokenizer.decode(ids))
+
+
+def test_stats_on_a_run_with_kept_checkpoints_reports_router_saturation(tmp_path, capsys):
+    """Two kept steps and final/ (= step 20): step 20 is exactly 1, step 10 (its last layer's head router
+    changed) what the library measures on the same batches; the picture is written beside the JSON."""
+    from gohgraph.analysis.saturation import routing_saturation
+    from gohgraph.training.run_dir import RunDir
+
+    torch.manual_seed(0)
+    run = RunDir(tmp_path / "run")
+    final = GoHTransformer(CFG)
+    early = GoHTransformer(CFG)
+    early.load_state_dict(final.state_dict())
+    with torch.no_grad():  # the graph router's head embeddings of heads 1 and 2 exchanged
+        head_embedding = early.blocks[1].attn.head_routing.router.head_embedding
+        head_embedding[[1, 2]] = head_embedding[[2, 1]].clone()
+    early.save_pretrained(run.checkpoint_dir(10))
+    final.save_pretrained(run.checkpoint_dir(20))
+    final.save_pretrained(run.final_dir)
+    run.train_config_file.write_text("{}\n", encoding="utf-8")
+    (tmp_path / "data.txt").write_text(TEXT, encoding="utf-8")
+    out = tmp_path / "stats.json"
+    assert run_cli("stats", "--checkpoint", run.path, "--data", tmp_path / "data.txt", "--batches", 2,
+                   "--batch-size", 2, "--seq-len", 16, "--out", out, "--no-progress") == 0
+    saturation = json.loads(out.read_text())["saturation"]
+    assert [entry["step"] for entry in saturation["checkpoints"]] == [10, 20]
+    assert saturation["checkpoints"][1]["heads"] == 1.0
+    batches = list(eval_batches(load_corpus(str(tmp_path / "data.txt")).val, 2, 16, max_batches=2))
+    expected = routing_saturation([(10, early)], final, batches)["checkpoints"][0]
+    assert saturation["checkpoints"][0]["layers"] == expected["layers"]
+    assert saturation["checkpoints"][0]["layers"][1]["heads"] < 1.0  # the swapped heads changed choices
+    picture = tmp_path / "stats_saturation.png"
+    assert mpimg.imread(picture).shape[0] > 100
+    assert "router saturation vs the newest model: step 10 heads" in capsys.readouterr().out
+    out.unlink()  # the picture left from the first run is not overwritten without --overwrite
+    assert run_cli("stats", "--checkpoint", run.path, "--data", tmp_path / "data.txt", "--batches", 1,
+                   "--batch-size", 2, "--seq-len", 16, "--out", out, "--no-progress") == 1
+    assert "stats_saturation.png already exists; pass --overwrite" in capsys.readouterr().err

@@ -146,3 +146,19 @@ def test_coactivation_heatmaps_draw_p_b_given_a_per_layer(moe_stats, tmp_path):
         viz.coactivation_heatmaps(report, "heads", layer=5)
     with pytest.raises(ValueError, match="kind='units'"):
         viz.coactivation_heatmaps(report, "units")
+
+
+def test_saturation_figure_draws_a_line_per_layer_against_the_step():
+    saturation = {"tokens": 48, "checkpoints": [
+        {"step": 20, "heads": 1.0, "experts": None, "layers": [{"layer": 0, "heads": 1.0, "experts": None},
+                                                               {"layer": 1, "heads": 1.0, "experts": None}]},
+        {"step": 10, "heads": 0.7, "experts": None, "layers": [{"layer": 0, "heads": 0.9, "experts": None},
+                                                               {"layer": 1, "heads": 0.5, "experts": None}]}]}
+    figure = viz.saturation_figure(saturation)
+    (ax,) = figure.axes  # heads only: no experts panel
+    assert ax.get_title() == "heads" and ax.get_xlabel() == "checkpoint step"
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+    assert lines == {"layer 0": ([10, 20], [0.9, 1.0]), "layer 1": ([10, 20], [0.5, 1.0])}
+    assert "router saturation over 2 checkpoints" in figure._suptitle.get_text()
+    with pytest.raises(ValueError, match="at least one checkpoint"):
+        viz.saturation_figure({"checkpoints": []})
