@@ -153,8 +153,8 @@ def kept_models(checkpoint: Path) -> tuple:
 def saturation_over_run(steps: list, newest: Path, batches) -> dict:
     """:func:`~gohgraph.analysis.saturation.routing_saturation` of every kept step against the
     newest model; ``final/`` itself is no entry (against itself it is 1), a newest step is one."""
-    from ..models.pretrained import from_pretrained
     from ..analysis.saturation import routing_saturation
+    from ..models.pretrained import from_pretrained
 
     final = from_pretrained(newest)
     print(f"saturation: {len(steps)} kept checkpoints against {newest}", file=sys.stderr)

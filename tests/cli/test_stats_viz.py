@@ -196,3 +196,30 @@ def test_stats_on_a_run_with_kept_checkpoints_reports_router_saturation(tmp_path
     assert run_cli("stats", "--checkpoint", run.path, "--data", tmp_path / "data.txt", "--batches", 1,
                    "--batch-size", 2, "--seq-len", 16, "--out", out, "--no-progress") == 1
     assert "stats_saturation.png already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_stats_of_an_expert_model_lists_the_expert_lens_vocabulary_and_coactivation(tmp_path):
+    from gohgraph.analysis.logit_lens import collect_expert_logit_lens
+
+    torch.manual_seed(0)
+    cfg = GoHConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_shared_heads=1, top_k_heads=2,
+                    router="linear", max_seq_len=64, ffn="mh-moe", n_experts=5, n_shared_experts=1, n_subtokens=2,
+                    top_k_experts=2)
+    GoHTransformer(cfg).save_pretrained(tmp_path / "model")
+    (tmp_path / "data.txt").write_text(TEXT, encoding="utf-8")
+    out, table = tmp_path / "stats.json", tmp_path / "stats.csv"
+    assert run_cli("stats", "--checkpoint", tmp_path / "model", "--data", tmp_path / "data.txt", "--batches", 1,
+                   "--batch-size", 2, "--seq-len", 16, "--out", out, "--csv", table, "--no-progress") == 0
+    report = json.loads(out.read_text())
+    model = GoHTransformer.from_pretrained(tmp_path / "model")
+    batches = list(eval_batches(load_corpus(str(tmp_path / "data.txt")).val, 2, 16, max_batches=1))
+    expected = collect_expert_logit_lens(model, batches, top_k=10, tokenizer=ByteTokenizer())
+    assert report["expert_logit_lens"] == json.loads(json.dumps(expected))
+    assert sorted(report["expert_logit_lens"]["1"]) == ["0", "1", "2", "3"]  # the routed experts
+    assert "saturation" not in report  # a lone model: no run, no checkpoints to compare
+    layer = report["layers"][1]
+    assert len(layer["experts"]["coactivation_given"]) == 4 and layer["experts"]["coactivation_given"][0][0] in (1.0, None)
+    vocabulary = report["vocabulary"]["layers"][1]
+    assert set(vocabulary) == {"layer", "heads", "experts"} and set(vocabulary["experts"]) == {"input", "predicted"}
+    assert sum(vocabulary["heads"]["input"]["by_token"]["occurrences"]) == 2 * 16
+    assert "vocab_experts_predicted" in table.read_text()
