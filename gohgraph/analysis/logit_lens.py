@@ -46,7 +46,9 @@ and its lens is :math:`\ell_e = W_U\, \frac{1}{|T_e|} \sum_{t \in T_e} c_{e,t}` 
 ``T_e`` that sent at least one sub-token to ``e``. The expert outputs are recomputed from the
 layer's captured input with the layer's own modules (head layer, grouped experts) for the
 choices the routing record names, so nothing in the dispatch is hooked; shared experts (always
-on) are not routed units and are left out. Same scope and final-norm rule as the heads.
+on) are not routed units and are left out. Same scope and final-norm rule as the heads. With
+BitNet layers (``linear="bitnet"``) the experts run as the model runs them (quantised), while the
+merge is applied with its latent full-precision weight, as the heads' ``W_O`` is.
 
     experts = collect_expert_logit_lens(model, batches, top_k=10, tokenizer=tokenizer)
     experts["1"]["2"]  # layer 1, routed expert 2: [[token id, score, text], ...] best first

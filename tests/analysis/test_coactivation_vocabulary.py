@@ -126,3 +126,17 @@ def test_predicted_ids_are_checked_and_written_to_csv(tmp_path):
     # of the input tokens only 3 is seen three times
     assert {row["value"] for row in rows if row["group"] == "vocab_heads_input_unit" and row["metric"] == "token_id"} \
         == {"3"}
+
+
+def test_tables_by_prediction_are_left_out_where_they_would_pass_the_memory_bound():
+    # one layer, 4 heads: input tables fit up to 2**22 / 4 token ids, prediction tables (twice) up to half that
+    cfg = GoHConfig(vocab_size=600_000, d_model=16, n_layers=1, n_heads=4, n_shared_heads=1, top_k_heads=2,
+                    router="linear")
+    stats = RoutingStats(cfg, min_occurrences=1)
+    gates = torch.zeros(1, 6, 4)
+    for t, heads in enumerate(HEAD_SETS):
+        gates[0, t, sorted(heads)] = 0.5
+    stats.update([LayerRouting(head_gates=gates)], INPUT_IDS, predicted_ids=PREDICTED_IDS)
+    layer = stats.report()["vocabulary"]["layers"][0]
+    assert list(layer["heads"]) == ["input"]
+    assert layer["heads"]["input"]["by_token"]["token_id"] == [3, 5, 6, 7]

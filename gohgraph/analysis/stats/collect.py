@@ -19,7 +19,8 @@ without holding them. :meth:`RoutingStats.report` turns the sums into, per layer
 ``vocabulary`` (with ``input_ids``) holds the vocabulary specialisation of every layer: per input
 token id, and with ``predicted_ids`` per predicted next token, the unit it routes to most and how
 concentrated it is, and each unit's most specialised token ids
-(:mod:`~gohgraph.analysis.stats.vocabulary`).
+(:mod:`~gohgraph.analysis.stats.vocabulary`). Its tables follow the token profiles' memory bound
+(:mod:`~gohgraph.analysis.stats.tokens`); the ones keyed by prediction count twice against it.
 
 Across layers: ``cross_layer`` holds the co-occurrence of heads and of experts between consecutive
 layers and the routing consistency (:mod:`~gohgraph.analysis.stats.cross_layer`), and
@@ -105,6 +106,9 @@ class RoutingStats:
         self.layers = [LayerTally(config, self.head_edges) for _ in self.applications]
         expert_nodes = config.n_routed_experts if config.ffn != "dense" else 0
         self.profile_tokens = profile_fits(config.vocab_size, config.n_heads + expert_nodes, len(self.layers))
+        # tables keyed by the predicted token double the memory: kept under the same bound, together
+        self.profile_predictions = profile_fits(config.vocab_size, 2 * (config.n_heads + expert_nodes),
+                                                len(self.layers))
         self.recursion = None
         if config.recursion == "mor":
             self.recursion = RecursionTally(config.max_recursions, config.vocab_size if self.profile_tokens else None)
@@ -182,7 +186,7 @@ class RoutingStats:
                 self.recursion.add(recursion, input_ids)
             routing = [without_padding(record, mask) for record in routing]
             input_ids = ids_without_padding(input_ids, mask)
-            predicted_ids = ids_without_padding(predicted_ids, mask) if self.profile_tokens else None
+            predicted_ids = ids_without_padding(predicted_ids, mask) if self.profile_predictions else None
             for layer_idx, (tally, record) in enumerate(zip(self.layers, routing)):
                 tally.add(record, input_ids if self.profile_tokens else None, predicted_ids)
             self.cross_layer.add(routing)
