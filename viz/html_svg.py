@@ -82,8 +82,9 @@ def routing_graph_svg(layer_report: Dict[str, Any], head_edges: Sequence[Sequenc
 
 def heatmap_svg(values: List[List[Optional[float]]], row_labels: Sequence[str], column_labels: Sequence[str],
                 colour: Callable[[Optional[float]], str], tip: Callable[[int, int, Optional[float]], str],
-                title: str, cell: int = 30) -> str:
-    """A grid of ``[rows, columns]`` cells coloured by ``colour(value)``, each with its hover text."""
+                title: str, cell: int = 30, fmt: str = "{:.2f}") -> str:
+    """A grid of ``[rows, columns]`` cells coloured by ``colour(value)``, each with its hover text and
+    its value written as ``fmt``."""
     left, top = 90, 34
     width, height = left + cell * len(column_labels) + 10, top + cell * len(row_labels) + 10
     parts = [f'<svg class="heatmap" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
@@ -95,7 +96,7 @@ def heatmap_svg(values: List[List[Optional[float]]], row_labels: Sequence[str], 
         parts.append(f'<text x="{left - 6}" y="{top + cell * i + cell / 2 + 4}" class="label" '
                      f'text-anchor="end">{html.escape(label)}</text>')
         for j, value in enumerate(values[i]):
-            text = "" if value is None else f"{value:.2f}"
+            text = "" if value is None else fmt.format(value)
             parts.append(f'<rect class="cell" x="{left + cell * j}" y="{top + cell * i}" width="{cell - 1}" '
                          f'height="{cell - 1}" fill="{colour(value)}" data-tip="{attr(tip(i, j, value))}"/>'
                          f'<text x="{left + cell * j + cell / 2}" y="{top + cell * i + cell / 2 + 3}" '

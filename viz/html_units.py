@@ -96,7 +96,7 @@ def ablation_section(ablation: Dict[str, Any], logit_lens: Optional[Dict[str, An
 
         parts.append(heatmap_svg(values, [f"layer {layer}" for layer in layers],
                                  [f"{prefix}{unit}" for unit in range(n_units)], colour, tip,
-                                 f"Δ loss, {unit_kind} {how}"))
+                                 f"Δ loss, {unit_kind} {how}", cell=40, fmt="{:+.3f}"))
     wide = [row for row in ablation["interventions"] if row["layer"] is None]
     if wide:
         rows = "".join(f"<tr><td>{html.escape(str(row['kind']))}</td><td>{html.escape(str(row['unit']))}</td>"
