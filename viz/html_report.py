@@ -35,6 +35,7 @@ import torch
 
 from ..data.objectives import SpecialTokens
 from ..data.tokenizers import byte_decode, byte_encode
+from ..models.families import family_of
 from .curves import training_curves
 from .figures import KIND_TITLES, has_experts
 from .html_svg import diverging_colour, heatmap_svg, routing_graph_svg, sequential_colour, signed_colour
@@ -262,7 +263,7 @@ def _token_labeller(model: torch.nn.Module, decode: Callable[[Sequence[int]], st
     """``token id -> label`` for the hover texts: the decoded piece; for an id the tokenizer cannot
     decode, the name of the special token a gohgraph objective puts there (``[PAD]``, ...), else ``[id]``."""
     special_names: Dict[int, str] = {}
-    if model.config.model_type != "decoder":  # the objectives' layout: specials after the tokenizer's ids
+    if family_of(model.config).special_tokens:  # the objectives' layout: specials after the tokenizer's ids
         special = SpecialTokens.of_model(model.config)
         special_names = {special.mask: "[MASK]", special.cls: "[CLS]", special.pad: "[PAD]"}
         if special.with_eos:

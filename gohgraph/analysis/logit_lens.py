@@ -62,6 +62,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..models.output_head import output_weight
+
 __all__ = ["ExpertLogitLens", "LogitLens", "capture_expert_inputs", "capture_head_outputs",
            "collect_expert_logit_lens", "collect_logit_lens", "expert_lens_supported", "lens_supported"]
 
@@ -156,7 +158,7 @@ class LogitLens:
 
 def unembedding(model: nn.Module, final_norm_weight: bool = False) -> torch.Tensor:
     """``W_U [vocab, d_model]`` (float64, CPU) of a decoder, times the final norm's weight when asked."""
-    w_u = (model.embed.weight if model.lm_head is None else model.lm_head.weight).detach().double().cpu()
+    w_u = output_weight(model).detach().double().cpu()
     weight = getattr(model.final_norm, "weight", None)
     if final_norm_weight and weight is not None:
         w_u = w_u * weight.detach().double().cpu()

@@ -11,7 +11,7 @@ is the part shared with :class:`~gohgraph.models.seq2seq.GoHSeq2Seq`'s encoder.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,9 @@ from ..config import GoHConfig
 from ..layers.norm import build_norm
 from ..layers.positions import build_embedding_positions, has_attention_bias
 from ..layers.relative_bias import T5RelativeBias
-from ..routing import LayerRouting
+from ..routing import KIND_ENCODER, LayerRouting
 from .block import GoHBlock
+from .output_head import build_lm_head, output_logits
 from .routed import RoutedModel, weighted_aux_loss
 
 
@@ -97,6 +98,10 @@ class EncoderOutput:
     aux_loss: Optional[torch.Tensor] = None
     routing: List[LayerRouting] = field(default_factory=list)
 
+    def routing_by_kind(self) -> Dict[str, List[LayerRouting]]:
+        """``{"encoder": routing}``: the records of the one routed attention kind, bidirectional self-attention."""
+        return {KIND_ENCODER: self.routing}
+
 
 class GoHEncoder(RoutedModel, nn.Module):
     """Bidirectional encoder with routed heads; masked-LM and sequence-classification heads.
@@ -120,10 +125,7 @@ class GoHEncoder(RoutedModel, nn.Module):
         self.mlm_transform = None
         if cfg.mlm_transform:
             self.mlm_transform = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), build_norm(cfg))
-        self.lm_head = None
-        if not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        self.lm_head = build_lm_head(cfg)
         self.lm_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.linear_bias else None
         self.pooler = self.classifier = None
         if cfg.n_labels:
@@ -160,8 +162,7 @@ class GoHEncoder(RoutedModel, nn.Module):
         """``hidden [batch, seq, d_model]`` -> ``[batch, seq, vocab]``."""
         if self.mlm_transform is not None:
             hidden = self.mlm_transform(hidden)
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight, self.lm_bias)
+        return output_logits(self, hidden, self.lm_bias)
 
     def pool(self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """``hidden [batch, seq, d_model]`` -> ``[batch, d_model]`` (padding excluded from the mean)."""

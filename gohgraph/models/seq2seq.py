@@ -22,14 +22,15 @@ from ..layers.kv_cache import KVCache
 from ..layers.norm import build_norm
 from ..layers.positions import build_embedding_positions, has_attention_bias
 from ..layers.relative_bias import T5RelativeBias
-from ..routing import LayerRouting
+from ..routing import KIND_CROSS, KIND_DECODER_SELF, KIND_ENCODER, LayerRouting
 from .decoder_block import DecoderBlock
 from .encoder import EncoderStack, padding_mask
 from .generation import check_generation_arguments, check_token_mask, make_decode_cache, sample_next_token
+from .output_head import build_lm_head, output_logits
 from .routed import RoutedModel, weighted_aux_loss
 
 # the keys of Seq2SeqOutput.routing: one routing graph per attention kind
-ROUTING_KINDS = ("encoder", "decoder_self", "cross")
+ROUTING_KINDS = (KIND_ENCODER, KIND_DECODER_SELF, KIND_CROSS)
 IGNORE_INDEX = -100  # label positions the loss skips (Hugging Face's convention)
 
 MemoryKV = List[Tuple[torch.Tensor, torch.Tensor]]
@@ -102,6 +103,11 @@ class Seq2SeqOutput:
     routing: Dict[str, List[LayerRouting]] = field(default_factory=dict)
     encoder_hidden: Optional[torch.Tensor] = None
 
+    def routing_by_kind(self) -> Dict[str, List[LayerRouting]]:
+        """``{kind: records}`` for the three routed attention kinds, in :data:`ROUTING_KINDS` order
+        (``routing`` itself, which is already keyed by kind)."""
+        return {kind: self.routing[kind] for kind in ROUTING_KINDS}
+
 
 class GoHSeq2Seq(RoutedModel, nn.Module):
     """Encoder–decoder with routed heads in all three attention kinds.
@@ -126,10 +132,7 @@ class GoHSeq2Seq(RoutedModel, nn.Module):
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
         self.encoder = EncoderStack(cfg)
         self.decoder = DecoderStack(cfg)
-        self.lm_head = None
-        if not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        self.lm_head = build_lm_head(cfg)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 decoder_input_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
@@ -171,7 +174,7 @@ class GoHSeq2Seq(RoutedModel, nn.Module):
         """Decoder states ``[batch, tgt, d_model]`` -> ``[batch, tgt, vocab]``."""
         if self.config.scale_decoder_output:
             hidden = hidden * self.config.d_model ** -0.5
-        return F.linear(hidden, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+        return output_logits(self, hidden)
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """``labels [batch, tgt]`` -> decoder inputs ``[start, labels[:, :-1]]``, ``-100`` -> pad."""

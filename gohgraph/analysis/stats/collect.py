@@ -53,7 +53,7 @@ import torch
 
 from ...config import GoHConfig
 from ...graph import expert_graph, head_graph
-from ...models.decoder import GoHTransformer
+from ...models.families import family_of
 from ...models.recursion import block_applications
 from ...routing import LayerRouting, RecursionRouting
 from ...storage import write_json
@@ -223,7 +223,7 @@ class RoutingStats:
             "cross_layer": self.cross_layer.report(),
             "summary": {**summarise_layers(layers), "load_percentiles": load_percentiles(layers, cfg.n_shared_heads)},
         }
-        if cfg.model_type != "decoder":  # an encoder's (or a seq2seq kind's); decoder reports stay as they were
+        if not family_of(cfg).is_default:  # an encoder's (or a seq2seq kind's); decoder reports stay as they were
             report["config"]["model_type"] = cfg.model_type
         if self.by_source is not None:
             report["by_source"] = self.by_source.report()
@@ -290,7 +290,7 @@ def collect_routing_stats(model: torch.nn.Module, batches: Iterable[Batch],
     ``(input_ids, attention_mask)`` pairs (padding is then masked in the model and left out of
     every statistic). The model's training mode is restored afterwards. ``progress`` shows a tqdm bar.
     """
-    if model.config.is_encoder_decoder:
+    if family_of(model.config).several_routing_kinds:
         raise ValueError("a seq2seq model routes three attention kinds: use "
                          "gohgraph.analysis.stats.kinds.collect_routing_stats_by_kind")
     stats = RoutingStats(model.config)
@@ -331,8 +331,8 @@ def _run(model: torch.nn.Module, stats: RoutingStats, batches: Iterable[Tuple[Ba
             for batch, source in tqdm(batches, desc="routing stats", unit="batch", disable=not progress):
                 input_ids, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
                 out = model(input_ids.to(device), attention_mask=None if mask is None else mask.to(device))
-                # a decoder's prediction at each position keys the vocabulary specialisation by output
-                predicted = out.logits.argmax(-1) if isinstance(model, GoHTransformer) else None
+                # a next-token prediction at each position keys the vocabulary specialisation by output
+                predicted = out.logits.argmax(-1) if family_of(model.config).predicts_next_token else None
                 stats.update(out.routing, input_ids, attention_mask=mask, source=source,
                              recursion=getattr(out, "recursion", None), predicted_ids=predicted)
     finally:

@@ -143,7 +143,7 @@ def collect_routing_stats_by_kind(model: torch.nn.Module, batches: Iterable[Seq2
                 decoder_input_ids = given["decoder_input_ids"]
                 if decoder_input_ids is None:
                     decoder_input_ids = model.shift_right(given["labels"])
-                stats.update(out.routing, given["input_ids"], attention_mask=given["attention_mask"],
+                stats.update(out.routing_by_kind(), given["input_ids"], attention_mask=given["attention_mask"],
                              labels=given["labels"], decoder_input_ids=decoder_input_ids,
                              decoder_attention_mask=given["decoder_attention_mask"])
     finally:
