@@ -19,12 +19,11 @@ from torch import nn
 
 from ..config import GoHConfig
 from ..layers.norm import build_norm
-from ..layers.positions import build_embedding_positions, has_attention_bias
-from ..layers.relative_bias import T5RelativeBias
 from ..routing import KIND_ENCODER, LayerRouting
 from .block import GoHBlock
 from .output_head import build_lm_head, output_logits
 from .routed import RoutedModel, weighted_aux_loss
+from .stacks import LayerStack
 
 
 def padding_mask(attention_mask: Optional[torch.Tensor], shape: torch.Size) -> Optional[torch.Tensor]:
@@ -37,8 +36,9 @@ def padding_mask(attention_mask: Optional[torch.Tensor], shape: torch.Size) -> O
     return attention_mask.bool()[:, None, None, :]
 
 
-class EncoderStack(nn.Module):
-    """Positions, ``n_layers`` bidirectional blocks and the final norm, on embedded tokens.
+class EncoderStack(LayerStack):
+    """Positions, ``n_layers`` bidirectional blocks and the final norm, on embedded tokens
+    (:class:`~gohgraph.models.stacks.LayerStack`).
 
     ``forward(x [batch, seq, d_model], attention_mask [batch, seq] | None)`` ->
     ``(hidden [batch, seq, d_model], routing: one LayerRouting per layer)``. Every token sees
@@ -49,33 +49,18 @@ class EncoderStack(nn.Module):
     """
 
     def __init__(self, cfg: GoHConfig) -> None:
-        super().__init__()
-        self.position_embed = build_embedding_positions(cfg)
-        # T5: one bias table for the whole stack, added to every layer's scores
-        self.relative_bias = T5RelativeBias(cfg, bidirectional=True) if has_attention_bias(cfg) else None
-        self.embedding_norm = build_norm(cfg) if cfg.embedding_norm else None
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(GoHBlock(cfg, i) for i in range(cfg.n_layers))
-        # post-norm blocks end normalised already (BERT has no final norm)
-        self.final_norm = build_norm(cfg) if cfg.norm_position == "pre" else None
+        super().__init__(cfg, GoHBlock, cfg.n_layers, bidirectional=True)
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, List[LayerRouting]]:
         mask = padding_mask(attention_mask, x.shape[:2])
-        if self.position_embed is not None:
-            x = self.position_embed(x, 0)
-        if self.embedding_norm is not None:
-            x = self.embedding_norm(x)
-        x = self.dropout(x)
-        bias = self.relative_bias(x.shape[1], x.shape[1]) if self.relative_bias is not None else None
+        x, bias = self.enter(x)
         routing = []
         for block in self.blocks:
             x, layer_routing = block(x, causal=False, mask=mask, bias=bias,
                                      token_mask=None if mask is None else mask[:, 0, 0])
             routing.append(layer_routing)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        return x, routing
+        return self.leave(x), routing
 
 
 @dataclass
