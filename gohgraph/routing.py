@@ -13,6 +13,14 @@ from typing import Any, Dict, Optional
 
 import torch
 
+# The attention kinds whose heads are routed: the keys of every model output's routing_by_kind()
+# (gohgraph.models.families declares which kinds each family has). A decoder-only model and an
+# encoder route one kind each; a seq2seq model routes its encoder's, its decoder's and the cross-attention.
+KIND_DECODER = "decoder"  # a decoder-only model's causal self-attention
+KIND_ENCODER = "encoder"  # bidirectional self-attention: an encoder's, or a seq2seq model's encoder
+KIND_DECODER_SELF = "decoder_self"  # a seq2seq decoder's causal self-attention
+KIND_CROSS = "cross"  # a seq2seq decoder's attention over the encoder output
+
 
 @dataclass
 class ExpertRouting:

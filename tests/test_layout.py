@@ -169,13 +169,6 @@ MODEL_TYPE_HOME = ("gohgraph.models", "gohgraph.config")
 # comparisons of model_type outside MODEL_TYPE_HOME that are still to be replaced by the families
 # registry (issue 28): module -> how many. A new one fails the test; a removed one must be removed here.
 MODEL_TYPE_SWITCHES = {
-    "gohgraph.analysis.stats.collect": 1,
-    "gohgraph.cli.convert": 1,
-    "gohgraph.cli.generate": 6,
-    "gohgraph.cli.viz": 3,
-    "gohgraph.parallel.tensor_parallel": 1,
-    "gohgraph.viz.html_report": 1,
-    "gohgraph.viz.token_trace": 1,
 }
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Union
 
 from ..analysis.stats.kinds import SEQ2SEQ_KINDS
+from .coactivation import coactivation_heatmaps
 from .cross_layer import cross_layer_heatmaps, load_percentiles_figure
 from .curves import read_metrics_csv, training_curves
 from .figures import KIND_TITLES, as_report, has_experts, save_figure
@@ -29,6 +30,7 @@ from .kinds import (
     routing_graphs_of_layer,
 )
 from .routing_graph import draw_routing_graph, draw_routing_graphs, layered_routing_graph, routing_graph, write_graphml
+from .saturation import saturation_figure
 from .specialisation import specialisation_heatmap
 from .token_trace import byte_decode, byte_encode, token_labels, token_routing, token_trace
 
@@ -36,15 +38,18 @@ from .token_trace import byte_decode, byte_encode, token_labels, token_routing, 
 ROUTING_GRAPHS, HEAD_HEATMAP, EXPERT_HEATMAP = "routing_graphs.png", "head_load_heatmap.png", "expert_load_heatmap.png"
 TOKEN_TRACE, TRAINING_CURVES, GRAPHML = "token_trace.png", "training_curves.png", "routing_graph.graphml"
 SPECIALISATION, CROSS_LAYER, LOAD_PERCENTILES = "specialisation.png", "cross_layer.png", "load_percentiles.png"
-_PER_REPORT = (ROUTING_GRAPHS, HEAD_HEATMAP, EXPERT_HEATMAP, GRAPHML, SPECIALISATION, CROSS_LAYER, LOAD_PERCENTILES)
+HEAD_COACTIVATION, EXPERT_COACTIVATION = "head_coactivation.png", "expert_coactivation.png"
+_PER_REPORT = (ROUTING_GRAPHS, HEAD_HEATMAP, EXPERT_HEATMAP, GRAPHML, SPECIALISATION, CROSS_LAYER, LOAD_PERCENTILES,
+               HEAD_COACTIVATION, EXPERT_COACTIVATION)
 # every name write_all_pictures may write, the per-kind names of a seq2seq model's pictures included
 PICTURE_FILES = (ROUTING_GRAPHS, HEAD_HEATMAP, EXPERT_HEATMAP, TOKEN_TRACE, TRAINING_CURVES, GRAPHML, SPECIALISATION,
-                 CROSS_LAYER, LOAD_PERCENTILES,
+                 CROSS_LAYER, LOAD_PERCENTILES, HEAD_COACTIVATION, EXPERT_COACTIVATION,
                  *(kind_file(name, kind) for kind in SEQ2SEQ_KINDS for name in _PER_REPORT))
 
 __all__ = [
-    "as_report", "byte_decode", "byte_encode", "cross_layer_heatmaps", "draw_routing_graph", "draw_routing_graphs",
-    "load_percentiles_figure", "specialisation_heatmap", "html_report", "write_html_report",
+    "as_report", "byte_decode", "byte_encode", "coactivation_heatmaps", "cross_layer_heatmaps", "draw_routing_graph",
+    "draw_routing_graphs",
+    "load_percentiles_figure", "saturation_figure", "specialisation_heatmap", "html_report", "write_html_report",
     "ablation_heatmap", "expert_load_heatmap", "head_load_heatmap", "layered_routing_graph", "read_metrics_csv",
     "routing_graph", "save_figure", "token_labels", "token_routing", "token_trace", "training_curves",
     "write_all_pictures", "write_graphml", "kind_reports", "kind_file", "routing_graphs_by_kind",
@@ -64,7 +69,8 @@ def write_all_pictures(model: Any, stats: Any, out_dir: Union[str, Path], text: 
     ``token_trace.png`` (``encode`` / ``decode`` default to byte-level UTF-8). With an existing
     ``metrics_csv``: ``training_curves.png``. With more than one layer: ``cross_layer.png``; with routed
     heads or experts: ``load_percentiles.png``; with statistics collected by source:
-    ``specialisation.png``. ``trace_tokens``: the most tokens the trace draws (a longer text is refused).
+    ``specialisation.png``; ``head_coactivation.png`` (and with experts ``expert_coactivation.png``):
+    P(b | a) within each layer. ``trace_tokens``: the most tokens the trace draws (a longer text is refused).
 
     Statistics of a seq2seq model (one report per attention kind, :mod:`gohgraph.viz.kinds`) write
     every per-report picture once per kind, named ``<picture>_<kind>`` (``routing_graphs_encoder.png``,
@@ -91,6 +97,9 @@ def write_all_pictures(model: Any, stats: Any, out_dir: Union[str, Path], text: 
             written.append(_saved(load_percentiles_figure(report), name(LOAD_PERCENTILES)))
         if "by_source" in report:
             written.append(_saved(specialisation_heatmap(report), name(SPECIALISATION)))
+        for unit_kind, file in (("heads", HEAD_COACTIVATION), ("experts", EXPERT_COACTIVATION)):
+            if any("coactivation_given" in layer.get(unit_kind, {}) for layer in report["layers"]):
+                written.append(_saved(coactivation_heatmaps(report, unit_kind, attention_kind=kind), name(file)))
     if text and not per_kind:
         written.append(_saved(token_trace(model, text, encode=encode, decode=decode, max_tokens=trace_tokens),
                               out_dir / TOKEN_TRACE))

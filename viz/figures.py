@@ -13,6 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
+from ..routing import KIND_CROSS, KIND_DECODER, KIND_DECODER_SELF, KIND_ENCODER
+
 COLOURS = {
     "shared head": "#4C72B0",
     "routed head": "#DD8452",
@@ -24,9 +26,9 @@ SAVE_FORMATS = (".png", ".svg", ".pdf")
 # how titles name each attention kind of a routing report (gohgraph.analysis.stats.kinds);
 # a decoder-only model's single kind is left unnamed, so its pictures read as they always did
 KIND_TITLES = {
-    "encoder": "encoder self-attention",
-    "decoder_self": "decoder self-attention",
-    "cross": "cross-attention",
+    KIND_ENCODER: "encoder self-attention",
+    KIND_DECODER_SELF: "decoder self-attention",
+    KIND_CROSS: "cross-attention",
 }
 DPI = 120
 # room a suptitle leaves at each side of the figure, in inches (constrained layout's own pad is ~0.04)
@@ -98,7 +100,7 @@ def as_report(stats: Any) -> Dict[str, Any]:
 
 def kind_prefix(kind: Optional[str]) -> str:
     """``"encoder self-attention: "`` for ``kind="encoder"`` etc.; ``""`` for ``None`` or ``"decoder"``."""
-    if kind is None or kind == "decoder":
+    if kind is None or kind == KIND_DECODER:
         return ""
     if kind not in KIND_TITLES:
         raise ValueError(f"kind={kind!r} is not an attention kind: one of {list(KIND_TITLES)} or None")

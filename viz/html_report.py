@@ -11,7 +11,10 @@ machine without network. Sections:
 * specialisation by source (when the statistics were collected by source);
 * a text box: hover a token to see, per layer, the heads it activated with their gates and the
   experts it was sent to with their weights (from the model's routing records, see
-  :func:`~gohgraph.viz.token_trace.token_routing`).
+  :func:`~gohgraph.viz.token_trace.token_routing`);
+* for a decoder, given ``ablation`` (``gohgraph ablate``'s JSON) and / or ``logit_lens``: the Δ loss
+  heatmaps of each unit forced off / on and the tokens each unit promotes; both are added to every
+  unit's hover text in the routing graphs (:mod:`gohgraph.viz.html_units`).
 
 A seq2seq model's page has the routing sections once per attention kind (encoder self, decoder
 self, cross), each titled with it, and its text box reads the text as a source (encoder routing).
@@ -32,9 +35,11 @@ import torch
 
 from ..data.objectives import SpecialTokens
 from ..data.tokenizers import byte_decode, byte_encode
+from ..models.families import family_of
 from .curves import training_curves
 from .figures import KIND_TITLES, has_experts
-from .html_svg import diverging_colour, heatmap_svg, routing_graph_svg, sequential_colour
+from .html_svg import diverging_colour, heatmap_svg, routing_graph_svg, sequential_colour, signed_colour
+from .html_units import ablation_section, check_ablation, lens_table, unit_notes
 from .kinds import kind_reports
 from .token_trace import VISIBLE_WHITESPACE, token_pieces, token_routing
 
@@ -45,19 +50,37 @@ MAX_REPORT_TOKENS = 512  # the text box keeps one hover target per token
 def html_report(model: torch.nn.Module, stats: Any, text: Optional[str] = None,
                 metrics_csv: Optional[Union[str, Path]] = None,
                 encode: Optional[Callable[[str], Sequence[int]]] = None,
-                decode: Optional[Callable[[Sequence[int]], str]] = None, title: str = "gohgraph routing report") -> str:
+                decode: Optional[Callable[[Sequence[int]], str]] = None, title: str = "gohgraph routing report",
+                ablation: Optional[Dict[str, Any]] = None, logit_lens: Optional[Dict[str, Any]] = None) -> str:
     """The report page as a string (see the module docstring). ``stats``: a ``RoutingStats`` or its
     report; for a seq2seq model a ``KindRoutingStats`` (or its report), whose attention kinds
     (encoder self, decoder self, cross) each get their routing sections, and whose text box shows
-    the encoder's routing of the text as a source."""
+    the encoder's routing of the text as a source. A decoder's page may add ``ablation`` (``gohgraph
+    ablate``'s JSON) and ``logit_lens`` (``{"heads": ..., "experts": ...}``): a section each, and
+    every unit's hover in the routing graphs names its Δ loss and the tokens it promotes
+    (:mod:`gohgraph.viz.html_units`)."""
     kinds = kind_reports(stats)
+    if len(kinds) > 1 and (ablation is not None or logit_lens is not None):
+        raise ValueError("ablation and logit_lens are a decoder's analyses; this report has several attention kinds")
+    if ablation is not None:
+        ablation = check_ablation(ablation)
     encode, decode = encode or byte_encode, decode or byte_decode
     label = _token_labeller(model, decode)
+    notes = unit_notes(ablation, logit_lens, label)
     sections = [_header(kinds, title)]
     if metrics_csv is not None and Path(metrics_csv).is_file():
         sections.append(_section("Training curves", f'<div class="curves">{_curves_svg(metrics_csv)}</div>'))
     for kind, report in kinds.items():
-        sections += _routing_sections(report, label, KIND_TITLES[kind] if len(kinds) > 1 else None)
+        sections += _routing_sections(report, label, KIND_TITLES[kind] if len(kinds) > 1 else None, notes)
+    if ablation is not None:
+        heatmaps = ablation_section(ablation, logit_lens, label, delta_colour(ablation))
+        sections.append(_section(
+            "Ablation: Δ loss per unit", f'<div class="row">{heatmaps}</div>',
+            f"validation loss with the unit forced off (or on) minus the baseline {ablation['baseline_loss']:.4f} "
+            "nats/token: red = the model needs it. Hover a cell for its Δ loss and the tokens the unit promotes."))
+    if logit_lens is not None:
+        sections.append(_section("Logit lens: the tokens each unit promotes", lens_table(logit_lens, label),
+                                 "W_U times the unit's mean applied output (direct logit attribution), best first."))
     tokens: List[Dict[str, Any]] = []
     if text:
         box, tokens = _token_box(model, text, encode, decode)
@@ -95,13 +118,15 @@ def _header(kinds: Dict[str, Dict[str, Any]], title: str) -> str:
             "excluded.</p>")
 
 
-def _routing_sections(report: Dict[str, Any], label: Callable[[int], str], kind_title: Optional[str]) -> List[str]:
+def _routing_sections(report: Dict[str, Any], label: Callable[[int], str], kind_title: Optional[str],
+                      notes: Optional[Dict[Any, str]] = None) -> List[str]:
     """The routing graphs, load heatmaps, cross-layer transitions and specialisation by source of
-    one report; ``kind_title`` (e.g. ``"cross-attention"``) names the attention kind in each title."""
+    one report; ``kind_title`` (e.g. ``"cross-attention"``) names the attention kind in each title;
+    ``notes`` add a line to units' hover texts (:func:`~gohgraph.viz.html_units.unit_notes`)."""
     cfg = report["config"]
     named = lambda name: f"{name} ({kind_title})" if kind_title else name  # noqa: E731
     graphs = "".join(
-        f'<figure>{routing_graph_svg(layer, report["head_edges"], cfg["n_shared_heads"], label)}'
+        f'<figure>{routing_graph_svg(layer, report["head_edges"], cfg["n_shared_heads"], label, notes)}'
         f'<figcaption>layer {layer["layer"]}</figcaption></figure>' for layer in report["layers"])
     sections = [_section(named("Routing graph per layer"), f'<div class="row">{graphs}</div>',
                          "node size: how often a head is active (experts: utilisation); "
@@ -216,6 +241,12 @@ def _token_box(model: torch.nn.Module, text: str, encode, decode) -> tuple:
     return box, tokens
 
 
+def delta_colour(ablation: Dict[str, Any]) -> Callable[[Optional[float]], str]:
+    """:func:`~gohgraph.viz.html_svg.signed_colour` scaled to the largest |Δ loss| of the per-unit rows."""
+    values = [abs(row["delta_loss"]) for row in ablation["interventions"] if row["layer"] is not None]
+    return signed_colour(max(values + [1e-9]))
+
+
 def _page(title: str, body: str, data: Dict[str, Any]) -> str:
     css = (ASSETS / "report.css").read_text(encoding="utf-8")
     script = (ASSETS / "report.js").read_text(encoding="utf-8")
@@ -232,7 +263,7 @@ def _token_labeller(model: torch.nn.Module, decode: Callable[[Sequence[int]], st
     """``token id -> label`` for the hover texts: the decoded piece; for an id the tokenizer cannot
     decode, the name of the special token a gohgraph objective puts there (``[PAD]``, ...), else ``[id]``."""
     special_names: Dict[int, str] = {}
-    if model.config.model_type != "decoder":  # the objectives' layout: specials after the tokenizer's ids
+    if family_of(model.config).special_tokens:  # the objectives' layout: specials after the tokenizer's ids
         special = SpecialTokens.of_model(model.config)
         special_names = {special.mask: "[MASK]", special.cls: "[CLS]", special.pad: "[PAD]"}
         if special.with_eos:

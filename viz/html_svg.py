@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .figures import COLOURS
 
@@ -24,9 +24,14 @@ def attr(value: Any) -> str:
 
 
 def routing_graph_svg(layer_report: Dict[str, Any], head_edges: Sequence[Sequence[int]], n_shared_heads: int,
-                      token_label: Callable[[int], str]) -> str:
+                      token_label: Callable[[int], str], notes: Optional[Mapping[Tuple[str, int, int], str]] = None
+                      ) -> str:
     """One layer: heads on a circle (size = activation frequency), inter-head flow edges (width =
-    mean effective flow, scaled to the layer's largest), routed experts in a column (size = utilisation)."""
+    mean effective flow, scaled to the layer's largest), routed experts in a column (size = utilisation).
+    ``notes[("head" | "expert", layer, unit)]``: a line added to that unit's hover text (its Δ loss
+    and the tokens it promotes, :mod:`gohgraph.viz.html_units`)."""
+    notes = notes or {}
+    at = layer_report["layer"]
     width, height = GRAPH_SIZE
     cx, cy, radius = HEAD_CIRCLE
     heads = layer_report["heads"]
@@ -58,7 +63,7 @@ def routing_graph_svg(layer_report: Dict[str, Any], head_edges: Sequence[Sequenc
             tops = _top_tokens(experts.get("top_tokens"), e, token_label)
             tip = (f"expert e{e}: load {experts['load'][e]:.3f} of assignments, utilisation "
                    f"{experts['utilisation'][e]:.2f}x ideal, {experts['assignment_count'][e]} assignments"
-                   + (f"; top tokens {tops}" if tops else ""))
+                   + (f"; top tokens {tops}" if tops else "") + _note(notes, ("expert", at, e)))
             parts.append(f'<circle class="node expert" cx="{EXPERT_X}" cy="{y:.1f}" r="{size:.1f}" '
                          f'fill="{COLOURS["expert"]}" data-tip="{attr(tip)}"/>'
                          f'<text x="{EXPERT_X + 16}" y="{y + 4:.1f}" class="label">e{e}</text>')
@@ -68,7 +73,7 @@ def routing_graph_svg(layer_report: Dict[str, Any], head_edges: Sequence[Sequenc
         size = 6 + 16 * math.sqrt(heads["activation_frequency"][h])
         tops = _top_tokens(heads.get("top_tokens"), h, token_label)
         tip = (f"{kind} h{h}: active for {heads['activation_frequency'][h]:.1%} of tokens, mean gate "
-               f"{heads['mean_gate'][h]:.3f}" + (f"; top tokens {tops}" if tops else ""))
+               f"{heads['mean_gate'][h]:.3f}" + (f"; top tokens {tops}" if tops else "") + _note(notes, ("head", at, h)))
         parts.append(f'<circle class="node head" cx="{x:.1f}" cy="{y:.1f}" r="{size:.1f}" fill="{COLOURS[kind]}" '
                      f'data-tip="{attr(tip)}"/><text x="{x:.1f}" y="{y + 4:.1f}" class="label inside">{h}</text>')
     parts.append("</svg>")
@@ -77,8 +82,9 @@ def routing_graph_svg(layer_report: Dict[str, Any], head_edges: Sequence[Sequenc
 
 def heatmap_svg(values: List[List[Optional[float]]], row_labels: Sequence[str], column_labels: Sequence[str],
                 colour: Callable[[Optional[float]], str], tip: Callable[[int, int, Optional[float]], str],
-                title: str, cell: int = 30) -> str:
-    """A grid of ``[rows, columns]`` cells coloured by ``colour(value)``, each with its hover text."""
+                title: str, cell: int = 30, fmt: str = "{:.2f}") -> str:
+    """A grid of ``[rows, columns]`` cells coloured by ``colour(value)``, each with its hover text and
+    its value written as ``fmt``."""
     left, top = 90, 34
     width, height = left + cell * len(column_labels) + 10, top + cell * len(row_labels) + 10
     parts = [f'<svg class="heatmap" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
@@ -90,7 +96,7 @@ def heatmap_svg(values: List[List[Optional[float]]], row_labels: Sequence[str], 
         parts.append(f'<text x="{left - 6}" y="{top + cell * i + cell / 2 + 4}" class="label" '
                      f'text-anchor="end">{html.escape(label)}</text>')
         for j, value in enumerate(values[i]):
-            text = "" if value is None else f"{value:.2f}"
+            text = "" if value is None else fmt.format(value)
             parts.append(f'<rect class="cell" x="{left + cell * j}" y="{top + cell * i}" width="{cell - 1}" '
                          f'height="{cell - 1}" fill="{colour(value)}" data-tip="{attr(tip(i, j, value))}"/>'
                          f'<text x="{left + cell * j + cell / 2}" y="{top + cell * i + cell / 2 + 3}" '
@@ -120,8 +126,22 @@ def diverging_colour(centre: float = 1.0, span: float = 2.0) -> Callable[[Option
     return colour
 
 
+def signed_colour(limit: float) -> Callable[[Optional[float]], str]:
+    """Blue below 0, white at 0, red above, full at ``±limit`` (a difference such as Δ loss); grey for undefined."""
+    def colour(value: Optional[float]) -> str:
+        if value is None:
+            return "#dddddd"
+        t = max(-1.0, min(1.0, value / limit if limit > 0 else 0.0))
+        return _mix((255, 255, 255), (178, 24, 43), t) if t >= 0 else _mix((255, 255, 255), (33, 102, 172), -t)
+    return colour
+
+
 def _mix(a, b, t: float) -> str:
     return "#" + "".join(f"{round(x + (y - x) * t):02x}" for x, y in zip(a, b))
+
+
+def _note(notes: Mapping[Tuple[str, int, int], str], key: Tuple[str, int, int]) -> str:
+    return f"\n{notes[key]}" if key in notes else ""
 
 
 def _top_tokens(top_tokens: Optional[list], node: int, token_label: Callable[[int], str]) -> str:

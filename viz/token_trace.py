@@ -21,6 +21,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from ..data.tokenizers import byte_decode, byte_encode
+from ..models.families import family_of
 from ..models.recursion import block_applications
 from .figures import fitted_suptitle, new_figure, save_figure
 
@@ -42,12 +43,7 @@ def token_routing(model: torch.nn.Module, input_ids: torch.Tensor) -> List[Dict[
     was_training = model.training
     model.eval()
     try:
-        if model.config.model_type == "seq2seq":
-            routing, recursion = model.encode(ids)[1], None
-        else:
-            out = model(ids)
-            # an encoder's output has no recursion field (only the decoder-only model recurses)
-            routing, recursion = out.routing, getattr(out, "recursion", None)
+        routing, recursion = family_of(model.config).text_routing(model, ids)
     finally:
         model.train(was_training)
     n_experts = model.config.n_routed_experts

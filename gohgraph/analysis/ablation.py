@@ -49,6 +49,9 @@ from ..routers.heads import MESSAGE_ABLATIONS, HeadRouter, HeadRouting
 HEAD_OFF, HEAD_ON, EXPERT_OFF, HEAD_K, EXPERT_K, MESSAGES = (
     "head_off", "head_on", "expert_off", "head_k", "expert_k", "messages")
 CSV_COLUMNS = ("kind", "layer", "unit", "delta_loss", "changed_decisions")
+# what `gohgraph ablate` writes in its --out folder; `gohgraph report` reads JSON_FILE from a run's
+# ABLATION_DIR (or the checkpoint's) to show each unit's Δ loss
+ABLATION_DIR, JSON_FILE, CSV_FILE, HEATMAP_FILE = "ablation", "ablation.json", "ablation.csv", "ablation_heatmap.png"
 
 
 # ---------------------------------------------------------------------- the routed units of a model

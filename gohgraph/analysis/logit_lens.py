@@ -32,6 +32,26 @@ refuses such batches rather than miss heads.
 
     lens = collect_logit_lens(model, batches, top_k=10, tokenizer=tokenizer)
     lens["0"]["3"]  # layer 0, head 3: [[token id, score, text], ...] best first
+
+**Experts** (:class:`ExpertLogitLens`). An expert layer's output is linear in what each routed
+expert returns (module docstring of :mod:`gohgraph.moe.layer`): sub-token ``s`` of token ``t``
+gets :math:`\sum_{e} w_{t,s,e} E_e(x_{t,s})`, the slots are concatenated and merged, so expert
+``e``'s direct contribution to the residual at token ``t`` is
+
+.. math::
+    c_{e,t} = W_{merge}\, \big[\ \mathbb 1[e \in \mathrm{top}k(t,s)]\, w_{t,s,e}\, E_e(x_{t,s})\ \big]_{s=1..m}
+    \qquad (W_{merge} = I \text{ without a merge layer}),
+
+and its lens is :math:`\ell_e = W_U\, \frac{1}{|T_e|} \sum_{t \in T_e} c_{e,t}` over the real tokens
+``T_e`` that sent at least one sub-token to ``e``. The expert outputs are recomputed from the
+layer's captured input with the layer's own modules (head layer, grouped experts) for the
+choices the routing record names, so nothing in the dispatch is hooked; shared experts (always
+on) are not routed units and are left out. Same scope and final-norm rule as the heads. With
+BitNet layers (``linear="bitnet"``) the experts run as the model runs them (quantised), while the
+merge is applied with its latent full-precision weight, as the heads' ``W_O`` is.
+
+    experts = collect_expert_logit_lens(model, batches, top_k=10, tokenizer=tokenizer)
+    experts["1"]["2"]  # layer 1, routed expert 2: [[token id, score, text], ...] best first
 """
 
 from __future__ import annotations
@@ -42,7 +62,10 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ["LogitLens", "capture_head_outputs", "collect_logit_lens", "lens_supported"]
+from ..models.output_head import output_weight
+
+__all__ = ["ExpertLogitLens", "LogitLens", "capture_expert_inputs", "capture_head_outputs",
+           "collect_expert_logit_lens", "collect_logit_lens", "expert_lens_supported", "lens_supported"]
 
 Batch = Union[torch.Tensor, Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
@@ -115,12 +138,7 @@ class LogitLens:
 
     def unembedding(self) -> torch.Tensor:
         """``W_U [vocab, d_model]`` (float64), times the final norm's weight when asked."""
-        model = self.model
-        w_u = (model.embed.weight if model.lm_head is None else model.lm_head.weight).detach().double().cpu()
-        weight = getattr(model.final_norm, "weight", None)
-        if self.final_norm_weight and weight is not None:
-            w_u = w_u * weight.detach().double().cpu()
-        return w_u
+        return unembedding(self.model, self.final_norm_weight)
 
     @torch.no_grad()
     def scores(self, layer: int) -> torch.Tensor:
@@ -134,25 +152,32 @@ class LogitLens:
     def report(self, top_k: int = 10, tokenizer=None) -> Dict[str, Dict[str, Any]]:
         """``{layer: {head: [[token id, score], ...]}}`` (string keys, best first; ``[token id, score,
         text]`` with a ``tokenizer``); a head never active over the data gets ``[]``."""
-        result: Dict[str, Dict[str, Any]] = {}
-        for layer in range(len(self.model.blocks)):
-            scores = self.scores(layer)
-            k = min(top_k, scores.shape[1])
-            top = scores.nan_to_num(float("-inf")).topk(k, dim=1)
-            heads: Dict[str, Any] = {}
-            for head in range(self.n_heads):
-                if self.counts[layer, head] == 0:
-                    heads[str(head)] = []
-                    continue
-                rows = []
-                for value, token in zip(top.values[head].tolist(), top.indices[head].tolist()):
-                    row = [token, value]
-                    if tokenizer is not None:
-                        row.append(_decode(tokenizer, token))
-                    rows.append(row)
-                heads[str(head)] = rows
-            result[str(layer)] = heads
-        return result
+        return {str(layer): top_token_rows(self.scores(layer), self.counts[layer], top_k, tokenizer)
+                for layer in range(len(self.model.blocks))}
+
+
+def unembedding(model: nn.Module, final_norm_weight: bool = False) -> torch.Tensor:
+    """``W_U [vocab, d_model]`` (float64, CPU) of a decoder, times the final norm's weight when asked."""
+    w_u = output_weight(model).detach().double().cpu()
+    weight = getattr(model.final_norm, "weight", None)
+    if final_norm_weight and weight is not None:
+        w_u = w_u * weight.detach().double().cpu()
+    return w_u
+
+
+def top_token_rows(scores: torch.Tensor, counts: torch.Tensor, top_k: int, tokenizer=None) -> Dict[str, Any]:
+    """``{unit: [[token id, score(, text)], ...]}`` best first from ``scores [units, vocab]``; a unit
+    whose ``counts`` entry is 0 (never active) gets ``[]``."""
+    k = min(top_k, scores.shape[1])
+    top = scores.nan_to_num(float("-inf")).topk(k, dim=1)
+    units: Dict[str, Any] = {}
+    for unit in range(scores.shape[0]):
+        rows = []
+        if counts[unit] > 0:
+            for value, token in zip(top.values[unit].tolist(), top.indices[unit].tolist()):
+                rows.append([token, value] + ([_decode(tokenizer, token)] if tokenizer is not None else []))
+        units[str(unit)] = rows
+    return units
 
 
 def _decode(tokenizer, token: int) -> str:
@@ -184,3 +209,153 @@ def collect_logit_lens(model: nn.Module, batches: Iterable[Batch], top_k: int = 
                        final_norm_weight: bool = False) -> Dict[str, Dict[str, Any]]:
     """:meth:`LogitLens.report` of ``model`` over ``batches`` (see the module docstring)."""
     return run_logit_lens(model, batches, final_norm_weight).report(top_k, tokenizer)
+
+
+# ---------------------------------------------------------------------- experts
+def expert_lens_supported(model: nn.Module) -> bool:
+    """Whether :class:`ExpertLogitLens` covers ``model``: a decoder applying each block once, with
+    at least one expert feed-forward layer."""
+    from ..models.decoder import GoHTransformer
+    from ..moe.layer import MoEFeedForward
+
+    if not isinstance(model, GoHTransformer) or model.config.recursion != "none":
+        return False
+    return any(isinstance(block.ffn, MoEFeedForward) for block in model.blocks)
+
+
+@contextlib.contextmanager
+def capture_expert_inputs(model: nn.Module) -> Iterator[List[Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]]]:
+    """Within the context, every forward of ``model`` fills the yielded list, one entry per layer,
+    with ``(x [batch, seq, d_model], token_mask [batch, seq] or None)`` as they enter each expert
+    feed-forward layer (detached; ``None`` for a dense layer). Hooks only, removed on exit."""
+    from ..moe.layer import MoEFeedForward
+
+    captured: List[Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]] = [None] * len(model.blocks)
+    handles = []
+
+    def hook_for(layer: int):
+        def hook(_module, args, kwargs):
+            x = args[0] if args else kwargs["x"]
+            mask = args[1] if len(args) > 1 else kwargs.get("token_mask")
+            captured[layer] = (x.detach(), None if mask is None else mask.detach())
+        return hook
+
+    try:
+        for layer, block in enumerate(model.blocks):
+            if isinstance(block.ffn, MoEFeedForward):
+                handles.append(block.ffn.register_forward_pre_hook(hook_for(layer), with_kwargs=True))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class ExpertLogitLens:
+    r"""Running per-(layer, routed expert) sums of the experts' applied outputs, before the merge.
+
+    ``sums [layers, experts, subtokens, d_sub]`` holds :math:`\sum_t \sum_s w_{t,s,e} E_e(x_{t,s})` in
+    slot ``s`` (the merge is linear, so it is applied once in :meth:`scores`), ``counts [layers,
+    experts]`` the real tokens that sent a sub-token to the expert. ``update(expert_inputs, routing,
+    attention_mask=None)`` adds one batch (``expert_inputs`` from :func:`capture_expert_inputs`).
+    """
+
+    def __init__(self, model: nn.Module, final_norm_weight: bool = False) -> None:
+        if not expert_lens_supported(model):
+            raise ValueError("the expert logit lens covers decoder models with expert feed-forward layers, "
+                             "applying each block once (no Mixture-of-Recursions)")
+        from ..moe.layer import MoEFeedForward
+
+        self.model, self.final_norm_weight = model, final_norm_weight
+        self.ffns = [block.ffn if isinstance(block.ffn, MoEFeedForward) else None for block in model.blocks]
+        first = next(ffn for ffn in self.ffns if ffn is not None)
+        self.n_experts, self.n_subtokens, self.d_sub = first.n_routed, first.n_subtokens, first.d_sub
+        self.sums = torch.zeros(len(self.ffns), self.n_experts, self.n_subtokens, self.d_sub, dtype=torch.float64)
+        self.counts = torch.zeros(len(self.ffns), self.n_experts, dtype=torch.float64)
+
+    @torch.no_grad()
+    def update(self, expert_inputs, routing, attention_mask=None) -> None:
+        for layer, (ffn, captured, record) in enumerate(zip(self.ffns, expert_inputs, routing)):
+            if ffn is None:
+                continue
+            if captured is None or record.expert_indices is None:
+                raise ValueError(f"layer {layer}: the expert layer's input or routing was not captured")
+            x, token_mask = captured
+            real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            if token_mask is not None:
+                real &= token_mask.bool()
+            if attention_mask is not None:
+                real &= attention_mask.to(x.device).bool()[:, -x.shape[1]:]
+            sums, counts = applied_expert_outputs(ffn, x, record.expert_indices, record.expert_weights, real)
+            self.sums[layer] += sums.cpu()
+            self.counts[layer] += counts.cpu()
+        expert_inputs[:] = [None] * len(expert_inputs)
+
+    @torch.no_grad()
+    def scores(self, layer: int) -> torch.Tensor:
+        """``[experts, vocab]``: each routed expert's mean direct logit contribution (NaN: never chosen)."""
+        ffn = self.ffns[layer]
+        if ffn is None:
+            raise ValueError(f"layer {layer} has no expert feed-forward")
+        mean = (self.sums[layer] / self.counts[layer][:, None, None]).flatten(1)  # [experts, d_model], slots concatenated
+        if ffn.has_head_and_merge:
+            mean = mean @ ffn.merge.weight.detach().double().cpu().t()  # c_e = W_merge [...]
+        return mean @ unembedding(self.model, self.final_norm_weight).t()
+
+    def report(self, top_k: int = 10, tokenizer=None) -> Dict[str, Dict[str, Any]]:
+        """``{layer: {expert: [[token id, score(, text)], ...]}}`` for the expert layers (string keys,
+        routed expert ids, best first); an expert never chosen over the data gets ``[]``."""
+        return {str(layer): top_token_rows(self.scores(layer), self.counts[layer], top_k, tokenizer)
+                for layer, ffn in enumerate(self.ffns) if ffn is not None}
+
+
+def applied_expert_outputs(ffn: nn.Module, x: torch.Tensor, expert_indices: torch.Tensor,
+                           expert_weights: torch.Tensor, real: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""Per routed expert, the sum of its gate-weighted outputs over the real tokens, per sub-token slot.
+
+    ``x [batch, seq, d_model]`` (the layer's input), ``expert_indices`` / ``expert_weights``
+    ``[batch, seq, m, k]``, ``real [batch, seq]`` bool -> (``[experts, m, d_sub]`` float64 sums of
+    :math:`w_{t,s,e} E_e(x_{t,s})`, ``[experts]`` float64 count of real tokens that chose the expert
+    in some slot). The experts run once on their chosen sub-tokens, sorted by expert as the layer's
+    dispatch does, through the layer's own expert module.
+    """
+    n_experts, m = ffn.n_routed, ffn.n_subtokens
+    k = expert_indices.shape[-1]
+    sub = (ffn.head(x) if ffn.has_head_and_merge else x).reshape(-1, m, ffn.d_sub)  # [tokens, m, d_sub]
+    indices = expert_indices.reshape(-1, m, k).long()
+    weights = expert_weights.reshape(-1, m, k)
+    token, slot, choice = torch.nonzero(real.reshape(-1)[:, None, None].expand(-1, m, k), as_tuple=True)
+    experts = indices[token, slot, choice]
+    order = torch.argsort(experts, stable=True)
+    token, slot, choice, experts = token[order], slot[order], choice[order], experts[order]
+    offsets = torch.bincount(experts, minlength=n_experts).cumsum(0).to(torch.int32)
+    outputs = ffn.experts(sub[token, slot], offsets).double() * weights[token, slot, choice].double()[:, None]
+    sums = torch.zeros(n_experts * m, ffn.d_sub, dtype=torch.float64, device=x.device)
+    sums.index_add_(0, experts * m + slot, outputs)
+    chose = torch.zeros(sub.shape[0], n_experts, dtype=torch.bool, device=x.device)
+    chose[token, experts] = True  # a token that sent two slots to e counts once
+    return sums.view(n_experts, m, ffn.d_sub), chose.sum(0).double()
+
+
+def run_expert_logit_lens(model: nn.Module, batches: Iterable[Batch], final_norm_weight: bool = False
+                          ) -> ExpertLogitLens:
+    """Run ``model`` (eval mode, no grad) over ``batches`` (as :func:`run_logit_lens`) and return the
+    filled :class:`ExpertLogitLens`; the training mode is restored."""
+    lens = ExpertLogitLens(model, final_norm_weight)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), capture_expert_inputs(model) as captured:
+            for batch in batches:
+                input_ids, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
+                out = model(input_ids.to(device), attention_mask=None if mask is None else mask.to(device))
+                lens.update(captured, out.routing, mask)
+    finally:
+        model.train(was_training)
+    return lens
+
+
+def collect_expert_logit_lens(model: nn.Module, batches: Iterable[Batch], top_k: int = 10, tokenizer=None,
+                              final_norm_weight: bool = False) -> Dict[str, Dict[str, Any]]:
+    """:meth:`ExpertLogitLens.report` of ``model`` over ``batches`` (see the module docstring)."""
+    return run_expert_logit_lens(model, batches, final_norm_weight).report(top_k, tokenizer)

@@ -10,7 +10,8 @@ graph are removed; with the share of routing decisions that change
 (:mod:`gohgraph.analysis.ablation`). Writes ``ablation.json``, ``ablation.csv`` (one row per
 intervention: kind, layer, unit, delta_loss, changed_decisions) and ``ablation_heatmap.png``
 (layers x heads Δ loss with each head forced off; layers x experts for an expert-only model) in
-``--out``.
+``--out``. Written into the run's ``ablation/`` folder (``--out runs/x/ablation``), they show up in
+``gohgraph report`` of that run: Δ loss per unit, also on hover.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import sys
 from pathlib import Path
 
 from .common import add_data_arguments, add_overwrite_argument, load_model, prepare_output, validation_batches
-
-JSON_FILE, CSV_FILE, HEATMAP_FILE = "ablation.json", "ablation.csv", "ablation_heatmap.png"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis.ablation import ablate, check_ablatable
+    from ..analysis.ablation import CSV_FILE, HEATMAP_FILE, JSON_FILE, ablate, check_ablatable
     from ..viz import ablation_heatmap
 
     out = prepare_output(Path(args.out), args.overwrite, is_directory=True,

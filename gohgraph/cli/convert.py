@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..interop.convert import convert_hf_model
+    from ..models.families import family_of
 
     if Path(args.out).resolve() == Path(args.source).resolve():
         raise ValueError(f"--out {args.out} is the source directory; choose another so the source is kept")
@@ -71,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer.is_file():  # the tokenizer travels with the model: train/eval/generate read it from here
         shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
     cfg = model.config
-    layers = (f"{cfg.n_layers} encoder + {cfg.decoder_layers} decoder layers" if cfg.model_type == "seq2seq"
-              else f"{cfg.n_layers} layers")
+    depths = family_of(cfg).stack_depths(cfg)  # one stack: "4 layers"; two: "2 encoder + 3 decoder layers"
+    layers = " + ".join(f"{n} {stack}" if len(depths) > 1 else f"{n}" for stack, n in depths.items()) + " layers"
     print(f"converted {args.source} -> {out}: {layers}, {cfg.n_heads} heads "
           f"({cfg.kv_heads} kv), router={cfg.router}, active heads {cfg.active_heads}/{cfg.n_heads}, "
           f"ffn={cfg.ffn}, {model.num_parameters():,} parameters; dense_blend=1.0 "

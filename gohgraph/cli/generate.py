@@ -17,6 +17,7 @@ import torch
 from ..data.objectives import SpecialTokens
 from ..data.tokenizers import TOKENIZER_FILE, load_tokenizer
 from ..models.compile import CompileUnavailableWarning
+from ..models.families import family_of, model_types
 from .common import load_model, run_dir_of
 from .seq2seq_batches import run_objective
 
@@ -41,8 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, directory = load_model(args.checkpoint, args.device, families=("decoder", "seq2seq"),
+    model, directory = load_model(args.checkpoint, args.device,
+                                  families=model_types(lambda family: family.generation is not None),
                                   purpose="generate text (an encoder scores or classifies; try gohgraph eval)")
+    generation = family_of(model.config).generation
     tokenizer_home = directory if (directory / TOKENIZER_FILE).is_file() else (run_dir_of(directory) or directory)
     tokenizer = load_tokenizer(tokenizer_home)
     prompt_ids = tokenizer.encode(args.prompt)
@@ -50,26 +53,26 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--prompt must not be empty")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
-    room = model.config.max_seq_len - (1 if model.config.model_type == "seq2seq" else len(prompt_ids))
-    if room < 1 or (model.config.model_type == "seq2seq" and len(prompt_ids) > model.config.max_seq_len):
+    room = generation.room(model.config, len(prompt_ids))
+    if room < 1:
         raise ValueError(f"--prompt is {len(prompt_ids)} tokens; the model's max_seq_len is {model.config.max_seq_len}")
     if args.max_new_tokens > room:  # the model has no positions beyond max_seq_len: said, not silently cut
-        after = "the decoder's start token" if model.config.model_type == "seq2seq" else "the prompt"
         print(f"note: --max-new-tokens {args.max_new_tokens} is more than the model's max_seq_len="
-              f"{model.config.max_seq_len} leaves after {after}; generating at most {room} tokens", file=sys.stderr)
+              f"{model.config.max_seq_len} leaves after {generation.output_start}; generating at most {room} tokens",
+              file=sys.stderr)
     eos = None
     if args.stop is not None:
         stop_ids = tokenizer.encode(args.stop)
         if len(stop_ids) != 1:
             raise ValueError(f"--stop {args.stop!r} is {len(stop_ids)} tokens of this model's tokenizer; give one token")
         eos = stop_ids[0]
-    elif model.config.model_type == "seq2seq" and seq2seq_objective_run(directory):
+    elif generation.prompt_is_source and seq2seq_objective_run(directory):
         eos = SpecialTokens.of_model(model.config).eos
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     ids = torch.tensor([prompt_ids], device=args.device)
     compile_kwargs = {}
     if args.compile:
-        if model.config.model_type == "seq2seq":
+        if not generation.compiles_decode_step:
             raise ValueError("--compile compiles a decoder-only model's decode step; seq2seq models decode eagerly")
         compile_kwargs["compile"] = True
     with warnings.catch_warnings(record=True) as caught:
@@ -83,9 +86,9 @@ def run(args: argparse.Namespace) -> int:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if fallbacks:  # the fallback as the command's one line
         print(f"gohgraph generate: --compile: {fallbacks[0].message}", file=sys.stderr)
-    if model.config.model_type == "seq2seq":
-        print(seq2seq_text(out[0, 1:].tolist(), eos, tokenizer))
-    else:
+    if generation.prompt_is_source:  # the output is the target alone: printed without its start token
+        print(seq2seq_text(out[0, generation.prefix_length(len(prompt_ids)):].tolist(), eos, tokenizer))
+    else:  # the prompt and its continuation
         print(tokenizer.decode(out[0].tolist()))
     return 0
 

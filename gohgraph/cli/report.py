@@ -9,11 +9,18 @@ several ``--data NAME=PATH`` sources or they are given here), then writes the pa
 heatmaps, cross-layer transitions, specialisation by source and a text box whose tokens show their
 routing on hover. A seq2seq run gets the routing sections per attention kind, statistics over its
 ``--data`` pairs (default: the run's), and its first validation source in the text box.
+
+A decoder's page also lists the tokens each head and expert promotes (the logit lenses of
+:mod:`gohgraph.analysis.logit_lens`, over the same batches) and, when ``gohgraph ablate`` wrote its
+``ablation.json`` into the run's (or the checkpoint's) ``ablation/`` folder, the Δ loss of every
+unit: both appear on hover in the routing graphs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 from .common import (
@@ -25,6 +32,8 @@ from .common import (
     prepare_output,
 )
 from .viz import DEFAULT_TRACE_TOKENS, collect_stats, metrics_file
+
+LENS_TOP_K = 10  # tokens per unit the page keeps from each logit lens (hover lines show the first 5)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +76,46 @@ def run(args: argparse.Namespace) -> int:
     stats, batches, tokenizer = collect_stats(args, model, checkpoint, collect_routing_stats,
                                               collect_routing_stats_by_source)
     text = args.text if args.text is not None else tokenizer.decode(first_text_ids(batches[0])[:DEFAULT_TRACE_TOKENS])
+    ablation, lenses = unit_analyses(model, checkpoint, batches)
     viz.write_html_report(out, model, stats, text=text, metrics_csv=metrics, encode=tokenizer.encode,
-                          decode=tokenizer.decode, title=args.title or f"gohgraph routing report: {checkpoint}")
+                          decode=tokenizer.decode, title=args.title or f"gohgraph routing report: {checkpoint}",
+                          ablation=ablation, logit_lens=lenses)
     print(f"wrote {out}" + ("" if metrics else " (no metrics.csv found near the checkpoint: no training curves)"))
     return 0
+
+
+def unit_analyses(model, checkpoint: Path, batches) -> tuple:
+    """``(ablation, logit_lens)`` for a decoder's page: ``gohgraph ablate``'s JSON found in the
+    checkpoint's or its run's ``ablation/`` folder (``None`` if there is none), and the head and
+    expert logit lenses over ``batches`` (``None`` for a model they do not cover)."""
+    from ..analysis.ablation import ABLATION_DIR, JSON_FILE
+    from ..analysis.logit_lens import (
+        collect_expert_logit_lens,
+        collect_logit_lens,
+        expert_lens_supported,
+        lens_supported,
+    )
+    from ..training.run_dir import RunDir
+
+    heads_covered, experts_covered = lens_supported(model), expert_lens_supported(model)
+    if not (heads_covered or experts_covered):
+        return None, None
+    lenses = {}
+    if heads_covered:
+        lenses["heads"] = collect_logit_lens(model, batches, top_k=LENS_TOP_K)
+    if experts_covered:
+        lenses["experts"] = collect_expert_logit_lens(model, batches, top_k=LENS_TOP_K)
+    run = RunDir.of_checkpoint(checkpoint)
+    folders = [Path(checkpoint)] + ([run.path] if run is not None else [])
+    found = next((folder / ABLATION_DIR / JSON_FILE for folder in folders
+                  if (folder / ABLATION_DIR / JSON_FILE).is_file()), None)
+    if found is None:
+        return None, lenses
+    try:
+        ablation = json.loads(found.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{found} cannot be read as gohgraph ablate's JSON: {error}") from None
+    measured_on = ablation.get("checkpoint") if isinstance(ablation, dict) else None
+    note = "" if measured_on in (None, str(checkpoint)) else f" (measured on {measured_on})"
+    print(f"ablation: {found}{note}", file=sys.stderr)
+    return ablation, lenses

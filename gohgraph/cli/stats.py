@@ -14,13 +14,25 @@ checkpoint reads ``--data`` as a file of ``source<TAB>target`` pairs
 (:mod:`gohgraph.cli.seq2seq_batches`) and reports each attention kind (encoder, decoder_self,
 cross) in its own section, ``report["kinds"]``. A decoder's report adds ``logit_lens``: per layer
 and head, the :data:`LENS_TOP_K` tokens its output promotes through the unembedding (direct logit
-attribution, :mod:`gohgraph.analysis.logit_lens`; a second pass over the same batches).
+attribution, :mod:`gohgraph.analysis.logit_lens`; a second pass over the same batches), and with
+expert layers ``expert_logit_lens``: per layer and routed expert, the tokens its gate-weighted
+output promotes (a third pass).
+
+The report's ``layers`` carry each layer's co-activation P(b | a) (``coactivation_given``, heads and
+experts) and ``vocabulary`` the vocabulary specialisation by input and predicted token
+(:mod:`gohgraph.analysis.stats.vocabulary`; rows in ``--csv`` too). When the checkpoint belongs to a
+run that kept at least two models (``checkpoints/step_*``, kept by ``--set keep_last=N`` at every
+``save_every``, and ``final/``), a decoder's report adds ``saturation``: per kept checkpoint and
+layer, the share of the newest model's top-k head and expert choices it already makes on the first
+:data:`SATURATION_BATCHES` validation batches (:mod:`gohgraph.analysis.saturation`), drawn in
+``<out>_saturation.png`` beside the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -35,6 +47,8 @@ from .common import (
 
 # tokens listed per head in the report's ``logit_lens`` section (gohgraph.analysis.logit_lens)
 LENS_TOP_K = 10
+# every kept checkpoint of the run runs on this many validation batches for the saturation section
+SATURATION_BATCHES = 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis.logit_lens import collect_logit_lens, lens_supported
+    from ..analysis.logit_lens import (
+        collect_expert_logit_lens,
+        collect_logit_lens,
+        expert_lens_supported,
+        lens_supported,
+    )
     from ..analysis.stats.collect import collect_routing_stats, collect_routing_stats_by_source
     from ..analysis.stats.drift import routing_drift
 
@@ -60,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
     if args.csv:
         prepare_output(Path(args.csv), args.overwrite, is_directory=False)
     model, checkpoint = load_model(args.checkpoint)
+    kept, newest = kept_models(checkpoint) if saturation_supported(model) else ([], None)
+    picture = out.with_name(out.stem + "_saturation.png")
+    if kept:  # refused before any statistics when the picture may not be written
+        prepare_output(picture, args.overwrite, is_directory=False)
     family = model.config.model_type
     if family == "seq2seq" and (args.by_source or args.compare):
         raise ValueError("--by-source and --compare are not available for a seq2seq checkpoint yet")
@@ -80,15 +103,66 @@ def run(args: argparse.Namespace) -> int:
     report = stats.report()
     if batches is not None and lens_supported(model):
         report["logit_lens"] = collect_logit_lens(model, batches, top_k=LENS_TOP_K, tokenizer=tokenizer)
+    if batches is not None and expert_lens_supported(model):
+        report["expert_logit_lens"] = collect_expert_logit_lens(model, batches, top_k=LENS_TOP_K, tokenizer=tokenizer)
     if other is not None:
         report["drift"] = {"against": str(args.compare), **routing_drift(model, other, batches)}
+    if kept:
+        report["saturation"] = saturation_over_run(kept, newest, batches[:SATURATION_BATCHES])
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.csv:
         stats.to_csv(args.csv)
+    if kept:
+        from ..viz import saturation_figure
+
+        saturation_figure(report["saturation"], picture)
     for line in summary_lines(report):
         print(line)
-    print(f"wrote {out}" + (f" and {args.csv}" if args.csv else ""))
+    print(f"wrote {out}" + (f" and {args.csv}" if args.csv else "") + (f" and {picture}" if kept else ""))
     return 0
+
+
+def saturation_supported(model) -> bool:
+    """A decoder applying each block once, with routed heads or experts (what saturation measures)."""
+    from ..analysis.ablation import check_ablatable
+
+    try:
+        check_ablatable(model)
+    except ValueError:
+        return False
+    return True
+
+
+def kept_models(checkpoint: Path) -> tuple:
+    """``([(step, directory), ...], newest)`` of the run ``checkpoint`` belongs to: its kept
+    ``checkpoints/step_*`` models, oldest first, and its newest model (``final/`` or the latest
+    step), the reference; ``([], None)`` unless the run holds at least two models."""
+    from ..storage import CONFIG_NAME
+    from ..training.run_dir import STEP_DIR, RunDir
+
+    run = RunDir.of_checkpoint(checkpoint)
+    newest = None if run is None else run.newest_model()
+    if newest is None:
+        return [], None
+    steps = [(int(STEP_DIR.match(path.name).group(1)), path) for path in run.step_dirs()
+             if (path / CONFIG_NAME).is_file()]
+    models = len(steps) + (newest not in [path for _, path in steps])
+    return (steps, newest) if models >= 2 else ([], None)
+
+
+def saturation_over_run(steps: list, newest: Path, batches) -> dict:
+    """:func:`~gohgraph.analysis.saturation.routing_saturation` of every kept step against the
+    newest model; ``final/`` itself is no entry (against itself it is 1), a newest step is one."""
+    from ..analysis.saturation import routing_saturation
+    from ..models.pretrained import from_pretrained
+
+    final = from_pretrained(newest)
+    print(f"saturation: {len(steps)} kept checkpoints against {newest}", file=sys.stderr)
+    models = ((step, final if path == newest else from_pretrained(path)) for step, path in steps)
+    result = routing_saturation(models, final, batches)
+    for entry, (_, path) in zip(result["checkpoints"], steps):
+        entry["checkpoint"] = str(path)
+    return {"reference": str(newest), **result}
 
 
 def collect_seq2seq_stats(args: argparse.Namespace, model, checkpoint):
@@ -144,6 +218,13 @@ def summary_lines(report: dict) -> Iterator[str]:
                     score, node = max(known)
                     picks.append(f"{source} -> {kind[:-1]} {node} ({score:.2f}x)")
             yield f"layer {layer['layer']} most specialised {kind[:-1]} per source: " + ", ".join(picks)
+    saturation = report.get("saturation")
+    if saturation is not None:
+        parts = []
+        for entry in saturation["checkpoints"]:
+            kinds = [f"{kind} {entry[kind]:.1%}" for kind in ("heads", "experts") if entry[kind] is not None]
+            parts.append(f"step {entry['step']} " + " ".join(kinds))
+        yield "router saturation vs the newest model: " + "; ".join(parts)
     drift = report.get("drift")
     if drift is not None:
         yield (f"routing drift vs {drift['against']}: {drift['token_drift']:.1%} of tokens change route "

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..models.families import family_of
 from ..training.run_dir import RunDir
 from .common import (
     add_data_arguments,
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     stats, batches, tokenizer = collect_stats(args, model, checkpoint, collect_routing_stats,
                                               collect_routing_stats_by_source)
     text = args.text
-    if text is None and model.config.model_type != "seq2seq":
+    if text is None and not family_of(model.config).several_routing_kinds:  # one kind: one token trace
         text = tokenizer.decode(batches[0][0, :args.trace_tokens or DEFAULT_TRACE_TOKENS].tolist())
     written = viz.write_all_pictures(model, stats, out, text=text, metrics_csv=metrics,
                                      encode=tokenizer.encode, decode=tokenizer.decode, trace_tokens=trace_tokens)
@@ -84,7 +85,7 @@ def check_trace_flags(args: argparse.Namespace, model, checkpoint: Path) -> int:
     """The token trace's ``--trace-tokens`` limit, after checking it and ``--text`` against the model,
     before the statistics are collected."""
     cfg = model.config
-    if cfg.model_type == "seq2seq":
+    if family_of(cfg).several_routing_kinds:
         given = [flag for flag, value in (("--text", args.text), ("--trace-tokens", args.trace_tokens))
                  if value is not None]
         if given:
@@ -119,7 +120,7 @@ def metrics_file(args: argparse.Namespace, checkpoint: Path) -> Optional[Path]:
 def collect_stats(args: argparse.Namespace, model, checkpoint, collect, collect_by_source):
     """``(stats, batches, tokenizer)``: by source when named sources are known, else over ``--data``;
     a seq2seq checkpoint's per attention kind over its ``--data`` pairs."""
-    if model.config.model_type == "seq2seq":
+    if family_of(model.config).several_routing_kinds:
         from ..analysis.stats.kinds import collect_routing_stats_by_kind
         from .seq2seq_batches import seq2seq_validation_batches
 

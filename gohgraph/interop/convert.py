@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..config import GoHConfig
-from ..models.pretrained import MODEL_TYPES
+from ..models.families import family_of
 from ..models.routed import RoutedModel
 from ..storage import CheckpointError, safetensors_header
 from .bert import BERT_CLASSIFIER, BERT_MLM
@@ -97,7 +97,7 @@ def convert_hf_model(hf_model_or_dir: Union[str, Path, nn.Module], **overrides: 
     state = family.weights(hf_model, cfg)
     if cfg.ffn == "moe" and source.get("ffn") != "moe":  # a dense source's MLP is copied into experts
         state = _upcycle_experts(state, cfg)
-    model = MODEL_TYPES[cfg.model_type](cfg)
+    model = family_of(cfg).model_class(cfg)
     _load_converted_state(model, state)
     model.set_dense_blend(1.0)
     return model

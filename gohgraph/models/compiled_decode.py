@@ -30,12 +30,12 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import GoHConfig
 from ..layers.kv_cache import StaticKVCache, StaticSlotWriter
 from ..layers.positions import ON_SCORES, POSITION_SCHEMES, has_attention_bias
+from .output_head import output_logits
 
 
 def whole_step_unsupported(cfg: GoHConfig) -> Optional[str]:
@@ -65,7 +65,7 @@ def decode_step(model: nn.Module, ids: torch.Tensor, writer: StaticSlotWriter, p
     for block in model.blocks:
         x, _ = block(x, cache=writer, causal=True, mask=mask, positions=positions)
     x = model.final_norm(x[:, -1])
-    return F.linear(x, model.embed.weight if model.lm_head is None else model.lm_head.weight)
+    return output_logits(model, x)
 
 
 class CompiledDecoder:

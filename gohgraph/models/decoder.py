@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +21,13 @@ from ..layers.norm import build_norm
 from ..layers.positions import build_embedding_positions
 from ..routers.heads import HeadRouting
 from ..routers.recursion import ExpertChoiceRecursionRouter
-from ..routing import LayerRouting, RecursionRouting
+from ..routing import KIND_DECODER, LayerRouting, RecursionRouting
 from ..storage import load_model, save_model
 from .block import GoHBlock
 from .compile import warn_compile_unavailable
 from .compiled_decode import CompiledDecoder, compiled_step, decode_step, whole_step_unsupported
 from .generation import check_generation_arguments, make_decode_cache, positions_from_mask, sample_next_token
+from .output_head import build_lm_head, output_logits
 from .packed import packed_state, unpack_ternary_state
 from .recursion import MixtureOfRecursions, RecursionKVCache
 from .routed import RoutedModel, weighted_aux_loss
@@ -51,6 +52,10 @@ class GoHOutput:
     cache: Optional[KVCache] = None
     recursion: Optional[RecursionRouting] = None
 
+    def routing_by_kind(self) -> Dict[str, List[LayerRouting]]:
+        """``{"decoder": routing}``: the records of the one routed attention kind, causal self-attention."""
+        return {KIND_DECODER: self.routing}
+
 
 class GoHTransformer(RoutedModel, nn.Module):
     """Decoder-only LM; see :class:`~gohgraph.GoHConfig` for the variants it covers.
@@ -72,10 +77,7 @@ class GoHTransformer(RoutedModel, nn.Module):
         # Mixture-of-Recursions: the same blocks, applied up to max_recursions times per token
         self.recursion = MixtureOfRecursions(cfg) if cfg.recursion == "mor" else None
         self.final_norm = build_norm(cfg)
-        self.lm_head = None
-        if not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        self.lm_head = build_lm_head(cfg)
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, attention_mask: Optional[torch.Tensor] = None) -> GoHOutput:
@@ -109,7 +111,7 @@ class GoHTransformer(RoutedModel, nn.Module):
                                          token_mask=token_mask)
                 routing.append(layer_routing)
         x = self.final_norm(x)
-        logits = F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+        logits = output_logits(self, x)
 
         aux_loss = weighted_aux_loss(self.config, routing, logits, recursion)
         out = GoHOutput(logits=logits, aux_loss=aux_loss, routing=routing, cache=cache, recursion=recursion)

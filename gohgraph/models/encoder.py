@@ -11,7 +11,7 @@ is the part shared with :class:`~gohgraph.models.seq2seq.GoHSeq2Seq`'s encoder.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +19,11 @@ from torch import nn
 
 from ..config import GoHConfig
 from ..layers.norm import build_norm
-from ..layers.positions import build_embedding_positions, has_attention_bias
-from ..layers.relative_bias import T5RelativeBias
-from ..routing import LayerRouting
+from ..routing import KIND_ENCODER, LayerRouting
 from .block import GoHBlock
+from .output_head import build_lm_head, output_logits
 from .routed import RoutedModel, weighted_aux_loss
+from .stacks import LayerStack
 
 
 def padding_mask(attention_mask: Optional[torch.Tensor], shape: torch.Size) -> Optional[torch.Tensor]:
@@ -36,8 +36,9 @@ def padding_mask(attention_mask: Optional[torch.Tensor], shape: torch.Size) -> O
     return attention_mask.bool()[:, None, None, :]
 
 
-class EncoderStack(nn.Module):
-    """Positions, ``n_layers`` bidirectional blocks and the final norm, on embedded tokens.
+class EncoderStack(LayerStack):
+    """Positions, ``n_layers`` bidirectional blocks and the final norm, on embedded tokens
+    (:class:`~gohgraph.models.stacks.LayerStack`).
 
     ``forward(x [batch, seq, d_model], attention_mask [batch, seq] | None)`` ->
     ``(hidden [batch, seq, d_model], routing: one LayerRouting per layer)``. Every token sees
@@ -48,33 +49,18 @@ class EncoderStack(nn.Module):
     """
 
     def __init__(self, cfg: GoHConfig) -> None:
-        super().__init__()
-        self.position_embed = build_embedding_positions(cfg)
-        # T5: one bias table for the whole stack, added to every layer's scores
-        self.relative_bias = T5RelativeBias(cfg, bidirectional=True) if has_attention_bias(cfg) else None
-        self.embedding_norm = build_norm(cfg) if cfg.embedding_norm else None
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(GoHBlock(cfg, i) for i in range(cfg.n_layers))
-        # post-norm blocks end normalised already (BERT has no final norm)
-        self.final_norm = build_norm(cfg) if cfg.norm_position == "pre" else None
+        super().__init__(cfg, GoHBlock, cfg.n_layers, bidirectional=True)
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, List[LayerRouting]]:
         mask = padding_mask(attention_mask, x.shape[:2])
-        if self.position_embed is not None:
-            x = self.position_embed(x, 0)
-        if self.embedding_norm is not None:
-            x = self.embedding_norm(x)
-        x = self.dropout(x)
-        bias = self.relative_bias(x.shape[1], x.shape[1]) if self.relative_bias is not None else None
+        x, bias = self.enter(x)
         routing = []
         for block in self.blocks:
             x, layer_routing = block(x, causal=False, mask=mask, bias=bias,
                                      token_mask=None if mask is None else mask[:, 0, 0])
             routing.append(layer_routing)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        return x, routing
+        return self.leave(x), routing
 
 
 @dataclass
@@ -96,6 +82,10 @@ class EncoderOutput:
     class_loss: Optional[torch.Tensor] = None
     aux_loss: Optional[torch.Tensor] = None
     routing: List[LayerRouting] = field(default_factory=list)
+
+    def routing_by_kind(self) -> Dict[str, List[LayerRouting]]:
+        """``{"encoder": routing}``: the records of the one routed attention kind, bidirectional self-attention."""
+        return {KIND_ENCODER: self.routing}
 
 
 class GoHEncoder(RoutedModel, nn.Module):
@@ -120,10 +110,7 @@ class GoHEncoder(RoutedModel, nn.Module):
         self.mlm_transform = None
         if cfg.mlm_transform:
             self.mlm_transform = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), build_norm(cfg))
-        self.lm_head = None
-        if not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        self.lm_head = build_lm_head(cfg)
         self.lm_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.linear_bias else None
         self.pooler = self.classifier = None
         if cfg.n_labels:
@@ -160,8 +147,7 @@ class GoHEncoder(RoutedModel, nn.Module):
         """``hidden [batch, seq, d_model]`` -> ``[batch, seq, vocab]``."""
         if self.mlm_transform is not None:
             hidden = self.mlm_transform(hidden)
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight, self.lm_bias)
+        return output_logits(self, hidden, self.lm_bias)
 
     def pool(self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """``hidden [batch, seq, d_model]`` -> ``[batch, d_model]`` (padding excluded from the mean)."""

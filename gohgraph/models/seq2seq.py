@@ -19,24 +19,24 @@ from torch import nn
 
 from ..config import GoHConfig
 from ..layers.kv_cache import KVCache
-from ..layers.norm import build_norm
-from ..layers.positions import build_embedding_positions, has_attention_bias
-from ..layers.relative_bias import T5RelativeBias
-from ..routing import LayerRouting
+from ..routing import KIND_CROSS, KIND_DECODER_SELF, KIND_ENCODER, LayerRouting
 from .decoder_block import DecoderBlock
 from .encoder import EncoderStack, padding_mask
 from .generation import check_generation_arguments, check_token_mask, make_decode_cache, sample_next_token
+from .output_head import build_lm_head, output_logits
 from .routed import RoutedModel, weighted_aux_loss
+from .stacks import LayerStack
 
 # the keys of Seq2SeqOutput.routing: one routing graph per attention kind
-ROUTING_KINDS = ("encoder", "decoder_self", "cross")
+ROUTING_KINDS = (KIND_ENCODER, KIND_DECODER_SELF, KIND_CROSS)
 IGNORE_INDEX = -100  # label positions the loss skips (Hugging Face's convention)
 
 MemoryKV = List[Tuple[torch.Tensor, torch.Tensor]]
 
 
-class DecoderStack(nn.Module):
-    """Positions, ``cfg.decoder_layers`` decoder blocks and the final norm, on embedded target tokens.
+class DecoderStack(LayerStack):
+    """Positions, ``cfg.decoder_layers`` decoder blocks and the final norm, on embedded target tokens
+    (:class:`~gohgraph.models.stacks.LayerStack`; T5's bias here has causal buckets).
 
     ``forward(x [batch, tgt, d_model], memory_kv, memory_mask, cache, mask)`` ->
     ``(hidden [batch, tgt, d_model], self_routing, cross_routing)`` (one record per block each).
@@ -47,15 +47,7 @@ class DecoderStack(nn.Module):
     """
 
     def __init__(self, cfg: GoHConfig) -> None:
-        super().__init__()
-        self.position_embed = build_embedding_positions(cfg)
-        # T5: the decoder's own bias table, causal buckets, shared by its self-attention layers;
-        # its cross-attention has none
-        self.relative_bias = T5RelativeBias(cfg, bidirectional=False) if has_attention_bias(cfg) else None
-        self.embedding_norm = build_norm(cfg) if cfg.embedding_norm else None
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.decoder_layers))
-        self.final_norm = build_norm(cfg) if cfg.norm_position == "pre" else None
+        super().__init__(cfg, DecoderBlock, cfg.decoder_layers, bidirectional=False)
 
     def project_memory(self, memory: torch.Tensor) -> MemoryKV:
         """``memory [batch, src, d_model]`` -> per block ``(k, v)``, each ``[batch, kv_heads, src, head_dim]``."""
@@ -64,23 +56,15 @@ class DecoderStack(nn.Module):
     def forward(self, x: torch.Tensor, memory_kv: MemoryKV, memory_mask: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, mask: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, List[LayerRouting], List[LayerRouting]]:
-        offset = cache.length() if cache is not None else 0
-        if self.position_embed is not None:
-            x = self.position_embed(x, offset)
-        if self.embedding_norm is not None:
-            x = self.embedding_norm(x)
-        x = self.dropout(x)
+        x, bias = self.enter(x, cache.length() if cache is not None else 0)
         seq = x.shape[1]
-        bias = self.relative_bias(seq, offset + seq, offset) if self.relative_bias is not None else None
         self_routing, cross_routing = [], []
         for block, kv in zip(self.blocks, memory_kv):
             x, self_record, cross_record = block(x, kv, memory_mask, cache=cache, mask=mask, bias=bias,
                                                  token_mask=None if mask is None else mask[:, 0, 0, -seq:])
             self_routing.append(self_record)
             cross_routing.append(cross_record)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        return x, self_routing, cross_routing
+        return self.leave(x), self_routing, cross_routing
 
 
 @dataclass
@@ -101,6 +85,11 @@ class Seq2SeqOutput:
     aux_loss: Optional[torch.Tensor] = None
     routing: Dict[str, List[LayerRouting]] = field(default_factory=dict)
     encoder_hidden: Optional[torch.Tensor] = None
+
+    def routing_by_kind(self) -> Dict[str, List[LayerRouting]]:
+        """``{kind: records}`` for the three routed attention kinds, in :data:`ROUTING_KINDS` order
+        (``routing`` itself, which is already keyed by kind)."""
+        return {kind: self.routing[kind] for kind in ROUTING_KINDS}
 
 
 class GoHSeq2Seq(RoutedModel, nn.Module):
@@ -126,10 +115,7 @@ class GoHSeq2Seq(RoutedModel, nn.Module):
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
         self.encoder = EncoderStack(cfg)
         self.decoder = DecoderStack(cfg)
-        self.lm_head = None
-        if not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        self.lm_head = build_lm_head(cfg)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 decoder_input_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
@@ -171,7 +157,7 @@ class GoHSeq2Seq(RoutedModel, nn.Module):
         """Decoder states ``[batch, tgt, d_model]`` -> ``[batch, tgt, vocab]``."""
         if self.config.scale_decoder_output:
             hidden = hidden * self.config.d_model ** -0.5
-        return F.linear(hidden, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+        return output_logits(self, hidden)
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """``labels [batch, tgt]`` -> decoder inputs ``[start, labels[:, :-1]]``, ``-100`` -> pad."""

@@ -69,6 +69,7 @@ from torch import nn
 from ..layers.attention import GoHAttention, mix_heads
 from ..layers.latent_attention import LatentAttention
 from ..layers.mlp import GeluMLP, SwiGLU
+from ..models.families import family_of, model_types
 from ..moe.layer import MoEFeedForward
 from ..routers.heads import HeadRouting
 from .expert_parallel import map_parameter_state
@@ -98,8 +99,10 @@ def check_tensor_parallel_layout(model: nn.Module, n_ranks: int,
                          f"torchrun --nproc_per_node={n_ranks}")
     config = getattr(model, "config", None)
     if config is not None:
-        if config.model_type != "decoder":
-            raise ValueError(f"tensor_parallel={n_ranks} supports decoder models, not model_type={config.model_type!r}")
+        if not family_of(config).tensor_parallel:
+            supported = " and ".join(model_types(lambda family: family.tensor_parallel))
+            raise ValueError(f"tensor_parallel={n_ranks} supports {supported} models, not "
+                             f"model_type={config.model_type!r}")
         if config.linear != "standard":
             raise ValueError(f"tensor_parallel={n_ranks} shards nn.Linear projections, not linear={config.linear!r}")
     for module in model.modules():

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from ..config import GoHConfig
-from ..models.pretrained import MODEL_TYPES
+from ..models.families import family_of
 from ..models.routed import global_batch_balance_loss, global_batch_kinds, weighted_aux_loss
 from ..parallel import data_parallel as D
 from ..parallel import expert_parallel as EP
@@ -150,7 +150,7 @@ def train(model_config: GoHConfig, train_config: TrainConfig, data, run_dir: Pat
     """
     task = get_task(task) if isinstance(task, str) else task
     tc, run_dir = train_config, Path(run_dir)
-    if MODEL_TYPES[model_config.model_type] is not task.model_class:
+    if family_of(model_config) is not task.family:
         raise ValueError(f"--objective {task.name} trains model_type={task.model_type!r} models, not "
                          f"model_type={model_config.model_type!r}")
     if resume and RunDir(run_dir).latest_checkpoint() is None:
@@ -194,7 +194,7 @@ def train(model_config: GoHConfig, train_config: TrainConfig, data, run_dir: Pat
 
 def check_task_settings(task: Task, tc: TrainConfig) -> None:
     """Refuse, in one line, the settings of the loop that cannot apply to ``task``'s models."""
-    if tc.tensor_parallel > 1 and not task.tensor_parallel:
+    if tc.tensor_parallel > 1 and not task.family.tensor_parallel:
         raise ValueError(f"--tensor-parallel {tc.tensor_parallel}: tensor parallelism shards decoder models; "
                          f"--objective {task.name} trains {task.model_type} models (use data parallelism: torchrun "
                          "without --tensor-parallel)")

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from gohgraph import GoHConfig, GoHTransformer
-from gohgraph.analysis.logit_lens import capture_head_outputs, collect_logit_lens, run_logit_lens
+from gohgraph.analysis.logit_lens import (
+    capture_head_outputs,
+    collect_expert_logit_lens,
+    collect_logit_lens,
+    run_expert_logit_lens,
+    run_logit_lens,
+)
 
 
 def tiny(**overrides):
@@ -120,3 +126,79 @@ def test_report_lists_top_tokens_per_layer_and_head():
 def test_refuses_models_outside_its_scope():
     with pytest.raises(ValueError, match="logit lens"):
         run_logit_lens(GoHTransformer(tiny(recursion="mor", max_recursions=2)), [])
+
+
+# ---------------------------------------------------------------------- experts
+def expert_tiny(ffn):
+    return tiny(ffn=ffn, n_experts=5, n_shared_experts=1, top_k_experts=2, n_subtokens=2 if ffn == "mh-moe" else 1)
+
+
+@pytest.mark.parametrize("ffn", ["mh-moe", "moe"])
+def test_expert_lens_equals_unembedding_times_merge_times_gated_expert_output(ffn):
+    """ell_e = W_U mean_{t in T_e} W_merge [1[e chosen by slot s] w_{t,s,e} E_e(x_{t,s})]_s, by hand."""
+    torch.manual_seed(3)
+    cfg = expert_tiny(ffn)
+    model = GoHTransformer(cfg).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding: its sub-tokens are routed for the record but never counted
+    inputs = {}
+    hooks = [block.ffn.register_forward_pre_hook(lambda mod, args, layer=i: inputs.__setitem__(layer, args[0]))
+             for i, block in enumerate(model.blocks)]
+    try:
+        with torch.no_grad():
+            routing = model(ids, attention_mask=mask).routing
+    finally:
+        for hook in hooks:
+            hook.remove()
+    lens = run_expert_logit_lens(model, [(ids, mask)])
+
+    m, d_sub = cfg.n_subtokens, 32 // cfg.n_subtokens
+    w_u = model.embed.weight.double()
+    for layer, block in enumerate(model.blocks):
+        ffn_module = block.ffn
+        x = inputs[layer].double()
+        sub = x @ ffn_module.head.weight.double().t() if ffn == "mh-moe" else x
+        per_token = {}  # (expert, token) -> contribution [d_model] before the merge
+        for b in range(2):
+            for t in range(9):
+                if not mask[b, t]:
+                    continue
+                for s in range(m):
+                    piece = sub[b, t, s * d_sub:(s + 1) * d_sub]
+                    for j in range(2):
+                        e = int(routing[layer].expert_indices[b, t, s, j])
+                        w = float(routing[layer].expert_weights[b, t, s, j])
+                        gate, up = (piece @ ffn_module.experts.w_in[e].double()).chunk(2)
+                        out = (torch.nn.functional.silu(gate) * up) @ ffn_module.experts.w_out[e].double()
+                        placed = per_token.setdefault((e, b, t), torch.zeros(32, dtype=torch.float64))
+                        placed[s * d_sub:(s + 1) * d_sub] += w * out
+        for e in range(4):
+            tokens = [c for (expert, *_), c in per_token.items() if expert == e]
+            assert lens.counts[layer, e] == len(tokens)
+            if not tokens:
+                assert torch.isnan(lens.scores(layer)[e]).all()
+                continue
+            mean = torch.stack(tokens).mean(0)
+            if ffn == "mh-moe":
+                mean = ffn_module.merge.weight.double() @ mean
+            torch.testing.assert_close(lens.scores(layer)[e], w_u @ mean, rtol=1e-4, atol=1e-6)
+    assert lens.counts.sum() >= 2 * 15  # every real token reached some expert in each layer
+
+
+def test_expert_lens_report_and_scope():
+    torch.manual_seed(4)
+    model = GoHTransformer(expert_tiny("mh-moe"))
+    batches = [torch.randint(0, 64, (2, 12))]
+    report = collect_expert_logit_lens(model, batches, top_k=3)
+    lens = run_expert_logit_lens(model, batches)
+    assert sorted(report) == ["0", "1"] and all(sorted(layer) == ["0", "1", "2", "3"] for layer in report.values())
+    for layer, experts in report.items():
+        for expert, rows in experts.items():
+            if lens.counts[int(layer), int(expert)] == 0:
+                assert rows == []
+            else:
+                assert [row[0] for row in rows] == lens.scores(int(layer))[int(expert)].topk(3).indices.tolist()
+    assert model.training
+    with pytest.raises(ValueError, match="expert logit lens"):
+        run_expert_logit_lens(GoHTransformer(tiny()), batches)  # a dense feed-forward: no experts

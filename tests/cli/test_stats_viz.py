@@ -88,8 +88,8 @@ def test_viz_command_writes_every_picture_and_finds_the_metrics(run_dir, tmp_pat
                    "--text", "def f(x):", "--no-progress")
     assert code == 0
     names = sorted(path.name for path in out.iterdir())
-    assert names == ["cross_layer.png", "head_load_heatmap.png", "load_percentiles.png", "routing_graph.graphml",
-                     "routing_graphs.png", "stats.json", "token_trace.png",
+    assert names == ["cross_layer.png", "head_coactivation.png", "head_load_heatmap.png", "load_percentiles.png",
+                     "routing_graph.graphml", "routing_graphs.png", "stats.json", "token_trace.png",
                      "training_curves.png"]  # metrics.csv found two levels up
     for name in names:
         if name.endswith(".png"):
@@ -158,3 +158,68 @@ def test_a_saved_bpe_tokenizer_encodes_the_validation_text(run_dir, tmp_path):
     assert len(ids) == 2 * 2 * 16 and max(ids) >= 256  # merged tokens, not bytes
     byte_val_text = load_corpus(str(data)).decode(load_corpus(str(data)).val.tolist())
     assert byte_val_text.startswith(tokenizer.decode(ids))
+
+
+def test_stats_on_a_run_with_kept_checkpoints_reports_router_saturation(tmp_path, capsys):
+    """Two kept steps and final/ (= step 20): step 20 is exactly 1, step 10 (its last layer's head router
+    changed) what the library measures on the same batches; the picture is written beside the JSON."""
+    from gohgraph.analysis.saturation import routing_saturation
+    from gohgraph.training.run_dir import RunDir
+
+    torch.manual_seed(0)
+    run = RunDir(tmp_path / "run")
+    final = GoHTransformer(CFG)
+    early = GoHTransformer(CFG)
+    early.load_state_dict(final.state_dict())
+    with torch.no_grad():  # the graph router's head embeddings of heads 1 and 2 exchanged
+        head_embedding = early.blocks[1].attn.head_routing.router.head_embedding
+        head_embedding[[1, 2]] = head_embedding[[2, 1]].clone()
+    early.save_pretrained(run.checkpoint_dir(10))
+    final.save_pretrained(run.checkpoint_dir(20))
+    final.save_pretrained(run.final_dir)
+    run.train_config_file.write_text("{}\n", encoding="utf-8")
+    (tmp_path / "data.txt").write_text(TEXT, encoding="utf-8")
+    out = tmp_path / "stats.json"
+    assert run_cli("stats", "--checkpoint", run.path, "--data", tmp_path / "data.txt", "--batches", 2,
+                   "--batch-size", 2, "--seq-len", 16, "--out", out, "--no-progress") == 0
+    saturation = json.loads(out.read_text())["saturation"]
+    assert [entry["step"] for entry in saturation["checkpoints"]] == [10, 20]
+    assert saturation["checkpoints"][1]["heads"] == 1.0
+    batches = list(eval_batches(load_corpus(str(tmp_path / "data.txt")).val, 2, 16, max_batches=2))
+    expected = routing_saturation([(10, early)], final, batches)["checkpoints"][0]
+    assert saturation["checkpoints"][0]["layers"] == expected["layers"]
+    assert saturation["checkpoints"][0]["layers"][1]["heads"] < 1.0  # the swapped heads changed choices
+    picture = tmp_path / "stats_saturation.png"
+    assert mpimg.imread(picture).shape[0] > 100
+    assert "router saturation vs the newest model: step 10 heads" in capsys.readouterr().out
+    out.unlink()  # the picture left from the first run is not overwritten without --overwrite
+    assert run_cli("stats", "--checkpoint", run.path, "--data", tmp_path / "data.txt", "--batches", 1,
+                   "--batch-size", 2, "--seq-len", 16, "--out", out, "--no-progress") == 1
+    assert "stats_saturation.png already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_stats_of_an_expert_model_lists_the_expert_lens_vocabulary_and_coactivation(tmp_path):
+    from gohgraph.analysis.logit_lens import collect_expert_logit_lens
+
+    torch.manual_seed(0)
+    cfg = GoHConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_shared_heads=1, top_k_heads=2,
+                    router="linear", max_seq_len=64, ffn="mh-moe", n_experts=5, n_shared_experts=1, n_subtokens=2,
+                    top_k_experts=2)
+    GoHTransformer(cfg).save_pretrained(tmp_path / "model")
+    (tmp_path / "data.txt").write_text(TEXT, encoding="utf-8")
+    out, table = tmp_path / "stats.json", tmp_path / "stats.csv"
+    assert run_cli("stats", "--checkpoint", tmp_path / "model", "--data", tmp_path / "data.txt", "--batches", 1,
+                   "--batch-size", 2, "--seq-len", 16, "--out", out, "--csv", table, "--no-progress") == 0
+    report = json.loads(out.read_text())
+    model = GoHTransformer.from_pretrained(tmp_path / "model")
+    batches = list(eval_batches(load_corpus(str(tmp_path / "data.txt")).val, 2, 16, max_batches=1))
+    expected = collect_expert_logit_lens(model, batches, top_k=10, tokenizer=ByteTokenizer())
+    assert report["expert_logit_lens"] == json.loads(json.dumps(expected))
+    assert sorted(report["expert_logit_lens"]["1"]) == ["0", "1", "2", "3"]  # the routed experts
+    assert "saturation" not in report  # a lone model: no run, no checkpoints to compare
+    layer = report["layers"][1]
+    assert len(layer["experts"]["coactivation_given"]) == 4 and layer["experts"]["coactivation_given"][0][0] in (1.0, None)
+    vocabulary = report["vocabulary"]["layers"][1]
+    assert set(vocabulary) == {"layer", "heads", "experts"} and set(vocabulary["experts"]) == {"input", "predicted"}
+    assert sum(vocabulary["heads"]["input"]["by_token"]["occurrences"]) == 2 * 16
+    assert "vocab_experts_predicted" in table.read_text()

@@ -9,10 +9,10 @@ import torch
 from gohgraph import GoHTransformer
 from gohgraph.cli.main import build_parser, main
 from gohgraph.cli.train import build_configs as build_task_configs
-from gohgraph.training.tasks import get_task
 from gohgraph.data.corpus import load_corpus
 from gohgraph.training.metrics import read_metrics
 from gohgraph.training.presets import PRESETS, get_preset
+from gohgraph.training.tasks import get_task
 from gohgraph.training.trainer import evaluate
 
 SMALL_RUN = ["--batch-size", "2", "--seq-len", "16", "--no-progress", "--device", "cpu",

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gohgraph import GoHConfig, GoHTransformer
+from gohgraph import GoHConfig, GoHEncoder, GoHSeq2Seq, GoHTransformer
 from gohgraph.parallel.tensor_parallel import check_tensor_parallel_layout
 from gohgraph.training.config import TrainConfig
 from gohgraph.training.trainer import train, training_loss
@@ -222,6 +222,13 @@ def test_bad_layouts_name_the_numbers():
         check_tensor_parallel_layout(GoHTransformer(GoHConfig(**BASE, ffn="moe", n_experts=4)), 2)
     with pytest.raises(ValueError, match=r"^TrainConfig.tensor_parallel=0 must be a positive integer"):
         TrainConfig(**TRAIN, tensor_parallel=0)
+
+
+@pytest.mark.parametrize("model_type, model_class", [("encoder", GoHEncoder), ("seq2seq", GoHSeq2Seq)])
+def test_families_tensor_parallel_cannot_shard_are_refused_in_one_line(model_type, model_class):
+    config = GoHConfig(**BASE, model_type=model_type, position_embedding="sinusoidal")
+    with pytest.raises(ValueError, match=rf"^tensor_parallel=2 supports decoder models, not model_type='{model_type}'$"):
+        check_tensor_parallel_layout(model_class(config), 2)
 
 
 def test_training_with_tensor_parallel_needs_that_many_processes(tmp_path):

@@ -263,7 +263,7 @@ def _padded_cat(batches, objective, cfg):
 def test_grad_accum_equals_one_batch_twice_as_large(tmp_path, objective):
     """Two micro-batches of 4 == the same 8 rows in one batch, also where the micro-batches hold
     different numbers of loss terms (masked positions, target tokens)."""
-    from gohgraph.models.pretrained import MODEL_TYPES
+    from gohgraph.models.families import FAMILIES
     from gohgraph.training.optim import build_optimizer
     from gohgraph.training.schedules import learning_rate
 
@@ -277,7 +277,7 @@ def test_grad_accum_equals_one_batch_twice_as_large(tmp_path, objective):
     result = train_objective(objective, cfg, tc, data, tmp_path / "run")
 
     torch.manual_seed(tc.seed)
-    reference = MODEL_TYPES[cfg.model_type](cfg)
+    reference = FAMILIES[cfg.model_type].model_class(cfg)
     optimizer = build_optimizer(reference, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(0, tc.lr, 0, 1)
@@ -289,14 +289,14 @@ def test_grad_accum_equals_one_batch_twice_as_large(tmp_path, objective):
 
 @pytest.mark.parametrize("objective", ["lm", "mlm", "classify", "seq2seq"])
 def test_bf16_autocast_trains_every_task_on_cpu(tmp_path, objective, monkeypatch):
-    from gohgraph.models.pretrained import MODEL_TYPES
+    from gohgraph.models.families import FAMILIES
 
     if objective == "lm":
         from tests.helpers import TINY
         cfg, data = GoHConfig(**{**TINY, "n_layers": 1}), make_corpus(n_train=4_000, n_val=1_000)
     else:
         cfg, data = _objective_setup(objective, tmp_path)
-    model_class, seen = MODEL_TYPES[cfg.model_type], []
+    model_class, seen = FAMILIES[cfg.model_type].model_class, []
     real_forward = model_class.forward
 
     def forward(model, *args, **kwargs):

@@ -124,3 +124,41 @@ def test_fitted_suptitle_wraps_only_what_does_not_fit(width):
     assert (len(lines) > 2) == (width < 8.0)  # the 8-inch figure holds the long line whole
     assert inside_figure(figure, title)
     assert fitted_suptitle(figure, "a b", fontsize=9).get_text() == "a b"
+
+
+def test_coactivation_heatmaps_draw_p_b_given_a_per_layer(moe_stats, tmp_path):
+    import numpy as np
+
+    _, stats = moe_stats
+    report = stats.report()
+    figure = viz.coactivation_heatmaps(report, "experts", path=tmp_path / "c.png")
+    panels = [ax for ax in figure.axes if ax.get_title().startswith("layer")]
+    assert [ax.get_title() for ax in panels] == ["layer 0", "layer 1", "layer 2"]
+    for ax, layer in zip(panels, report["layers"]):
+        drawn = ax.images[0].get_array()
+        np.testing.assert_allclose(drawn.filled(np.nan), np.array(layer["experts"]["coactivation_given"], dtype=float))
+    assert "P(b | a) per sub-token decision" in figure._suptitle.get_text()
+    assert (tmp_path / "c.png").stat().st_size > 0
+    one = viz.coactivation_heatmaps(report, "heads", layer=1)
+    assert [ax.get_title() for ax in one.axes if ax.get_title()] == ["layer 1"]
+    assert [t.get_text() for t in one.axes[0].get_xticklabels()] == ["h0", "h1", "h2", "h3"]
+    with pytest.raises(ValueError, match="layer=5 is not one of"):
+        viz.coactivation_heatmaps(report, "heads", layer=5)
+    with pytest.raises(ValueError, match="kind='units'"):
+        viz.coactivation_heatmaps(report, "units")
+
+
+def test_saturation_figure_draws_a_line_per_layer_against_the_step():
+    saturation = {"tokens": 48, "checkpoints": [
+        {"step": 20, "heads": 1.0, "experts": None, "layers": [{"layer": 0, "heads": 1.0, "experts": None},
+                                                               {"layer": 1, "heads": 1.0, "experts": None}]},
+        {"step": 10, "heads": 0.7, "experts": None, "layers": [{"layer": 0, "heads": 0.9, "experts": None},
+                                                               {"layer": 1, "heads": 0.5, "experts": None}]}]}
+    figure = viz.saturation_figure(saturation)
+    (ax,) = figure.axes  # heads only: no experts panel
+    assert ax.get_title() == "heads" and ax.get_xlabel() == "checkpoint step"
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+    assert lines == {"layer 0": ([10, 20], [0.9, 1.0]), "layer 1": ([10, 20], [0.5, 1.0])}
+    assert "router saturation over 2 checkpoints" in figure._suptitle.get_text()
+    with pytest.raises(ValueError, match="at least one checkpoint"):
+        viz.saturation_figure({"checkpoints": []})

@@ -239,3 +239,98 @@ def test_report_command_on_a_seq2seq_run_draws_its_curves(tmp_path, capsys):
     page = out.read_text()
     assert "<h2>Training curves</h2>" in page and "<h2>Routing graph per layer (cross-attention)</h2>" in page
     assert "Routing of each token (encoder, the text as a source)" in page
+
+
+@pytest.fixture(scope="module")
+def ablation_and_lens(model_and_stats):
+    from gohgraph.analysis.ablation import ablate
+    from gohgraph.analysis.logit_lens import collect_expert_logit_lens, collect_logit_lens
+
+    model, _ = model_and_stats
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randint(32, 128, (2, 12), generator=g)]
+    ablation = json.loads(json.dumps(ablate(model, batches).to_dict()))
+    lens = {"heads": collect_logit_lens(model, batches, top_k=10),
+            "experts": collect_expert_logit_lens(model, batches, top_k=10)}
+    return ablation, lens
+
+
+def test_report_in_chromium_hover_shows_a_units_delta_loss_and_top_tokens(model_and_stats, ablation_and_lens,
+                                                                          tmp_path, browser_context):
+    from gohgraph.viz.html_report import _token_labeller
+
+    model, stats = model_and_stats
+    ablation, lens = ablation_and_lens
+    path = viz.write_html_report(tmp_path / "report.html", model, stats, text=TEXT, ablation=ablation,
+                                 logit_lens=lens)
+    label = _token_labeller(model, viz.byte_decode)
+    delta = {(row["kind"], row["layer"], row["unit"]): row["delta_loss"] for row in ablation["interventions"]}
+    page = browser_context.new_page()
+    errors = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(path.resolve().as_uri())
+    page.wait_for_load_state("load")
+
+    # layer 0's routing graph, routed head h1: forced off and on, and the tokens its output promotes
+    page.hover(".routing-graph >> nth=0 >> .node.head >> nth=1")
+    tip = page.inner_text("#tooltip")
+    assert page.is_visible("#tooltip")
+    assert f"Δ loss off {delta[('head_off', 0, '1')]:+.4f}, on {delta[('head_on', 0, '1')]:+.4f} nats/token" in tip
+    top = [label(row[0]) for row in lens["heads"]["0"]["1"][:5]]
+    assert f"promotes {', '.join(top)}" in tip
+    # layer 1's expert e2: forced off, and its expert lens
+    page.hover(".routing-graph >> nth=1 >> .node.expert >> nth=2")
+    tip = page.inner_text("#tooltip")
+    assert f"Δ loss off {delta[('expert_off', 1, '2')]:+.4f} nats/token" in tip
+    if lens["experts"]["1"]["2"]:
+        assert f"promotes {', '.join(label(row[0]) for row in lens['experts']['1']['2'][:5])}" in tip
+    # the Δ loss heatmap: a cell names its unit, Δ loss and top tokens
+    section = page.locator("section", has_text="Ablation: Δ loss per unit")
+    section.locator(".heatmap >> nth=0 >> .cell >> nth=1").hover()  # head forced off, layer 0, h1
+    tip = page.inner_text("#tooltip")
+    assert f"layer 0, head h1 forced off: Δ loss {delta[('head_off', 0, '1')]:+.4f} nats/token" in tip
+    assert f"promotes {', '.join(top)}" in tip
+    assert page.locator("table.ablation-wide tr").count() > 1  # k and message ablations, every layer
+    lens_rows = page.locator("table.lens tr[data-layer='0'][data-unit='h1'] td").all_inner_texts()
+    assert lens_rows[-1] == ", ".join(top)
+    assert errors == []
+
+
+def test_ablation_and_lens_are_refused_for_a_seq2seq_report(seq2seq_model_and_stats, ablation_and_lens):
+    model, stats = seq2seq_model_and_stats
+    with pytest.raises(ValueError, match="decoder's analyses"):
+        viz.html_report(model, stats, logit_lens=ablation_and_lens[1])
+    decoder_model = GoHTransformer(CFG)
+    decoder_stats = collect_routing_stats_by_source(decoder_model, {"a": [torch.randint(0, 256, (1, 8))]},
+                                                    progress=False)
+    with pytest.raises(ValueError, match="gohgraph ablate's ablation.json"):
+        viz.html_report(decoder_model, decoder_stats, ablation={"rows": []})
+
+
+@pytest.mark.slow
+def test_report_command_shows_the_ablation_the_run_holds(tmp_path, capsys):
+    from gohgraph.training.run_dir import RunDir
+
+    torch.manual_seed(0)
+    run = RunDir(tmp_path / "run")
+    GoHTransformer(CFG).save_pretrained(run.final_dir)
+    run.train_config_file.write_text("{}\n", encoding="utf-8")
+    code = tmp_path / "code.txt"
+    code.write_text("def f(x):\n    return x\n" * 200)
+    common = ["--data", str(code), "--batches", "1", "--batch-size", "2", "--seq-len", "16", "--no-progress"]
+    out = tmp_path / "report.html"
+    assert main(["report", "--checkpoint", str(run.path), "--out", str(out), *common]) == 0
+    page = out.read_text()
+    assert "Logit lens: the tokens each unit promotes" in page and "Ablation: Δ loss per unit" not in page
+    assert main(["ablate", "--checkpoint", str(run.path), "--out", str(run.path / "ablation"), *common]) == 0
+    ablation = json.loads((run.path / "ablation" / "ablation.json").read_text())
+    assert main(["report", "--checkpoint", str(run.path), "--out", str(out), "--overwrite", *common]) == 0
+    page = out.read_text()
+    assert "<h2>Ablation: Δ loss per unit</h2>" in page
+    head_off = next(row for row in ablation["interventions"] if row["kind"] == "head_off")
+    assert f"Δ loss off {head_off['delta_loss']:+.4f}" in page
+    assert f"ablation: {run.path / 'ablation' / 'ablation.json'}" in capsys.readouterr().err
+    (run.path / "ablation" / "ablation.json").write_text("{not json", encoding="utf-8")
+    assert main(["report", "--checkpoint", str(run.path), "--out", str(out), "--overwrite", *common]) == 1
+    assert "cannot be read as gohgraph ablate's JSON" in capsys.readouterr().err

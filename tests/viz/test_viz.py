@@ -193,16 +193,17 @@ def test_write_all_pictures_writes_every_file(moe_model_and_stats, tmp_path):
     metrics.write_text("step,loss,aux_loss\n0,5.5,0.1\n1,5.0,0.09\n", encoding="utf-8")
     paths = viz.write_all_pictures(model, stats, tmp_path / "pictures", text="def f(x):", metrics_csv=metrics)
     names = sorted(path.name for path in paths)
-    assert names == ["cross_layer.png", "expert_load_heatmap.png", "head_load_heatmap.png", "load_percentiles.png",
-                     "routing_graph.graphml", "routing_graphs.png", "token_trace.png", "training_curves.png"]
+    assert names == ["cross_layer.png", "expert_coactivation.png", "expert_load_heatmap.png", "head_coactivation.png",
+                     "head_load_heatmap.png", "load_percentiles.png", "routing_graph.graphml", "routing_graphs.png",
+                     "token_trace.png", "training_curves.png"]
     for path in paths:
         assert path.is_file() and path.parent == tmp_path / "pictures"
         if path.suffix == ".png":
             assert np.unique(mpimg.imread(path)[..., :3].reshape(-1, 3), axis=0).shape[0] > 10
     without_extras = viz.write_all_pictures(GoHTransformer(DENSE_CFG), collect_routing_stats(
         GoHTransformer(DENSE_CFG), [torch.randint(0, 256, (1, 4))], progress=False), tmp_path / "dense")
-    assert sorted(p.name for p in without_extras) == ["cross_layer.png", "head_load_heatmap.png",
-                                                       "load_percentiles.png", "routing_graph.graphml",
+    assert sorted(p.name for p in without_extras) == ["cross_layer.png", "head_coactivation.png",
+                                                       "head_load_heatmap.png", "load_percentiles.png", "routing_graph.graphml",
                                                        "routing_graphs.png"]
 
 

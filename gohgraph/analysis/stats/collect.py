@@ -5,7 +5,8 @@ and keeps only running sums and counts (float64), so any number of batches can s
 without holding them. :meth:`RoutingStats.report` turns the sums into, per layer:
 
 * heads - hard counts (how often each head was active) kept apart from gate mass (how much weight
-  it got), the co-activation matrix, the load over routed heads and its balance metrics;
+  it got), the co-activation matrix and its conditional form P(b | a)
+  (:mod:`~gohgraph.analysis.stats.coactivation`; experts likewise, per sub-token decision), the load over routed heads and its balance metrics;
 * flow - the mean inter-head flow on every head-graph edge (graph router with flow only):
   ``mean_flow`` as recorded (the record zeroes inactive sources), ``mean_effective_flow`` counting
   only tokens whose destination head is active too (flow into a zero gate has no effect), and
@@ -14,6 +15,12 @@ without holding them. :meth:`RoutingStats.report` turns the sums into, per layer
   the sub-token -> expert load, and drop rates (MoE layers only);
 * token_entropy - per token id, the entropy of its routing (with ``input_ids``;
   :mod:`~gohgraph.analysis.stats.token_entropy`).
+
+``vocabulary`` (with ``input_ids``) holds the vocabulary specialisation of every layer: per input
+token id, and with ``predicted_ids`` per predicted next token, the unit it routes to most and how
+concentrated it is, and each unit's most specialised token ids
+(:mod:`~gohgraph.analysis.stats.vocabulary`). Its tables follow the token profiles' memory bound
+(:mod:`~gohgraph.analysis.stats.tokens`); the ones keyed by prediction count twice against it.
 
 Across layers: ``cross_layer`` holds the co-occurrence of heads and of experts between consecutive
 layers and the routing consistency (:mod:`~gohgraph.analysis.stats.cross_layer`), and
@@ -46,6 +53,7 @@ import torch
 
 from ...config import GoHConfig
 from ...graph import expert_graph, head_graph
+from ...models.families import family_of
 from ...models.recursion import block_applications
 from ...routing import LayerRouting, RecursionRouting
 from ...storage import write_json
@@ -60,6 +68,7 @@ from .report import csv_rows, summarise_layers
 from .tally import LayerTally
 from .token_entropy import token_entropy_report
 from .tokens import profile_fits
+from .vocabulary import MIN_OCCURRENCES, vocabulary_layer
 
 __all__ = ["RoutingStats", "collect_routing_stats", "collect_routing_stats_by_source", "routing_by_source",
            "routing_drift", "load_entropy", "coefficient_of_variation", "load_balance_summary"]
@@ -84,8 +93,12 @@ class RoutingStats:
     Updates in any order and grouping give the same report (sums are float64).
     """
 
-    def __init__(self, config: GoHConfig, sources: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, config: GoHConfig, sources: Optional[Sequence[str]] = None,
+                 min_occurrences: int = MIN_OCCURRENCES) -> None:
+        if isinstance(min_occurrences, bool) or not isinstance(min_occurrences, int) or min_occurrences < 1:
+            raise ValueError(f"min_occurrences={min_occurrences!r} must be an int >= 1")
         self.config = config
+        self.min_occurrences = min_occurrences  # for the vocabulary section's top_tokens
         self.head_edges = head_graph(config.head_graph, config.n_heads) if config.router == "graph" \
             else torch.empty(2, 0, dtype=torch.long)
         self.batches = 0
@@ -93,13 +106,18 @@ class RoutingStats:
         self.layers = [LayerTally(config, self.head_edges) for _ in self.applications]
         expert_nodes = config.n_routed_experts if config.ffn != "dense" else 0
         self.profile_tokens = profile_fits(config.vocab_size, config.n_heads + expert_nodes, len(self.layers))
+        # tables keyed by the predicted token double the memory: kept under the same bound, together
+        self.profile_predictions = profile_fits(config.vocab_size, 2 * (config.n_heads + expert_nodes),
+                                                len(self.layers))
         self.recursion = None
         if config.recursion == "mor":
             self.recursion = RecursionTally(config.max_recursions, config.vocab_size if self.profile_tokens else None)
         self._with_input_ids: Optional[bool] = None
+        self._with_predicted_ids: Optional[bool] = None
         self.cross_layer = CrossLayerTally(len(self.layers), config.n_heads, config.n_shared_heads,
                                            config.n_routed_experts)
         self.token_occurrences = torch.zeros(config.vocab_size if self.profile_tokens else 0, dtype=torch.float64)
+        self.predicted_occurrences = torch.zeros_like(self.token_occurrences)
         self.by_source = None if sources is None else SourceTally(
             list(sources), config.n_layers, config.n_heads, config.n_routed_experts, config.n_subtokens)
 
@@ -107,7 +125,8 @@ class RoutingStats:
     def check(self, routing: Sequence[LayerRouting], input_ids: Optional[torch.Tensor] = None,
               attention_mask: Optional[torch.Tensor] = None,
               source: Union[None, str, Sequence[str], torch.Tensor] = None,
-              recursion: Optional[RecursionRouting] = None) -> Optional[torch.Tensor]:
+              recursion: Optional[RecursionRouting] = None,
+              predicted_ids: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Raise ``ValueError`` if :meth:`update` would refuse this batch, counting nothing; returns
         the bool ``[batch, seq]`` mask (``None`` without one). Lets a caller holding several
         statistics check a batch against all of them before any counts it."""
@@ -123,6 +142,16 @@ class RoutingStats:
         if input_ids is not None and input_ids.numel() and self.profile_tokens and \
                 (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
             raise ValueError(f"input_ids must lie in 0..{self.config.vocab_size - 1} (vocab_size)")
+        if predicted_ids is not None:
+            if input_ids is None or tuple(predicted_ids.shape) != tuple(input_ids.shape):
+                raise ValueError("predicted_ids needs input_ids of the same [batch, seq] shape, got "
+                                 f"{list(predicted_ids.shape)} and "
+                                 f"{None if input_ids is None else list(input_ids.shape)}")
+            if predicted_ids.numel() and (predicted_ids.min() < 0 or predicted_ids.max() >= self.config.vocab_size):
+                raise ValueError(f"predicted_ids must lie in 0..{self.config.vocab_size - 1} (vocab_size)")
+        if self._with_predicted_ids is not None and self._with_predicted_ids != (predicted_ids is not None):
+            raise ValueError("pass predicted_ids to every update() or to none (the vocabulary by prediction "
+                             "would be partial)")
         # every record is checked before any is counted: a rejected batch leaves the sums untouched
         for layer_idx, (tally, record) in enumerate(zip(self.layers, routing)):
             if input_ids is not None and tuple(record.head_gates.shape[:2]) != tuple(input_ids.shape):
@@ -140,12 +169,15 @@ class RoutingStats:
     def update(self, routing: Sequence[LayerRouting], input_ids: Optional[torch.Tensor] = None,
                attention_mask: Optional[torch.Tensor] = None,
                source: Union[None, str, Sequence[str], torch.Tensor] = None,
-               recursion: Optional[RecursionRouting] = None) -> None:
-        """``recursion``: ``out.recursion`` of a Mixture-of-Recursions model (required for one)."""
-        mask = self.check(routing, input_ids, attention_mask, source, recursion)
+               recursion: Optional[RecursionRouting] = None, predicted_ids: Optional[torch.Tensor] = None) -> None:
+        """``recursion``: ``out.recursion`` of a Mixture-of-Recursions model (required for one);
+        ``predicted_ids [batch, seq]``: the model's predicted next token at each position
+        (``out.logits.argmax(-1)``), for the vocabulary specialisation by prediction."""
+        mask = self.check(routing, input_ids, attention_mask, source, recursion, predicted_ids)
         shape = tuple(routing[0].head_gates.shape[:2])
         source_ids = None if source is None else self.by_source.source_ids(source, shape[0])
         self._with_input_ids = input_ids is not None
+        self._with_predicted_ids = predicted_ids is not None
         with _serial_on_cpu(routing[0].head_gates.device if routing else None):
             if source_ids is not None:
                 self.by_source.add(routing, source_ids, mask if mask is not None else
@@ -154,12 +186,16 @@ class RoutingStats:
                 self.recursion.add(recursion, input_ids)
             routing = [without_padding(record, mask) for record in routing]
             input_ids = ids_without_padding(input_ids, mask)
+            predicted_ids = ids_without_padding(predicted_ids, mask) if self.profile_predictions else None
             for layer_idx, (tally, record) in enumerate(zip(self.layers, routing)):
-                tally.add(record, input_ids if self.profile_tokens else None)
+                tally.add(record, input_ids if self.profile_tokens else None, predicted_ids)
             self.cross_layer.add(routing)
             if input_ids is not None and self.profile_tokens:
                 self.token_occurrences += torch.bincount(input_ids.reshape(-1).long().cpu(),
                                                          minlength=self.config.vocab_size).double()
+            if predicted_ids is not None:
+                self.predicted_occurrences += torch.bincount(predicted_ids.reshape(-1).long().cpu(),
+                                                             minlength=self.config.vocab_size).double()
         self.batches += 1
 
     @property
@@ -187,10 +223,12 @@ class RoutingStats:
             "cross_layer": self.cross_layer.report(),
             "summary": {**summarise_layers(layers), "load_percentiles": load_percentiles(layers, cfg.n_shared_heads)},
         }
-        if cfg.model_type != "decoder":  # an encoder's (or a seq2seq kind's); decoder reports stay as they were
+        if not family_of(cfg).is_default:  # an encoder's (or a seq2seq kind's); decoder reports stay as they were
             report["config"]["model_type"] = cfg.model_type
         if self.by_source is not None:
             report["by_source"] = self.by_source.report()
+        if any(tally.head_tokens is not None for tally in self.layers):
+            report["vocabulary"] = self.vocabulary_report()
         if self.recursion is not None:
             report["recursion"] = {"router": cfg.recursion_router, "sharing": cfg.recursion_sharing,
                                    "kv": cfg.recursion_kv, **self.recursion.report()}
@@ -201,13 +239,29 @@ class RoutingStats:
                                                   cfg.n_routed_experts).t().tolist()
         return report
 
+    def vocabulary_report(self) -> Dict[str, Any]:
+        """The ``vocabulary`` section (:mod:`~gohgraph.analysis.stats.vocabulary`): per layer, by input
+        token and (when ``predicted_ids`` were given) by predicted token, for routed heads and experts."""
+        cfg = self.config
+        occurrences = {"input": self.token_occurrences, "predicted": self.predicted_occurrences}
+        layers = []
+        for layer_idx, tally in enumerate(self.layers):
+            head_counts = {"input": _counts(tally.head_tokens), "predicted": _counts(tally.predicted_head_tokens)}
+            expert_counts = {"input": _counts(tally.expert_tokens),
+                             "predicted": _counts(tally.predicted_expert_tokens)}
+            layers.append({"layer": layer_idx, **vocabulary_layer(occurrences, head_counts, expert_counts,
+                                                                  cfg.n_shared_heads, cfg.n_subtokens,
+                                                                  self.min_occurrences)})
+        return {"min_occurrences": self.min_occurrences, "layers": layers}
+
     def to_json(self, path: Union[str, Path]) -> Path:
         return write_json(path, self.report())
 
     def to_csv(self, path: Union[str, Path]) -> Path:
         """Long ("tidy") table: one row per ``layer, group, item, metric, value``.
 
-        ``group`` is ``layer``, ``head``, ``head_pair`` (item ``"i&j"``), ``edge`` (item
+        ``group`` is ``layer``, ``head``, ``head_pair`` / ``expert_pair`` (item ``"a&b"``, metrics
+        ``coactivation`` and ``coactivation_given`` = P(b | a)), ``edge`` (item
         ``"src->dst"``), ``expert`` or ``subtoken_expert`` (item ``"s->e"``); per-layer scalars have
         an empty item. The newer sections add ``token`` (item = token id), ``cross_layer_heads`` /
         ``cross_layer_experts`` (``layer`` = the pair's first layer, item ``"i->j"``),
@@ -223,6 +277,10 @@ class RoutingStats:
         return path
 
 
+def _counts(profile) -> Optional[torch.Tensor]:
+    return None if profile is None else profile.counts
+
+
 Batch = Union[torch.Tensor, Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
@@ -232,7 +290,7 @@ def collect_routing_stats(model: torch.nn.Module, batches: Iterable[Batch],
     ``(input_ids, attention_mask)`` pairs (padding is then masked in the model and left out of
     every statistic). The model's training mode is restored afterwards. ``progress`` shows a tqdm bar.
     """
-    if model.config.is_encoder_decoder:
+    if family_of(model.config).several_routing_kinds:
         raise ValueError("a seq2seq model routes three attention kinds: use "
                          "gohgraph.analysis.stats.kinds.collect_routing_stats_by_kind")
     stats = RoutingStats(model.config)
@@ -273,8 +331,10 @@ def _run(model: torch.nn.Module, stats: RoutingStats, batches: Iterable[Tuple[Ba
             for batch, source in tqdm(batches, desc="routing stats", unit="batch", disable=not progress):
                 input_ids, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
                 out = model(input_ids.to(device), attention_mask=None if mask is None else mask.to(device))
+                # a next-token prediction at each position keys the vocabulary specialisation by output
+                predicted = out.logits.argmax(-1) if family_of(model.config).predicts_next_token else None
                 stats.update(out.routing, input_ids, attention_mask=mask, source=source,
-                             recursion=getattr(out, "recursion", None))
+                             recursion=getattr(out, "recursion", None), predicted_ids=predicted)
     finally:
         model.train(was_training)
 

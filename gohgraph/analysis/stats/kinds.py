@@ -31,7 +31,7 @@ import torch
 
 from ...config import GoHConfig
 from ...models.seq2seq import IGNORE_INDEX, ROUTING_KINDS
-from ...routing import LayerRouting
+from ...routing import KIND_CROSS, KIND_DECODER_SELF, KIND_ENCODER, LayerRouting
 from ...storage import write_json
 from .collect import RoutingStats
 from .report import csv_rows
@@ -47,7 +47,7 @@ def kind_layers(config: GoHConfig) -> Dict[str, int]:
     """``{kind: number of layer records}`` of a seq2seq model."""
     if not config.is_encoder_decoder:
         raise ValueError(f"routing per attention kind needs model_type='seq2seq', got {config.model_type!r}")
-    depth = {"encoder": config.n_layers, "decoder_self": config.decoder_layers, "cross": config.decoder_layers}
+    depth = {KIND_ENCODER: config.n_layers, KIND_DECODER_SELF: config.decoder_layers, KIND_CROSS: config.decoder_layers}
     return {kind: depth[kind] for kind in SEQ2SEQ_KINDS}
 
 
@@ -143,7 +143,7 @@ def collect_routing_stats_by_kind(model: torch.nn.Module, batches: Iterable[Seq2
                 decoder_input_ids = given["decoder_input_ids"]
                 if decoder_input_ids is None:
                     decoder_input_ids = model.shift_right(given["labels"])
-                stats.update(out.routing, given["input_ids"], attention_mask=given["attention_mask"],
+                stats.update(out.routing_by_kind(), given["input_ids"], attention_mask=given["attention_mask"],
                              labels=given["labels"], decoder_input_ids=decoder_input_ids,
                              decoder_attention_mask=given["decoder_attention_mask"])
     finally:

@@ -46,6 +46,8 @@ def csv_rows(report: Dict[str, Any]) -> Iterator[tuple]:
     yield from _percentile_rows(report["summary"].get("load_percentiles", {}))
     if "by_source" in report:
         yield from _by_source_rows(report["by_source"])
+    if "vocabulary" in report:
+        yield from _vocabulary_rows(report["vocabulary"])
 
 
 def _layer_rows(report: Dict[str, Any]) -> Iterator[tuple]:
@@ -61,9 +63,7 @@ def _layer_rows(report: Dict[str, Any]) -> Iterator[tuple]:
                 yield i, "head", head, name, value
         for offset, value in enumerate(heads.get("routed_load", [])):
             yield i, "head", offset + report["config"]["n_shared_heads"], "routed_load", value
-        for a, row in enumerate(heads["coactivation"]):
-            for b, value in enumerate(row):
-                yield i, "head_pair", f"{a}&{b}", "coactivation", value
+        yield from _pair_rows(i, "head_pair", heads)
         for name, values in layer.get("flow", {}).items():
             for (src, dst), value in zip(edges, values):
                 yield i, "edge", f"{src}->{dst}", name, value
@@ -78,13 +78,22 @@ def _layer_rows(report: Dict[str, Any]) -> Iterator[tuple]:
         for name, value in experts.items():
             if isinstance(value, (int, float)):
                 yield i, "layer", "", f"expert_{name}", value
-            elif name not in ("dead", "subtoken_load", "top_tokens"):
+            elif name not in ("dead", "subtoken_load", "top_tokens", "coactivation", "coactivation_given"):
                 for expert, item in enumerate(value):
                     yield i, "expert", expert, name, item
+        yield from _pair_rows(i, "expert_pair", experts)
         for sub, row in enumerate(experts["subtoken_load"]):
             for expert, value in enumerate(row):
                 yield i, "subtoken_expert", f"{sub}->{expert}", "load", value
         yield from _top_token_rows(i, "expert_token", experts.get("top_tokens", []))
+
+
+def _pair_rows(layer: int, group: str, section: Dict[str, Any]) -> Iterator[tuple]:
+    """Item ``"a&b"``: ``coactivation`` P(a and b) and ``coactivation_given`` P(b | a) (empty: undefined)."""
+    for name in ("coactivation", "coactivation_given"):
+        for a, row in enumerate(section.get(name, [])):
+            for b, value in enumerate(row):
+                yield layer, group, f"{a}&{b}", name, "" if value is None else value
 
 
 def _cross_layer_rows(pairs: List[Dict[str, Any]]) -> Iterator[tuple]:
@@ -126,6 +135,26 @@ def _by_source_rows(by_source: Dict[str, Any]) -> Iterator[tuple]:
                 for source, values in per_source.items():
                     for node, value in enumerate(values):
                         yield layer["layer"], group, f"{source}:{node}", metric, value
+
+
+def _vocabulary_rows(vocabulary: Dict[str, Any]) -> Iterator[tuple]:
+    """Groups ``vocab_<heads|experts>_<input|predicted>`` (item = token id: ``occurrences``,
+    ``top_unit``, ``top_share``) and ``..._unit`` (item ``"unit#rank"``: ``token_id``,
+    ``specialisation``, ``occurrences``)."""
+    for layer in vocabulary["layers"]:
+        for kind in ("heads", "experts"):
+            for key, section in layer.get(kind, {}).items():
+                group = f"vocab_{kind}_{key}"
+                by_token = section["by_token"]
+                for index, token_id in enumerate(by_token["token_id"]):
+                    for metric in ("occurrences", "top_unit", "top_share"):
+                        yield layer["layer"], group, token_id, metric, by_token[metric][index]
+                for unit, rows in zip(section["units"], section["top_tokens"]):
+                    for rank, (token_id, share, occurrences) in enumerate(rows):
+                        item = f"{unit}#{rank}"
+                        yield layer["layer"], f"{group}_unit", item, "token_id", token_id
+                        yield layer["layer"], f"{group}_unit", item, "specialisation", share
+                        yield layer["layer"], f"{group}_unit", item, "occurrences", occurrences
 
 
 def _top_token_rows(layer: int, group: str, top_tokens: List[list]) -> Iterator[tuple]:

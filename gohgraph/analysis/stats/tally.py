@@ -8,6 +8,7 @@ import torch
 
 from ...config import GoHConfig
 from ...routing import LayerRouting
+from .coactivation import conditional_coactivation, expert_selection, selection_counts
 from .metrics import load_balance_summary
 from .tokens import TokenProfile
 
@@ -28,12 +29,16 @@ class LayerTally:
         self.expert_count: Optional[torch.Tensor] = None  # [E_r] routed assignments
         self.expert_gate_mass: Optional[torch.Tensor] = None  # [E_r]
         self.subtoken_expert_count: Optional[torch.Tensor] = None  # [m, E_r]
+        self.expert_coactivation: Optional[torch.Tensor] = None  # [E_r, E_r] joint counts over sub-tokens
         self.dropped_subtokens: Optional[float] = None
         self.expert_drop_count: Optional[torch.Tensor] = None  # [E_r]
         self._sections: Optional[tuple] = None
         self.vocab_size = cfg.vocab_size
         self.head_tokens: Optional[TokenProfile] = None  # [vocab, heads], with input_ids only
         self.expert_tokens: Optional[TokenProfile] = None  # [vocab, E_r]
+        # the same, keyed by the token the model predicts at the position (vocabulary specialisation)
+        self.predicted_head_tokens: Optional[TokenProfile] = None
+        self.predicted_expert_tokens: Optional[TokenProfile] = None
 
     def check(self, record: LayerRouting, layer_idx: int) -> None:
         """Raise ``ValueError`` if ``record`` does not fit this layer or differs from earlier batches."""
@@ -59,8 +64,10 @@ class LayerTally:
                 raise ValueError(f"layer {layer_idx}: expert_indices must lie in 0..{n_experts - 1} "
                                  f"(n_routed_experts), got {int(indices.min())}..{int(indices.max())}")
 
-    def add(self, record: LayerRouting, input_ids: Optional[torch.Tensor] = None) -> None:
-        """Add a record that passed :meth:`check`."""
+    def add(self, record: LayerRouting, input_ids: Optional[torch.Tensor] = None,
+            predicted_ids: Optional[torch.Tensor] = None) -> None:
+        """Add a record that passed :meth:`check`; ``predicted_ids [batch, seq]``: the model's
+        predicted next token at each position, for the vocabulary specialisation by prediction."""
         self._sections = (record.flow is not None, record.expert_indices is not None,
                           record.expert_weights is not None, record.dropped is not None,
                           record.expert_drops is not None)
@@ -70,24 +77,32 @@ class LayerTally:
         self.tokens += gates.shape[0]
         self.head_active_count += active.sum(0).cpu()
         self.head_gate_mass += gates.sum(0).cpu()
-        self.head_coactivation += (active.t() @ active).cpu()
+        self.head_coactivation += selection_counts(active).cpu()
         if record.flow is not None:
             self._add_flow(record.flow, active)
         if record.expert_indices is not None:
             self._add_experts(record)
         if input_ids is not None:
-            self._add_token_profiles(record, input_ids)
+            self.head_tokens, self.expert_tokens = self._add_token_profiles(
+                record, input_ids, self.head_tokens, self.expert_tokens)
+        if predicted_ids is not None:
+            self.predicted_head_tokens, self.predicted_expert_tokens = self._add_token_profiles(
+                record, predicted_ids, self.predicted_head_tokens, self.predicted_expert_tokens)
 
-    def _add_token_profiles(self, record: LayerRouting, input_ids: torch.Tensor) -> None:
+    def _add_token_profiles(self, record: LayerRouting, token_ids: torch.Tensor, head_tokens: Optional[TokenProfile],
+                            expert_tokens: Optional[TokenProfile]) -> tuple:
+        """Count ``token_ids [batch, seq]`` against the active heads and the chosen experts; returns
+        the (created on first use) head and expert profiles."""
         heads = record.head_gates.shape[-1]
-        if self.head_tokens is None:
-            self.head_tokens = TokenProfile(self.vocab_size, heads)
+        if head_tokens is None:
+            head_tokens = TokenProfile(self.vocab_size, heads)
         head_ids = torch.arange(heads, device=record.head_gates.device).expand_as(record.head_gates)
-        self.head_tokens.add(input_ids, head_ids, mask=record.head_gates > 0)
+        head_tokens.add(token_ids, head_ids, mask=record.head_gates > 0)
         if record.expert_indices is not None:
-            if self.expert_tokens is None:
-                self.expert_tokens = TokenProfile(self.vocab_size, self.n_routed_experts)
-            self.expert_tokens.add(input_ids, record.expert_indices)
+            if expert_tokens is None:
+                expert_tokens = TokenProfile(self.vocab_size, self.n_routed_experts)
+            expert_tokens.add(token_ids, record.expert_indices)
+        return head_tokens, expert_tokens
 
     def _add_flow(self, flow: torch.Tensor, active: torch.Tensor) -> None:
         flow = flow.reshape(-1, flow.shape[-1]).double()
@@ -104,7 +119,9 @@ class LayerTally:
         if self.expert_count is None:
             self.expert_count = torch.zeros(n_experts, dtype=torch.float64)
             self.subtoken_expert_count = torch.zeros(m, n_experts, dtype=torch.float64)
+            self.expert_coactivation = torch.zeros(n_experts, n_experts, dtype=torch.float64)
         flat = indices.reshape(-1)
+        self.expert_coactivation += selection_counts(expert_selection(indices, n_experts)).cpu()
         self.expert_count += torch.bincount(flat, minlength=n_experts).double().cpu()
         if record.expert_weights is not None:
             if self.expert_gate_mass is None:
@@ -145,6 +162,7 @@ class LayerTally:
             "gate_mass": _floats(self.head_gate_mass),
             "mean_gate": _floats(self.head_gate_mass / tokens),
             "coactivation": [_floats(row) for row in self.head_coactivation / tokens],
+            "coactivation_given": conditional_coactivation(self.head_coactivation),  # P(b | a)
             "active_per_token": float(self.head_active_count.sum() / tokens),
             "dead": [int(i) for i in torch.nonzero(self.head_active_count == 0).flatten().tolist()],
         }
@@ -175,6 +193,9 @@ class LayerTally:
             experts["weight_share"] = _floats(self.expert_gate_mass / self.expert_gate_mass.sum().clamp(min=1e-300))
         per_subtoken = self.subtoken_expert_count.sum(1, keepdim=True).clamp(min=1)
         experts["subtoken_load"] = [_floats(row) for row in self.subtoken_expert_count / per_subtoken]
+        # per sub-token decision: P(a and b), and P(b | a) (gohgraph.analysis.stats.coactivation)
+        experts["coactivation"] = [_floats(row) for row in self.expert_coactivation / (self.tokens * self.n_subtokens)]
+        experts["coactivation_given"] = conditional_coactivation(self.expert_coactivation)
         if self.expert_tokens is not None:
             experts["top_tokens"] = self.expert_tokens.top_tokens()
         if self.dropped_subtokens is not None:

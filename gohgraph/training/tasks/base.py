@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from ...config import GoHConfig
-from ...models.pretrained import MODEL_TYPES
+from ...models.families import FAMILIES, Family
 from ..config import TrainConfig
 
 PresetPair = Tuple[Dict[str, Any], Dict[str, Any]]
@@ -47,13 +47,17 @@ class Task:
     loss_column: str = "lm_loss"  # its metrics.csv column
     rows: str = "sequences"  # what one row of a batch is, for messages
     token_cache: bool = False  # its data is tokenized text kept in a token cache (--cache-dir)
-    tensor_parallel: bool = False  # its family's layers have a tensor-parallel plan (--tensor-parallel)
     recursion: bool = False  # its family can recurse (Mixture-of-Recursions: recursion_warmup_steps)
+
+    @property
+    def family(self) -> Family:
+        """The model family the task trains (:mod:`gohgraph.models.families`)."""
+        return FAMILIES[self.model_type]
 
     @property
     def model_class(self) -> type:
         """The model class of the family the task trains."""
-        return MODEL_TYPES[self.model_type]
+        return self.family.model_class
 
     # ------------------------------------------------------------------ data
     def load_data(self, settings: Dict[str, Any], cache_dir, tc: TrainConfig, cfg: GoHConfig):
@@ -69,7 +73,7 @@ class Task:
     def continued_model_config(self, model_kwargs: Dict[str, Any], directory) -> Dict[str, Any]:
         """The config of the saved model at ``directory`` (``--init-from``) as this task's start;
         a model of another family is refused in one line."""
-        if MODEL_TYPES.get(model_kwargs["model_type"]) is not self.model_class:
+        if FAMILIES.get(model_kwargs["model_type"]) is not self.family:
             raise ValueError(f"--init-from {directory} holds a model_type={model_kwargs['model_type']!r} model; "
                              f"--objective {self.name} continues {self.model_type} models")
         return model_kwargs

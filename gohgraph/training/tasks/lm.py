@@ -31,7 +31,6 @@ class LanguageModelTask(Task):
     loss_column = "lm_loss"
     rows = "windows"
     token_cache = True
-    tensor_parallel = True
     recursion = True
 
     def load_data(self, settings, cache_dir, tc: TrainConfig, cfg: GoHConfig):
