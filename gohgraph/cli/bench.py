@@ -1,5 +1,5 @@
 """``gohgraph bench``: the comparison table of dense, MoH, GoH, SMoE, fine-grained SMoE, MH-MoE and
-GoH-MoE at matched total parameters (:mod:`gohgraph.experiments`).
+GoH-MoE at matched total parameters (:mod:`gohgraph.experiments`), for any training task.
 
     gohgraph bench --quick                      # tiny models, 3 seeds, < 10 minutes on 2 CPU cores
     gohgraph bench --seeds 3 --out runs/bench   # the full setting (43 min on 2 CPU cores)
@@ -11,6 +11,7 @@ GoH-MoE at matched total parameters (:mod:`gohgraph.experiments`).
     gohgraph bench --variants GoH --set inter_head_flow=false          # GoH without inter-head flow
     gohgraph bench --quick --bitnet        # MH-MoE's Table 3: every FFN kind with BitNet b1.58, fp dense as reference
     gohgraph bench --quick --mor           # Mixture-of-Recursions at matched parameters and at matched depth
+    gohgraph bench --quick --objective mlm # the same rows as encoders, trained as masked LMs (classify, seq2seq too)
 
 Writes ``OUT/compare.md`` (the table), ``OUT/compare.json`` (every number) and
 ``OUT/compare_loss.png`` (validation loss against training tokens).
@@ -35,14 +36,19 @@ WHY_PROTECTED = ("the comparison sets {name} itself (a variant's kind, the width
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..experiments.variants import ALL_VARIANT_NAMES, BITNET_VARIANT_NAMES, MOR_VARIANT_NAMES, VARIANT_NAMES
+    from ..training.tasks import TASKS
 
     parser.add_argument("--quick", action="store_true", help="the quick setting (tiny models, short runs)")
+    parser.add_argument("--objective", choices=list(TASKS), default="lm",
+                        help="the training task every row is trained on (default lm); the rows become models of "
+                             "its family (encoders for mlm and classify, encoder-decoders for seq2seq)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST..FIRST+N-1")
     parser.add_argument("--out", default="runs/bench", help="directory for compare.md/.json/_loss.png")
     parser.add_argument("--overwrite", action="store_true", help="replace compare.md/.json/_loss.png if present")
     parser.add_argument("--data", default=None,
-                        help="text file, directory or glob (default: the Python standard library corpus)")
+                        help="the task's data: a text file, directory or glob (lm, mlm), labelled texts (classify) or "
+                             "pair files (seq2seq); default: the task's standard-library data")
     parser.add_argument("--variants", nargs="+", default=None, choices=ALL_VARIANT_NAMES, metavar="NAME",
                         help=f"subset of {list(ALL_VARIANT_NAMES)} (default: the first seven, {list(VARIANT_NAMES)}; "
                              "'dense' is always the reference)")
@@ -77,7 +83,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..config import GoHConfig
-    from ..data.corpus import load_corpus
     from ..experiments.run import run_comparison
     from ..experiments.variants import (
         BITNET_VARIANT_NAMES,
@@ -85,8 +90,10 @@ def run(args: argparse.Namespace) -> int:
         SETTINGS,
         comparison_variants,
         match_parameters,
+        task_variants,
     )
     from ..training.config import TrainConfig
+    from ..training.tasks import get_task
 
     if args.seeds < 1:
         raise ValueError(f"--seeds={args.seeds} must be >= 1")
@@ -106,7 +113,10 @@ def run(args: argparse.Namespace) -> int:
                                 protected=set(model_shape) | PROTOCOL_FIELDS, why_protected=WHY_PROTECTED)
     variants = {name: config if name == "dense" else config.replace(**overrides)
                 for name, config in comparison_variants(**model_shape, names=names).items()}
-    variants = match_parameters(variants, on=args.match)
+    task = get_task(args.objective)
+    if args.mor and task.name != "lm":
+        raise ValueError(f"--mor: --objective {task.name} trains {task.model_type} models, and only decoders "
+                         "recurse (Mixture-of-Recursions)")
     schedule = dict(schedule, **({"max_steps": args.steps} if args.steps else {}))
     if args.steps:
         schedule["eval_every"] = max(1, min(schedule["eval_every"], args.steps))
@@ -114,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dense_anneal_steps is not None:
         schedule["dense_anneal_steps"] = args.dense_anneal_steps
     train_config = TrainConfig(**schedule)
+    data = task.load_data({"data": args.data, "tokenizer": "byte"}, None, train_config,
+                          next(iter(variants.values())))
+    variants = match_parameters(task_variants(variants, task, data, train_config), on=args.match)
     out = Path(args.out)
     existing = [out / name for name in OUTPUT_FILES if (out / name).exists()]
     if existing and not args.overwrite:  # checked before the (long) comparison runs
@@ -128,10 +141,10 @@ def run(args: argparse.Namespace) -> int:
     if overrides and changed is not None:
         machine += " Changed in every variant but dense: " + ", ".join(
             f"{k}={getattr(changed, k)!r}" for k in overrides) + "."
-    comparison = run_comparison(variants, train_config, load_corpus(args.data), out,
+    comparison = run_comparison(variants, train_config, data, out,
                                 seeds=range(args.first_seed, args.first_seed + args.seeds), final_eval_batches=args.eval_batches,
                                 run_dir=out / "runs" if args.keep_runs else None,
-                                progress=not args.no_progress, description=machine)
+                                progress=not args.no_progress, description=machine, task=task.name)
     print((out / "compare.md").read_text(encoding="utf-8"))
     print(f"wrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'compare_loss.png'} "
           f"in {comparison.elapsed_s:.0f} s")

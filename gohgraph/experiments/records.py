@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from ..training.config import TrainConfig
@@ -21,6 +21,7 @@ class SeedRun:
     head_load_cv: Optional[float] = None
     expert_load_cv: Optional[float] = None
     active_heads_per_token: Optional[float] = None
+    scores: Dict[str, float] = field(default_factory=dict)  # the task's other final scores (e.g. accuracy)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Comparison:
     train_config: TrainConfig
     description: str = ""
     elapsed_s: float = 0.0
+    task: str = "lm"  # the training task every variant was trained on (gohgraph.training.tasks)
 
     def runs_of(self, name: str) -> List[SeedRun]:
         return [run for run in self.runs if run.variant == name]

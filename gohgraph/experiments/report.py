@@ -59,6 +59,15 @@ def is_tie(a: Sequence[float], b: Sequence[float]) -> bool:
     return abs(mean) <= critical * spread / math.sqrt(len(a))
 
 
+# what the loss column is, per training task (gohgraph.training.tasks)
+TASK_LOSSES = {"lm": "next-token cross-entropy", "mlm": "masked-LM cross-entropy at the masked positions",
+               "classify": "classification cross-entropy per text", "seq2seq": "target-token cross-entropy"}
+
+
+# the tasks whose loss is per byte token (bits / byte = loss / ln 2); a text's class is not a byte
+BYTE_TOKEN_LOSSES = ("lm", "mlm", "seq2seq")
+
+
 def render_table(comparison: Comparison, reference: str = "dense") -> str:
     """The Markdown comparison table, one row per variant, rows in the order of ``comparison.variants``.
 
@@ -71,11 +80,15 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
     seeds = sorted({run.seed for run in comparison.runs})
     reference_losses = [run.val_loss for run in comparison.runs_of(reference)]
     reference_cost = comparison.costs.get(reference)
+    # the task's other final scores (accuracy, exact match, ...), one column each after the loss
+    score_names = list(dict.fromkeys(name for run in comparison.runs for name in run.scores))
     lines = [
         f"| variant | params | active params / token | heads active | experts active "
-        f"| val loss (nats) | bits / byte | vs {reference} | train tok/s vs {reference} | train step memory (MB) "
+        f"| val loss (nats) | bits / byte | vs {reference} | "
+        + "".join(f"val {name.replace('_', ' ')} | " for name in score_names)
+        + f"train tok/s vs {reference} | train step memory (MB) "
         "| train MFLOPs / token | decode MFLOPs / token | load CV heads / experts |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(score_names) + "---|---|---|---|---|",
     ]
     for name, variant in comparison.variants.items():
         runs = comparison.runs_of(name)
@@ -83,6 +96,7 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
         mean, spread = loss_summary(losses)
         spread_text = f" ± {spread:.3f}" if spread is not None else ""
         bpb_spread = f" ± {bits_per_byte(spread):.3f}" if spread is not None else ""
+        bits = f"{bits_per_byte(mean):.3f}{bpb_spread}" if comparison.task in BYTE_TOKEN_LOSSES else "-"
         versus = "-" if name == reference or not reference_losses else \
             _versus(comparison, name, reference)
         cost = comparison.costs.get(name)
@@ -96,7 +110,9 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
         lines.append(
             f"| {name} | {total} | {active} "
             f"| {variant.heads_active} | {variant.experts_active} | {mean:.3f}{spread_text} "
-            f"| {bits_per_byte(mean):.3f}{bpb_spread} | {versus} | {speed} | {memory} "
+            f"| {bits} | {versus} | "
+            + "".join(f"{_score(runs, score)} | " for score in score_names)
+            + f"{speed} | {memory} "
             f"| {_flops(cost, 'train', reference_cost)} | {_flops(cost, 'decode', reference_cost)} "
             f"| {_mean_or_dash(r.head_load_cv for r in runs)} / {_mean_or_dash(r.expert_load_cv for r in runs)} |")
     pairs = [(a, b) for a, b in TARGET_PAIRS if a in comparison.variants and b in comparison.variants]
@@ -109,6 +125,7 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
     cfg = first.config
     lines += [
         "",
+        f"Task: `{comparison.task}` ({TASK_LOSSES.get(comparison.task, 'its validation loss')}). "
         f"{len(seeds)} seed(s) {seeds}; d_model={cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
         f"{first.target:,} target {first.matched_on} parameters (the % is the match to {reference}); {tc.max_steps} steps x {tc.batch_size} x {tc.seq_len} tokens "
         f"= {tc.max_steps * tc.batch_size * tc.seq_len:,} training tokens, lr {tc.lr}, warmup {tc.warmup_steps}"
@@ -127,6 +144,12 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
     if comparison.description:
         lines.append(comparison.description)
     return "\n".join(lines)
+
+
+def _score(runs, name: str) -> str:
+    """``"0.812 ± 0.010"``: a final score's mean over seeds ± its sample std."""
+    mean, spread = loss_summary([run.scores[name] for run in runs if name in run.scores])
+    return f"{mean:.3f}" + (f" ± {spread:.3f}" if spread is not None else "")
 
 
 def _paired_losses(comparison: Comparison, a: str, b: str) -> Tuple[List[float], List[float]]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from ..config import GoHConfig
-from ..models.decoder import GoHTransformer
+from ..models.families import family_of
 from ..moe.layer import MoEFeedForward
 
 VARIANT_NAMES = ("dense", "MoH", "GoH", "SMoE", "fine-grained SMoE", "MH-MoE", "GoH-MoE")
@@ -160,7 +160,7 @@ def match_parameters(variants: Dict[str, GoHConfig], reference: str = "dense",
     for name, config in variants.items():
         keep = name == reference or name in KEEPS_ITS_SIZE
         fitted = config if keep else _fit_to_target(config, target, tolerance / 2, count)
-        model = GoHTransformer(fitted)
+        model = family_of(fitted).model_class(fitted)
         variant = MatchedVariant(name, fitted, model.num_parameters(), target, active_parameters(model),
                                  f"{fitted.active_heads}/{fitted.n_heads}", _experts_active(fitted), on)
         if abs(variant.mismatch) > tolerance and not keep:
@@ -171,14 +171,14 @@ def match_parameters(variants: Dict[str, GoHConfig], reference: str = "dense",
 
 
 def count_parameters(config: GoHConfig) -> int:
-    return GoHTransformer(config).num_parameters()
+    return family_of(config).model_class(config).num_parameters()
 
 
 def count_active_parameters(config: GoHConfig) -> int:
-    return active_parameters(GoHTransformer(config))
+    return active_parameters(family_of(config).model_class(config))
 
 
-def active_parameters(model: GoHTransformer) -> int:
+def active_parameters(model) -> int:
     """Parameters one token's computation uses: everything except the routed experts it skips.
 
     Every attention head's parameters count as active: the query projection runs for every head in
@@ -194,6 +194,31 @@ def active_parameters(model: GoHTransformer) -> int:
             used = min(module.n_routed, module.n_subtokens * module.top_k)
             total -= (module.n_routed - used) * per_expert
     return total
+
+
+# the fields a task's family sets in every variant alike (taken from the task's tiny preset): the
+# encoder's positions, MLP and norm, a classifier head; the comparison's shape and routing stay
+FAMILY_FIELDS = ("model_type", "position_embedding", "mlp", "norm", "n_labels", "classifier_pooling")
+
+
+def task_variants(variants: Dict[str, GoHConfig], task, data, train_config) -> Dict[str, GoHConfig]:
+    """The decoder ``variants`` as models of ``task``'s family (:mod:`gohgraph.training.tasks`),
+    before matching: the family's fields of the task's ``tiny`` preset in every variant alike (a
+    seq2seq model gets as many decoder as encoder layers), then sized to the task's data
+    (vocabulary, positions, labels). A row the family cannot build (Mixture-of-Recursions on an
+    encoder) is a one-line ``ValueError``."""
+    if task.family is family_of(next(iter(variants.values()))):
+        return {name: task.fit_model_config(config, data, train_config, set(), None) for name, config in variants.items()}
+    preset = task.presets["tiny"][0]
+    family = {field: preset[field] for field in FAMILY_FIELDS if field in preset}
+    converted = {}
+    for name, config in variants.items():
+        if config.recursion != "none":
+            raise ValueError(f"--objective {task.name}: the {name!r} row recurses (Mixture-of-Recursions), which only "
+                             "decoders do")
+        extra = {"n_decoder_layers": config.n_layers} if "n_decoder_layers" in preset else {}
+        converted[name] = task.fit_model_config(config.replace(**family, **extra), data, train_config, set(), None)
+    return converted
 
 
 MATCH_ON: Dict[str, Callable[[GoHConfig], int]] = {"total": count_parameters, "active": count_active_parameters}

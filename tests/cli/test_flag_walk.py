@@ -23,7 +23,6 @@ from tests.cli.test_bad_input import assert_one_line_error, cli, save_family_mod
 
 FAMILIES = ("decoder", "encoder", "seq2seq")
 APPLIED = "applied"
-NOT_A_FAMILY = "not-a-family"  # the command has no model of this family (bench compares decoders)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +77,9 @@ FLAG_TABLE = {
     "viz": {"decoder": table("viz"), "encoder": table("viz"),
             "seq2seq": table("viz", text=refused("--text", "hello"), trace_tokens=refused("--trace-tokens", "8"))},
     "report": {"decoder": table("report"), "encoder": table("report"), "seq2seq": table("report")},
-    "bench": {"decoder": table("bench"), "encoder": NOT_A_FAMILY, "seq2seq": NOT_A_FAMILY},
+    # bench: the family is its --objective's (lm, mlm, seq2seq); only decoders recurse (--mor)
+    "bench": {"decoder": table("bench"), "encoder": table("bench", mor=refused("--mor")),
+              "seq2seq": table("bench", mor=refused("--mor"))},
     # convert: the family is the source's (Llama, BERT, T5); --n-experts and --top-k-experts size
     # the experts of --ffn moe (applied with it), which only a decoder source can be upcycled into
     # (T5 and BERT refuse it after loading: tests/interop/test_t5.py)
@@ -142,6 +143,10 @@ def base_argv(command: str, family: str, workspace, tmp_path) -> list:
         out = {"stats": "stats.json", "ablate": "ablation", "viz": "pictures", "report": "report.html"}[command]
         return [command, "--checkpoint", checkpoint, "--out", tmp_path / out, "--batches", "1", "--batch-size", "1",
                 "--seq-len", "16", "--no-progress"]
+    if command == "bench":
+        objective = {"decoder": "lm", "encoder": "mlm", "seq2seq": "seq2seq"}[family]
+        return ["bench", "--quick", "--objective", objective, "--out", tmp_path / "bench", "--steps", "1", "--seeds", "1",
+                "--no-progress"]
     if command == "convert":
         return ["convert", "--from", root / "llama", "--out", tmp_path / "converted"]
     raise AssertionError(command)

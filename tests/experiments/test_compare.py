@@ -358,3 +358,30 @@ def test_bench_runs_a_mor_row(tmp_path, capsys, bench_data):
     assert list(saved) == ["dense", "MoR token-choice (matched depth)"]
     assert saved["MoR token-choice (matched depth)"]["config"]["recursion"] == "mor"
     assert "| MoR token-choice (matched depth) |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("objective", ["mlm", "classify", "seq2seq"])
+def test_bench_compares_the_rows_on_every_task(tmp_path, capsys, objective):
+    """``gohgraph bench --objective X``: the rows as models of X's family, matched, trained by the one
+    loop, scored by X's evaluation, with the paired tests."""
+    from gohgraph.cli.main import main
+    from gohgraph.models.families import FAMILIES
+
+    out = tmp_path / "out"
+    assert main(["bench", "--quick", "--objective", objective, "--variants", "dense", "GoH", "--steps", "2",
+                 "--seeds", "2", "--eval-batches", "1", "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    table = (out / "compare.md").read_text()
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["task"] == objective and f"Task: `{objective}`" in table
+    family = FAMILIES[{"mlm": "encoder", "classify": "encoder", "seq2seq": "seq2seq"}[objective]]
+    for name, variant in saved["variants"].items():
+        assert variant["config"]["model_type"] == family.model_type, name
+        assert abs(variant["mismatch"]) <= 0.02, name
+    runs = {(run["variant"], run["seed"]): run for run in saved["runs"]}
+    assert sorted(runs) == [("GoH", 0), ("GoH", 1), ("dense", 0), ("dense", 1)]
+    assert _row(table, "GoH")[7].endswith(")") or "±" in _row(table, "GoH")[7]  # the paired difference vs dense
+    if objective == "classify":
+        assert "val accuracy" in table.splitlines()[0] and all(0 <= r["scores"]["accuracy"] <= 1 for r in runs.values())
+    if objective == "seq2seq":
+        assert "val exact match" in table.splitlines()[0]
+    assert saved["costs"]["GoH"]["decode_flops_per_token"] is None  # decoders alone decode a continuation
