@@ -40,8 +40,6 @@ from ..config import GoHConfig
 from ..models.families import family_of
 from ..models.routed import global_batch_balance_loss, global_batch_kinds, weighted_aux_loss
 from ..parallel import data_parallel as D
-from ..parallel import expert_parallel as EP
-from ..parallel import tensor_parallel as TP
 from ..storage import CheckpointError, load_state_strict
 from .checkpoint import (
     check_optimizer_parameters,
@@ -57,6 +55,7 @@ from .interrupts import stop_signals
 from .memory import available_memory, check_step_fits, estimate_step_memory
 from .metrics import SOURCE_LOSS_PREFIX, MetricsLogger, routing_summary
 from .optim import build_optimizer
+from .parallel_plan import ParallelPlan
 from .run_dir import RunDir
 from .schedules import dense_to_sparse_schedule, learning_rate, recursion_capacity_warmup, set_learning_rate
 from .tasks import Task, get_task
@@ -171,7 +170,8 @@ def train(model_config: GoHConfig, train_config: TrainConfig, data, run_dir: Pat
         raise ValueError(f"TrainConfig.tensor_parallel={tc.tensor_parallel} must equal the number of processes "
                          f"({ctx.world_size}): run under torchrun --nproc_per_node={tc.tensor_parallel} "
                          "(tensor parallel with data parallel beside it is not supported)")
-    if tc.batch_size % _data_ranks(tc, ctx):
+    plan = ParallelPlan(tc, ctx)
+    if tc.batch_size % plan.data_ranks:
         raise ValueError(f"TrainConfig.batch_size={tc.batch_size} must be divisible by the "
                          f"number of processes ({ctx.world_size})")
     if tc.expert_parallel > 1 and tc.expert_parallel != ctx.world_size:
@@ -179,14 +179,14 @@ def train(model_config: GoHConfig, train_config: TrainConfig, data, run_dir: Pat
                          f"({ctx.world_size}): run under torchrun --nproc_per_node={tc.expert_parallel}")
     if check_memory:
         # a rank of tensor parallelism runs the whole batch (an over-estimate: it holds a share of the weights)
-        memory = estimate_step_memory(model_config, tc, task.model_class, _data_ranks(tc, ctx))
+        memory = estimate_step_memory(model_config, tc, task.model_class, plan.data_ranks)
         check_step_fits(memory, available_memory(ctx.device), tc, model_config)
     notice = log or (lambda line: _log(ctx.is_main, line))
     try:
         with contextlib.ExitStack() as exits:
             if ctx.is_main:  # before the checkpoint is read and anything written
                 exits.enter_context(RunDir(run_dir).lock(notice=notice))
-            return _train(task, model_config, tc, data, run_dir, resume, progress, ctx, exits,
+            return _train(task, model_config, tc, data, run_dir, resume, progress, plan, exits,
                           dict(data_settings or {}), notice)
     finally:
         D.shutdown(ctx)
@@ -203,20 +203,11 @@ def check_task_settings(task: Task, tc: TrainConfig) -> None:
                          f"(Mixture-of-Recursions); --objective {task.name} trains {task.model_type} models")
 
 
-def _data_ranks(tc: TrainConfig, ctx: D.DistContext) -> int:
-    """How many different batches the processes read: one under tensor parallelism (every rank
-    computes a share of the same batch), else one per process."""
-    return 1 if tc.tensor_parallel > 1 else ctx.world_size
-
-
 def _train(task: Task, model_config: GoHConfig, tc: TrainConfig, data, run_dir: Path, resume: bool,
-           progress: bool, ctx: D.DistContext, exits: contextlib.ExitStack, data_settings: Dict[str, Any],
+           progress: bool, plan: ParallelPlan, exits: contextlib.ExitStack, data_settings: Dict[str, Any],
            notice: Callable[[str], None]) -> TrainResult:
     started = time.perf_counter()
-    tensor_parallel, expert_parallel = tc.tensor_parallel > 1, tc.expert_parallel > 1
-    # under tensor parallelism the ranks are one data rank: same batch, same dropout and router noise
-    data_ranks = _data_ranks(tc, ctx)
-    data_rank = ctx.rank if data_ranks > 1 else 0
+    ctx, data_rank, data_ranks = plan.ctx, plan.data_rank, plan.data_ranks
     run = RunDir(run_dir)
     model_class = task.model_class
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
@@ -244,23 +235,13 @@ def _train(task: Task, model_config: GoHConfig, tc: TrainConfig, data, run_dir: 
                 notice(f"initialised from {tc.init_from}; new: {', '.join(fresh)}")
         torch.manual_seed(tc.seed + RANK_SEED_STRIDE * data_rank)  # dropout differs per data rank
     model.to(ctx.device).train()
-    if expert_parallel:  # before DDP, which then leaves the expert shards alone
-        EP.apply_expert_parallel(model)
-    if tensor_parallel:  # no data parallel beside it: nothing to wrap
-        wrapped = TP.apply_tensor_parallel(model)
-    else:
-        wrapped = D.wrap_model(model, ctx, tc.fsdp,
-                               ignored_params=EP.expert_shard_parameters(model) if expert_parallel else None)
+    wrapped = plan.wrap(model)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
     forward = TrainingForward(wrapped, tc.compile)  # eager unless tc.compile (and compiling works)
     if saved_optimizer is not None:
         check_optimizer_parameters(saved.get("optimizer_param_names"), optimizer.param_names, checkpoint)
-        if expert_parallel:
-            saved_optimizer = EP.local_optimizer_state(model, optimizer, saved_optimizer)
-        if tensor_parallel:
-            saved_optimizer = TP.local_optimizer_state(model, optimizer, saved_optimizer)
         try:
-            D.load_optimizer_state(model, optimizer, saved_optimizer, tc.fsdp)
+            plan.load_optimizer_state(model, optimizer, saved_optimizer)
         except (ValueError, KeyError, RuntimeError) as err:
             raise CheckpointError(f"{checkpoint}/optimizer.json does not fit this model's optimizer: {err}") from None
     next_batch = task.training_batches(data, tc)
@@ -294,12 +275,8 @@ def _train(task: Task, model_config: GoHConfig, tc: TrainConfig, data, run_dir: 
             return _save(at_step)
 
     def _save(at_step: int) -> Path:
-        model_state = D.full_model_state(model, tc.fsdp)
-        optimizer_state = D.full_optimizer_state(model, optimizer, tc.fsdp)
-        if expert_parallel:
-            optimizer_state = EP.full_optimizer_state(model, optimizer, optimizer_state)
-        if tensor_parallel:
-            optimizer_state = TP.full_optimizer_state(model, optimizer, optimizer_state)
+        model_state = plan.full_model_state(model)
+        optimizer_state = plan.full_optimizer_state(model, optimizer)
         path = None
         if ctx.is_main:
             state = {"objective": task.name, "tokens_seen": tokens_seen, "val_history": history,
@@ -351,7 +328,7 @@ def _train(task: Task, model_config: GoHConfig, tc: TrainConfig, data, run_dir: 
                         loss.backward()
                     return out, own, aux, loss
 
-                with D.gradient_sync(wrapped, last_micro and not global_batch):
+                with plan.gradient_sync(last_micro and not global_batch):
                     out, own, aux, loss = forward.run(micro_step)
                 if global_batch:
                     held.append(_records(out.routing))
@@ -367,14 +344,12 @@ def _train(task: Task, model_config: GoHConfig, tc: TrainConfig, data, run_dir: 
                 del held, held_loss
             # task parts are already shares of the step's total (times the data ranks): the mean over ranks sums them
             parts = D.all_reduce_mean(parts, ctx)
-            grad_norm = (EP.clip_grad_norm_(model, tc.grad_clip) if expert_parallel or tensor_parallel
-                         else _clip_gradients(model, tc.grad_clip))
+            grad_norm = plan.clip_gradients(model, tc.grad_clip)
             if not (math.isfinite(float(parts[0])) and math.isfinite(grad_norm)):
                 raise TrainingDivergedError.at(step + 1, float(parts[0]), grad_norm, last_checkpoint)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if not tensor_parallel:  # tensor-parallel ranks count the same (replicated) routing loads
-                D.sync_routing_loads(model, ctx)
+            plan.sync_routing_loads(model)
             model.update_routing_biases()
             train_seconds += time.perf_counter() - step_started
 
@@ -406,12 +381,7 @@ def _train(task: Task, model_config: GoHConfig, tc: TrainConfig, data, run_dir: 
         bar.close()
         metrics.close()
 
-    # hand back an ordinary model, not one sharded over a group about to close
-    if (tc.fsdp or expert_parallel or tensor_parallel) and ctx.enabled:
-        full_state = D.full_model_state(model, fsdp=tc.fsdp)
-        model = model_class(model_config)
-        model.load_state_dict(full_state)
-        model.to(ctx.device)
+    model = plan.ordinary_model(model, lambda: model_class(model_config))
     final_path = None
     if not interrupted:
         if not history or history[-1]["step"] != step:  # a resumed run that had already finished
@@ -461,15 +431,6 @@ def _evaluation_cells(evaluation: Optional[Dict[str, float]], columns: Dict[str,
     if evaluation is None:
         return {}
     return {"val_loss": evaluation["loss"], **{column: evaluation[key] for key, column in columns.items()}}
-
-
-def _clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip to ``max_norm`` (0 = measure only) and return the total gradient norm."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the shards
-        norm = norm.full_tensor()
-    return float(norm)
 
 
 def _autocast(device: torch.device, dtype: str):

@@ -9,8 +9,8 @@ import torch
 from gohgraph import GoHConfig, GoHTransformer
 from gohgraph.models.routed import global_batch_balance_loss, weighted_aux_loss
 from gohgraph.routers.losses import BalanceTally, global_balance_loss, load_balance_loss
-from gohgraph.training import trainer as trainer_module
 from gohgraph.training.config import TrainConfig
+from gohgraph.training.parallel_plan import ParallelPlan
 from gohgraph.training.trainer import train
 from tests.helpers import TINY, make_corpus
 
@@ -96,13 +96,13 @@ def _accumulated_gradients(tmp_path, cfg: GoHConfig, monkeypatch, accum: int = 2
     """One training step of ``accum`` micro-batches of ``8 / accum`` sequences: its loss and its
     gradients (read before the optimizer step), and whether it ran compiled."""
     captured = {}
-    clip = trainer_module._clip_gradients
+    clip = ParallelPlan.clip_gradients
 
-    def spy(model, max_norm):
+    def spy(plan, model, max_norm):
         captured.update({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
-        return clip(model, max_norm)
+        return clip(plan, model, max_norm)
 
-    monkeypatch.setattr(trainer_module, "_clip_gradients", spy)
+    monkeypatch.setattr(ParallelPlan, "clip_gradients", spy)
     tc = TrainConfig(batch_size=8 // accum, seq_len=32, grad_accum_steps=accum, max_steps=1, warmup_steps=0,
                      grad_clip=0.0, lr=1e-3, device="cpu", compile=compile)
     result = train(cfg, tc, make_corpus(), tmp_path, progress=False)
