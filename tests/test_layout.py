@@ -225,3 +225,15 @@ def test_no_file_cites_the_design_notes_outside_the_repository():
             if path.is_file() and "__pycache__" not in path.parts and b"DESIGN.md" in path.read_bytes():
                 found.append(str(path.relative_to(ROOT)))
     assert not found, "DESIGN.md is not in the repository; cite a page of docs/ instead:\n" + "\n".join(found)
+
+
+def test_no_command_imports_another_command():
+    """The CLI's commands share what they share through ``gohgraph.cli.common`` (and the helpers it
+    names), never through another command's module: a command is a leaf."""
+    from gohgraph.cli.main import COMMANDS
+
+    commands = {f"gohgraph.cli.{name}" for name in COMMANDS}
+    graph = import_graph()
+    crossing = sorted((module, target) for module in commands for target in graph.get(module, ())
+                      if target in commands and target != module)
+    assert not crossing, f"commands importing commands: {crossing}"

@@ -31,7 +31,7 @@ from .common import (
     load_model,
     prepare_output,
 )
-from .viz import DEFAULT_TRACE_TOKENS, collect_stats, metrics_file
+from .routing_data import DEFAULT_TRACE_TOKENS, collect_stats, metrics_file
 
 LENS_TOP_K = 10  # tokens per unit the page keeps from each logit lens (hover lines show the first 5)
 

@@ -15,26 +15,19 @@ routing graph and the statistics JSON. A seq2seq checkpoint reads ``--data`` as 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Optional
 
 from ..models.families import family_of
-from ..training.run_dir import RunDir
 from .common import (
     add_data_arguments,
     add_overwrite_argument,
     check_text_tokens,
     check_utf8,
-    find_run_file,
     load_model,
     prepare_output,
-    run_sources,
-    source_validation_batches,
-    validation_batches,
 )
+from .routing_data import DEFAULT_TRACE_TOKENS, collect_stats, metrics_file
 
-DEFAULT_TRACE_TOKENS = 48  # of the validation text, without --text
 DEFAULT_TEXT_LIMIT = 64  # the most tokens of a --text, without --trace-tokens
 MAX_TRACE_TOKENS = 512  # one labelled column per token: wider pictures cannot be read
 STATS_FILE = "stats.json"
@@ -102,33 +95,3 @@ def check_trace_flags(args: argparse.Namespace, model, checkpoint: Path) -> int:
     return limit
 
 
-def metrics_file(args: argparse.Namespace, checkpoint: Path) -> Optional[Path]:
-    """``--metrics``, else the run's ``metrics.csv``, checked (:func:`check_metrics_csv`); ``None`` without one."""
-    from ..training.metrics import check_metrics_csv
-
-    metrics = Path(args.metrics) if args.metrics else find_run_file(checkpoint, RunDir.METRICS)
-    if metrics is None:
-        return None
-    if not metrics.is_file():
-        raise FileNotFoundError(f"--metrics {metrics} does not exist")
-    bad = check_metrics_csv(metrics)
-    if bad:
-        print(f"note: {metrics}: {bad}; the training curves leave out what cannot be read", file=sys.stderr)
-    return metrics
-
-
-def collect_stats(args: argparse.Namespace, model, checkpoint, collect, collect_by_source):
-    """``(stats, batches, tokenizer)``: by source when named sources are known, else over ``--data``;
-    a seq2seq checkpoint's per attention kind over its ``--data`` pairs."""
-    if family_of(model.config).several_routing_kinds:
-        from ..analysis.stats.kinds import collect_routing_stats_by_kind
-        from .seq2seq_batches import seq2seq_validation_batches
-
-        batches, tokenizer = seq2seq_validation_batches(args, model, checkpoint)
-        return collect_routing_stats_by_kind(model, batches, progress=not args.no_progress), batches, tokenizer
-    if run_sources(args, checkpoint):
-        by_source, tokenizer = source_validation_batches(args, model, checkpoint)
-        stats = collect_by_source(model, by_source, progress=not args.no_progress)
-        return stats, [batch for batches in by_source.values() for batch in batches], tokenizer
-    batches, tokenizer = validation_batches(args, model, checkpoint)
-    return collect(model, batches, progress=not args.no_progress), batches, tokenizer
