@@ -44,7 +44,11 @@ TALKING_HEADS = "talking heads"
 # output experts, sigmoid top-k (layers/switch_head.py); matched as the others are
 SWITCH_HEAD = "switchhead"
 SWITCH_HEAD_EXPERTS, SWITCH_HEAD_TOP_K = 4, 2
-ALL_VARIANT_NAMES = VARIANT_NAMES + BITNET_VARIANT_NAMES + MOR_VARIANT_NAMES + (TALKING_HEADS, SWITCH_HEAD)
+# MoSA (Piękos et al. 2025) on dense heads and FFN, built only when named: as many sparse heads as
+# dense ones, each keeping k = T / MOSA_SPARSITY tokens (layers/mosa.py); matched as the others are
+MOSA = "mosa"
+MOSA_SPARSITY = 8
+ALL_VARIANT_NAMES = VARIANT_NAMES + BITNET_VARIANT_NAMES + MOR_VARIANT_NAMES + (TALKING_HEADS, SWITCH_HEAD, MOSA)
 MATCH_TOLERANCE = 0.02
 
 # Model shape and schedule of the two settings; ``gohgraph bench --quick`` runs the first.
@@ -113,6 +117,7 @@ def comparison_variants(d_model: int, n_layers: int, n_heads: int, n_shared_head
             variants[name + MATCHED_DEPTH] = mor.replace(n_layers=n_layers // MOR_RECURSIONS)
     variants[TALKING_HEADS] = base.replace(talking_heads=True)
     variants[SWITCH_HEAD] = base.replace(n_attention_experts=SWITCH_HEAD_EXPERTS, top_k_attention_experts=SWITCH_HEAD_TOP_K)
+    variants[MOSA] = base.replace(n_mosa_heads=n_heads, mosa_sparsity=MOSA_SPARSITY)
     unknown = [name for name in names if name not in variants]
     if unknown:
         raise ValueError(f"variants {unknown} are not among {list(ALL_VARIANT_NAMES)}")
@@ -287,6 +292,11 @@ def reference_of(config: GoHConfig) -> str:
         switch = (f"SwitchHead, Csordás et al. 2024, {config.n_attention_experts} value/output experts per head, "
                   f"top-{config.top_k_attention_experts} (tests/layers/test_switch_head.py: the released module)")
         heads = switch if config.router == "dense" else f"{heads}, on {switch}"
+    if config.n_mosa_heads:
+        mosa = (f"MoSA, Piękos et al. 2025, {config.n_mosa_heads} sparse heads keeping T/{config.mosa_sparsity} tokens "
+                "each beside the dense ones (piotrpiekos/MoSA's PureMoSA: tests/layers/test_mosa.py; evaluated "
+                "with the per-token inference router, docs/decoding.md)")
+        heads = f"{heads}, plus {mosa}"
     bitnet = "; BitNet b1.58 projections and experts (tests/layers/test_bitlinear.py)" if config.linear == "bitnet" else ""
     if config.recursion == "mor":
         bitnet += (f"; Mixture-of-Recursions, {config.recursion_router}, {config.n_layers} shared block(s) x "
