@@ -7,8 +7,10 @@
    rows (:data:`MOR_VARIANT_NAMES`) at matched parameters and at matched depth, and a talking-heads
    row (:data:`TALKING_HEADS`).
 2. :func:`match_parameters` - every variant is resized to the dense model's total (or active)
-   parameter count (``ffn_hidden`` for dense FFNs; ``expert_hidden`` and, where its step is too
-   coarse, ``n_experts`` for expert FFNs) and the relative mismatch is recorded.
+   parameter count, or to its training FLOPs per token (``on="flops"``,
+   :func:`count_training_flops`), by one size knob (``ffn_hidden`` for dense FFNs; ``expert_hidden``
+   and, where its step is too coarse, ``n_experts`` for expert FFNs), and the relative mismatch is
+   recorded.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
+import torch
+
+from ..analysis.flops import count_flops
 from ..config import GoHConfig
 from ..models.families import family_of
 from ..moe.layer import MoEFeedForward
@@ -127,8 +132,9 @@ def comparison_variants(d_model: int, n_layers: int, n_heads: int, n_shared_head
 # ---------------------------------------------------------------------- 2. parameter matching
 @dataclass
 class MatchedVariant:
-    """A variant resized to ``target`` parameters, counted as ``matched_on`` says (``"total"`` or
-    ``"active"`` per token); ``mismatch`` is that count over the target, minus 1."""
+    """A variant resized to ``target``, counted as ``matched_on`` says: ``"total"`` or ``"active"``
+    parameters (per token), or ``"flops"``, training FLOPs per token (``flops_per_token``, counted
+    only then); ``mismatch`` is that count over the target, minus 1."""
 
     name: str
     config: GoHConfig
@@ -138,18 +144,22 @@ class MatchedVariant:
     heads_active: str  # "6/8"
     experts_active: str  # "2/8", "2x2/8" (sub-tokens x top-k of routed experts), "-" without experts
     matched_on: str = "total"
+    flops_per_token: Optional[float] = None
 
     @property
     def mismatch(self) -> float:
-        matched = self.params if self.matched_on == "total" else self.active_params
+        matched = {"total": self.params, "active": self.active_params, "flops": self.flops_per_token}[self.matched_on]
         return matched / self.target - 1.0
 
 
 def match_parameters(variants: Dict[str, GoHConfig], reference: str = "dense",
-                     tolerance: float = MATCH_TOLERANCE, on: str = "total") -> Dict[str, MatchedVariant]:
-    """Resize every variant to the parameter count of ``variants[reference]``: its ``"total"``
-    count (the default), or its ``"active"`` count per token (expert models then grow in total size,
-    the compute-matched setting of the MH-MoE paper).
+                     tolerance: float = MATCH_TOLERANCE, on: str = "total",
+                     seq_len: Optional[int] = None) -> Dict[str, MatchedVariant]:
+    """Resize every variant to the size of ``variants[reference]``: its ``"total"`` parameter
+    count (the default), its ``"active"`` count per token (expert models then grow in total size,
+    the compute-matched setting of the MH-MoE paper), or its training FLOPs per token (``"flops"``,
+    counted on ``seq_len``-token sequences by :func:`count_training_flops`; MoSA and SwitchHead's
+    published comparisons are at equal compute).
 
     Raises ``ValueError`` if a variant cannot be brought within ``tolerance`` (relative). Variants
     in :data:`KEEPS_ITS_SIZE` are compared at matched depth instead: not resized, and their
@@ -159,7 +169,10 @@ def match_parameters(variants: Dict[str, GoHConfig], reference: str = "dense",
         raise ValueError(f"reference={reference!r} is not among the variants {list(variants)}")
     if on not in MATCH_ON:
         raise ValueError(f"on={on!r} is not one of {list(MATCH_ON)}")
-    count = MATCH_ON[on]
+    if on == "flops" and (type(seq_len) is not int or seq_len < 1):
+        raise ValueError(f"on='flops' needs seq_len, the training sequence length the FLOPs are counted at; "
+                         f"got seq_len={seq_len!r}")
+    count = MATCH_ON[on] if on != "flops" else (lambda config: count_training_flops(config, seq_len))
     target = count(variants[reference])
     matched = {}
     for name, config in variants.items():
@@ -167,12 +180,38 @@ def match_parameters(variants: Dict[str, GoHConfig], reference: str = "dense",
         fitted = config if keep else _fit_to_target(config, target, tolerance / 2, count)
         model = family_of(fitted).model_class(fitted)
         variant = MatchedVariant(name, fitted, model.num_parameters(), target, active_parameters(model),
-                                 f"{fitted.active_heads}/{fitted.n_heads}", _experts_active(fitted), on)
+                                 f"{fitted.active_heads}/{fitted.n_heads}", _experts_active(fitted), on,
+                                 count(fitted) if on == "flops" else None)
         if abs(variant.mismatch) > tolerance and not keep:
-            raise ValueError(f"variant {name!r} has {variant.mismatch:+.1%} {on} parameters "
-                             f"from the target {target}; allowed: within {tolerance:.0%}")
+            what = "training FLOPs per token" if on == "flops" else f"{on} parameters"
+            raise ValueError(f"variant {name!r} has {variant.mismatch:+.1%} {what} from the target {target:,.0f}; "
+                             f"allowed: within {tolerance:.0%}")
         matched[name] = variant
     return matched
+
+
+def count_training_flops(config: GoHConfig, seq_len: int, seed: int = 0) -> float:
+    """Training FLOPs per token of ``config``: forward and backward of the LM loss plus the routing
+    losses (what the trainer differentiates) on one sequence of ``seq_len + 1`` tokens, as the
+    comparison's batches are, counted by :func:`~gohgraph.analysis.flops.count_flops` and divided
+    by ``seq_len`` (the table's train-FLOPs column counts the same on its timing batch). Fresh
+    weights from ``seed`` and fixed random tokens: FLOPs that depend on routing (head-sparse
+    execution) are those of the initial router."""
+    family = family_of(config)
+    if not family.predicts_next_token:
+        raise ValueError(f"training FLOPs are counted on a next-token step; a {family.model_type} model trains "
+                         "on another objective")
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (1, seq_len + 1), generator=generator)
+    with torch.random.fork_rng():  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        model = family.model_class(config).train()
+
+    def step() -> None:
+        out = model(ids, labels=ids)
+        (out.lm_loss + out.aux_loss).backward()
+
+    return count_flops(step)[0] / seq_len
 
 
 def count_parameters(config: GoHConfig) -> int:
@@ -226,7 +265,10 @@ def task_variants(variants: Dict[str, GoHConfig], task, data, train_config) -> D
     return converted
 
 
-MATCH_ON: Dict[str, Callable[[GoHConfig], int]] = {"total": count_parameters, "active": count_active_parameters}
+# how a variant's size is counted for each --match; "flops" (count_training_flops) also needs the
+# training sequence length, so match_parameters binds it
+MATCH_ON: Dict[str, Optional[Callable[[GoHConfig], int]]] = {"total": count_parameters, "active": count_active_parameters,
+                                                            "flops": None}
 
 
 def _experts_active(config: GoHConfig) -> str:
