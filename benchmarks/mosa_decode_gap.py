@@ -1,7 +1,8 @@
 """MoSA's train/inference gap (docs/decoding.md): the validation loss of one model under the training
 rule (expert choice: each sparse head keeps the top T / rho tokens of the whole sequence, which reads
-the future) and under the decode rule (the per-token inference router, what evaluation and
-``generate`` use), at initialisation and after training.
+the future) and under each per-token decode rule (``mosa_inference``: the BCE-trained inference
+router, and the score threshold; what evaluation and ``generate`` use), at initialisation and after
+training. One model is trained (with the row's configured rule); both rules are read from it.
 
     python benchmarks/mosa_decode_gap.py                 # the comparison's quick 'mosa' row, 300 steps
     python benchmarks/mosa_decode_gap.py --steps 50 --eval-batches 4
@@ -19,14 +20,25 @@ import argparse
 import torch
 
 from gohgraph import GoHTransformer
+from gohgraph.config import MOSA_INFERENCE
 from gohgraph.data.batches import eval_batches, train_batch
 from gohgraph.data.corpus import load_corpus
 from gohgraph.experiments.variants import MOSA, SETTINGS, comparison_variants
+from gohgraph.layers.mosa import MixtureOfSparseAttention
 
 
-def rule_losses(model: GoHTransformer, batches) -> dict:
-    """Validation loss under both rules, their agreement and the decode rule's kept share."""
+def set_decode_rule(model: GoHTransformer, rule: str) -> None:
+    """Switch every sparse-head layer's decode rule (both rules' statistics are trained anyway)."""
+    for module in model.modules():
+        if isinstance(module, MixtureOfSparseAttention):
+            module.inference = rule
+
+
+def rule_losses(model: GoHTransformer, batches, rule: str) -> dict:
+    """Validation loss under the training rule and the decode ``rule``, their agreement and the
+    decode rule's kept share."""
     totals = {"training rule": 0.0, "decode rule": 0.0, "agree": 0.0, "kept": 0.0, "topk": 0.0, "n": 0}
+    set_decode_rule(model, rule)
     with torch.no_grad():
         for batch in batches:
             model.train()  # expert choice (dropout is 0 in these settings, so nothing else changes)
@@ -62,10 +74,13 @@ def main() -> None:
     validation = list(eval_batches(corpus.val, batch_size, seq_len + 1, args.eval_batches))
 
     def report(when: str) -> None:
-        m = rule_losses(model, validation)
-        print(f"{when}: training rule {m['training rule']:.4f}, decode rule {m['decode rule']:.4f}, "
-              f"gap {m['decode rule'] - m['training rule']:+.4f} nats; rules agree on {m['agree']:.1%} of "
-              f"(token, head) pairs; decode rule keeps {m['kept']:.1%} (top-k keeps {m['topk']:.1%})", flush=True)
+        for rule in MOSA_INFERENCE:
+            m = rule_losses(model, validation, rule)
+            print(f"{when}: training rule {m['training rule']:.4f}, decode rule {rule} {m['decode rule']:.4f}, "
+                  f"gap {m['decode rule'] - m['training rule']:+.4f} nats; rules agree on {m['agree']:.1%} of "
+                  f"(token, head) pairs; decode rule keeps {m['kept']:.1%} (top-k keeps {m['topk']:.1%})",
+                  flush=True)
+        set_decode_rule(model, config.mosa_inference)
 
     print(f"{MOSA}: d_model={config.d_model}, {config.n_layers} layers, {config.n_heads} dense + "
           f"{config.n_mosa_heads} sparse heads, sparsity {config.mosa_sparsity}, seq {seq_len}, "

@@ -41,6 +41,7 @@ RECURSION_SHARINGS = ("cycle", "middle-cycle")
 RECURSION_ROUTERS = ("expert-choice", "token-choice")
 RECURSION_KV = ("recursion", "shared")
 RECURSION_INFERENCE = ("aux-router", "router-bce")
+MOSA_INFERENCE = ("aux-router", "score-threshold")
 RECURSION_SCORERS = ("linear", "graph")
 EXECUTIONS = ("auto", "masked", "sparse")
 RECURSION_EXECUTIONS = ("auto", "masked", "gather")  # docs/skipping-work.md: skip the work routing rules out, or compute all
@@ -172,13 +173,17 @@ class GoHConfig:
     # picks the top k = max(2, T // mosa_sparsity) tokens of the sequence (expert choice), attends
     # among them causally by their positions and writes back scaled by the router score
     # (gohgraph.layers.mosa). Expert choice reads the whole sequence, so evaluation and generation
-    # keep a token when an inference router, trained with a BCE loss of weight mosa_aux_loss_coef
-    # to predict the choice, says so (docs/decoding.md). mosa_include_first: the first token is
+    # decide per token (mosa_inference below; the inference router it may use is trained with a BCE
+    # loss of weight mosa_aux_loss_coef to predict the choice; docs/decoding.md). mosa_include_first: the first token is
     # always kept (the released include_first). 0 = no sparse heads (every other row)
     n_mosa_heads: int = _in("attention", 0)
     mosa_sparsity: int = _in("attention", 8)
     mosa_include_first: bool = _in("attention", False)
     mosa_aux_loss_coef: float = _in("attention", 0.1)
+    # how evaluation and generation decide per token: "aux-router" (the BCE-trained inference router's
+    # logit > 0) or "score-threshold" (the head's own score above a moving average of the training
+    # sequences' k-th score)
+    mosa_inference: str = _in("attention", "aux-router")
 
     # ---- head routing
     router: str = _in("head routing", "dense")
@@ -490,6 +495,7 @@ class GoHConfig:
         _positive(self, "mosa_sparsity")
         if self.mosa_aux_loss_coef < 0:
             raise ValueError(f"mosa_aux_loss_coef={self.mosa_aux_loss_coef} must be >= 0")
+        _choice(self, "mosa_inference", MOSA_INFERENCE)
         if not self.n_mosa_heads:
             return
         # the sparse heads are self-attention heads of a decoder with their own projections and a

@@ -53,7 +53,7 @@ class TokenSelection:
 
     Attributes:
         selected: ``[batch, seq, sparse_heads]`` bool, the tokens each sparse head attended among
-            (in training its top-k of the sequence, in evaluation the inference router's choice).
+            (in training its top-k of the sequence, in evaluation the decode rule's, ``mosa_inference``).
         scores: ``[batch, seq, sparse_heads]`` float32 router scores ``sigmoid(w_h . x)`` (the
             weight of a kept token's output; non-competitive: they do not sum to 1).
         aux_losses: ``mosa_aux_bce`` (in training: the inference router's BCE against the top-k

@@ -21,15 +21,21 @@ the kept tokens are projected and attended: per head ``O(k^2 d_h + k d d_h)`` pl
 and the fused causal kernel runs it.
 
 **Decoding.** Whether token ``t`` is in :math:`I_h` depends on the later tokens' scores, so the
-training rule is not causal (a later token can push an earlier one out of the top-k). Neither the
-paper's code nor its release has a decoding path; gohgraph uses the per-token rule of
-Mixture-of-Recursions' auxiliary router (:mod:`gohgraph.routers.recursion`): a linear inference
-router :math:`a_{t,h} = u_h \cdot x_t + c_h`, fed a detached ``x`` and trained with a BCE loss
-(``mosa_aux_bce``, weight ``cfg.mosa_aux_loss_coef``) to predict :math:`t \in I_h`, keeps ``t``
-when :math:`a_{t,h} > 0`. In evaluation mode (plain forward and ``generate`` alike) the heads
-attend among the tokens this rule keeps, causally, and the output keeps the weight
-:math:`r_{t,h}`; the train/inference gap is the loss difference between the two rules
-(docs/decoding.md). Evaluation runs masked: every token of the call is projected, the keys of
+training rule is not causal (a later token can push an earlier one out of the top-k). The released
+code has no decoding path; gohgraph decides per token, by ``cfg.mosa_inference``:
+
+* ``"aux-router"`` (Mixture-of-Recursions' auxiliary router, :mod:`gohgraph.routers.recursion`): a
+  linear inference router :math:`a_{t,h} = u_h \cdot x_t + c_h`, fed a detached ``x`` and trained
+  with a BCE loss (``mosa_aux_bce``, weight ``cfg.mosa_aux_loss_coef``) to predict
+  :math:`t \in I_h`, keeps ``t`` when :math:`a_{t,h} > 0`;
+* ``"score-threshold"``: the head's own score, kept when :math:`r_{t,h} \ge \theta_h`, where
+  :math:`\theta_h` (buffer ``score_threshold``) follows the k-th largest score of each training
+  sequence by an exponential moving average (:data:`THRESHOLD_MOMENTUM`, updated by training forwards
+  that record a graph; both rules' statistics are kept whichever one decides).
+
+In evaluation mode (plain forward and ``generate`` alike) the heads attend among the tokens the rule
+keeps, causally, and the output keeps the weight :math:`r_{t,h}`; the train/inference gap is the
+loss difference between the two rules (docs/decoding.md). Evaluation runs masked: every token of the call is projected, the keys of
 tokens the rule drops are masked out, and the cache (its own slot per layer,
 :func:`sparse_cache_slot`) holds every token with the rule's decision as one extra value channel.
 Training compute is what MoSA saves; the paper's smaller KV cache is not realised here.
@@ -50,6 +56,9 @@ from .kv_cache import KVCache
 MOSA_AUX = "mosa_aux_bce"  # the inference router's BCE loss, in LayerRouting.aux_losses
 MIN_KEPT = 2  # the released get_topk: at least two tokens per head
 FORCED = 2.0  # a ranking key above every sigmoid score: include_first's token is always chosen
+# weight of each training sequence's k-th score in the score-threshold rule's moving average: about
+# the last few hundred sequences count, so it follows the router as it trains
+THRESHOLD_MOMENTUM = 0.01
 
 
 def mosa_tokens_per_head(seq_len: int, sparsity: int) -> int:
@@ -92,6 +101,9 @@ class MixtureOfSparseAttention(nn.Module):
             nn.init.normal_(param, std=cfg.init_std)
         nn.init.normal_(self.out, std=cfg.output_init_std)
         nn.init.zeros_(self.inference_router.bias)
+        self.inference = cfg.mosa_inference
+        # a sigmoid's middle: a fresh model keeps about half the tokens until training moves it
+        self.register_buffer("score_threshold", torch.full((heads,), 0.5))
 
     def forward(self, x: torch.Tensor, rotary: Optional[nn.Module] = None, positions: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, mask: Optional[torch.Tensor] = None,
@@ -127,7 +139,10 @@ class MixtureOfSparseAttention(nn.Module):
             real = token_mask.sum(-1)
             kept_count = torch.minimum(torch.clamp(real // self.sparsity, min=MIN_KEPT), real)  # [batch]
             k = int(kept_count.max())
-        chosen = ranking.topk(k, dim=1).indices.transpose(1, 2)  # [batch, H_s, k]
+        top = ranking.topk(k, dim=1)
+        if torch.is_grad_enabled():  # a training step, not a no-grad look at the training rule
+            self._track_threshold(top.values, kept_count, k)
+        chosen = top.indices.transpose(1, 2)  # [batch, H_s, k]
         valid = None
         if kept_count is not None:  # the j-th best of a row counts while j < its own k
             rank = torch.arange(k, device=x.device)
@@ -160,6 +175,16 @@ class MixtureOfSparseAttention(nn.Module):
         losses = {MOSA_AUX: self._inference_router_loss(x, selected, token_mask)}
         return y, TokenSelection(selected, scores.detach(), losses)
 
+    @torch.no_grad()
+    def _track_threshold(self, top_scores: torch.Tensor, kept_count: Optional[torch.Tensor], k: int) -> None:
+        """Move ``score_threshold`` toward the batch's mean k-th largest score per head
+        (``top_scores [batch, k, H_s]``, descending; include_first's forced token not counted)."""
+        batch = top_scores.shape[0]
+        counts = torch.full((batch,), k, device=top_scores.device) if kept_count is None else kept_count
+        last = (counts - 1).clamp(min=int(self.include_first))  # the forced token ranks first
+        kth = top_scores.gather(1, last[:, None, None].expand(-1, 1, top_scores.shape[-1])).squeeze(1)
+        self.score_threshold.lerp_(kth.mean(0).to(self.score_threshold.dtype), THRESHOLD_MOMENTUM)
+
     def _inference_router_loss(self, x: torch.Tensor, selected: torch.Tensor,
                                token_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """BCE of the inference router against the top-k choice, over real tokens; it reads a
@@ -179,8 +204,11 @@ class MixtureOfSparseAttention(nn.Module):
                         token_mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, TokenSelection]:
         batch, seq, _ = x.shape
         offset = cache.length(self.cache_slot) if cache is not None else 0
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            kept = self._rule_logits(x) > 0  # [batch, seq, H_s]
+        if self.inference == "score-threshold":
+            kept = scores >= self.score_threshold.float()  # [batch, seq, H_s]
+        else:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                kept = self._rule_logits(x) > 0
         token_positions = (positions if positions is not None
                            else torch.arange(offset, offset + seq, device=x.device).expand(batch, seq))
         if self.include_first:

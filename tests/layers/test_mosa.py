@@ -184,9 +184,12 @@ def mosa_model(**overrides) -> GoHTransformer:
 ROUTED = dict(router="linear", n_shared_heads=1, top_k_heads=2)
 
 
+THRESHOLD = dict(mosa_inference="score-threshold")
+
+
 @pytest.mark.parametrize("overrides", [dict(), dict(mosa_include_first=True), ROUTED,
-                                       dict(position_embedding="learned")],
-                         ids=["MoSA", "include-first", "MoH+MoSA", "learned-positions"])
+                                       dict(position_embedding="learned"), THRESHOLD],
+                         ids=["MoSA", "include-first", "MoH+MoSA", "learned-positions", "score-threshold"])
 def test_the_decode_rule_never_lets_later_tokens_change_earlier_outputs(overrides):
     model = mosa_model(**overrides).eval()  # a fresh inference router keeps about half the tokens
     assert_later_tokens_change_no_earlier_logit(model, vocab_size=32, seq=20, split=9)
@@ -225,8 +228,8 @@ def test_the_training_rule_reads_the_future_which_is_why_decoding_has_its_own_ru
     assert not torch.allclose(after[0, :15], before[0, :15])
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(mosa_include_first=True), ROUTED], ids=["MoSA", "include-first",
-                                                                                          "MoH+MoSA"])
+@pytest.mark.parametrize("overrides", [dict(), dict(mosa_include_first=True), ROUTED, THRESHOLD],
+                         ids=["MoSA", "include-first", "MoH+MoSA", "score-threshold"])
 def test_cached_decoding_equals_recompute(overrides):
     model = mosa_model(**overrides).eval()
     ids = torch.randint(0, 32, (2, 14), generator=torch.Generator().manual_seed(6))
@@ -266,6 +269,26 @@ def test_a_padded_row_chooses_in_training_as_it_does_alone():
         assert not b.sparse_heads.selected[:, :5].any()  # padding is never kept
 
 
+def test_score_threshold_follows_the_kth_score_of_training_steps_only():
+    from gohgraph.layers.mosa import THRESHOLD_MOMENTUM
+
+    cfg, module, rotary = sparse_heads(mosa_include_first=True, **THRESHOLD)
+    x = torch.randn(3, 20, cfg.d_model, generator=torch.Generator().manual_seed(11))
+    scores = torch.sigmoid(x @ module.router.detach().T)  # [batch, seq, heads]
+    k = mosa_tokens_per_head(20, cfg.mosa_sparsity)
+    # the forced first token does not count: the k-th score is the (k - 1)-th of the others
+    kth = scores[:, 1:].topk(k - 1, dim=1).values[:, -1].mean(0)
+    with torch.no_grad():  # a look at the training rule trains nothing
+        module(x, rotary)
+    assert torch.equal(module.score_threshold, torch.full((4,), 0.5))
+    module(x, rotary)
+    torch.testing.assert_close(module.score_threshold, 0.5 + THRESHOLD_MOMENTUM * (kth - 0.5))
+    module.eval()
+    with torch.no_grad():
+        _, record = module(x, rotary)
+    assert torch.equal(record.selected, (scores >= module.score_threshold) | (torch.arange(20) == 0)[None, :, None])
+
+
 # ---------------------------------------------------------------------- record, losses, refusals
 def test_routing_record_and_the_inference_routers_loss():
     model = mosa_model(mosa_aux_loss_coef=0.5).train()
@@ -283,6 +306,21 @@ def test_routing_record_and_the_inference_routers_loss():
     attn = model.blocks[0].attn.sparse_heads
     assert attn.inference_router.weight.grad is not None and attn.router.grad is None
     assert model.embed.weight.grad is None
+
+
+def test_a_saved_mosa_model_loads_with_its_decode_rule(tmp_path):
+    from gohgraph import from_pretrained
+
+    model = mosa_model(**THRESHOLD).train()
+    ids = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(12))
+    model(ids, labels=ids).loss.backward()  # moves the score thresholds away from their start
+    model.save_pretrained(tmp_path / "mosa")
+    loaded = from_pretrained(tmp_path / "mosa").eval()
+    assert loaded.config.mosa_inference == "score-threshold"
+    assert torch.equal(loaded.blocks[0].attn.sparse_heads.score_threshold,
+                       model.blocks[0].attn.sparse_heads.score_threshold)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
 
 
 def test_checkpoints_without_sparse_heads_keep_their_parameters():
@@ -306,6 +344,7 @@ def test_checkpoints_without_sparse_heads_keep_their_parameters():
     (dict(model_type="encoder"), "model_type"),
     (dict(mosa_include_first="maybe"), "mosa_include_first"),
     (dict(n_mosa_heads=2.5), "n_mosa_heads"),
+    (dict(mosa_inference="psychic"), "mosa_inference"),
 ])
 def test_combinations_it_cannot_do_are_refused(overrides, field):
     with pytest.raises(ValueError, match=field):
