@@ -116,5 +116,6 @@ def test_bench_mosa_counts_sparse_heads_below_dense():
 def test_mosa_decode_gap_reports_both_rules():
     out = run_benchmark("mosa_decode_gap.py", "--steps", "2", "--eval-batches", "1")
     lines = [line for line in out.splitlines() if line.startswith(("init:", "step 2:"))]
-    assert len(lines) == 2 and all("training rule" in line and "decode rule" in line and "gap" in line
-                                   for line in lines)
+    assert len(lines) == 4 and all("training rule" in line and "gap" in line for line in lines)
+    for rule in ("decode rule aux-router", "decode rule score-threshold"):
+        assert sum(rule in line for line in lines) == 2  # at initialisation and after the steps
