@@ -110,7 +110,7 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
             total += f" ({variant.mismatch:+.2%})"
         elif variant.matched_on == "active":
             active += f" ({variant.mismatch:+.2%})"
-        else:
+        elif name != reference:
             train_flops += f" (matched {variant.mismatch:+.2%})"
         lines.append(
             f"| {name} | {total} | {active} "

@@ -180,7 +180,7 @@ def match_parameters(variants: Dict[str, GoHConfig], reference: str = "dense",
         fitted = config if keep else _fit_to_target(config, target, tolerance / 2, count)
         model = family_of(fitted).model_class(fitted)
         variant = MatchedVariant(name, fitted, model.num_parameters(), target, active_parameters(model),
-                                 f"{fitted.active_heads}/{fitted.n_heads}", _experts_active(fitted), on,
+                                 _heads_active(fitted), _experts_active(fitted), on,
                                  count(fitted) if on == "flops" else None)
         if abs(variant.mismatch) > tolerance and not keep:
             what = "training FLOPs per token" if on == "flops" else f"{on} parameters"
@@ -269,6 +269,13 @@ def task_variants(variants: Dict[str, GoHConfig], task, data, train_config) -> D
 # training sequence length, so match_parameters binds it
 MATCH_ON: Dict[str, Optional[Callable[[GoHConfig], int]]] = {"total": count_parameters, "active": count_active_parameters,
                                                             "flops": None}
+
+
+def _heads_active(config: GoHConfig) -> str:
+    """``"6/8"`` (active of all dense heads per token), with MoSA's sparse heads and the share of the
+    sequence each keeps: ``"8/8 + 8 sparse (T/8)"``."""
+    dense = f"{config.active_heads}/{config.n_heads}"
+    return dense + (f" + {config.n_mosa_heads} sparse (T/{config.mosa_sparsity})" if config.n_mosa_heads else "")
 
 
 def _experts_active(config: GoHConfig) -> str:

@@ -368,4 +368,5 @@ def test_mosa_row_of_the_comparison():
     assert row.n_mosa_heads >= 1 and row.router == "dense" and row.ffn == "dense"
     assert "MoSA" in reference_of(row) and "piotrpiekos/MoSA" in reference_of(row)
     assert "MoSA" not in reference_of(variants["dense"])
-    assert abs(match_parameters(variants)[MOSA].mismatch) <= 0.02
+    matched = match_parameters(variants)[MOSA]
+    assert abs(matched.mismatch) <= 0.02 and matched.heads_active == "8/8 + 8 sparse (T/8)"
