@@ -41,6 +41,7 @@ RECURSION_SHARINGS = ("cycle", "middle-cycle")
 RECURSION_ROUTERS = ("expert-choice", "token-choice")
 RECURSION_KV = ("recursion", "shared")
 RECURSION_INFERENCE = ("aux-router", "router-bce")
+MOSA_INFERENCE = ("aux-router", "score-threshold")
 RECURSION_SCORERS = ("linear", "graph")
 EXECUTIONS = ("auto", "masked", "sparse")
 RECURSION_EXECUTIONS = ("auto", "masked", "gather")  # docs/skipping-work.md: skip the work routing rules out, or compute all
@@ -167,6 +168,22 @@ class GoHConfig:
     # (gohgraph.layers.attention.SwitchHeadProjections). 0 = single projections (every other row)
     n_attention_experts: int = _in("attention", 0)
     top_k_attention_experts: int = _in("attention", 2)
+    # MoSA (Piękos, Csordás, Schmidhuber 2025, arXiv 2505.00315): n_mosa_heads sparse heads of
+    # head_dim beside the n_heads dense ones. In training each sparse head's router sigma(w_h . x)
+    # picks the top k = max(2, T // mosa_sparsity) tokens of the sequence (expert choice), attends
+    # among them causally by their positions and writes back scaled by the router score
+    # (gohgraph.layers.mosa). Expert choice reads the whole sequence, so evaluation and generation
+    # decide per token (mosa_inference below; the inference router it may use is trained with a BCE
+    # loss of weight mosa_aux_loss_coef to predict the choice; docs/decoding.md). mosa_include_first: the first token is
+    # always kept (the released include_first). 0 = no sparse heads (every other row)
+    n_mosa_heads: int = _in("attention", 0)
+    mosa_sparsity: int = _in("attention", 8)
+    mosa_include_first: bool = _in("attention", False)
+    mosa_aux_loss_coef: float = _in("attention", 0.1)
+    # how evaluation and generation decide per token: "aux-router" (the BCE-trained inference router's
+    # logit > 0) or "score-threshold" (the head's own score above a moving average of the training
+    # sequences' k-th score)
+    mosa_inference: str = _in("attention", "aux-router")
 
     # ---- head routing
     router: str = _in("head routing", "dense")
@@ -410,6 +427,7 @@ class GoHConfig:
             self._validate_talking_heads()
         if self.n_attention_experts:
             self._validate_attention_experts()
+        self._validate_sparse_heads()
         self._validate_positions()
         _choice(self, "head_gate_normalisation", GATE_NORMALISATIONS)
         _choice(self, "expert_score", EXPERT_SCORES)
@@ -470,6 +488,28 @@ class GoHConfig:
             if getattr(self, name) != allowed:
                 raise ValueError(f"n_attention_experts={self.n_attention_experts} needs {name}={allowed!r}, "
                                  f"got {name}={getattr(self, name)!r}")
+
+    def _validate_sparse_heads(self) -> None:
+        if self.n_mosa_heads < 0:
+            raise ValueError(f"n_mosa_heads={self.n_mosa_heads} must be >= 0 (0 = no sparse heads)")
+        _positive(self, "mosa_sparsity")
+        if self.mosa_aux_loss_coef < 0:
+            raise ValueError(f"mosa_aux_loss_coef={self.mosa_aux_loss_coef} must be >= 0")
+        _choice(self, "mosa_inference", MOSA_INFERENCE)
+        if not self.n_mosa_heads:
+            return
+        # the sparse heads are self-attention heads of a decoder with their own projections and a
+        # cache slot per layer; what they would need beside that (cross-attention, relative-position
+        # masks, quantised or expert projections, a recursion's cache) is refused, not ignored
+        for name, allowed in (("model_type", "decoder"), ("attention", "mha"), ("linear", "standard"),
+                              ("n_attention_experts", 0), ("recursion", "none"), ("sliding_window", None)):
+            if getattr(self, name) != allowed:
+                raise ValueError(f"n_mosa_heads={self.n_mosa_heads} needs {name}={allowed!r}, "
+                                 f"got {name}={getattr(self, name)!r}")
+        if self.position_embedding in ("alibi", "t5-relative"):
+            raise ValueError(f"n_mosa_heads={self.n_mosa_heads} needs position_embedding 'rope', 'learned' or "
+                             f"'sinusoidal' (a score bias has no per-head token subset), got "
+                             f"{self.position_embedding!r}")
 
     def _validate_latent_attention(self) -> None:
         _positive(self, "kv_lora_rank", "qk_rope_head_dim")

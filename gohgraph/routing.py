@@ -48,6 +48,24 @@ class ExpertRouting:
 
 
 @dataclass
+class TokenSelection:
+    """MoSA's sparse heads (``n_mosa_heads > 0``): which tokens each head kept, and with what weight.
+
+    Attributes:
+        selected: ``[batch, seq, sparse_heads]`` bool, the tokens each sparse head attended among
+            (in training its top-k of the sequence, in evaluation the decode rule's, ``mosa_inference``).
+        scores: ``[batch, seq, sparse_heads]`` float32 router scores ``sigmoid(w_h . x)`` (the
+            weight of a kept token's output; non-competitive: they do not sum to 1).
+        aux_losses: ``mosa_aux_bce`` (in training: the inference router's BCE against the top-k
+            choice), unweighted.
+    """
+
+    selected: torch.Tensor
+    scores: torch.Tensor
+    aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class LayerRouting:
     """Routing decisions of one transformer layer for one batch.
 
@@ -68,6 +86,7 @@ class LayerRouting:
             :class:`~gohgraph.routers.losses.BalanceTally`), for global-batch pooling, or ``None``.
         router_input_rms: 0-dim RMS of the head router's input over real tokens (detached), for
             the health scalars (:mod:`gohgraph.analysis.stats.health`), or ``None``.
+        sparse_heads: MoSA's :class:`TokenSelection` (``n_mosa_heads > 0``), else ``None``.
 
     The expert fields read through: ``record.expert_indices`` is ``record.experts.expert_indices``
     (``None`` without experts), and :attr:`aux_losses` holds the head and the expert losses.
@@ -83,13 +102,15 @@ class LayerRouting:
     output_experts: Optional[ExpertRouting] = None
     head_balance: Optional[Any] = None
     router_input_rms: Optional[torch.Tensor] = None
+    sparse_heads: Optional[TokenSelection] = None
 
     @property
     def aux_losses(self) -> Dict[str, torch.Tensor]:
-        """Every routing loss of the layer by name (head and expert), unweighted."""
-        if self.experts is None:
+        """Every routing loss of the layer by name (head, sparse-head and expert), unweighted."""
+        if self.experts is None and self.sparse_heads is None:
             return self.head_losses
-        return {**self.head_losses, **self.experts.aux_losses}
+        return {**self.head_losses, **(self.sparse_heads.aux_losses if self.sparse_heads is not None else {}),
+                **(self.experts.aux_losses if self.experts is not None else {})}
 
     @property
     def expert_indices(self) -> Optional[torch.Tensor]:

@@ -103,3 +103,19 @@ def test_bench_head_sparse_prints_every_table_and_row():
         assert row in out
     flops = [line for line in out.splitlines() if line.startswith("| MoH 4/12 ")]
     assert len(flops) >= 2
+
+
+def test_bench_mosa_counts_sparse_heads_below_dense():
+    out = run_benchmark("bench_mosa.py", "--d-model", "32", "--heads", "4", "--tokens", "64", "--sparsity", "8",
+                        "--repeats", "1")
+    rows = {line.split("|")[2].strip(): line.split("|") for line in out.splitlines() if line.startswith("| 64 ")}
+    assert set(rows) == {"dense", "MoSA k=T/8"} and rows["MoSA k=T/8"][3].strip() == "8"
+    assert float(rows["MoSA k=T/8"][7]) < 1.0  # fewer FLOPs than dense attention with as many heads
+
+
+def test_mosa_decode_gap_reports_both_rules():
+    out = run_benchmark("mosa_decode_gap.py", "--steps", "2", "--eval-batches", "1")
+    lines = [line for line in out.splitlines() if line.startswith(("init:", "step 2:"))]
+    assert len(lines) == 4 and all("training rule" in line and "gap" in line for line in lines)
+    for rule in ("decode rule aux-router", "decode rule score-threshold"):
+        assert sum(rule in line for line in lines) == 2  # at initialisation and after the steps

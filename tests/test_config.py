@@ -31,6 +31,10 @@ from gohgraph import GoHConfig
     (dict(ffn="mh-moe", n_subtokens=3), r"d_model=256 must be divisible by n_subtokens=3"),
     (dict(ffn="moe", capacity_factor=0.0), r"capacity_factor=0.0 must be > 0 or None"),
     (dict(balance_loss_coef=-1.0), r"balance_loss_coef=-1.0 must be >= 0"),
+    (dict(n_mosa_heads=-2), r"n_mosa_heads=-2 must be >= 0 \(0 = no sparse heads\)"),
+    (dict(n_mosa_heads=4, mosa_sparsity=0), r"mosa_sparsity=0 must be a positive integer"),
+    (dict(mosa_aux_loss_coef=-0.5), r"mosa_aux_loss_coef=-0.5 must be >= 0"),
+    (dict(n_mosa_heads=4, sliding_window=16), r"n_mosa_heads=4 needs sliding_window=None, got sliding_window=16"),
 ])
 def test_bad_values_raise_value_error_naming_the_field(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -6,6 +6,7 @@ GoH-MoE at matched total parameters (:mod:`gohgraph.experiments`), for any train
     gohgraph bench --quick --variants dense GoH --steps 50 --seeds 1
     gohgraph bench --quick --variants MoH GoH --first-seed 3     # three more seeds (3, 4, 5)
     gohgraph bench --quick --match active                        # compute-matched: experts grow in total size
+    gohgraph bench --quick --match flops --variants switchhead mosa  # equal training FLOPs per token (within 2%)
     gohgraph bench --variants GoH --router-rounds 2 --router-dim 16  # another graph router, same seeds
     gohgraph bench --variants MH-MoE --set subtoken_projections=false  # MH-MoE without head/merge layers
     gohgraph bench --variants GoH --set inter_head_flow=false          # GoH without inter-head flow
@@ -58,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mor", action="store_true",
                         help=f"add the Mixture-of-Recursions rows {list(MOR_VARIANT_NAMES)} (matched parameters, "
                              "and matched depth without resizing; without --variants: only them and dense)")
-    parser.add_argument("--match", choices=["total", "active"], default="total",
-                        help="match every variant to dense's total parameters (default) or its active parameters per token")
+    parser.add_argument("--match", choices=["total", "active", "flops"], default="total",
+                        help="match every variant to dense's total parameters (default), its active parameters per "
+                             "token, or its training FLOPs per token (counted at the setting's sequence length)")
     parser.add_argument("--steps", type=int, default=None, help="override the setting's training steps")
     parser.add_argument("--dense-anneal-steps", type=int, default=None,
                         help="routed-head variants start with every head on and anneal to top-k over this many "
@@ -117,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
     if args.mor and task.name != "lm":
         raise ValueError(f"--mor: --objective {task.name} trains {task.model_type} models, and only decoders "
                          "recurse (Mixture-of-Recursions)")
+    if args.match == "flops" and task.name != "lm":
+        raise ValueError(f"--match flops: --objective {task.name} trains {task.model_type} models; the FLOP matching "
+                         "counts a decoder's next-token training step (--objective lm)")
     schedule = dict(schedule, **({"max_steps": args.steps} if args.steps else {}))
     if args.steps:
         schedule["eval_every"] = max(1, min(schedule["eval_every"], args.steps))
@@ -126,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     train_config = TrainConfig(**schedule)
     data = task.load_data({"data": args.data, "tokenizer": "byte"}, None, train_config,
                           next(iter(variants.values())))
-    variants = match_parameters(task_variants(variants, task, data, train_config), on=args.match)
+    variants = match_parameters(task_variants(variants, task, data, train_config), on=args.match,
+                                seq_len=schedule["seq_len"])
     out = Path(args.out)
     existing = [out / name for name in OUTPUT_FILES if (out / name).exists()]
     if existing and not args.overwrite:  # checked before the (long) comparison runs

@@ -36,7 +36,9 @@ TARGET_PAIRS = (("MoH", "dense"), ("GoH", "MoH"), ("GoH", "dense"), ("SMoE", "de
                 ("MH-MoE BitNet", "SMoE BitNet"), ("GoH-MoE BitNet", "MH-MoE BitNet"),
                 # Mixture-of-Recursions at matched parameters (twice the depth) and at dense's depth
                 ("MoR expert-choice", "dense"), ("MoR token-choice", "dense"),
-                ("MoR expert-choice (matched depth)", "dense"), ("MoR token-choice (matched depth)", "dense"))
+                ("MoR expert-choice (matched depth)", "dense"), ("MoR token-choice (matched depth)", "dense"),
+                # MoSA: better than dense at equal compute in its paper (--match flops)
+                ("mosa", "dense"))
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> Tuple[float, Optional[float]]:
@@ -103,17 +105,20 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
         speed = f"{cost.tokens_per_s / reference_cost.tokens_per_s:.2f}x" if cost and reference_cost else "-"
         memory = f"{cost.memory_mb:.1f}" if cost else "-"
         total, active = f"{variant.params:,}", f"{variant.active_params:,}"
+        train_flops = _flops(cost, 'train', reference_cost)
         if variant.matched_on == "total":  # the match is shown next to the count that was matched
             total += f" ({variant.mismatch:+.2%})"
-        else:
+        elif variant.matched_on == "active":
             active += f" ({variant.mismatch:+.2%})"
+        elif name != reference:
+            train_flops += f" (matched {variant.mismatch:+.2%})"
         lines.append(
             f"| {name} | {total} | {active} "
             f"| {variant.heads_active} | {variant.experts_active} | {mean:.3f}{spread_text} "
             f"| {bits} | {versus} | "
             + "".join(f"{_score(runs, score)} | " for score in score_names)
             + f"{speed} | {memory} "
-            f"| {_flops(cost, 'train', reference_cost)} | {_flops(cost, 'decode', reference_cost)} "
+            f"| {train_flops} | {_flops(cost, 'decode', reference_cost)} "
             f"| {_mean_or_dash(r.head_load_cv for r in runs)} / {_mean_or_dash(r.expert_load_cv for r in runs)} |")
     pairs = [(a, b) for a, b in TARGET_PAIRS if a in comparison.variants and b in comparison.variants]
     if pairs:
@@ -127,7 +132,11 @@ def render_table(comparison: Comparison, reference: str = "dense") -> str:
         "",
         f"Task: `{comparison.task}` ({TASK_LOSSES.get(comparison.task, 'its validation loss')}). "
         f"{len(seeds)} seed(s) {seeds}; d_model={cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
-        f"{first.target:,} target {first.matched_on} parameters (the % is the match to {reference}); {tc.max_steps} steps x {tc.batch_size} x {tc.seq_len} tokens "
+        + (f"{first.target / 1e6:,.3f} M target training FLOPs per token, counted on one {tc.seq_len}-token sequence "
+           f"(the 'matched' % is the match to {reference}; the column itself is counted on the timing batch)"
+           if first.matched_on == "flops" else
+           f"{first.target:,} target {first.matched_on} parameters (the % is the match to {reference})")
+        + f"; {tc.max_steps} steps x {tc.batch_size} x {tc.seq_len} tokens "
         f"= {tc.max_steps * tc.batch_size * tc.seq_len:,} training tokens, lr {tc.lr}, warmup {tc.warmup_steps}"
         + (f", routed heads annealed from dense over the first {tc.dense_anneal_steps} steps"
            if tc.dense_anneal_steps else "") + ". "

@@ -184,7 +184,8 @@ def _to_json(comparison: Comparison) -> dict:
         "elapsed_s": comparison.elapsed_s,
         "variants": {name: {"config": v.config.to_dict(), "params": v.params, "target": v.target,
                             "mismatch": v.mismatch, "active_params": v.active_params,
-                            "heads_active": v.heads_active, "experts_active": v.experts_active}
+                            "heads_active": v.heads_active, "experts_active": v.experts_active,
+                            "matched_on": v.matched_on, "flops_per_token": v.flops_per_token}
                      for name, v in comparison.variants.items()},
         "runs": [asdict(run) for run in comparison.runs],
         "costs": {name: {**asdict(cost), "memory_mb": cost.memory_mb} for name, cost in comparison.costs.items()},

@@ -7,8 +7,10 @@
    rows (:data:`MOR_VARIANT_NAMES`) at matched parameters and at matched depth, and a talking-heads
    row (:data:`TALKING_HEADS`).
 2. :func:`match_parameters` - every variant is resized to the dense model's total (or active)
-   parameter count (``ffn_hidden`` for dense FFNs; ``expert_hidden`` and, where its step is too
-   coarse, ``n_experts`` for expert FFNs) and the relative mismatch is recorded.
+   parameter count, or to its training FLOPs per token (``on="flops"``,
+   :func:`count_training_flops`), by one size knob (``ffn_hidden`` for dense FFNs; ``expert_hidden``
+   and, where its step is too coarse, ``n_experts`` for expert FFNs), and the relative mismatch is
+   recorded.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
+import torch
+
+from ..analysis.flops import count_flops
 from ..config import GoHConfig
 from ..models.families import family_of
 from ..moe.layer import MoEFeedForward
@@ -44,7 +49,11 @@ TALKING_HEADS = "talking heads"
 # output experts, sigmoid top-k (layers/switch_head.py); matched as the others are
 SWITCH_HEAD = "switchhead"
 SWITCH_HEAD_EXPERTS, SWITCH_HEAD_TOP_K = 4, 2
-ALL_VARIANT_NAMES = VARIANT_NAMES + BITNET_VARIANT_NAMES + MOR_VARIANT_NAMES + (TALKING_HEADS, SWITCH_HEAD)
+# MoSA (Piękos et al. 2025) on dense heads and FFN, built only when named: as many sparse heads as
+# dense ones, each keeping k = T / MOSA_SPARSITY tokens (layers/mosa.py); matched as the others are
+MOSA = "mosa"
+MOSA_SPARSITY = 8
+ALL_VARIANT_NAMES = VARIANT_NAMES + BITNET_VARIANT_NAMES + MOR_VARIANT_NAMES + (TALKING_HEADS, SWITCH_HEAD, MOSA)
 MATCH_TOLERANCE = 0.02
 
 # Model shape and schedule of the two settings; ``gohgraph bench --quick`` runs the first.
@@ -113,6 +122,7 @@ def comparison_variants(d_model: int, n_layers: int, n_heads: int, n_shared_head
             variants[name + MATCHED_DEPTH] = mor.replace(n_layers=n_layers // MOR_RECURSIONS)
     variants[TALKING_HEADS] = base.replace(talking_heads=True)
     variants[SWITCH_HEAD] = base.replace(n_attention_experts=SWITCH_HEAD_EXPERTS, top_k_attention_experts=SWITCH_HEAD_TOP_K)
+    variants[MOSA] = base.replace(n_mosa_heads=n_heads, mosa_sparsity=MOSA_SPARSITY)
     unknown = [name for name in names if name not in variants]
     if unknown:
         raise ValueError(f"variants {unknown} are not among {list(ALL_VARIANT_NAMES)}")
@@ -122,8 +132,9 @@ def comparison_variants(d_model: int, n_layers: int, n_heads: int, n_shared_head
 # ---------------------------------------------------------------------- 2. parameter matching
 @dataclass
 class MatchedVariant:
-    """A variant resized to ``target`` parameters, counted as ``matched_on`` says (``"total"`` or
-    ``"active"`` per token); ``mismatch`` is that count over the target, minus 1."""
+    """A variant resized to ``target``, counted as ``matched_on`` says: ``"total"`` or ``"active"``
+    parameters (per token), or ``"flops"``, training FLOPs per token (``flops_per_token``, counted
+    only then); ``mismatch`` is that count over the target, minus 1."""
 
     name: str
     config: GoHConfig
@@ -133,18 +144,22 @@ class MatchedVariant:
     heads_active: str  # "6/8"
     experts_active: str  # "2/8", "2x2/8" (sub-tokens x top-k of routed experts), "-" without experts
     matched_on: str = "total"
+    flops_per_token: Optional[float] = None
 
     @property
     def mismatch(self) -> float:
-        matched = self.params if self.matched_on == "total" else self.active_params
+        matched = {"total": self.params, "active": self.active_params, "flops": self.flops_per_token}[self.matched_on]
         return matched / self.target - 1.0
 
 
 def match_parameters(variants: Dict[str, GoHConfig], reference: str = "dense",
-                     tolerance: float = MATCH_TOLERANCE, on: str = "total") -> Dict[str, MatchedVariant]:
-    """Resize every variant to the parameter count of ``variants[reference]``: its ``"total"``
-    count (the default), or its ``"active"`` count per token (expert models then grow in total size,
-    the compute-matched setting of the MH-MoE paper).
+                     tolerance: float = MATCH_TOLERANCE, on: str = "total",
+                     seq_len: Optional[int] = None) -> Dict[str, MatchedVariant]:
+    """Resize every variant to the size of ``variants[reference]``: its ``"total"`` parameter
+    count (the default), its ``"active"`` count per token (expert models then grow in total size,
+    the compute-matched setting of the MH-MoE paper), or its training FLOPs per token (``"flops"``,
+    counted on ``seq_len``-token sequences by :func:`count_training_flops`; MoSA and SwitchHead's
+    published comparisons are at equal compute).
 
     Raises ``ValueError`` if a variant cannot be brought within ``tolerance`` (relative). Variants
     in :data:`KEEPS_ITS_SIZE` are compared at matched depth instead: not resized, and their
@@ -154,7 +169,10 @@ def match_parameters(variants: Dict[str, GoHConfig], reference: str = "dense",
         raise ValueError(f"reference={reference!r} is not among the variants {list(variants)}")
     if on not in MATCH_ON:
         raise ValueError(f"on={on!r} is not one of {list(MATCH_ON)}")
-    count = MATCH_ON[on]
+    if on == "flops" and (type(seq_len) is not int or seq_len < 1):
+        raise ValueError(f"on='flops' needs seq_len, the training sequence length the FLOPs are counted at; "
+                         f"got seq_len={seq_len!r}")
+    count = MATCH_ON[on] if on != "flops" else (lambda config: count_training_flops(config, seq_len))
     target = count(variants[reference])
     matched = {}
     for name, config in variants.items():
@@ -162,12 +180,38 @@ def match_parameters(variants: Dict[str, GoHConfig], reference: str = "dense",
         fitted = config if keep else _fit_to_target(config, target, tolerance / 2, count)
         model = family_of(fitted).model_class(fitted)
         variant = MatchedVariant(name, fitted, model.num_parameters(), target, active_parameters(model),
-                                 f"{fitted.active_heads}/{fitted.n_heads}", _experts_active(fitted), on)
+                                 _heads_active(fitted), _experts_active(fitted), on,
+                                 count(fitted) if on == "flops" else None)
         if abs(variant.mismatch) > tolerance and not keep:
-            raise ValueError(f"variant {name!r} has {variant.mismatch:+.1%} {on} parameters "
-                             f"from the target {target}; allowed: within {tolerance:.0%}")
+            what = "training FLOPs per token" if on == "flops" else f"{on} parameters"
+            raise ValueError(f"variant {name!r} has {variant.mismatch:+.1%} {what} from the target {target:,.0f}; "
+                             f"allowed: within {tolerance:.0%}")
         matched[name] = variant
     return matched
+
+
+def count_training_flops(config: GoHConfig, seq_len: int, seed: int = 0) -> float:
+    """Training FLOPs per token of ``config``: forward and backward of the LM loss plus the routing
+    losses (what the trainer differentiates) on one sequence of ``seq_len + 1`` tokens, as the
+    comparison's batches are, counted by :func:`~gohgraph.analysis.flops.count_flops` and divided
+    by ``seq_len`` (the table's train-FLOPs column counts the same on its timing batch). Fresh
+    weights from ``seed`` and fixed random tokens: FLOPs that depend on routing (head-sparse
+    execution) are those of the initial router."""
+    family = family_of(config)
+    if not family.predicts_next_token:
+        raise ValueError(f"training FLOPs are counted on a next-token step; a {family.model_type} model trains "
+                         "on another objective")
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (1, seq_len + 1), generator=generator)
+    with torch.random.fork_rng():  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        model = family.model_class(config).train()
+
+    def step() -> None:
+        out = model(ids, labels=ids)
+        (out.lm_loss + out.aux_loss).backward()
+
+    return count_flops(step)[0] / seq_len
 
 
 def count_parameters(config: GoHConfig) -> int:
@@ -221,7 +265,17 @@ def task_variants(variants: Dict[str, GoHConfig], task, data, train_config) -> D
     return converted
 
 
-MATCH_ON: Dict[str, Callable[[GoHConfig], int]] = {"total": count_parameters, "active": count_active_parameters}
+# how a variant's size is counted for each --match; "flops" (count_training_flops) also needs the
+# training sequence length, so match_parameters binds it
+MATCH_ON: Dict[str, Optional[Callable[[GoHConfig], int]]] = {"total": count_parameters, "active": count_active_parameters,
+                                                            "flops": None}
+
+
+def _heads_active(config: GoHConfig) -> str:
+    """``"6/8"`` (active of all dense heads per token), with MoSA's sparse heads and the share of the
+    sequence each keeps: ``"8/8 + 8 sparse (T/8)"``."""
+    dense = f"{config.active_heads}/{config.n_heads}"
+    return dense + (f" + {config.n_mosa_heads} sparse (T/{config.mosa_sparsity})" if config.n_mosa_heads else "")
 
 
 def _experts_active(config: GoHConfig) -> str:
@@ -287,6 +341,11 @@ def reference_of(config: GoHConfig) -> str:
         switch = (f"SwitchHead, Csordás et al. 2024, {config.n_attention_experts} value/output experts per head, "
                   f"top-{config.top_k_attention_experts} (tests/layers/test_switch_head.py: the released module)")
         heads = switch if config.router == "dense" else f"{heads}, on {switch}"
+    if config.n_mosa_heads:
+        mosa = (f"MoSA, Piękos et al. 2025, {config.n_mosa_heads} sparse heads keeping T/{config.mosa_sparsity} tokens "
+                "each beside the dense ones (piotrpiekos/MoSA's PureMoSA: tests/layers/test_mosa.py; evaluated "
+                "with the per-token inference router, docs/decoding.md)")
+        heads = f"{heads}, plus {mosa}"
     bitnet = "; BitNet b1.58 projections and experts (tests/layers/test_bitlinear.py)" if config.linear == "bitnet" else ""
     if config.recursion == "mor":
         bitnet += (f"; Mixture-of-Recursions, {config.recursion_router}, {config.n_layers} shared block(s) x "

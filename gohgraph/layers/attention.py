@@ -29,6 +29,10 @@ and the routing's gates and flow applied to its outputs as to SDPA's.
 projections by per-head experts chosen per token by a sigmoid top-k
 (:class:`~gohgraph.layers.switch_head.SwitchHeadProjections`); ``qkv`` then projects only queries
 and keys, and the record's ``value_experts``/``output_experts`` hold the choices.
+
+``cfg.n_mosa_heads`` (MoSA, Piękos et al. 2025) adds sparse heads beside the dense ones
+(:class:`~gohgraph.layers.mosa.MixtureOfSparseAttention`): each attends among the tokens its router
+keeps, and its output is added to the dense heads'; the record's ``sparse_heads`` holds the choices.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from ..routing import ExpertRouting, LayerRouting
 from .head_sparse import DECODE_MAX_QUERIES, head_sparse_attention, picks_head_sparse, project_active_heads
 from .kv_cache import KVCache
 from .linear import make_linear
+from .mosa import MixtureOfSparseAttention
 from .positions import build_query_key_positions, build_score_positions
 from .switch_head import SwitchHeadProjections
 
@@ -120,6 +125,9 @@ class GoHAttention(nn.Module):
         if cfg.talking_heads:
             self.talking_logit_mixing = nn.Parameter(torch.eye(cfg.n_heads))
             self.talking_weight_mixing = nn.Parameter(torch.eye(cfg.n_heads))
+        # MoSA: sparse heads beside the dense ones, registered only when on (every other
+        # checkpoint keeps its parameters)
+        self.sparse_heads = MixtureOfSparseAttention(cfg, layer_idx) if cfg.n_mosa_heads else None
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, causal: bool = True,
                 mask: Optional[torch.Tensor] = None, memory: Optional[torch.Tensor] = None,
@@ -180,11 +188,14 @@ class GoHAttention(nn.Module):
         if self.switch_head is not None:
             routing.value_experts = value_record
             y, routing.output_experts = self.switch_head.output(attn, x)
-            return y, routing
-        if sparse and seq <= DECODE_MAX_QUERIES and type(self.out) is nn.Linear:
+        elif sparse and seq <= DECODE_MAX_QUERIES and type(self.out) is nn.Linear:
             # a decode step reads only the active heads' columns of W_O (rows of inactive heads are 0)
-            return project_active_heads(attn, active, self.out.weight, self.out.bias), routing
-        y = self.out(attn.reshape(batch, seq, heads * head_dim))
+            y = project_active_heads(attn, active, self.out.weight, self.out.bias)
+        else:
+            y = self.out(attn.reshape(batch, seq, heads * head_dim))
+        if self.sparse_heads is not None:
+            sparse_y, routing.sparse_heads = self.sparse_heads(x, self.rotary, positions, cache, mask, token_mask)
+            y = y + sparse_y
         return y, routing
 
     @property

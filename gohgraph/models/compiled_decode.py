@@ -46,6 +46,8 @@ def whole_step_unsupported(cfg: GoHConfig) -> Optional[str]:
         return "MLA's latent cache"
     if cfg.sliding_window is not None:
         return "a sliding window"
+    if cfg.n_mosa_heads:
+        return "MoSA's sparse heads (their cache slot holds the inference rule's decisions)"
     if has_attention_bias(cfg) or POSITION_SCHEMES[cfg.position_embedding].acts_on == ON_SCORES:
         return f"position_embedding={cfg.position_embedding!r} (a bias on the scores)"
     return None

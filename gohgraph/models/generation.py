@@ -43,7 +43,8 @@ def check_generation_arguments(input_ids: torch.Tensor, attention_mask: Optional
 
 def make_decode_cache(cfg: GoHConfig, kind: str, capacity: int, n_layers: Optional[int] = None) -> KVCache:
     """The KV cache ``generate`` decodes with, for ``capacity`` positions in all, one slot per
-    layer of ``n_layers`` (default ``cfg.n_layers``; a seq2seq decoder has ``cfg.decoder_layers``).
+    layer of ``n_layers`` (default ``cfg.n_layers``; a seq2seq decoder has ``cfg.decoder_layers``), two
+    with MoSA's sparse heads (:func:`~gohgraph.layers.mosa.sparse_cache_slot`).
 
     ``"auto"``: a :class:`SlidingWindowKVCache` when every layer attends within a window (memory
     flat in the generated length), else a :class:`StaticKVCache` preallocated for ``capacity``
@@ -53,6 +54,8 @@ def make_decode_cache(cfg: GoHConfig, kind: str, capacity: int, n_layers: Option
     if kind not in CACHE_KINDS:
         raise ValueError(f"cache={kind!r} is not one of {list(CACHE_KINDS)}")
     n_layers = cfg.n_layers if n_layers is None else n_layers
+    if cfg.n_mosa_heads:  # MoSA's sparse heads keep their keys in a second slot per layer
+        n_layers = 2 * n_layers
     if kind == "dynamic":
         return DynamicKVCache(n_layers)
     if kind == "auto" and cfg.sliding_window is not None and cfg.sliding_window < capacity:

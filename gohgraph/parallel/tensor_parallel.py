@@ -117,6 +117,9 @@ def check_tensor_parallel_layout(model: nn.Module, n_ranks: int,
             if count % n_ranks:
                 raise ValueError(f"{name}={count} (layer {attention.layer_idx}) is not divisible by "
                                  f"tensor_parallel={n_ranks}: every rank must hold the same number of heads")
+        if attention.sparse_heads is not None:
+            raise ValueError(f"tensor_parallel={n_ranks} does not shard n_mosa_heads (MoSA's sparse heads; layer "
+                             f"{attention.layer_idx})")
         if attention.switch_head is not None:
             raise ValueError(f"tensor_parallel={n_ranks} does not shard n_attention_experts (SwitchHead; layer "
                              f"{attention.layer_idx})")

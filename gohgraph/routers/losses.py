@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config import GoHConfig
+from ..layers.mosa import MOSA_AUX
 
 # the names routed layers report their losses under (LayerRouting.aux_losses)
 HEAD_BALANCE, HEAD_Z = "head_balance", "head_z"
@@ -24,7 +25,8 @@ def loss_coefficients(cfg: GoHConfig) -> Dict[str, float]:
     """The weight of every routing loss in the model's ``aux_loss``, by loss name."""
     return {HEAD_BALANCE: cfg.balance_loss_coef, HEAD_Z: cfg.z_loss_coef,
             EXPERT_BALANCE: cfg.balance_loss_coef, EXPERT_Z: cfg.z_loss_coef,
-            RECURSION_BALANCE: cfg.balance_loss_coef, RECURSION_AUX: cfg.recursion_aux_loss_coef}
+            RECURSION_BALANCE: cfg.balance_loss_coef, RECURSION_AUX: cfg.recursion_aux_loss_coef,
+            MOSA_AUX: cfg.mosa_aux_loss_coef}
 
 
 def load_balance_loss(router_probs: torch.Tensor, selected: torch.Tensor, n_nodes: int,

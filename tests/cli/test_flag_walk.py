@@ -78,8 +78,9 @@ FLAG_TABLE = {
             "seq2seq": table("viz", text=refused("--text", "hello"), trace_tokens=refused("--trace-tokens", "8"))},
     "report": {"decoder": table("report"), "encoder": table("report"), "seq2seq": table("report")},
     # bench: the family is its --objective's (lm, mlm, seq2seq); only decoders recurse (--mor)
-    "bench": {"decoder": table("bench"), "encoder": table("bench", mor=refused("--mor")),
-              "seq2seq": table("bench", mor=refused("--mor"))},
+    # --match flops counts a decoder's next-token step: refused for the other objectives (total/active apply)
+    "bench": {"decoder": table("bench"), "encoder": table("bench", mor=refused("--mor"), match=refused("--match", "flops")),
+              "seq2seq": table("bench", mor=refused("--mor"), match=refused("--match", "flops"))},
     # convert: the family is the source's (Llama, BERT, T5); --n-experts and --top-k-experts size
     # the experts of --ffn moe (applied with it), which only a decoder source can be upcycled into
     # (T5 and BERT refuse it after loading: tests/interop/test_t5.py)

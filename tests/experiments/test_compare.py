@@ -264,8 +264,30 @@ def test_matching_on_active_parameters_grows_the_expert_models():
         assert abs(active_parameters(model) / dense.active_params - 1) <= 0.02
         assert model.num_parameters() > 1.3 * dense.params  # more experts than one token uses
         assert variants[name].matched_on == "active"
-    with pytest.raises(ValueError, match="on='flops'"):
+    with pytest.raises(ValueError, match="on='memory'"):
+        match_parameters(comparison_variants(**SETTINGS["quick"][0], names=["dense"]), on="memory")
+    with pytest.raises(ValueError, match="on='flops' needs seq_len"):
         match_parameters(comparison_variants(**SETTINGS["quick"][0], names=["dense"]), on="flops")
+
+
+@pytest.mark.slow
+def test_matching_on_training_flops_sizes_every_default_variant_within_two_percent():
+    from gohgraph.experiments.variants import MOSA, SWITCH_HEAD, count_training_flops
+
+    shape, schedule = SETTINGS["quick"]
+    names = [*VARIANT_NAMES, SWITCH_HEAD, MOSA]
+    variants = match_parameters(comparison_variants(**shape, names=names), on="flops", seq_len=schedule["seq_len"])
+    dense = count_training_flops(variants["dense"].config, schedule["seq_len"])
+    assert variants["dense"].target == dense and list(variants) == names
+    for name, variant in variants.items():
+        counted = count_training_flops(variant.config, schedule["seq_len"])  # counted again, on its own
+        assert counted == variant.flops_per_token
+        assert abs(counted / dense - 1) <= 0.02, name
+        assert variant.matched_on == "flops" and abs(variant.mismatch) <= 0.02
+    # the knob moved where the variant costs more (MoSA's sparse heads) or less (MoH computes every head:
+    # about the same) than dense per token; the expert models keep their expert count
+    assert variants[MOSA].config.ffn_hidden < variants["dense"].config.hidden_dim
+    assert variants["SMoE"].config.n_experts == shape["n_experts"]
 
 
 def test_every_row_names_the_released_code_it_computes():
@@ -385,3 +407,18 @@ def test_bench_compares_the_rows_on_every_task(tmp_path, capsys, objective):
     if objective == "seq2seq":
         assert "val exact match" in table.splitlines()[0]
     assert saved["costs"]["GoH"]["decode_flops_per_token"] is None  # decoders alone decode a continuation
+
+
+def test_bench_matches_training_flops(tmp_path, capsys, bench_data):
+    from gohgraph.cli.main import main
+    from gohgraph.experiments.variants import MOSA
+
+    out = tmp_path / "bench"
+    code = main(["bench", "--quick", "--variants", MOSA, "--match", "flops", "--steps", "1", "--seeds", "1",
+                 "--data", str(bench_data), "--eval-batches", "1", "--out", str(out), "--no-progress"])
+    assert code == 0
+    saved = json.loads((out / "compare.json").read_text())["variants"]
+    assert list(saved) == ["dense", MOSA] and saved[MOSA]["matched_on"] == "flops"
+    assert abs(saved[MOSA]["flops_per_token"] / saved["dense"]["flops_per_token"] - 1) <= 0.02
+    table = capsys.readouterr().out
+    assert f"| {MOSA} |" in table and "(matched " in table and "target training FLOPs per token" in table

@@ -33,7 +33,8 @@ def check_attention_mask(attention_mask: torch.Tensor, shape: Sequence[int]) -> 
 def without_padding(record: LayerRouting, mask: Optional[torch.Tensor]) -> LayerRouting:
     """``record`` restricted to the tokens where ``mask [batch, seq]`` is true, as one row ``[1, n_real, ...]``.
 
-    Per-token tensors (gates, logits, flow, expert ids/weights/drops) are selected; the losses
+    Per-token tensors (gates, logits, flow, expert ids/weights/drops, SwitchHead's attention experts,
+    MoSA's kept tokens and scores) are selected; the losses
     and balance tallies are batch scalars and pass through untouched.
     """
     if mask is None:
@@ -43,13 +44,20 @@ def without_padding(record: LayerRouting, mask: Optional[torch.Tensor]) -> Layer
     def keep(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if tensor is None else tensor[mask].unsqueeze(0)
 
-    experts = record.experts
-    if experts is not None:
-        experts = dataclasses.replace(experts, expert_indices=keep(experts.expert_indices),
-                                      expert_weights=keep(experts.expert_weights), dropped=keep(experts.dropped),
-                                      expert_drops=keep(experts.expert_drops))
+    def keep_experts(experts):
+        if experts is None:
+            return None
+        return dataclasses.replace(experts, expert_indices=keep(experts.expert_indices),
+                                   expert_weights=keep(experts.expert_weights), dropped=keep(experts.dropped),
+                                   expert_drops=keep(experts.expert_drops))
+
+    sparse = record.sparse_heads
+    if sparse is not None:
+        sparse = dataclasses.replace(sparse, selected=keep(sparse.selected), scores=keep(sparse.scores))
     return dataclasses.replace(record, head_gates=keep(record.head_gates), head_logits=keep(record.head_logits),
-                               flow=keep(record.flow), experts=experts)
+                               flow=keep(record.flow), experts=keep_experts(record.experts),
+                               value_experts=keep_experts(record.value_experts),
+                               output_experts=keep_experts(record.output_experts), sparse_heads=sparse)
 
 
 def ids_without_padding(input_ids: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -39,6 +39,12 @@ class LayerTally:
         # the same, keyed by the token the model predicts at the position (vocabulary specialisation)
         self.predicted_head_tokens: Optional[TokenProfile] = None
         self.predicted_expert_tokens: Optional[TokenProfile] = None
+        # SwitchHead: choices per head and expert, value and output side ([heads, E] each)
+        self.attention_expert_count: Dict[str, torch.Tensor] = {}
+        self.n_attention_experts = cfg.n_attention_experts
+        # MoSA: tokens each sparse head kept, and the router score mass on them ([sparse heads])
+        self.sparse_kept_count: Optional[torch.Tensor] = None
+        self.sparse_kept_score: Optional[torch.Tensor] = None
 
     def check(self, record: LayerRouting, layer_idx: int) -> None:
         """Raise ``ValueError`` if ``record`` does not fit this layer or differs from earlier batches."""
@@ -88,6 +94,30 @@ class LayerTally:
         if predicted_ids is not None:
             self.predicted_head_tokens, self.predicted_expert_tokens = self._add_token_profiles(
                 record, predicted_ids, self.predicted_head_tokens, self.predicted_expert_tokens)
+        for side, choices in (("value", record.value_experts), ("output", record.output_experts)):
+            if choices is not None:
+                self._add_attention_experts(side, choices.expert_indices)
+        if record.sparse_heads is not None:
+            self._add_sparse_heads(record.sparse_heads.selected, record.sparse_heads.scores)
+
+    def _add_attention_experts(self, side: str, indices: torch.Tensor) -> None:
+        """SwitchHead's ``indices [batch, len, heads, k]`` (each head's own experts ``0..E-1``)."""
+        heads, n_experts = indices.shape[2], self.n_attention_experts
+        per_head = indices.long().movedim(2, 0).reshape(heads, -1)  # [heads, choices]
+        flat = per_head + torch.arange(heads, device=indices.device)[:, None] * n_experts
+        count = torch.bincount(flat.reshape(-1), minlength=heads * n_experts).view(heads, n_experts).double().cpu()
+        previous = self.attention_expert_count.get(side)
+        self.attention_expert_count[side] = count if previous is None else previous + count
+
+    def _add_sparse_heads(self, selected: torch.Tensor, scores: torch.Tensor) -> None:
+        """MoSA's ``selected [batch, seq, sparse heads]`` and ``scores`` of the same shape."""
+        kept = selected.reshape(-1, selected.shape[-1]).double()
+        kept_score = (scores.reshape(-1, scores.shape[-1]).double() * kept).sum(0).cpu()
+        if self.sparse_kept_count is None:
+            self.sparse_kept_count = torch.zeros(kept.shape[-1], dtype=torch.float64)
+            self.sparse_kept_score = torch.zeros(kept.shape[-1], dtype=torch.float64)
+        self.sparse_kept_count += kept.sum(0).cpu()
+        self.sparse_kept_score += kept_score
 
     def _add_token_profiles(self, record: LayerRouting, token_ids: torch.Tensor, head_tokens: Optional[TokenProfile],
                             expert_tokens: Optional[TokenProfile]) -> tuple:
@@ -152,6 +182,15 @@ class LayerTally:
             }
         if self.expert_count is not None:
             out["experts"] = self._expert_report()
+        if self.attention_expert_count:
+            out["attention_experts"] = {side: _attention_expert_report(count)
+                                        for side, count in self.attention_expert_count.items()}
+        if self.sparse_kept_count is not None:
+            out["sparse_heads"] = {
+                "kept_count": _ints(self.sparse_kept_count),
+                "kept_share": _floats(self.sparse_kept_count / max(self.tokens, 1)),
+                "mean_score_kept": _floats(self.sparse_kept_score / self.sparse_kept_count.clamp(min=1)),
+            }
         return out
 
     def _head_report(self, cfg: GoHConfig) -> Dict[str, Any]:
@@ -204,6 +243,16 @@ class LayerTally:
             experts["assignment_drop_rate"] = float(self.expert_drop_count.sum() / assignments)
             experts["expert_drop_rate"] = _floats(self.expert_drop_count / self.expert_count.clamp(min=1))
         return experts
+
+
+def _attention_expert_report(count: torch.Tensor) -> Dict[str, Any]:
+    """Per head: choices of each expert (``count [heads, E]``), their share of the head's choices,
+    and the coefficient of variation of that load (0: every expert chosen equally)."""
+    share = count / count.sum(1, keepdim=True).clamp(min=1)
+    mean = share.mean(1, keepdim=True)
+    cv = share.std(1, unbiased=False, keepdim=True) / mean.clamp(min=1e-300)
+    return {"assignment_count": [_ints(row) for row in count], "load": [_floats(row) for row in share],
+            "load_cv": _floats(cv.squeeze(1))}
 
 
 def _floats(values: torch.Tensor) -> List[float]:
