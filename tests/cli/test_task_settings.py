@@ -83,3 +83,18 @@ def test_preset_config_and_tokenizer_are_what_the_run_saved(tmp_path, task):
     assert json.loads((run_dir / "final" / "config.json").read_text())["vocab_size"] == model_config["vocab_size"]
     # the tokenizer was trained on the data's text: it merges the data's most frequent words
     assert len(tokenizer.encode("function")) < len("function")
+
+
+def test_classify_from_a_bpe_mlm_encoder_reads_its_texts_with_that_encoders_tokenizer(tmp_path):
+    """``--init-from`` a model saved with a ``tokenizer.json`` and no ``--tokenizer``: the
+    continued model's own tokenizer, as for the LM (its embedding rows mean those ids)."""
+    mlm, classify = tmp_path / "mlm", tmp_path / "classify"
+    tiny = ["--set", "d_model=32", "--set", "eval_batches=1", *FLAGS]
+    assert main(["train", "--objective", "mlm", "--tokenizer", "bpe:300", "--data", str(data_for("mlm", tmp_path)),
+                 "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(mlm), *tiny]) == 0
+    assert main(["train", "--objective", "classify", "--init-from", str(mlm / "final"), "--data",
+                 str(data_for("classify", tmp_path)), "--run-dir", str(classify), *tiny]) == 0
+    assert json.loads(RunDir(classify).data_file.read_text())["tokenizer"] == f"file:{mlm / 'final' / TOKENIZER_FILE}"
+    assert (classify / TOKENIZER_FILE).read_text() == (mlm / TOKENIZER_FILE).read_text()
+    vocab = load_tokenizer(mlm).vocab_size
+    assert json.loads((classify / "final" / "config.json").read_text())["vocab_size"] == vocab + 3
