@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", action="append", default=None, metavar="[NAME=]PATH[:WEIGHT]",
                         help="text file, directory or glob (default: the run's data); repeat as NAME=PATH "
                              "to score several sources, each alone")
-    parser.add_argument("--tokenizer", help="byte, bpe or bpe:<vocab> (default: the run's)")
+    parser.add_argument("--tokenizer", help="byte, bpe, bpe:<vocab> or file:<tokenizer.json> (default: the run's; "
+                                            "an --objective run's saved tokenizer.json)")
     parser.add_argument("--cache-dir", type=Path, help="token cache (default $GOHGRAPH_CACHE or ~/.cache/gohgraph)")
     parser.add_argument("--split", choices=["val", "train"], default="val", help="which split to score (default: val)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: %(default)s)")

@@ -7,6 +7,7 @@ vocabulary of the trained BPE's ids plus the task's special tokens."""
 import json
 
 import pytest
+import torch
 
 from gohgraph.cli.main import main
 from gohgraph.config import GoHConfig
@@ -44,7 +45,7 @@ def data_for(task: str, root):
 
 
 @pytest.mark.parametrize("task", ["lm", "mlm", "classify", "seq2seq"])
-def test_preset_config_and_tokenizer_are_what_the_run_saved(tmp_path, task):
+def test_preset_config_and_tokenizer_are_what_the_run_saved(tmp_path, task, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(CONFIG), encoding="utf-8")
     run_dir = tmp_path / "run"
@@ -84,6 +85,14 @@ def test_preset_config_and_tokenizer_are_what_the_run_saved(tmp_path, task):
     # the tokenizer was trained on the data's text: it merges the data's most frequent words
     assert len(tokenizer.encode("function")) < len("function")
 
+    # eval of the run reads its texts with the run's tokenizer: the run's own last evaluation
+    capsys.readouterr()
+    cache = ["--cache-dir", str(tmp_path / "cache")] if task in ("lm", "mlm") else []
+    assert main(["eval", "--checkpoint", str(run_dir), "--json", "--batch-size", "2", "--max-batches", "1",
+                 *(["--seq-len", "16"] if task == "lm" else []), *cache]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["loss"] == pytest.approx(json.loads(run.evaluations_file.read_text())[-1]["loss"], abs=1e-5)
+
 
 def test_classify_from_a_bpe_mlm_encoder_reads_its_texts_with_that_encoders_tokenizer(tmp_path):
     """``--init-from`` a model saved with a ``tokenizer.json`` and no ``--tokenizer``: the
@@ -98,3 +107,23 @@ def test_classify_from_a_bpe_mlm_encoder_reads_its_texts_with_that_encoders_toke
     assert (classify / TOKENIZER_FILE).read_text() == (mlm / TOKENIZER_FILE).read_text()
     vocab = load_tokenizer(mlm).vocab_size
     assert json.loads((classify / "final" / "config.json").read_text())["vocab_size"] == vocab + 3
+
+
+@pytest.mark.parametrize("task", ["classify", "seq2seq"])
+def test_a_resumed_bpe_run_trains_what_the_uninterrupted_run_trains(tmp_path, task):
+    """The BPE is trained again when a run resumes (it is kept in no cache): on the same training
+    texts it is the same tokenizer, so 2 + 2 steps give the weights of 4 steps, bit for bit."""
+    from gohgraph import from_pretrained
+
+    data = data_for(task, tmp_path)
+    common = ["train", "--objective", task, "--no-progress", "--set", "tensorboard=false"]
+    first = ["--tokenizer", "bpe:300", "--data", str(data), "--seq-len", "16", "--batch-size", "2", "--device", "cpu",
+             "--set", "d_model=32", "--set", "eval_batches=1", "--set", "save_every=2", "--set", "eval_every=2"]
+    assert main([*common, *first, "--run-dir", str(tmp_path / "whole"), "--max-steps", "4"]) == 0
+    assert main([*common, *first, "--run-dir", str(tmp_path / "parts"), "--max-steps", "2"]) == 0
+    assert main([*common, "--resume", "--run-dir", str(tmp_path / "parts"), "--max-steps", "4"]) == 0
+    whole = from_pretrained(tmp_path / "whole" / "final").state_dict()
+    parts = from_pretrained(tmp_path / "parts" / "final").state_dict()
+    assert whole.keys() == parts.keys()
+    assert all(torch.equal(whole[name], parts[name]) for name in whole)
+    assert (tmp_path / "parts" / TOKENIZER_FILE).read_text() == (tmp_path / "whole" / TOKENIZER_FILE).read_text()
