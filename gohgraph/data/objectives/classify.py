@@ -85,8 +85,10 @@ def stdlib_package_snippets(seq_len: int, cls_id: int, pad_id: int, n_classes: i
     kept when at least ``min_snippet`` tokens), labelled by their top-level standard-library package.
 
     Each file's whole text is encoded (``encode``, bytes by default) and its ids are cut into
-    non-overlapping snippets, so a BPE token never straddles a cut it did not see in training and
-    no snippet starts inside a character. ``files``: :func:`stdlib_package_files` already read.
+    non-overlapping snippets: a BPE reads the file as it was trained on it (whole files), and
+    no cut falls inside a token, so a snippet decodes to the text it covers (with bytes, a cut may
+    still fall inside a character, as it always did). ``files``: :func:`stdlib_package_files`
+    already read.
     """
     root, files = files if files is not None else stdlib_package_files(max_bytes)
     width = seq_len - 1
