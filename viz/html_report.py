@@ -261,7 +261,8 @@ def _page(title: str, body: str, data: Dict[str, Any]) -> str:
 
 def _token_labeller(model: torch.nn.Module, decode: Callable[[Sequence[int]], str]) -> Callable[[int], str]:
     """``token id -> label`` for the hover texts: the decoded piece; for an id the tokenizer cannot
-    decode, the name of the special token a gohgraph objective puts there (``[PAD]``, ...), else ``[id]``."""
+    decode, the name of the special token a gohgraph objective puts there (``[PAD]``, ...), else ``[id]``.
+    Bytes refuse an id past 255; a BPE decodes an id past its vocabulary to ``""``: both are not decodable."""
     special_names: Dict[int, str] = {}
     if family_of(model.config).special_tokens:  # the objectives' layout: specials after the tokenizer's ids
         special = SpecialTokens.of_model(model.config)
@@ -271,9 +272,10 @@ def _token_labeller(model: torch.nn.Module, decode: Callable[[Sequence[int]], st
 
     def label(token_id: int) -> str:
         try:
-            return _visible(decode([int(token_id)]))
+            piece = decode([int(token_id)])
         except (ValueError, KeyError, IndexError):
-            return special_names.get(int(token_id), f"[{int(token_id)}]")
+            piece = ""
+        return _visible(piece) if piece else special_names.get(int(token_id), f"[{int(token_id)}]")
 
     return label
 

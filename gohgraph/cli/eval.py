@@ -14,12 +14,13 @@ import math
 from pathlib import Path
 
 from ..data.sources import MixedCorpus, load_training_data, parse_data_flags
+from ..data.tokenizers import TOKENIZER_FILE
 from ..training.config import TrainConfig
 from ..training.run_dir import RunDir
 from ..training.tasks import get_task
 from ..training.tasks.lm import evaluate, evaluate_sources
 from ..training.tasks.seq2seq import seq2seq_summary
-from .common import load_model, run_dir_of
+from .common import find_run_file, load_model, run_dir_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", action="append", default=None, metavar="[NAME=]PATH[:WEIGHT]",
                         help="text file, directory or glob (default: the run's data); repeat as NAME=PATH "
                              "to score several sources, each alone")
-    parser.add_argument("--tokenizer", help="byte, bpe or bpe:<vocab> (default: the run's)")
+    parser.add_argument("--tokenizer", help="byte, bpe, bpe:<vocab> or file:<tokenizer.json> (default: the run's; "
+                                            "an --objective run's saved tokenizer.json)")
     parser.add_argument("--cache-dir", type=Path, help="token cache (default $GOHGRAPH_CACHE or ~/.cache/gohgraph)")
     parser.add_argument("--split", choices=["val", "train"], default="val", help="which split to score (default: val)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: %(default)s)")
@@ -87,14 +89,17 @@ def run_task_eval(args: argparse.Namespace, model, directory: Path, run: RunDir)
     if args.split != "val":
         raise ValueError(f"--split {args.split}: an --objective {task.name} run is scored on its validation split")
     if args.cache_dir is not None and not task.token_cache:
-        raise ValueError(f"--cache-dir: an --objective {task.name} run reads its texts as bytes and keeps no token "
-                         "cache")
+        raise ValueError(f"--cache-dir: an --objective {task.name} run tokenizes its texts in memory and keeps no "
+                         "token cache")
     data_settings = run.read_data_settings(default={"data": settings.get("data"),
                                                     "tokenizer": settings.get("tokenizer") or "byte"})
     if args.data:
         data_settings = {**parse_data_flags(args.data), "tokenizer": data_settings.get("tokenizer", "byte")}
+    saved_tokenizer = find_run_file(directory, TOKENIZER_FILE)
     if args.tokenizer is not None:
         data_settings["tokenizer"] = args.tokenizer
+    elif saved_tokenizer is not None:  # the tokenizer the model was trained with, not a BPE trained again
+        data_settings["tokenizer"] = f"file:{saved_tokenizer}"
     tc = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len or settings["seq_len"], device=args.device)
     data = task.load_data(data_settings, args.cache_dir, tc, model.config)
     task.check_model_fits(model.config, data, tc)

@@ -74,7 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text file, directory or glob (default: the Python standard library); repeat as "
                              "NAME=PATH[:WEIGHT] to train on several sources sampled by weight, with a "
                              "validation loss per source")
-    parser.add_argument("--tokenizer", default=None, help="byte (default), bpe or bpe:<vocab>")
+    parser.add_argument("--tokenizer", default=None,
+                        help="byte (default), bpe or bpe:<vocab> (trained on the training texts), or "
+                             "file:<tokenizer.json>")
     parser.add_argument("--cache-dir", type=Path, help="token cache (default $GOHGRAPH_CACHE or ~/.cache/gohgraph)")
     parser.add_argument("--run-dir", type=Path,
                         help="where checkpoints and metrics go (default runs/<name>, overrides --name)")
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and RunDir(run_dir).latest_checkpoint() is None:  # before anything of the run is rewritten
         raise ValueError(f"nothing to resume: {run_dir} holds no checkpoint; drop --resume to start a new run")
     if args.cache_dir is not None and not task.token_cache:
-        raise ValueError(f"--cache-dir: --objective {task.name} reads its texts as bytes and keeps no token cache; "
+        raise ValueError(f"--cache-dir: --objective {task.name} tokenizes its texts in memory and keeps no token cache; "
                          f"only --objective {' and '.join(t.name for t in TASKS.values() if t.token_cache)} use one")
     model_config, train_config, data_settings = build_configs(args, run_dir, task)
     check_task_settings(task, train_config)
@@ -237,8 +239,7 @@ def build_configs(args: argparse.Namespace, run_dir: Path, task: Task):
         data_settings.update(parse_data_flags(args.data))
     if args.tokenizer is not None:
         data_settings["tokenizer"] = args.tokenizer
-    if (args.init_from is not None and args.tokenizer is None and task.token_cache
-            and (args.init_from / TOKENIZER_FILE).is_file()):
+    if args.init_from is not None and args.tokenizer is None and (args.init_from / TOKENIZER_FILE).is_file():
         data_settings["tokenizer"] = f"file:{args.init_from / TOKENIZER_FILE}"  # the model's own tokenizer
     return GoHConfig.from_dict(model_kwargs), TrainConfig.from_dict(train_kwargs), data_settings
 

@@ -28,7 +28,14 @@ import numpy as np
 
 from ..storage import atomic_write, atomic_write_text
 from .errors import DataError, quoted
-from .tokenizers import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, parse_tokenizer, read_tokenizer_file
+from .tokenizers import (
+    TOKENIZER_FILE,
+    BPETokenizer,
+    ByteTokenizer,
+    parse_tokenizer,
+    read_tokenizer_file,
+    save_tokenizer,
+)
 
 TRAINED_OR_GIVEN = ("bpe", "file")  # tokenizers kept as tokenizer.json in the cache
 
@@ -60,10 +67,7 @@ class Corpus:
 
     def save_tokenizer(self, directory: Path) -> Optional[Path]:
         """Write ``tokenizer.json`` into ``directory`` when the tokenizer is not plain bytes."""
-        text = self.tokenizer.to_json()
-        if text is None:
-            return None
-        return atomic_write_text(Path(directory) / TOKENIZER_FILE, text)
+        return save_tokenizer(self.tokenizer, directory)
 
 
 def load_corpus(data: Optional[str] = None, cache_dir: Optional[Path] = None,

@@ -1,13 +1,18 @@
 """Tokenizers: UTF-8 bytes (the default, nothing to train) and an optional byte-level BPE.
 
 Both have ``encode(text) -> ids``, ``decode(ids) -> text``, ``vocab_size`` and ``to_json()``
-(``None`` for bytes); a run saves a BPE's ``tokenizer.json`` beside its checkpoints.
+(``None`` for bytes); a run saves a BPE's ``tokenizer.json`` beside its checkpoints
+(:func:`save_tokenizer`). The LM corpus trains and caches its BPE with its tokens
+(:func:`gohgraph.data.corpus.load_corpus`); tasks whose texts are held in memory (classify,
+seq2seq) get theirs from :func:`text_tokenizer`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
+
+from ..storage import atomic_write_text
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -75,6 +80,24 @@ def load_tokenizer(directory: Path):
     """The tokenizer saved with a run or checkpoint (``tokenizer.json``), else bytes."""
     path = Path(directory) / TOKENIZER_FILE
     return BPETokenizer.from_json(path.read_text(encoding="utf-8")) if path.is_file() else ByteTokenizer()
+
+
+def save_tokenizer(tokenizer, directory: Path) -> Optional[Path]:
+    """Write ``tokenizer``'s ``tokenizer.json`` into ``directory``; nothing for plain bytes (``None``)."""
+    text = tokenizer.to_json()
+    if text is None:
+        return None
+    return atomic_write_text(Path(directory) / TOKENIZER_FILE, text)
+
+
+def text_tokenizer(spec: str, training_texts: Sequence[str]):
+    """The tokenizer ``spec`` names (:func:`parse_tokenizer`) for texts held in memory: bytes; a BPE
+    trained on ``training_texts`` (the training split alone, so no validation text shapes a merge;
+    training is deterministic, so a resumed run gets the same merges); or a given ``tokenizer.json``."""
+    if spec.startswith("file:"):
+        return read_tokenizer_file(Path(spec.partition(":")[2]))
+    kind, vocab_size = parse_tokenizer(spec)
+    return ByteTokenizer() if kind == "byte" else BPETokenizer.train(training_texts, vocab_size)
 
 
 def parse_tokenizer(spec: str) -> Tuple[str, int]:

@@ -291,7 +291,9 @@ def test_resume_refuses_what_only_starts_a_new_run(lm_run, flags, fragment, monk
 @pytest.mark.parametrize("objective,flags,fragment", [
     ("seq2seq", ["--cache-dir", "/nonexistent"], "--cache-dir"),
     ("classify", ["--cache-dir", "/nonexistent"], "--cache-dir"),
-    ("classify", ["--tokenizer", "bpe"], "--tokenizer bpe"),
+    ("classify", ["--tokenizer", "bpe:12"], "tokenizer='bpe:12'"),
+    ("seq2seq", ["--tokenizer", "wordpiece"], "tokenizer='wordpiece'"),
+    ("classify", ["--tokenizer", "file:/nonexistent/tokenizer.json"], "/nonexistent/tokenizer.json"),
 ])
 def test_objective_training_refuses_flags_it_cannot_use(tmp_path, objective, flags, fragment, monkeypatch):
     monkeypatch.setattr("gohgraph.cli.train.train", lambda *a, **k: pytest.fail("training started"))

@@ -56,17 +56,17 @@ ALL_FLAGS = {command: flags_of(command) for command in
              ("train", "eval", "generate", "stats", "ablate", "viz", "report", "bench", "convert")}
 # the one loop trains every task; tensor parallelism shards decoders only
 OBJECTIVE_LOOP = dict(tensor_parallel=refused("--tensor-parallel", "2"))
-BYTE_TEXTS = dict(tokenizer=refused("--tokenizer", "bpe"),  # byte is applied
-                  cache_dir=refused("--cache-dir", "/nonexistent"))
+# classify and seq2seq tokenize their texts in memory (--tokenizer applied: tests/cli/test_task_settings.py)
+NO_TOKEN_CACHE = dict(cache_dir=refused("--cache-dir", "/nonexistent"))
 FLAG_TABLE = {
     # train: the family is the objective's (lm: decoder, mlm: encoder, seq2seq); --resume refuses
     # --preset/--config/--init-from in every family (tests/cli/test_bad_input.py)
     "train": {"decoder": table("train"), "encoder": table("train", **OBJECTIVE_LOOP),
-              "seq2seq": table("train", **OBJECTIVE_LOOP, **BYTE_TEXTS)},
+              "seq2seq": table("train", **OBJECTIVE_LOOP, **NO_TOKEN_CACHE)},
     # eval: a decoder checkpoint, an --objective mlm run, an --objective seq2seq run
     "eval": {"decoder": table("eval"),
              "encoder": table("eval", split=refused("--split", "train")),
-             "seq2seq": table("eval", split=refused("--split", "train"), **BYTE_TEXTS)},
+             "seq2seq": table("eval", split=refused("--split", "train"), **NO_TOKEN_CACHE)},
     "generate": {"decoder": table("generate"), "encoder": family_refused("model_type='encoder'"),
                  "seq2seq": table("generate", compile=refused("--compile"))},
     "stats": {"decoder": table("stats"), "encoder": table("stats"),

@@ -7,7 +7,9 @@ import torch
 
 from gohgraph import GoHSeq2Seq, from_pretrained
 from gohgraph.cli.main import main
+from gohgraph.data.objectives import SpecialTokens
 from gohgraph.data.record_files import load_records
+from gohgraph.data.tokenizers import load_tokenizer
 
 TINY = ["--set", "d_model=32", "--set", "n_layers=1", "--set", "n_decoder_layers=1", "--seq-len", "24",
         "--batch-size", "4"]
@@ -48,20 +50,24 @@ def test_train_seq2seq_loss_goes_down(tmp_path, pairs, capsys):
     assert settings["objective"] == "seq2seq" and settings["data"] == str(pairs) and settings["seq_len"] == 24
 
 
-def hand_metrics(model, pairs):
+def byte_ids(text):
+    return list(text.encode())
+
+
+def hand_metrics(model, pairs, encode=byte_ids, eos=EOS, pad=PAD):
     """Loss, token accuracy, exact match and copy accuracy, one unpadded pair at a time, decoding
     greedily with full forward passes (no KV cache, no ``generate``)."""
     loss = correct = copied = tokens = exact = 0
     for source, target in pairs:
-        src = torch.tensor([list(source.encode())])
-        tgt = list(target.encode()) + [EOS]
+        src = torch.tensor([encode(source)])
+        tgt = encode(target) + [eos]
         logits = model(src, labels=torch.tensor([tgt])).logits[0]
         loss += float(torch.nn.functional.cross_entropy(logits, torch.tensor(tgt), reduction="sum"))
         correct += sum(int(logits[t].argmax()) == tgt[t] for t in range(len(tgt)))
         copied += sum(t < src.shape[1] and int(src[0, t]) == tgt[t] for t in range(len(tgt)))
         tokens += len(tgt)
-        decoded = [PAD]
-        while len(decoded) <= len(tgt) and decoded[-1] != EOS:
+        decoded = [pad]
+        while len(decoded) <= len(tgt) and decoded[-1] != eos:
             decoded.append(int(model(src, decoder_input_ids=torch.tensor([decoded])).logits[0, -1].argmax()))
         exact += decoded[1:] == tgt
     return {"loss": loss / tokens, "token_accuracy": correct / tokens, "exact_match": exact / len(pairs),
@@ -109,8 +115,8 @@ def test_seq2seq_bad_inputs_are_one_line_errors(tmp_path, pairs, tiny_run, capsy
          "bad.jsonl:2: expected a JSON object with keys ['source', 'target']"),
         (["train", "--objective", "seq2seq", "--data", f"a={pairs}", "--run-dir", str(tmp_path / "r"), *TINY],
          "reads one --data path"),
-        (["train", "--objective", "seq2seq", "--tokenizer", "bpe", "--run-dir", str(tmp_path / "r"), *TINY],
-         "--tokenizer bpe is not supported with --objective seq2seq"),
+        (["train", "--objective", "seq2seq", "--tokenizer", "bpe:12", "--run-dir", str(tmp_path / "r"), *TINY],
+         "tokenizer='bpe:12': the BPE vocabulary must be an integer in (256, 2^20]"),
         (["train", "--objective", "seq2seq", "--resume", "--run-dir", str(tiny_run), "--set", "d_model=48"],
          "the model config differs (d_model: checkpoint 32 vs given 48)"),
         (["train", "--objective", "seq2seq", "--run-dir", str(tiny_run), *TINY],
@@ -126,3 +132,57 @@ def test_seq2seq_bad_inputs_are_one_line_errors(tmp_path, pairs, tiny_run, capsy
         assert main(argv) == 1, argv
         err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("checkpoint: ")]
         assert len(err) == 1 and message in err[0], (argv, err)
+
+
+# ---------------------------------------------------------------------- a BPE run
+@pytest.fixture()
+def bpe_run(tmp_path, pairs):
+    run_dir = tmp_path / "s2s-bpe"
+    assert main(["train", "--objective", "seq2seq", "--data", str(pairs), "--tokenizer", "bpe:300", "--run-dir",
+                 str(run_dir), "--max-steps", "3", *TINY, "--set", "eval_batches=1"]) == 0
+    tokenizer = load_tokenizer(run_dir / "final")
+    assert type(tokenizer).__name__ == "BPETokenizer"
+    return run_dir, tokenizer
+
+
+def test_eval_of_a_bpe_run_encodes_with_the_runs_tokenizer(bpe_run, pairs, capsys):
+    run_dir, tokenizer = bpe_run
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run_dir), "--json", "--batch-size", "4"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model = from_pretrained(run_dir / "final").eval()
+    special = SpecialTokens(tokenizer.vocab_size, with_eos=True)
+    assert model.config.vocab_size == special.vocab_size and model.config.pad_token_id == special.pad
+    _, val, _ = load_records(str(pairs), "pairs")
+    with torch.no_grad():
+        expected = hand_metrics(model, val, tokenizer.encode, special.eos, special.pad)
+    # the sources' BPE ids are not their bytes ("reverse" is merged), so bytes would score otherwise
+    assert sum(len(tokenizer.encode(s)) for s, _ in val) < sum(len(s.encode()) for s, _ in val)
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_generate_of_a_bpe_run_encodes_the_prompt_and_decodes_with_the_runs_tokenizer(bpe_run, capsys):
+    run_dir, tokenizer = bpe_run
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(run_dir), "--prompt", "reverse w07b", "--max-new-tokens", "12",
+                 "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out
+    model = from_pretrained(run_dir / "final")
+    eos = SpecialTokens.of_model(model.config).eos
+    out = model.generate(torch.tensor([tokenizer.encode("reverse w07b")]), 12, temperature=0, eos_token_id=eos,
+                         generator=torch.Generator().manual_seed(0))[0, 1:].tolist()
+    if eos in out:
+        out = out[:out.index(eos)]
+    assert printed == tokenizer.decode([i for i in out if i < tokenizer.vocab_size]) + "\n"
+
+
+def test_stats_of_a_bpe_run_reads_its_pairs_with_the_runs_tokenizer(bpe_run, pairs, tmp_path):
+    run_dir, tokenizer = bpe_run
+    out = tmp_path / "stats.json"
+    assert main(["stats", "--checkpoint", str(run_dir), "--batches", "1", "--batch-size", "4", "--seq-len", "16",
+                 "--out", str(out), "--no-progress"]) == 0
+    _, val, _ = load_records(str(pairs), "pairs")
+    assert json.loads(out.read_text())["tokens"] == {
+        "source": sum(len(tokenizer.encode(s)[:16]) for s, _ in val[:4]),
+        "target": sum(len(tokenizer.encode(t)[:15]) + 1 for _, t in val[:4])}  # and the eos

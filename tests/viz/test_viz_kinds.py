@@ -126,3 +126,25 @@ def test_a_kinds_report_passed_to_a_single_report_picture_says_what_to_do(seq2se
         viz.draw_routing_graphs(stats.report())
     with pytest.raises(ValueError, match="not an attention kind"):
         viz.head_load_heatmap(stats.report()["kinds"]["cross"], kind="crossed")
+
+
+@pytest.mark.parametrize("bpe", [False, True])
+def test_token_labels_name_the_special_ids_after_the_tokenizers_vocabulary(bpe):
+    """The objectives put their special tokens after the tokenizer's ids: bytes refuse to decode
+    them, a BPE decodes them to nothing; either way the hover label names them."""
+    from types import SimpleNamespace
+
+    from gohgraph.data.objectives import SpecialTokens
+    from gohgraph.data.tokenizers import BPETokenizer, ByteTokenizer
+    from gohgraph.viz.html_report import _token_labeller
+
+    tokenizer = BPETokenizer.train(["def add(x, y):\n    return x + y\n"] * 20, 270) if bpe else ByteTokenizer()
+    special = SpecialTokens(tokenizer.vocab_size, with_eos=True)
+    cfg = GoHConfig(vocab_size=special.vocab_size, model_type="seq2seq", d_model=32, n_heads=4, n_shared_heads=1,
+                    top_k_heads=2, router_dim=8)
+    label = _token_labeller(SimpleNamespace(config=cfg), tokenizer.decode)
+    assert [label(special.mask), label(special.cls), label(special.pad), label(special.eos)] == \
+        ["[MASK]", "[CLS]", "[PAD]", "[EOS]"]
+    first = tokenizer.encode("return")[0]
+    assert label(first) == tokenizer.decode([first]) and label(first) != "\u00b7"
+    assert (len(tokenizer.encode("return")) < 6) == bpe  # a BPE merges it

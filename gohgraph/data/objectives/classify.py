@@ -2,7 +2,8 @@
 and on user-labelled files (:func:`labelled_file_data`).
 
 Every ``.py`` file of the standard library inside a package (``email/``, ``asyncio/``, ...; not
-``test/``, the tests of all the others) is cut into non-overlapping byte snippets; the label is the package. The ``n_classes`` packages with the
+``test/``, the tests of all the others) is cut into non-overlapping snippets of its tokens (bytes,
+or a BPE trained on the training files); the label is the package. The ``n_classes`` packages with the
 most snippets are kept. Files go to train or validation by the same path hash as the LM corpus
 (with a larger validation share, so every class has validation files), so no file is on both sides.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import sysconfig
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -21,6 +22,7 @@ import torch
 from ..corpus import DEFAULT_CORPUS_BYTES, _path_hash, _stdlib_files
 from ..errors import DataError
 from ..record_files import label_names, load_records
+from ..tokenizers import ByteTokenizer, byte_encode
 
 # "test" holds the tests of every other package: a snippet of it is about everything
 EXCLUDED_PACKAGES = ("test",)
@@ -30,7 +32,8 @@ CLASSIFY_VAL_PERCENT = 20  # of the files: the LM corpus's 5% would leave some c
 @dataclass
 class ClassificationData:
     """``train_x [n, seq_len]`` / ``val_x`` token ids (first token ``cls``, right-padded with ``pad``),
-    ``*_mask [n, seq_len]`` (1 = token), ``*_y [n]`` labels, and the label names."""
+    ``*_mask [n, seq_len]`` (1 = token), ``*_y [n]`` labels, the label names, and the tokenizer the
+    ids are of (its special tokens follow its vocabulary)."""
 
     train_x: torch.Tensor
     train_mask: torch.Tensor
@@ -40,6 +43,7 @@ class ClassificationData:
     val_y: torch.Tensor
     labels: List[str]
     source: str
+    tokenizer: object = field(default_factory=ByteTokenizer)
 
     def majority_accuracy(self) -> float:
         """Validation accuracy of always answering the most frequent training class."""
@@ -47,25 +51,53 @@ class ClassificationData:
         return float((self.val_y == majority).float().mean())
 
 
-def stdlib_package_snippets(seq_len: int, cls_id: int, pad_id: int, n_classes: int = 8,
-                            max_bytes: int = DEFAULT_CORPUS_BYTES, min_snippet: int = 32) -> ClassificationData:
-    """Snippets of ``seq_len - 1`` bytes after ``cls_id`` (shorter file tails padded with ``pad_id``,
-    kept when at least ``min_snippet`` bytes), labelled by their top-level standard-library package."""
+PackageFile = Tuple[str, bool, str]  # (top-level package, is a validation file, text)
+
+
+def stdlib_package_files(max_bytes: int = DEFAULT_CORPUS_BYTES) -> Tuple[Path, List[PackageFile]]:
+    """The standard-library root and its package files (the default corpus's files, first
+    ``max_bytes`` of them, not top-level modules, not ``test/``, only UTF-8 ones) with their side of
+    the split (:data:`CLASSIFY_VAL_PERCENT` of the files by path hash)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    per_file = []
+    files = []
     for path in _stdlib_files(root, max_bytes):
         parts = path.relative_to(root).parts
         if len(parts) < 2 or parts[0] in EXCLUDED_PACKAGES:  # a top-level module belongs to no package
             continue
         try:
-            data = path.read_bytes().decode("utf-8").encode("utf-8")
+            text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError:
             continue
-        width = seq_len - 1
-        shortest = min(min_snippet, width)
-        snippets = [data[i:i + width] for i in range(0, len(data), width) if len(data[i:i + width]) >= shortest]
-        per_file.append((parts[0], _path_hash(path.relative_to(root).as_posix()) % 100 < CLASSIFY_VAL_PERCENT,
-                         snippets))
+        files.append((parts[0], _path_hash(path.relative_to(root).as_posix()) % 100 < CLASSIFY_VAL_PERCENT, text))
+    return root, files
+
+
+def training_texts(files: Sequence[PackageFile]) -> List[str]:
+    """The texts of the training side of :func:`stdlib_package_files` (what a BPE is trained on)."""
+    return [text for _, is_val, text in files if not is_val]
+
+
+def stdlib_package_snippets(seq_len: int, cls_id: int, pad_id: int, n_classes: int = 8,
+                            max_bytes: int = DEFAULT_CORPUS_BYTES, min_snippet: int = 32,
+                            encode: Callable[[str], List[int]] = byte_encode,
+                            files: Optional[Tuple[Path, List[PackageFile]]] = None) -> ClassificationData:
+    """Snippets of ``seq_len - 1`` tokens after ``cls_id`` (shorter file tails padded with ``pad_id``,
+    kept when at least ``min_snippet`` tokens), labelled by their top-level standard-library package.
+
+    Each file's whole text is encoded (``encode``, bytes by default) and its ids are cut into
+    non-overlapping snippets: a BPE reads the file as it was trained on it (whole files), and
+    no cut falls inside a token, so a snippet decodes to the text it covers (with bytes, a cut may
+    still fall inside a character, as it always did). ``files``: :func:`stdlib_package_files`
+    already read.
+    """
+    root, files = files if files is not None else stdlib_package_files(max_bytes)
+    width = seq_len - 1
+    shortest = min(min_snippet, width)
+    per_file = []
+    for package, is_val, text in files:
+        ids = np.asarray(encode(text), dtype=np.int64)
+        per_file.append((package, is_val, [ids[i:i + width] for i in range(0, len(ids), width)
+                                           if len(ids[i:i + width]) >= shortest]))
     sizes, sides = Counter(), {}
     for package, is_val, snippets in per_file:
         sizes[package] += len(snippets)
@@ -89,17 +121,18 @@ def stdlib_package_snippets(seq_len: int, cls_id: int, pad_id: int, n_classes: i
 
 
 def labelled_file_data(data: str, seq_len: int, cls_id: int, pad_id: int,
-                       encode: Callable[[str], List[int]]) -> ClassificationData:
+                       encode: Callable[[str], List[int]], records=None) -> ClassificationData:
     """User-labelled texts (``label<TAB>text`` TSV or ``{"text", "label"}`` JSONL files:
     :mod:`gohgraph.data.record_files`), split by file, each text encoded, cut to ``seq_len - 1``
-    tokens after ``cls_id`` and right-padded; labels are the sorted distinct label names."""
-    train, val, files = load_records(data, "labelled")
+    tokens after ``cls_id`` and right-padded; labels are the sorted distinct label names.
+    ``records``: ``load_records(data, "labelled")`` already read."""
+    train, val, files = records if records is not None else load_records(data, "labelled")
     labels = label_names(train, val, data)
     index = {name: i for i, name in enumerate(labels)}
     sides = []
-    for records in (train, val):
-        x, mask = _pack([encode(text)[:seq_len - 1] for text, _ in records], seq_len, cls_id, pad_id)
-        sides.append((x, mask, torch.tensor([index[label] for _, label in records])))
+    for side in (train, val):
+        x, mask = _pack([encode(text)[:seq_len - 1] for text, _ in side], seq_len, cls_id, pad_id)
+        sides.append((x, mask, torch.tensor([index[label] for _, label in side])))
     (x_train, m_train, y_train), (x_val, m_val, y_val) = sides
     return ClassificationData(x_train, m_train, y_train, x_val, m_val, y_val, labels,
                               f"{data} ({len(files)} file(s), {len(labels)} labels)")

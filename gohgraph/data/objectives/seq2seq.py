@@ -20,7 +20,7 @@ from __future__ import annotations
 import ast
 import copy
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -29,6 +29,7 @@ import torch
 from ..corpus import DEFAULT_CORPUS_BYTES, _path_hash, _stdlib_files
 from ..errors import DataError
 from ..record_files import load_records
+from ..tokenizers import ByteTokenizer
 
 Pair = Tuple[str, str]  # (source text, target text)
 IGNORE_INDEX = -100  # label of a padded target position (cross-entropy's ignore_index)
@@ -161,17 +162,26 @@ def copy_baseline_counts(batch: Dict[str, torch.Tensor]) -> Tuple[int, int]:
 @dataclass
 class EncodedPairs:
     """Token ids of a :class:`PairData`: ``train`` / ``val`` lists of ``(source ids, target ids)``
-    (targets ended by ``eos_id``), what :func:`seq2seq_batches` pads with ``pad_id``."""
+    (targets ended by ``eos_id``), what :func:`seq2seq_batches` pads with ``pad_id``; and the
+    tokenizer the ids are of (its special tokens follow its vocabulary)."""
 
     train: List[Tuple[List[int], List[int]]]
     val: List[Tuple[List[int], List[int]]]
     source: str
     pad_id: int
     eos_id: Optional[int]
+    tokenizer: object = field(default_factory=ByteTokenizer)
+
+
+def pair_texts(data: PairData) -> List[str]:
+    """The sources and targets of the training pairs (what a BPE is trained on)."""
+    return [text for pair in data.train for text in pair]
 
 
 def encode_pair_data(data: PairData, encode: Callable[[str], List[int]], seq_len: int, pad_id: int,
-                     eos_id: Optional[int]) -> EncodedPairs:
-    """:func:`encode_pairs` of both splits, sources and targets each cut to ``seq_len`` tokens."""
+                     eos_id: Optional[int], tokenizer=None) -> EncodedPairs:
+    """:func:`encode_pairs` of both splits, sources and targets each cut to ``seq_len`` tokens;
+    ``tokenizer``: the one ``encode`` belongs to (bytes when ``None``)."""
     return EncodedPairs(encode_pairs(data.train, encode, seq_len, seq_len, eos_id),
-                        encode_pairs(data.val, encode, seq_len, seq_len, eos_id), data.source, pad_id, eos_id)
+                        encode_pairs(data.val, encode, seq_len, seq_len, eos_id), data.source, pad_id, eos_id,
+                        tokenizer if tokenizer is not None else ByteTokenizer())

@@ -1,6 +1,12 @@
 """``classify``: the encoder family's sequence classification (which standard-library package a
 snippet is from, or user-labelled ``.tsv`` / ``.jsonl`` texts).
 
+Texts are bytes (``--tokenizer byte``, the default), or a BPE trained on the training texts alone
+(``bpe[:N]``; the training-side package files of the default data, the training records of
+``--data``) or read from a ``tokenizer.json`` (``file:PATH``); :func:`gohgraph.data.tokenizers.text_tokenizer`.
+The BPE is trained in memory on each load (a second or so) and kept in no cache; the run saves it
+as ``tokenizer.json``, which ``gohgraph eval`` reads back.
+
 Batches walk seeded epochs of the training texts (:class:`~.epochs.EpochBatches`); the loss is
 the mean cross-entropy over the batch's texts; evaluation scores loss and accuracy on a fixed
 random order of the validation texts.
@@ -14,13 +20,19 @@ import torch
 
 from ...config import GoHConfig
 from ...data.objectives import SpecialTokens
-from ...data.objectives.classify import classification_batches, labelled_file_data, stdlib_package_snippets
-from ...data.tokenizers import ByteTokenizer
+from ...data.objectives.classify import (
+    classification_batches,
+    labelled_file_data,
+    stdlib_package_files,
+    stdlib_package_snippets,
+    training_texts,
+)
+from ...data.record_files import load_records
+from ...data.tokenizers import save_tokenizer, text_tokenizer
 from ..config import TrainConfig
 from .base import Batch, Task, rank_rows
 from .epochs import EpochBatches
 from .special_vocabulary import (
-    byte_tokens_only,
     check_special_vocabulary,
     encoder_presets,
     fit_special_vocabulary,
@@ -37,16 +49,26 @@ class ClassificationTask(Task):
     rows = "texts"
 
     def load_data(self, settings, cache_dir, tc: TrainConfig, cfg: GoHConfig):
-        byte_tokens_only(settings, self.name)
-        special, path = SpecialTokens(256), one_data_path(settings, self.name)
+        spec, path = settings.get("tokenizer") or "byte", one_data_path(settings, self.name)
         if path is None:
+            files = stdlib_package_files()
+            tokenizer = text_tokenizer(spec, training_texts(files[1]))
+            special = SpecialTokens(tokenizer.vocab_size)
             # a continued encoder without a head classifies the preset's number of packages
-            return stdlib_package_snippets(tc.seq_len, special.cls, special.pad,
-                                           cfg.n_labels or self.presets["tiny"][0]["n_labels"])
-        return labelled_file_data(path, tc.seq_len, special.cls, special.pad, ByteTokenizer().encode)
+            data = stdlib_package_snippets(tc.seq_len, special.cls, special.pad,
+                                           cfg.n_labels or self.presets["tiny"][0]["n_labels"],
+                                           encode=tokenizer.encode, files=files)
+        else:
+            records = load_records(path, "labelled")
+            tokenizer = text_tokenizer(spec, [text for text, _ in records[0]])
+            special = SpecialTokens(tokenizer.vocab_size)
+            data = labelled_file_data(path, tc.seq_len, special.cls, special.pad, tokenizer.encode, records)
+        data.tokenizer = tokenizer
+        return data
 
     def fit_model_config(self, cfg: GoHConfig, data, tc: TrainConfig, explicit: set, continued) -> GoHConfig:
-        cfg = fit_special_vocabulary(cfg, SpecialTokens(256), tc, self.name, continued, tc.seq_len)
+        cfg = fit_special_vocabulary(cfg, SpecialTokens(data.tokenizer.vocab_size), tc, self.name, continued,
+                                     tc.seq_len)
         if continued is None:
             return cfg.replace(n_labels=len(data.labels))
         if not cfg.n_labels:  # a new classification head on a continued encoder (e.g. MLM-pretrained): the preset's
@@ -58,9 +80,12 @@ class ClassificationTask(Task):
         return cfg
 
     def check_model_fits(self, cfg: GoHConfig, data, tc: TrainConfig) -> None:
-        check_special_vocabulary(cfg, SpecialTokens(256), tc.seq_len, self.name)
+        check_special_vocabulary(cfg, SpecialTokens(data.tokenizer.vocab_size), tc.seq_len, self.name)
         if cfg.n_labels != len(data.labels):
             raise ValueError(f"n_labels={cfg.n_labels}, but the data has {len(data.labels)} labels")
+
+    def save_data_files(self, directory, data) -> None:
+        save_tokenizer(data.tokenizer, directory)
 
     def run_settings(self, data) -> dict:
         return {"labels": data.labels}

@@ -1,5 +1,11 @@
 """``seq2seq``: the encoder-decoder family's sequence-to-sequence objective (a docstring's first
-sentence -> its ``def`` line from the standard library, or user pair files), byte tokens.
+sentence -> its ``def`` line from the standard library, or user pair files).
+
+Texts are bytes (``--tokenizer byte``, the default), or a BPE trained on the training pairs'
+sources and targets alone (``bpe[:N]``) or read from a ``tokenizer.json`` (``file:PATH``):
+:func:`gohgraph.data.tokenizers.text_tokenizer`, trained in memory on each load (under a second on
+the default pairs) and kept in no cache; the run saves it as ``tokenizer.json`` beside the model,
+which ``gohgraph eval``, ``generate``, ``stats`` and ``viz`` read.
 
 Targets end with ``eos``; ``pad`` pads and starts the decoder, as in T5. Batches walk seeded epochs
 of the training pairs (:class:`~.epochs.EpochBatches`), right-padded; the loss is the mean
@@ -13,14 +19,13 @@ from typing import Dict, List, Optional
 
 from ...config import GoHConfig
 from ...data.objectives import SpecialTokens
-from ...data.objectives.seq2seq import IGNORE_INDEX, encode_pair_data, load_pair_data, seq2seq_batches
-from ...data.tokenizers import ByteTokenizer
+from ...data.objectives.seq2seq import IGNORE_INDEX, encode_pair_data, load_pair_data, pair_texts, seq2seq_batches
+from ...data.tokenizers import save_tokenizer, text_tokenizer
 from ..config import TrainConfig
 from ..seq2seq_metrics import evaluate_seq2seq
 from .base import Batch, Task, rank_rows
 from .epochs import EpochBatches
 from .special_vocabulary import (
-    byte_tokens_only,
     check_special_vocabulary,
     encoder_presets,
     fit_special_vocabulary,
@@ -45,20 +50,24 @@ class SequenceToSequenceTask(Task):
     rows = "pairs"
 
     def load_data(self, settings, cache_dir, tc: TrainConfig, cfg: GoHConfig):
-        byte_tokens_only(settings, self.name)
-        special = SpecialTokens(256, with_eos=True)
-        return encode_pair_data(load_pair_data(one_data_path(settings, self.name)), ByteTokenizer().encode,
-                                tc.seq_len, special.pad, special.eos)
+        pairs = load_pair_data(one_data_path(settings, self.name))
+        tokenizer = text_tokenizer(settings.get("tokenizer") or "byte", pair_texts(pairs))
+        special = SpecialTokens(tokenizer.vocab_size, with_eos=True)
+        return encode_pair_data(pairs, tokenizer.encode, tc.seq_len, special.pad, special.eos, tokenizer)
 
     def fit_model_config(self, cfg: GoHConfig, data, tc: TrainConfig, explicit: set, continued) -> GoHConfig:
-        special = SpecialTokens(256, with_eos=True)
+        special = SpecialTokens(data.tokenizer.vocab_size, with_eos=True)
         # the decoder reads the start token and then up to seq_len target tokens
         cfg = fit_special_vocabulary(cfg, special, tc, self.name, continued, tc.seq_len + 1)
         return cfg if continued is not None else cfg.replace(pad_token_id=special.pad,
                                                              decoder_start_token_id=special.pad)
 
     def check_model_fits(self, cfg: GoHConfig, data, tc: TrainConfig) -> None:
-        check_special_vocabulary(cfg, SpecialTokens(256, with_eos=True), tc.seq_len + 1, self.name)
+        check_special_vocabulary(cfg, SpecialTokens(data.tokenizer.vocab_size, with_eos=True), tc.seq_len + 1,
+                                 self.name)
+
+    def save_data_files(self, directory, data) -> None:
+        save_tokenizer(data.tokenizer, directory)
 
     def training_batches(self, data, tc: TrainConfig):
         epochs = EpochBatches(lambda seed: seq2seq_batches(data.train, tc.batch_size, data.pad_id, seed=seed),

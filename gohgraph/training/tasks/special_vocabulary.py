@@ -54,14 +54,6 @@ def one_data_path(settings: Dict[str, Any], task: str) -> Optional[str]:
     return settings.get("data")
 
 
-def byte_tokens_only(settings: Dict[str, Any], task: str) -> None:
-    """Refuse another tokenizer for a task whose texts are byte tokens."""
-    tokenizer = settings.get("tokenizer")
-    if tokenizer not in (None, "byte"):
-        raise ValueError(f"--tokenizer {tokenizer} is not supported with --objective {task}; its texts are byte "
-                         "tokens (--tokenizer byte)")
-
-
 def check_special_vocabulary(cfg: GoHConfig, special: SpecialTokens, longest: int, task: str) -> None:
     """Refuse a model whose vocabulary is not the data's tokens and ``special`` tokens, or that
     cannot read ``longest`` tokens."""
