@@ -70,7 +70,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path, objective):
                objective, str(tmp_path / "ddp"), str(data_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
 
     cfg, tc, data = _setup(objective, data_path)
