@@ -1,16 +1,19 @@
-"""The README's headline results table is the committed results file it names, number for number.
+"""The README's results tables are the committed results files they name, number for number.
 
-The README's "Results" section names one file under ``benchmarks/results/`` (the ``compare.md`` that
-``gohgraph bench --quick --out benchmarks/results`` writes). Both tables are parsed; every row of the
-README's table must be a row of the file's first table with the same numbers in every column.
+Each results section of the README ("Results", the decoder comparison; "Encoder results", the
+masked-LM comparison) names one file under ``benchmarks/results/`` (the ``compare.md`` that
+``gohgraph bench --quick [--objective mlm] --out ...`` writes). Both tables are parsed; every row of
+the README's table must be a row of the file's first table with the same numbers in every column.
 """
 
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-RESULTS_HEADING = "## Results"
+RESULTS_HEADINGS = ("## Results", "## Encoder results")
 RESULTS_FILE = re.compile(r"`(benchmarks/results/[\w./-]+\.md)`")
 NUMBER = re.compile(r"[+-]?\d[\d,]*(?:\.\d+)?")
 
@@ -41,20 +44,22 @@ def numbers(cell: str):
     return [float(match.replace(",", "")) for match in NUMBER.findall(cell)]
 
 
-def readme_results():
-    results = section(README.read_text(encoding="utf-8"), RESULTS_HEADING)
+def readme_results(heading: str):
+    results = section(README.read_text(encoding="utf-8"), heading)
     named = sorted(set(RESULTS_FILE.findall(results)))
     assert len(named) == 1, f"the README's results section must name one results file, names {named}"
     return results, ROOT / named[0]
 
 
-def test_readme_results_section_names_a_committed_results_file():
-    _, path = readme_results()
+@pytest.mark.parametrize("heading", RESULTS_HEADINGS)
+def test_readme_results_section_names_a_committed_results_file(heading):
+    _, path = readme_results(heading)
     assert path.is_file(), f"{path.relative_to(ROOT)} is named by the README but not committed"
 
 
-def test_readme_results_table_equals_the_committed_file():
-    results, path = readme_results()
+@pytest.mark.parametrize("heading", RESULTS_HEADINGS)
+def test_readme_results_table_equals_the_committed_file(heading):
+    results, path = readme_results(heading)
     readme_header, readme_rows = first_table(results)
     file_header, file_rows = first_table(path.read_text(encoding="utf-8"))
     assert readme_header == file_header
