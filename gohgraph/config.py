@@ -168,6 +168,9 @@ class GoHConfig:
     # (gohgraph.layers.attention.SwitchHeadProjections). 0 = single projections (every other row)
     n_attention_experts: int = _in("attention", 0)
     top_k_attention_experts: int = _in("attention", 2)
+    # the width of one head; None = d_model // n_heads. SwitchHead's saving needs heads narrower in
+    # total than the model (n_heads * attention_head_dim < d_model: few heads, each of a usual width)
+    attention_head_dim: Optional[int] = _in("attention", None)
     # MoSA (Piękos, Csordás, Schmidhuber 2025, arXiv 2505.00315): n_mosa_heads sparse heads of
     # head_dim beside the n_heads dense ones. In training each sparse head's router sigma(w_h . x)
     # picks the top k = max(2, T // mosa_sparsity) tokens of the sequence (expert choice), attends
@@ -316,7 +319,7 @@ class GoHConfig:
     # ------------------------------------------------------------------ derived sizes
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_model // self.n_heads if self.attention_head_dim is None else self.attention_head_dim
 
     @property
     def query_head_dim(self) -> int:
@@ -440,10 +443,14 @@ class GoHConfig:
         if not 0.0 <= self.router_jitter_eps < 1.0:
             raise ValueError(f"router_jitter_eps={self.router_jitter_eps} must be in [0, 1)")
         self._validate_recursion()
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.attention_head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} (or set "
+                             "attention_head_dim)")
+        if self.attention_head_dim is not None and self.attention_head_dim < 1:
+            raise ValueError(f"attention_head_dim={self.attention_head_dim} must be >= 1 (or None: d_model // n_heads)")
         if self.position_embedding == "rope" and self.attention == "mha" and self.head_dim % 2:
-            raise ValueError(f"head_dim=d_model/n_heads={self.head_dim} must be even for RoPE")
+            width = "attention_head_dim" if self.attention_head_dim is not None else "head_dim=d_model/n_heads"
+            raise ValueError(f"{width}={self.head_dim} must be even for RoPE")
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             raise ValueError(
                 f"n_kv_heads={self.n_kv_heads} must be a positive divisor of n_heads={self.n_heads}")
@@ -512,6 +519,9 @@ class GoHConfig:
                              f"{self.position_embedding!r}")
 
     def _validate_latent_attention(self) -> None:
+        if self.attention_head_dim is not None:
+            raise ValueError(f"attention_head_dim={self.attention_head_dim} with attention='mla': latent attention "
+                             "sets its heads' widths with qk_nope_head_dim, qk_rope_head_dim and v_head_dim")
         _positive(self, "kv_lora_rank", "qk_rope_head_dim")
         for name in ("q_lora_rank", "qk_nope_head_dim", "v_head_dim"):
             if getattr(self, name) is not None and getattr(self, name) < 1:

@@ -103,7 +103,8 @@ class GoHAttention(nn.Module):
         self.switch_head = SwitchHeadProjections(cfg) if cfg.n_attention_experts else None
         projected_heads = cfg.n_heads + (1 if self.switch_head is not None else 2) * cfg.kv_heads
         self.qkv = make_linear(cfg, cfg.d_model, projected_heads * cfg.head_dim, bias=cfg.linear_bias)
-        self.out = make_linear(cfg, cfg.d_model, cfg.d_model, bias=cfg.linear_bias) if self.switch_head is None else None
+        self.out = make_linear(cfg, cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.linear_bias) \
+            if self.switch_head is None else None
         nn.init.normal_(self.qkv.weight, std=cfg.init_std)
         if self.out is not None:
             nn.init.normal_(self.out.weight, std=cfg.output_init_std)
