@@ -119,3 +119,12 @@ def test_mosa_decode_gap_reports_both_rules():
     assert len(lines) == 4 and all("training rule" in line and "gap" in line for line in lines)
     for rule in ("decode rule aux-router", "decode rule score-threshold"):
         assert sum(rule in line for line in lines) == 2  # at initialisation and after the steps
+
+
+def test_bench_switchhead_counts_few_heads_below_dense():
+    out = run_benchmark("bench_switchhead.py", "--d-model", "48", "--heads", "6", "--tokens", "64", "--repeats", "1")
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
+    few = rows["SwitchHead 2 x 5 top-2"]
+    # 2 heads of 8 with 5 + 5 experts hold about dense's attention parameters and compute about half its FLOPs
+    assert 0.9 < float(few[3]) < 1.2 and float(few[7]) < 0.6
+    assert float(rows["SwitchHead 6 x 4 top-2"][7]) > 1.0  # as many heads as dense: no saving
