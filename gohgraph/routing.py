@@ -37,6 +37,12 @@ class ExpertRouting:
             scalars with gradients, over real tokens only (padding adds no term).
         balance: the counts and probability sums behind ``expert_balance`` (a
             :class:`~gohgraph.routers.losses.BalanceTally`), for pooling the loss over layers.
+        router_margins: ``[batch, seq, subtokens]`` the k-th minus the (k+1)-th largest selection
+            score (the logit, plus the auxiliary-loss-free bias where one is used: what top-k
+            ranked), detached; ``nan`` where the (k+1)-th expert was forbidden; ``None`` while
+            decoding or when every expert is chosen.
+        router_input_rms: 0-dim RMS of the router's input (the sub-tokens) over real tokens,
+            detached, for the routing-health scalars.
     """
 
     expert_indices: torch.Tensor
@@ -45,6 +51,8 @@ class ExpertRouting:
     expert_drops: Optional[torch.Tensor] = None
     aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     balance: Optional[Any] = None
+    router_margins: Optional[torch.Tensor] = None
+    router_input_rms: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -147,3 +155,15 @@ class RecursionRouting:
     depth: torch.Tensor
     gates: torch.Tensor
     aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def router_input_rms(inputs: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """0-dim RMS of a router's ``inputs`` (tokens first, features last) over real tokens
+    (``token_mask``, one entry per token, or ``None``), detached and kept on the device (read only
+    when metrics are logged: no sync)."""
+    squares = inputs.detach().float().pow(2).reshape(token_mask.numel() if token_mask is not None
+                                                     else inputs.shape[0], -1).mean(-1)
+    if token_mask is None:
+        return squares.mean().sqrt()
+    weight = token_mask.reshape(-1).to(squares.dtype)
+    return ((squares * weight).sum() / weight.sum().clamp(min=1)).sqrt()

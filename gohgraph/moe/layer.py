@@ -47,7 +47,7 @@ from ..graph import bipartite_adjacency, expert_graph, head_graph
 from ..layers.linear import make_linear, ternary_experts
 from ..layers.mlp import build_mlp
 from ..routers.experts import ExpertGate, GraphExpertRouter, LinearExpertRouter
-from ..routing import ExpertRouting
+from ..routing import ExpertRouting, router_input_rms
 from .dispatch import Dispatcher, LocalDispatcher
 from .experts import BitNetGroupedExperts, GroupedExperts, SharedExperts
 
@@ -158,6 +158,8 @@ class MoEFeedForward(nn.Module):
             expert_drops=assignment_dropped.reshape(batch, seq, m, k),
             aux_losses=choice.aux_losses,
             balance=choice.balance,
+            router_margins=None if choice.margins is None else choice.margins.reshape(batch, seq, m),
+            router_input_rms=None if self.gate.decoding else router_input_rms(sub, valid),
         )
         return y, routing
 

@@ -202,6 +202,9 @@ class ExpertChoice:
     weights: torch.Tensor
     aux_losses: Dict[str, torch.Tensor]
     balance: Optional[BalanceTally] = None  # the parts of expert_balance, for pooling across layers
+    # [tokens, subtokens] k-th minus (k+1)-th selection score (nan where the (k+1)-th is forbidden),
+    # detached; None while decoding or when top_k covers every expert
+    margins: Optional[torch.Tensor] = None
 
 
 SIGMOID_NORM_EPS = 1e-20  # DeepSeek-V3's guard on the sum of the selected scores
@@ -289,6 +292,11 @@ class ExpertGate(BalancedRouting):
             choice = choice.masked_fill(self.forced_off.to(choice.device), float("-inf"))
         if self.n_groups > 1:
             choice = self._limit_to_groups(choice)
+        margins = None
+        if self.top_k < choice.shape[-1] and not self.decoding:  # the ranking's margin, for the health scalars
+            ranked = choice.detach().topk(self.top_k + 1, dim=-1).values
+            margins = ranked[..., -2] - ranked[..., -1]
+            margins = margins.masked_fill(~torch.isfinite(margins), float("nan"))
         selected = choice.topk(self.top_k, dim=-1).indices
         if self.sigmoid_scores:
             weights = scores.gather(-1, selected)
@@ -313,7 +321,7 @@ class ExpertGate(BalancedRouting):
         aux = {EXPERT_BALANCE: balance.loss()}
         if self.z_loss_coef:  # a loss with weight 0 is not computed at all
             aux[EXPERT_Z] = router_z_loss(flat_logits, valid)
-        return ExpertChoice(indices=selected, weights=weights, aux_losses=aux, balance=balance)
+        return ExpertChoice(indices=selected, weights=weights, aux_losses=aux, balance=balance, margins=margins)
 
     def _limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """``choice [..., E]`` with every expert outside the ``top_groups`` best groups at ``-inf``."""

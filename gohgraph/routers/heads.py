@@ -27,7 +27,7 @@ from ..config import GoHConfig
 from ..graph import dense_adjacency, head_graph, with_self_loops
 from ..layers.attention import mix_heads
 from ..ops.small_softmax import small_softmax
-from ..routing import LayerRouting
+from ..routing import LayerRouting, router_input_rms
 from .gat import GraphAttention
 from .losses import (
     HEAD_BALANCE,
@@ -492,17 +492,7 @@ class HeadRouting(nn.Module):
             flow=None if flow is None else flow.view(batch, seq, -1),  # computed under no_grad
             head_losses=gating.aux_losses,
             head_balance=gating.balance,
-            router_input_rms=_rms(tokens_x if self.router_kind not in ("graph", "query-norm") else q, token_mask),
+            router_input_rms=router_input_rms(tokens_x if self.router_kind not in ("graph", "query-norm") else q, token_mask),
         )
         return gates.view(batch, seq, heads), mixing, routing
 
-
-def _rms(inputs: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """0-dim RMS of the router's ``inputs`` (tokens first, features last) over real tokens, kept on
-    the device (read only when metrics are logged: no sync)."""
-    squares = inputs.detach().float().pow(2).reshape(token_mask.numel() if token_mask is not None
-                                                     else inputs.shape[0], -1).mean(-1)
-    if token_mask is None:
-        return squares.mean().sqrt()
-    weight = token_mask.reshape(-1).to(squares.dtype)
-    return ((squares * weight).sum() / weight.sum().clamp(min=1)).sqrt()

@@ -67,8 +67,38 @@ def test_health_scalars_equal_hand_computed_values():
     }
     for stat, value in expected_experts.items():
         assert health[f"health/experts/{stat}"] == pytest.approx(value, abs=1e-7), stat
-    # expert records keep neither router logits nor the router input
+    # a record without margins or input RMS (e.g. SwitchHead's, or one written while decoding): nan
     assert math.isnan(health["health/experts/margin"]) and math.isnan(health["health/experts/input_rms"])
+
+
+def test_expert_margin_and_input_rms_equal_hand_computed_values():
+    one = _layer_one()
+    # the k-th minus the (k+1)-th selection score of each sub-token; nan where the (k+1)-th was forbidden
+    one.experts.router_margins = torch.tensor([[[0.5], [1.5], [float("nan")], [1.0]]])
+    one.experts.router_input_rms = torch.tensor(0.25)
+    health = routing_health([one, _layer_two()], n_shared_heads=1, n_routed_experts=4)
+    assert health["health/experts/margin"] == pytest.approx((0.5 + 1.5 + 1.0) / 3)
+    assert health["health/experts/input_rms"] == pytest.approx(0.25)
+
+
+def test_the_expert_layer_records_its_ranking_margin_and_input_rms():
+    """A real MoE layer's record: the margin is the gap between the k-th and (k+1)-th of the gate's
+    selection scores recomputed by hand from the router, and the RMS is its sub-tokens'."""
+    torch.manual_seed(0)
+    cfg = GoHConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, ffn="moe", n_experts=4, top_k_experts=2,
+                    max_seq_len=16)
+    model = GoHTransformer(cfg).train()
+    ids = torch.randint(0, 64, (2, 8))
+    captured = {}
+    moe = next(m for m in model.modules() if type(m).__name__ == "MoEFeedForward")
+    moe.router.register_forward_hook(lambda _m, args, out: captured.update(sub=args[0].detach(), logits=out.detach()))
+    record = model(ids).routing[0].experts
+    scores = captured["logits"].float() + (moe.gate.selection_bias if moe.gate.aux_free_bias else 0)
+    ranked = scores.sort(dim=-1, descending=True).values
+    torch.testing.assert_close(record.router_margins.reshape(-1), (ranked[..., 1] - ranked[..., 2]).reshape(-1))
+    torch.testing.assert_close(record.router_input_rms, captured["sub"].pow(2).mean().sqrt())
+    health = routing_health([model(ids).routing[0]], n_routed_experts=4)
+    assert math.isfinite(health["health/experts/margin"]) and math.isfinite(health["health/experts/input_rms"])
 
 
 def test_padding_changes_no_health_scalar():

@@ -17,10 +17,12 @@ counted) and ``U`` the number of routed units:
   ``head_gates``, or ``expert_weights`` added at their ``expert_indices``) and the normalised
   hard load; 0 when the gates weigh every unit as often as it is picked.
 * ``margin``: mean over tokens of the k-th minus the (k+1)-th largest routed logit (``k`` the
-  token's number of active routed units). Heads only: expert records keep no router logits, so
-  the experts' margin is ``nan``; so is a layer whose tokens pick every unit.
-* ``input_rms``: RMS of the router's input (``router_input_rms`` of the record, written by the
-  head router); ``nan`` for experts (the expert layer does not record it).
+  token's number of active routed units); for experts, over sub-tokens, of the selection score
+  that top-k ranked (the logit, plus the auxiliary-loss-free bias where one is used:
+  ``router_margins`` of the record), leaving out sub-tokens whose (k+1)-th expert was forbidden.
+  ``nan`` for a layer whose tokens pick every unit.
+* ``input_rms``: RMS of the router's input over real tokens (``router_input_rms`` of the record,
+  written by the head router and by the expert layer: its sub-tokens).
 
 Every statistic but ``util_min`` / ``util_max`` is the mean over layers. A kind absent from the
 model (dense router, dense FFN) or a value that cannot be computed is ``nan`` (an empty cell in
@@ -117,8 +119,14 @@ def _expert_layer(record, n_experts: Optional[int], valid: Optional[torch.Tensor
     gate_mass = None
     if weights is not None:
         gate_mass = torch.zeros(n_experts, dtype=torch.float64).index_add_(0, indices, weights.reshape(-1))
-    stats = layer_health(load, gate_mass)
-    stats["input_rms"] = math.nan
+    margins = getattr(experts, "router_margins", None)
+    if margins is not None:  # [batch, seq, subtokens]: real tokens' sub-tokens whose (k+1)-th expert could be chosen
+        margins = margins.detach().cpu().double()
+        margins = (margins.reshape(valid.numel(), -1)[valid] if valid is not None else margins).reshape(-1)
+        margins = margins[torch.isfinite(margins)]
+    stats = layer_health(load, gate_mass, margins)
+    rms = getattr(experts, "router_input_rms", None)
+    stats["input_rms"] = math.nan if rms is None else float(rms)
     return stats
 
 
