@@ -80,3 +80,33 @@ def plant_lock(run, pid: int, host: str = None) -> dict:
     run.path.mkdir(parents=True, exist_ok=True)
     run.lock_file.write_text(json.dumps(holder) + "\n")
     return holder
+
+
+def at_training_forward(monkeypatch, model_class, call: int, before=None, after=None):
+    """Patch ``model_class.forward`` so that its ``call``-th training-mode call (evaluation calls
+    are not counted) runs ``before()`` first, or returns ``after(out)`` instead of ``out``: a
+    Ctrl-C in the middle of a step, a loss turned to NaN."""
+    real_forward, calls = model_class.forward, []
+
+    def forward(model, *args, **kwargs):
+        hit = model.training and len(calls) + 1 == call
+        if model.training:
+            calls.append(1)
+        if hit and before is not None:
+            before()
+        out = real_forward(model, *args, **kwargs)
+        return after(out) if hit and after is not None else out
+
+    monkeypatch.setattr(model_class, "forward", forward)
+
+
+def send_ctrl_c() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def nan_loss(field: str):
+    """An ``after`` for :func:`at_training_forward`: the output with its ``field`` loss times NaN."""
+    def poison(out):
+        setattr(out, field, getattr(out, field) * float("nan"))
+        return out
+    return poison

@@ -190,12 +190,17 @@ def _decode(tokenizer, token: int) -> str:
 def run_logit_lens(model: nn.Module, batches: Iterable[Batch], final_norm_weight: bool = False) -> LogitLens:
     """Run ``model`` (eval mode, no grad) over ``batches`` of ``input_ids`` or ``(input_ids,
     attention_mask)`` and return the filled :class:`LogitLens`; the training mode is restored."""
-    lens = LogitLens(model, final_norm_weight)
+    return _fill(LogitLens(model, final_norm_weight), model, batches, capture_head_outputs)
+
+
+def _fill(lens, model: nn.Module, batches: Iterable[Batch], capture):
+    """Feed ``lens`` every batch's captured tensors (``capture(model)``, a context manager) and
+    routing, in eval mode without gradients; the training mode is restored."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), capture_head_outputs(model) as captured:
+        with torch.no_grad(), capture(model) as captured:
             for batch in batches:
                 input_ids, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
                 out = model(input_ids.to(device), attention_mask=None if mask is None else mask.to(device))
@@ -340,19 +345,7 @@ def run_expert_logit_lens(model: nn.Module, batches: Iterable[Batch], final_norm
                           ) -> ExpertLogitLens:
     """Run ``model`` (eval mode, no grad) over ``batches`` (as :func:`run_logit_lens`) and return the
     filled :class:`ExpertLogitLens`; the training mode is restored."""
-    lens = ExpertLogitLens(model, final_norm_weight)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), capture_expert_inputs(model) as captured:
-            for batch in batches:
-                input_ids, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
-                out = model(input_ids.to(device), attention_mask=None if mask is None else mask.to(device))
-                lens.update(captured, out.routing, mask)
-    finally:
-        model.train(was_training)
-    return lens
+    return _fill(ExpertLogitLens(model, final_norm_weight), model, batches, capture_expert_inputs)
 
 
 def collect_expert_logit_lens(model: nn.Module, batches: Iterable[Batch], top_k: int = 10, tokenizer=None,

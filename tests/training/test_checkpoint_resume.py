@@ -1,7 +1,6 @@
 """Checkpoints that survive faults: exact resume, SIGINT, corruption, NaN, pruning."""
 
 import json
-import os
 import shutil
 import signal
 import sys
@@ -21,7 +20,7 @@ from gohgraph.training.config import TrainConfig
 from gohgraph.training.metrics import read_metrics
 from gohgraph.training.optim import build_optimizer
 from gohgraph.training.trainer import TrainingDivergedError, train
-from tests.helpers import TINY, ctrl_c_after_logged_steps, make_corpus
+from tests.helpers import TINY, at_training_forward, ctrl_c_after_logged_steps, make_corpus, nan_loss, send_ctrl_c
 
 MODELS = {
     "graph_aux_free": TINY,  # graph router, shared + top-k heads, flow, aux-loss-free bias
@@ -78,17 +77,7 @@ def test_optimizer_state_flattens_and_restores_exactly():
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real_forward, calls = GoHTransformer.forward, []
-
-    def forward_that_explodes(model, *args, **kwargs):
-        out = real_forward(model, *args, **kwargs)
-        if model.training:
-            calls.append(1)
-            if len(calls) == 5:
-                out.lm_loss = out.lm_loss * float("nan")
-        return out
-
-    monkeypatch.setattr(GoHTransformer, "forward", forward_that_explodes)
+    at_training_forward(monkeypatch, GoHTransformer, 5, after=nan_loss("lm_loss"))
     with pytest.raises(TrainingDivergedError, match=r"non-finite loss at step 5 .*step_000004"):
         train(GoHConfig(**TINY), _config(save_every=2, max_steps=8), make_corpus(), tmp_path, progress=False)
     assert latest_checkpoint(tmp_path).name == "step_000004"
@@ -136,16 +125,7 @@ def test_only_the_last_checkpoints_are_kept(tmp_path):
 
 
 def test_sigint_finishes_the_step_then_saves_and_returns(tmp_path, monkeypatch):
-    real_forward, calls = GoHTransformer.forward, []
-
-    def forward_then_ctrl_c(model, *args, **kwargs):
-        if model.training:
-            calls.append(1)
-            if len(calls) == 3:  # Ctrl-C arrives in the middle of step 3
-                os.kill(os.getpid(), signal.SIGINT)
-        return real_forward(model, *args, **kwargs)
-
-    monkeypatch.setattr(GoHTransformer, "forward", forward_then_ctrl_c)
+    at_training_forward(monkeypatch, GoHTransformer, 3, before=send_ctrl_c)  # Ctrl-C in the middle of step 3
     previous_handler = signal.getsignal(signal.SIGINT)
     result = train(GoHConfig(**TINY), _config(max_steps=50, save_every=100), make_corpus(), tmp_path, progress=False)
     assert result.interrupted and result.steps == 3 and result.final_path is None

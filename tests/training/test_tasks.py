@@ -5,7 +5,6 @@ batch as large, bf16 autocast, torch.compile, two data-parallel ranks equal to o
 
 import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -24,7 +23,7 @@ from gohgraph.training.metrics import read_metrics
 from gohgraph.training.tasks import get_task
 from gohgraph.training.tasks.epochs import EpochBatches
 from gohgraph.training.trainer import TrainingDivergedError, train
-from tests.helpers import ctrl_c_after_logged_steps, make_corpus
+from tests.helpers import at_training_forward, ctrl_c_after_logged_steps, make_corpus, nan_loss, send_ctrl_c
 
 SMALL = dict(d_model=32, n_layers=1, n_heads=4, n_shared_heads=1, top_k_heads=2, router="graph", router_rounds=1,
              router_dim=8, head_graph="complete", inter_head_flow=True, position_embedding="rope",
@@ -131,16 +130,7 @@ def test_epoch_batches_are_the_loop_that_restarts_an_order_whenever_one_runs_sho
 
 def test_sigint_finishes_the_step_then_saves_and_returns(tmp_path, monkeypatch):
     cfg, data = _objective_setup("mlm", tmp_path)
-    real_forward, calls = GoHEncoder.forward, []
-
-    def forward_then_ctrl_c(model, *args, **kwargs):
-        if model.training:
-            calls.append(1)
-            if len(calls) == 3:  # Ctrl-C arrives in the middle of step 3
-                os.kill(os.getpid(), signal.SIGINT)
-        return real_forward(model, *args, **kwargs)
-
-    monkeypatch.setattr(GoHEncoder, "forward", forward_then_ctrl_c)
+    at_training_forward(monkeypatch, GoHEncoder, 3, before=send_ctrl_c)  # Ctrl-C in the middle of step 3
     previous_handler = signal.getsignal(signal.SIGINT)
     result = train_objective("mlm", cfg, _train_config(max_steps=50, save_every=100), data, tmp_path)
     assert result.interrupted and result.steps == 3 and result.final_path is None
@@ -154,17 +144,7 @@ def test_sigint_finishes_the_step_then_saves_and_returns(tmp_path, monkeypatch):
 
 def test_a_non_finite_loss_stops_before_saving(tmp_path, monkeypatch):
     cfg, data = _objective_setup("classify", tmp_path)
-    real_forward, calls = GoHEncoder.forward, []
-
-    def nan_at_step_5(model, *args, **kwargs):
-        out = real_forward(model, *args, **kwargs)
-        if model.training:
-            calls.append(1)
-            if len(calls) == 5:
-                out.class_loss = out.class_loss * float("nan")
-        return out
-
-    monkeypatch.setattr(GoHEncoder, "forward", nan_at_step_5)
+    at_training_forward(monkeypatch, GoHEncoder, 5, after=nan_loss("class_loss"))
     with pytest.raises(TrainingDivergedError, match="non-finite loss at step 5.*Last good checkpoint: .*step_000003"):
         train_objective("classify", cfg, _train_config(), data, tmp_path)
     assert latest_checkpoint(tmp_path).name == "step_000003" and not (tmp_path / "final").exists()
