@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     variants = {name: config if name == "dense" else config.replace(**overrides)
                 for name, config in comparison_variants(**model_shape, names=names).items()}
     task = get_task(args.objective)
-    if args.mor and task.name != "lm":
+    if args.mor and not task.recursion:
         raise ValueError(f"--mor: --objective {task.name} trains {task.model_type} models, and only decoders "
                          "recurse (Mixture-of-Recursions)")
     if args.match == "flops" and task.name != "lm":

@@ -19,7 +19,6 @@ from ..training.config import TrainConfig
 from ..training.run_dir import RunDir
 from ..training.tasks import get_task
 from ..training.tasks.lm import evaluate, evaluate_sources
-from ..training.tasks.seq2seq import seq2seq_summary
 from .common import find_run_file, load_model, run_dir_of
 
 
@@ -111,8 +110,6 @@ def run_task_eval(args: argparse.Namespace, model, directory: Path, run: RunDir)
     result = {"checkpoint": str(directory), "objective": task.name, **metrics}
     if args.json:
         print(json.dumps(result))
-    elif task.name == "seq2seq":
-        print(f"{directory}: seq2seq {seq2seq_summary(metrics)}")
     else:
-        print(f"{directory}: {task.name} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        print(f"{directory}: {task.name} " + "; ".join(task.summary(metrics, data, model.config)))
     return 0

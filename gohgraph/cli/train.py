@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 from ..config import ROUTERS, GoHConfig
-from ..data.sources import parse_data_flags, validation_sets
+from ..data.sources import parse_data_flags
 from ..data.tokenizers import TOKENIZER_FILE
 from ..models.compile import CompileUnavailableWarning
 from ..storage import read_config
@@ -30,7 +30,7 @@ from ..training.config import TrainConfig
 from ..training.presets import PRESETS, read_config_file, split_fields
 from ..training.run_dir import RunDir
 from ..training.tasks import TASKS, Task, get_task
-from ..training.trainer import TrainResult, check_task_settings, evaluate, evaluate_sources, train
+from ..training.trainer import TrainResult, check_task_settings, train
 from .common import TRAIN_FLAGS, check_device, note_missing_tensorboard, parse_overrides
 
 
@@ -157,8 +157,9 @@ def _print_summary(args: argparse.Namespace, task: Task, result: TrainResult, da
     if result.interrupted:
         print(f"interrupted at step {result.steps}; continue with: gohgraph train --objective {task.name} --resume "
               f"--run-dir {run_dir}")
-    elif task.name == "lm":
-        _print_full_validation(result.model, data, tc)
+    else:
+        for line in task.final_lines(result.model, data, tc):
+            print(line)
     print(f"checkpoint: {result.checkpoint_path}")
     if result.final_path is not None:
         print(f"final model: {result.final_path}")
@@ -250,21 +251,6 @@ def task_preset(task: Task, name: str):
         raise ValueError(f"preset={name!r} is not one of --objective {task.name}'s presets {sorted(task.presets)}")
     model_kwargs, train_kwargs = task.presets[name]
     return copy.deepcopy(model_kwargs), copy.deepcopy(train_kwargs)
-
-
-def _print_full_validation(model, corpus, train_config: TrainConfig) -> None:
-    """The loss over the whole validation split (and per source, with several sources)."""
-    seq_len, batch_size = train_config.seq_len, train_config.batch_size
-    sources = validation_sets(corpus)
-    if not sources:
-        full = evaluate(model, corpus.val, batch_size, seq_len)
-        windows = len(corpus.val) // seq_len * seq_len
-        print(f"validation loss: {full:.4f} nats/token over the whole validation split ({windows:,} tokens)")
-        return
-    full, per_source = evaluate_sources(model, sources, batch_size, seq_len)
-    windows = sum(len(tokens) // seq_len * seq_len for tokens in sources.values())
-    print(f"validation loss: {full:.4f} nats/token over the whole validation splits ({windows:,} tokens); "
-          + ", ".join(f"{name} {loss:.4f}" for name, loss in per_source.items()))
 
 
 def explicit_model_fields(args: argparse.Namespace) -> set:

@@ -152,7 +152,8 @@ def measure_training_cost(configs: Dict[str, GoHConfig], corpus: Corpus, batch_s
         return run
 
     seconds = interleaved_median_seconds({name: step(name) for name in models}, repeats, warmup)
-    generates_continuations = spec.name == "lm"
+    generation = spec.family.generation  # a cached decode step continues a prompt: decoders
+    generates_continuations = generation is not None and not generation.prompt_is_source
     return {name: TrainingCost(tokens / seconds[name], activation[name],
                                ADAMW_BYTES_PER_PARAM * models[name].num_parameters(),
                                count_flops(lambda m=model: loss_of(m).backward())[0] / tokens,

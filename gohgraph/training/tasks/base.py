@@ -119,6 +119,10 @@ class Task:
         """Evaluation key -> ``metrics.csv`` column, besides ``loss`` (``val_loss``)."""
         return {}
 
+    def final_lines(self, model: torch.nn.Module, data, tc: TrainConfig) -> List[str]:
+        """Lines the CLI prints after a finished run, beyond the periodic evaluation's (none by default)."""
+        return []
+
     def summary(self, metrics: Dict[str, float], data, cfg: GoHConfig) -> List[str]:
         """Lines the CLI prints of the final evaluation."""
         return [f"validation loss: {metrics['loss']:.4f} nats/token"]

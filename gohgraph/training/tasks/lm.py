@@ -79,6 +79,19 @@ class LanguageModelTask(Task):
     def evaluation_columns(self, data) -> Dict[str, str]:
         return {source_loss_column(name): source_loss_column(name) for name in validation_sets(data)}
 
+    def final_lines(self, model, data, tc: TrainConfig) -> List[str]:
+        """The loss over the whole validation split (and per source, with several sources)."""
+        seq_len, batch_size = tc.seq_len, tc.batch_size
+        sources = validation_sets(data)
+        if not sources:
+            full = evaluate(model, data.val, batch_size, seq_len)
+            windows = len(data.val) // seq_len * seq_len
+            return [f"validation loss: {full:.4f} nats/token over the whole validation split ({windows:,} tokens)"]
+        full, per_source = evaluate_sources(model, sources, batch_size, seq_len)
+        windows = sum(len(tokens) // seq_len * seq_len for tokens in sources.values())
+        return [f"validation loss: {full:.4f} nats/token over the whole validation splits ({windows:,} tokens); "
+                + ", ".join(f"{name} {loss:.4f}" for name, loss in per_source.items())]
+
     def summary(self, metrics: Dict[str, float], data, cfg: GoHConfig) -> List[str]:
         return [f"validation loss: {metrics['loss']:.4f} nats/token over the first {metrics['val_tokens']:,.0f} "
                 "validation tokens"]
