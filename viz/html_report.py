@@ -132,6 +132,13 @@ def _routing_sections(report: Dict[str, Any], label: Callable[[int], str], kind_
                          "node size: how often a head is active (experts: utilisation); "
                          "arrow width: mean effective inter-head flow. Hover for the numbers and top tokens."),
                 _section(named("Load heatmaps"), f'<div class="row">{_load_heatmaps(report)}</div>')]
+    sections.append(_section(named("Co-activation within each layer"), f'<div class="row">{_coactivation(report)}</div>',
+                             "P(b | a): of the tokens that route to unit a, the share that also route to b "
+                             "(experts: per sub-token's top-k set); blank where a is never chosen."))
+    if report.get("vocabulary"):
+        sections.append(_section(named("Vocabulary specialisation"), _vocabulary(report["vocabulary"], label),
+                                 "per unit, the tokens it is most specialised to: the share of the token's "
+                                 "decisions that go to the unit (tokens seen at least a few times)."))
     if report.get("cross_layer"):
         sections.append(_section(named("Across layers"), f'<div class="row">{_cross_layer(report)}</div>',
                                  "P(next-layer choice | this-layer choice), counting every top-k assignment."))
@@ -173,6 +180,41 @@ def _load_heatmaps(report: Dict[str, Any]) -> str:
                              f"load, {expert_layers[i]['experts']['assignment_count'][j]} assignments"),
             "expert utilisation (1 = equal share)"))
     return "".join(parts)
+
+
+def _coactivation(report: Dict[str, Any]) -> str:
+    """One P(b | a) heatmap per layer for heads, and for experts where the layer has them."""
+    parts = []
+    for kind, prefix in (("heads", "h"), ("experts", "e")):
+        for layer in report["layers"]:
+            given = layer.get(kind, {}).get("coactivation_given")
+            if not given:
+                continue
+            names = [f"{prefix}{i}" for i in range(len(given))]
+            parts.append(heatmap_svg(
+                given, names, names, sequential_colour(1.0),
+                lambda i, j, v, p=prefix, n=layer["layer"]: (
+                    f"layer {n}: P({p}{j} | {p}{i}) = {v:.3f}" if v is not None else
+                    f"layer {n}: {p}{i} is never chosen"),
+                f"{kind} layer {layer['layer']}: P(b | a)", cell=26))
+    return "".join(parts)
+
+
+def _vocabulary(vocabulary: Dict[str, Any], label: Callable[[int], str], shown: int = 5) -> str:
+    """A table per layer and unit kind: each unit's most specialised input tokens and their shares."""
+    rows = []
+    for layer in vocabulary["layers"]:
+        for kind in ("heads", "experts"):
+            section = layer.get(kind, {}).get("input")
+            if not section:
+                continue
+            prefix = "h" if kind == "heads" else "e"
+            for unit, tokens in zip(section["units"], section["top_tokens"]):
+                cells = ", ".join(f"{html.escape(_visible(label(token_id)))} ({share:.0%})"
+                                  for token_id, share, _ in tokens[:shown])
+                rows.append(f"<tr><td>{layer['layer']}</td><td>{prefix}{unit}</td><td>{cells or '-'}</td></tr>")
+    return ('<table class="lens"><tr><th>layer</th><th>unit</th><th>most specialised input tokens (share of the '
+            f'token\'s decisions)</th></tr>{"".join(rows)}</table>')
 
 
 def _cross_layer(report: Dict[str, Any]) -> str:

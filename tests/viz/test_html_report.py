@@ -62,6 +62,20 @@ def test_report_is_one_file_with_everything_inline(model_and_stats, metrics_csv,
     assert page.count('class="token"') == len(TEXT.encode())
 
 
+def test_report_draws_within_layer_coactivation_and_vocabulary_specialisation(model_and_stats):
+    model, stats = model_and_stats
+    report = stats.report()
+    page = viz.html_report(model, stats, text=TEXT)
+    assert "<h2>Co-activation within each layer</h2>" in page and "<h2>Vocabulary specialisation</h2>" in page
+    given = report["layers"][0]["heads"]["coactivation_given"]
+    a, b = next((a, b) for a, row in enumerate(given) for b, value in enumerate(row) if value is not None and a != b)
+    assert f"layer 0: P(h{b} | h{a}) = {given[a][b]:.3f}" in page  # the hover text carries the report's number
+    expert_given = report["layers"][0]["experts"]["coactivation_given"]
+    assert page.count("P(b | a)</text>") == 2 * CFG.n_layers and len(expert_given) == len(expert_given[0]) > 1
+    units = report["vocabulary"]["layers"][0]["heads"]["input"]["units"]
+    assert all(f"<td>0</td><td>h{unit}</td>" in page for unit in units)
+
+
 def test_a_long_text_is_refused_with_a_message(model_and_stats):
     model, stats = model_and_stats
     with pytest.raises(ValueError, match="encodes to 600 tokens; its text box shows at most"):
