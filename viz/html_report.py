@@ -41,6 +41,7 @@ from .figures import KIND_TITLES, has_experts
 from .html_svg import diverging_colour, heatmap_svg, routing_graph_svg, sequential_colour, signed_colour
 from .html_units import ablation_section, check_ablation, lens_table, unit_notes
 from .kinds import kind_reports
+from .saturation import saturation_figure
 from .token_trace import VISIBLE_WHITESPACE, token_pieces, token_routing
 
 ASSETS = Path(__file__).resolve().parent
@@ -51,14 +52,16 @@ def html_report(model: torch.nn.Module, stats: Any, text: Optional[str] = None,
                 metrics_csv: Optional[Union[str, Path]] = None,
                 encode: Optional[Callable[[str], Sequence[int]]] = None,
                 decode: Optional[Callable[[Sequence[int]], str]] = None, title: str = "gohgraph routing report",
-                ablation: Optional[Dict[str, Any]] = None, logit_lens: Optional[Dict[str, Any]] = None) -> str:
+                ablation: Optional[Dict[str, Any]] = None, logit_lens: Optional[Dict[str, Any]] = None,
+                saturation: Optional[Dict[str, Any]] = None) -> str:
     """The report page as a string (see the module docstring). ``stats``: a ``RoutingStats`` or its
     report; for a seq2seq model a ``KindRoutingStats`` (or its report), whose attention kinds
     (encoder self, decoder self, cross) each get their routing sections, and whose text box shows
     the encoder's routing of the text as a source. A decoder's page may add ``ablation`` (``gohgraph
     ablate``'s JSON) and ``logit_lens`` (``{"heads": ..., "experts": ...}``): a section each, and
     every unit's hover in the routing graphs names its Δ loss and the tokens it promotes
-    (:mod:`gohgraph.viz.html_units`)."""
+    (:mod:`gohgraph.viz.html_units`), and ``saturation`` (the run's router saturation,
+    :func:`gohgraph.analysis.saturation.routing_saturation`) a section with its picture."""
     kinds = kind_reports(stats)
     if len(kinds) > 1 and (ablation is not None or logit_lens is not None):
         raise ValueError("ablation and logit_lens are a decoder's analyses; this report has several attention kinds")
@@ -78,6 +81,11 @@ def html_report(model: torch.nn.Module, stats: Any, text: Optional[str] = None,
             "Ablation: Δ loss per unit", f'<div class="row">{heatmaps}</div>',
             f"validation loss with the unit forced off (or on) minus the baseline {ablation['baseline_loss']:.4f} "
             "nats/token: red = the model needs it. Hover a cell for its Δ loss and the tokens the unit promotes."))
+    if saturation is not None:
+        sections.append(_section("Router saturation across the run's checkpoints",
+                                 f'<div class="curves">{_figure_svg(saturation_figure(saturation))}</div>',
+                                 "per layer, the share of the final model's top-k choices each kept checkpoint "
+                                 "already makes on the same validation tokens (1 = settled)."))
     if logit_lens is not None:
         sections.append(_section("Logit lens: the tokens each unit promotes", lens_table(logit_lens, label),
                                  "W_U times the unit's mean applied output (direct logit attribution), best first."))
@@ -155,7 +163,11 @@ def _section(title: str, body: str, hint: str = "") -> str:
 
 
 def _curves_svg(metrics_csv: Union[str, Path]) -> str:
-    figure = training_curves(metrics_csv)
+    return _figure_svg(training_curves(metrics_csv))
+
+
+def _figure_svg(figure) -> str:
+    """A matplotlib figure as inline SVG."""
     buffer = io.StringIO()
     figure.savefig(buffer, format="svg", metadata={"Date": None})
     svg = buffer.getvalue()

@@ -31,7 +31,15 @@ from .common import (
     load_model,
     prepare_output,
 )
-from .routing_data import DEFAULT_TRACE_TOKENS, collect_stats, metrics_file
+from .routing_data import (
+    DEFAULT_TRACE_TOKENS,
+    SATURATION_BATCHES,
+    collect_stats,
+    kept_models,
+    metrics_file,
+    saturation_over_run,
+    saturation_supported,
+)
 
 LENS_TOP_K = 10  # tokens per unit the page keeps from each logit lens (hover lines show the first 5)
 
@@ -77,9 +85,11 @@ def run(args: argparse.Namespace) -> int:
                                               collect_routing_stats_by_source)
     text = args.text if args.text is not None else tokenizer.decode(first_text_ids(batches[0])[:DEFAULT_TRACE_TOKENS])
     ablation, lenses = unit_analyses(model, checkpoint, batches)
+    kept, newest = kept_models(checkpoint) if saturation_supported(model) else ([], None)
+    saturation = saturation_over_run(kept, newest, batches[:SATURATION_BATCHES]) if kept else None
     viz.write_html_report(out, model, stats, text=text, metrics_csv=metrics, encode=tokenizer.encode,
                           decode=tokenizer.decode, title=args.title or f"gohgraph routing report: {checkpoint}",
-                          ablation=ablation, logit_lens=lenses)
+                          ablation=ablation, logit_lens=lenses, saturation=saturation)
     print(f"wrote {out}" + ("" if metrics else " (no metrics.csv found near the checkpoint: no training curves)"))
     return 0
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -44,11 +43,10 @@ from .common import (
     source_validation_batches,
     validation_batches,
 )
+from .routing_data import SATURATION_BATCHES, kept_models, saturation_over_run, saturation_supported
 
 # tokens listed per head in the report's ``logit_lens`` section (gohgraph.analysis.logit_lens)
 LENS_TOP_K = 10
-# every kept checkpoint of the run runs on this many validation batches for the saturation section
-SATURATION_BATCHES = 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,49 +118,6 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     print(f"wrote {out}" + (f" and {args.csv}" if args.csv else "") + (f" and {picture}" if kept else ""))
     return 0
-
-
-def saturation_supported(model) -> bool:
-    """A decoder applying each block once, with routed heads or experts (what saturation measures)."""
-    from ..analysis.ablation import check_ablatable
-
-    try:
-        check_ablatable(model)
-    except ValueError:
-        return False
-    return True
-
-
-def kept_models(checkpoint: Path) -> tuple:
-    """``([(step, directory), ...], newest)`` of the run ``checkpoint`` belongs to: its kept
-    ``checkpoints/step_*`` models, oldest first, and its newest model (``final/`` or the latest
-    step), the reference; ``([], None)`` unless the run holds at least two models."""
-    from ..storage import CONFIG_NAME
-    from ..training.run_dir import STEP_DIR, RunDir
-
-    run = RunDir.of_checkpoint(checkpoint)
-    newest = None if run is None else run.newest_model()
-    if newest is None:
-        return [], None
-    steps = [(int(STEP_DIR.match(path.name).group(1)), path) for path in run.step_dirs()
-             if (path / CONFIG_NAME).is_file()]
-    models = len(steps) + (newest not in [path for _, path in steps])
-    return (steps, newest) if models >= 2 else ([], None)
-
-
-def saturation_over_run(steps: list, newest: Path, batches) -> dict:
-    """:func:`~gohgraph.analysis.saturation.routing_saturation` of every kept step against the
-    newest model; ``final/`` itself is no entry (against itself it is 1), a newest step is one."""
-    from ..analysis.saturation import routing_saturation
-    from ..models.pretrained import from_pretrained
-
-    final = from_pretrained(newest)
-    print(f"saturation: {len(steps)} kept checkpoints against {newest}", file=sys.stderr)
-    models = ((step, final if path == newest else from_pretrained(path)) for step, path in steps)
-    result = routing_saturation(models, final, batches)
-    for entry, (_, path) in zip(result["checkpoints"], steps):
-        entry["checkpoint"] = str(path)
-    return {"reference": str(newest), **result}
 
 
 def collect_seq2seq_stats(args: argparse.Namespace, model, checkpoint):

@@ -348,3 +348,24 @@ def test_report_command_shows_the_ablation_the_run_holds(tmp_path, capsys):
     (run.path / "ablation" / "ablation.json").write_text("{not json", encoding="utf-8")
     assert main(["report", "--checkpoint", str(run.path), "--out", str(out), "--overwrite", *common]) == 1
     assert "cannot be read as gohgraph ablate's JSON" in capsys.readouterr().err
+
+
+def test_report_of_a_run_with_kept_checkpoints_draws_its_router_saturation(tmp_path, capsys):
+    """Two kept models (a step checkpoint and final/): the report draws the saturation of the step
+    against the final model (its values: tests/analysis/test_saturation.py)."""
+    from gohgraph.training.run_dir import RunDir
+
+    torch.manual_seed(0)
+    run = RunDir(tmp_path / "run")
+    final, earlier = GoHTransformer(CFG), GoHTransformer(CFG)  # two different initialisations
+    final.save_pretrained(run.final_dir)
+    earlier.save_pretrained(run.checkpoint_dir(1))
+    run.train_config_file.write_text("{}\n", encoding="utf-8")
+    code = tmp_path / "code.txt"
+    code.write_text("def f(x):\n    return x\n" * 200)
+    out = tmp_path / "report.html"
+    assert main(["report", "--checkpoint", str(run.path), "--out", str(out), "--data", str(code), "--batches", "1",
+                 "--batch-size", "2", "--seq-len", "16", "--no-progress"]) == 0
+    page = out.read_text()
+    assert "<h2>Router saturation across the run&#x27;s checkpoints</h2>" in page
+    assert "router saturation over 1 checkpoints" in page  # the picture's title, inline SVG text
