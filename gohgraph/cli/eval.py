@@ -102,10 +102,7 @@ def run_task_eval(args: argparse.Namespace, model, directory: Path, run: RunDir)
     tc = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len or settings["seq_len"], device=args.device)
     data = task.load_data(data_settings, args.cache_dir, tc, model.config)
     task.check_model_fits(model.config, data, tc)
-    for key, value in task.run_settings(data).items():
-        if key in settings and settings[key] != value:
-            raise ValueError(f"the data's {key} {value[:8]} are not the ones {directory} was trained on "
-                             f"({settings[key][:8]})")
+    task.check_same_data(settings, data, str(directory))
     metrics = task.evaluate(model, data, tc, args.max_batches)
     result = {"checkpoint": str(directory), "objective": task.name, **metrics}
     if args.json:

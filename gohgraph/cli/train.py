@@ -172,10 +172,7 @@ def _check_resumed_data(run: RunDir, task: Task, data) -> None:
     if saved.get("objective", "lm") != task.name:
         raise ValueError(f"{run.path} is an --objective {saved.get('objective', 'lm')} run; resume it with that "
                          "objective")
-    for key, value in task.run_settings(data).items():
-        if key in saved and saved[key] != value:
-            raise ValueError(f"the data's {key} {value[:8]} are not the ones the run in {run.path} was trained on "
-                             f"({saved[key][:8]})")
+    task.check_same_data(saved, data, f"the run in {run.path}")
 
 
 def check_resume_flags(args: argparse.Namespace) -> None:

@@ -265,7 +265,7 @@ def _train(task: Task, model_config: GoHConfig, tc: TrainConfig, data, run_dir: 
     global_batch = bool(global_batch_kinds(model_config))
 
     def global_balance_aux(out) -> torch.Tensor:
-        return weighted_aux_loss(model_config, _records(out.routing), out.aux_loss, getattr(out, "recursion", None),
+        return weighted_aux_loss(model_config, _records(out), out.aux_loss, getattr(out, "recursion", None),
                                  leave_out_global=True)
 
     stop = exits.enter_context(stop_signals())  # until the final model is written too
@@ -331,7 +331,7 @@ def _train(task: Task, model_config: GoHConfig, tc: TrainConfig, data, run_dir: 
                 with plan.gradient_sync(last_micro and not global_batch):
                     out, own, aux, loss = forward.run(micro_step)
                 if global_batch:
-                    held.append(_records(out.routing))
+                    held.append(_records(out))
                     held_loss = held_loss + loss
                 parts += torch.stack([loss.detach(), own.detach() * weight,
                                       aux.detach() / tc.grad_accum_steps]).float()
@@ -365,7 +365,7 @@ def _train(task: Task, model_config: GoHConfig, tc: TrainConfig, data, run_dir: 
                 metrics.log(step=step, tokens=tokens_seen, lr=lr, loss=float(parts[0]),
                             **{task.loss_column: float(parts[1])}, aux_loss=float(parts[2]), aux_scale=aux_scale,
                             grad_norm=grad_norm, tokens_per_s=tokens_per_s,
-                            **routing_summary(_records(out.routing), model_config),
+                            **routing_summary(_records(out), model_config),
                             **_evaluation_cells(evaluation, columns))
             bar.update(1)
             bar.set_postfix(loss=f"{float(parts[0]):.3f}", tok_s=f"{tokens_per_s:.0f}", lr=f"{lr:.2e}",
@@ -413,9 +413,10 @@ def _micro_batch_weights(task: Task, batches: List[Dict[str, torch.Tensor]], ctx
     return [n * data_ranks / total for n in terms], step_tokens
 
 
-def _records(routing) -> list:
-    """The routing records of an output, every attention kind's (a seq2seq model keys them by kind)."""
-    return [layer for layers in routing.values() for layer in layers] if isinstance(routing, dict) else routing
+def _records(out) -> list:
+    """The routing records of a model output, every attention kind's (the family contract's
+    ``routing_by_kind()``)."""
+    return [layer for layers in out.routing_by_kind().values() for layer in layers]
 
 
 def _history_entry(entry) -> Dict[str, float]:

@@ -93,6 +93,15 @@ class Task:
         """What ``objective.json`` records of the data beyond its settings (e.g. label names)."""
         return {}
 
+    def check_same_data(self, saved: Dict[str, Any], data, trained: str) -> None:
+        """Refuse ``data`` whose :meth:`run_settings` differ from those ``saved`` in the run's
+        ``objective.json`` (the model depends on them: a classifier's labels); ``trained`` names
+        what was trained on them, for the message."""
+        for key, value in self.run_settings(data).items():
+            if key in saved and saved[key] != value:
+                raise ValueError(f"the data's {key} {value[:8]} are not the ones {trained} was trained on "
+                                 f"({saved[key][:8]})")
+
     # ------------------------------------------------------------------ training
     def training_batches(self, data, tc: TrainConfig) -> BatchSource:
         """``(step, micro_step, rank, ranks) -> batch``: data rank ``rank``'s share of micro-batch
