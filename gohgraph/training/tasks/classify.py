@@ -67,7 +67,7 @@ class ClassificationTask(Task):
         return data
 
     def fit_model_config(self, cfg: GoHConfig, data, tc: TrainConfig, explicit: set, continued) -> GoHConfig:
-        cfg = fit_special_vocabulary(cfg, SpecialTokens(data.tokenizer.vocab_size), self.name, continued,
+        cfg = fit_special_vocabulary(cfg, SpecialTokens(data.tokenizer.vocab_size), tc, self.name, continued,
                                      tc.seq_len)
         if continued is None:
             return cfg.replace(n_labels=len(data.labels))

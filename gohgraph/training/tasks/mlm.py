@@ -39,7 +39,7 @@ class MaskedLanguageModelTask(Task):
         return load_corpus(one_data_path(settings, self.name), cache_dir, settings.get("tokenizer") or "byte")
 
     def fit_model_config(self, cfg: GoHConfig, data, tc: TrainConfig, explicit: set, continued) -> GoHConfig:
-        return fit_special_vocabulary(cfg, SpecialTokens(data.vocab_size), self.name, continued, tc.seq_len)
+        return fit_special_vocabulary(cfg, SpecialTokens(data.vocab_size), tc, self.name, continued, tc.seq_len)
 
     def check_model_fits(self, cfg: GoHConfig, data, tc: TrainConfig) -> None:
         check_special_vocabulary(cfg, SpecialTokens(data.vocab_size), tc.seq_len, self.name)

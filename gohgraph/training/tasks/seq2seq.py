@@ -58,7 +58,7 @@ class SequenceToSequenceTask(Task):
     def fit_model_config(self, cfg: GoHConfig, data, tc: TrainConfig, explicit: set, continued) -> GoHConfig:
         special = SpecialTokens(data.tokenizer.vocab_size, with_eos=True)
         # the decoder reads the start token and then up to seq_len target tokens
-        cfg = fit_special_vocabulary(cfg, special, self.name, continued, tc.seq_len + 1)
+        cfg = fit_special_vocabulary(cfg, special, tc, self.name, continued, tc.seq_len + 1)
         return cfg if continued is not None else cfg.replace(pad_token_id=special.pad,
                                                              decoder_start_token_id=special.pad)
 

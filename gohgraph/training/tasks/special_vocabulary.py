@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional
 
 from ...config import GoHConfig
 from ...data.objectives import SpecialTokens
+from ..config import TrainConfig
 from .base import PresetPair
 
 _ROUTED = dict(router="graph", router_rounds=2, head_graph="complete", inter_head_flow=True,
@@ -53,25 +54,29 @@ def one_data_path(settings: Dict[str, Any], task: str) -> Optional[str]:
     return settings.get("data")
 
 
-def check_special_vocabulary(cfg: GoHConfig, special: SpecialTokens, longest: int, task: str,
-                             model: str = "the model") -> None:
+def check_special_vocabulary(cfg: GoHConfig, special: SpecialTokens, longest: int, task: str) -> None:
     """Refuse a model whose vocabulary is not the data's tokens and ``special`` tokens, or that
-    cannot read ``longest`` tokens; ``model`` names it in the message."""
+    cannot read ``longest`` tokens."""
     if cfg.vocab_size != special.vocab_size:
-        raise ValueError(f"{model} has vocab_size {cfg.vocab_size}; --objective {task} reads {special.base} data "
-                         f"tokens and its special tokens ({special.vocab_size} ids): pass the --tokenizer it was "
-                         "trained with")
+        raise ValueError(f"vocab_size={cfg.vocab_size}, but --objective {task} reads {special.base} data tokens and "
+                         f"its special tokens: {special.vocab_size} ids")
     if longest > cfg.max_seq_len:
-        raise ValueError(f"--objective {task} reads {longest} tokens per sequence (seq_len) but {model} can read "
-                         f"max_seq_len={cfg.max_seq_len}")
+        raise ValueError(f"--objective {task} reads {longest} tokens per sequence (seq_len) but max_seq_len="
+                         f"{cfg.max_seq_len}")
 
 
-def fit_special_vocabulary(cfg: GoHConfig, special: SpecialTokens, task: str, continued,
+def fit_special_vocabulary(cfg: GoHConfig, special: SpecialTokens, tc: TrainConfig, task: str, continued,
                            longest: int) -> GoHConfig:
     """``cfg`` with the vocabulary of the data's tokenizer and ``special`` tokens, and positions for
     ``longest`` tokens. A continued model (``--init-from``, or the run being resumed) keeps its
     sizes: they must fit."""
     if continued is not None:
-        check_special_vocabulary(cfg, special, longest, task, f"the model at {continued}")
+        if cfg.vocab_size != special.vocab_size:
+            raise ValueError(f"the model at {continued} has vocab_size {cfg.vocab_size}; --objective {task} reads "
+                             f"{special.base} data tokens and its special tokens ({special.vocab_size} ids): pass "
+                             "the --tokenizer it was trained with")
+        if longest > cfg.max_seq_len:
+            raise ValueError(f"--seq-len {tc.seq_len} is longer than the model at {continued} can read "
+                             f"(max_seq_len {cfg.max_seq_len})")
         return cfg
     return cfg.replace(vocab_size=special.vocab_size, max_seq_len=max(cfg.max_seq_len, longest))
