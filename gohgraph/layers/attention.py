@@ -45,7 +45,13 @@ from torch import nn
 
 from ..config import GoHConfig
 from ..routing import ExpertRouting, LayerRouting
-from .head_sparse import DECODE_MAX_QUERIES, head_sparse_attention, picks_head_sparse, project_active_heads
+from .head_sparse import (
+    DECODE_MAX_QUERIES,
+    active_head_flags,
+    head_sparse_attention,
+    picks_head_sparse,
+    project_active_heads,
+)
 from .kv_cache import KVCache
 from .linear import make_linear
 from .mosa import MixtureOfSparseAttention
@@ -170,9 +176,12 @@ class GoHAttention(nn.Module):
                                                   self.score_bias if not cross else None, bias)
         sparse = self.head_routing is not None and self._skips_heads(head_gates, q.shape[2], k.shape[2])
         active = head_gates != 0 if sparse else None  # [batch, seq, heads]: the pairs to compute
+        # decoding: which heads each row runs, copied to the host once for the attention and W_O
+        head_flags = active_head_flags(active) if sparse and seq <= DECODE_MAX_QUERIES else None
         if sparse:
             attn = head_sparse_attention(q, k, v, active, self.n_shared_heads, attn_mask, is_causal,
-                                         causal_keys=causal and not cross and not all_slots, scale=self.scale)
+                                         causal_keys=causal and not cross and not all_slots, scale=self.scale,
+                                         head_flags=head_flags)
         elif self.talking_heads:
             attn = talking_heads_attention(q, k, v, self.talking_logit_mixing, self.talking_weight_mixing,
                                            attn_mask, is_causal, scale=self.scale,
@@ -189,9 +198,9 @@ class GoHAttention(nn.Module):
         if self.switch_head is not None:
             routing.value_experts = value_record
             y, routing.output_experts = self.switch_head.output(attn, x)
-        elif sparse and seq <= DECODE_MAX_QUERIES and type(self.out) is nn.Linear:
+        elif head_flags is not None and type(self.out) is nn.Linear:
             # a decode step reads only the active heads' columns of W_O (rows of inactive heads are 0)
-            y = project_active_heads(attn, active, self.out.weight, self.out.bias)
+            y = project_active_heads(attn, head_flags, self.out.weight, self.out.bias)
         else:
             y = self.out(attn.reshape(batch, seq, heads * head_dim))
         if self.sparse_heads is not None:

@@ -15,10 +15,11 @@ outside :math:`A_t` are zero) give the same layer output and the same gradients.
 Two kernels, picked by the number of queries:
 
 * **head runs** (decoding, ``q_len <= DECODE_MAX_QUERIES``): per batch row, the heads active for
-  any of its queries form runs of consecutive heads; each run attends by two matmuls on *views* of
-  the cache (copying the active heads' cache rows out first costs more than it saves, and CPU's fused
-  kernel gives a one-query head a single thread), so a step reads only the active heads' keys and
-  values.
+  any of its queries form runs of consecutive heads; each run attends by two batched matmuls on
+  *views* of the cache, writing into the layer's output in place (copying the active heads' cache
+  rows out first costs more than it saves, and CPU's fused kernel gives a one-query head a single
+  thread), so a step reads only the active heads' keys and values; the output projection then
+  reads only the active heads' columns of ``W_O`` (:func:`project_active_heads`).
 * **query chunks** (training, prefill): the always-on (shared) heads run the fused kernel over every
   query. For the routed heads the queries are cut into chunks of ``QUERY_CHUNK`` positions; in a
   chunk each routed head gathers its active queries (padded to the chunk's busiest head, the pads
@@ -27,8 +28,10 @@ Two kernels, picked by the number of queries:
   reference mask holds). Chunking keeps the fused kernel's causal block skipping up to one chunk,
   so the routed heads cost about ``(active share) * (1 + chunk / q_len)`` of their dense work.
 
-What stays dense: the query projection (the graph and query-norm routers read every head's query)
-and the output projection (it reads the heads' outputs after the gates and the inter-head flow).
+What stays dense: the query projection (the graph and query-norm routers read every head's query;
+MoH's linear router does not, but skipping a third of ``W_q`` is at most what skipping a third of
+``W_O`` gained at decode, which was not measurable) and, in training and prefill, the output
+projection (it reads the heads' outputs after the gates and the inter-head flow).
 """
 
 from __future__ import annotations
@@ -44,10 +47,11 @@ QUERY_CHUNK = 512
 # up to this many queries per call the head-runs kernel is used (a decode step, or a few tokens)
 DECODE_MAX_QUERIES = 4
 # "auto" decodes head-sparse when the cache rows it skips, keys x share of (query, head) pairs off,
-# reach this many (below, the per-run calls cost what the skipped reads save). Measured on 2 CPU cores
-# (benchmarks/results/head_sparse_user_shapes_*.md): 8 of 12 heads after 2,048 keys (683 skipped)
-# was a wash, 4 of 12 after 2,048 (1,365) and 8 of 12 after 8,192 (2,731) paid
-MIN_SKIPPED_DECODE_KEYS = 1024
+# reach this many (below, the per-run calls cost what the skipped reads save). Measured in the model
+# on 2 CPU cores, d_model 768, 4 layers (BENCHMARKS.md, "Routing that skips work"): 8 of 12 heads
+# after 1,024 keys (341 skipped) was slower than masked, 4 of 12 after 1,024 (683) and 8 of 12
+# after 2,048 (683) paid, 4 of 12 after 512 (341) did not
+MIN_SKIPPED_DECODE_KEYS = 512
 # ... and runs the query-chunk kernel (training, prefill) from this many queries on: None = never.
 # Measured on 2 CPU cores (benchmarks/results/head_sparse_user_shapes_run2.md, head_sparse_train_8k.md):
 # it cuts the step's FLOPs by 10% at 8 of 12 heads but not its time (1,024-8,192 tokens: 0.96-1.01x
@@ -83,7 +87,8 @@ def picks_head_sparse(mode: str, head_gates: torch.Tensor, q_len: int, k_len: in
 
 def head_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor,
                           n_always_on: int, attn_mask: Optional[torch.Tensor], is_causal: bool,
-                          causal_keys: bool, scale: Optional[float]) -> torch.Tensor:
+                          causal_keys: bool, scale: Optional[float],
+                          head_flags: Optional[List[List[bool]]] = None) -> torch.Tensor:
     """Attention of the active (token, head) pairs; zeros elsewhere.
 
     Args:
@@ -98,13 +103,22 @@ def head_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, act
         causal_keys: query ``t`` sees no key after position ``k_len - q_len + t`` (causal
             self-attention with the queries at the end of the keys), so a chunk's keys end at its last query.
         scale: SDPA's ``scale``.
+        head_flags: for a decode call, :func:`active_head_flags` of ``active`` if the caller has it
+            already (it is a host copy: computing it once per layer saves a sync per use).
     Returns:
         ``[batch, heads, q_len, d_v]``.
     """
     if q.shape[2] <= DECODE_MAX_QUERIES:
-        out = _attend_by_head_runs(q, k, v, active, attn_mask, is_causal, scale)
+        flags = active_head_flags(active) if head_flags is None else head_flags
+        out = _attend_by_head_runs(q, k, v, flags, attn_mask, is_causal, scale)
         return out if q.shape[2] == 1 else out * active.transpose(1, 2).unsqueeze(-1).to(out.dtype)
     return _attend_by_query_chunks(q, k, v, active, n_always_on, attn_mask, is_causal, causal_keys, scale)
+
+
+def active_head_flags(active: torch.Tensor) -> List[List[bool]]:
+    """``active [batch, q_len, heads]`` -> per batch row, per head: active for any of its queries
+    (a host copy, one sync: the decode kernels loop over runs of heads in Python)."""
+    return active.any(dim=1).tolist()
 
 
 def _as_4d(attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -119,15 +133,6 @@ def _mask_rows(attn_mask: Optional[torch.Tensor], row: int, heads: slice) -> Opt
         return None
     m = attn_mask[row:row + 1] if attn_mask.shape[0] > 1 else attn_mask
     return m[:, heads] if m.shape[1] > 1 else m
-
-
-def _kv_range(heads: range, group: int) -> slice:
-    """kv heads read by the query heads ``heads`` (a run inside one kv group when ``group > 1``, whose
-    one kv head the matmuls broadcast)."""
-    if group == 1:
-        return slice(heads.start, heads.stop)
-    kv = heads.start // group
-    return slice(kv, kv + 1)
 
 
 def _head_runs(flags: List[bool], group: int) -> List[range]:
@@ -145,68 +150,94 @@ def _head_runs(flags: List[bool], group: int) -> List[range]:
     return runs
 
 
-def _attend_by_head_runs(q, k, v, active, attn_mask, is_causal, scale) -> torch.Tensor:
-    batch, heads, q_len, _ = q.shape
+def _attend_by_head_runs(q, k, v, head_flags, attn_mask, is_causal, scale) -> torch.Tensor:
+    """Per batch row, each run of active heads by :func:`_run_attention`, written into a zero output
+    (inactive heads stay 0). The scale is folded into the few queries once, not into every run's scores."""
+    batch, heads, q_len, d = q.shape
     group = heads // k.shape[1]
     attn_mask = _as_4d(attn_mask)
-    on = active.any(dim=1).tolist()  # [batch][heads]: one host sync per call
-    rows = []
+    scale = d ** -0.5 if scale is None else scale
+    if scale != 1.0:
+        q = q * scale
+    out = q.new_zeros(batch, heads, q_len, v.shape[-1])
     for b in range(batch):
-        pieces, done = [], 0
-        for run in _head_runs(on[b], group):
-            if run.start > done:
-                pieces.append(q.new_zeros(1, run.start - done, q_len, v.shape[-1]))
-            kv, heads_run = _kv_range(run, group), slice(run.start, run.stop)
-            pieces.append(_run_attention(q[b:b + 1, heads_run], k[b:b + 1, kv], v[b:b + 1, kv],
-                                        _mask_rows(attn_mask, b, heads_run), is_causal, scale))
-            done = run.stop
-        if done < heads:
-            pieces.append(q.new_zeros(1, heads - done, q_len, v.shape[-1]))
-        rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
-    return torch.cat(rows, dim=0) if batch > 1 else rows[0]
+        # one row's views taken once, not per run (a decode step is bound by per-op overhead at short contexts)
+        q_row, keys_t, values, out_row = q[b], k[b].transpose(1, 2), v[b], out[b]
+        for run in _head_runs(head_flags[b], group):
+            heads_run = slice(run.start, run.stop)
+            kv = heads_run if group == 1 else slice(run.start // group, run.start // group + 1)
+            _run_attention(q_row[heads_run], keys_t[kv], values[kv], _mask_rows(attn_mask, b, heads_run),
+                           is_causal, out_row[heads_run])
+    return out
 
 
-def project_active_heads(heads_out: torch.Tensor, active: torch.Tensor, weight: torch.Tensor,
-                         bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The output projection ``y = W_O o + b`` of a few queries reading only the active heads'
-    columns of ``W_O``: ``heads_out [batch, q_len, heads, d_v]`` (zero on inactive heads, whose
-    columns therefore add nothing), ``active [batch, q_len, heads]``, ``weight [d_model, heads * d_v]``
-    -> ``[batch, q_len, d_model]``. Each run of active heads is one matmul on a column view of
-    ``W_O`` (no copy): a decode step is bound by reading weights, so a third of the heads off
-    is a third of ``W_O`` not read."""
-    batch, q_len, heads, d_v = heads_out.shape
-    on = active.any(dim=1).tolist()
-    rows = []
-    for b in range(batch):
-        y = None
-        for run in _head_runs(on[b], 1):
-            part = torch.matmul(heads_out[b, :, run.start:run.stop].reshape(q_len, -1),
-                                weight[:, run.start * d_v:run.stop * d_v].t())
-            y = part if y is None else y + part
-        if y is None:
-            y = heads_out.new_zeros(q_len, weight.shape[0])
-        rows.append(y if bias is None else y + bias)
-    return torch.stack(rows)
-
-
-def _run_attention(q, k, v, attn_mask, is_causal, scale) -> torch.Tensor:
-    """``softmax(q k^T s + mask) v`` by two matmuls, for a run of heads with a few queries each.
+def _run_attention(q, keys_t, v, attn_mask, is_causal, out) -> None:
+    """``out = softmax(q k^T + mask) v`` by two batched matmuls, for a run of heads with a few
+    (already scaled) queries each: ``q [run, q_len, d]``, ``keys_t [run | 1, d, k_len]`` (the keys,
+    transposed), ``v [run | 1, k_len, d_v]`` (one kv head under GQA, whose keys every query of the
+    run shares: one GEMM), ``out [run, q_len, d_v]`` (a view of the layer's output, written in place).
 
     With one query per head, CPU's fused kernel gives each head one thread, so a run of one head
     leaves the other threads idle; the matmuls split the keys over every thread instead (one query
     over 8,192 keys, 8 of 12 heads in 4 runs, 2 threads: 1.94 ms by SDPA per run, 1.62 ms by matmuls,
     2.34 ms for dense SDPA over all heads). Scores and softmax in float32 (as the fused kernel
-    accumulates); under GQA ``k, v`` hold the run's one kv head, broadcast by the matmuls."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-1, -2))  # [1, run, q_len, k_len]
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
+    accumulates)."""
+    run, q_len, _ = q.shape
+    shared_kv = v.shape[0] != run
+    if shared_kv:  # GQA: the run's queries against its one kv head
+        q = q.reshape(1, run * q_len, -1)
+    scores = torch.bmm(q, keys_t).view(run, q_len, -1)  # [run, q_len, k_len]
+    if scores.dtype != torch.float32 and scores.dtype != torch.float64:
+        scores = scores.float()
     if is_causal:
-        scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1),
-                                    float("-inf"))
+        scores.masked_fill_(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1),
+                            float("-inf"))
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
-            else scores + attn_mask.to(scores.dtype)
-    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+        attn_mask = attn_mask[0]  # [run | 1, q_len, k_len]
+        if attn_mask.dtype == torch.bool:
+            scores.masked_fill_(attn_mask.logical_not(), float("-inf"))
+        else:
+            scores += attn_mask.to(scores.dtype)
+    weights = torch.softmax(scores, dim=-1)
+    if weights.dtype != v.dtype:
+        weights = weights.to(v.dtype)
+    if shared_kv:
+        _product_into(torch.bmm, weights.view(1, run * q_len, -1), v, out.view(1, run * q_len, -1))
+    else:
+        _product_into(torch.bmm, weights, v, out)
+
+
+def _product_into(product, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[...] = product(a, b)``: straight into ``out`` when no gradient is recorded (decoding),
+    else through a copy (``out=`` variants record no gradient)."""
+    if torch.is_grad_enabled():
+        out.copy_(product(a, b))
+    else:
+        product(a, b, out=out)
+
+
+def project_active_heads(heads_out: torch.Tensor, head_flags: List[List[bool]], weight: torch.Tensor,
+                         bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The output projection ``y = W_O o + b`` of a few queries reading only the active heads'
+    columns of ``W_O``: ``heads_out [batch, q_len, heads, d_v]`` (zero on inactive heads, whose
+    columns therefore add nothing), ``head_flags`` (:func:`active_head_flags`), ``weight [d_model,
+    heads * d_v]`` -> ``[batch, q_len, d_model]``. Each run of active heads is one matmul on a column
+    view of ``W_O`` (no copy), accumulated in place: a decode step is bound by reading weights, so a
+    third of the heads off is a third of ``W_O`` not read."""
+    batch, q_len, heads, d_v = heads_out.shape
+    out = heads_out.new_empty(batch, q_len, weight.shape[0])
+    for b in range(batch):
+        runs = _head_runs(head_flags[b], 1)
+        if not runs:
+            out[b].zero_()
+        for i, run in enumerate(runs):
+            x = heads_out[b, :, run.start:run.stop].reshape(q_len, -1)
+            w = weight[:, run.start * d_v:run.stop * d_v].t()
+            if i == 0:
+                _product_into(torch.mm, x, w, out[b])
+            else:
+                out[b].addmm_(x, w)
+    return out if bias is None else out.add_(bias)
 
 
 def _attend_by_query_chunks(q, k, v, active, n_always_on, attn_mask, is_causal, causal_keys, scale) -> torch.Tensor:

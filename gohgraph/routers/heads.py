@@ -241,6 +241,7 @@ class HeadGating:
     gates: torch.Tensor  # [tokens, heads], 0 for inactive heads
     aux_losses: Dict[str, torch.Tensor]
     # [tokens, heads] in [0, 1]: 1 for selected heads, 0 for unselected, dense_blend in between
+    # (None when the caller asked for none: only inter-head flow reads it)
     active: Optional[torch.Tensor] = None
     # the counts and probability sums behind head_balance (BalanceTally), for global-batch pooling
     balance: Optional[BalanceTally] = None
@@ -311,11 +312,13 @@ class HeadGate(BalancedRouting):
         self.forced_off: Optional[torch.Tensor] = None
         self.forced_on: Optional[torch.Tensor] = None
 
-    def forward(self, x: torch.Tensor, logits: torch.Tensor, valid: Optional[torch.Tensor] = None) -> HeadGating:
+    def forward(self, x: torch.Tensor, logits: torch.Tensor, valid: Optional[torch.Tensor] = None,
+                with_active: bool = True) -> HeadGating:
         """``x [tokens, d_model]``, ``logits [tokens, heads]`` -> gates ``[tokens, heads]`` + losses.
 
         ``valid [tokens]`` bool marks real tokens (``False``: padding): padding is gated like any
-        token (its output is never seen) but adds nothing to the losses or the load counts."""
+        token (its output is never seen) but adds nothing to the losses or the load counts.
+        ``with_active=False`` leaves :attr:`HeadGating.active` ``None`` (only inter-head flow reads it)."""
         logits = logits.float()
         shared_logits, routed_logits = logits[:, :self.n_shared], logits[:, self.n_shared:]
         parts, aux, balance = [], {}, None
@@ -336,14 +339,14 @@ class HeadGate(BalancedRouting):
                 mix = small_softmax(self.stage_mix(x).float(), dim=-1)
                 parts = [mix[:, :1] * parts[0], mix[:, 1:] * parts[1]]
             gates = torch.cat(parts, dim=-1) * (self.n_shared + self.top_k)
-        active = (gates > 0).float()
+        active = (gates > 0).float() if with_active else None
         if self.decoding_blend != 0.0:  # read once per generate call; the common case skips the blend
             # no branch on the blend (that would sync the device); at blend 0 this is exactly 0 + 1 * gates
             blend = self.dense_blend.float().clamp(0.0, 1.0)
             gates = blend + (1.0 - blend) * gates
-            active = blend + (1.0 - blend) * active
+            active = None if active is None else blend + (1.0 - blend) * active
         if self.forced_off is not None or self.forced_on is not None:
-            gates, active = self._force(gates), self._force(active)
+            gates, active = self._force(gates), None if active is None else self._force(active)
         return HeadGating(gates=gates, aux_losses=aux, active=active, balance=balance)
 
     def _force(self, values: torch.Tensor) -> torch.Tensor:
@@ -474,7 +477,8 @@ class HeadRouting(nn.Module):
             logits = self.router(q.reshape(batch * seq, heads, -1))
         else:
             logits = self.router(tokens_x)
-        gating = self.gate(tokens_x, logits, None if token_mask is None else token_mask.reshape(batch * seq))
+        gating = self.gate(tokens_x, logits, None if token_mask is None else token_mask.reshape(batch * seq),
+                           with_active=self.flow_scale is not None)
         gates = gating.gates.to(x.dtype)  # [tokens, heads]
 
         mixing = flow = None
@@ -492,7 +496,9 @@ class HeadRouting(nn.Module):
             flow=None if flow is None else flow.view(batch, seq, -1),  # computed under no_grad
             head_losses=gating.aux_losses,
             head_balance=gating.balance,
-            router_input_rms=router_input_rms(tokens_x if self.router_kind not in ("graph", "query-norm") else q, token_mask),
+            # a health statistic of training and evaluation: decoding skips it
+            router_input_rms=None if self.gate.decoding else router_input_rms(
+                tokens_x if self.router_kind not in ("graph", "query-norm") else q, token_mask),
         )
         return gates.view(batch, seq, heads), mixing, routing
 
