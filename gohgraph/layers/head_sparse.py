@@ -52,6 +52,8 @@ DECODE_MAX_QUERIES = 4
 # after 1,024 keys (341 skipped) was slower than masked, 4 of 12 after 1,024 (683) and 8 of 12
 # after 2,048 (683) paid, 4 of 12 after 512 (341) did not
 MIN_SKIPPED_DECODE_KEYS = 512
+# the same threshold for the compiled decode step's gathered heads (gathered_head_attention)
+MIN_GATHERED_DECODE_KEYS = 512
 # ... and runs the query-chunk kernel (training, prefill) from this many queries on: None = never.
 # Measured on 2 CPU cores (benchmarks/results/head_sparse_user_shapes_run2.md, head_sparse_train_8k.md):
 # it cuts the step's FLOPs by 10% at 8 of 12 heads but not its time (1,024-8,192 tokens: 0.96-1.01x
@@ -83,6 +85,19 @@ def picks_head_sparse(mode: str, head_gates: torch.Tensor, q_len: int, k_len: in
     if off == 0.0:
         return False
     return mode == "sparse" or not decoding or k_len * off >= MIN_SKIPPED_DECODE_KEYS
+
+
+def picks_gathered_heads(mode: str, most_active: Optional[int], heads: int, q_len: int, k_len: int,
+                         dropout: float = 0.0, sharded: bool = False, mixes_heads: bool = False) -> bool:
+    """The rule inside ``torch.compile`` (where :func:`picks_head_sparse` says masked): a one-query
+    step whose tokens have at most ``most_active`` of ``heads`` heads active (``None``: not a fixed
+    count) runs :func:`gathered_head_attention`. ``"auto"`` does so from :data:`MIN_GATHERED_DECODE_KEYS`
+    skipped cache rows (keys x share of heads off); never under attention dropout, tensor
+    parallelism or talking heads (see :func:`picks_head_sparse`)."""
+    if (mode == "masked" or most_active is None or q_len != 1 or dropout > 0 or sharded or mixes_heads
+            or not torch.compiler.is_compiling()):
+        return False
+    return mode == "sparse" or k_len * (heads - most_active) / heads >= MIN_GATHERED_DECODE_KEYS
 
 
 def head_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor,
@@ -238,6 +253,53 @@ def project_active_heads(heads_out: torch.Tensor, head_flags: List[List[bool]], 
             else:
                 out[b].addmm_(x, w)
     return out if bias is None else out.add_(bias)
+
+
+def gathered_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor,
+                            n_active: int, attn_mask: Optional[torch.Tensor], scale: Optional[float]) -> torch.Tensor:
+    r"""One query per row over the ``n_active`` heads gathered by index, for ``torch.compile``.
+
+    The compiled decode step (:mod:`gohgraph.models.compiled_decode`) needs the same shapes at
+    every step, and with top-k routing every token has at most ``n_active`` active heads. So each
+    row's active heads are picked by index (the first ``n_active`` of a stable sort; inactive heads
+    fill up a row with fewer, and their output is set to 0), and
+    the scores and the weighted values are written as reductions over the gathered rows,
+
+    .. math::
+        s_{a,t} = \sum_d q_{a,d} K_{h_a,t,d}\, s, \qquad o_a = \sum_t \mathrm{softmax}(s_a)_t V_{h_a,t},
+
+    which Inductor fuses with the gathers into loops that read only the active heads' cache rows
+    (an eager gather would copy them first: more traffic than it saves).
+
+    Args:
+        q: ``[batch, heads, 1, d]``; k, v: ``[batch, kv_heads, k_len, d | d_v]`` (GQA: query head
+            ``h`` reads kv head ``h // (heads / kv_heads)``).
+        active: ``[batch, 1, heads]`` bool, at most ``n_active`` true per row.
+        attn_mask: bool or additive, broadcastable to ``[batch, heads, 1, k_len]`` (one mask for
+            every head: the compiled step's key mask).
+    Returns:
+        ``[batch, heads, 1, d_v]``, zeros on the heads not gathered.
+    """
+    batch, heads, _, d = q.shape
+    group = heads // k.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    index = torch.sort((~active[:, 0]).to(torch.uint8), dim=-1, stable=True).indices[:, :n_active]  # [batch, A]
+    queries = q[:, :, 0].gather(1, index[..., None].expand(batch, n_active, d)) * scale  # [batch, A, d]
+    kv_index = index if group == 1 else index // group
+    keys = k.gather(1, kv_index[:, :, None, None].expand(batch, n_active, k.shape[2], d))
+    values = v.gather(1, kv_index[:, :, None, None].expand(batch, n_active, v.shape[2], v.shape[3]))
+    scores = (queries[:, :, None, :] * keys).sum(-1)  # [batch, A, k_len]
+    if scores.dtype != torch.float32 and scores.dtype != torch.float64:
+        scores = scores.float()
+    if attn_mask is not None:
+        mask = _as_4d(attn_mask)[:, 0, 0]  # [batch | 1, k_len]: the same for every head
+        mask = mask[:, None, :]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(scores.dtype)
+    weights = torch.softmax(scores, dim=-1).to(v.dtype)
+    kept = active[:, 0].gather(1, index)  # [batch, A]: false on the heads that only fill a row up
+    gathered = (weights[..., None] * values).sum(-2) * kept[..., None].to(v.dtype)  # [batch, A, d_v]
+    out = q.new_zeros(batch, heads, v.shape[-1]).scatter(1, index[..., None].expand_as(gathered), gathered)
+    return out[:, :, None]
 
 
 def _attend_by_query_chunks(q, k, v, active, n_always_on, attn_mask, is_causal, causal_keys, scale) -> torch.Tensor:

@@ -387,6 +387,16 @@ class HeadGate(BalancedRouting):
             aux[HEAD_Z] = router_z_loss(routed_logits, valid)
         return gates, selected, aux, balance
 
+    def most_active_heads(self) -> Optional[int]:
+        """At most how many heads a token's gates leave non-zero while decoding, when that is fewer
+        than all (shared + top-k; a compiled decode step gathers that many heads by index), else
+        ``None``: not decoding, a dense blend (every head carries weight), forced heads (an
+        analysis intervention) or nothing routed."""
+        if not self.decoding or self.decoding_blend != 0.0 or self.forced_on is not None or self.forced_off is not None:
+            return None
+        active = self.n_shared + self.top_k
+        return active if self.n_routed and active < self.n_shared + self.n_routed else None
+
     def set_decoding(self, decoding: bool) -> None:
         """Enter (or leave) decoding: losses are skipped and the blend is read once, here, so a
         decode step neither computes nor branches on what inference does not need."""
@@ -449,6 +459,10 @@ class HeadRouting(nn.Module):
         if self.compiled_route is not None and self.gate.decoding and q.shape[1] == 1:
             return self.compiled_route(x, q)  # decoding computes no losses and counts nothing
         return self.route(x, q, token_mask)
+
+    def most_active_heads(self) -> Optional[int]:
+        """At most how many heads a decoding token keeps (:meth:`HeadGate.most_active_heads`), or ``None``."""
+        return self.gate.most_active_heads()
 
     def mix(self, attn: torch.Tensor, gates: torch.Tensor, mixing: Optional[torch.Tensor]) -> torch.Tensor:
         """Apply what :meth:`forward` returned to the heads' outputs ``attn [batch, seq, heads, d_v]``

@@ -111,6 +111,43 @@ def test_the_fused_merge_runs_in_float32_too(small_chunks):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [6, 2, 1])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_gathered_heads_equal_the_masked_reference(kv_heads, mask_kind):
+    """The compiled decode step's kernel (run eagerly here; the compiled step is tested in
+    tests/models/test_compile.py): every row keeps at most 3 of 6 heads, one row fewer than 3."""
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, dim, keys = 3, 6, 8, 17
+    q = torch.randn(batch, heads, 1, dim, generator=generator, dtype=torch.float64)
+    k = torch.randn(batch, kv_heads, keys, dim, generator=generator, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, keys, dim, generator=generator, dtype=torch.float64)
+    active = torch.zeros(batch, 1, heads, dtype=torch.bool)
+    active[0, 0, [0, 2, 5]] = True
+    active[1, 0, [1, 3, 4]] = True
+    active[2, 0, [4]] = True  # fewer than the most: the kernel fills up with an inactive head, dropped
+    attn_mask = None
+    if mask_kind == "bool":  # the compiled step's key mask: unwritten slots and left padding
+        attn_mask = torch.ones(batch, 1, 1, keys, dtype=torch.bool)
+        attn_mask[0, ..., :4] = False
+        attn_mask[:, ..., -2:] = False
+    elif mask_kind == "additive":
+        attn_mask = torch.randn(batch, 1, 1, keys, generator=generator, dtype=torch.float64)
+    expected = masked_reference(q, k, v, active, attn_mask, False)
+    got = head_sparse.gathered_head_attention(q, k, v, active, 3, attn_mask, scale=None)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert expected.abs().max() > 0.1
+
+
+def test_the_gathered_rule_runs_only_inside_compile_with_a_fixed_count():
+    assert not head_sparse.picks_gathered_heads("sparse", 8, 12, 1, 8192)  # eager: the head-runs kernel
+    compiling = torch.compile(lambda mode, most, keys: torch.tensor(head_sparse.picks_gathered_heads(mode, most, 12, 1, keys)),
+                              backend="eager", fullgraph=True)
+    assert bool(compiling("sparse", 8, 16)) and not bool(compiling("masked", 8, 8192))
+    assert not bool(compiling("sparse", None, 8192))  # a dense blend or forced heads: no fixed count
+    assert bool(compiling("auto", 8, 3 * head_sparse.MIN_GATHERED_DECODE_KEYS))
+    assert not bool(compiling("auto", 8, 3 * head_sparse.MIN_GATHERED_DECODE_KEYS - 3))
+
+
 def test_the_rule_picks_sparse_only_when_something_can_be_skipped():
     gates = torch.tensor([[[1.0, 0.0, 2.0]]])
     assert picks_head_sparse("sparse", gates, q_len=4, k_len=4)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import gohgraph.layers.attention as attention_module
 from gohgraph import GoHConfig, GoHTransformer
 from gohgraph.models.compile import CompileUnavailableWarning
 from gohgraph.models.compiled_decode import CompiledDecoder, compiled_step, whole_step_unsupported
@@ -69,6 +70,49 @@ def test_compiled_step_equals_eager_in_one_graph(router, monkeypatch):
         got = model.generate(ids, new, temperature=0.0, attention_mask=mask, eos_token_id=eos, compile=True)
         assert torch.equal(got, model.generate(ids, new, temperature=0.0, attention_mask=mask, eos_token_id=eos))
     assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"] and not counters["graph_break"]
+
+
+@pytest.mark.parametrize("router", ["linear", "graph"])
+def test_compiled_step_gathers_the_active_heads_and_decodes_as_eager(router, monkeypatch):
+    """head_execution="sparse" inside the compiled step: the active heads gathered by index
+    (gathered_head_attention), still one graph, the same tokens and logits as eager masked decoding."""
+    aot_eager(monkeypatch)
+    calls = []
+    original = attention_module.gathered_head_attention
+    monkeypatch.setattr(attention_module, "gathered_head_attention",
+                        lambda *args, **kwargs: calls.append(args[4]) or original(*args, **kwargs))
+    torch.manual_seed(0)
+    model = GoHTransformer(GoHConfig(**CFG, **ROUTERS[router], head_execution="sparse")).eval()
+    prompt = torch.randint(0, 64, (2, 5))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    model.generate(prompt, 8, temperature=0.0, attention_mask=mask, compile=True)
+    assert calls and set(calls) == {1 + 2}  # traced, with shared + top-k heads
+    # without the counter (a Python side effect the graph guards on): one graph for every step
+    monkeypatch.setattr(attention_module, "gathered_head_attention", original)
+    aot_eager(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileUnavailableWarning)
+        compiled = model.generate(prompt, 8, temperature=0.0, attention_mask=mask, compile=True)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    model.set_execution(head_execution="masked")
+    assert torch.equal(compiled, model.generate(prompt, 8, temperature=0.0, attention_mask=mask))
+
+    fed = torch.randint(0, 64, (2, 4))
+    caches = [model.new_cache("static", 10) for _ in range(2)]
+    model._set_decoding(True)
+    with torch.inference_mode():
+        for cache in caches:
+            model(prompt, cache=cache, attention_mask=mask)
+        model.set_execution(head_execution="sparse")
+        decoder = CompiledDecoder(model, caches[0], mask, compiled_step(model))
+        got = [decoder(fed[:, t:t + 1]) for t in range(4)]
+        model.set_execution(head_execution="masked")
+        running_mask = mask
+        for t in range(4):
+            running_mask = torch.cat([running_mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            want = model(fed[:, t:t + 1], cache=caches[1], attention_mask=running_mask).logits[:, -1]
+            torch.testing.assert_close(got[t], want, rtol=1e-5, atol=1e-5)
+    model._set_decoding(False)
 
 
 def test_sampled_compiled_decoding_equals_eager(monkeypatch):
