@@ -20,6 +20,9 @@ COLOURS = {
     "routed head": "#DD8452",
     "expert": "#55A868",
     "subtoken": "#8C8C8C",
+    "value expert": "#8172B3",  # SwitchHead: each head's value and output experts
+    "output expert": "#C44E52",
+    "sparse head": "#937860",  # MoSA: heads that keep the top-k tokens of the sequence
     "flow": "#4C4C4C",
 }
 SAVE_FORMATS = (".png", ".svg", ".pdf")
@@ -109,3 +112,13 @@ def kind_prefix(kind: Optional[str]) -> str:
 
 def has_experts(report: Dict[str, Any]) -> bool:
     return any("experts" in layer for layer in report["layers"])
+
+
+def has_attention_experts(report: Dict[str, Any]) -> bool:
+    """SwitchHead statistics: per head, the load of its value and output experts."""
+    return any("attention_experts" in layer for layer in report["layers"])
+
+
+def has_sparse_heads(report: Dict[str, Any]) -> bool:
+    """MoSA statistics: per sparse head, the share of tokens it keeps."""
+    return any("sparse_heads" in layer for layer in report["layers"])

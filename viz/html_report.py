@@ -6,8 +6,10 @@ machine without network. Sections:
 
 * training curves (the :func:`~gohgraph.viz.curves.training_curves` figure as vector SVG);
 * one routing graph per layer; hover a head or expert for its activation or load and top tokens,
-  an edge for its mean flow;
-* load heatmaps (head activation frequency, expert utilisation), cross-layer transitions;
+  an edge for its mean flow; with SwitchHead each head's value and output experts (their share of
+  the head's choices), with MoSA the sparse heads (the share of tokens each keeps);
+* load heatmaps (head activation frequency, expert utilisation, SwitchHead's expert load per head,
+  MoSA's kept share per sparse head), cross-layer transitions;
 * specialisation by source (when the statistics were collected by source);
 * a text box: hover a token to see, per layer, the heads it activated with their gates and the
   experts it was sent to with their weights (from the model's routing records, see
@@ -122,8 +124,19 @@ def _header(kinds: Dict[str, Dict[str, Any]], title: str) -> str:
         depth, counted = f"{cfg['n_layers']} layers", f"{first['tokens']:,} tokens"
     return (f"<h1>{html.escape(title)}</h1><p class=\"meta\">{depth}, {cfg['n_heads']} heads "
             f"({cfg['n_shared_heads']} shared, top-{cfg['top_k_heads']} routed), router={cfg['router']}"
-            f"{experts}. Statistics over {counted} ({first['batches']} batches), padding "
+            f"{_attention_units(first['layers'][0])}{experts}. Statistics over {counted} ({first['batches']} batches), padding "
             "excluded.</p>")
+
+
+def _attention_units(layer: Dict[str, Any]) -> str:
+    """What routes inside the attention, read from a layer's statistics: SwitchHead's experts, MoSA's sparse heads."""
+    parts = []
+    if "attention_experts" in layer:
+        parts.append(f"SwitchHead with {len(layer['attention_experts']['output']['load'][0])} value and output "
+                     "experts per head")
+    if "sparse_heads" in layer:
+        parts.append(f"{len(layer['sparse_heads']['kept_share'])} MoSA sparse heads")
+    return "".join(f", {part}" for part in parts)
 
 
 def _routing_sections(report: Dict[str, Any], label: Callable[[int], str], kind_title: Optional[str],
@@ -138,7 +151,8 @@ def _routing_sections(report: Dict[str, Any], label: Callable[[int], str], kind_
         f'<figcaption>layer {layer["layer"]}</figcaption></figure>' for layer in report["layers"])
     sections = [_section(named("Routing graph per layer"), f'<div class="row">{graphs}</div>',
                          "node size: how often a head is active (experts: utilisation); "
-                         "arrow width: mean effective inter-head flow. Hover for the numbers and top tokens."),
+                         "arrow width: mean effective inter-head flow. Hover for the numbers and top tokens."
+                         + _attention_units_hint(report)),
                 _section(named("Load heatmaps"), f'<div class="row">{_load_heatmaps(report)}</div>')]
     sections.append(_section(named("Co-activation within each layer"), f'<div class="row">{_coactivation(report)}</div>',
                              "P(b | a): of the tokens that route to unit a, the share that also route to b "
@@ -191,7 +205,55 @@ def _load_heatmaps(report: Dict[str, Any]) -> str:
             lambda i, j, v: (f"layer {expert_layers[i]['layer']}, expert e{j}: utilisation {v:.2f}x the ideal "
                              f"load, {expert_layers[i]['experts']['assignment_count'][j]} assignments"),
             "expert utilisation (1 = equal share)"))
+    parts += _attention_expert_heatmaps(layers)
+    sparse_layers = [layer for layer in layers if "sparse_heads" in layer]
+    if sparse_layers:
+        kept = [layer["sparse_heads"]["kept_share"] for layer in sparse_layers]
+        parts.append(heatmap_svg(
+            kept, [f"layer {layer['layer']}" for layer in sparse_layers], [f"m{i}" for i in range(len(kept[0]))],
+            sequential_colour(1.0),
+            lambda i, j, v: (f"layer {sparse_layers[i]['layer']}, sparse head m{j}: keeps {v:.1%} of tokens "
+                             f"({sparse_layers[i]['sparse_heads']['kept_count'][j]}), mean router score "
+                             f"{sparse_layers[i]['sparse_heads']['mean_score_kept'][j]:.3f} on them"),
+            "sparse heads: share of tokens kept"))
     return "".join(parts)
+
+
+def _attention_units_hint(report: Dict[str, Any]) -> str:
+    hint = ""
+    if any("attention_experts" in layer for layer in report["layers"]):
+        hint += (" SwitchHead: each head's value experts (inner arc) and output experts (outer arc), size and "
+                 "line width = share of the head's choices; under GQA a kv head's value experts sit between "
+                 "the query heads that read them.")
+    if any("sparse_heads" in layer for layer in report["layers"]):
+        hint += " MoSA: the sparse heads in their own column, size = share of the tokens each keeps."
+    return hint
+
+
+def _attention_expert_heatmaps(layers: List[Dict[str, Any]]) -> List[str]:
+    """SwitchHead: per side, one ``[layer and head, expert]`` grid of each head's share of choices,
+    coloured by that share over the even share 1/E."""
+    parts = []
+    for side in ("value", "output"):
+        rows, labels, counts = [], [], []
+        for layer in layers:
+            section = layer.get("attention_experts", {}).get(side)
+            if section is None:
+                continue
+            owner = "h" if len(section["load"]) == len(layer["heads"]["activation_frequency"]) else "kv"
+            rows += section["load"]
+            counts += section["assignment_count"]
+            labels += [f"L{layer['layer']} {owner}{h}" for h in range(len(section["load"]))]
+        if not rows:
+            continue
+        n_experts = len(rows[0])
+        ratio = diverging_colour(1.0, 4.0)
+        parts.append(heatmap_svg(
+            rows, labels, [f"{side[0]}{e}" for e in range(n_experts)], lambda v, n=n_experts: ratio(None if v is None else v * n),
+            lambda i, j, v, lab=labels, c=counts, sd=side: (f"{lab[i]}, {sd} expert {j}: {v:.1%} of the head's "
+                                                            f"choices ({c[i][j]})"),
+            f"{side} experts: share of each head's choices", cell=26))
+    return parts
 
 
 def _coactivation(report: Dict[str, Any]) -> str:

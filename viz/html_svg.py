@@ -17,6 +17,12 @@ GRAPH_SIZE = (420, 300)
 HEAD_CIRCLE = (140, 150, 95)  # centre x, centre y, radius
 EXPERT_X = 350
 MAX_FLOW_WIDTH = 8.0
+# SwitchHead: a smaller head circle, each head's value and output experts on arcs this far outside
+# it, over this share of the head's slice of the circle
+ATTENTION_HEAD_RADIUS, ATTENTION_EXPERT_OFFSETS = 68, {"value": 28, "output": 54}
+ATTENTION_EXPERT_ARC = 0.75
+SPARSE_HEAD_X = 300  # MoSA's sparse heads: a column between the head circle and the experts
+SPARSE_COLUMN_WIDTH = 70  # what the sparse column adds to the picture's width when experts follow it
 
 
 def attr(value: Any) -> str:
@@ -28,16 +34,26 @@ def routing_graph_svg(layer_report: Dict[str, Any], head_edges: Sequence[Sequenc
                       ) -> str:
     """One layer: heads on a circle (size = activation frequency), inter-head flow edges (width =
     mean effective flow, scaled to the layer's largest), routed experts in a column (size = utilisation).
-    ``notes[("head" | "expert", layer, unit)]``: a line added to that unit's hover text (its Δ loss
-    and the tokens it promotes, :mod:`gohgraph.viz.html_units`)."""
+    SwitchHead: each head's value (inner) and output (outer) experts on an arc outside it, sized and
+    linked by their share of the head's choices; MoSA: the sparse heads in a column (size = share of
+    tokens kept). ``notes[("head" | "expert", layer, unit)]``: a line added to that unit's hover text
+    (its Δ loss and the tokens it promotes, :mod:`gohgraph.viz.html_units`)."""
     notes = notes or {}
     at = layer_report["layer"]
     width, height = GRAPH_SIZE
     cx, cy, radius = HEAD_CIRCLE
+    attention_experts = layer_report.get("attention_experts")
+    sparse_heads = layer_report.get("sparse_heads")
+    experts = layer_report.get("experts")
+    if attention_experts:
+        radius = ATTENTION_HEAD_RADIUS
+    expert_x = EXPERT_X + (SPARSE_COLUMN_WIDTH if sparse_heads is not None else 0)
+    if sparse_heads is not None and experts is not None:
+        width += SPARSE_COLUMN_WIDTH
     heads = layer_report["heads"]
     n_heads = len(heads["activation_frequency"])
-    positions = [(cx + radius * math.cos(2 * math.pi * i / n_heads - math.pi / 2),
-                  cy + radius * math.sin(2 * math.pi * i / n_heads - math.pi / 2)) for i in range(n_heads)]
+    positions = [(cx + radius * math.cos(_head_angle(i, n_heads)), cy + radius * math.sin(_head_angle(i, n_heads)))
+                 for i in range(n_heads)]
     parts = [f'<svg class="routing-graph" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
              f'role="img" aria-label="routing graph of layer {layer_report["layer"]}">']
     flow = layer_report.get("flow", {}).get("mean_effective_flow")
@@ -54,7 +70,10 @@ def routing_graph_svg(layer_report: Dict[str, Any], head_edges: Sequence[Sequenc
                          f'stroke-width="{0.6 + MAX_FLOW_WIDTH * value / top:.2f}" data-tip="{attr(tip)}"/>')
         parts.append(f'<text x="6" y="{height - 8}" class="note">arrow width: mean effective flow, widest = '
                      f'{top:.3f}</text>')
-    experts = layer_report.get("experts")
+    if attention_experts:
+        parts += _attention_experts_svg(attention_experts, n_heads, (cx, cy, radius), positions)
+    if sparse_heads is not None:
+        parts += _sparse_heads_svg(sparse_heads, height)
     if experts is not None:
         n_experts = len(experts["load"])
         for e in range(n_experts):
@@ -64,10 +83,10 @@ def routing_graph_svg(layer_report: Dict[str, Any], head_edges: Sequence[Sequenc
             tip = (f"expert e{e}: load {experts['load'][e]:.3f} of assignments, utilisation "
                    f"{experts['utilisation'][e]:.2f}x ideal, {experts['assignment_count'][e]} assignments"
                    + (f"; top tokens {tops}" if tops else "") + _note(notes, ("expert", at, e)))
-            parts.append(f'<circle class="node expert" cx="{EXPERT_X}" cy="{y:.1f}" r="{size:.1f}" '
+            parts.append(f'<circle class="node expert" cx="{expert_x}" cy="{y:.1f}" r="{size:.1f}" '
                          f'fill="{COLOURS["expert"]}" data-tip="{attr(tip)}"/>'
-                         f'<text x="{EXPERT_X + 16}" y="{y + 4:.1f}" class="label">e{e}</text>')
-        parts.append(f'<text x="{EXPERT_X - 30}" y="14" class="note">routed experts</text>')
+                         f'<text x="{expert_x + 16}" y="{y + 4:.1f}" class="label">e{e}</text>')
+        parts.append(f'<text x="{expert_x - 30}" y="14" class="note">routed experts</text>')
     for h, (x, y) in enumerate(positions):
         kind = "shared head" if h < n_shared_heads else "routed head"
         size = 6 + 16 * math.sqrt(heads["activation_frequency"][h])
@@ -78,6 +97,57 @@ def routing_graph_svg(layer_report: Dict[str, Any], head_edges: Sequence[Sequenc
                      f'data-tip="{attr(tip)}"/><text x="{x:.1f}" y="{y + 4:.1f}" class="label inside">{h}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _head_angle(head: float, n_heads: int) -> float:
+    """Head ``head``'s angle on the circle, the first at the top, clockwise (a fraction: between heads)."""
+    return 2 * math.pi * head / n_heads - math.pi / 2
+
+
+def _attention_experts_svg(attention_experts: Dict[str, Any], n_heads: int, circle: Tuple[float, float, float],
+                           positions: Sequence[Tuple[float, float]]) -> List[str]:
+    """SwitchHead's experts of one layer: per side, ``load [owners, E]`` (each row sums to 1); the owners
+    are the query heads, or on the value side under GQA the kv heads, each fed by its group of query heads."""
+    cx, cy, radius = circle
+    lines, circles = [], []
+    for side, section in attention_experts.items():
+        owners = len(section["load"])
+        group = n_heads // owners
+        ring = radius + ATTENTION_EXPERT_OFFSETS[side]
+        colour = COLOURS[f"{side} expert"]
+        for owner, (loads, counts) in enumerate(zip(section["load"], section["assignment_count"])):
+            fed_by = range(owner * group, (owner + 1) * group)
+            centre = _head_angle(owner * group + (group - 1) / 2, n_heads)
+            span = ATTENTION_EXPERT_ARC * 2 * math.pi / n_heads
+            name = f"head h{owner}" if group == 1 else f"kv head {owner} (query heads h{fed_by[0]}-h{fed_by[-1]})"
+            for e, (load, count) in enumerate(zip(loads, counts)):
+                angle = centre + (span * (e / (len(loads) - 1) - 0.5) if len(loads) > 1 else 0.0)
+                x, y = cx + ring * math.cos(angle), cy + ring * math.sin(angle)
+                for head in fed_by:
+                    hx, hy = positions[head]
+                    lines.append(f'<line class="edge" x1="{hx:.1f}" y1="{hy:.1f}" x2="{x:.1f}" y2="{y:.1f}" '
+                                 f'stroke="{colour}" stroke-opacity="0.5" stroke-width="{0.4 + 3 * load:.2f}"/>')
+                size = 2 + 3 * math.sqrt(min(load * len(loads), 4.0))
+                tip = (f"{side} expert {e} of {name}: {load:.1%} of its choices ({count}), its load CV "
+                       f"{section['load_cv'][owner]:.2f}")
+                circles.append(f'<circle class="node {side}-expert" cx="{x:.1f}" cy="{y:.1f}" r="{size:.1f}" '
+                               f'fill="{colour}" data-tip="{attr(tip)}"/>')
+    return lines + circles
+
+
+def _sparse_heads_svg(sparse_heads: Dict[str, Any], height: int) -> List[str]:
+    """MoSA's sparse heads of one layer in a column: size = share of the layer's tokens each keeps."""
+    parts = [f'<text x="{SPARSE_HEAD_X - 30}" y="14" class="note">sparse heads</text>']
+    n_sparse = len(sparse_heads["kept_share"])
+    for i, share in enumerate(sparse_heads["kept_share"]):
+        y = 30 + (height - 60) * (i / max(1, n_sparse - 1) if n_sparse > 1 else 0.5)
+        size = 6 + 16 * math.sqrt(share)  # the heads' scale: the share of tokens attended for
+        tip = (f"sparse head m{i}: keeps {share:.1%} of tokens ({sparse_heads['kept_count'][i]}), mean router "
+               f"score {sparse_heads['mean_score_kept'][i]:.3f} on them")
+        parts.append(f'<circle class="node sparse-head" cx="{SPARSE_HEAD_X}" cy="{y:.1f}" r="{size:.1f}" '
+                     f'fill="{COLOURS["sparse head"]}" data-tip="{attr(tip)}"/>'
+                     f'<text x="{SPARSE_HEAD_X}" y="{y + 4:.1f}" class="label inside">m{i}</text>')
+    return parts
 
 
 def heatmap_svg(values: List[List[Optional[float]]], row_labels: Sequence[str], column_labels: Sequence[str],
