@@ -15,6 +15,9 @@ outside anchor.
 1. **decode**: greedy, batch 1 after 2k- and 8k-token prompts, and batch 4 after 2k. Each model
    prefills once, untimed; every round rewinds its cache to the prompt and times ``--steps``
    one-token steps; median over ``--repeats`` interleaved rounds.
+   **compiled**: the same at batch 1 through ``generate(compile=True)``'s whole compiled step
+   (inside it the routed rows' ``"sparse"`` gathers the active heads by index), after an untimed
+   round that compiles each row's graph.
 2. **train**: forward + backward of a ``--train-layers``-layer model on one sequence of 1,024 /
    2,048 / 4,096 tokens (loss with the routing losses), median of interleaved rounds.
 3. **mor**: Mixture-of-Recursions (3 recursions of the ``--train-layers`` blocks, expert-choice with
@@ -39,6 +42,7 @@ import torch
 
 from gohgraph import GoHConfig, GoHTransformer
 from gohgraph.analysis.flops import count_flops
+from gohgraph.models.compiled_decode import CompiledDecoder, compiled_step
 from gohgraph.models.generation import make_decode_cache
 
 VOCAB = 256
@@ -128,6 +132,58 @@ def decode_run(model, cache, first, context: int, steps: int, mode: str) -> Call
             start = time.perf_counter()
             for _ in range(steps):
                 ids = model(ids, cache=cache).logits[:, -1:].argmax(-1)
+            return time.perf_counter() - start
+    return run
+
+
+def compiled_table(args) -> None:
+    """The decode table through ``generate(compile=True)``'s whole compiled step (CompiledDecoder):
+    one graph per model and execution mode, compiled in an untimed warm-up round."""
+    configs = model_configs(args, args.decode_layers, max(args.contexts) + args.steps + 8)
+    # every model's graphs (one per execution mode and context) share decode_step's code object,
+    # and past Dynamo's limit (8) a step would silently run eagerly
+    torch._dynamo.config.recompile_limit = 8 * len(configs) * len(args.contexts)
+    torch.manual_seed(0)
+    models = {name: GoHTransformer(cfg).eval() for name, cfg in configs.items()}
+    for context in args.contexts:
+        prompt = torch.randint(0, VOCAB, (1, context))
+        runs: Dict[str, Callable[[], float]] = {}
+        compile_seconds: Dict[str, float] = {}
+        for name, model in models.items():
+            cache = make_decode_cache(model.config, "static", context + args.steps + 1)
+            with torch.inference_mode():
+                model._set_decoding(True)
+                first = model(prompt, cache=cache).logits[:, -1:].argmax(-1)
+            for row, config_name, mode in rows(configs):
+                if config_name == name:
+                    runs[f"{row} compiled"] = compiled_decode_run(model, cache, first, context, args.steps, mode)
+        for row, run in runs.items():  # compiles every graph, untimed
+            start = time.perf_counter()
+            run()
+            compile_seconds[row] = time.perf_counter() - start
+        seconds = interleaved(runs, args.repeats)
+        print(f"\n### Compiled decode (generate(compile=True)'s whole step): greedy, batch 1 after a {context}-token "
+              f"prompt, {args.steps} steps timed after an untimed prefill and an untimed compiling round; "
+              f"d_model {args.d_model}, {args.decode_layers} layers, {args.heads} heads, float32, "
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}; median of {args.repeats}\n")
+        print("| model | tok/s | x dense compiled | first round, compile included (s) |")
+        print("|---|---|---|---|")
+        for row, secs in seconds.items():
+            print(f"| {row} | {args.steps / secs:.1f} | {seconds['dense compiled'] / secs:.2f}x | {compile_seconds[row]:.1f} |")
+        for model in models.values():
+            model._set_decoding(False)
+
+
+def compiled_decode_run(model, cache, first, context: int, steps: int, mode: str) -> Callable[[], float]:
+    def run() -> float:
+        model.set_execution(head_execution=mode)
+        cache.lengths = [context] * len(cache.lengths)  # rewind to the prompt
+        decoder = CompiledDecoder(model, cache, None, compiled_step(model))
+        ids = first
+        with torch.inference_mode():
+            start = time.perf_counter()
+            for _ in range(steps):
+                ids = decoder(ids).argmax(-1, keepdim=True)
             return time.perf_counter() - start
     return run
 
@@ -273,8 +329,8 @@ def flops_table(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tables", nargs="+", choices=["decode", "train", "mor", "flops"],
-                        default=["decode", "train", "mor", "flops"])
+    parser.add_argument("--tables", nargs="+", choices=["decode", "compiled", "train", "mor", "flops"],
+                        default=["decode", "compiled", "train", "mor", "flops"])
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--decode-layers", type=int, default=4)
@@ -289,7 +345,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for table in args.tables:
-        {"decode": decode_table, "train": train_table, "mor": mor_table, "flops": flops_table}[table](args)
+        {"decode": decode_table, "compiled": compiled_table, "train": train_table, "mor": mor_table,
+         "flops": flops_table}[table](args)
 
 
 if __name__ == "__main__":

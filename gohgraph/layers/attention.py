@@ -16,9 +16,11 @@ them to the local counts, torchtitan style.
 Compute (docs/skipping-work.md): with ``cfg.head_execution="sparse"`` (or ``"auto"`` at sizes where it pays,
 :func:`~gohgraph.layers.head_sparse.picks_head_sparse`) the attention scores and values run only for
 the (token, head) pairs with a non-zero gate (:mod:`gohgraph.layers.head_sparse`); keys and values
-are computed and cached for every head. ``"masked"``, the reference, computes every head and lets
-the zero gates remove the inactive ones. The query and output projections run for every head in
-both modes (the graph and query-norm routers read every head's query).
+are computed and cached for every head; inside the compiled decode step the active heads are
+gathered by index instead (:func:`~gohgraph.layers.head_sparse.picks_gathered_heads`). ``"masked"``,
+the reference, computes every head and lets the zero gates remove the inactive ones. The query
+projection runs for every head in every mode (the graph and query-norm routers read every head's
+query), the output projection too except in an eager decode step.
 
 ``cfg.talking_heads`` (Shazeer et al. 2020) mixes the heads' attention logits and weights with two
 learned ``[heads, heads]`` matrices (:func:`talking_heads_attention`): an explicit score tensor

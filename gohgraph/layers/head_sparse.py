@@ -12,7 +12,7 @@ for one token may be active for the next). :func:`head_sparse_attention` returns
 pairs and zeros elsewhere, so the gates and the head-mixing matrix that follow (whose columns
 outside :math:`A_t` are zero) give the same layer output and the same gradients.
 
-Two kernels, picked by the number of queries:
+Three kernels: two eager ones, picked by the number of queries, and one for ``torch.compile``:
 
 * **head runs** (decoding, ``q_len <= DECODE_MAX_QUERIES``): per batch row, the heads active for
   any of its queries form runs of consecutive heads; each run attends by two batched matmuls on
@@ -27,6 +27,10 @@ Two kernels, picked by the number of queries:
   an explicit mask (causality by original position, padding, windows, ALiBi/T5 biases: whatever the
   reference mask holds). Chunking keeps the fused kernel's causal block skipping up to one chunk,
   so the routed heads cost about ``(active share) * (1 + chunk / q_len)`` of their dense work.
+* **gathered heads** (the compiled decode step, :func:`gathered_head_attention`): the kernels above
+  branch on the routing, which a compiled graph cannot; but with top-k routing every token keeps at
+  most ``shared + k`` heads, a static count, so the step gathers that many heads by index, written
+  as reductions that Inductor fuses with the gathers (only the active heads' cache rows are read).
 
 What stays dense: the query projection (the graph and query-norm routers read every head's query;
 MoH's linear router does not, but skipping a third of ``W_q`` is at most what skipping a third of
@@ -52,8 +56,11 @@ DECODE_MAX_QUERIES = 4
 # after 1,024 keys (341 skipped) was slower than masked, 4 of 12 after 1,024 (683) and 8 of 12
 # after 2,048 (683) paid, 4 of 12 after 512 (341) did not
 MIN_SKIPPED_DECODE_KEYS = 512
-# the same threshold for the compiled decode step's gathered heads (gathered_head_attention)
-MIN_GATHERED_DECODE_KEYS = 512
+# ... and the compiled decode step gathers its active heads (gathered_head_attention) from this many
+# skipped cache rows: measured (benchmarks/results/head_sparse_compiled_decode*.md) no slower than the
+# compiled masked step at 176 skipped rows (8 of 12 heads after 512 keys), faster from 341 on;
+# below, not measured
+MIN_GATHERED_DECODE_KEYS = 128
 # ... and runs the query-chunk kernel (training, prefill) from this many queries on: None = never.
 # Measured on 2 CPU cores (benchmarks/results/head_sparse_user_shapes_run2.md, head_sparse_train_8k.md):
 # it cuts the step's FLOPs by 10% at 8 of 12 heads but not its time (1,024-8,192 tokens: 0.96-1.01x
@@ -73,7 +80,7 @@ def picks_head_sparse(mode: str, head_gates: torch.Tensor, q_len: int, k_len: in
     heads), under tensor parallelism (``sharded``: heads split over ranks), with talking heads
     (``mixes_heads``: every head's logits and weights mix into every other head, so an inactive
     head's scores are still needed; the config refuses ``"sparse"`` with them) and inside
-    ``torch.compile`` (the kernels branch on the routing).
+    ``torch.compile`` (the kernels branch on the routing; there :func:`picks_gathered_heads` decides).
     """
     if mode == "masked" or dropout > 0 or sharded or mixes_heads or torch.compiler.is_compiling():
         return False

@@ -17,6 +17,10 @@ first real token)::
     key_mask[:, p] = 1;  logits = step(ids [batch, 1], positions r [batch, 1], key_mask [batch, capacity])
     p += 1;  r += 1
 
+Routed heads are skipped inside the step too: with top-k routing every token keeps a fixed number
+of heads, which the attention gathers by index
+(:func:`~gohgraph.layers.head_sparse.gathered_head_attention`, docs/skipping-work.md).
+
 Configurations the static step does not express fall back (:func:`whole_step_unsupported`):
 Mixture-of-Recursions (its cache is per recursion and its routing drops tokens), MLA (a latent
 cache of another layout), sliding windows and score biases (ALiBi, T5's relative bias: both are
