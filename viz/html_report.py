@@ -44,7 +44,7 @@ from .html_svg import diverging_colour, heatmap_svg, routing_graph_svg, sequenti
 from .html_units import ablation_section, check_ablation, lens_table, unit_notes
 from .kinds import kind_reports
 from .saturation import saturation_figure
-from .token_trace import VISIBLE_WHITESPACE, token_pieces, token_routing
+from .token_trace import VISIBLE_CHARACTERS, token_pieces, token_routing
 
 ASSETS = Path(__file__).resolve().parent
 MAX_REPORT_TOKENS = 512  # the text box keeps one hover target per token
@@ -397,4 +397,4 @@ def _token_labeller(model: torch.nn.Module, decode: Callable[[Sequence[int]], st
 
 
 def _visible(piece: str) -> str:
-    return "".join(VISIBLE_WHITESPACE.get(char, char) for char in piece) or "\u00b7"
+    return "".join(VISIBLE_CHARACTERS.get(char, char) for char in piece) or "\u00b7"

@@ -26,6 +26,10 @@ from ..models.recursion import block_applications
 from .figures import fitted_suptitle, new_figure, save_figure
 
 VISIBLE_WHITESPACE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
+# every other control character as its Unicode control picture: byte tokens hold them, and most are
+# not allowed in XML, so an SVG (or the report's hover text) carrying one raw would not parse
+VISIBLE_CHARACTERS = {**{chr(code): chr(0x2400 + code) for code in range(0x20)}, "\x7f": "\u2421",
+                      **VISIBLE_WHITESPACE}
 MAX_LABEL_CHARS = 16  # BPE tokens are drawn whole (rotated); only pathological ones are cut
 MIN_TRACE_WIDTH = 7.0  # inches: room for the title even for a few tokens
 
@@ -85,11 +89,11 @@ def token_pieces(ids: Sequence[int], decode: Callable[[Sequence[int]], str]) -> 
 
 def token_labels(ids: Sequence[int], decode: Callable[[Sequence[int]], str],
                  max_chars: int = MAX_LABEL_CHARS) -> List[str]:
-    """One visible label per token (:func:`token_pieces` with whitespace made visible, ``·`` for an
-    empty piece), cut with ``…`` only beyond ``max_chars`` characters."""
+    """One visible label per token (:func:`token_pieces` with whitespace and control characters
+    made visible, ``·`` for an empty piece), cut with ``…`` only beyond ``max_chars`` characters."""
     labels = []
     for piece in token_pieces(ids, decode):
-        piece = "".join(VISIBLE_WHITESPACE.get(char, char) for char in piece) or "\u00b7"
+        piece = "".join(VISIBLE_CHARACTERS.get(char, char) for char in piece) or "\u00b7"
         labels.append(piece if len(piece) <= max_chars else piece[:max_chars - 1] + "\u2026")
     return labels
 

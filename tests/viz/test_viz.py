@@ -1,6 +1,7 @@
 """Pictures are real images, and the routing graph carries exactly the statistics it should."""
 
 import math
+from xml.etree import ElementTree
 
 import matplotlib.image as mpimg
 import networkx as nx
@@ -11,6 +12,7 @@ import torch
 from gohgraph import GoHConfig, GoHTransformer, viz
 from gohgraph.analysis.stats.collect import collect_routing_stats
 from gohgraph.graph import expert_graph, head_graph
+from gohgraph.viz.token_trace import token_labels
 
 GRAPH_MOE_CFG = GoHConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_shared_heads=1, top_k_heads=2,
                           router="graph", router_rounds=1, head_graph="ring", ffn="mh-moe", n_experts=5,
@@ -122,6 +124,15 @@ def test_heatmap_cells_hold_the_statistics(moe_model_and_stats):
     image = viz.head_load_heatmap(stats).axes[0].images[0]
     expected = [layer["heads"]["activation_frequency"] for layer in report["layers"]]
     np.testing.assert_allclose(np.asarray(image.get_array()), expected)
+
+
+def test_token_labels_show_control_characters_as_their_pictures():
+    """Byte tokens hold control characters, most of them not allowed in XML (an SVG, the report's
+    hover text): every one is shown as its Unicode control picture, whitespace as before."""
+    text = "a\x0b\x0c\x00\x7fb \n"
+    labels = token_labels(list(range(len(text))), lambda ids: "".join(text[i] for i in ids))
+    assert labels == ["a", "\u240b", "\u240c", "\u2400", "\u2421", "b", "\u2423", "\u21b5"]
+    ElementTree.fromstring(f"<text>{''.join(labels)}</text>")  # parses: nothing raw is left
 
 
 def test_token_trace_is_a_png_with_the_characters_on_the_axis(moe_model_and_stats, tmp_path):
