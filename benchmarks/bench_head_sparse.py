@@ -100,15 +100,7 @@ def decode_table(args) -> None:
     settings = [(1, context) for context in args.contexts] + [(args.batch, min(args.contexts))]
     for batch, context in settings:
         prompt = torch.randint(0, VOCAB, (batch, context))
-        runs: Dict[str, Callable[[], float]] = {}
-        for name, model in models.items():
-            cache = make_decode_cache(model.config, "static", context + args.steps + 1)
-            with torch.inference_mode():
-                model._set_decoding(True)
-                first = model(prompt, cache=cache).logits[:, -1:].argmax(-1)
-            for row, config_name, mode in rows(configs):
-                if config_name == name:
-                    runs[row] = decode_run(model, cache, first, context, args.steps, mode)
+        runs = prefilled_runs(models, configs, prompt, args.steps, compiled=False)
         if hf is not None:
             runs["HF Llama"] = hf_decode_run(hf, prompt, args.steps)
         seconds = interleaved(runs, args.repeats)
@@ -123,19 +115,6 @@ def decode_table(args) -> None:
             model._set_decoding(False)
 
 
-def decode_run(model, cache, first, context: int, steps: int, mode: str) -> Callable[[], float]:
-    def run() -> float:
-        model.set_execution(head_execution=mode)
-        cache.lengths = [context] * len(cache.lengths)  # rewind to the prompt
-        ids = first
-        with torch.inference_mode():
-            start = time.perf_counter()
-            for _ in range(steps):
-                ids = model(ids, cache=cache).logits[:, -1:].argmax(-1)
-            return time.perf_counter() - start
-    return run
-
-
 def compiled_table(args) -> None:
     """The decode table through ``generate(compile=True)``'s whole compiled step (CompiledDecoder):
     one graph per model and execution mode, compiled in an untimed warm-up round."""
@@ -146,17 +125,8 @@ def compiled_table(args) -> None:
     torch.manual_seed(0)
     models = {name: GoHTransformer(cfg).eval() for name, cfg in configs.items()}
     for context in args.contexts:
-        prompt = torch.randint(0, VOCAB, (1, context))
-        runs: Dict[str, Callable[[], float]] = {}
+        runs = prefilled_runs(models, configs, torch.randint(0, VOCAB, (1, context)), args.steps, compiled=True)
         compile_seconds: Dict[str, float] = {}
-        for name, model in models.items():
-            cache = make_decode_cache(model.config, "static", context + args.steps + 1)
-            with torch.inference_mode():
-                model._set_decoding(True)
-                first = model(prompt, cache=cache).logits[:, -1:].argmax(-1)
-            for row, config_name, mode in rows(configs):
-                if config_name == name:
-                    runs[f"{row} compiled"] = compiled_decode_run(model, cache, first, context, args.steps, mode)
         for row, run in runs.items():  # compiles every graph, untimed
             start = time.perf_counter()
             run()
@@ -174,16 +144,40 @@ def compiled_table(args) -> None:
             model._set_decoding(False)
 
 
-def compiled_decode_run(model, cache, first, context: int, steps: int, mode: str) -> Callable[[], float]:
+def prefilled_runs(models, configs, prompt: torch.Tensor, steps: int, compiled: bool) -> Dict[str, Callable[[], float]]:
+    """Every row (:func:`rows`) as a timed run of ``steps`` one-token steps after ``prompt``, which
+    each model prefills once, untimed, into its own static cache (rows named "... compiled" when
+    ``compiled``)."""
+    runs: Dict[str, Callable[[], float]] = {}
+    for name, model in models.items():
+        cache = make_decode_cache(model.config, "static", prompt.shape[1] + steps + 1)
+        with torch.inference_mode():
+            model._set_decoding(True)
+            first = model(prompt, cache=cache).logits[:, -1:].argmax(-1)
+        for row, config_name, mode in rows(configs):
+            if config_name == name:
+                runs[f"{row} compiled" if compiled else row] = decode_run(model, cache, first, steps, mode, compiled)
+    return runs
+
+
+def decode_run(model, cache, first, steps: int, mode: str, compiled: bool) -> Callable[[], float]:
+    """Seconds of ``steps`` greedy steps from the prompt in ``cache`` (rewound every round), eager or
+    through the compiled whole step."""
+    context = cache.length()
+
     def run() -> float:
         model.set_execution(head_execution=mode)
         cache.lengths = [context] * len(cache.lengths)  # rewind to the prompt
-        decoder = CompiledDecoder(model, cache, None, compiled_step(model))
+        if compiled:
+            decoder = CompiledDecoder(model, cache, None, compiled_step(model))
+            step = lambda ids: decoder(ids).argmax(-1, keepdim=True)  # noqa: E731
+        else:
+            step = lambda ids: model(ids, cache=cache).logits[:, -1:].argmax(-1)  # noqa: E731
         ids = first
         with torch.inference_mode():
             start = time.perf_counter()
             for _ in range(steps):
-                ids = decoder(ids).argmax(-1, keepdim=True)
+                ids = step(ids)
             return time.perf_counter() - start
     return run
 
