@@ -20,6 +20,7 @@ def test_switch_head_expert_load_per_head_counts_every_choice():
     with torch.no_grad():
         records = model(ids).routing
     report = collect_routing_stats(model, [ids], progress=False).report()
+    assert (report["config"]["n_attention_experts"], report["config"]["top_k_attention_experts"]) == (4, 2)
     for layer, record in zip(report["layers"], records):
         for side, heads, choices in (("value", 2, record.value_experts), ("output", 4, record.output_experts)):
             stats = layer["attention_experts"][side]
@@ -38,6 +39,7 @@ def test_mosa_kept_share_per_sparse_head_leaves_padding_out():
     with torch.no_grad():
         records = model(ids, attention_mask=mask).routing
     report = collect_routing_stats(model, [(ids, mask)], progress=False).report()
+    assert (report["config"]["n_mosa_heads"], report["config"]["mosa_sparsity"]) == (3, 4)
     for layer, record in zip(report["layers"], records):
         kept = record.sparse_heads.selected[mask.bool()]  # [real tokens, sparse heads]
         stats = layer["sparse_heads"]

@@ -76,7 +76,8 @@ __all__ = ["RoutingStats", "collect_routing_stats", "collect_routing_stats_by_so
 
 _CONFIG_FIELDS = ("n_layers", "n_heads", "n_shared_heads", "top_k_heads", "router", "router_rounds",
                   "head_graph", "inter_head_flow", "ffn", "n_experts", "n_shared_experts",
-                  "top_k_experts", "n_subtokens", "capacity_factor", "expert_graph")
+                  "top_k_experts", "n_subtokens", "capacity_factor", "expert_graph",
+                  "n_attention_experts", "top_k_attention_experts", "n_mosa_heads", "mosa_sparsity")
 
 
 class RoutingStats:
