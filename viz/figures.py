@@ -6,8 +6,9 @@ nothing global is touched, nothing needs a display, and a figure is freed when i
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -112,6 +113,20 @@ def kind_prefix(kind: Optional[str]) -> str:
 
 def has_experts(report: Dict[str, Any]) -> bool:
     return any("experts" in layer for layer in report["layers"])
+
+
+# SwitchHead: an owner's (head's or kv head's) experts cover this share of one head's slice of the
+# head circle, in the matplotlib picture and in the report's SVG alike
+ATTENTION_EXPERT_ARC = 0.75
+
+
+def expert_arc_angles(centre: float, n_heads: int, n_experts: int) -> List[float]:
+    """Angles of one owner's ``n_experts`` experts around the head circle: spread evenly over
+    :data:`ATTENTION_EXPERT_ARC` of a head's slice (``2 pi / n_heads``) centred on ``centre``."""
+    if n_experts == 1:
+        return [centre]
+    span = ATTENTION_EXPERT_ARC * 2 * math.pi / n_heads
+    return [centre + span * (i / (n_experts - 1) - 0.5) for i in range(n_experts)]
 
 
 def has_attention_experts(report: Dict[str, Any]) -> bool:

@@ -11,16 +11,15 @@ import html
 import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .figures import COLOURS
+from .figures import COLOURS, expert_arc_angles
 
 GRAPH_SIZE = (420, 300)
 HEAD_CIRCLE = (140, 150, 95)  # centre x, centre y, radius
 EXPERT_X = 350
 MAX_FLOW_WIDTH = 8.0
 # SwitchHead: a smaller head circle, each head's value and output experts on arcs this far outside
-# it, over this share of the head's slice of the circle
+# it (figures.expert_arc_angles)
 ATTENTION_HEAD_RADIUS, ATTENTION_EXPERT_OFFSETS = 68, {"value": 28, "output": 54}
-ATTENTION_EXPERT_ARC = 0.75
 SPARSE_HEAD_X = 300  # MoSA's sparse heads: a column between the head circle and the experts
 SPARSE_COLUMN_WIDTH = 70  # what the sparse column adds to the picture's width when experts follow it
 
@@ -118,10 +117,9 @@ def _attention_experts_svg(attention_experts: Dict[str, Any], n_heads: int, circ
         for owner, (loads, counts) in enumerate(zip(section["load"], section["assignment_count"])):
             fed_by = range(owner * group, (owner + 1) * group)
             centre = _head_angle(owner * group + (group - 1) / 2, n_heads)
-            span = ATTENTION_EXPERT_ARC * 2 * math.pi / n_heads
+            angles = expert_arc_angles(centre, n_heads, len(loads))
             name = f"head h{owner}" if group == 1 else f"kv head {owner} (query heads h{fed_by[0]}-h{fed_by[-1]})"
-            for e, (load, count) in enumerate(zip(loads, counts)):
-                angle = centre + (span * (e / (len(loads) - 1) - 0.5) if len(loads) > 1 else 0.0)
+            for e, (load, count, angle) in enumerate(zip(loads, counts, angles)):
                 x, y = cx + ring * math.cos(angle), cy + ring * math.sin(angle)
                 for head in fed_by:
                     hx, hy = positions[head]

@@ -43,6 +43,7 @@ from matplotlib.lines import Line2D
 from .figures import (
     COLOURS,
     as_report,
+    expert_arc_angles,
     fitted_suptitle,
     has_attention_experts,
     has_experts,
@@ -56,10 +57,8 @@ HEAD_KINDS = ("shared head", "routed head")  # the nodes on the ring (a sparse h
 ATTENTION_EXPERT_KINDS = {"value": "value expert", "output": "output expert"}
 ATTENTION_KIND_NAMES = tuple(ATTENTION_EXPERT_KINDS.values())
 HEAD_RADIUS = 1.0
-# SwitchHead: each head's experts on an arc of these radii around the head's angle, covering this
-# share of the head's slice of the circle
+# SwitchHead: each head's experts on an arc of these radii around the head's angle (figures.expert_arc_angles)
 ATTENTION_EXPERT_RADII = {"value": 1.45, "output": 1.8}
-ATTENTION_EXPERT_ARC = 0.75
 SUBTOKEN_X, EXPERT_X = 1.9, 3.0
 COLUMN_STEP = SUBTOKEN_X - HEAD_RADIUS  # from the ring's edge to the first column, and column to column
 MAX_DRAWN_FLOW_EDGES = 160  # beyond this the picture is a grey disc; the GraphML keeps every edge
@@ -272,10 +271,8 @@ def _expert_arcs(graph: nx.DiGraph, experts: list, radius: float, n_heads: int) 
         heads = sorted(graph.predecessors(group[0]), key=lambda head: graph.nodes[head]["index"])
         first, last = graph.nodes[heads[0]]["index"], graph.nodes[heads[-1]]["index"]
         centre = math.pi * (first + last) / n_heads  # the mean of the group's angles 2 pi h / H
-        span = ATTENTION_EXPERT_ARC * 2 * math.pi / n_heads
         group = sorted(group, key=lambda node: graph.nodes[node]["index"])
-        for i, node in enumerate(group):
-            angle = centre if len(group) == 1 else centre + span * (i / (len(group) - 1) - 0.5)
+        for node, angle in zip(group, expert_arc_angles(centre, n_heads, len(group))):
             positions[node] = (radius * math.cos(angle), radius * math.sin(angle))
     return positions
 

@@ -179,9 +179,11 @@ class GoHAttention(nn.Module):
             attn_mask, is_causal = attention_mask(q, k.shape[2], causal, mask, not cross, self.sliding_window,
                                                   self.score_bias if not cross else None, bias)
         sparse = self.head_routing is not None and self._skips_heads(head_gates, q.shape[2], k.shape[2])
-        # inside the compiled decode step (all slots, one key mask for every head): heads gathered by index
-        gathered = (self.head_routing is not None and not sparse and all_slots and attn_mask is not None
-                    and attn_mask.dim() == 4 and attn_mask.shape[1] == 1 and self._gathers_heads(q.shape[2], k.shape[2]))
+        # inside the compiled decode step (all slots, one key mask for every head): this many heads
+        # gathered by index, or None
+        gathered_heads = (self._gathered_heads(q.shape[2], k.shape[2])
+                          if self.head_routing is not None and not sparse and all_slots and attn_mask is not None
+                          and attn_mask.dim() == 4 and attn_mask.shape[1] == 1 else None)
         active = head_gates != 0 if sparse else None  # [batch, seq, heads]: the pairs to compute
         # decoding: which heads each row runs, copied to the host once for the attention and W_O
         head_flags = active_head_flags(active) if sparse and seq <= DECODE_MAX_QUERIES else None
@@ -189,9 +191,8 @@ class GoHAttention(nn.Module):
             attn = head_sparse_attention(q, k, v, active, self.n_shared_heads, attn_mask, is_causal,
                                          causal_keys=causal and not cross and not all_slots, scale=self.scale,
                                          head_flags=head_flags)
-        elif gathered:
-            attn = gathered_head_attention(q, k, v, head_gates != 0, self.head_routing.most_active_heads(),
-                                           attn_mask, scale=self.scale)
+        elif gathered_heads is not None:
+            attn = gathered_head_attention(q, k, v, head_gates != 0, gathered_heads, attn_mask, scale=self.scale)
         elif self.talking_heads:
             attn = talking_heads_attention(q, k, v, self.talking_logit_mixing, self.talking_weight_mixing,
                                            attn_mask, is_causal, scale=self.scale,
@@ -257,12 +258,14 @@ class GoHAttention(nn.Module):
         v, record = self.switch_head.values(source)
         return kv, v, record
 
-    def _gathers_heads(self, q_len: int, k_len: int) -> bool:
-        """Whether a compiled decode call gathers its active heads
+    def _gathered_heads(self, q_len: int, k_len: int) -> Optional[int]:
+        """How many heads a compiled decode call gathers, or ``None`` when it does not
         (:func:`~gohgraph.layers.head_sparse.picks_gathered_heads`)."""
-        return picks_gathered_heads(self.head_execution, self.head_routing.most_active_heads(), self.n_heads,
-                                    q_len, k_len, dropout=self.dropout if self.training else 0.0,
-                                    sharded=self.n_heads != self.record_heads, mixes_heads=self.talking_heads)
+        most_active = self.head_routing.most_active_heads()
+        gathers = picks_gathered_heads(self.head_execution, most_active, self.n_heads, q_len, k_len,
+                                       dropout=self.dropout if self.training else 0.0,
+                                       sharded=self.n_heads != self.record_heads, mixes_heads=self.talking_heads)
+        return most_active if gathers else None
 
     def _skips_heads(self, head_gates: torch.Tensor, q_len: int, k_len: int) -> bool:
         """Whether this call runs head-sparse (:func:`~gohgraph.layers.head_sparse.picks_head_sparse`)."""
