@@ -14,8 +14,8 @@ by a non-competitive sigmoid (no softmax, no renormalisation, no balance loss), 
 The value selection is read from the token the value belongs to (the key/value source: its value
 is fixed once computed, so the cache holds mixed values ``[batch, kv_heads, len, head_dim]``), the
 output selection from the token being written (the query side). Only the chosen experts run: the
-``(token, head, expert)`` assignments are sorted by expert and run through one grouped matmul
-(:func:`~gohgraph.ops.grouped_matmul.routed_matmul`). Value experts follow the key/value heads
+``(token, head, expert)`` assignments are sorted by expert and run through
+:func:`~gohgraph.ops.grouped_matmul.routed_matmul` (one grouped matmul; on CPU expert by expert). Value experts follow the key/value heads
 (GQA: a kv head's experts serve its query group), output experts the query heads.
 """
 

@@ -77,17 +77,27 @@ def test_sparse_dispatch_equals_the_released_module_outputs_selections_and_gradi
         torch.testing.assert_close(g, p.grad, rtol=tol, atol=tol)
 
 
-def test_routed_matmul_equals_a_loop_over_assignments():
+@pytest.mark.parametrize("expert_by_expert", [True, False], ids=["expert-by-expert", "grouped_mm"])
+@pytest.mark.parametrize("d_in,d_out", [(16, 8), (8, 16)], ids=["gate-products", "gate-rows"])
+def test_routed_matmul_equals_a_loop_over_assignments(monkeypatch, expert_by_expert, d_in, d_out):
+    import gohgraph.ops.grouped_matmul as ops
+
+    monkeypatch.setattr(ops, "EXPERT_BY_EXPERT_DEVICES", ("cpu",) if expert_by_expert else ())
     generator = torch.Generator().manual_seed(0)
-    rows, weights = torch.randn(5, 16, generator=generator), torch.randn(3, 16, 8, generator=generator)
+    rows, weights = torch.randn(5, d_in, generator=generator), torch.randn(3, d_in, d_out, generator=generator)
     expert_ids = torch.randint(0, 3, (11,), generator=generator)
     gates, row_index = torch.rand(11, generator=generator), torch.randint(0, 5, (11,), generator=generator)
     out_index = torch.randint(0, 4, (11,), generator=generator)
-    want = torch.zeros(4, 8)
+    leaves = [t.clone().requires_grad_() for t in (rows, weights, gates)]
+    want = torch.zeros(4, d_out)
     for a in range(11):
-        want[out_index[a]] += gates[a] * rows[row_index[a]] @ weights[expert_ids[a]]
-    got = routed_matmul(rows, weights, expert_ids, gates, row_index, out_index, 4)
+        want[out_index[a]] += leaves[2][a] * leaves[0][row_index[a]] @ leaves[1][expert_ids[a]]
+    want_grads = torch.autograd.grad(want.pow(2).sum(), leaves)
+    got_leaves = [t.clone().requires_grad_() for t in (rows, weights, gates)]
+    got = routed_matmul(got_leaves[0], got_leaves[1], expert_ids, got_leaves[2], row_index, out_index, 4)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(torch.autograd.grad(got.pow(2).sum(), got_leaves), want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_only_the_chosen_experts_are_multiplied(monkeypatch):
@@ -95,10 +105,23 @@ def test_only_the_chosen_experts_are_multiplied(monkeypatch):
 
     seen = []
     real = ops.grouped_matmul
+    monkeypatch.setattr(ops, "EXPERT_BY_EXPERT_DEVICES", ())
     monkeypatch.setattr(ops, "grouped_matmul", lambda rows, *rest: seen.append(rows.shape[0]) or real(rows, *rest))
     attention = layer(n_attention_experts=8, top_k_attention_experts=2)
     attention(torch.randn(2, 5, 32))
     assert seen == [2 * 5 * 4 * 2, 2 * 5 * 4 * 2]  # batch * seq * heads * k rows, not * E
+
+
+def test_expert_by_expert_multiplies_only_the_chosen_experts():
+    """The CPU path's FLOPs: the selection (every expert scored) plus k of E experts' products."""
+    from gohgraph.analysis.flops import count_flops
+
+    projections = layer(n_attention_experts=8, top_k_attention_experts=2).switch_head
+    tokens, heads_out = torch.randn(2, 5, 32), torch.randn(2, 5, 4, 8)
+    selection = 2 * (2 * 5) * 32 * (4 * 8)  # tokens x d_model x (heads * E)
+    chosen = 2 * (2 * 5 * 4 * 2) * 32 * 8  # (tokens * heads * k) x d_model x head_dim
+    assert count_flops(lambda: projections.values(tokens))[0] == selection + chosen
+    assert count_flops(lambda: projections.output(heads_out, tokens))[0] == selection + chosen
 
 
 def switch_model(**overrides) -> GoHTransformer:
