@@ -209,7 +209,7 @@ class GoHAttention(nn.Module):
         if self.switch_head is not None:
             routing.value_experts = value_record
             y, routing.output_experts = self.switch_head.output(attn, x)
-        elif head_flags is not None and type(self.out) is nn.Linear:
+        elif head_flags is not None and type(self.out) is nn.Linear and not self.heads_split_over_ranks:
             # a decode step reads only the active heads' columns of W_O (rows of inactive heads are 0)
             y = project_active_heads(attn, head_flags, self.out.weight, self.out.bias)
         else:
@@ -218,6 +218,12 @@ class GoHAttention(nn.Module):
             sparse_y, routing.sparse_heads = self.sparse_heads(x, self.rotary, positions, cache, mask, token_mask)
             y = y + sparse_y
         return y, routing
+
+    @property
+    def heads_split_over_ranks(self) -> bool:
+        """Under tensor parallelism (:mod:`gohgraph.parallel.tensor_parallel`) this module holds
+        ``n_heads`` of the ``record_heads`` heads, and ``out`` is row-parallel."""
+        return self.n_heads != self.record_heads
 
     @property
     def q_width(self) -> int:
@@ -264,14 +270,13 @@ class GoHAttention(nn.Module):
         most_active = self.head_routing.most_active_heads()
         gathers = picks_gathered_heads(self.head_execution, most_active, self.n_heads, q_len, k_len,
                                        dropout=self.dropout if self.training else 0.0,
-                                       sharded=self.n_heads != self.record_heads, mixes_heads=self.talking_heads)
+                                       sharded=self.heads_split_over_ranks, mixes_heads=self.talking_heads)
         return most_active if gathers else None
 
     def _skips_heads(self, head_gates: torch.Tensor, q_len: int, k_len: int) -> bool:
         """Whether this call runs head-sparse (:func:`~gohgraph.layers.head_sparse.picks_head_sparse`)."""
         return picks_head_sparse(self.head_execution, head_gates, q_len, k_len,
-                                 dropout=self.dropout if self.training else 0.0,
-                                 sharded=self.n_heads != self.record_heads, mixes_heads=self.talking_heads)
+                                 dropout=self.dropout if self.training else 0.0, mixes_heads=self.talking_heads)
 
 
 def talking_heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_mixing: torch.Tensor,

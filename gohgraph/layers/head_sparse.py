@@ -69,7 +69,7 @@ MIN_SPARSE_QUERIES: Optional[int] = None
 
 
 def picks_head_sparse(mode: str, head_gates: torch.Tensor, q_len: int, k_len: int, dropout: float = 0.0,
-                      sharded: bool = False, mixes_heads: bool = False) -> bool:
+                      mixes_heads: bool = False) -> bool:
     """The one rule that picks head-sparse or masked execution for a call (``cfg.head_execution``).
 
     ``"masked"`` never skips; ``"sparse"`` skips whenever it can; ``"auto"`` skips when it can and
@@ -77,12 +77,12 @@ def picks_head_sparse(mode: str, head_gates: torch.Tensor, q_len: int, k_len: in
     reach :data:`MIN_SKIPPED_DECODE_KEYS` (and calls of at least :data:`MIN_SPARSE_QUERIES` queries,
     never by default on CPU). It cannot (masked then) while the dense blend anneals
     (every head carries weight), under attention dropout (the reference draws one mask for all
-    heads), under tensor parallelism (``sharded``: heads split over ranks), with talking heads
+    heads), with talking heads
     (``mixes_heads``: every head's logits and weights mix into every other head, so an inactive
     head's scores are still needed; the config refuses ``"sparse"`` with them) and inside
     ``torch.compile`` (the kernels branch on the routing; there :func:`picks_gathered_heads` decides).
     """
-    if mode == "masked" or dropout > 0 or sharded or mixes_heads or torch.compiler.is_compiling():
+    if mode == "masked" or dropout > 0 or mixes_heads or torch.compiler.is_compiling():
         return False
     decoding = q_len <= DECODE_MAX_QUERIES
     if mode == "auto" and (k_len < MIN_SKIPPED_DECODE_KEYS if decoding else

@@ -15,7 +15,8 @@ are the same on every rank and need no exchange.
 ``[q_0; k_0; v_0; q_1; k_1; v_1; ...]`` (rank ``r``'s heads of each part together): rank ``r``
 holds query heads ``r H/N .. (r+1) H/N - 1`` and key/value heads ``r H_kv/N ..``, which are exactly
 the kv heads its query heads read under GQA (``H/N`` is a multiple of ``H/H_kv``). The attention's
-``n_heads``/``n_kv_heads`` are set to the local counts and it runs unchanged on them.
+``n_heads``/``n_kv_heads`` (and ``n_shared_heads``) are set to the local counts and it runs unchanged
+on them, head-sparse execution included.
 
 **Head routing.** The gates of rank ``r``'s heads depend on every head: MoH's linear router reads the
 token (replicated already), GoH's graph router runs message passing over all heads' node features
@@ -222,6 +223,10 @@ def apply_tensor_parallel(model: nn.Module, n_ranks: Optional[int] = None) -> nn
         parallelize_module(attention, mesh, {"qkv": ColwiseParallel(), "out": RowwiseParallel()})
         attention.n_heads //= n_ranks
         attention.n_kv_heads //= n_ranks
+        # the shared (always active) heads come first: this rank's share of them, for head-sparse
+        # execution (docs/skipping-work.md), which runs them by the fused kernel
+        first_head = plan.rank * attention.n_heads
+        attention.n_shared_heads = min(max(attention.n_shared_heads - first_head, 0), attention.n_heads)
         _shard_pair(plan, attention.qkv, attention.out)
         if attention.head_routing is not None:
             attention.head_routing = TensorParallelHeadRouting(attention.head_routing, plan)

@@ -159,7 +159,8 @@ def test_the_rule_picks_sparse_only_when_something_can_be_skipped():
     assert not picks_head_sparse("auto", gates, q_len=1, k_len=3 * head_sparse.MIN_SKIPPED_DECODE_KEYS - 3)
     assert not picks_head_sparse("sparse", torch.ones(1, 1, 3), q_len=4, k_len=4)  # dense blend: nothing off
     assert not picks_head_sparse("sparse", gates, q_len=4, k_len=4, dropout=0.1)
-    assert not picks_head_sparse("sparse", gates, q_len=4, k_len=4, sharded=True)
+    assert not picks_head_sparse("sparse", gates, q_len=4, k_len=4, mixes_heads=True)  # talking heads
+    # tensor parallelism runs sparse on each rank's heads: tests/parallel/test_tensor_parallel.py
 
 
 # ------------------------------------------------------------------------------------ whole models

@@ -36,6 +36,10 @@ ROUTERS = {
     # message passing over a ring of all heads, flow between heads of both ranks, token logits too
     "graph": dict(router="graph", head_graph="ring", top_k_heads=2, inter_head_flow=True, router_token_logits=True),
 }
+# head-sparse execution on every rank's own heads (rank 0 holds the shared head) against the masked
+# single process: the worker cuts the queries into chunks of SPARSE_QUERY_CHUNK
+ROUTERS.update({f"{router} sparse": dict(ROUTERS[router], head_execution="sparse") for router in ("linear", "graph")})
+SPARSE_QUERY_CHUNK = 4
 TRAIN = dict(batch_size=4, seq_len=32, grad_accum_steps=2, max_steps=3, lr=5e-3, warmup_steps=1,
              eval_every=3, eval_batches=2, save_every=3, device="cpu", tensorboard=False)
 BATCH, SEQ, STEPS = 4, 16, 3
@@ -103,6 +107,19 @@ def test_forward_losses_gradients_and_three_steps_equal_one_process(two_ranks, r
         assert max(result["parameters"]) < tolerance, (result["parameters"], tolerance)
         assert result["sharded_grad_tensors"] > 0 and result["replicated_grad_tensors"] > 0
         assert result["local_heads"] == BASE["n_heads"] // 2 and result["local_kv_heads"] == BASE["n_kv_heads"] // 2
+        assert result.get("cached_decode_logits", 0.0) < GRAD_ATOL
+
+
+@pytest.mark.slow
+def test_head_sparse_execution_runs_on_each_ranks_heads(two_ranks):
+    """The sparse rows above compare sparse ranks with a masked process; here: the kernel does run
+    under TP (not a fallback to masked), and the shared heads are counted per rank."""
+    _, results, _ = two_ranks
+    for rank, result in enumerate(results):
+        sparse = result["compare"]["linear sparse"]
+        assert sparse["sparse_calls"] > 0 and result["compare"]["linear"]["sparse_calls"] == 0
+        assert sparse["local_shared_heads"] == (1 if rank == 0 else 0)  # one shared head, on rank 0
+        assert "cached_decode_logits" in sparse and "cached_decode_logits" in result["compare"]["graph sparse"]
 
 
 @pytest.mark.slow
@@ -251,7 +268,18 @@ def _max_diff(pairs):
 
 def _compare_with_one_process(router: str) -> dict:
     """STEPS training steps of one process beside TP over the ranks, both on the same batch; the
-    largest differences of each step."""
+    largest differences of each step, and how often the head-sparse kernel ran."""
+    import gohgraph.layers.attention as attention_module
+
+    kernel, sparse_calls = attention_module.head_sparse_attention, []
+    attention_module.head_sparse_attention = lambda *args, **kwargs: sparse_calls.append(1) or kernel(*args, **kwargs)
+    try:
+        return _compare_runs(router, sparse_calls)
+    finally:
+        attention_module.head_sparse_attention = kernel
+
+
+def _compare_runs(router: str, sparse_calls: list) -> dict:
     from gohgraph.parallel.expert_parallel import clip_grad_norm_
     from gohgraph.parallel.tensor_parallel import apply_tensor_parallel, tensor_parallel_plan
 
@@ -262,6 +290,7 @@ def _compare_with_one_process(router: str) -> dict:
             if block.attn.head_routing is not None and block.attn.head_routing.flow_scale is not None:
                 block.attn.head_routing.flow_scale.normal_()
     sharded = apply_tensor_parallel(copy.deepcopy(single))
+    single.set_execution(head_execution="masked")  # the reference computes every head
     plan = tensor_parallel_plan(sharded)
     # Adam at eps=1e-8 divides by each gradient's own scale, so a rounding difference in a near-zero
     # gradient moves its parameter by up to lr; at eps=1 the steps are determined (determined_steps)
@@ -301,6 +330,10 @@ def _compare_with_one_process(router: str) -> dict:
     result["parameters"] = [float((gathered[n] - reference[n]).abs().max()) for n in sorted(params)]
     result["parameter_magnitude"] = max(float(reference[n].abs().max()) for n in params)
     result["buffers"] = [_max_diff([(gathered[n], reference[n])]) for n in sorted(set(reference) - params)]
+    if sharded.config.head_execution == "sparse":
+        result["cached_decode_logits"] = _cached_decode_difference(sharded, single)
+    result["sparse_calls"] = len(sparse_calls)  # only the sharded model may run sparse
+    result["local_shared_heads"] = sharded.blocks[0].attn.n_shared_heads
     result["local_heads"] = sharded.blocks[0].attn.n_heads
     result["local_kv_heads"] = sharded.blocks[0].attn.n_kv_heads
     result["flow_weight"] = max((float(record.flow.abs().max()) for record in out.routing if record.flow is not None),
@@ -308,6 +341,24 @@ def _compare_with_one_process(router: str) -> dict:
     result["traffic_forward"] = plan.traffic.sent_bytes_forward
     result["traffic_backward"] = plan.traffic.sent_bytes_backward
     return result, sharded
+
+
+def _cached_decode_difference(sharded, single) -> float:
+    """Largest difference of one-token cached steps of ``sharded`` (head-sparse decode kernel on
+    each rank's heads) from ``single``'s full recompute (masked), over a fixed continuation. Not
+    greedy tokens: a fresh model's logits are near ties that a rounding difference can flip."""
+    from gohgraph.models.generation import make_decode_cache
+
+    ids = torch.randint(0, 256, (2, 15), generator=torch.Generator().manual_seed(5))
+    sharded.eval(), single.eval()
+    cache = make_decode_cache(sharded.config, "dynamic", ids.shape[1])
+    with torch.no_grad():
+        sharded._set_decoding(True)
+        steps = [sharded(ids[:, :9], cache=cache).logits[:, -1:]]
+        steps += [sharded(ids[:, t:t + 1], cache=cache).logits for t in range(9, ids.shape[1] - 1)]
+        sharded._set_decoding(False)
+        reference = single(ids[:, :-1]).logits[:, 8:]
+    return _max_diff([(torch.cat(steps, dim=1), reference)])
 
 
 def _bf16_autocast_difference() -> float:
@@ -326,12 +377,14 @@ def _bf16_autocast_difference() -> float:
 
 
 def _worker(out_dir: Path, data: str, cache: str, single_checkpoint: str, single_run: str) -> None:
+    import gohgraph.layers.head_sparse as head_sparse
     from gohgraph.data.corpus import load_corpus
     from gohgraph.parallel import data_parallel as D
     from gohgraph.parallel.tensor_parallel import apply_tensor_parallel
     from gohgraph.storage import load_state_strict, read_tensors
 
     torch.set_num_threads(1)
+    head_sparse.QUERY_CHUNK = SPARSE_QUERY_CHUNK
     ctx = D.init_distributed("cpu")
     result = {"compare": {}}
     for router in ROUTERS:
