@@ -1,6 +1,6 @@
 """FLOPs of a real step, counted by ``torch.utils.flop_counter.FlopCounterMode`` (docs/skipping-work.md).
 
-The counter has no formula for three kernels this package runs on CPU, so it would count them as 0:
+The counter has no formula for two kernels this package runs on CPU, so it would count them as 0:
 
 * ``_scaled_dot_product_flash_attention_for_cpu`` (and its backward), CPU's fused SDPA. Counted as
   the multiply-adds of the score and value products over the (query, key) pairs the kernel computes:
@@ -9,8 +9,6 @@ The counter has no formula for three kernels this package runs on CPU, so it wou
   (the same five products as torch's GPU formula).
 * ``_grouped_mm`` (the expert dispatch): ``2 * rows * d_in * d_out`` summed over the groups, i.e.
   ``2 * total_rows * d_in * d_out`` for a 2-D input against a ``[groups, d_in, d_out]`` weight.
-* ``addmm_`` (in place: a decode step's output projection accumulates its runs of active heads,
-  :func:`~gohgraph.layers.head_sparse.project_active_heads`): ``addmm``'s, the product's ``2 m k n``.
 
 A FLOP is one multiply or one add (a multiply-add is 2), as in torch's formulas.
 """
@@ -61,16 +59,10 @@ def grouped_mm_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * x_shape[0] * x_shape[1] * w_shape[-1]
 
 
-def addmm_inplace_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    """``self += a [m, k] @ b [k, n]``: ``2 m k n`` (torch's ``addmm`` formula, which leaves out the add)."""
-    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-
-
 CUSTOM_FORMULAS: Dict[object, Callable] = {
     aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa_flops,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward_flops,
     aten._grouped_mm: grouped_mm_flops,
-    aten.addmm_: addmm_inplace_flops,
 }
 
 

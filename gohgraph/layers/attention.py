@@ -20,7 +20,8 @@ are computed and cached for every head; inside the compiled decode step the acti
 gathered by index instead (:func:`~gohgraph.layers.head_sparse.picks_gathered_heads`). ``"masked"``,
 the reference, computes every head and lets the zero gates remove the inactive ones. The query
 projection runs for every head in every mode (the graph and query-norm routers read every head's
-query), the output projection too except in an eager decode step.
+query), and so does the output projection (a decode step that read only the active heads' columns
+of ``W_O`` measured 2.5% slower on CPU: BENCHMARKS.md).
 
 ``cfg.talking_heads`` (Shazeer et al. 2020) mixes the heads' attention logits and weights with two
 learned ``[heads, heads]`` matrices (:func:`talking_heads_attention`): an explicit score tensor
@@ -48,13 +49,10 @@ from torch import nn
 from ..config import GoHConfig
 from ..routing import ExpertRouting, LayerRouting
 from .head_sparse import (
-    DECODE_MAX_QUERIES,
-    active_head_flags,
     gathered_head_attention,
     head_sparse_attention,
     picks_gathered_heads,
     picks_head_sparse,
-    project_active_heads,
 )
 from .kv_cache import KVCache
 from .linear import make_linear
@@ -184,13 +182,9 @@ class GoHAttention(nn.Module):
         gathered_heads = (self._gathered_heads(q.shape[2], k.shape[2])
                           if self.head_routing is not None and not sparse and all_slots and attn_mask is not None
                           and attn_mask.dim() == 4 and attn_mask.shape[1] == 1 else None)
-        active = head_gates != 0 if sparse else None  # [batch, seq, heads]: the pairs to compute
-        # decoding: which heads each row runs, copied to the host once for the attention and W_O
-        head_flags = active_head_flags(active) if sparse and seq <= DECODE_MAX_QUERIES else None
-        if sparse:
-            attn = head_sparse_attention(q, k, v, active, self.n_shared_heads, attn_mask, is_causal,
-                                         causal_keys=causal and not cross and not all_slots, scale=self.scale,
-                                         head_flags=head_flags)
+        if sparse:  # only the (token, head) pairs with a non-zero gate
+            attn = head_sparse_attention(q, k, v, head_gates != 0, self.n_shared_heads, attn_mask, is_causal,
+                                         causal_keys=causal and not cross and not all_slots, scale=self.scale)
         elif gathered_heads is not None:
             attn = gathered_head_attention(q, k, v, head_gates != 0, gathered_heads, attn_mask, scale=self.scale)
         elif self.talking_heads:
@@ -209,9 +203,6 @@ class GoHAttention(nn.Module):
         if self.switch_head is not None:
             routing.value_experts = value_record
             y, routing.output_experts = self.switch_head.output(attn, x)
-        elif head_flags is not None and type(self.out) is nn.Linear and not self.heads_split_over_ranks:
-            # a decode step reads only the active heads' columns of W_O (rows of inactive heads are 0)
-            y = project_active_heads(attn, head_flags, self.out.weight, self.out.bias)
         else:
             y = self.out(attn.reshape(batch, seq, heads * head_dim))
         if self.sparse_heads is not None:

@@ -18,8 +18,7 @@ Three kernels: two eager ones, picked by the number of queries, and one for ``to
   any of its queries form runs of consecutive heads; each run attends by two batched matmuls on
   *views* of the cache, writing into the layer's output in place (copying the active heads' cache
   rows out first costs more than it saves, and CPU's fused kernel gives a one-query head a single
-  thread), so a step reads only the active heads' keys and values; the output projection then
-  reads only the active heads' columns of ``W_O`` (:func:`project_active_heads`).
+  thread), so a step reads only the active heads' keys and values.
 * **query chunks** (training, prefill): the always-on (shared) heads run the fused kernel over every
   query. For the routed heads the queries are cut into chunks of ``QUERY_CHUNK`` positions; in a
   chunk each routed head gathers its active queries (padded to the chunk's busiest head, the pads
@@ -32,10 +31,10 @@ Three kernels: two eager ones, picked by the number of queries, and one for ``to
   most ``shared + k`` heads, a static count, so the step gathers that many heads by index, written
   as reductions that Inductor fuses with the gathers (only the active heads' cache rows are read).
 
-What stays dense: the query projection (the graph and query-norm routers read every head's query;
-MoH's linear router does not, but skipping a third of ``W_q`` is at most what skipping a third of
-``W_O`` gained at decode, which was not measurable) and, in training and prefill, the output
-projection (it reads the heads' outputs after the gates and the inter-head flow).
+What stays dense: the query projection (the graph and query-norm routers read every head's query)
+and the output projection (in training and prefill it reads the heads' outputs after the gates and
+the inter-head flow; at decode, reading only the active heads' columns of ``W_O`` by one matmul per
+run of heads measured 2.5% slower per token than the one full matmul, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -109,8 +108,7 @@ def picks_gathered_heads(mode: str, most_active: Optional[int], heads: int, q_le
 
 def head_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor,
                           n_always_on: int, attn_mask: Optional[torch.Tensor], is_causal: bool,
-                          causal_keys: bool, scale: Optional[float],
-                          head_flags: Optional[List[List[bool]]] = None) -> torch.Tensor:
+                          causal_keys: bool, scale: Optional[float]) -> torch.Tensor:
     """Attention of the active (token, head) pairs; zeros elsewhere.
 
     Args:
@@ -125,14 +123,11 @@ def head_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, act
         causal_keys: query ``t`` sees no key after position ``k_len - q_len + t`` (causal
             self-attention with the queries at the end of the keys), so a chunk's keys end at its last query.
         scale: SDPA's ``scale``.
-        head_flags: for a decode call, :func:`active_head_flags` of ``active`` if the caller has it
-            already (it is a host copy: computing it once per layer saves a sync per use).
     Returns:
         ``[batch, heads, q_len, d_v]``.
     """
     if q.shape[2] <= DECODE_MAX_QUERIES:
-        flags = active_head_flags(active) if head_flags is None else head_flags
-        out = _attend_by_head_runs(q, k, v, flags, attn_mask, is_causal, scale)
+        out = _attend_by_head_runs(q, k, v, active_head_flags(active), attn_mask, is_causal, scale)
         return out if q.shape[2] == 1 else out * active.transpose(1, 2).unsqueeze(-1).to(out.dtype)
     return _attend_by_query_chunks(q, k, v, active, n_always_on, attn_mask, is_causal, causal_keys, scale)
 
@@ -236,30 +231,6 @@ def _product_into(product, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) 
         out.copy_(product(a, b))
     else:
         product(a, b, out=out)
-
-
-def project_active_heads(heads_out: torch.Tensor, head_flags: List[List[bool]], weight: torch.Tensor,
-                         bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The output projection ``y = W_O o + b`` of a few queries reading only the active heads'
-    columns of ``W_O``: ``heads_out [batch, q_len, heads, d_v]`` (zero on inactive heads, whose
-    columns therefore add nothing), ``head_flags`` (:func:`active_head_flags`), ``weight [d_model,
-    heads * d_v]`` -> ``[batch, q_len, d_model]``. Each run of active heads is one matmul on a column
-    view of ``W_O`` (no copy), accumulated in place: a decode step is bound by reading weights, so a
-    third of the heads off is a third of ``W_O`` not read."""
-    batch, q_len, heads, d_v = heads_out.shape
-    out = heads_out.new_empty(batch, q_len, weight.shape[0])
-    for b in range(batch):
-        runs = _head_runs(head_flags[b], 1)
-        if not runs:
-            out[b].zero_()
-        for i, run in enumerate(runs):
-            x = heads_out[b, :, run.start:run.stop].reshape(q_len, -1)
-            w = weight[:, run.start * d_v:run.stop * d_v].t()
-            if i == 0:
-                _product_into(torch.mm, x, w, out[b])
-            else:
-                out[b].addmm_(x, w)
-    return out if bias is None else out.add_(bias)
 
 
 def gathered_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor,
