@@ -108,7 +108,7 @@ class GoHConfig:
     # "pre": x + f(norm(x)) and a final norm (GPT-2, LLaMA, T5); "post": norm(x + f(x)) and no final
     # norm (Vaswani, BERT)
     norm_position: str = _in("shape", "pre")
-    embedding_norm: bool = _in("shape", False)  # a norm after the embeddings (BERT)
+    embedding_norm: bool = _in("shape", False)  # a norm after the embeddings (BERT; BLOOM in a decoder)
     n_decoder_layers: Optional[int] = _in("shape", None)  # seq2seq decoder depth; None = n_layers
     # seq2seq: the token the decoder starts from (labels shifted right behind it) and the id that
     # replaces -100 in those shifted labels (T5: 0 and 0)

@@ -64,9 +64,7 @@ def decode_step(model: nn.Module, ids: torch.Tensor, writer: StaticSlotWriter, p
     slots where ``key_mask [batch, capacity]`` (bool) is true. Returns the logits ``[batch, vocab]``.
     The same function runs eagerly and compiled (what the forward does for one cached token,
     without the checks and losses a generation does not need)."""
-    x = model.embed(ids)
-    if model.position_embed is not None:
-        x = model.position_embed(x, positions)
+    x = model.embed_tokens(ids, positions)
     mask = key_mask[:, None, None, :]  # [batch, 1, 1, capacity]
     for block in model.blocks:
         x, _ = block(x, cache=writer, causal=True, mask=mask, positions=positions)

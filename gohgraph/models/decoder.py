@@ -72,6 +72,8 @@ class GoHTransformer(RoutedModel, nn.Module):
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
         # RoPE lives in the attention; GPT-2 style models add a learned table here
         self.position_embed = build_embedding_positions(cfg)
+        # a norm after the embeddings (BLOOM's word_embeddings_layernorm), as the encoder's
+        self.embedding_norm = build_norm(cfg) if cfg.embedding_norm else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(GoHBlock(cfg, i) for i in range(cfg.n_layers))
         # Mixture-of-Recursions: the same blocks, applied up to max_recursions times per token
@@ -97,10 +99,7 @@ class GoHTransformer(RoutedModel, nn.Module):
             positions = positions_from_mask(attention_mask)[:, offset:]
             mask = attention_mask.bool()[:, None, None, :]  # [batch, 1, 1, keys]
             token_mask = mask[:, 0, 0, offset:]  # [batch, seq]: this call's tokens, for the routers
-        x = self.embed(input_ids)
-        if self.position_embed is not None:
-            x = self.position_embed(x, offset if positions is None else positions)
-        x = self.dropout(x)
+        x = self.dropout(self.embed_tokens(input_ids, offset if positions is None else positions))
         routing, recursion = [], None
         if self.recursion is not None:
             x, routing, recursion = self.recursion(self.blocks, x, cache=cache, mask=mask, positions=positions,
@@ -120,6 +119,15 @@ class GoHTransformer(RoutedModel, nn.Module):
                                           labels[:, 1:].reshape(-1), ignore_index=-100)
             out.loss = out.lm_loss + aux_loss
         return out
+
+    def embed_tokens(self, input_ids: torch.Tensor, positions: Union[int, torch.Tensor]) -> torch.Tensor:
+        """``input_ids [batch, seq]`` at ``positions`` (the first one's index, or ``[batch, seq]``)
+        -> the blocks' input ``[batch, seq, d_model]`` before dropout: the token embeddings, plus the
+        learned position table where there is one, through the embedding norm where there is one."""
+        x = self.embed(input_ids)
+        if self.position_embed is not None:
+            x = self.position_embed(x, positions)
+        return x if self.embedding_norm is None else self.embedding_norm(x)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -64,6 +64,36 @@ def test_cached_prefill_in_chunks_matches_one_pass():
     torch.testing.assert_close(torch.cat(chunks, 1), model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("position_embedding", ["rope", "learned"])
+def test_embedding_norm_normalises_the_blocks_input(position_embedding):
+    """``embedding_norm=True`` puts a norm between the (position-added) embeddings and the first block,
+    in the forward, cached decoding and the compiled decode step alike."""
+    model = tiny_model("linear", embedding_norm=True, position_embedding=position_embedding)
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    ids = torch.randint(0, 64, (2, 9))
+    logits = model(ids).logits
+    embedded = model.embed(ids)
+    if model.position_embed is not None:
+        embedded = model.position_embed(embedded, 0)
+    torch.testing.assert_close(seen[0], model.embedding_norm(embedded))
+    with torch.no_grad():  # the norm's weight reaches the logits: it is applied, not only stored
+        model.embedding_norm.weight.mul_(3.0)
+    assert not torch.allclose(model(ids).logits, logits)
+    prompt = ids[:, :5]
+    cached = model.generate(prompt, max_new_tokens=6, temperature=0)
+    assert torch.equal(cached, model.generate(prompt, max_new_tokens=6, temperature=0, use_cache=False))
+    # the compiled generation's one-token step (run eagerly here: the same function) applies it too
+    from gohgraph.models.compiled_decode import CompiledDecoder, decode_step
+
+    cache = model.new_cache("static", 12)
+    with torch.no_grad():
+        first = model(prompt, cache=cache).logits[:, -1]
+        step_logits = CompiledDecoder(model, cache, None, decode_step)(cached[:, 5:6])
+    torch.testing.assert_close(first.argmax(-1), cached[:, 5])
+    torch.testing.assert_close(step_logits, model(cached[:, :6]).logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
 def test_graph_router_gates_exactly_shared_plus_top_k_heads():
     model = tiny_model("graph")
     routing = model(torch.randint(0, 64, (4, 30))).routing
