@@ -39,7 +39,7 @@ run of heads measured 2.5% slower per token than the one full matmul, BENCHMARKS
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,9 @@ import torch.nn.functional as F
 # queries per chunk of the routed heads in training / prefill: measured on 2 CPU cores at 4,096
 # tokens, 512 and 1,024 were within noise of each other and 256 slower (more calls, smaller GEMMs)
 QUERY_CHUNK = 512
+# CausalRoutedAttention pads a group of heads' queries to its busiest head up to this share of the
+# group's work; an unevenly loaded head starts a group of its own (a call more, fewer padded rows)
+PAD_TOLERANCE = 0.25
 # up to this many queries per call the head-runs kernel is used (a decode step, or a few tokens)
 DECODE_MAX_QUERIES = 4
 # "auto" decodes head-sparse when the cache rows it skips, keys x share of (query, head) pairs off,
@@ -368,8 +371,8 @@ class CausalRoutedAttention(torch.autograd.Function):
 
     Chunk ``[s, e)`` is split by keys: its active queries attend to the **prefix** ``[0, s)`` without
     a mask (the fastest kernel), and every query of the chunk attends to the **diagonal** keys
-    ``[s, e)`` under SDPA's own causal kernel (one call for all routed heads; ``chunk / seq`` of the
-    work). The two softmaxes are merged by their log-sum-exps,
+    ``[s, e)`` under SDPA's own causal kernel (``chunk / seq`` of the work). The two softmaxes are
+    merged by their log-sum-exps,
 
     .. math::
         o = w_p o_p + w_d o_d, \quad w_x = e^{\ell_x - \ell}, \quad \ell = \log(e^{\ell_p} + e^{\ell_d}),
@@ -379,9 +382,14 @@ class CausalRoutedAttention(torch.autograd.Function):
     :math:`D = \mathrm{rowsum}(dO \odot o)` is then the merged softmax's, so each piece's gradients are
     exactly its share of the full attention's.
 
-    The prefix calls take ``torch.get_num_threads()`` heads at a time (the kernel's backward
-    parallelises over heads only), heads of similar load together, each padded to the busiest of
-    its group with inactive queries whose output is dropped and whose gradient is zero.
+    A chunk's prefix runs one call per group of *consecutive* routed heads (:func:`_head_slices`), so
+    the keys and values are views of the prefix (no copy) and their gradients add into it directly
+    (gathering the keys and values of heads grouped by load copied about 60 MB per layer at 4,096
+    tokens). In a group each head's active queries come first (in order), padded to the group's
+    busiest head with inactive ones whose output is dropped and whose gradient is zero; a head is
+    put in a group of its own where padding would waste more than :data:`PAD_TOLERANCE` of the
+    group's work (unevenly loaded heads, as a fresh graph router's), and heads without an active
+    query are left out.
 
     Shapes: ``q, k, v [batch, routed, seq, d]`` (keys at the queries' positions), ``active [batch,
     routed, seq]`` bool -> ``[batch, routed, seq, d]``, zeros at inactive pairs.
@@ -390,34 +398,37 @@ class CausalRoutedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, active, scale):
         batch, routed, seq, _ = q.shape
-        out = q.new_zeros(batch, routed, seq, v.shape[-1])
-        # one head per thread: the kernel's backward parallelises over heads (2, 4 or 8 heads per
-        # call measured within 0.83-0.87x of dense on 2 threads)
-        group_size = max(1, torch.get_num_threads())
+        d_v = v.shape[-1]
+        out = q.new_zeros(batch, routed, seq, d_v)
         pieces = []
         for b in range(batch):
             for start in range(0, seq, QUERY_CHUNK):
                 stop = min(seq, start + QUERY_CHUNK)
                 diag_out, diag_lse = _flash(q[b:b + 1, :, start:stop], k[b:b + 1, :, start:stop],
                                             v[b:b + 1, :, start:stop], 0.0, True, scale=scale)
-                chunk_active = active[b, :, start:stop]
-                if start == 0:  # no prefix: the diagonal call is the whole attention
+                chunk_active = active[b, :, start:stop]  # [routed, chunk]
+                groups = _head_slices(chunk_active.sum(-1).tolist()) if start > 0 else []  # one host sync
+                if not groups:  # no prefix (or no active query): the diagonal call is the whole attention
                     out[b, :, start:stop] = diag_out[0] * chunk_active.unsqueeze(-1).to(out.dtype)
                     pieces.append((b, start, stop, diag_out, diag_lse, []))
                     continue
-                groups = []
-                for heads, pos, valid in _head_groups(chunk_active, group_size):
-                    rows = start + pos  # [group, n] query positions
-                    prefix_out, prefix_lse = _flash(q[b][heads[:, None], rows][None], k[b:b + 1, heads, :start],
+                by_activity = _active_first(chunk_active)
+                prefixes = []
+                for heads, busiest in groups:
+                    pos = by_activity[heads, :busiest]  # [group, n] positions in the chunk
+                    valid = chunk_active[heads].gather(1, pos)
+                    rows = start + pos
+                    prefix_out, prefix_lse = _flash(_rows_of(q[b, heads], rows)[None], k[b:b + 1, heads, :start],
                                                     v[b:b + 1, heads, :start], 0.0, False, scale=scale)
-                    part_out, part_lse = diag_out[0][heads[:, None], pos], diag_lse[0][heads[:, None], pos]
+                    part_out, part_lse = _rows_of(diag_out[0, heads], pos), diag_lse[0, heads].gather(1, pos)
                     lse = torch.logaddexp(prefix_lse[0], part_lse)
                     merged = (torch.exp(prefix_lse[0] - lse).unsqueeze(-1) * prefix_out[0]
                               + torch.exp(part_lse - lse).unsqueeze(-1) * part_out)
                     merged = merged * valid.unsqueeze(-1).to(merged.dtype)
-                    out[b][heads[:, None], rows] = merged.to(out.dtype)
-                    groups.append((heads, pos, valid, prefix_lse, lse))
-                pieces.append((b, start, stop, diag_out, diag_lse, groups))
+                    # every (head, row) at most once: a head's pads are distinct inactive positions
+                    out[b, heads].scatter_(1, _row_index(rows, d_v), merged.to(out.dtype))
+                    prefixes.append((heads, pos, valid, prefix_lse, lse))
+                pieces.append((b, start, stop, diag_out, diag_lse, prefixes))
         ctx.save_for_backward(q, k, v, out, active)
         ctx.pieces, ctx.scale = pieces, scale
         return out
@@ -426,26 +437,28 @@ class CausalRoutedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, active = ctx.saved_tensors
         scale = ctx.scale
+        d, d_v = q.shape[-1], v.shape[-1]
         grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for b, start, stop, diag_out, diag_lse, groups in ctx.pieces:
+        for b, start, stop, diag_out, diag_lse, prefixes in ctx.pieces:
             # rows of queries that were not kept get grad 0, so the kernel's D (and their share) is 0
             chunk_active = active[b, :, start:stop].unsqueeze(-1).to(grad_out.dtype)
             diag_grad = (grad_out[b, :, start:stop] * chunk_active)[None].contiguous()
-            diag_merged = diag_out.clone()
-            for heads, pos, valid, prefix_lse, lse in groups:
+            diag_merged = diag_out.clone() if prefixes else diag_out
+            for heads, pos, valid, prefix_lse, lse in prefixes:
                 rows = start + pos
-                valid = valid.unsqueeze(-1).to(grad_out.dtype)
-                grad_rows, out_rows = grad_out[b][heads[:, None], rows] * valid, out[b][heads[:, None], rows]
-                diag_merged[0][heads[:, None], pos] = out_rows
-                part_lse = diag_lse[0][heads[:, None], pos]
-                diag_grad[0][heads[:, None], pos] = (torch.exp(part_lse - lse).unsqueeze(-1) * grad_rows).to(q.dtype)
+                grad_rows = _rows_of(grad_out[b, heads], rows) * valid.unsqueeze(-1).to(grad_out.dtype)
+                out_rows = _rows_of(out[b, heads], rows)
+                diag_merged[0, heads].scatter_(1, _row_index(pos, d_v), out_rows.to(diag_out.dtype))
+                part_lse = diag_lse[0, heads].gather(1, pos)
+                diag_grad[0, heads].scatter_(1, _row_index(pos, d_v),
+                                             (torch.exp(part_lse - lse).unsqueeze(-1) * grad_rows).to(diag_grad.dtype))
                 prefix_grad = (torch.exp(prefix_lse[0] - lse).unsqueeze(-1) * grad_rows)[None].to(q.dtype)
-                dq, dk, dv = _flash_backward(prefix_grad, q[b][heads[:, None], rows][None],
-                                             k[b:b + 1, heads, :start], v[b:b + 1, heads, :start],
-                                             out_rows[None], prefix_lse, 0.0, False, scale=scale)
-                grad_q[b].index_put_((heads[:, None].expand_as(rows), rows), dq[0], accumulate=True)
-                grad_k[b, :, :start].index_add_(0, heads, dk[0])
-                grad_v[b, :, :start].index_add_(0, heads, dv[0])
+                dq, dk, dv = _flash_backward(prefix_grad, _rows_of(q[b, heads], rows)[None], k[b:b + 1, heads, :start],
+                                             v[b:b + 1, heads, :start], out_rows[None].to(q.dtype), prefix_lse, 0.0,
+                                             False, scale=scale)
+                grad_q[b, heads].scatter_add_(1, _row_index(rows, d), dq[0])
+                grad_k[b, heads, :start] += dk[0]
+                grad_v[b, heads, :start] += dv[0]
             dq, dk, dv = _flash_backward(diag_grad, q[b:b + 1, :, start:stop], k[b:b + 1, :, start:stop],
                                          v[b:b + 1, :, start:stop], diag_merged, diag_lse, 0.0, True, scale=scale)
             grad_q[b, :, start:stop] += dq[0]
@@ -454,20 +467,36 @@ class CausalRoutedAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None
 
 
-def _head_groups(chunk_active: torch.Tensor, group_size: int):
-    """Heads of a chunk in groups of ``group_size`` with similar load, each as ``(heads [g], pos [g, n],
-    valid [g, n])``: per head its active positions first (in order), padded with inactive ones to the
-    group's largest count ``n``. Heads with no active query are left out."""
-    counts = chunk_active.sum(-1)
-    order = torch.argsort(counts, descending=True, stable=True)
-    by_activity = _active_first(chunk_active)
-    counts_list = counts.tolist()
-    ordered = [h for h in order.tolist() if counts_list[h] > 0]
-    for first in range(0, len(ordered), group_size):
-        heads = torch.tensor(ordered[first:first + group_size], device=chunk_active.device)
-        n = counts_list[ordered[first]]
-        pos = by_activity[heads, :n]
-        yield heads, pos, chunk_active[heads[:, None], pos]
+def _head_slices(loads: List[int]) -> List[Tuple[slice, int]]:
+    """Groups of consecutive heads for :class:`CausalRoutedAttention`'s prefix calls, from each head's
+    number of active queries in a chunk: ``(heads, busiest)``, the heads as a slice and the largest
+    load among them. A group ends before a head without active queries (left out) and before a
+    head whose joining would pad more than :data:`PAD_TOLERANCE` of the group's work."""
+    groups: List[Tuple[slice, int]] = []
+    first, busiest, total = None, 0, 0
+    for head, load in enumerate(loads):
+        if first is not None:
+            size, top = head - first + 1, max(busiest, load)
+            if load == 0 or size * top - (total + load) > PAD_TOLERANCE * size * top:
+                groups.append((slice(first, head), busiest))
+                first = None
+        if load and first is None:
+            first, busiest, total = head, load, load
+        elif load:
+            busiest, total = max(busiest, load), total + load
+    if first is not None:
+        groups.append((slice(first, len(loads)), busiest))
+    return groups
+
+
+def _row_index(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """``rows [heads, n]`` -> the ``gather``/``scatter`` index ``[heads, n, width]`` along dim 1."""
+    return rows.unsqueeze(-1).expand(*rows.shape, width)
+
+
+def _rows_of(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x [heads, seq, d]`` at ``rows [heads, n]`` (per head its own rows) -> ``[heads, n, d]``."""
+    return x.gather(1, _row_index(rows, x.shape[-1]))
 
 
 def _active_first(chunk_active: torch.Tensor) -> torch.Tensor:

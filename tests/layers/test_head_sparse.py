@@ -111,6 +111,26 @@ def test_the_fused_merge_runs_in_float32_too(small_chunks):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+def test_unevenly_loaded_heads_split_into_groups_and_stay_exact(small_chunks):
+    """Routed heads always on, never on, on for one query, and random (a fresh graph router's
+    uneven loads): the prefix calls run groups of consecutive heads (:func:`_head_slices`), and the
+    result is the masked reference's in float64, outputs and gradients."""
+    assert head_sparse._head_slices([8, 0, 1, 7, 6, 0]) == [(slice(0, 1), 8), (slice(2, 3), 1), (slice(3, 5), 7)]
+    assert head_sparse._head_slices([5, 6, 5, 6]) == [(slice(0, 4), 6)]  # even loads: one call
+    assert head_sparse._head_slices([0, 0]) == []
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 6, 35, 8, generator=generator, dtype=torch.float64).requires_grad_() for _ in range(3))
+    active = random_active(1, 35, 6, 1, generator)
+    active[..., 1], active[..., 2], active[..., 3] = True, False, False
+    active[0, 20, 3] = True
+    expected = masked_reference(q, k, v, active, None, True)
+    got = head_sparse_attention(q, k, v, active, 1, None, True, causal_keys=True, scale=None)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    for g, e in zip(torch.autograd.grad(got.square().sum(), (q, k, v)),
+                    torch.autograd.grad(expected.square().sum(), (q, k, v))):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("kv_heads", [6, 2, 1])
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
 def test_gathered_heads_equal_the_masked_reference(kv_heads, mask_kind):
