@@ -64,9 +64,9 @@ MIN_SKIPPED_DECODE_KEYS = 512
 # below, not measured
 MIN_GATHERED_DECODE_KEYS = 128
 # ... and runs the query-chunk kernel (training, prefill) from this many queries on: None = never.
-# Measured on 2 CPU cores (benchmarks/results/head_sparse_user_shapes_run2.md, head_sparse_train_8k.md):
-# it cuts the step's FLOPs by 10% at 8 of 12 heads but not its time (1,024-8,192 tokens: 0.96-1.01x
-# of masked), since the gathers and the prefix-gradient sums eat what the kernels save
+# Measured on 2 CPU cores (benchmarks/results/head_sparse_train_session12.md): it cuts the step's
+# FLOPs by 10% at 8 of 12 heads but a 2-layer step's time by at most 2.4% (MoH at 4,096 tokens),
+# is slower than masked at 1,024 tokens and for a fresh graph router's uneven loads (GoH)
 MIN_SPARSE_QUERIES: Optional[int] = None
 
 
