@@ -3,6 +3,7 @@ k = T/8, the attention step at 4,096 tokens <= 0.5x dense's), forward + backward
 run, with the FLOPs of each counted beside the time.
 
     python benchmarks/bench_mosa.py                                  # d_model 768, 12 heads, 1k and 4k tokens
+    python benchmarks/bench_mosa.py --tables eval                    # the evaluation forward only
     python benchmarks/bench_mosa.py --d-model 64 --heads 4 --tokens 128 --repeats 1   # a smoke run
 
 Rows (one attention layer each, batch 1, training mode):
@@ -10,6 +11,13 @@ Rows (one attention layer each, batch 1, training mode):
 * ``dense``: ``GoHAttention`` with ``--heads`` dense heads (fused causal SDPA over every token);
 * ``MoSA k=T/rho``: the same number of sparse heads alone
   (:class:`gohgraph.layers.mosa.MixtureOfSparseAttention`), each keeping ``T / rho`` tokens.
+
+The **eval** table times an evaluation forward (no gradient, no cache) of the same layers under
+MoSA's per-token rule (``mosa_inference="score-threshold"``, its threshold set to the ``1 - 1/rho``
+quantile of the scores, so each head keeps about ``T / rho`` tokens as a trained rule does): the
+gathered computation (only the kept tokens projected and attended) against the masked one (every
+token projected, the dropped keys masked out: what a forward with a key mask and no token mask
+runs) and against dense.
 
 ``x dense`` is the time of dense over the time of the row (> 1: faster than dense). FLOPs are
 counted with ``torch.utils.flop_counter`` (:mod:`gohgraph.analysis.flops`). Timing on a shared
@@ -38,8 +46,16 @@ def main() -> None:
     parser.add_argument("--sparsity", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tables", nargs="+", choices=["train", "eval"], default=["train", "eval"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if "train" in args.tables:
+        train_table(args)
+    if "eval" in args.tables:
+        eval_table(args)
+
+
+def train_table(args) -> None:
     print("| tokens | row | k per head | fwd+bwd ms | x dense | MFLOPs | FLOPs vs dense |")
     print("|---|---|---|---|---|---|---|")
     for tokens in args.tokens:
@@ -65,6 +81,45 @@ def main() -> None:
         for name, (_, _, kept) in rows.items():
             print(f"| {tokens} | {name} | {kept} | {1e3 * seconds[name]:.1f} | {seconds['dense'] / seconds[name]:.2f}x "
                   f"| {flops[name] / 1e6:.1f} | {flops[name] / flops['dense']:.3f} |", flush=True)
+
+
+def eval_table(args) -> None:
+    print("\n### Evaluation forward (no gradient, no cache), the per-token rule keeping about T / rho tokens "
+          "per head\n")
+    print("| tokens | row | tokens kept per head (mean) | forward ms | x dense | MFLOPs | FLOPs vs dense |")
+    print("|---|---|---|---|---|---|---|")
+    for tokens in args.tokens:
+        cfg = GoHConfig(d_model=args.d_model, n_heads=args.heads, n_layers=1, max_seq_len=tokens)
+        torch.manual_seed(0)
+        x = torch.randn(1, tokens, args.d_model)
+        key_mask = torch.ones(1, 1, 1, tokens, dtype=torch.bool)
+        dense = build_attention(cfg, 0).eval()
+        runs, kept = {"dense": lambda: dense(x)}, {"dense": float(tokens)}
+        for sparsity in args.sparsity:
+            sparse_cfg = cfg.replace(n_mosa_heads=args.heads, mosa_sparsity=sparsity, mosa_inference="score-threshold")
+            module, rotary = MixtureOfSparseAttention(sparse_cfg, 0).eval(), build_query_key_positions(sparse_cfg)
+            with torch.no_grad():  # a trained rule's threshold: about T / rho tokens above it per head
+                scores = torch.sigmoid(torch.nn.functional.linear(x[0], module.router))
+                module.score_threshold.copy_(scores.quantile(1 - 1 / sparsity, dim=0))
+            kept[f"MoSA k~T/{sparsity} gathered"] = float(module(x, rotary)[1].selected.sum(1).float().mean())
+            kept[f"MoSA k~T/{sparsity} masked"] = kept[f"MoSA k~T/{sparsity} gathered"]
+            runs[f"MoSA k~T/{sparsity} gathered"] = lambda module=module, rotary=rotary: module(x, rotary)
+            runs[f"MoSA k~T/{sparsity} masked"] = (lambda module=module, rotary=rotary:
+                                                   module(x, rotary, mask=key_mask))
+        runs = {name: no_grad(run) for name, run in runs.items()}
+        seconds = interleaved_median_seconds(runs, args.repeats, warmup=1)
+        flops = {name: count_flops(run)[0] for name, run in runs.items()}
+        for name in runs:
+            print(f"| {tokens} | {name} | {kept[name]:.0f} | {1e3 * seconds[name]:.1f} "
+                  f"| {seconds['dense'] / seconds[name]:.2f}x | {flops[name] / 1e6:.1f} "
+                  f"| {flops[name] / flops['dense']:.3f} |", flush=True)
+
+
+def no_grad(run):
+    def wrapped() -> None:
+        with torch.no_grad():
+            run()
+    return wrapped
 
 
 if __name__ == "__main__":

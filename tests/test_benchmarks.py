@@ -108,9 +108,14 @@ def test_bench_head_sparse_prints_every_table_and_row():
 def test_bench_mosa_counts_sparse_heads_below_dense():
     out = run_benchmark("bench_mosa.py", "--d-model", "32", "--heads", "4", "--tokens", "64", "--sparsity", "8",
                         "--repeats", "1")
-    rows = {line.split("|")[2].strip(): line.split("|") for line in out.splitlines() if line.startswith("| 64 ")}
+    train, evaluation = out.split("### Evaluation forward")
+    rows = {line.split("|")[2].strip(): line.split("|") for line in train.splitlines() if line.startswith("| 64 ")}
     assert set(rows) == {"dense", "MoSA k=T/8"} and rows["MoSA k=T/8"][3].strip() == "8"
     assert float(rows["MoSA k=T/8"][7]) < 1.0  # fewer FLOPs than dense attention with as many heads
+    rows = {line.split("|")[2].strip(): line.split("|") for line in evaluation.splitlines() if line.startswith("| 64 ")}
+    assert set(rows) == {"dense", "MoSA k~T/8 gathered", "MoSA k~T/8 masked"}
+    # the gathered rule computes only what it keeps: fewer FLOPs than dense and than the masked rule
+    assert float(rows["MoSA k~T/8 gathered"][6]) < min(float(rows["dense"][6]), float(rows["MoSA k~T/8 masked"][6]))
 
 
 def test_mosa_decode_gap_reports_both_rules():

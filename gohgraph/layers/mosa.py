@@ -35,10 +35,13 @@ code has no decoding path; gohgraph decides per token, by ``cfg.mosa_inference``
 
 In evaluation mode (plain forward and ``generate`` alike) the heads attend among the tokens the rule
 keeps, causally, and the output keeps the weight :math:`r_{t,h}`; the train/inference gap is the
-loss difference between the two rules (docs/decoding.md). Evaluation runs masked: every token of the call is projected, the keys of
-tokens the rule drops are masked out, and the cache (its own slot per layer,
-:func:`sparse_cache_slot`) holds every token with the rule's decision as one extra value channel.
-Training compute is what MoSA saves; the paper's smaller KV cache is not realised here.
+loss difference between the two rules (docs/decoding.md). A call with nothing cached before it (an evaluation forward, a generation's
+prompt) gathers as training does: each head projects and attends only the tokens the rule keeps
+(padded to the most any head keeps). Later calls (decode steps, a prompt fed in chunks) run
+masked: every token of the call is projected and the keys of tokens the rule drops are masked out.
+The cache (its own slot per layer, :func:`sparse_cache_slot`) holds every position with the rule's
+decision as one extra value channel (zeros where a gathered call dropped the token), so the paper's
+smaller KV cache is not realised here.
 """
 
 from __future__ import annotations
@@ -151,6 +154,24 @@ class MixtureOfSparseAttention(nn.Module):
         chosen, order = chosen.sort(dim=-1)
         if valid is not None:
             valid = valid.gather(-1, order)
+        y, _, _ = self._attend_kept(x, scores, chosen, valid, rotary, positions,
+                                    dropout=self.dropout if self.training else 0.0)
+        selected = torch.zeros(batch, heads, seq, dtype=torch.bool, device=x.device)
+        selected = selected.scatter(-1, chosen, True if valid is None else valid).transpose(1, 2)
+        losses = {MOSA_AUX: self._inference_router_loss(x, selected, token_mask)}
+        return y, TokenSelection(selected, scores.detach(), losses)
+
+    def _attend_kept(self, x: torch.Tensor, scores: torch.Tensor, chosen: torch.Tensor, valid: Optional[torch.Tensor],
+                     rotary: Optional[nn.Module], positions: Optional[torch.Tensor], dropout: float
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each head over its kept tokens only: ``chosen [batch, H_s, n]`` token indices in position
+        order, ``valid [batch, H_s, n]`` (``None``: all real; ``False``: a pad, a distinct token that
+        is nobody's key and whose output is dropped), ``scores [batch, seq, H_s]`` -> ``y [batch, seq,
+        d_model]``, zero at the tokens a head did not keep, and the chosen tokens' (rotated) keys and
+        values ``[batch, H_s, n, d_h]``. Only the kept tokens are projected and attended (causally
+        among themselves, by position), and each output is weighted by its score."""
+        batch, seq, d_model = x.shape
+        heads, k = chosen.shape[1], chosen.shape[2]
         gate = scores.transpose(1, 2).gather(-1, chosen)  # r at the kept tokens, with gradient
         if valid is not None:
             gate = gate * valid
@@ -166,14 +187,12 @@ class MixtureOfSparseAttention(nn.Module):
             attn_mask = (torch.ones(k, k, dtype=torch.bool, device=x.device).tril() & valid[:, :, None, :]) | same
             is_causal = False
         attn = F.scaled_dot_product_attention(q, key, value, attn_mask=attn_mask, is_causal=is_causal,
-                                              scale=self.scale, dropout_p=self.dropout if self.training else 0.0)
+                                              scale=self.scale, dropout_p=dropout)
         rows = torch.einsum("bhkf,hfd->bhkd", attn * gate.to(attn.dtype)[..., None], self.out)
-        y = x.new_zeros(batch, seq, d_model).scatter_add(1, flat[..., None].expand(-1, -1, d_model),
-                                                         rows.reshape(batch, heads * k, d_model))
-        selected = torch.zeros(batch, heads, seq, dtype=torch.bool, device=x.device)
-        selected = selected.scatter(-1, chosen, True if valid is None else valid).transpose(1, 2)
-        losses = {MOSA_AUX: self._inference_router_loss(x, selected, token_mask)}
-        return y, TokenSelection(selected, scores.detach(), losses)
+        # in the rows' dtype: bf16 under autocast, as the projections give it (x stays float32)
+        y = rows.new_zeros(batch, seq, d_model).scatter_add(1, flat[..., None].expand(-1, -1, d_model),
+                                                            rows.reshape(batch, heads * k, d_model))
+        return y, key, value
 
     @torch.no_grad()
     def _track_threshold(self, top_scores: torch.Tensor, kept_count: Optional[torch.Tensor], k: int) -> None:
@@ -215,6 +234,11 @@ class MixtureOfSparseAttention(nn.Module):
             kept = kept | (token_positions == 0)[..., None]
         if token_mask is not None:
             kept = kept & token_mask[..., None]
+        # gathered where nothing is cached yet (an evaluation forward, a generation's prompt); padding
+        # is in `kept` already, so a key mask is redundant with the token mask
+        if offset == 0 and (mask is None or token_mask is not None):
+            y = self._gathered_rule(x, scores, kept, rotary, token_positions, cache)
+            return y, TokenSelection(kept, scores.detach())
         q, key, value = torch.einsum("btd,hdf->bhtf", x, self.qkv).chunk(3, dim=-1)
         q, key = self._rotate(rotary, q, key, token_positions[:, None, :].expand(-1, self.n_heads, -1))
         kept_keys = kept.transpose(1, 2)  # [batch, H_s, seq]
@@ -232,6 +256,32 @@ class MixtureOfSparseAttention(nn.Module):
         gate = (scores * kept).transpose(1, 2).to(attn.dtype)  # [batch, H_s, seq]
         y = torch.einsum("bhtf,hfd->btd", attn * gate[..., None], self.out)
         return y, TokenSelection(kept, scores.detach())
+
+    def _gathered_rule(self, x: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor, rotary: Optional[nn.Module],
+                       positions: torch.Tensor, cache: Optional[KVCache]) -> torch.Tensor:
+        """The per-token rule's output over the call's tokens alone, computed on the kept tokens only
+        (:meth:`_attend_kept`): ``kept [batch, seq, H_s]``, ``positions [batch, seq]`` -> ``y [batch,
+        seq, d_model]``. Each head's kept tokens come first in position order, padded to the most any
+        head keeps. With an (empty) ``cache`` the keys and values go in too: the computed ones at
+        their tokens, zeros at the rest, which the decision channel masks out of every later step."""
+        batch, seq, _ = x.shape
+        kept_by_head = kept.transpose(1, 2)  # [batch, H_s, seq]
+        most = int(kept_by_head.sum(-1).max())  # one host sync
+        chosen = torch.sort((~kept_by_head).to(torch.uint8), dim=-1, stable=True).indices[..., :most]
+        if most:
+            y, key, value = self._attend_kept(x, scores, chosen, kept_by_head.gather(-1, chosen), rotary,
+                                              positions, dropout=0.0)
+        else:
+            y = torch.zeros_like(x)  # nothing kept: no head writes anything
+        if cache is not None:
+            slots = chosen[..., None].expand(-1, -1, -1, self.head_dim)
+            dtype = key.dtype if most else x.dtype  # what the projections give (bf16 under autocast)
+            keys = x.new_zeros(batch, self.n_heads, seq, self.head_dim, dtype=dtype)
+            values = x.new_zeros(batch, self.n_heads, seq, self.head_dim, dtype=dtype)
+            if most:
+                keys, values = keys.scatter(2, slots, key), values.scatter(2, slots, value)
+            cache.append(self.cache_slot, keys, torch.cat([values, kept_by_head[..., None].to(values.dtype)], -1))
+        return y
 
     @staticmethod
     def _rotate(rotary: Optional[nn.Module], q: torch.Tensor, key: torch.Tensor, positions: torch.Tensor

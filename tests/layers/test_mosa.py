@@ -245,6 +245,75 @@ def test_cached_decoding_equals_recompute(overrides):
     assert torch.equal(cached, recomputed)
 
 
+def masked_rule_reference(module, x, rotary, kept, positions):
+    """The per-token rule spelled out over every token: each head projects all of them and attends
+    to the kept keys at or before each query; outputs weighted by score x kept."""
+    batch, seq, _ = x.shape
+    scores = torch.sigmoid(F.linear(x.float(), module.router.float()))
+    q, key, value = torch.einsum("btd,hdf->bhtf", x, module.qkv).chunk(3, dim=-1)
+    q, key = module._rotate(rotary, q, key, positions[:, None, :].expand(-1, module.n_heads, -1))
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    allowed = (causal & kept.transpose(1, 2)[:, :, None, :]) | torch.eye(seq, dtype=torch.bool)
+    attn = F.scaled_dot_product_attention(q, key, value, attn_mask=allowed)
+    gate = (scores * kept).transpose(1, 2)[..., None]
+    return torch.einsum("bhtf,hfd->btd", attn * gate, module.out)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("overrides", [dict(), THRESHOLD, dict(mosa_include_first=True)],
+                         ids=["aux-router", "score-threshold", "include-first"])
+def test_evaluation_attends_only_the_kept_tokens_and_equals_the_masked_rule(padded, overrides, monkeypatch):
+    """Without a cache the rule's output is computed on the kept tokens only (gathered, padded to the
+    most any head keeps): equal to the masked computation in outputs and gradients, and only
+    kept tokens reach the projections."""
+    cfg, module, rotary = sparse_heads(**overrides)
+    module.eval()
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 21, cfg.d_model, generator=generator, requires_grad=True)
+    token_mask = positions = None
+    if padded:
+        token_mask = torch.ones(2, 21, dtype=torch.bool)
+        token_mask[1, :6] = False
+        positions = (token_mask.long().cumsum(-1) - 1).clamp(min=0)
+    y, record = module(x, rotary, positions=positions, token_mask=token_mask)
+    kept = record.selected
+    assert 0 < int(kept.sum()) < kept.numel()  # the rule keeps some tokens and drops others
+    want = masked_rule_reference(module, x, rotary, kept,
+                                 torch.arange(21).expand(2, 21) if positions is None else positions)
+    if padded:  # a padded token's output is never read
+        want = want * token_mask[..., None]
+        y = y * token_mask[..., None]
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    params = (x, module.router, module.qkv, module.out)
+    for got, expected in zip(torch.autograd.grad(y.square().sum(), params, allow_unused=True),
+                             torch.autograd.grad(want.square().sum(), params)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    seen, real = [], torch.einsum
+    monkeypatch.setattr(torch, "einsum", lambda equation, *ops: seen.append(ops[0].shape) or real(equation, *ops))
+    with torch.no_grad():
+        module(x, rotary, positions=positions, token_mask=token_mask)
+    most = int(kept.sum(1).max())  # [batch, heads] -> the most any head of any row keeps
+    assert seen[0] == (2, cfg.n_mosa_heads, most, cfg.d_model) and most < 21
+
+
+def test_bf16_autocast_trains_and_decodes():
+    """Under autocast the projections give bf16 rows while the residual stream stays float32: the
+    training step runs and reaches the sparse heads' weights, and cached decoding keeps the
+    recomputed tokens (the gathered prompt writes bf16 keys into the cache, as later steps do)."""
+    model = mosa_model().train()
+    ids = torch.randint(0, 32, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    sparse = model.blocks[0].attn.sparse_heads
+    assert torch.isfinite(loss) and sparse.qkv.grad.abs().sum() > 0 and sparse.out.grad.abs().sum() > 0
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for cache in ("dynamic", "static"):
+            cached = model.generate(ids[:, :6], max_new_tokens=6, temperature=0.0, cache=cache)
+            assert torch.equal(cached, model.generate(ids[:, :6], max_new_tokens=6, temperature=0.0, use_cache=False))
+
+
 def test_left_padded_generation_equals_each_row_alone():
     model = mosa_model().eval()
     long = torch.randint(0, 32, (1, 7), generator=torch.Generator().manual_seed(8))
