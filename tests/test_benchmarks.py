@@ -107,8 +107,11 @@ def test_bench_head_sparse_prints_every_table_and_row():
 
 def test_bench_mosa_counts_sparse_heads_below_dense():
     out = run_benchmark("bench_mosa.py", "--d-model", "32", "--heads", "4", "--tokens", "64", "--sparsity", "8",
-                        "--repeats", "1")
+                        "--repeats", "1", "--contexts", "32", "--decode-layers", "1", "--steps", "2")
     train, evaluation = out.split("### Evaluation forward")
+    evaluation, decode = evaluation.split("### Decode")
+    assert {line.split("|")[2].strip() for line in decode.splitlines() if line.startswith("| 32 ")} == {
+        "dense", "MoSA, masked steps", "MoSA, head-run steps"}
     rows = {line.split("|")[2].strip(): line.split("|") for line in train.splitlines() if line.startswith("| 64 ")}
     assert set(rows) == {"dense", "MoSA k=T/8"} and rows["MoSA k=T/8"][3].strip() == "8"
     assert float(rows["MoSA k=T/8"][7]) < 1.0  # fewer FLOPs than dense attention with as many heads

@@ -35,12 +35,20 @@ code has no decoding path; gohgraph decides per token, by ``cfg.mosa_inference``
 
 In evaluation mode (plain forward and ``generate`` alike) the heads attend among the tokens the rule
 keeps, causally, and the output keeps the weight :math:`r_{t,h}`; the train/inference gap is the
-loss difference between the two rules (docs/decoding.md). A call with nothing cached before it (an evaluation forward, a generation's
-prompt) gathers as training does: each head projects and attends only the tokens the rule keeps
-(padded to the most any head keeps). Later calls (decode steps, a prompt fed in chunks) run
-masked: every token of the call is projected and the keys of tokens the rule drops are masked out.
+loss difference between the two rules (docs/decoding.md). How it is computed:
+
+* a call with nothing cached before it (an evaluation forward, a generation's prompt) gathers as
+  training does: each head projects and attends only the tokens the rule keeps (padded to the most
+  any head keeps);
+* a decode step (at most :data:`~gohgraph.layers.head_sparse.DECODE_MAX_QUERIES` tokens): only the
+  heads that keep one of its tokens project it and attend, by the head-runs kernel of
+  :mod:`~gohgraph.layers.head_sparse` (a trained rule keeps about one token in ``ρ``, so most heads
+  read neither their weights nor the cache);
+* a longer call after cached ones (a prompt fed in chunks) runs masked: every token projected, the
+  keys the rule drops masked out.
+
 The cache (its own slot per layer, :func:`sparse_cache_slot`) holds every position with the rule's
-decision as one extra value channel (zeros where a gathered call dropped the token), so the paper's
+decision as one extra value channel (zeros where a head did not project the token), so the paper's
 smaller KV cache is not realised here.
 """
 
@@ -54,6 +62,7 @@ from torch import nn
 
 from ..config import GoHConfig
 from ..routing import TokenSelection
+from .head_sparse import DECODE_MAX_QUERIES, head_sparse_attention
 from .kv_cache import KVCache
 
 MOSA_AUX = "mosa_aux_bce"  # the inference router's BCE loss, in LayerRouting.aux_losses
@@ -239,8 +248,11 @@ class MixtureOfSparseAttention(nn.Module):
         if offset == 0 and (mask is None or token_mask is not None):
             y = self._gathered_rule(x, scores, kept, rotary, token_positions, cache)
             return y, TokenSelection(kept, scores.detach())
-        q, key, value = torch.einsum("btd,hdf->bhtf", x, self.qkv).chunk(3, dim=-1)
-        q, key = self._rotate(rotary, q, key, token_positions[:, None, :].expand(-1, self.n_heads, -1))
+        decoding = seq <= DECODE_MAX_QUERIES
+        # a decode step: only the heads that keep one of its tokens project and attend (another head's
+        # key is masked out of every later step and its output is gated to 0: never read)
+        heads = kept.flatten(0, 1).any(0).nonzero().squeeze(-1) if decoding else None  # one host sync
+        q, key, value = self._project(x, token_positions, rotary, heads)
         kept_keys = kept.transpose(1, 2)  # [batch, H_s, seq]
         if cache is not None:  # the rule's decision travels with the values, so any cache kind holds it
             key, flagged = cache.append(self.cache_slot, key, torch.cat([value, kept_keys[..., None].to(value.dtype)], -1))
@@ -252,10 +264,30 @@ class MixtureOfSparseAttention(nn.Module):
         if mask is not None:
             allowed = allowed & mask[..., -total:]
         allowed = allowed | (key_pos == query_pos)  # a dropped query sees itself (its output is not used)
-        attn = F.scaled_dot_product_attention(q, key, value, attn_mask=allowed, scale=self.scale)
-        gate = (scores * kept).transpose(1, 2).to(attn.dtype)  # [batch, H_s, seq]
-        y = torch.einsum("bhtf,hfd->btd", attn * gate[..., None], self.out)
+        gate, out = (scores * kept).transpose(1, 2), self.out  # gate [batch, H_s, seq]
+        if decoding:  # the head-runs kernel reads only the kept heads' cache rows (views)
+            attn = head_sparse_attention(q, key, value, kept, 0, allowed, False, causal_keys=False, scale=self.scale)
+            attn, gate, out = attn.index_select(1, heads), gate.index_select(1, heads), out.index_select(0, heads)
+        else:
+            attn = F.scaled_dot_product_attention(q, key, value, attn_mask=allowed, scale=self.scale)
+        y = torch.einsum("bhtf,hfd->btd", attn * gate.to(attn.dtype)[..., None], out)
         return y, TokenSelection(kept, scores.detach())
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor, rotary: Optional[nn.Module],
+                 heads: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values ``[batch, H_s, seq, d_h]`` of every token of ``x [batch, seq,
+        d_model]``, rotated at ``positions [batch, seq]``; with ``heads`` (indices) only those heads
+        are projected, the others' rows are zeros."""
+        weights = self.qkv if heads is None else self.qkv.index_select(0, heads)
+        q, key, value = torch.einsum("btd,hdf->bhtf", x, weights).chunk(3, dim=-1)
+        q, key = self._rotate(rotary, q, key, positions[:, None, :].expand(-1, weights.shape[0], -1))
+        if heads is None:
+            return q, key, value
+        batch, seq = x.shape[:2]
+
+        def every_head(part: torch.Tensor) -> torch.Tensor:
+            return part.new_zeros(batch, self.n_heads, seq, self.head_dim).index_copy(1, heads, part)
+        return every_head(q), every_head(key), every_head(value)
 
     def _gathered_rule(self, x: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor, rotary: Optional[nn.Module],
                        positions: torch.Tensor, cache: Optional[KVCache]) -> torch.Tensor:

@@ -296,6 +296,29 @@ def test_evaluation_attends_only_the_kept_tokens_and_equals_the_masked_rule(padd
     assert seen[0] == (2, cfg.n_mosa_heads, most, cfg.d_model) and most < 21
 
 
+def test_a_decode_step_projects_and_attends_only_the_heads_that_keep_its_token():
+    """A decode step's FLOPs: the router, then for each head that keeps the token its projections,
+    its attention over the kept keys and its output; a head that drops it costs nothing more."""
+    model = mosa_model(mosa_inference="score-threshold").eval()
+    sparse = model.blocks[0].attn.sparse_heads
+    cfg = model.config
+    ids = torch.randint(0, 32, (1, 9), generator=torch.Generator().manual_seed(1))
+    cache = model.new_cache("static", 12)
+    x = torch.randn(1, 1, cfg.d_model)
+    with torch.no_grad():
+        model(ids, cache=cache)
+        flops = {}
+        for keeping in (0, 1, 4):  # heads whose threshold the new token clears
+            sparse.score_threshold.fill_(2.0)  # above every sigmoid score: nothing kept
+            sparse.score_threshold[:keeping] = -1.0
+            cache.lengths = [9] * len(cache.lengths)
+            flops[keeping] = count_flops(lambda: sparse(x, model.blocks[0].attn.rotary, cache=cache))[0]
+    router = 2 * cfg.d_model * cfg.n_mosa_heads
+    assert flops[0] == router
+    per_head = (flops[4] - router) / 4
+    assert flops[1] == router + per_head and per_head >= 2 * cfg.d_model * 3 * cfg.head_dim
+
+
 def test_bf16_autocast_trains_and_decodes():
     """Under autocast the projections give bf16 rows while the residual stream stays float32: the
     training step runs and reaches the sparse heads' weights, and cached decoding keeps the
