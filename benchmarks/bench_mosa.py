@@ -112,9 +112,7 @@ def eval_table(args) -> None:
         for sparsity in args.sparsity:
             sparse_cfg = cfg.replace(n_mosa_heads=args.heads, mosa_sparsity=sparsity, mosa_inference="score-threshold")
             module, rotary = MixtureOfSparseAttention(sparse_cfg, 0).eval(), build_query_key_positions(sparse_cfg)
-            with torch.no_grad():  # a trained rule's threshold: about T / rho tokens above it per head
-                scores = torch.sigmoid(torch.nn.functional.linear(x[0], module.router))
-                module.score_threshold.copy_(scores.quantile(1 - 1 / sparsity, dim=0))
+            keep_about(module, x[0], sparsity)
             kept[f"MoSA k~T/{sparsity} gathered"] = float(module(x, rotary)[1].selected.sum(1).float().mean())
             kept[f"MoSA k~T/{sparsity} masked"] = kept[f"MoSA k~T/{sparsity} gathered"]
             runs[f"MoSA k~T/{sparsity} gathered"] = lambda module=module, rotary=rotary: module(x, rotary)
@@ -142,12 +140,10 @@ def decode_table(args) -> None:
         dense = GoHTransformer(cfg).eval()
         sparse = GoHTransformer(cfg.replace(n_mosa_heads=args.heads, mosa_sparsity=8,
                                             mosa_inference="score-threshold")).eval()
-        with torch.no_grad():  # each layer's threshold keeps about 1 token in 8, as a trained rule does
-            x = sparse.embed(prompt)
+        with torch.no_grad():  # each layer's heads see its normalised input (the embeddings, roughly)
+            x = sparse.embed(prompt)[0]
             for block in sparse.blocks:
-                heads = block.attn.sparse_heads
-                scores = torch.sigmoid(torch.nn.functional.linear(block.attn_norm(x)[0], heads.router))
-                heads.score_threshold.copy_(scores.quantile(7 / 8, dim=0))
+                keep_about(block.attn.sparse_heads, block.attn_norm(x), 8)
         runs = {"dense": decode_run(dense, prompt, args.steps),
                 "MoSA, masked steps": decode_run(sparse, prompt, args.steps, steps_masked=True),
                 "MoSA, head-run steps": decode_run(sparse, prompt, args.steps)}
@@ -155,6 +151,14 @@ def decode_table(args) -> None:
         for name in runs:
             print(f"| {context} | {name} | {args.steps / seconds[name]:.1f} | {seconds['dense'] / seconds[name]:.2f}x |",
                   flush=True)
+
+
+def keep_about(module: MixtureOfSparseAttention, tokens: torch.Tensor, sparsity: int) -> None:
+    """Set the score-threshold rule of ``module`` so each head keeps about ``1 / sparsity`` of
+    ``tokens [seq, d_model]``, as a trained rule does (a fresh one keeps about half)."""
+    with torch.no_grad():
+        scores = torch.sigmoid(torch.nn.functional.linear(tokens, module.router))
+        module.score_threshold.copy_(scores.quantile(1 - 1 / sparsity, dim=0))
 
 
 def decode_run(model, prompt: torch.Tensor, steps: int, steps_masked: bool = False):
