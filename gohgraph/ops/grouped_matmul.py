@@ -15,8 +15,12 @@ import torch
 import torch.nn.functional as F
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# where routed_matmul adds expert by expert instead of one grouped_mm (see its docstring)
+# where routed_matmul adds expert by expert instead of one grouped_mm (see its docstring): on these
+# devices, from this many assignments per expert on average. Measured on 2 CPU cores (SwitchHead's
+# 4 heads x 5 experts, 768 <-> 64): at 205 per expert the two tie in training (1.00x), at 307 the
+# loop takes 0.84x the time (0.55x without gradient), at 26 or fewer (decoding) it takes 1.5-2.4x
 EXPERT_BY_EXPERT_DEVICES = ("cpu",)
+EXPERT_BY_EXPERT_MIN_ROWS = 256
 
 
 def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, group_offsets: torch.Tensor) -> torch.Tensor:
@@ -67,9 +71,10 @@ def routed_matmul(rows: torch.Tensor, weights: torch.Tensor, expert_ids: torch.T
     Only the chosen ``(row, expert)`` products are computed (docs/experts.md; the MoE layer's dispatch
     adds capacity and expert parallelism on top of the same three steps). The gate multiplies the
     narrower of the rows and the products, the same value (``(g r) W = g (r W)``) at less memory
-    traffic. On CPU each expert's products are added into the result as they are made: ``grouped_mm``
-    there is a loop of matmuls anyway, and skipping its ``[A, d_out]`` intermediate made SwitchHead's
-    attention step ~12% faster (d_model 768, 1,024 tokens; BENCHMARKS.md).
+    traffic. On CPU, with many rows per expert (:data:`EXPERT_BY_EXPERT_MIN_ROWS`), each expert's
+    products are added into the result as they are made: ``grouped_mm`` there is a loop of matmuls
+    anyway, and skipping its ``[A, d_out]`` intermediate made SwitchHead's attention step ~12% faster
+    (d_model 768, 1,024 tokens; BENCHMARKS.md); with few (a decode step) one ``grouped_mm`` is faster.
 
     Args:
         rows: ``[R, d_in]``.
@@ -86,7 +91,7 @@ def routed_matmul(rows: torch.Tensor, weights: torch.Tensor, expert_ids: torch.T
     gates = gates.index_select(0, order).to(rows.dtype).unsqueeze(-1)
     gate_inputs = rows.shape[-1] <= weights.shape[-1]
     weights = weights.to(rows.dtype)
-    if rows.device.type in EXPERT_BY_EXPERT_DEVICES:
+    if adds_expert_by_expert(rows.device, expert_ids.numel(), weights.shape[0]):
         return _expert_by_expert(rows, weights, group_sizes.tolist(), gates, row_index, out_index, n_out, gate_inputs)
     grouped = rows.index_select(0, row_index)
     if gate_inputs:
@@ -97,6 +102,12 @@ def routed_matmul(rows: torch.Tensor, weights: torch.Tensor, expert_ids: torch.T
     return out.new_zeros(n_out, out.shape[-1]).index_add_(0, out_index, out)
 
 
+def adds_expert_by_expert(device: torch.device, n_assignments: int, n_experts: int) -> bool:
+    """Whether :func:`routed_matmul` runs expert by expert (else one ``grouped_mm``): on
+    :data:`EXPERT_BY_EXPERT_DEVICES`, from :data:`EXPERT_BY_EXPERT_MIN_ROWS` assignments per expert."""
+    return device.type in EXPERT_BY_EXPERT_DEVICES and n_assignments >= EXPERT_BY_EXPERT_MIN_ROWS * n_experts
+
+
 def _expert_by_expert(rows: torch.Tensor, weights: torch.Tensor, group_sizes: List[int], gates: torch.Tensor,
                       row_index: torch.Tensor, out_index: torch.Tensor, n_out: int, gate_inputs: bool
                       ) -> torch.Tensor:
@@ -104,6 +115,8 @@ def _expert_by_expert(rows: torch.Tensor, weights: torch.Tensor, group_sizes: Li
     out = rows.new_zeros(n_out, weights.shape[-1])
     for weight, rows_of, outs_of, gates_of in zip(weights.unbind(0), row_index.split(group_sizes),
                                                     out_index.split(group_sizes), gates.split(group_sizes)):
+        if rows_of.numel() == 0:
+            continue
         inputs = rows.index_select(0, rows_of)
         if gate_inputs:
             out.index_add_(0, outs_of, (inputs * gates_of) @ weight)

@@ -83,6 +83,7 @@ def test_routed_matmul_equals_a_loop_over_assignments(monkeypatch, expert_by_exp
     import gohgraph.ops.grouped_matmul as ops
 
     monkeypatch.setattr(ops, "EXPERT_BY_EXPERT_DEVICES", ("cpu",) if expert_by_expert else ())
+    monkeypatch.setattr(ops, "EXPERT_BY_EXPERT_MIN_ROWS", 0)  # 11 assignments: few, but take the loop
     generator = torch.Generator().manual_seed(0)
     rows, weights = torch.randn(5, d_in, generator=generator), torch.randn(3, d_in, d_out, generator=generator)
     expert_ids = torch.randint(0, 3, (11,), generator=generator)
@@ -112,9 +113,13 @@ def test_only_the_chosen_experts_are_multiplied(monkeypatch):
     assert seen == [2 * 5 * 4 * 2, 2 * 5 * 4 * 2]  # batch * seq * heads * k rows, not * E
 
 
-def test_expert_by_expert_multiplies_only_the_chosen_experts():
-    """The CPU path's FLOPs: the selection (every expert scored) plus k of E experts' products."""
+def test_expert_by_expert_multiplies_only_the_chosen_experts(monkeypatch):
+    """The CPU loop's FLOPs: the selection (every expert scored) plus k of E experts' products."""
+    import gohgraph.ops.grouped_matmul as ops
     from gohgraph.analysis.flops import count_flops
+
+    monkeypatch.setattr(ops, "EXPERT_BY_EXPERT_MIN_ROWS", 0)
+    assert ops.adds_expert_by_expert(torch.device("cpu"), 1, 8)
 
     projections = layer(n_attention_experts=8, top_k_attention_experts=2).switch_head
     tokens, heads_out = torch.randn(2, 5, 32), torch.randn(2, 5, 4, 8)
@@ -122,6 +127,15 @@ def test_expert_by_expert_multiplies_only_the_chosen_experts():
     chosen = 2 * (2 * 5 * 4 * 2) * 32 * 8  # (tokens * heads * k) x d_model x head_dim
     assert count_flops(lambda: projections.values(tokens))[0] == selection + chosen
     assert count_flops(lambda: projections.output(heads_out, tokens))[0] == selection + chosen
+
+
+def test_the_loop_runs_only_with_many_rows_per_expert_on_cpu():
+    from gohgraph.ops.grouped_matmul import EXPERT_BY_EXPERT_MIN_ROWS, adds_expert_by_expert
+
+    cpu = torch.device("cpu")
+    assert adds_expert_by_expert(cpu, 20 * EXPERT_BY_EXPERT_MIN_ROWS, 20)  # a 1,024-token training step
+    assert not adds_expert_by_expert(cpu, 8, 20)  # a decode step: one grouped_mm
+    assert not adds_expert_by_expert(torch.device("meta"), 10 ** 6, 20)  # CUDA and others: grouped_mm
 
 
 def switch_model(**overrides) -> GoHTransformer:
