@@ -44,6 +44,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..ops.selected_first import selected_first
+
 # queries per chunk of the routed heads in training / prefill: measured on 2 CPU cores at 4,096
 # tokens, 512 and 1,024 were within noise of each other and 256 slower (more calls, smaller GEMMs)
 QUERY_CHUNK = 512
@@ -264,7 +266,7 @@ def gathered_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
     batch, heads, _, d = q.shape
     group = heads // k.shape[1]
     scale = d ** -0.5 if scale is None else scale
-    index = torch.sort((~active[:, 0]).to(torch.uint8), dim=-1, stable=True).indices[:, :n_active]  # [batch, A]
+    index = selected_first(active[:, 0])[:, :n_active]  # [batch, A]
     queries = q[:, :, 0].gather(1, index[..., None].expand(batch, n_active, d)) * scale  # [batch, A, d]
     kv_index = index if group == 1 else index // group
     keys = k.gather(1, kv_index[:, :, None, None].expand(batch, n_active, k.shape[2], d))
@@ -333,7 +335,7 @@ def _routed_chunks(q, k, v, active, attn_mask, is_causal, causal_keys, scale, gr
             if n == 0:
                 continue
             chunk_active = per_head_active[b, :, start:stop]  # [routed, chunk]
-            order = _active_first(chunk_active)[:, :n]
+            order = selected_first(chunk_active)[:, :n]  # per head its active queries first
             valid = chunk_active.gather(1, order)
             pos = order + start  # [routed, n] query indices
             queries = q[b][head_ids, pos]  # [routed, n, d]
@@ -412,7 +414,7 @@ class CausalRoutedAttention(torch.autograd.Function):
                     out[b, :, start:stop] = diag_out[0] * chunk_active.unsqueeze(-1).to(out.dtype)
                     pieces.append((b, start, stop, diag_out, diag_lse, []))
                     continue
-                by_activity = _active_first(chunk_active)
+                by_activity = selected_first(chunk_active)  # per head its active queries first
                 prefixes = []
                 for heads, busiest in groups:
                     pos = by_activity[heads, :busiest]  # [group, n] positions in the chunk
@@ -497,9 +499,3 @@ def _row_index(rows: torch.Tensor, width: int) -> torch.Tensor:
 def _rows_of(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``x [heads, seq, d]`` at ``rows [heads, n]`` (per head its own rows) -> ``[heads, n, d]``."""
     return x.gather(1, _row_index(rows, x.shape[-1]))
-
-
-def _active_first(chunk_active: torch.Tensor) -> torch.Tensor:
-    """Per head of ``chunk_active [heads, chunk]``, its positions with the active ones first (in
-    position order), then the inactive ones: the first ``n`` are a head's queries padded to ``n``."""
-    return torch.sort((~chunk_active).to(torch.uint8), dim=-1, stable=True).indices

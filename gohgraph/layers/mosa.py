@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import GoHConfig
+from ..ops.selected_first import selected_first
 from ..routing import TokenSelection
 from .head_sparse import DECODE_MAX_QUERIES, head_sparse_attention
 from .kv_cache import KVCache
@@ -299,7 +300,7 @@ class MixtureOfSparseAttention(nn.Module):
         batch, seq, _ = x.shape
         kept_by_head = kept.transpose(1, 2)  # [batch, H_s, seq]
         most = int(kept_by_head.sum(-1).max())  # one host sync
-        chosen = torch.sort((~kept_by_head).to(torch.uint8), dim=-1, stable=True).indices[..., :most]
+        chosen = selected_first(kept_by_head)[..., :most]
         if most:
             y, key, value = self._attend_kept(x, scores, chosen, kept_by_head.gather(-1, chosen), rotary,
                                               positions, dropout=0.0)

@@ -47,6 +47,7 @@ from torch import nn
 
 from ..config import GoHConfig
 from ..layers.kv_cache import DynamicKVCache, KVCache
+from ..ops.selected_first import selected_first
 from ..routers.recursion import ExpertChoiceRecursionRouter, GraphRecursionScorer, TokenChoiceRecursionRouter
 from ..routing import LayerRouting, RecursionRouting
 
@@ -234,7 +235,7 @@ class MixtureOfRecursions(nn.Module):
         if n == 0:
             return x
         # per row the selected tokens first, in position order, then unselected ones as padding
-        index = torch.sort((~took).to(torch.uint8), dim=1, stable=True).indices[:, :n]  # [batch, n]
+        index = selected_first(took, dim=1)[:, :n]  # [batch, n]
         valid = took.gather(1, index)
         if positions is None:
             positions = torch.arange(seq, device=x.device).expand(batch, seq)
